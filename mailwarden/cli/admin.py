@@ -1,0 +1,213 @@
+"""``mailwarden domain ...`` / ``mailwarden user ...``: show and change entries in LDAP.
+
+Both groups are built by one factory: they differ only in how the entry is found
+and which settings are allowed on it (a setting's scope).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import click
+
+from mailwarden import catalogue
+from mailwarden.address import normalize_address, normalize_domain
+from mailwarden.catalogue import Service
+from mailwarden.cli import App, handle_errors, main, pass_app, print_policy
+from mailwarden.directory import Entry, NoSuchEntry
+from mailwarden.policy import AddressKind, EffectivePolicy
+
+
+@dataclass(frozen=True)
+class Target:
+    """The entry a command acts on and an address whose policy shows the result."""
+
+    entry: Entry
+    probe: str
+    layer: str
+
+
+def _find_domain(app: App, name: str) -> Target:
+    domain = normalize_domain(name)
+    entry = app.directory.find_domain(domain)
+    if entry is None:
+        raise NoSuchEntry(f"no such domain {domain}")
+    return Target(entry, (entry.first("domain_name") or domain).lower(), "domain")
+
+
+def _find_user(app: App, address: str) -> Target:
+    addr = normalize_address(address)
+    policy = app.resolver.effective_policy(addr)
+    if policy.kind is not AddressKind.SUBSCRIBER or policy.user_dn is None:
+        where = "no such domain" if policy.kind is AddressKind.NOT_LOCAL else "no such user"
+        raise NoSuchEntry(f"{where}: {addr}")
+    assert policy.domain is not None
+    domain = app.directory.find_domain(policy.domain)
+    user = app.directory.find_user(policy.canonical or addr, domain) if domain else None
+    if user is None:  # pragma: no cover - vanished between two lookups
+        raise NoSuchEntry(f"no such user: {addr}")
+    return Target(user, policy.canonical or addr, "user")
+
+
+def _show(app: App, target: Target) -> EffectivePolicy:
+    """The policy as it is now in the directory (the domain's own layer for a domain)."""
+    app.resolver.invalidate()
+    if target.layer == "user":
+        return app.resolver.effective_policy(target.probe)
+    domain = app.directory.find_domain(target.probe)
+    if domain is None:  # pragma: no cover - vanished between two lookups
+        raise NoSuchEntry(f"no such domain {target.probe}")
+    return dataclasses.replace(
+        app.resolver.build(target.probe, domain, None), kind=AddressKind.DOMAIN
+    )
+
+
+def _service_change(app: App, target: Target, services: list[Service], action: str) -> None:
+    mapping = app.config.ldap.mapping
+    values = mapping.service_values
+    entry = target.entry
+    enabled = entry.all("enabled_service")
+    disabled = entry.all("disabled_service")
+    replace = mapping.service_merge == "replace"
+    if replace and "enabled_service" not in entry.values:
+        # The first list written becomes the whole truth: seed it with what is in effect.
+        current = _show(app, target)
+        enabled = [values[s.value] for s, sv in current.services.items() if sv.value]
+    for service in services:
+        value = values[service.value]
+        enabled = [v for v in enabled if v.lower() != value.lower()]
+        disabled = [v for v in disabled if v.lower() != value.lower()]
+        if action == "enable":
+            enabled.append(value)
+        elif action == "disable" and not replace:
+            disabled.append(value)
+    changes = {"enabled_service": enabled}
+    if not replace:
+        changes["disabled_service"] = disabled
+    elif action == "inherit":
+        raise click.UsageError("with service_merge = replace there is nothing to inherit")
+    app.directory.modify(entry.dn, changes)
+
+
+def _parse_services(names: tuple[str, ...]) -> list[Service]:
+    try:
+        return [Service.parse(n) for n in names]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _setting(name: str, layer: str) -> catalogue.SettingSpec:
+    spec = catalogue.SETTINGS.get(name.replace("-", "_"))
+    if spec is None:
+        raise click.BadParameter(
+            f"unknown setting {name!r} (see `mailwarden services`)", param_hint="SETTING"
+        )
+    if spec.scope not in ("both", layer):
+        raise click.BadParameter(f"{spec.name} is a {spec.scope} setting, not a {layer} one")
+    return spec
+
+
+def _report(app: App, target: Target, names: list[str]) -> None:
+    policy = _show(app, target)
+    for name in names:
+        if name in policy.settings:
+            sv = policy.settings[name]
+            value = ", ".join(map(str, sv.value)) if isinstance(sv.value, tuple) else sv.value
+            click.echo(f"{target.entry.dn}: {name} = {value} (from {sv.source_text})")
+        else:
+            sv = policy.services[Service(name)]
+            click.echo(f"{target.entry.dn}: {name} {'on' if sv.value else 'off'} "
+                       f"(from {sv.source_text})")
+
+
+def make_group(name: str, key: str, locate: Callable[[App, str], Target], layer: str) -> None:
+    """Register ``mailwarden NAME show|enable|disable|inherit|set|unset``."""
+
+    @main.group(name, help=f"Show and change a {name}'s services and settings in LDAP.")
+    def group() -> None:
+        pass
+
+    @group.command("show", help=f"Show the {name}'s effective policy with sources.")
+    @click.argument(key)
+    @pass_app
+    @handle_errors
+    def show(app: App, **kw: str) -> None:
+        print_policy(_show(app, locate(app, kw[key.lower()])))
+
+    for action, doc in (
+        ("enable", "Switch services on here."),
+        ("disable", "Switch services off here (overriding the domain)."),
+        ("inherit", "Drop this entry's own on/off for services (inherit them)."),
+    ):
+
+        @group.command(action, help=doc)
+        @click.argument(key)
+        @click.argument("services", nargs=-1, required=True)
+        @pass_app
+        @handle_errors
+        def toggle(app: App, services: tuple[str, ...], _action: str = action, **kw: str) -> None:
+            target = locate(app, kw[key.lower()])
+            parsed = _parse_services(services)
+            _service_change(app, target, parsed, _action)
+            _report(app, target, [s.value for s in parsed])
+
+    @group.command("set", help="Set a setting (several VALUEs for a list setting).")
+    @click.argument(key)
+    @click.argument("setting")
+    @click.argument("values", nargs=-1, required=True)
+    @pass_app
+    @handle_errors
+    def set_(app: App, setting: str, values: tuple[str, ...], **kw: str) -> None:
+        spec = _setting(setting, layer)
+        target = locate(app, kw[key.lower()])
+        parsed = spec.parse(list(values))
+        app.directory.modify(target.entry.dn, {spec.name: spec.format(parsed)})
+        _report(app, target, [spec.name])
+
+    @group.command("unset", help="Remove a setting so the value is inherited.")
+    @click.argument(key)
+    @click.argument("setting")
+    @pass_app
+    @handle_errors
+    def unset(app: App, setting: str, **kw: str) -> None:
+        spec = _setting(setting, layer)
+        target = locate(app, kw[key.lower()])
+        app.directory.modify(target.entry.dn, {spec.name: []})
+        _report(app, target, [spec.name])
+
+    _ = (show, set_, unset)
+
+
+make_group("domain", "DOMAIN", _find_domain, "domain")
+make_group("user", "ADDRESS", _find_user, "user")
+
+
+@main.group("ldap")
+def ldap_group() -> None:
+    """The shipped LDAP schema and synthetic directory data."""
+
+
+@ldap_group.command("schema")
+def ldap_schema() -> None:
+    """Print the cn=config schema LDIF (load with ldapadd -Y EXTERNAL -H ldapi:///)."""
+    from mailwarden.schema import schema_ldif
+
+    click.echo(schema_ldif(), nl=False)
+
+
+@ldap_group.command("generate")
+@click.option("--subscribers", "-n", default=1000, show_default=True, help="How many users.")
+@click.option("--domains", "-d", default=100, show_default=True, help="Over how many domains.")
+@click.option("--seed", default=1, show_default=True, help="Random seed (output is repeatable).")
+@click.option("--base-dn", default="dc=mailwarden,dc=test", show_default=True)
+@click.option("--with-base/--without-base", default=True, help="Emit the base and ou entries.")
+def ldap_generate(subscribers: int, domains: int, seed: int, base_dn: str, with_base: bool) -> None:
+    """Write LDIF for N synthetic subscribers with every service combination (for slapadd)."""
+    from mailwarden.sampledata import synthetic_ldif
+
+    out = click.get_text_stream("stdout")
+    for chunk in synthetic_ldif(subscribers, domains, seed=seed, base_dn=base_dn,
+                                with_base=with_base):
+        out.write(chunk)

@@ -1,0 +1,384 @@
+"""mailwarden's configuration: one TOML file, every setting typed, defaulted and described.
+
+Sections are dataclasses; each field carries its one-line description in its
+metadata, so ``mailwarden config show`` and the README reference come from the
+same place as the loader.  Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mailwarden import catalogue
+
+DEFAULT_CONFIG_PATH = Path("/etc/mailwarden/mailwarden.toml")
+CONFIG_ENV = "MAILWARDEN_CONFIG"
+
+
+class ConfigError(Exception):
+    """A configuration problem, formatted ``file:key: problem``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def setting(default: Any, doc: str, *, factory: Any = None) -> Any:
+    """Declare a configuration field with its default and one-line description."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class GeneralConfig:
+    """Process-wide settings."""
+
+    node_name: str = setting(socket.gethostname(), "name of this node in logs and metrics")
+    log_level: Literal["debug", "info", "warning", "error"] = setting("info", "log level")
+    log_target: Literal["stderr", "syslog"] = setting(
+        "stderr", "where logs go (syslog uses /dev/log, facility mail)"
+    )
+
+
+@dataclass(frozen=True)
+class LdapMappingConfig:
+    """Where subscribers and domains live in the directory, and how they are spelled."""
+
+    domain_base: str = setting("ou=domains,{base_dn}", "search base for domain entries")
+    domain_filter: str = setting(
+        "(&(objectClass=mwDomain)(|(mwDomainName={domain})(mwDomainAlias={domain})))",
+        "filter finding a domain by name or alias; {domain} is escaped",
+    )
+    user_base: str = setting(
+        "{domain_dn}", "search base for subscribers; {domain_dn} and {base_dn} are substituted"
+    )
+    user_filter: str = setting(
+        "(&(objectClass=mwSubscriber)(|(mail={address})(mwAlternateAddress={address})))",
+        "filter finding a subscriber; {address}, {local} and {domain} are escaped",
+    )
+    service_merge: Literal["override", "replace"] = setting(
+        "override",
+        "override: user enabled/disabled lists adjust the domain's; "
+        "replace: a user's enabled list, when present, is the whole truth",
+    )
+    attributes: dict[str, str] = setting(
+        None, "concept -> LDAP attribute name", factory=catalogue.default_attribute_map
+    )
+    service_values: dict[str, str] = setting(
+        None, "service -> value stored in the enabled-service attribute",
+        factory=catalogue.default_service_values,
+    )
+    active_status_values: list[str] = setting(
+        None, "account status values that mean the account works (missing = active)",
+        factory=lambda: ["active"],
+    )
+
+
+@dataclass(frozen=True)
+class LdapConfig:
+    """The directory connection."""
+
+    uri: str = setting("ldap://127.0.0.1/", "LDAP URI(s), space separated, tried in order")
+    base_dn: str = setting("dc=mailwarden,dc=test", "base DN of the mail tree")
+    bind_dn: str = setting("", "DN to bind as (empty: anonymous)")
+    bind_password: str = setting("", "bind password (prefer bind_password_file)")
+    bind_password_file: str = setting("", "file holding the bind password")
+    start_tls: bool = setting(False, "issue StartTLS before binding")
+    ca_cert_file: str = setting("", "CA certificate file for TLS")
+    network_timeout: float = setting(2.0, "seconds to wait for a TCP connect")
+    timeout: float = setting(3.0, "seconds to wait for one LDAP operation")
+    retry_max: int = setting(2, "reconnect attempts when the server goes away")
+    retry_delay: float = setting(0.5, "seconds between reconnect attempts")
+    max_value_length: int = setting(16384, "longest attribute value accepted (longer is ignored)")
+    mapping: LdapMappingConfig = setting(None, "attribute mapping", factory=LdapMappingConfig)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The effective-policy lookup and its cache."""
+
+    cache_ttl: float = setting(60.0, "seconds a found subscriber's policy is cached")
+    negative_cache_ttl: float = setting(30.0, "seconds an unknown address is cached")
+    domain_cache_ttl: float = setting(300.0, "seconds a domain entry is cached")
+    cache_size: int = setting(200_000, "most addresses kept in the cache (LRU)")
+    recipient_delimiter: str = setting(
+        "+", "characters that start an address extension (user+ext@dom), empty for none"
+    )
+    defaults: dict[str, Any] = setting(
+        None, "site-wide setting defaults over the built-in ones (source 'config')", factory=dict
+    )
+    default_services: list[str] = setting(
+        None, "services on for every domain unless it says otherwise", factory=list
+    )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Short-lived shared state (POP-before-SMTP, counters, greylisting, quarantine index)."""
+
+    backend: Literal["sqlite", "redis"] = setting(
+        "sqlite", "sqlite for a single node, redis for a cluster"
+    )
+    sqlite_path: str = setting("/var/lib/mailwarden/state.sqlite3", "SQLite database file")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL (redis:// or unix://)")
+    key_prefix: str = setting("mw:", "prefix of every Redis key")
+    timeout: float = setting(1.0, "seconds to wait for the store")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    general: GeneralConfig = setting(None, "process-wide settings", factory=GeneralConfig)
+    ldap: LdapConfig = setting(None, "directory connection", factory=LdapConfig)
+    policy: PolicyConfig = setting(None, "effective policy", factory=PolicyConfig)
+    store: StoreConfig = setting(None, "shared state", factory=StoreConfig)
+    source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            problems.append(f"{where}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return value
+        return [_convert(v, item, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a table, got {value!r}")
+            return value
+        if item is Any:
+            return dict(value)
+        return {k: _convert(v, item, f"{where}.{k}", problems) for k, v in value.items()}
+    raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: type[Any], table: Mapping[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            problems.append(f"{where}: unknown setting")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                problems.append(f"{where}: expected a table, got {value!r}")
+                continue
+            kwargs[key] = _build(typing.cast(type, tp), value, f"{where}.", problems)
+        else:
+            kwargs[key] = _convert(value, tp, where, problems)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, problems: list[str]) -> None:
+    mapping = cfg.ldap.mapping
+    known = set(catalogue.concept_names())
+    for concept in mapping.attributes:
+        if concept not in known:
+            problems.append(f"ldap.mapping.attributes.{concept}: unknown concept")
+    # A partial attribute table keeps the shipped names for concepts it does not mention.
+    merged = {**catalogue.default_attribute_map(), **mapping.attributes}
+    services = {s.value for s in catalogue.Service}
+    for service in mapping.service_values:
+        if service not in services:
+            problems.append(f"ldap.mapping.service_values.{service}: unknown service")
+    merged_values = {**catalogue.default_service_values(), **mapping.service_values}
+    object.__setattr__(mapping, "attributes", merged)
+    object.__setattr__(mapping, "service_values", merged_values)
+    for key in ("domain_filter", "user_filter"):
+        text = getattr(mapping, key)
+        if not (text.startswith("(") and text.endswith(")")):
+            problems.append(f"ldap.mapping.{key}: an LDAP filter must be in parentheses")
+    for name, value in cfg.policy.defaults.items():
+        spec = catalogue.SETTINGS.get(name)
+        if spec is None:
+            problems.append(f"policy.defaults.{name}: unknown setting")
+            continue
+        raw = value if isinstance(value, list) else [value]
+        try:
+            spec.parse([_toml_scalar(v) for v in raw])
+        except catalogue.InvalidValue as exc:
+            problems.append(f"policy.defaults.{name}: {exc}")
+    for i, name in enumerate(cfg.policy.default_services):
+        try:
+            catalogue.Service.parse(name)
+        except ValueError as exc:
+            problems.append(f"policy.default_services[{i}]: {exc}")
+    for key in ("network_timeout", "timeout", "retry_delay"):
+        if getattr(cfg.ldap, key) <= 0:
+            problems.append(f"ldap.{key}: must be greater than 0")
+    if cfg.ldap.retry_max < 0:
+        problems.append("ldap.retry_max: must not be negative")
+    for key in ("cache_ttl", "negative_cache_ttl", "domain_cache_ttl"):
+        if getattr(cfg.policy, key) < 0:
+            problems.append(f"policy.{key}: must not be negative")
+    if cfg.policy.cache_size < 0:
+        problems.append("policy.cache_size: must not be negative")
+    if cfg.ldap.bind_password_file and not Path(cfg.ldap.bind_password_file).is_file():
+        problems.append(f"ldap.bind_password_file: {cfg.ldap.bind_password_file} is not a file")
+
+
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    return str(value)
+
+
+def site_defaults(cfg: Config) -> dict[str, Any]:
+    """The parsed ``[policy.defaults]`` table."""
+    result = {}
+    for name, value in cfg.policy.defaults.items():
+        raw = value if isinstance(value, list) else [value]
+        result[name] = catalogue.SETTINGS[name].parse([_toml_scalar(v) for v in raw])
+    return result
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Parse and validate TOML text; raise ConfigError naming ``source:key: problem``."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: {exc}"]) from None
+    problems: list[str] = []
+    cfg = _build(Config, data, "", problems)
+    if not problems:
+        _validate(cfg, problems)
+    if problems:
+        raise ConfigError([f"{source}:{p}" for p in problems])
+    return dataclasses.replace(cfg, source=source)
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The file to read: ``--config``, else $MAILWARDEN_CONFIG, else the default if it exists."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    """Load the configuration file (or the defaults when none exists)."""
+    path = config_path(explicit)
+    if path is None:
+        cfg = Config()
+        problems: list[str] = []
+        _validate(cfg, problems)
+        return cfg
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})"]) from None
+    return parse_config(text, str(path))
+
+
+def bind_password(cfg: LdapConfig) -> str:
+    """The bind password, read from ``bind_password_file`` when set."""
+    if cfg.bind_password_file:
+        return Path(cfg.bind_password_file).read_text(encoding="utf-8").strip()
+    return cfg.bind_password
+
+
+# ---------------------------------------------------------------- describing
+
+
+@dataclass(frozen=True)
+class Described:
+    """One effective setting for ``config show``."""
+
+    key: str
+    value: Any
+    default: Any
+    doc: str
+
+    @property
+    def is_default(self) -> bool:
+        """Whether the value equals the built-in default."""
+        return bool(self.value == self.default)
+
+
+def describe(cfg: Config) -> list[Described]:
+    """Every setting with its effective value, default and description, in file order."""
+    out: list[Described] = []
+
+    def walk(obj: Any, default_obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            if f.metadata.get("internal"):
+                continue
+            value, default = getattr(obj, f.name), getattr(default_obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, default, f"{prefix}{f.name}.")
+            else:
+                out.append(Described(f"{prefix}{f.name}", value, default, f.metadata["doc"]))
+
+    defaults = Config()
+    _validate(defaults, [])
+    walk(cfg, defaults, "")
+    return out
+
+
+def toml_value(value: Any) -> str:
+    """Render a value as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(type(value))  # pragma: no cover
+

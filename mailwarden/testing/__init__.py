@@ -1,0 +1,1 @@
+"""Helpers for tests: real service processes started on demand."""

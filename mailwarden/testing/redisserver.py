@@ -1,0 +1,152 @@
+"""Run a throw-away ``redis-server`` on 127.0.0.1 for tests."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from mailwarden.testing.ports import free_port
+
+__all__ = ["RedisServer", "RedisServerError"]
+
+
+class RedisServerError(RuntimeError):
+    """redis-server could not be started."""
+
+
+class RedisServer:
+    """A ``redis-server`` subprocess without persistence, in its own temp dir.
+
+    ``start()`` (or entering the context manager) launches it and waits until
+    it answers PING; ``restart()`` brings it back on the same port (empty).
+    """
+
+    def __init__(
+        self,
+        *,
+        executable: str = "redis-server",
+        port: int | None = None,
+        startup_timeout: float = 10.0,
+    ) -> None:
+        found = shutil.which(executable)
+        if found is None:
+            raise RedisServerError(f"{executable!r} not found on PATH")
+        self._executable = found
+        self.port = port if port is not None else free_port()
+        self._startup_timeout = startup_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running server, if any."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def _log_tail(self, lines: int = 20) -> str:
+        if self._dir is None:
+            return ""
+        try:
+            text = (self._dir / "redis.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def start(self) -> RedisServer:
+        """Launch the server and wait until it answers PING."""
+        if self.running:
+            return self
+        self._dir = Path(tempfile.mkdtemp(prefix="mw-redis-"))
+        log = (self._dir / "redis.log").open("wb")
+        try:
+            self._proc = subprocess.Popen(
+                [
+                    self._executable,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--dir",
+                    str(self._dir),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + self._startup_timeout
+        while not self._ping():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                reason = (
+                    f"exited with status {self._proc.returncode}"
+                    if self._proc.poll() is not None
+                    else f"did not answer PING within {self._startup_timeout:g}s"
+                )
+                tail = self._log_tail()
+                self.stop()
+                raise RedisServerError(
+                    f"redis-server on port {self.port} {reason}; log tail:\n{tail}"
+                )
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """Terminate the server (SIGTERM, then SIGKILL) and remove its temp dir."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def restart(self) -> RedisServer:
+        """Stop the server and start a fresh, empty one on the same port."""
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"pid {self.pid}" if self.running else "stopped"
+        return f"RedisServer(port={self.port}, {state})"
