@@ -393,7 +393,7 @@ class IdentitySpec:
 IDENTITY: dict[str, IdentitySpec] = {
     s.name: s
     for s in (
-        IdentitySpec("domain_name", "mwDomainName", "the domain's name", "domain"),
+        IdentitySpec("domain_name", "mwDomainName", "name of the domain", "domain"),
         IdentitySpec("domain_alias", "mwDomainAlias", "other names of the domain", "domain",
                      multi=True),
         IdentitySpec("mail", "mail", "the subscriber's primary address", "user"),

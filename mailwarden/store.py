@@ -436,10 +436,10 @@ class SQLiteStore:
                 if str(mode).lower() != "wal":
                     raise sqlite3.OperationalError(f"cannot enable WAL mode (got {mode!r})")
             if conn.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
-                conn.execute("BEGIN IMMEDIATE")
                 try:
                     conn.executescript(
-                        _SCHEMA + f"PRAGMA user_version = {_SCHEMA_VERSION};\nCOMMIT;"
+                        f"BEGIN IMMEDIATE;\n{_SCHEMA}"
+                        f"PRAGMA user_version = {_SCHEMA_VERSION};\nCOMMIT;"
                     )
                 except BaseException:
                     if conn.in_transaction:
@@ -784,7 +784,7 @@ class RedisStore:
             return fn()
         except redis.ResponseError as exc:
             raise self._map_response_error(key, exc) from exc
-        except (redis.RedisError, OSError) as exc:
+        except (redis.ResponseError) as exc:
             raise StoreUnavailable(f"redis store {self._url}: {exc}") from exc
 
     def _map_response_error(self, key: str, exc: redis.ResponseError) -> Exception:

@@ -1,0 +1,42 @@
+# mailwarden — see README.md.  `make test` works on a fresh Debian machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: deps venv test unit lint demo demo-stop bench clean
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-deps.sh
+	scripts/install-deps.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+## lint + types, then the whole suite (real slapd and redis-server) with coverage
+test: deps lint
+	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
+
+## fast tests only (fakes, no daemons)
+unit: deps
+	$(BIN)/pytest -m "not slapd and not redis" $(PYTEST_ARGS)
+
+lint: deps
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+## the demo stack (slapd with the sample directory + redis); prints how to use it
+demo: deps
+	$(BIN)/python -m mailwarden.demo up
+
+demo-stop:
+	$(BIN)/python -m mailwarden.demo down
+
+bench: deps
+	$(BIN)/python bench/bench_policy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage build *.egg-info

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install the Debian packages mailwarden's build, tests and demo need (idempotent).
+# Daemons are never started by apt here (policy-rc.d or not): the harness starts its own.
+set -euo pipefail
+
+PACKAGES=(
+  # build dependencies of pymilter and python-ldap
+  gcc libmilter-dev libldap-dev libsasl2-dev
+  # real daemons used by the tests and the demo
+  slapd ldap-utils redis-server
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: missing Debian packages: ${missing[*]} (run as root or: sudo apt-get install ${missing[*]})" >&2
+  exit 1
+fi
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
+apt-get -o DPkg::Lock::Timeout=600 -qq update
+apt-get -o DPkg::Lock::Timeout=600 -qq install -y --no-install-recommends "${missing[@]}" >/dev/null

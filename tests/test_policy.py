@@ -1,0 +1,264 @@
+"""The effective policy over a fake directory: layers, sources, aliases, cache, failures."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailwarden.address import InvalidAddress
+from mailwarden.catalogue import KeywordRule, Service
+from mailwarden.config import parse_config
+from mailwarden.directory import DirectoryUnavailable
+from mailwarden.policy import AddressKind, Layer, PolicyResolver
+from mailwarden.testing.fakes import FakeDirectory
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def directory() -> FakeDirectory:
+    d = FakeDirectory()
+    d.add_domain(
+        "example.jp", domain_alias=["example.ne.jp"],
+        enabled_service=["virus-scan", "smtp-auth", "extension-filter"],
+        spam_threshold="6.0", banned_extensions=["iso"], notice_language="ja",
+    )
+    d.add_user(
+        "taro@example.jp", alternate_address=["taro.yamada@example.jp"],
+        enabled_service=["spam-check"], disabled_service=["virus-scan"],
+        spam_threshold="3.5", banned_extensions=["!exe", "img"],
+        keyword_rules=["subject contains junk 未承諾広告"],
+    )
+    d.add_user("jiro@example.jp", account_status="disabled")
+    d.add_user("hana@example.jp", spam_threshold="lots", quota="-5", forward_addresses="x@y.example")
+    return d
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make(directory: FakeDirectory, clock: Clock, extra: str = "") -> PolicyResolver:
+    return PolicyResolver(directory, parse_config(extra, "t.toml"), clock=clock)
+
+
+def test_user_overrides_domain_which_overrides_default(directory: FakeDirectory, clock: Clock) -> None:
+    p = make(directory, clock).effective_policy("taro@example.jp")
+    assert p.kind is AddressKind.SUBSCRIBER and p.active
+    assert p.services[Service.SPAM_CHECK].value is True
+    assert p.services[Service.SPAM_CHECK].source == (Layer.USER,)
+    assert p.services[Service.VIRUS_SCAN].value is False  # domain on, user off
+    assert p.services[Service.VIRUS_SCAN].source == (Layer.USER,)
+    assert p.services[Service.SMTP_AUTH].value is True
+    assert p.services[Service.SMTP_AUTH].source == (Layer.DOMAIN,)
+    assert p.services[Service.GREYLISTING].source == (Layer.DEFAULT,)
+    assert p.settings["spam_threshold"].value == 3.5
+    assert p.settings["spam_threshold"].source == (Layer.USER,)
+    assert p.settings["notice_language"].value == "ja"
+    assert p.settings["notice_language"].source == (Layer.DOMAIN,)
+    assert p.settings["spam_action"].source == (Layer.DEFAULT,)
+
+
+def test_list_settings_union_layers_and_bang_removes(directory: FakeDirectory, clock: Clock) -> None:
+    p = make(directory, clock).effective_policy("taro@example.jp")
+    banned = p.settings["banned_extensions"]
+    assert "exe" not in banned.value
+    assert {"iso", "img", "scr"} <= set(banned.value)
+    assert banned.source == (Layer.DEFAULT, Layer.DOMAIN, Layer.USER)
+    assert banned.source_text == "default+domain+user"
+    assert p.get("keyword_rules") == (KeywordRule("subject", "contains", "junk", "未承諾広告"),)
+
+
+def test_alternate_address_and_domain_alias_resolve_to_the_subscriber(
+    directory: FakeDirectory, clock: Clock
+) -> None:
+    r = make(directory, clock)
+    p = r.effective_policy("Taro.Yamada@EXAMPLE.NE.JP")
+    assert p.kind is AddressKind.SUBSCRIBER
+    assert p.canonical == "taro@example.jp"
+    assert p.domain == "example.jp"
+    assert p.resolved_via == (
+        "domain alias example.ne.jp -> example.jp", "alternate address of taro@example.jp",
+    )
+    assert p.settings["spam_threshold"].value == 3.5
+
+
+def test_address_extension_is_stripped(directory: FakeDirectory, clock: Clock) -> None:
+    p = make(directory, clock).effective_policy("taro+lists@example.jp")
+    assert p.canonical == "taro@example.jp"
+    assert "address extension stripped: taro@example.jp" in p.resolved_via
+    no_delim = make(directory, clock, "[policy]\nrecipient_delimiter = ''\n")
+    assert no_delim.effective_policy("taro+lists@example.jp").kind is AddressKind.UNKNOWN_USER
+
+
+def test_unknown_user_gets_domain_layer_and_foreign_domain_nothing(
+    directory: FakeDirectory, clock: Clock
+) -> None:
+    r = make(directory, clock)
+    unknown = r.effective_policy("ghost@example.jp")
+    assert unknown.kind is AddressKind.UNKNOWN_USER and unknown.is_local
+    assert unknown.enabled(Service.VIRUS_SCAN)
+    assert unknown.user_dn is None
+    foreign = r.effective_policy("someone@elsewhere.example")
+    assert foreign.kind is AddressKind.NOT_LOCAL and not foreign.is_local
+    assert not foreign.services and not foreign.enabled(Service.VIRUS_SCAN)
+
+
+def test_non_ascii_local_part_is_unknown_without_a_lookup(
+    directory: FakeDirectory, clock: Clock
+) -> None:
+    r = make(directory, clock)
+    calls = directory.calls
+    p = r.effective_policy("たろう@example.jp")
+    assert p.kind is AddressKind.UNKNOWN_USER
+    assert directory.calls == calls + 1  # the domain only
+
+
+def test_disabled_account_is_found_but_inactive(directory: FakeDirectory, clock: Clock) -> None:
+    p = make(directory, clock).effective_policy("jiro@example.jp")
+    assert p.kind is AddressKind.SUBSCRIBER and not p.active
+
+
+def test_invalid_directory_values_fall_back_and_are_reported(
+    directory: FakeDirectory, clock: Clock
+) -> None:
+    p = make(directory, clock).effective_policy("hana@example.jp")
+    assert p.settings["spam_threshold"].value == 6.0  # the domain's, not a silent default
+    assert p.settings["spam_threshold"].source == (Layer.DOMAIN,)
+    assert p.settings["quota"].value == 0
+    assert any("spam_threshold: 'lots' is not a number" in x for x in p.problems)
+    assert any("quota: -5 is below the minimum" in x for x in p.problems)
+    assert p.settings["forward_addresses"].value == ("x@y.example",)
+
+
+def test_user_only_setting_on_domain_is_ignored(directory: FakeDirectory, clock: Clock) -> None:
+    directory.add_domain("odd.example", forward_addresses=["all@x.example"])
+    p = make(directory, clock).effective_policy("a@odd.example")
+    assert p.get("forward_addresses") == ()
+    assert any("forward_addresses is not a domain setting" in x for x in p.problems)
+
+
+def test_site_config_layer_sits_between_default_and_domain(
+    directory: FakeDirectory, clock: Clock
+) -> None:
+    r = make(directory, clock, "[policy]\ndefault_services = ['greylisting']\n"
+             "[policy.defaults]\nspam_action = 'tag'\nspam_threshold = 4.0\n")
+    p = r.effective_policy("jiro@example.jp")
+    assert p.settings["spam_action"].value == "tag"
+    assert p.settings["spam_action"].source == (Layer.CONFIG,)
+    assert p.settings["spam_threshold"].source == (Layer.DOMAIN,)
+    assert p.services[Service.GREYLISTING].value is True
+    assert p.services[Service.GREYLISTING].source == (Layer.CONFIG,)
+
+
+def test_replace_mode_makes_user_list_authoritative(clock: Clock) -> None:
+    d = FakeDirectory()
+    d.add_domain("legacy.example", enabled_service=["virusscan", "smtp"])
+    d.add_user("a@legacy.example", enabled_service=["mail", "spamcheck"])
+    d.add_user("b@legacy.example")
+    cfg = parse_config(
+        "[ldap.mapping]\nservice_merge = 'replace'\n[ldap.mapping.service_values]\n"
+        "virus_scan = 'virusscan'\nspam_check = 'spamcheck'\nsmtp_auth = 'smtp'\n", "t.toml",
+    )
+    r = PolicyResolver(d, cfg, clock=clock)
+    a = r.effective_policy("a@legacy.example")
+    assert {s for s, v in a.services.items() if v.value} == {Service.SPAM_CHECK}
+    b = r.effective_policy("b@legacy.example")
+    assert {s for s, v in b.services.items() if v.value} == {Service.VIRUS_SCAN, Service.SMTP_AUTH}
+
+
+def test_sender_ownership(directory: FakeDirectory, clock: Clock) -> None:
+    directory.add_domain("corp.example", allowed_senders=["@news.corp.example"])
+    directory.add_user("boss@corp.example", allowed_senders=["ceo@corp.example"])
+    r = make(directory, clock)
+    taro = r.effective_policy("taro@example.jp")
+    assert taro.owns_sender("taro@example.jp")
+    assert taro.owns_sender("<TARO.YAMADA@example.jp>")
+    assert taro.owns_sender("taro@example.ne.jp")  # same mailbox in a domain alias
+    assert not taro.owns_sender("hana@example.jp")
+    assert not taro.owns_sender("taro@elsewhere.example")
+    assert not taro.owns_sender("not an address")
+    boss = r.effective_policy("boss@corp.example")
+    assert boss.owns_sender("ceo@corp.example")
+    assert boss.owns_sender("weekly@news.corp.example")
+    assert not boss.owns_sender("weekly@corp.example")
+
+
+def test_positive_and_negative_answers_are_cached_for_their_ttl(
+    directory: FakeDirectory, clock: Clock
+) -> None:
+    r = make(directory, clock, "[policy]\ncache_ttl = 60\nnegative_cache_ttl = 10\n"
+             "domain_cache_ttl = 300\n")
+    r.effective_policy("taro@example.jp")
+    r.effective_policy("ghost@example.jp")
+    calls = directory.calls
+    for _ in range(100):
+        r.effective_policy("taro@example.jp")
+        r.effective_policy("Ghost@Example.jp")
+    assert directory.calls == calls
+    assert r.hits == 200
+    clock.now += 11  # negative entry expired, positive not
+    r.effective_policy("ghost@example.jp")
+    r.effective_policy("taro@example.jp")
+    assert directory.calls == calls + 1  # one user lookup; the domain is still cached
+    clock.now += 60
+    r.effective_policy("taro@example.jp")
+    assert directory.calls == calls + 2
+
+
+def test_cache_is_bounded_lru(directory: FakeDirectory, clock: Clock) -> None:
+    r = make(directory, clock, "[policy]\ncache_size = 2\n")
+    for addr in ("taro@example.jp", "jiro@example.jp", "hana@example.jp"):
+        r.effective_policy(addr)
+    calls = directory.calls
+    r.effective_policy("hana@example.jp")
+    r.effective_policy("jiro@example.jp")
+    assert directory.calls == calls
+    r.effective_policy("taro@example.jp")  # evicted first
+    assert directory.calls == calls + 1
+
+
+def test_directory_down_is_unavailable_never_a_default(
+    directory: FakeDirectory, clock: Clock
+) -> None:
+    r = make(directory, clock)
+    r.effective_policy("taro@example.jp")
+    directory.down = True
+    # Cached answers keep serving; an uncached address fails loudly.
+    assert r.effective_policy("taro@example.jp").enabled(Service.SPAM_CHECK)
+    with pytest.raises(DirectoryUnavailable):
+        r.effective_policy("jiro@example.jp")
+    with pytest.raises(DirectoryUnavailable):
+        r.effective_policy("jiro@example.jp")  # the failure was not cached
+    directory.down = False
+    assert r.effective_policy("jiro@example.jp").kind is AddressKind.SUBSCRIBER
+
+
+def test_ambiguous_address_is_unavailable(directory: FakeDirectory, clock: Clock) -> None:
+    directory.add_user("other@example.jp", alternate_address=["taro@example.jp"])
+    with pytest.raises(DirectoryUnavailable, match="more than one entry"):
+        make(directory, clock).effective_policy("taro@example.jp")
+
+
+def test_invalidate_forgets(directory: FakeDirectory, clock: Clock) -> None:
+    r = make(directory, clock)
+    assert r.effective_policy("taro@example.jp").get("spam_threshold") == 3.5
+    directory.modify("uid=taro,mwDomainName=example.jp,ou=domains", {"spam_threshold": ["2"]})
+    assert r.effective_policy("taro@example.jp").get("spam_threshold") == 3.5
+    r.invalidate("taro@example.jp")
+    assert r.effective_policy("taro@example.jp").get("spam_threshold") == 2.0
+
+
+@pytest.mark.parametrize("bad", ["", "no-at", "x@", "a b@example.jp"])
+def test_malformed_addresses_raise_invalid_address(
+    directory: FakeDirectory, clock: Clock, bad: str
+) -> None:
+    with pytest.raises(InvalidAddress):
+        make(directory, clock).effective_policy(bad)
+

@@ -1,0 +1,751 @@
+"""Contract tests for mailwarden.store, run against every backend.
+
+Memory and SQLite use an injected clock (expiry without sleeping); Redis runs
+against a real redis-server and really sleeps, so TTLs are kept short.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from mailwarden.store import (
+    MemoryStore,
+    RedisStore,
+    SQLiteStore,
+    Store,
+    StoreUnavailable,
+    open_store,
+)
+from mailwarden.testing.ports import free_port
+from mailwarden.testing.redisserver import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+T = 0.4
+"""TTL used by expiry tests (seconds); Redis tests sleep fractions of it."""
+EPS = 1e-3
+"""Float slack: a fake clock near 1.7e9 loses precision when adding 0.4."""
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Backend:
+    name: str
+    store: Store
+    advance: Callable[[float], None]
+    reopen: Callable[[], Store]
+    opened: list[Store] = field(default_factory=list)
+
+
+BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    name: str = request.param
+    opened: list[Store] = []
+
+    def track(store: Store) -> Store:
+        opened.append(store)
+        return store
+
+    if name == "memory":
+        clock = FakeClock()
+        mem = track(MemoryStore(clock=clock))
+        b = Backend(name, mem, clock.advance, lambda: mem)
+    elif name == "sqlite":
+        clock = FakeClock()
+        path = tmp_path / "state" / "mw.sqlite"
+        b = Backend(
+            name,
+            track(SQLiteStore(path, clock=clock)),
+            clock.advance,
+            lambda: track(SQLiteStore(path, clock=clock)),
+        )
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        prefix = f"t{uuid.uuid4().hex[:8]}:"
+        b = Backend(
+            name,
+            track(RedisStore(server.url, key_prefix=prefix)),
+            time.sleep,
+            lambda: track(RedisStore(server.url, key_prefix=prefix)),
+        )
+    yield b
+    for store in opened:
+        store.close()
+
+
+# --------------------------------------------------------------------------
+# Contract tests (every backend)
+# --------------------------------------------------------------------------
+
+
+def test_is_a_store(backend: Backend) -> None:
+    assert isinstance(backend.store, Store)
+    backend.store.ping()
+
+
+def test_get_set_delete(backend: Backend) -> None:
+    s = backend.store
+    assert s.get("k") is None
+    s.set("k", "v1")
+    assert s.get("k") == "v1"
+    s.set("k", "v2")
+    assert s.get("k") == "v2"
+    s.set("empty", "")
+    assert s.get("empty") == ""
+    assert s.delete("k") == 1
+    assert s.get("k") is None
+    assert s.delete("k") == 0
+    s.set("a", "1")
+    s.set("b", "2")
+    assert s.delete("a", "missing", "b") == 2
+    assert s.delete() == 0
+    assert s.get("a") is None
+    assert s.get("b") is None
+
+
+def test_second_handle_sees_writes(backend: Backend) -> None:
+    backend.store.set("shared", "x", ttl=60)
+    backend.store.sadd("shared-set", "m")
+    other = backend.reopen()
+    assert other.get("shared") == "x"
+    assert other.smembers("shared-set") == {"m"}
+    other.incr("shared-counter", 3)
+    assert backend.store.get("shared-counter") == "3"
+
+
+def test_add_only_if_absent(backend: Backend) -> None:
+    s = backend.store
+    assert s.add("first-seen", "t0") is True
+    assert s.add("first-seen", "t1") is False
+    assert s.get("first-seen") == "t0"
+    s.delete("first-seen")
+    assert s.add("first-seen", "t2") is True
+    assert s.get("first-seen") == "t2"
+
+
+def test_add_after_expiry(backend: Backend) -> None:
+    s = backend.store
+    assert s.add("notice", "1", ttl=T) is True
+    assert s.add("notice", "2", ttl=T) is False
+    backend.advance(T * 1.25)
+    assert s.add("notice", "3", ttl=T) is True
+    assert s.get("notice") == "3"
+
+
+def test_ttl_and_expiry(backend: Backend) -> None:
+    s = backend.store
+    s.set("pop:192.0.2.1", "alice", ttl=T)
+    s.set("forever", "x")
+    remaining = s.ttl("pop:192.0.2.1")
+    assert remaining is not None
+    assert 0 < remaining <= T + EPS
+    assert s.ttl("forever") is None
+    assert s.ttl("missing") is None
+    assert s.get("pop:192.0.2.1") == "alice"
+    backend.advance(T * 1.25)
+    assert s.get("pop:192.0.2.1") is None
+    assert s.ttl("pop:192.0.2.1") is None
+    assert s.delete("pop:192.0.2.1") == 0
+    assert s.expire("pop:192.0.2.1", T) is False
+    assert s.get("forever") == "x"
+
+
+def test_set_without_ttl_clears_expiry(backend: Backend) -> None:
+    s = backend.store
+    s.set("k", "a", ttl=T)
+    s.set("k", "b")
+    assert s.ttl("k") is None
+    backend.advance(T * 1.25)
+    assert s.get("k") == "b"
+
+
+def test_expire(backend: Backend) -> None:
+    s = backend.store
+    assert s.expire("missing", T) is False
+    s.set("k", "v")
+    assert s.expire("k", T) is True
+    remaining = s.ttl("k")
+    assert remaining is not None
+    assert 0 < remaining <= T + EPS
+    backend.advance(T * 1.25)
+    assert s.get("k") is None
+
+
+def test_incr_creates_with_ttl_and_does_not_extend_it(backend: Backend) -> None:
+    s = backend.store
+    assert s.incr("rl:alice", ttl=T) == 1
+    assert s.get("rl:alice") == "1"
+    backend.advance(T * 0.6)
+    assert s.incr("rl:alice", ttl=T) == 2
+    remaining = s.ttl("rl:alice")
+    assert remaining is not None
+    assert 0 < remaining < T * 0.5, "a later incr must not extend the window"
+    backend.advance(T * 0.5)
+    assert s.get("rl:alice") is None
+    assert s.incr("rl:alice", 5, ttl=T) == 5, "an expired counter restarts at amount"
+    remaining = s.ttl("rl:alice")
+    assert remaining is not None
+    assert remaining > T * 0.5, "a restarted counter gets a fresh window"
+
+
+def test_incr_amounts_without_ttl(backend: Backend) -> None:
+    s = backend.store
+    assert s.incr("c") == 1
+    assert s.incr("c", 5) == 6
+    assert s.incr("c", -2) == 4
+    assert s.get("c") == "4"
+    assert s.ttl("c") is None
+    s.set("n", "41")
+    assert s.incr("n") == 42
+    s.set("neg", "-7")
+    assert s.incr("neg", 2) == -5
+
+
+def test_incr_gives_ttl_to_a_key_without_expiry(backend: Backend) -> None:
+    s = backend.store
+    s.set("c", "5")
+    assert s.incr("c", ttl=T) == 6
+    remaining = s.ttl("c")
+    assert remaining is not None
+    assert 0 < remaining <= T + EPS
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5", "", " 3", str(2**63)])
+def test_incr_non_integer_raises(backend: Backend, value: str) -> None:
+    s = backend.store
+    s.set("x", value)
+    with pytest.raises(ValueError, match="x"):
+        s.incr("x")
+    assert s.get("x") == value
+
+
+def test_incr_overflow_raises(backend: Backend) -> None:
+    s = backend.store
+    s.set("big", str(2**63 - 1))
+    with pytest.raises(ValueError, match="big"):
+        s.incr("big")
+    assert s.get("big") == str(2**63 - 1)
+
+
+def test_wrong_kind_of_value(backend: Backend) -> None:
+    s = backend.store
+    s.sadd("a-set", "m")
+    s.set("a-string", "v")
+    with pytest.raises(TypeError):
+        s.get("a-set")
+    with pytest.raises(TypeError):
+        s.incr("a-set")
+    for call in (
+        lambda: s.sadd("a-string", "m"),
+        lambda: s.srem("a-string", "m"),
+        lambda: s.smembers("a-string"),
+        lambda: s.sismember("a-string", "m"),
+    ):
+        with pytest.raises(TypeError):
+            call()
+    assert s.add("a-set", "v") is False
+    s.set("a-set", "now a string")
+    assert s.get("a-set") == "now a string"
+    assert s.delete("a-string") == 1
+    assert s.sadd("a-string", "m") == 1
+
+
+def test_sets(backend: Backend) -> None:
+    s = backend.store
+    assert s.smembers("q") == set()
+    assert s.sismember("q", "a") is False
+    assert s.srem("q", "a") == 0
+    assert s.sadd("q", "a", "b", "a") == 2
+    assert s.sadd("q", "b", "c") == 1
+    assert s.sadd("q") == 0
+    assert s.smembers("q") == {"a", "b", "c"}
+    assert s.sismember("q", "b") is True
+    assert s.sismember("q", "zz") is False
+    assert s.ttl("q") is None
+    assert s.srem("q", "a", "zz") == 1
+    assert s.smembers("q") == {"b", "c"}
+    assert s.srem("q", "b", "c") == 2
+    assert s.smembers("q") == set()
+    assert "q" not in set(s.scan("q"))
+    assert s.delete("q") == 0, "an emptied set no longer exists"
+
+
+def test_set_ttl_applies_on_creation_only(backend: Backend) -> None:
+    s = backend.store
+    assert s.sadd("quarantine:idx", "a", ttl=T) == 1
+    remaining = s.ttl("quarantine:idx")
+    assert remaining is not None
+    assert 0 < remaining <= T + EPS
+    backend.advance(T * 0.6)
+    assert s.sadd("quarantine:idx", "b", ttl=T) == 1
+    remaining = s.ttl("quarantine:idx")
+    assert remaining is not None
+    assert remaining < T * 0.5
+    backend.advance(T * 0.5)
+    assert s.smembers("quarantine:idx") == set()
+    assert s.sismember("quarantine:idx", "a") is False
+    assert s.sadd("quarantine:idx", "c") == 1
+    assert s.smembers("quarantine:idx") == {"c"}, "members of an expired set must be gone"
+    assert s.ttl("quarantine:idx") is None
+
+
+def test_delete_removes_sets(backend: Backend) -> None:
+    s = backend.store
+    s.sadd("s", "a", "b")
+    assert s.delete("s") == 1
+    assert s.smembers("s") == set()
+    s.sadd("s", "c")
+    assert s.smembers("s") == {"c"}
+
+
+def test_scan_by_prefix(backend: Backend) -> None:
+    s = backend.store
+    s.set("pop:192.0.2.1", "a")
+    s.set("pop:192.0.2.2", "b", ttl=60)
+    s.sadd("pop:set", "x")
+    s.set("pox", "not matching")
+    s.set("po", "not matching")
+    s.set("rl:bob", "1")
+    s.set("pop:gone", "x", ttl=T)
+    backend.advance(T * 1.25)
+    assert sorted(s.scan("pop:")) == ["pop:192.0.2.1", "pop:192.0.2.2", "pop:set"]
+    assert sorted(s.scan("")) == sorted(
+        ["pop:192.0.2.1", "pop:192.0.2.2", "pop:set", "pox", "po", "rl:bob"]
+    )
+    assert list(s.scan("nothing:")) == []
+
+
+def test_scan_prefix_with_glob_characters(backend: Backend) -> None:
+    s = backend.store
+    s.set("q*[x]?\\1", "1")
+    s.set("q*[x]?\\2", "2")
+    s.set("qa[x]?\\3", "3")
+    s.set("q*x", "4")
+    assert sorted(s.scan("q*[x]?\\")) == ["q*[x]?\\1", "q*[x]?\\2"]
+
+
+def test_scan_many_keys(backend: Backend) -> None:
+    s = backend.store
+    expected = {f"many:{i:04d}" for i in range(1200)}
+    for key in expected:
+        s.set(key, "1")
+    s.set("man", "x")
+    s.set("manz", "x")
+    s.set("many;", "x")
+    found = list(s.scan("many:"))
+    assert len(found) == len(set(found))
+    assert set(found) == expected
+
+
+def test_unicode_keys_and_values(backend: Backend) -> None:
+    s = backend.store
+    pairs = {
+        "greylist:送信者@例え.jp": "メール本文テスト",
+        "latin:Grüße-ÄÖÜ-ß": "\xe9\xff\x80\xa0 8-bit",
+        "emoji:📬": "✉️ 🚀",
+        "ctl:\t\x01": "line1\nline2\r\n",
+    }
+    for key, value in pairs.items():
+        s.set(key, value)
+    for key, value in pairs.items():
+        assert s.get(key) == value
+    assert s.incr("計数:ユーザー") == 1
+    assert s.get("計数:ユーザー") == "1"
+    s.sadd("隔離", "メッセージ①", "\xfe\xfd", "📎")
+    assert s.smembers("隔離") == {"メッセージ①", "\xfe\xfd", "📎"}
+    assert s.sismember("隔離", "📎") is True
+    assert set(s.scan("greylist:送")) == {"greylist:送信者@例え.jp"}
+    assert set(s.scan("計")) == {"計数:ユーザー"}
+
+
+def test_large_values(backend: Backend) -> None:
+    s = backend.store
+    ascii_value = "x" * (1 << 20)
+    japanese_value = "日本語" * 120_000  # 1.08 MB as UTF-8
+    s.set("big:ascii", ascii_value)
+    s.set("big:ja", japanese_value, ttl=60)
+    assert s.get("big:ascii") == ascii_value
+    assert s.get("big:ja") == japanese_value
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.nan, math.inf])
+def test_invalid_ttl_rejected(backend: Backend, bad: float) -> None:
+    s = backend.store
+    s.set("k", "v")
+    for call in (
+        lambda: s.set("k", "w", ttl=bad),
+        lambda: s.add("new", "w", ttl=bad),
+        lambda: s.incr("n", ttl=bad),
+        lambda: s.expire("k", bad),
+        lambda: s.sadd("s", "m", ttl=bad),
+    ):
+        with pytest.raises(ValueError, match="ttl"):
+            call()
+    assert s.get("k") == "v"
+    assert s.ttl("k") is None
+    assert s.get("new") is None
+    assert s.get("n") is None
+
+
+def test_closed_store_is_unavailable(backend: Backend) -> None:
+    s = backend.store
+    s.set("k", "v")
+    s.close()
+    with pytest.raises(StoreUnavailable):
+        s.get("k")
+    with pytest.raises(StoreUnavailable):
+        s.incr("n")
+    with pytest.raises(StoreUnavailable):
+        s.ping()
+
+
+# --------------------------------------------------------------------------
+# Concurrency
+# --------------------------------------------------------------------------
+
+WORKERS = 4
+INCREMENTS = 500
+
+
+def _sqlite_incr_worker(path: str, barrier: threading.Barrier, n: int) -> None:
+    store = SQLiteStore(path)
+    barrier.wait(timeout=10)
+    for _ in range(n):
+        store.incr("hits", ttl=300)
+    store.close()
+
+
+def _redis_incr_worker(url: str, prefix: str, barrier: threading.Barrier, n: int) -> None:
+    store = RedisStore(url, key_prefix=prefix)
+    barrier.wait(timeout=10)
+    for _ in range(n):
+        store.incr("hits", ttl=300)
+    store.close()
+
+
+def _run_processes(target: Callable[..., None], *args: object) -> None:
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(WORKERS)
+    procs = [ctx.Process(target=target, args=(*args, barrier, INCREMENTS)) for _ in range(WORKERS)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=30)
+    assert [p.exitcode for p in procs] == [0] * WORKERS
+
+
+def test_sqlite_processes_increment_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "fresh" / "shared.sqlite"
+    _run_processes(_sqlite_incr_worker, str(path))
+    store = SQLiteStore(path)
+    assert store.get("hits") == str(WORKERS * INCREMENTS)
+    remaining = store.ttl("hits")
+    assert remaining is not None
+    assert 0 < remaining <= 300
+    store.close()
+
+
+@pytest.mark.redis
+def test_redis_processes_increment_exactly(redis_server: RedisServer) -> None:
+    prefix = f"p{uuid.uuid4().hex[:8]}:"
+    _run_processes(_redis_incr_worker, redis_server.url, prefix)
+    store = RedisStore(redis_server.url, key_prefix=prefix)
+    assert store.get("hits") == str(WORKERS * INCREMENTS)
+    remaining = store.ttl("hits")
+    assert remaining is not None
+    assert 0 < remaining <= 300
+    store.close()
+
+
+def test_sqlite_threads_share_one_store(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "threads.sqlite")
+    threads, per_thread = 8, 200
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads)
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            for j in range(per_thread):
+                store.incr("hits")
+                store.sadd("members", f"{i}:{j}")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=30)
+    assert errors == []
+    assert store.get("hits") == str(threads * per_thread)
+    assert len(store.smembers("members")) == threads * per_thread
+    store.close()
+
+
+def test_memory_threads_share_one_store() -> None:
+    store = MemoryStore()
+    threads, per_thread = 8, 2000
+    pool = [
+        threading.Thread(target=lambda: [store.incr("hits") for _ in range(per_thread)])
+        for _ in range(threads)
+    ]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=30)
+    assert store.get("hits") == str(threads * per_thread)
+
+
+# --------------------------------------------------------------------------
+# SQLite specifics
+# --------------------------------------------------------------------------
+
+
+def test_sqlite_creates_directory_and_uses_wal(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "state.sqlite"
+    store = SQLiteStore(path)
+    store.set("k", "v")
+    assert path.is_file()
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    raw.close()
+    store.close()
+
+
+def test_sqlite_path_under_a_regular_file_is_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "plain-file"
+    blocker.write_text("not a directory")
+    path = blocker / "sub" / "state.sqlite"
+    with pytest.raises(StoreUnavailable, match="plain-file"):
+        SQLiteStore(path)
+
+
+def test_sqlite_path_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(StoreUnavailable, match=str(tmp_path)):
+        SQLiteStore(tmp_path)
+
+
+def test_sqlite_garbage_file_is_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.sqlite"
+    path.write_bytes(b"this is definitely not an sqlite database\n" * 200)
+    with pytest.raises(StoreUnavailable, match="garbage.sqlite"):
+        SQLiteStore(path)
+
+
+def test_sqlite_locked_database_raises_after_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "locked.sqlite"
+    store = SQLiteStore(path, busy_timeout=0.2)
+    store.set("k", "before")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert store.get("k") == "before", "WAL readers are not blocked by a writer"
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.set("k", "during")
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.incr("n")
+        assert time.monotonic() - started < 2.0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    store.set("k", "after")
+    assert store.get("k") == "after"
+    assert store.incr("n") == 1
+    store.close()
+
+
+def test_sqlite_real_clock_expiry(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "real.sqlite")
+    store.set("k", "v", ttl=0.15)
+    assert store.get("k") == "v"
+    time.sleep(0.2)
+    assert store.get("k") is None
+    store.close()
+
+
+def _rows(path: Path) -> tuple[int, int]:
+    raw = sqlite3.connect(path)
+    try:
+        kv = raw.execute("SELECT count(*) FROM kv").fetchone()[0]
+        members = raw.execute("SELECT count(*) FROM members").fetchone()[0]
+        return int(kv), int(members)
+    finally:
+        raw.close()
+
+
+def test_sqlite_purges_expired_rows(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "purge.sqlite"
+    store = SQLiteStore(path, clock=clock)
+    for i in range(300):
+        store.set(f"pop:{i}", "x", ttl=10)
+    store.sadd("qset", *(f"m{i}" for i in range(50)), ttl=10)
+    store.set("keep", "x")
+    assert _rows(path) == (302, 50)
+    clock.advance(11)
+    for i in range(300):
+        store.set("writes", str(i))
+    kv_rows, _ = _rows(path)
+    assert kv_rows < 302, "writes must purge some expired rows"
+    assert store.purge_expired() >= 0
+    assert _rows(path) == (2, 0)
+    assert store.get("keep") == "x"
+    store.close()
+
+
+# --------------------------------------------------------------------------
+# Redis specifics
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_redis_key_prefix_isolation(redis_server: RedisServer) -> None:
+    tag = uuid.uuid4().hex[:8]
+    a = RedisStore(redis_server.url, key_prefix=f"a{tag}:")
+    b = RedisStore(redis_server.url, key_prefix=f"b{tag}:")
+    a.set("k", "from-a")
+    b.set("k", "from-b")
+    a.sadd("s", "x")
+    assert a.get("k") == "from-a"
+    assert b.get("k") == "from-b"
+    assert b.smembers("s") == set()
+    assert list(a.scan("")) != [] and set(a.scan("")) == {"k", "s"}
+    assert set(b.scan("")) == {"k"}
+    assert b.delete("k", "s") == 1
+    assert a.get("k") == "from-a"
+    raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    assert raw.get(f"a{tag}:k") == "from-a"
+    assert raw.exists(f"b{tag}:k") == 0
+    raw.close()
+    a.close()
+    b.close()
+
+
+@pytest.mark.redis
+def test_redis_nothing_listening_is_unavailable_quickly() -> None:
+    port = free_port()
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", socket_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=str(port)):
+        store.ping()
+    with pytest.raises(StoreUnavailable):
+        store.incr("n", ttl=10)
+    with pytest.raises(StoreUnavailable):
+        list(store.scan("x"))
+    assert time.monotonic() - started < 3.0
+    store.close()
+
+
+@pytest.mark.redis
+def test_redis_unresponsive_server_times_out() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        store = RedisStore(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="redis"):
+            store.get("k")
+        assert time.monotonic() - started < 2.0
+        store.close()
+
+
+@pytest.mark.redis
+def test_redis_password_not_in_error_message() -> None:
+    port = free_port()
+    store = RedisStore(f"redis://:hunter2secret@127.0.0.1:{port}/0")
+    with pytest.raises(StoreUnavailable) as info:
+        store.ping()
+    assert "hunter2secret" not in str(info.value)
+    assert "***" in str(info.value)
+    assert "hunter2secret" not in repr(store)
+    store.close()
+
+
+@pytest.mark.redis
+def test_redis_server_down_then_back() -> None:
+    with RedisServer() as server:
+        store = RedisStore(server.url, key_prefix="dn:")
+        store.set("k", "v")
+        assert store.incr("n", ttl=30) == 1
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.get("k")
+        with pytest.raises(StoreUnavailable):
+            store.incr("n", ttl=30)
+        with pytest.raises(StoreUnavailable):
+            store.ping()
+        assert time.monotonic() - started < 3.0
+        server.restart()
+        assert store.get("k") is None, "the restarted server is empty"
+        assert store.incr("n", ttl=30) == 1
+        store.set("k", "again")
+        assert store.get("k") == "again"
+        store.close()
+
+
+# --------------------------------------------------------------------------
+# open_store
+# --------------------------------------------------------------------------
+
+
+def test_open_store_memory_and_sqlite(tmp_path: Path) -> None:
+    kwargs = {"sqlite_path": str(tmp_path / "o.sqlite"), "redis_url": "redis://127.0.0.1:1/0"}
+    mem = open_store("memory", **kwargs)
+    assert isinstance(mem, MemoryStore)
+    lite = open_store("sqlite", **kwargs)
+    assert isinstance(lite, SQLiteStore)
+    lite.set("k", "v")
+    assert SQLiteStore(tmp_path / "o.sqlite").get("k") == "v"
+    lite.close()
+    with pytest.raises(ValueError, match="memcached"):
+        open_store("memcached", **kwargs)
+
+
+@pytest.mark.redis
+def test_open_store_redis(redis_server: RedisServer, tmp_path: Path) -> None:
+    store = open_store(
+        "redis",
+        sqlite_path=str(tmp_path / "unused.sqlite"),
+        redis_url=redis_server.url,
+        key_prefix="os:",
+        timeout=0.5,
+    )
+    assert isinstance(store, RedisStore)
+    store.set("k", "v")
+    assert store.get("k") == "v"
+    assert not (tmp_path / "unused.sqlite").exists()
+    store.close()
