@@ -99,7 +99,7 @@ class LdapDirectory:
         if self._conn is not None:
             try:
                 self._conn.unbind_s()
-            except (ldap.LDAPError, OSError):
+            except Exception:  # noqa: BLE001 - a half-reconnected object has no handle at all
                 log.debug("unbind after error failed", exc_info=True)
             self._conn = None
 
@@ -191,7 +191,7 @@ class LdapDirectory:
                 conn.modify_s(dn, mods)
             except ldap.NO_SUCH_OBJECT:
                 raise NoSuchEntry(f"{dn}: no such entry") from None
-            except ldap.INSUFFICIENT_ACCESS:
+            except (ldap.INSUFFICIENT_ACCESS, ldap.STRONG_AUTH_REQUIRED):
                 raise DirectoryError(
                     f"{dn}: insufficient access for {self.cfg.bind_dn or 'anonymous'} "
                     "(set ldap.bind_dn / bind_password_file)"

@@ -784,7 +784,7 @@ class RedisStore:
             return fn()
         except redis.ResponseError as exc:
             raise self._map_response_error(key, exc) from exc
-        except (redis.ResponseError) as exc:
+        except (redis.RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis store {self._url}: {exc}") from exc
 
     def _map_response_error(self, key: str, exc: redis.ResponseError) -> Exception:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import re
 import socket
 import sqlite3
 import threading
@@ -552,14 +553,14 @@ def test_sqlite_path_under_a_regular_file_is_unavailable(tmp_path: Path) -> None
 
 
 def test_sqlite_path_is_a_directory(tmp_path: Path) -> None:
-    with pytest.raises(StoreUnavailable, match=str(tmp_path)):
+    with pytest.raises(StoreUnavailable, match=re.escape(str(tmp_path))):
         SQLiteStore(tmp_path)
 
 
 def test_sqlite_garbage_file_is_unavailable(tmp_path: Path) -> None:
     path = tmp_path / "garbage.sqlite"
     path.write_bytes(b"this is definitely not an sqlite database\n" * 200)
-    with pytest.raises(StoreUnavailable, match="garbage.sqlite"):
+    with pytest.raises(StoreUnavailable, match=r"garbage\.sqlite"):
         SQLiteStore(path)
 
 
@@ -723,16 +724,16 @@ def test_redis_server_down_then_back() -> None:
 
 
 def test_open_store_memory_and_sqlite(tmp_path: Path) -> None:
-    kwargs = {"sqlite_path": str(tmp_path / "o.sqlite"), "redis_url": "redis://127.0.0.1:1/0"}
-    mem = open_store("memory", **kwargs)
+    sqlite_path, redis_url = str(tmp_path / "o.sqlite"), "redis://127.0.0.1:1/0"
+    mem = open_store("memory", sqlite_path=sqlite_path, redis_url=redis_url)
     assert isinstance(mem, MemoryStore)
-    lite = open_store("sqlite", **kwargs)
+    lite = open_store("sqlite", sqlite_path=sqlite_path, redis_url=redis_url)
     assert isinstance(lite, SQLiteStore)
     lite.set("k", "v")
     assert SQLiteStore(tmp_path / "o.sqlite").get("k") == "v"
     lite.close()
     with pytest.raises(ValueError, match="memcached"):
-        open_store("memcached", **kwargs)
+        open_store("memcached", sqlite_path=sqlite_path, redis_url=redis_url)
 
 
 @pytest.mark.redis

@@ -207,7 +207,6 @@ def ldap_generate(subscribers: int, domains: int, seed: int, base_dn: str, with_
     """Write LDIF for N synthetic subscribers with every service combination (for slapadd)."""
     from mailwarden.sampledata import synthetic_ldif
 
-    out = click.get_text_stream("stdout")
     for chunk in synthetic_ldif(subscribers, domains, seed=seed, base_dn=base_dn,
                                 with_base=with_base):
-        out.write(chunk)
+        click.echo(chunk, nl=False)
