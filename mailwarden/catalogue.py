@@ -7,6 +7,7 @@ the documentation all read it.  Adding a setting means adding one entry here.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -204,8 +205,9 @@ def _parse_number(spec: SettingSpec, text: str) -> float:
     try:
         number = int(text.strip()) if spec.kind == "int" else float(text.strip())
     except ValueError:
-        raise InvalidValue(f"{spec.name}: {text!r} is not a{'n integer' if spec.kind == 'int' else ' number'}") from None
-    if number != number or number in (float("inf"), float("-inf")):
+        what = "an integer" if spec.kind == "int" else "a number"
+        raise InvalidValue(f"{spec.name}: {text!r} is not {what}") from None
+    if not math.isfinite(number):
         raise InvalidValue(f"{spec.name}: {text!r} is not a finite number")
     if spec.minimum is not None and number < spec.minimum:
         raise InvalidValue(f"{spec.name}: {text} is below the minimum {spec.minimum:g}")

@@ -292,7 +292,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         _validate(cfg, problems)
     if problems:
         raise ConfigError([f"{source}:{p}" for p in problems])
-    return dataclasses.replace(cfg, source=source)
+    result: Config = dataclasses.replace(cfg, source=source)
+    return result
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path | None:

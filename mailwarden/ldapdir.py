@@ -7,10 +7,10 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-import ldap
 import ldap.filter
 from ldap.ldapobject import ReconnectLDAPObject
 
+import ldap
 from mailwarden.address import split_address
 from mailwarden.config import LdapConfig, bind_password
 from mailwarden.directory import DirectoryError, DirectoryUnavailable, Entry, NoSuchEntry
@@ -99,7 +99,7 @@ class LdapDirectory:
         if self._conn is not None:
             try:
                 self._conn.unbind_s()
-            except Exception:  # noqa: BLE001 - a half-reconnected object has no handle at all
+            except Exception:
                 log.debug("unbind after error failed", exc_info=True)
             self._conn = None
 

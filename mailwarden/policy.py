@@ -21,7 +21,7 @@ from mailwarden import catalogue
 from mailwarden.address import InvalidAddress, normalize_address, split_address
 from mailwarden.catalogue import SERVICES, SETTINGS, Service, SettingSpec
 from mailwarden.config import Config, site_defaults
-from mailwarden.directory import Directory, DirectoryUnavailable, Entry
+from mailwarden.directory import Directory, Entry
 
 log = logging.getLogger("mailwarden.policy")
 
@@ -223,7 +223,7 @@ class PolicyResolver:
     # ------------------------------------------------------------ resolution
 
     def _resolve(self, address: str) -> EffectivePolicy:
-        local, domain_name = split_address(address)
+        domain_name = split_address(address)[1]
         domain = self._domain(domain_name)
         if domain is None:
             return EffectivePolicy(address=address, kind=AddressKind.NOT_LOCAL)
@@ -231,13 +231,13 @@ class PolicyResolver:
         via: list[str] = []
         if canonical_domain != domain_name:
             via.append(f"domain alias {domain_name} -> {canonical_domain}")
-        user = self._find_user(address, local, domain_name, canonical_domain, domain, via)
+        user = self._find_user(address, canonical_domain, domain, via)
         return self.build(address, domain, user, via)
 
     def _find_user(
-        self, address: str, local: str, domain_name: str, canonical_domain: str,
-        domain: Entry, via: list[str],
+        self, address: str, canonical_domain: str, domain: Entry, via: list[str]
     ) -> Entry | None:
+        local, domain_name = split_address(address)
         candidates = [address]
         if canonical_domain != domain_name:
             candidates.append(f"{local}@{canonical_domain}")

@@ -35,7 +35,7 @@ def synthetic_ldif(
     if with_base:
         yield (
             f"dn: {base_dn}\nobjectClass: dcObject\nobjectClass: organization\n"
-            f"dc: {base_dn.split(',')[0].split('=')[1]}\no: synthetic\n\n"
+            f"dc: {base_dn.split(',', maxsplit=1)[0].split('=')[1]}\no: synthetic\n\n"
             f"dn: ou=domains,{base_dn}\nobjectClass: organizationalUnit\nou: domains\n\n"
         )
     for d in range(domains):
@@ -64,9 +64,10 @@ def synthetic_ldif(
             f"mail: {address}",
             "userPassword: secret",
         ]
-        for bit, value in enumerate(SERVICE_VALUES):
-            attr = "mwEnabledService" if mask >> bit & 1 else "mwDisabledService"
-            lines.append(f"{attr}: {value}")
+        # Keep the values of one attribute together: slapadd drops a second, separate run.
+        on = [v for bit, v in enumerate(SERVICE_VALUES) if mask >> bit & 1]
+        lines += [f"mwEnabledService: {v}" for v in on]
+        lines += [f"mwDisabledService: {v}" for v in SERVICE_VALUES if v not in on]
         if i % 3 == 0:
             lines.append(f"mwAlternateAddress: alt-{local}@{dom}")
         if i % 5 == 0:

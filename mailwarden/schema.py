@@ -81,12 +81,12 @@ def _attribute(name: str, desc: str, syntax: str, single: bool) -> str:
 def attribute_types() -> list[str]:
     """The attribute type definitions, in OID order."""
     defs: dict[str, str] = {}
-    for spec in IDENTITY.values():
-        if spec.ldap_attribute == "mail":
+    for ident in IDENTITY.values():
+        if ident.ldap_attribute == "mail":
             continue  # the standard cosine attribute
-        syntax = _IA5 if spec.syntax == "ia5" else _TEXT
-        defs[spec.ldap_attribute] = _attribute(
-            spec.ldap_attribute, spec.description, syntax, not spec.multi
+        syntax = _IA5 if ident.syntax == "ia5" else _TEXT
+        defs[ident.ldap_attribute] = _attribute(
+            ident.ldap_attribute, ident.description, syntax, not ident.multi
         )
     for spec in SETTINGS.values():
         defs[spec.ldap_attribute] = _attribute(

@@ -51,7 +51,7 @@ _INT64_MAX = 2**63 - 1
 _INTEGER_RE = re.compile(r"-?[0-9]{1,20}")
 
 
-class StoreUnavailable(Exception):  # noqa: N818
+class StoreUnavailable(Exception):
     """The state backend cannot be reached or failed; treat as a temporary failure."""
 
 
@@ -443,7 +443,8 @@ class SQLiteStore:
                     )
                 except BaseException:
                     if conn.in_transaction:
-                        conn.execute("ROLLBACK")
+                        with suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
                     raise
         except (OSError, sqlite3.Error) as exc:
             conn.close()

@@ -118,3 +118,15 @@ def test_every_mapped_attribute_has_a_fixed_oid() -> None:
     assert len(set(ATTRIBUTE_NUMBERS.values())) == len(ATTRIBUTE_NUMBERS)
     assert len(attribute_types()) == len(attrs)
     assert {s.name for s in IDENTITY.values()} <= set(default_attribute_map())
+
+
+def test_readme_documents_every_setting_service_and_config_key() -> None:
+    from mailwarden.config import Config, describe
+
+    readme = (ROOT / "README.md").read_text()
+    for spec in SETTINGS.values():
+        assert f"| `{spec.name}` | `{spec.ldap_attribute}` |" in readme, spec.name
+    for service in SERVICES.values():
+        assert f"| `{service.service.value}` | `{service.ldap_value}` |" in readme
+    for item in describe(Config()):
+        assert f"| `{item.key}` |" in readme, item.key

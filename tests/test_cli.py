@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import ldap
 import pytest
 from click.testing import CliRunner, Result
 
+import ldap
 from mailwarden.cli import main
 from mailwarden.testing.slapd import SlapdServer
 from tests.conftest import ADMIN_DN, DATA

@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import ldap
 import pytest
 
+import ldap
 from mailwarden.catalogue import Service
 from mailwarden.config import Config
 from mailwarden.directory import DirectoryUnavailable
@@ -101,12 +101,16 @@ def test_filter_injection_and_non_ascii_find_nothing(sample: PolicyResolver, hos
     assert p.user_dn is None
 
 
-def test_alternative_mapping_reads_an_existing_directory(slapd: SlapdServer, resolver_for: Make) -> None:
+def test_alternative_mapping_reads_an_existing_directory(
+    slapd: SlapdServer, resolver_for: Make
+) -> None:
     r = resolver_for(compat_config(slapd))
     ken = r.effective_policy("k.tanaka@old-legacy.example")
     assert ken.kind is AddressKind.SUBSCRIBER
     assert ken.canonical == "ken@legacy.example"
-    assert ken.user_dn == "mail=ken@legacy.example,ou=Users,domainName=legacy.example,o=domains,dc=legacy,dc=test"
+    assert ken.user_dn == (
+        "mail=ken@legacy.example,ou=Users,domainName=legacy.example,o=domains,dc=legacy,dc=test"
+    )
     # replace mode: the user's enabledService list is the whole truth ("mail", "pop3" ignored)
     assert on(ken.services) == {"smtp_auth", "spam_check"}
     assert ken.get("quota") == 524288000
@@ -179,7 +183,7 @@ def test_huge_and_undecodable_values_are_ignored_with_a_problem(
     conn = _admin(slapd_rw)
     conn.modify_s(dn, [
         (ldap.MOD_REPLACE, "mwVacationText", [b"x" * 100_000]),
-        (ldap.MOD_REPLACE, "mwSpamSubjectTag", ["[迷惑]".encode("utf-8")]),
+        (ldap.MOD_REPLACE, "mwSpamSubjectTag", ["[迷惑]".encode()]),
         (ldap.MOD_ADD, "mwKeywordRule", [f"body contains junk {'y' * 5000}".encode()]),
     ])
     p = resolver_for(config_for(slapd_rw)).effective_policy("bob@example.com")

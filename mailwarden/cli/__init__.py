@@ -20,6 +20,7 @@ from mailwarden import catalogue
 from mailwarden.address import InvalidAddress
 from mailwarden.config import Config, ConfigError, config_path, describe, load_config, toml_value
 from mailwarden.directory import Directory, DirectoryError, DirectoryUnavailable, NoSuchEntry
+from mailwarden.log import setup_logging
 from mailwarden.policy import EffectivePolicy, PolicyResolver
 
 P = ParamSpec("P")
@@ -54,6 +55,7 @@ class App:
                 self._config = load_config(self.config_file)
             except ConfigError as exc:
                 fail("configuration error:\n" + str(exc), EX_CONFIG)
+            setup_logging(self._config.general, "cli")
         return self._config
 
     @property

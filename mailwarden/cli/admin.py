@@ -133,7 +133,7 @@ def make_group(name: str, key: str, locate: Callable[[App, str], Target], layer:
     @click.argument(key)
     @pass_app
     @handle_errors
-    def show(app: App, **kw: str) -> None:
+    def show(app: App, /, **kw: str) -> None:
         print_policy(_show(app, locate(app, kw[key.lower()])))
 
     for action, doc in (
@@ -147,7 +147,7 @@ def make_group(name: str, key: str, locate: Callable[[App, str], Target], layer:
         @click.argument("services", nargs=-1, required=True)
         @pass_app
         @handle_errors
-        def toggle(app: App, services: tuple[str, ...], _action: str = action, **kw: str) -> None:
+        def toggle(app: App, /, services: tuple[str, ...], _action: str = action, **kw: str) -> None:
             target = locate(app, kw[key.lower()])
             parsed = _parse_services(services)
             _service_change(app, target, parsed, _action)
@@ -159,7 +159,7 @@ def make_group(name: str, key: str, locate: Callable[[App, str], Target], layer:
     @click.argument("values", nargs=-1, required=True)
     @pass_app
     @handle_errors
-    def set_(app: App, setting: str, values: tuple[str, ...], **kw: str) -> None:
+    def set_(app: App, /, setting: str, values: tuple[str, ...], **kw: str) -> None:
         spec = _setting(setting, layer)
         target = locate(app, kw[key.lower()])
         parsed = spec.parse(list(values))
@@ -171,7 +171,7 @@ def make_group(name: str, key: str, locate: Callable[[App, str], Target], layer:
     @click.argument("setting")
     @pass_app
     @handle_errors
-    def unset(app: App, setting: str, **kw: str) -> None:
+    def unset(app: App, /, setting: str, **kw: str) -> None:
         spec = _setting(setting, layer)
         target = locate(app, kw[key.lower()])
         app.directory.modify(target.entry.dn, {spec.name: []})

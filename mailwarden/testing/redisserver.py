@@ -23,7 +23,7 @@ class RedisServer:
     """A ``redis-server`` subprocess without persistence, in its own temp dir.
 
     ``start()`` (or entering the context manager) launches it and waits until
-    it answers PING; ``restart()`` brings it back on the same port (empty).
+    it answers; ``restart()`` brings it back on the same port (empty).
     """
 
     def __init__(
@@ -66,16 +66,25 @@ class RedisServer:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def _ping(self) -> bool:
+    def _answers(self) -> bool:
+        """True once *our* process answers on the port (checked via INFO process_id)."""
+        if self._proc is None:
+            return False
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                sock.sendall(b"INFO server\r\n")
+                data = b""
+                while b"\r\nprocess_id:" not in data or not data.endswith(b"\r\n"):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
         except OSError:
             return False
+        return f"\r\nprocess_id:{self._proc.pid}\r\n".encode() in data
 
     def start(self) -> RedisServer:
-        """Launch the server and wait until it answers PING."""
+        """Launch the server and wait until it answers (as itself, not another server)."""
         if self.running:
             return self
         self._dir = Path(tempfile.mkdtemp(prefix="mw-redis-"))
@@ -102,12 +111,12 @@ class RedisServer:
         finally:
             log.close()
         deadline = time.monotonic() + self._startup_timeout
-        while not self._ping():
+        while not self._answers():
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 reason = (
                     f"exited with status {self._proc.returncode}"
                     if self._proc.poll() is not None
-                    else f"did not answer PING within {self._startup_timeout:g}s"
+                    else f"did not answer within {self._startup_timeout:g}s"
                 )
                 tail = self._log_tail()
                 self.stop()

@@ -90,6 +90,7 @@ class SlapdServer:
 
     def _config_ldif(self) -> str:
         includes = "\n".join(f"include: file://{p}" for p in self.schemas)
+        peercred = f"gidNumber={os.getgid()}+uidNumber={os.getuid()},cn=peercred,cn=external,cn=auth"
         parts = [
             f"""dn: cn=config
 objectClass: olcGlobal
@@ -118,7 +119,7 @@ olcSizeLimit: 1000
 dn: olcDatabase={{0}}config,cn=config
 objectClass: olcDatabaseConfig
 olcDatabase: {{0}}config
-olcAccess: {{0}}to * by dn.exact=gidNumber={os.getgid()}+uidNumber={os.getuid()},cn=peercred,cn=external,cn=auth manage by * break
+olcAccess: {{0}}to * by dn.exact={peercred} manage by * break
 """
         ]
         for i, db in enumerate(self.databases, start=1):
