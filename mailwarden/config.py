@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mailwarden import catalogue
+from mailwarden.confbase import setting
+from milters.config import MilterConfig
+from policyd.config import PolicydConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/mailwarden/mailwarden.toml")
 CONFIG_ENV = "MAILWARDEN_CONFIG"
@@ -29,13 +32,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-def setting(default: Any, doc: str, *, factory: Any = None) -> Any:
-    """Declare a configuration field with its default and one-line description."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
 
 
 @dataclass(frozen=True)
@@ -135,6 +131,18 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class DnsConfig:
+    """The resolver every DNS user (SPF, DKIM, DNSBL) gets; /etc/resolv.conf is never read."""
+
+    nameservers: list[str] = setting(
+        None, "resolver addresses (IP literals)", factory=lambda: ["127.0.0.1"]
+    )
+    port: int = setting(53, "resolver port")
+    timeout: float = setting(2.0, "seconds to wait for one server to answer")
+    lifetime: float = setting(4.0, "seconds a whole lookup may take, retries included")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -142,6 +150,9 @@ class Config:
     ldap: LdapConfig = setting(None, "directory connection", factory=LdapConfig)
     policy: PolicyConfig = setting(None, "effective policy", factory=PolicyConfig)
     store: StoreConfig = setting(None, "shared state", factory=StoreConfig)
+    dns: DnsConfig = setting(None, "DNS resolver for SPF, DKIM and DNSBL", factory=DnsConfig)
+    policyd: PolicydConfig = setting(None, "Postfix policy daemon", factory=PolicydConfig)
+    milter: MilterConfig = setting(None, "content milter", factory=MilterConfig)
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
 
 

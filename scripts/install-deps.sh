@@ -8,6 +8,12 @@ PACKAGES=(
   gcc libmilter-dev libldap-dev libsasl2-dev
   # real daemons used by the tests and the demo
   slapd ldap-utils redis-server
+  postfix postfix-ldap swaks
+  dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-ldap dovecot-sieve
+  clamav-daemon clamav-testfiles spamassassin spamc spamd
+  # peers measured side by side in bench/
+  postgrey postfix-policyd-spf-python
+  iproute2
 )
 
 missing=()
@@ -24,5 +30,6 @@ fi
 echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
+echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
 apt-get -o DPkg::Lock::Timeout=600 -qq update
 apt-get -o DPkg::Lock::Timeout=600 -qq install -y --no-install-recommends "${missing[@]}" >/dev/null

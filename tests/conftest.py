@@ -10,6 +10,7 @@ import pytest
 from mailwarden.config import Config, parse_config
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import PolicyResolver
+from mailwarden.testing.redisserver import RedisServer
 from mailwarden.testing.slapd import Database, SlapdServer, mailwarden_database
 
 DATA = Path(__file__).parent / "data"
@@ -59,6 +60,13 @@ def compat_config(server: SlapdServer) -> Config:
     text = (DATA / "compat.toml").read_text()
     text = text.replace("[ldap]\n", f'[ldap]\nuri = "{server.uri}"\n', 1)
     return parse_config(text, "compat.toml")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session (tests that restart it use their own)."""
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture

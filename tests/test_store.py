@@ -32,13 +32,6 @@ from mailwarden.store import (
 from mailwarden.testing.ports import free_port
 from mailwarden.testing.redisserver import RedisServer
 
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 T = 0.4
 """TTL used by expiry tests (seconds); Redis tests sleep fractions of it."""
 EPS = 1e-3

@@ -1,0 +1,32 @@
+"""The configured resolver talks only to the configured servers; the stub answers as told."""
+
+from __future__ import annotations
+
+import dns.resolver
+import pytest
+
+from mailwarden.config import DnsConfig
+from mailwarden.dns import make_resolver
+from mailwarden.testing.dnsstub import StubDns
+
+
+def test_resolver_uses_the_stub_and_no_search_domains() -> None:
+    with StubDns({"example.jp": {"TXT": ['"v=spf1 ip4:192.0.2.0/24 -all"'], "A": ["192.0.2.1"]}},
+                 servfail=["broken.example"], silent=["slow.example"]) as stub:
+        r = make_resolver(DnsConfig(nameservers=["127.0.0.1"], port=stub.port, timeout=0.3,
+                                    lifetime=0.6))
+        txt = r.resolve("example.jp", "TXT")
+        assert [b"".join(t.strings) for t in txt] == [b"v=spf1 ip4:192.0.2.0/24 -all"]
+        assert [a.address for a in r.resolve("Example.JP.", "A")] == ["192.0.2.1"]
+        with pytest.raises(dns.resolver.NXDOMAIN):
+            r.resolve("nothing.example", "A")
+        with pytest.raises(dns.resolver.NoAnswer):
+            r.resolve("example.jp", "MX")
+        with pytest.raises(dns.resolver.NoNameservers):
+            r.resolve("broken.example", "A")
+        with pytest.raises(dns.resolver.LifetimeTimeout):
+            r.resolve("slow.example", "A")
+        assert ("nothing.example", "A") in stub.queries
+        assert all("." in name for name, _ in stub.queries)  # no search-domain variants
+        tcp = r.resolve("example.jp", "A", tcp=True)
+        assert [a.address for a in tcp] == ["192.0.2.1"]
