@@ -121,12 +121,14 @@ def test_every_mapped_attribute_has_a_fixed_oid() -> None:
 
 
 def test_readme_documents_every_setting_service_and_config_key() -> None:
-    from mailwarden.config import Config, describe
-
     readme = (ROOT / "README.md").read_text()
     for spec in SETTINGS.values():
         assert f"| `{spec.name}` | `{spec.ldap_attribute}` |" in readme, spec.name
     for service in SERVICES.values():
         assert f"| `{service.service.value}` | `{service.ldap_value}` |" in readme
-    for item in describe(Config()):
-        assert f"| `{item.key}` |" in readme, item.key
+
+
+def test_configuration_reference_is_current() -> None:
+    from mailwarden.config import reference_markdown
+
+    assert (ROOT / "docs" / "configuration.md").read_text() == reference_markdown()

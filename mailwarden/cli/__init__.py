@@ -18,7 +18,15 @@ import click
 
 from mailwarden import catalogue
 from mailwarden.address import InvalidAddress
-from mailwarden.config import Config, ConfigError, config_path, describe, load_config, toml_value
+from mailwarden.config import (
+    Config,
+    ConfigError,
+    config_path,
+    describe,
+    load_config,
+    reference_markdown,
+    toml_value,
+)
 from mailwarden.directory import Directory, DirectoryError, DirectoryUnavailable, NoSuchEntry
 from mailwarden.log import setup_logging
 from mailwarden.policy import EffectivePolicy, PolicyResolver
@@ -133,6 +141,12 @@ def config_show(app: App, changed: bool) -> None:
             section = sec
         mark = "default" if item.is_default else "set"
         click.echo(f"{key} = {toml_value(item.value)}  # {mark}: {item.doc}")
+
+
+@config_group.command("reference")
+def config_reference() -> None:
+    """Print the configuration reference (Markdown) that docs/configuration.md holds."""
+    click.echo(reference_markdown(), nl=False)
 
 
 @config_group.command("check")
