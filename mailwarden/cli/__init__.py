@@ -280,6 +280,9 @@ def services_cmd() -> None:
         )
 
 
-from mailwarden.cli import admin as _admin  # noqa: E402  (registers domain/user/ldap groups)
+# Command groups living elsewhere register themselves on `main` when imported.
+from mailwarden.cli import admin, render  # noqa: E402
+from milters import cli as milter_cli  # noqa: E402
+from policyd import cli as policyd_cli  # noqa: E402
 
-_ = _admin
+_ = (admin, render, milter_cli, policyd_cli)
