@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from mailwarden import catalogue
 from mailwarden.confbase import setting
+from mailwarden.renderconfig import RenderConfig
 from milters.config import MilterConfig
 from policyd.config import PolicydConfig
 
@@ -153,6 +154,7 @@ class Config:
     dns: DnsConfig = setting(None, "DNS resolver for SPF, DKIM and DNSBL", factory=DnsConfig)
     policyd: PolicydConfig = setting(None, "Postfix policy daemon", factory=PolicydConfig)
     milter: MilterConfig = setting(None, "content milter", factory=MilterConfig)
+    render: RenderConfig = setting(None, "Postfix / Dovecot fragments", factory=RenderConfig)
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
 
 
