@@ -130,8 +130,6 @@ class LdapDirectory:
                     values.setdefault(concept, []).append(raw.decode("utf-8"))
                 except UnicodeDecodeError:
                     problems.append(f"{dn}: {attr} value is not UTF-8, ignored")
-        for p in problems:
-            log.warning("%s", p)
         return Entry(dn=dn, values=values, problems=tuple(problems))
 
     def _search(self, what: str, base: str, filterstr: str) -> list[Entry]:
@@ -151,11 +149,7 @@ class LdapDirectory:
                 ) from None
             return [(dn, attrs) for dn, attrs in result if dn is not None]
 
-        try:
-            rows = self._call(what, run)
-        except ldap.SIZELIMIT_EXCEEDED:  # pragma: no cover - caught in _call
-            rows = []
-        return [self._entry(dn, attrs) for dn, attrs in rows]
+        return [self._entry(dn, attrs) for dn, attrs in self._call(what, run)]
 
     def _unique(self, what: str, entries: list[Entry]) -> Entry | None:
         if len(entries) > 1:
