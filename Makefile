@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: deps venv test unit lint demo demo-stop bench clean
+.PHONY: deps venv test unit lint demo demo-stop demo-directory demo-directory-stop bench clean
 
 deps: $(STAMP)
 
@@ -28,11 +28,18 @@ lint: deps
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-## the demo stack (slapd with the sample directory + redis); prints how to use it
+## the whole topology in containers (front, mailbox hosts, slapd, redis, DNS, Internet host)
 demo: deps
-	$(BIN)/python -m mailwarden.demo up
+	$(BIN)/python -m mailwarden.demo_stack up
 
 demo-stop:
+	$(BIN)/python -m mailwarden.demo_stack down
+
+## only the directory: slapd with the sample data + redis on loopback (seconds, no Docker)
+demo-directory: deps
+	$(BIN)/python -m mailwarden.demo up
+
+demo-directory-stop:
 	$(BIN)/python -m mailwarden.demo down
 
 bench: deps

@@ -1,14 +1,118 @@
-"""The ``[render]`` configuration section: facts about the site the Postfix/Dovecot fragments need."""
+"""The ``[render]`` configuration section: facts about the site the Postfix/Dovecot fragments need.
+
+Everything mailwarden itself already knows (LDAP connection and mapping, the
+policy daemon's and the milter's sockets and timeouts, cache TTLs) is read from
+its own section when rendering; this section holds only what Postfix and
+Dovecot need beyond that.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from mailwarden.confbase import setting
+
+MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class RenderConfig:
     """Inputs for ``mailwarden render postfix|dovecot``."""
 
+    # ---------------------------------------------------------------- Postfix
     myhostname: str = setting("mx.example.net", "this node's host name in SMTP greetings")
+    config_directory: str = setting(
+        "/etc/{instance}", "configuration directory of each Postfix instance ({instance} = postfix-ROLE)"
+    )
+    queue_directory: str = setting("/var/spool/{instance}", "queue directory of each Postfix instance")
+    data_directory: str = setting("/var/lib/{instance}", "data directory of each Postfix instance")
+    maillog_file: str = setting(
+        "", "Postfix maillog_file (empty: syslog; /dev/stdout in a container)"
+    )
+    inet_protocols: Literal["all", "ipv4", "ipv6"] = setting("all", "Postfix inet_protocols")
+    message_size_limit: int = setting(
+        20 * MIB, "largest message accepted from clients, in bytes (inner stages allow 1 MiB more)"
+    )
+    recipient_limit: int = setting(1000, "recipients per message accepted from clients")
+    tls_cert_file: str = setting(
+        "/etc/ssl/certs/ssl-cert-snakeoil.pem", "TLS certificate (PEM) for Postfix and Dovecot"
+    )
+    tls_key_file: str = setting("/etc/ssl/private/ssl-cert-snakeoil.key", "TLS private key (PEM)")
+    submission_listen: list[str] = setting(
+        None, "SMTP-AUTH submission with STARTTLS (master.cf service: port or addr:port)",
+        factory=lambda: ["submission"],
+    )
+    submissions_listen: list[str] = setting(
+        None, "SMTP-AUTH submission with implicit TLS", factory=lambda: ["submissions"]
+    )
+    pop_before_smtp_listen: list[str] = setting(
+        None, "POP-before-SMTP submission (give it the subscriber-facing address, e.g. 192.0.2.25:smtp)",
+        factory=lambda: ["2525"],
+    )
+    mx_listen: list[str] = setting(None, "inbound MX", factory=lambda: ["smtp"])
+    route_listen: str = setting("127.0.0.1:10021", "route-selection stage (loopback host:port)")
+    mailbox_listen: str = setting("127.0.0.1:10022", "mailbox-routing stage")
+    outbound_listen: str = setting("127.0.0.1:10023", "outbound delivery to the Internet (in the MX)")
+    sasl_path: str = setting(
+        "private/auth",
+        "Dovecot auth socket for SMTP AUTH: relative to the submission instance's queue "
+        "directory, or inet:host:port",
+    )
+    mailbox_transport: Literal["lmtp", "smtp"] = setting(
+        "lmtp", "how the mailbox stage reaches a subscriber's mailbox host"
+    )
+    mailbox_port: int = setting(24, "port of LMTP (or SMTP) on the mailbox hosts")
+    mailbox_concurrency: int = setting(20, "parallel deliveries per mailbox host")
+    default_mailbox_host: str = setting(
+        "", "mailbox host when neither the subscriber nor the domain names one (empty: defer); "
+        "[policy.defaults] mail_host does the same"
+    )
+    quota_status_host: str = setting(
+        "mailbox.example.net",
+        "where the MX asks Dovecot's quota-status at RCPT (the mailbox hosts); empty: no check",
+    )
+    quota_status_port: int = setting(12340, "port of Dovecot's quota-status service")
+    quota_status_timeout: int = setting(
+        5, "seconds the MX waits for quota-status (then it accepts: quota is checked again at delivery)"
+    )
+    # ---------------------------------------------------------------- Dovecot
+    dovecot_config_dir: str = setting(
+        "/etc/dovecot", "where the Dovecot files are installed ({role} = mailbox or proxy)"
+    )
+    dovecot_base_dir: str = setting(
+        "/run/dovecot", "Dovecot base_dir (runtime sockets; {role} allowed, as below)"
+    )
+    dovecot_state_dir: str = setting("/var/lib/dovecot", "Dovecot state_dir")
+    dovecot_log_path: str = setting("", "Dovecot log_path (empty: syslog)")
+    dovecot_listen: str = setting("*, ::", "addresses Dovecot listens on")
+    imap_port: int = setting(143, "IMAP port (STARTTLS)")
+    imaps_port: int = setting(993, "IMAPS port (0: off)")
+    pop3_port: int = setting(110, "POP3 port (STARTTLS)")
+    pop3s_port: int = setting(995, "POP3S port (0: off)")
+    backend_imap_port: int = setting(143, "IMAP port of the mailbox hosts the proxy forwards to")
+    backend_pop3_port: int = setting(110, "POP3 port of the mailbox hosts the proxy forwards to")
+    dovecot_ssl: Literal["required", "yes", "no"] = setting(
+        "required", "Dovecot ssl (no: plaintext logins allowed; for tests and TLS-offloading balancers)"
+    )
+    mail_root: str = setting(
+        "/srv/mail", "NFS mount holding every Maildir (home = mail_root/DOMAIN/USER)"
+    )
+    index_root: str = setting(
+        "/var/lib/dovecot/index", "local disk for Dovecot index files (rebuilt if a user moves host)"
+    )
+    mail_uid: str = setting("vmail", "user owning the mailboxes")
+    mail_gid: str = setting("vmail", "group owning the mailboxes")
+    first_valid_uid: int = setting(500, "lowest uid Dovecot accepts for mail_uid")
+    proxy_networks: list[str] = setting(
+        None, "networks of the front (proxy) nodes; mailbox hosts trust the client IPs they forward",
+        factory=list,
+    )
+    sieve_relay: str = setting(
+        "mx.example.net:25",
+        "SMTP server mailbox hosts send Sieve forwards and vacation replies to "
+        "(its policy daemon must trust them: [policyd] trusted_networks)",
+    )
+    postmaster_address: str = setting(
+        "postmaster@example.net", "sender of Dovecot's rejects and the address they name"
+    )

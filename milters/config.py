@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from mailwarden.confbase import setting
+
+KIB = 1024
+MIB = 1024 * 1024
+
+_ENDPOINT = re.compile(r"^(unix:/.+|inet:[^:\s]+:[0-9]{1,5})$")
 
 
 @dataclass(frozen=True)
@@ -15,3 +21,135 @@ class MilterConfig:
         "unix:/var/spool/postfix/mailwarden/milter.sock",
         "milter socket (unix:/path; a unix socket avoids libmilter's TCP stalls)",
     )
+    socket_mode: str = setting("0660", "permissions of the unix milter socket (octal)")
+    spool_dir: str = setting(
+        "/var/lib/mailwarden/spool", "where messages larger than memory_limit are spooled"
+    )
+    memory_limit: int = setting(
+        1 * MIB, "bytes of one message kept in memory; the rest is spooled to spool_dir"
+    )
+    max_parts: int = setting(1000, "MIME parts looked at; a message with more is unscannable")
+    max_depth: int = setting(20, "MIME nesting depth; deeper is unscannable")
+    archive_max_depth: int = setting(4, "archives inside archives looked into; deeper is unscannable")
+    archive_max_members: int = setting(
+        2000, "archive members listed per message; more is unscannable"
+    )
+    archive_max_size: int = setting(
+        100 * MIB, "uncompressed bytes unpacked per message; more is unscannable (archive bomb)"
+    )
+    archive_max_ratio: int = setting(
+        100, "uncompressed/compressed ratio above which a member over 1 MiB is an archive bomb"
+    )
+    clamd: list[str] = setting(
+        None,
+        "clamd upstreams (unix:/path or inet:host:port), tried in order",
+        factory=lambda: ["unix:/run/clamav/clamd.ctl"],
+    )
+    clamd_timeout: float = setting(60.0, "seconds one clamd INSTREAM scan may take")
+    clamd_max_size: int = setting(
+        25 * MIB, "largest message sent to clamd (keep <= clamd StreamMaxLength); larger is unscannable"
+    )
+    scan_cache_ttl: float = setting(
+        3600.0, "seconds a scan result is kept by body digest (Redis: shared; SQLite: in the milter; 0: off)"
+    )
+    spamd: list[str] = setting(
+        None,
+        "spamd upstreams (unix:/path or inet:host:port), tried in order",
+        factory=lambda: ["inet:127.0.0.1:783"],
+    )
+    spamd_timeout: float = setting(30.0, "seconds one spamd check may take")
+    spamd_max_size: int = setting(
+        512 * KIB, "larger messages are not sent to spamd (like spamc -s); logged as skipped"
+    )
+    spamd_user: str = setting("", "User: sent to spamd (empty: none)")
+    spam_headers_on_ham: bool = setting(
+        False, "add X-Spam-Status/Score under the threshold too (a separate copy when recipients differ)"
+    )
+    upstream_retry: float = setting(
+        30.0, "seconds a clamd/spamd upstream that failed is skipped while others remain"
+    )
+    keyword_text_limit: int = setting(
+        1 * MIB, "decoded characters of headers and text parts that keyword rules look at"
+    )
+    keyword_regex_budget: float = setting(
+        0.5, "seconds of regex matching per message; rules not finished by then do not match (logged)"
+    )
+    reinject: str = setting(
+        "inet:127.0.0.1:10026",
+        "Postfix smtpd (without milters) that receives content variants, notices and releases",
+    )
+    reinject_timeout: float = setting(30.0, "seconds one re-injection or notice may take")
+    notice_from: str = setting(
+        "postmaster@{domain}", "From: of notices; {domain} is the affected recipient's domain"
+    )
+    notice_limit: int = setting(10, "notices one address receives per notice_window at most")
+    notice_window: int = setting(3600, "seconds of the notice rate limit window")
+    template_dir: str = setting(
+        "/etc/mailwarden/templates", "site notice templates, searched before the shipped ones"
+    )
+    quarantine_dir: str = setting("/var/lib/mailwarden/quarantine", "where quarantined mail is kept")
+    quarantine_days: int = setting(30, "days quarantined mail is kept before it expires")
+    mta_timeout: float = setting(600.0, "seconds libmilter waits for the MTA before dropping it")
+    postfix_command_timeout: float = setting(
+        30.0, "Postfix's milter_command_timeout (RCPT-time work must finish well before it)"
+    )
+    postfix_content_timeout: float = setting(
+        300.0, "Postfix's milter_content_timeout (end-of-message work must finish before it)"
+    )
+
+    @property
+    def eom_budget(self) -> float:
+        """Seconds end-of-message work may take: Postfix's content timeout minus a margin."""
+        return max(1.0, self.postfix_content_timeout - max(5.0, self.postfix_content_timeout * 0.1))
+
+
+def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
+    """Problems with the ``[milter]`` section, each as ``milter.key: problem``."""
+    problems: list[str] = []
+    if not cfg.socket.startswith("unix:/") and not cfg.socket.startswith("inet:"):
+        problems.append(f"milter.socket: {cfg.socket!r} must be unix:/path or inet:host:port")
+    try:
+        mode = int(cfg.socket_mode, 8)
+        if not 0 <= mode <= 0o777:
+            raise ValueError
+    except ValueError:
+        problems.append(f"milter.socket_mode: {cfg.socket_mode!r} is not an octal mode")
+    for key in ("clamd", "spamd"):
+        addrs = getattr(cfg, key)
+        if not addrs:
+            problems.append(f"milter.{key}: at least one upstream is needed")
+        for i, addr in enumerate(addrs):
+            if not _ENDPOINT.match(addr):
+                problems.append(f"milter.{key}[{i}]: {addr!r} must be unix:/path or inet:host:port")
+    if not _ENDPOINT.match(cfg.reinject):
+        problems.append(f"milter.reinject: {cfg.reinject!r} must be unix:/path or inet:host:port")
+    positive = (
+        "memory_limit", "max_parts", "max_depth", "archive_max_members", "archive_max_size",
+        "archive_max_ratio", "clamd_timeout", "clamd_max_size", "spamd_timeout", "spamd_max_size",
+        "keyword_text_limit", "keyword_regex_budget", "reinject_timeout", "notice_window", "quarantine_days",
+        "mta_timeout", "postfix_command_timeout", "postfix_content_timeout",
+    )
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            problems.append(f"milter.{key}: must be greater than 0")
+    for key in ("archive_max_depth", "scan_cache_ttl", "upstream_retry", "notice_limit"):
+        if getattr(cfg, key) < 0:
+            problems.append(f"milter.{key}: must not be negative")
+    if "{" in cfg.notice_from.replace("{domain}", ""):
+        problems.append("milter.notice_from: only {domain} may be substituted")
+    # The directory is asked at RCPT time, inside Postfix's milter_command_timeout.
+    if ldap_worst_case >= cfg.postfix_command_timeout:
+        problems.append(
+            f"milter.postfix_command_timeout: the directory may take {ldap_worst_case:g}s "
+            f"(ldap timeouts and retries), not below {cfg.postfix_command_timeout:g}s"
+        )
+    # One scan per upstream in the worst case, then spamd, then one re-injection:
+    # each call is also cut to what is left of eom_budget, this only flags a config
+    # whose single steps could never fit.
+    for key in ("clamd_timeout", "spamd_timeout", "reinject_timeout"):
+        if getattr(cfg, key) >= cfg.eom_budget:
+            problems.append(
+                f"milter.{key}: {getattr(cfg, key):g}s does not fit in the end-of-message "
+                f"budget of {cfg.eom_budget:g}s (postfix_content_timeout minus a margin)"
+            )
+    return problems

@@ -14,6 +14,8 @@ PACKAGES=(
   # peers measured side by side in bench/
   postgrey postfix-policyd-spf-python
   iproute2
+  # the containerized end-to-end suite (dockerd started by the harness)
+  docker.io debootstrap iptables docker-compose
 )
 
 missing=()

@@ -1,0 +1,563 @@
+"""The policy daemon under load: requests/s and p50/p99 latency, side by side in one run.
+
+* mailwarden policyd (``mailwarden policyd run``, ``workers`` processes) against a real
+  slapd with N synthetic subscribers (1,000 and 100,000) and a store (SQLite, Redis)
+  holding 1,000,000 POP-before-SMTP windows, with a warm policy cache:
+  - ``submission``: SMTP-AUTH client, remote recipient (relay + sender ownership +
+    rate-limit check at RCPT);
+  - ``message``: the same plus END-OF-MESSAGE (rate counters incremented);
+  - ``pop-before-smtp``: unauthenticated client with an open window, remote recipient.
+* Peers from Debian doing comparable work, each against the same stub DNS data:
+  postgrey (greylisting, first attempts) and postfix-policyd-spf-python (SPF of the
+  envelope sender), against mailwarden with only its ``greylist`` / ``spf`` check.
+  The peers run in a private network namespace whose only interface is loopback and
+  whose /etc/resolv.conf points at a stub DNS server on 127.0.0.1:53, so they cannot
+  reach the machine's resolver; they are reached over unix sockets.
+
+The load generator is a separate process with C connections, each waiting for its
+answer before sending the next request (as Postfix's smtpd does).  Prints a table,
+the ratios and one JSON line.  Not part of the test suite.
+
+Usage: python bench/bench_policyd.py [--sizes 1000,100000] [--backends sqlite,redis]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import pickle
+import random
+import selectors
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mailwarden.sampledata import synthetic_ldif, user_address  # noqa: E402
+from mailwarden.store import SQLiteStore  # noqa: E402
+from mailwarden.testing.ports import free_port  # noqa: E402
+from mailwarden.testing.redisserver import RedisServer  # noqa: E402
+from mailwarden.testing.slapd import Database, SlapdServer  # noqa: E402
+from policyd.protocol import format_request  # noqa: E402
+
+MAILWARDEN = str(Path(sys.executable).parent / "mailwarden")
+DOMAINS = 100
+BIT = {"pop_before_smtp": 4, "smtp_auth": 5, "greylisting": 8, "rate_limits": 9}
+SPF_DOMAINS = 200
+
+
+def has(i: int, service: str) -> bool:
+    return bool((i % 1024) >> BIT[service] & 1)
+
+
+def policy_request(**attrs: str) -> bytes:
+    base = {"request": "smtpd_access_policy", "protocol_state": "RCPT", "protocol_name": "ESMTP",
+            "helo_name": "client.example", "queue_id": "", "client_name": "unknown",
+            "recipient": "friend@remote.example", "sasl_username": "", "size": "0"}
+    base.update(attrs)
+    return format_request(base)
+
+
+# ---------------------------------------------------------------- load generator (own process)
+
+
+def load(spec: str, requests: list[bytes], connections: int) -> dict[str, Any]:
+    """Send every request once over ``connections`` connections; one in flight per connection."""
+    kind, _, where = spec.partition(":")
+    sel = selectors.DefaultSelector()
+    socks = []
+    for _ in range(connections):
+        if kind == "unix":
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(where)
+        else:
+            host, _, port = where.rpartition(":")
+            s = socket.create_connection((host, int(port)))
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setblocking(False)
+        socks.append(s)
+    total = len(requests)
+    latencies: list[float] = []
+    actions: Counter[str] = Counter()
+    state: dict[socket.socket, tuple[float, bytes]] = {}
+    sent = 0
+    t0 = time.perf_counter()
+    for s in socks:
+        if sent < total:
+            state[s] = (time.perf_counter(), b"")
+            s.sendall(requests[sent])
+            sent += 1
+            sel.register(s, selectors.EVENT_READ)
+    done = 0
+    while done < total:
+        for key, _ in sel.select(timeout=30):
+            s = key.fileobj  # type: ignore[assignment]
+            started, buf = state[s]
+            data = s.recv(65536)
+            if not data:
+                raise ConnectionError("daemon closed a connection")
+            buf += data
+            while b"\n\n" in buf:
+                block, _, buf = buf.partition(b"\n\n")
+                now = time.perf_counter()
+                latencies.append(now - started)
+                actions[block[7:].split(b" ", 1)[0].decode()] += 1
+                done += 1
+                started = now
+                if sent < total:
+                    s.sendall(requests[sent])
+                    sent += 1
+            state[s] = (started, buf)
+    elapsed = time.perf_counter() - t0
+    for s in socks:
+        s.close()
+    latencies.sort()
+    return {
+        "requests": total,
+        "per_s": round(total / elapsed, 1),
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 3),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 3),
+        "actions": dict(actions),
+    }
+
+
+def process_tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) used so far by ``root`` and its live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][1]
+        todo += [child for child, (parent, _) in stats.items() if parent == pid]
+    return total
+
+
+def run_load(spec: str, requests: list[bytes], connections: int, work: Path,
+             server_pids: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Run :func:`load` in a fresh process so the generator never shares a GIL with anything.
+
+    ``server_pids``: processes (with their children) whose CPU time per request is reported.
+    """
+    job = work / "load.pickle"
+    job.write_bytes(pickle.dumps((spec, requests, connections)))
+    before = sum(process_tree_cpu(pid) for pid in server_pids)
+    out = subprocess.run([sys.executable, __file__, "--load-job", str(job)], capture_output=True,
+                         text=True, check=True)
+    result: dict[str, Any] = json.loads(out.stdout)
+    if server_pids:
+        used = sum(process_tree_cpu(pid) for pid in server_pids) - before
+        result["server_cpu_us"] = round(used / len(requests) * 1e6, 1)
+    return result
+
+
+# ---------------------------------------------------------------- our daemon
+
+
+def start_daemon(work: Path, name: str, config: str) -> tuple[subprocess.Popen[bytes], str]:
+    sock = work / f"{name}.sock"
+    path = work / f"{name}.toml"
+    path.write_text(config.replace("@SOCK@", str(sock)))
+    log = (work / f"{name}.log").open("wb")
+    proc = subprocess.Popen([MAILWARDEN, "--config", str(path), "policyd", "run"],
+                            stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
+    wait_for_socket(sock, proc)
+    return proc, f"unix:{sock}"
+
+
+def wait_for_socket(sock: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if sock.exists():
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(sock))
+                return
+            except OSError:
+                pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{sock}: daemon exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{sock}: nobody listening after 30 s")
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+THREADS = 8
+
+
+def daemon_config(ldap_uri: str, store: str, dns_port: int, checks: list[str], workers: int) -> str:
+    return f"""
+[general]
+log_level = "info"
+[ldap]
+uri = "{ldap_uri}"
+[policy]
+cache_ttl = 3600
+negative_cache_ttl = 3600
+domain_cache_ttl = 3600
+{store}
+[dns]
+nameservers = ["127.0.0.1"]
+port = {dns_port}
+[policyd]
+listen = ["unix:@SOCK@"]
+login_report_listen = []
+trusted_networks = []
+workers = {workers}
+threads = {THREADS}
+checks = {json.dumps(checks)}
+"""
+
+
+def load_pbs_windows(backend: str, store_section: dict[str, str], users: list[str], count: int) -> None:
+    """Bulk-load ``count`` POP-before-SMTP windows (10.0.0.0/8 addresses) for ``users``."""
+    ttl = 86400.0
+    if backend == "sqlite":
+        path = store_section["sqlite_path"]
+        SQLiteStore(path).close()  # creates the schema
+        conn = sqlite3.connect(path)
+        expires = time.time() + ttl
+        with conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO kv (key, kind, value, expires) VALUES (?, 0, ?, ?)",
+                ((f"pbs:{ipaddress.IPv4Address(0x0A000000 + j)}", users[j % len(users)], expires)
+                 for j in range(count)),
+            )
+        conn.close()
+        check = SQLiteStore(path)
+        assert check.get("pbs:10.0.0.1") == users[1 % len(users)], "store schema changed?"
+        check.close()
+    else:
+        import redis
+
+        client = redis.Redis.from_url(store_section["redis_url"])
+        prefix = store_section["key_prefix"]
+        pipe = client.pipeline(transaction=False)
+        for j in range(count):
+            pipe.set(f"{prefix}pbs:{ipaddress.IPv4Address(0x0A000000 + j)}", users[j % len(users)],
+                     px=int(ttl * 1000))
+            if j % 10000 == 9999:
+                pipe.execute()
+        pipe.execute()
+        client.close()
+
+
+def measure_size(
+    size: int, backends: list[str], args: argparse.Namespace, work: Path
+) -> list[dict[str, Any]]:
+    ldif = work / f"synthetic-{size}.ldif"
+    with ldif.open("w", encoding="utf-8") as out:
+        for chunk in synthetic_ldif(size, DOMAINS, seed=size):
+            out.write(chunk)
+    slapd = SlapdServer([Database("dc=mailwarden,dc=test", [ldif])], workdir=work / f"slapd-{size}")
+    slapd.configure()
+    slapd.start()
+    rng = random.Random(size)
+    working = sorted(rng.sample(range(size), min(size, args.working_set)))
+    submitters = [user_address(i, DOMAINS) for i in working if has(i, "smtp_auth") and has(i, "rate_limits")]
+    pbs_users = [user_address(i, DOMAINS) for i in working if has(i, "pop_before_smtp")]
+    results = []
+    try:
+        for backend in backends:
+            redis_server = RedisServer().start() if backend == "redis" else None
+            try:
+                if redis_server is not None:
+                    section = {"redis_url": redis_server.url, "key_prefix": "mw:"}
+                    store = f'[store]\nbackend = "redis"\nredis_url = "{redis_server.url}"\n'
+                else:
+                    section = {"sqlite_path": str(work / f"state-{size}.sqlite3")}
+                    store = f'[store]\nsqlite_path = "{section["sqlite_path"]}"\n'
+                t0 = time.perf_counter()
+                load_pbs_windows(backend, section, pbs_users, args.pbs)
+                pbs_load_s = time.perf_counter() - t0
+                proc, spec = start_daemon(work, f"ours-{size}-{backend}", daemon_config(
+                    slapd.uri, store, free_port(), ["relay", "sender_login", "reputation", "rate_limit",
+                                                    "spf", "greylist"], args.workers))
+                try:
+                    warm = [policy_request(sasl_username=u, sender=u, instance=f"w{i}")
+                            for i, u in enumerate(submitters + pbs_users)]
+                    cold = run_load(spec, warm, args.connections, work)
+                    n = args.requests
+                    sub = [policy_request(sasl_username=u, sender=u, client_address="198.51.100.1",
+                                          instance=f"s{k}")
+                           for k, u in ((k, submitters[rng.randrange(len(submitters))]) for k in range(n))]
+                    msg: list[bytes] = []
+                    for k in range(n // 2):
+                        u = submitters[rng.randrange(len(submitters))]
+                        who = {"sasl_username": u, "sender": u, "client_address": "198.51.100.1",
+                               "instance": f"m{k}"}
+                        msg.append(policy_request(**who))
+                        msg.append(policy_request(protocol_state="END-OF-MESSAGE", recipient="",
+                                                  recipient_count="1", size="2000", **who))
+                    pbs = []
+                    for k in range(n):
+                        j = rng.randrange(args.pbs)
+                        pbs.append(policy_request(client_address=str(ipaddress.IPv4Address(0x0A000000 + j)),
+                                                  sender=pbs_users[j % len(pbs_users)], instance=f"p{k}"))
+                    row = {"subscribers": size, "backend": backend, "pbs_windows": args.pbs,
+                           "pbs_load_s": round(pbs_load_s, 1), "cold": cold}
+                    pids = (proc.pid,) + ((redis_server.pid,) if redis_server and redis_server.pid else ())
+                    for name, reqs in (("submission", sub), ("message", msg), ("pop-before-smtp", pbs)):
+                        row[name] = run_load(spec, reqs, args.connections, work, pids)
+                    results.append(row)
+                finally:
+                    stop(proc)
+            finally:
+                if redis_server is not None:
+                    redis_server.stop()
+    finally:
+        slapd.cleanup()
+    return results
+
+
+# ---------------------------------------------------------------- peers in a private network namespace
+
+
+def spf_records() -> dict[str, dict[str, list[str]]]:
+    return {f"s{d:03d}.example": {"TXT": ['"v=spf1 ip4:192.0.2.0/24 -all"']} for d in range(SPF_DOMAINS)}
+
+
+def peer_helper(work: Path) -> None:
+    """Inside the private namespaces: loopback up, stub DNS on :53, postgrey, policyd-spf spawner."""
+    from mailwarden.testing.dnsstub import StubDns
+
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    (work / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+    subprocess.run(["mount", "--bind", str(work / "resolv.conf"), "/etc/resolv.conf"], check=True)
+    dns = StubDns(spf_records(), port=53).start()
+    (work / "pg").mkdir(exist_ok=True)
+    shutil.chown(work / "pg", "postgrey", "postgrey")
+    children: list[subprocess.Popen[bytes]] = []
+    children.append(subprocess.Popen([
+        "/usr/sbin/postgrey", f"--unix={work}/postgrey.sock", "--socketmode=0666", f"--dbdir={work}/pg",
+        "--user=postgrey", "--group=postgrey", f"--pidfile={work}/pg/postgrey.pid", "--hostname=bench",
+        "--delay=300", "--quiet",
+    ], stdout=subprocess.DEVNULL, stderr=(work / "postgrey.log").open("wb")))
+    (work / "policyd-spf.conf").write_text(
+        "debugLevel = 0\nHELO_reject = No_Check\nMail_From_reject = Fail\nTestOnly = 1\n"
+        "skip_addresses = 127.0.0.0/8,::1\n"
+    )
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(work / "policyd-spf.sock"))
+    listener.listen(128)
+    stopping = False
+
+    def on_term(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        listener.close()
+
+    signal.signal(signal.SIGTERM, on_term)
+    (work / "peers.ready").write_text("ok")
+    # Like Postfix's spawn(8): one policyd-spf process per connection, on stdin/stdout.
+    while not stopping:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            break
+        children.append(subprocess.Popen(["/usr/bin/policyd-spf", str(work / "policyd-spf.conf")],
+                                         stdin=conn, stdout=conn, stderr=subprocess.DEVNULL))
+        conn.close()
+    for child in children:
+        child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    dns.stop()
+
+
+def stub_dns_process(port: int) -> None:
+    """A stub DNS server with the SPF records, as its own process."""
+    from mailwarden.testing.dnsstub import StubDns
+
+    StubDns(spf_records(), port=port).start()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        time.sleep(3600)
+
+
+def measure_peers(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    peers_dir = work / "peers"
+    peers_dir.mkdir()
+    peers_dir.chmod(0o755)
+    helper = subprocess.Popen(["unshare", "--net", "--mount", "--kill-child=SIGTERM", sys.executable,
+                               __file__, "--peer-helper", str(peers_dir)])
+    dns_port = free_port()
+    stub = subprocess.Popen([sys.executable, __file__, "--stub-dns", str(dns_port)])
+    size = 1000
+    ldif = work / "peers.ldif"
+    ldif.write_text("".join(synthetic_ldif(size, DOMAINS, seed=7)))
+    slapd = SlapdServer([Database("dc=mailwarden,dc=test", [ldif])], workdir=work / "slapd-peers")
+    slapd.configure()
+    slapd.start()
+    rng = random.Random(11)
+    greylisted = [user_address(i, DOMAINS) for i in range(size) if has(i, "greylisting")]
+    n = args.peer_requests
+    results = []
+    try:
+        deadline = time.monotonic() + 30
+        while not (peers_dir / "peers.ready").exists():
+            if helper.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("peer namespace did not start")
+            time.sleep(0.05)
+        wait_for_socket(peers_dir / "postgrey.sock")
+        store = f'[store]\nsqlite_path = "{work}/peers.sqlite3"\n'
+        # greylisting: first attempts of distinct triplets (lookup, insert, defer)
+        grey = [policy_request(client_address=f"203.0.{k // 250 % 250}.{k % 250 + 1}",
+                               sender=f"news{k}@sender{k % 97}.example",
+                               recipient=greylisted[rng.randrange(len(greylisted))], instance=f"g{k}")
+                for k in range(n)]
+        warm_grey = [policy_request(recipient=r, client_address="192.0.2.250", instance=f"wg{i}",
+                                    sender=f"warm{i}@x.example") for i, r in enumerate(greylisted)]
+        ours, spec = start_daemon(work, "ours-greylist", daemon_config(slapd.uri, store, dns_port,
+                                                                       ["greylist"], args.workers))
+        try:
+            run_load(spec, warm_grey, args.connections, work)
+            results.append({"work": "greylisting", "server": "mailwarden",
+                            **run_load(spec, grey, args.connections, work, (ours.pid,))})
+        finally:
+            stop(ours)
+        results.append({"work": "greylisting", "server": "postgrey",
+                        **run_load(f"unix:{peers_dir}/postgrey.sock", grey, args.connections, work,
+                                   (helper.pid,))})
+        # SPF of the envelope sender: pass and fail, one evaluation per transaction
+        spf = [policy_request(client_address=f"192.0.2.{k % 200 + 1}" if k % 2
+                              else f"198.51.100.{k % 200 + 1}",
+                              sender=f"user{k}@s{k % SPF_DOMAINS:03d}.example",
+                              recipient=greylisted[rng.randrange(len(greylisted))], instance=f"f{k}")
+               for k in range(n)]
+        ours, spec = start_daemon(work, "ours-spf", daemon_config(slapd.uri, store, dns_port, ["spf"],
+                                                                  args.workers))
+        try:
+            run_load(spec, warm_grey, args.connections, work)
+            results.append({"work": "spf", "server": "mailwarden",
+                            **run_load(spec, spf, args.connections, work, (ours.pid, stub.pid))})
+        finally:
+            stop(ours)
+        results.append({"work": "spf", "server": "policyd-spf",
+                        **run_load(f"unix:{peers_dir}/policyd-spf.sock", spf, args.connections, work,
+                                   (helper.pid,))})
+    finally:
+        slapd.cleanup()
+        stop(stub)
+        stop(helper)
+    return results
+
+
+# ---------------------------------------------------------------- report
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000,100000")
+    ap.add_argument("--backends", default="sqlite,redis")
+    ap.add_argument("--pbs", type=int, default=1_000_000, help="POP-before-SMTP windows in the store")
+    ap.add_argument("--working-set", type=int, default=20000, help="distinct subscribers in the load")
+    ap.add_argument("--requests", type=int, default=60000, help="requests per measurement")
+    ap.add_argument("--peer-requests", type=int, default=6000, help="requests per peer comparison")
+    ap.add_argument("--connections", type=int, default=16, help="concurrent policy connections")
+    ap.add_argument("--workers", type=int, default=2, help="policyd processes")
+    ap.add_argument("--threads", type=int, default=8, help="policyd threads per process")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--load-job", help=argparse.SUPPRESS)
+    ap.add_argument("--peer-helper", help=argparse.SUPPRESS)
+    ap.add_argument("--stub-dns", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.load_job:
+        spec, requests, connections = pickle.loads(Path(args.load_job).read_bytes())
+        print(json.dumps(load(spec, requests, connections)))
+        return 0
+    if args.peer_helper:
+        peer_helper(Path(args.peer_helper))
+        return 0
+    if args.stub_dns:
+        stub_dns_process(args.stub_dns)
+        return 0
+    if os.geteuid() != 0 and not args.no_peers:
+        ap.error("the peer comparison needs root (network namespace); use --no-peers")
+    global THREADS
+    THREADS = args.threads
+    load_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="mw-bench-policyd-"))
+    work.chmod(0o755)
+    try:
+        rows = []
+        for size in (int(s) for s in args.sizes.split(",") if s):
+            rows += measure_size(size, args.backends.split(","), args, work)
+        peers = [] if args.no_peers else measure_peers(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    load_after = os.getloadavg()
+    print(f"\n{args.workers} policyd workers, {args.connections} connections, "
+          f"{args.pbs:,} POP-before-SMTP windows, warm cache; {os.cpu_count()} CPUs, load average "
+          f"{load_before[0]:.2f} before / {load_after[0]:.2f} after; cpu us = server CPU per request")
+    print(f"{'subscribers':>11} {'store':>6} {'path':>16} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'cpu us':>7}  answers")
+    for r in rows:
+        for path in ("cold", "submission", "message", "pop-before-smtp"):
+            m = r[path]
+            print(f"{r['subscribers']:>11,} {r['backend']:>6} {path:>16} {m['per_s']:>9,.0f} "
+                  f"{m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f} {m.get('server_cpu_us', '-'):>7}  {m['actions']}")
+    ratios: dict[str, float] = {}
+    if peers:
+        print(f"\n{'work':>12} {'server':>12} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'cpu us':>7}  answers")
+        for p in peers:
+            print(f"{p['work']:>12} {p['server']:>12} {p['per_s']:>9,.0f} {p['p50_ms']:>7.2f} "
+                  f"{p['p99_ms']:>7.2f} {p.get('server_cpu_us', '-'):>7}  {p['actions']}")
+        by = {(p["work"], p["server"]): p for p in peers}
+        ratios["greylisting_vs_postgrey"] = round(
+            by["greylisting", "mailwarden"]["per_s"] / by["greylisting", "postgrey"]["per_s"], 2)
+        ratios["spf_vs_policyd_spf"] = round(
+            by["spf", "mailwarden"]["per_s"] / by["spf", "policyd-spf"]["per_s"], 2)
+    sizes = sorted({r["subscribers"] for r in rows})
+    for backend in sorted({r["backend"] for r in rows}):
+        picked = {r["subscribers"]: r for r in rows if r["backend"] == backend}
+        if len(sizes) > 1 and sizes[0] in picked and sizes[-1] in picked:
+            small, large = picked[sizes[0]], picked[sizes[-1]]
+            ratios[f"submission_large_over_small_{backend}"] = round(
+                large["submission"]["per_s"] / small["submission"]["per_s"], 3)
+            ratios[f"submission_p99_large_over_small_{backend}"] = round(
+                large["submission"]["p99_ms"] / small["submission"]["p99_ms"], 3)
+    if ratios:
+        print("\nratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+    print(json.dumps({"bench": "policyd", "workers": args.workers, "connections": args.connections,
+                      "cpus": os.cpu_count(), "loadavg": [load_before[0], load_after[0]],
+                      "results": rows, "peers": peers, "ratios": ratios}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

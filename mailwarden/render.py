@@ -1,0 +1,699 @@
+"""Postfix and Dovecot configuration rendered from the mailwarden configuration.
+
+``mailwarden render postfix`` writes one directory per Postfix instance (main.cf,
+master.cf and the LDAP lookup tables it names); ``mailwarden render dovecot`` one
+directory per Dovecot role (dovecot.conf, conf.d fragments, LDAP args files and
+the Sieve before-script).  Whatever mailwarden already knows - the LDAP
+connection and attribute mapping, the policy daemon's and the milter's endpoints
+and timeouts, cache TTLs, the header the milter sets for Junk - is read from its
+own section, so the fragments cannot drift from the daemons they talk to.
+``[render]`` holds only the site facts Postfix and Dovecot need beyond that.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from mailwarden import catalogue
+from mailwarden.catalogue import Service
+from mailwarden.config import Config, bind_password, site_defaults
+
+MIB = 1024 * 1024
+INNER_SIZE_MARGIN = MIB
+"""Inner stages accept this much more than the edges: every hop adds a Received header."""
+MILTER_HEADROOM = 64 * 1024
+"""What Postfix adds before the milter sees a message (its Received header and more)."""
+POLICY_TIMEOUT_MARGIN = 10
+"""Seconds Postfix waits beyond the policy daemon's own deadline, so its answer arrives."""
+
+POSTFIX_INSTANCES: dict[str, str] = {
+    "submission": "SMTP-AUTH / TLS submission (587 STARTTLS, 465 implicit TLS), milter before queue",
+    "pop-before-smtp": "POP-before-SMTP submission, milter before queue",
+    "route": "route selection: aliases from LDAP, hosted domains to the mailbox stage, "
+    "the rest to the Internet; also receives the milter's re-injections",
+    "mailbox": "mailbox routing: each subscriber's mailbox host from LDAP, over LMTP",
+    "mx": "standard MTA: inbound MX (milter before queue) and outbound delivery",
+}
+DOVECOT_ROLES: dict[str, str] = {
+    "mailbox": "mailbox host: LDAP auth, Maildir on NFS, quota, LMTP, Sieve, quota-status",
+    "proxy": "front node: POP3/IMAP proxy to each subscriber's mailbox host, SASL for Postfix, "
+    "login reports for POP-before-SMTP",
+}
+
+_PLACEHOLDER = re.compile(r"\{(address|local|domain)\}")
+_ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):([0-9]{1,5})$")
+
+
+class RenderError(Exception):
+    """The configuration cannot be rendered; ``problems`` names each ``key: problem``."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+def template_root() -> Path:
+    """The directory holding postfix-templates/ and dovecot-templates/."""
+    for root in (Path(__file__).resolve().parent.parent, Path(sys.prefix) / "share" / "mailwarden"):
+        if (root / "postfix-templates").is_dir():
+            return root
+    raise RenderError(["templates: postfix-templates/ not found next to the package or in "
+                       f"{sys.prefix}/share/mailwarden"])
+
+
+# ---------------------------------------------------------------- small parts
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A TCP endpoint written ``host:port`` or ``[v6]:port``."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """Parse ``host:port``; raise ValueError."""
+        match = _ENDPOINT.match(text.strip())
+        if not match or not 0 < int(match.group(2)) < 65536:
+            raise ValueError(f"{text!r} is not host:port")
+        return cls(match.group(1).strip("[]"), int(match.group(2)))
+
+    @property
+    def service(self) -> str:
+        """The master.cf service name."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def nexthop(self) -> str:
+        """The transport next hop (brackets: no MX lookup)."""
+        return f"[{self.host}]:{self.port}"
+
+
+@dataclass(frozen=True)
+class LdapLookup:
+    """One LDAP query: a Postfix lookup table or a Dovecot passdb/userdb."""
+
+    name: str
+    purpose: str
+    search_base: str
+    query_filter: str
+    result_attribute: str = ""
+    result_format: str = "%s"
+    single_value: bool = False
+
+
+def _expand(template: str, values: Mapping[str, str], where: str) -> str:
+    """A mapping filter with ``{address}``-style placeholders in a daemon's %-syntax."""
+    text = template.replace("%", "%%")
+
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in values:
+            raise RenderError([f"ldap.mapping.{where}: {{{name}}} cannot be used here"])
+        return values[name]
+
+    return _PLACEHOLDER.sub(sub, text)
+
+
+POSTFIX_ADDRESS_KEY = {"address": "%s", "local": "%u", "domain": "%d"}
+POSTFIX_DOMAIN_KEY = {"domain": "%s"}
+DOVECOT_USER = {"address": "%u", "local": "%n", "domain": "%d"}
+
+
+def _filter_value(value: str) -> str:
+    """An assertion value escaped as RFC 4515 requires."""
+    return re.sub(r"[\\*()\x00]", lambda m: f"\\{ord(m.group()):02x}", value)
+
+
+def _and(*parts: str) -> str:
+    return "(&" + "".join(parts) + ")"
+
+
+class Directory:
+    """The LDAP side of the mapping, as lookups Postfix and Dovecot can make.
+
+    A lookup table cannot first find a domain entry and then search below it,
+    so subscribers are searched below all domains (``domain_base``) when the
+    mapping's ``user_base`` is relative to ``{domain_dn}``; the subscriber
+    filter still names the full address.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.ldap = cfg.ldap
+        mapping = cfg.ldap.mapping
+        self.mapping = mapping
+        self.attr = dict(mapping.attributes)
+        self.domain_base = mapping.domain_base.format(base_dn=cfg.ldap.base_dn)
+        if "{domain_dn}" in mapping.user_base:
+            self.user_base = self.domain_base
+        else:
+            self.user_base = mapping.user_base.format(base_dn=cfg.ldap.base_dn)
+        self.active_values = list(mapping.active_status_values)
+        self.default_services = {Service.parse(s) for s in cfg.policy.default_services}
+
+    # Postfix ----------------------------------------------------------------
+
+    def postfix_user_filter(self) -> str:
+        """The subscriber filter with Postfix's %s/%u/%d."""
+        return _expand(self.mapping.user_filter, POSTFIX_ADDRESS_KEY, "user_filter")
+
+    def postfix_domain_filter(self, key: str) -> str:
+        """The domain filter for a lookup keyed by a domain (%s) or an address (%d)."""
+        values = POSTFIX_DOMAIN_KEY if key == "domain" else {"domain": "%d"}
+        return _expand(self.mapping.domain_filter, values, "domain_filter")
+
+    def postfix_tables(self, mailbox_nexthop: str) -> dict[str, LdapLookup]:
+        """Every LDAP table the Postfix instances use, by name."""
+        a = self.attr
+        tables = [
+            LdapLookup("ldap-domains", "hosted domains and their aliases (relay_domains)",
+                       self.domain_base, self.postfix_domain_filter("domain"), a["domain_name"]),
+            LdapLookup("ldap-recipients", "subscribers by primary or alternate address "
+                       "(relay_recipient_maps)", self.user_base, self.postfix_user_filter(),
+                       a["mail"]),
+            LdapLookup("ldap-alias-domains", "domain alias -> canonical domain, local part kept "
+                       "(virtual_alias_maps)", self.domain_base,
+                       _and(self.postfix_domain_filter("address"), f"({a['domain_alias']}=%d)"),
+                       a["domain_name"], "%U@%s", single_value=True),
+            LdapLookup("ldap-alias-addresses", "alternate address -> primary address "
+                       "(virtual_alias_maps)", self.user_base,
+                       _and(self.postfix_user_filter(), f"({a['alternate_address']}=%s)"),
+                       a["mail"], single_value=True),
+            LdapLookup("ldap-mailhost-users", "the subscriber's own mailbox host (transport_maps)",
+                       self.user_base, self.postfix_user_filter(), a["mail_host"],
+                       mailbox_nexthop, single_value=True),
+            LdapLookup("ldap-mailhost-domains", "the domain's mailbox host, for subscribers "
+                       "without their own (transport_maps)", self.domain_base,
+                       self.postfix_domain_filter("domain"), a["mail_host"], mailbox_nexthop,
+                       single_value=True),
+        ]
+        return {t.name: t for t in tables}
+
+    # Dovecot ----------------------------------------------------------------
+
+    def dovecot_user_filter(self) -> str:
+        """The subscriber filter with Dovecot's %u/%n/%d."""
+        return _expand(self.mapping.user_filter, DOVECOT_USER, "user_filter")
+
+    def dovecot_domain_filter(self) -> str:
+        """The domain filter for the login's domain (%d)."""
+        return _expand(self.mapping.domain_filter, {"domain": "%d"}, "domain_filter")
+
+    def active_filter(self) -> str:
+        """Matches accounts whose status means the account works (a missing status does)."""
+        status = self.attr["account_status"]
+        values = "".join(f"({status}={_filter_value(v)})" for v in self.active_values)
+        return f"(|(!({status}=*)){values})"
+
+    def service_layers(self, service: Service) -> list[tuple[str, str, str]]:
+        """``(layer, filter, on|off)`` steps that decide ``service`` as the resolver does.
+
+        Applied in order, later steps override earlier ones: domain before user,
+        and within a layer "on" before "off" (a layer that both enables and
+        disables a service disables it).  In ``replace`` mode a layer that lists
+        enabled services switches off every service it does not list.  Only
+        positive assertions are used, so an attribute the directory's schema
+        lacks (an existing tree without mwDisabledService) matches nothing
+        instead of making the whole filter undefined.
+        """
+        value = _filter_value(self.mapping.service_values[service.value])
+        enabled, disabled = self.attr["enabled_service"], self.attr["disabled_service"]
+        replace = self.mapping.service_merge == "replace"
+        steps: list[tuple[str, str, str]] = []
+        for layer, base in (("domain", self.dovecot_domain_filter()),
+                            ("user", self.dovecot_user_filter())):
+            steps.append((layer, _and(base, f"({enabled}={value})"), "on"))
+            if replace:
+                steps.append((layer, _and(base, f"({enabled}=*)", f"(!({enabled}={value}))"), "off"))
+            steps.append((layer, _and(base, f"({disabled}={value})"), "off"))
+        return steps
+
+
+def _unspecified(host: str) -> bool:
+    """Whether ``host`` is a wildcard listen address (Dovecot must then use loopback)."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return host == "*"
+
+
+def _setting_default(cfg: Config, name: str) -> Any:
+    """A setting's site-wide value: ``[policy.defaults]``, else the catalogue's default."""
+    return site_defaults(cfg).get(name, catalogue.SETTINGS[name].default)
+
+
+def default_mailbox_host(cfg: Config) -> str:
+    """The mailbox host of subscribers whose entries and domains name none.
+
+    ``[policy.defaults] mail_host`` is that value in the effective policy (what
+    ``mailwarden explain`` shows); ``[render] default_mailbox_host`` says the same
+    for sites that keep it out of the policy.  ``check`` refuses two different ones.
+    """
+    return str(_setting_default(cfg, "mail_host") or cfg.render.default_mailbox_host)
+
+
+def _seconds(value: float) -> int:
+    return max(1, math.ceil(value))
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _endpoint_problems(r: Any, keys: Sequence[str]) -> list[str]:
+    problems = []
+    for key in keys:
+        try:
+            Endpoint.parse(getattr(r, key))
+        except ValueError as exc:
+            problems.append(f"render.{key}: {exc}")
+    return problems
+
+
+def policy_endpoint(cfg: Config) -> str:
+    """Where Postfix reaches the policy daemon (the first ``[policyd] listen`` entry)."""
+    if not cfg.policyd.listen:
+        raise RenderError(["policyd.listen: empty, Postfix has no policy service to ask"])
+    spec = cfg.policyd.listen[0]
+    if spec.startswith("unix:/"):
+        return spec
+    if spec.startswith("inet:"):
+        try:
+            Endpoint.parse(spec.removeprefix("inet:"))
+        except ValueError as exc:
+            raise RenderError([f"policyd.listen[0]: {exc}"]) from None
+        return spec
+    raise RenderError([f"policyd.listen[0]: {spec!r} is not unix:/path or inet:host:port"])
+
+
+def check(cfg: Config) -> list[str]:
+    """Problems that would make the rendered fragments wrong, as ``section.key: problem``."""
+    r = cfg.render
+    problems = _endpoint_problems(
+        r, ("route_listen", "mailbox_listen", "outbound_listen")
+    )
+    try:
+        policy_endpoint(cfg)
+    except RenderError as exc:
+        problems += exc.problems
+    if not (cfg.milter.socket.startswith(("unix:/", "inet:"))):
+        problems.append(f"milter.socket: {cfg.milter.socket!r} is not unix:/path or inet:host:port")
+    if not cfg.milter.reinject.startswith("inet:"):
+        problems.append("milter.reinject: Postfix can only offer it as inet:host:port")
+    else:
+        try:
+            Endpoint.parse(cfg.milter.reinject.removeprefix("inet:"))
+        except ValueError as exc:
+            problems.append(f"milter.reinject: {exc}")
+    listeners = [r.route_listen, r.mailbox_listen, r.outbound_listen]
+    if len(set(listeners)) != len(listeners):
+        problems.append("render: route_listen, mailbox_listen and outbound_listen must differ")
+    if cfg.milter.reinject.removeprefix("inet:") in (r.mailbox_listen, r.outbound_listen):
+        problems.append("milter.reinject: must not be the mailbox or outbound stage")
+    # A message the edges accept must fit what the milter hands to clamd, or it
+    # would be "unscannable" and tempfailed for ever for virus-scan subscribers.
+    if r.message_size_limit + MILTER_HEADROOM > cfg.milter.clamd_max_size:
+        problems.append(
+            f"render.message_size_limit: {r.message_size_limit} bytes plus Postfix's headers "
+            f"exceeds milter.clamd_max_size {cfg.milter.clamd_max_size}: such mail could never be scanned"
+        )
+    site_host = _setting_default(cfg, "mail_host")
+    if site_host and r.default_mailbox_host and site_host != r.default_mailbox_host:
+        problems.append(f"render.default_mailbox_host: {r.default_mailbox_host!r} differs from "
+                        f"policy.defaults.mail_host {site_host!r}; set one of them")
+    if cfg.policyd.idle_timeout <= 30:
+        problems.append("policyd.idle_timeout: must exceed 30s (Postfix keeps idle connections)")
+    if "%" in r.sasl_path or " " in r.sasl_path:
+        problems.append(f"render.sasl_path: {r.sasl_path!r} contains a space or %")
+    for key in ("mailbox_concurrency", "recipient_limit", "message_size_limit",
+                "quota_status_timeout"):
+        if getattr(r, key) <= 0:
+            problems.append(f"render.{key}: must be greater than 0")
+    for key in ("dovecot_config_dir", "dovecot_base_dir", "dovecot_state_dir", "mail_root", "index_root"):
+        if not getattr(r, key).startswith("/"):
+            problems.append(f"render.{key}: must be an absolute path")
+    return problems
+
+
+# ---------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One written directory."""
+
+    name: str
+    directory: Path
+    files: tuple[str, ...]
+
+
+def _environment(subdir: str) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_root() / subdir)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,  # noqa: S701 - configuration files, not HTML
+    )
+    env.filters["yesno"] = lambda v: "yes" if v else "no"
+    return env
+
+
+def _write(path: Path, text: str, *, secret: bool = False) -> None:
+    """Write a file; one holding a bind password is readable by root (and group) only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o640 if secret else 0o644)
+
+
+def _instance_paths(cfg: Config, role: str) -> dict[str, str]:
+    name = f"postfix-{role}"
+    r = cfg.render
+    return {
+        "name": name,
+        "config_directory": r.config_directory.format(instance=name),
+        "queue_directory": r.queue_directory.format(instance=name),
+        "data_directory": r.data_directory.format(instance=name),
+    }
+
+
+def _policy_check(cfg: Config, context: str) -> str:
+    """A check_policy_service restriction for the policy daemon, fail-safe (4xx) when it is down."""
+    p = cfg.policyd
+    timeout = _seconds(p.request_timeout) + POLICY_TIMEOUT_MARGIN
+    # Postfix closes idle connections before the daemon does, so it never writes
+    # into a connection the daemon is closing.
+    max_idle = max(1, min(300, math.floor(p.idle_timeout) - 30))
+    return (
+        f"check_policy_service {{ {policy_endpoint(cfg)}, timeout={timeout}s, max_idle={max_idle}s, "
+        "{ default_action = 451 4.3.0 mailwarden policy service unavailable }, "
+        f"policy_context={context} }}"
+    )
+
+
+def _quota_check(cfg: Config) -> str:
+    r = cfg.render
+    # Quota is checked again by Dovecot at delivery, so a silent quota-status
+    # only costs an early reject: answer DUNNO and accept.
+    return (
+        f"check_policy_service {{ inet:{r.quota_status_host}:{r.quota_status_port}, "
+        f"timeout={r.quota_status_timeout}s, try_limit=1, default_action=DUNNO, policy_context=quota }}"
+    )
+
+
+def _mailbox_nexthop(cfg: Config) -> str:
+    r = cfg.render
+    if r.mailbox_transport == "lmtp":
+        return f"lmtp:inet:%s:{r.mailbox_port}"
+    return f"smtp:[%s]:{r.mailbox_port}"
+
+
+def postfix_context(cfg: Config) -> dict[str, Any]:
+    """Everything the Postfix templates use, derived once."""
+    problems = check(cfg)
+    if problems:
+        raise RenderError(problems)
+    r = cfg.render
+    directory = Directory(cfg)
+    loopback = ["127.0.0.0/8"] + ([] if r.inet_protocols == "ipv4" else ["[::1]/128"])
+    default_host = default_mailbox_host(cfg)
+    missing_host = (
+        _mailbox_nexthop(cfg).replace("%s", default_host) if default_host
+        else "retry:4.3.5 no mailbox host for this recipient in the directory"
+    )
+    milter = cfg.milter
+    return {
+        "cfg": cfg,
+        "r": r,
+        "roles": POSTFIX_INSTANCES,
+        "tables": directory.postfix_tables(_mailbox_nexthop(cfg)),
+        "ldap": cfg.ldap,
+        "bind_password": bind_password(cfg.ldap) if cfg.ldap.bind_dn else "",
+        "ldap_timeout": _seconds(cfg.ldap.timeout),
+        "maillog_prefix": str(Path(r.maillog_file).parent) if r.maillog_file else "",
+        "loopback": loopback,
+        "route": Endpoint.parse(r.route_listen),
+        "mailbox": Endpoint.parse(r.mailbox_listen),
+        "outbound": Endpoint.parse(r.outbound_listen),
+        "reinject": Endpoint.parse(milter.reinject.removeprefix("inet:")),
+        "inner_size_limit": r.message_size_limit + INNER_SIZE_MARGIN,
+        "policy_check": lambda context: _policy_check(cfg, context),
+        "quota_check": _quota_check(cfg) if r.quota_status_host else "",
+        "missing_mailbox_host": missing_host,
+        "milter_socket": milter.socket,
+        "milter_command_timeout": _seconds(milter.postfix_command_timeout),
+        "milter_content_timeout": _seconds(milter.postfix_content_timeout),
+        "recipient_delimiter": cfg.policy.recipient_delimiter,
+        "instance": lambda role: _instance_paths(cfg, role),
+    }
+
+
+def render_postfix(cfg: Config, roles: Sequence[str], out: Path) -> list[Rendered]:
+    """Write each role's instance directory below ``out``; return what was written."""
+    unknown = [r for r in roles if r not in POSTFIX_INSTANCES]
+    if unknown:
+        raise RenderError([f"--role {', '.join(unknown)}: not one of {', '.join(POSTFIX_INSTANCES)}"])
+    context = postfix_context(cfg)
+    env = _environment("postfix-templates")
+    secret = bool(cfg.ldap.bind_dn)
+    written: list[Rendered] = []
+    for role in roles or list(POSTFIX_INSTANCES):
+        paths = _instance_paths(cfg, role)
+        target = out / Path(paths["config_directory"]).name
+        local = {**context, "role": role, **paths}
+        files = {
+            "main.cf": env.get_template(f"{role}.main.cf.j2").render(local),
+            "master.cf": env.get_template(f"{role}.master.cf.j2").render(local),
+        }
+        for name in _tables_named(files["main.cf"], context["tables"]):
+            table = context["tables"][name]
+            files[f"{name}.cf"] = env.get_template("ldap.cf.j2").render({**local, "table": table})
+        for name, text in files.items():
+            _write(target / name, text, secret=secret and name.startswith("ldap-"))
+        written.append(Rendered(paths["name"], target, tuple(files)))
+    return written
+
+
+def _tables_named(main_cf: str, tables: Mapping[str, LdapLookup]) -> list[str]:
+    """The tables an instance's main.cf names (only those are written next to it)."""
+    return [name for name in tables if f"/{name}.cf" in main_cf]
+
+
+# ---------------------------------------------------------------- Dovecot
+
+
+@dataclass(frozen=True)
+class AuthStep:
+    """One Dovecot passdb or userdb: an LDAP query (args file) or a static entry, and its place
+    in the chain (``skip`` / ``result_*`` settings)."""
+
+    kind: str
+    name: str
+    purpose: str
+    driver: str = "ldap"
+    base: str = ""
+    query_filter: str = ""
+    fields: tuple[str, ...] = ()
+    auth_bind: bool = False
+    chain: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def args_file(self) -> str:
+        """The args file's name (LDAP steps)."""
+        return f"mailwarden-{self.kind}-{self.name}.conf.ext"
+
+
+# An LDAP outage in any step must fail the whole lookup (a tempfail for the
+# client or for LMTP), never succeed with some fields missing.
+_STOP_ON_ERROR = ("result_internalfail", "return-fail")
+
+
+def auth_chain(cfg: Config, role: str) -> list[AuthStep]:
+    """The passdbs and userdbs of a Dovecot role, in order.
+
+    Later steps override the fields of earlier ones, which is how the
+    directory's layers are merged here as in mailwarden: site default (the
+    plugin settings), then the domain entry, then the subscriber's entry.  The
+    domain step also maps a domain alias to its canonical domain, so a login or
+    a delivery for ``taro@example.ne.jp`` becomes ``taro@example.jp``.
+    """
+    d = Directory(cfg)
+    a = d.attr
+    r = cfg.render
+    proxy = role == "proxy"
+    canonical = f"=user=%n@%{{ldap:{a['domain_name']}}}"
+    host = [f"{a['mail_host']}=host=%{{ldap:{a['mail_host']}}}"] if proxy else []
+    steps: list[AuthStep] = []
+    if proxy:
+        default_host = default_mailbox_host(cfg)
+        steps.append(AuthStep(
+            "passdb", "defaults", "proxy to the mailbox host; the directory names which",
+            driver="static",
+            fields=("noauthenticate", "proxy=y", *((f"host={default_host}",) if default_host else ())),
+            chain=(("result_success", "continue"),),
+        ))
+    steps.append(AuthStep(
+        "passdb", "domain", "the login's domain: canonical name (aliases), domain-wide defaults",
+        base=d.domain_base, query_filter=d.dovecot_domain_filter(),
+        fields=("=noauthenticate=y", canonical, *host),
+        chain=(("result_success", "continue"), ("result_failure", "return-fail"), _STOP_ON_ERROR),
+    ))
+    port = (f"=port=%{{if;%s;eq;pop3;{r.backend_pop3_port};{r.backend_imap_port}}}",) if proxy else ()
+    steps.append(AuthStep(
+        "passdb", "user", "the subscriber, by primary or alternate address; password checked by "
+        "binding as the entry; only active accounts",
+        base=d.user_base, query_filter=_and(d.dovecot_user_filter(), d.active_filter()),
+        fields=(f"=user=%{{ldap:{a['mail']}}}", *host, *port), auth_bind=True,
+        chain=(_STOP_ON_ERROR,),
+    ))
+    if proxy:
+        return steps
+
+    def env(name: str, attribute: str) -> str:
+        return f"{a[attribute]}=sieve_env_mailwarden_{name}=%{{ldap:{a[attribute]}}}"
+
+    layered = (
+        f"{a['quota']}=quota_rule=*:bytes=%{{ldap:{a['quota']}}}",
+        env("forward_keep_copy", "forward_keep_copy"),
+        f"{a['vacation_period_days']}=sieve_vacation_default_period=%{{ldap:{a['vacation_period_days']}}}d",
+    )
+    steps.append(AuthStep(
+        "userdb", "domain", "the domain: canonical name, and its quota, forwarding and vacation defaults",
+        base=d.domain_base, query_filter=d.dovecot_domain_filter(), fields=(canonical, *layered),
+        chain=(("result_success", "continue"), ("result_failure", "return-fail"), _STOP_ON_ERROR),
+    ))
+    spam = d.service_layers(Service.SPAM_CHECK)
+
+    def spam_steps(layer: str, success: str) -> list[AuthStep]:
+        return [
+            AuthStep("userdb", f"spam-{layer}-{i}-{verdict}",
+                     f"spam_check switched {verdict} by the {layer} entry",
+                     base=d.domain_base if layer == "domain" else d.user_base, query_filter=flt,
+                     fields=(f"=sieve_env_mailwarden_spam_check={'yes' if verdict == 'on' else 'no'}",),
+                     chain=(("result_success", success), ("result_failure", "continue"), _STOP_ON_ERROR))
+            for i, (flt, verdict) in enumerate((f, v) for lay, f, v in spam if lay == layer)
+        ]
+
+    steps += spam_steps("domain", "continue")
+    steps.append(AuthStep(
+        "userdb", "user", "the subscriber: primary address, home, and their own settings",
+        base=d.user_base, query_filter=d.dovecot_user_filter(),
+        fields=(f"=user=%{{ldap:{a['mail']}}}", *layered, env("forward", "forward_addresses"),
+                env("vacation", "vacation_active"), env("vacation_subject", "vacation_subject"),
+                env("vacation_text", "vacation_text")),
+        chain=(("result_success", "continue-ok"), ("result_failure", "return-fail"), _STOP_ON_ERROR),
+    ))
+    steps += spam_steps("user", "continue-ok")
+    steps.append(AuthStep(
+        "userdb", "home", "home below mail_root, named after the primary address",
+        driver="static", fields=("allow_all_users=yes", f"home={r.mail_root}/%d/%n"),
+        chain=(("skip", "notfound"), ("result_success", "continue-ok")),
+    ))
+    return steps
+
+
+def _bool_words(words: frozenset[str]) -> str:
+    return ", ".join(f'"{w}"' for w in sorted(words))
+
+
+
+
+def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
+    """Everything the Dovecot templates use for ``role``."""
+    from milters.filters.spam import JUNK_HEADER
+
+    problems = check(cfg)
+    if problems:
+        raise RenderError(problems)
+    r = cfg.render
+    directory = Directory(cfg)
+    config_dir = r.dovecot_config_dir.format(role=role)
+    policyd = cfg.policyd
+    report_url = ""
+    if policyd.login_report_listen:
+        spec = policyd.login_report_listen[0]
+        try:
+            endpoint = Endpoint.parse(spec.removeprefix("inet:"))
+        except ValueError as exc:
+            raise RenderError([f"policyd.login_report_listen[0]: {exc}"]) from None
+        host = "127.0.0.1" if _unspecified(endpoint.host) else endpoint.host
+        report_url = f"http://{Endpoint(host, endpoint.port).service}/"
+    # The login that opens a POP-before-SMTP window must be seen where the
+    # client's address is: on the proxy, or on mailbox hosts clients reach directly.
+    reports = bool(report_url) and (role == "proxy" or not r.proxy_networks)
+    submission_queue = _instance_paths(cfg, "submission")["queue_directory"]
+    sasl_socket = "" if r.sasl_path.startswith("inet:") else str(Path(submission_queue) / r.sasl_path)
+    quota = int(_setting_default(cfg, "quota"))
+    return {
+        "cfg": cfg,
+        "r": r,
+        "role": role,
+        "roles": DOVECOT_ROLES,
+        "config_dir": config_dir,
+        "base_dir": r.dovecot_base_dir.format(role=role),
+        "state_dir": r.dovecot_state_dir.format(role=role),
+        "log_path": r.dovecot_log_path.format(role=role),
+        "ldap": cfg.ldap,
+        "bind_password": bind_password(cfg.ldap) if cfg.ldap.bind_dn else "",
+        "attr": directory.attr,
+        "auth_steps": auth_chain(cfg, role),
+        "default_host": default_mailbox_host(cfg),
+        "spam_default": Service.SPAM_CHECK in directory.default_services,
+        "junk_header": JUNK_HEADER,
+        "true_words": _bool_words(catalogue.TRUE_WORDS),
+        "false_words": _bool_words(catalogue.FALSE_WORDS),
+        "site_quota": quota,
+        "site_keep_copy": bool(_setting_default(cfg, "forward_keep_copy")),
+        "site_vacation_days": int(_setting_default(cfg, "vacation_period_days")),
+        "site_vacation_subject": str(_setting_default(cfg, "vacation_subject")),
+        "auth_cache_ttl": _seconds(cfg.policy.cache_ttl),
+        "auth_cache_negative_ttl": _seconds(cfg.policy.negative_cache_ttl),
+        "report_url": report_url if reports else "",
+        "report_protocols": policyd.login_report_protocols,
+        "report_header": policyd.login_report_header,
+        "sasl_socket": sasl_socket,
+        "sasl_inet": Endpoint.parse(r.sasl_path.removeprefix("inet:")) if not sasl_socket else None,
+        "recipient_delimiter": cfg.policy.recipient_delimiter,
+    }
+
+
+def render_dovecot(cfg: Config, roles: Sequence[str], out: Path) -> list[Rendered]:
+    """Write each Dovecot role's directory below ``out``; return what was written."""
+    unknown = [r for r in roles if r not in DOVECOT_ROLES]
+    if unknown:
+        raise RenderError([f"--role {', '.join(unknown)}: not one of {', '.join(DOVECOT_ROLES)}"])
+    chosen = list(roles or DOVECOT_ROLES)
+    targets = {role: out / Path(cfg.render.dovecot_config_dir.format(role=role)).name for role in chosen}
+    if len(set(targets.values())) != len(targets):
+        raise RenderError(["render.dovecot_config_dir: every role would be written to the same "
+                           "directory; render one --role at a time or put {role} in it"])
+    env = _environment("dovecot-templates")
+    secret = bool(cfg.ldap.bind_dn)
+    written: list[Rendered] = []
+    for role in chosen:
+        context = dovecot_context(cfg, role)
+        files: dict[str, str] = {}
+        for template in sorted(env.list_templates(filter_func=lambda n: n.endswith(".j2"))):
+            top, _, rest = template.partition("/")
+            if top in ("common", role):
+                text = env.get_template(template).render(context)
+                if text.strip():
+                    files[rest.removesuffix(".j2")] = text
+        args = env.get_template("ldap.conf.ext.j2")
+        for step in context["auth_steps"]:
+            if step.driver == "ldap":
+                files[step.args_file] = args.render({**context, "step": step})
+        for name, text in files.items():
+            _write(targets[role] / name, text, secret=secret and name.endswith(".conf.ext"))
+        written.append(Rendered(f"dovecot-{role}", targets[role], tuple(sorted(files))))
+    return written

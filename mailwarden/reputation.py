@@ -1,0 +1,120 @@
+"""mailwarden's own reputation of SMTP client IPs and networks, built from outcomes.
+
+The policy daemon and the milter record what happened to mail from a client
+(``rejected``, ``virus``, ``spam``, ``clean``); the policy daemon reads a score
+that decays with a configurable half-life, per IP and per network (/24, /64).
+
+Counting is atomic across nodes by *forward decay*: an outcome at time ``t`` adds
+``weight * 2**((t - T0) / half_life)`` to an integer counter of the epoch that
+began at ``T0``; the score at ``now`` is each epoch's counter scaled back by
+``2**(-(now - T0) / half_life)``.  Epochs last ``EPOCH_HALF_LIVES`` half-lives and
+only the current and the previous one are read, so the factor stays small and
+what is dropped had already decayed to under 2 %.
+
+Store keys (values are integers, milli-points):
+
+* ``rep:ip:<address>:<epoch>``
+* ``rep:net:<network>/<prefix>:<epoch>``
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from mailwarden.store import Store
+
+if TYPE_CHECKING:
+    from mailwarden.config import Config
+
+OUTCOMES = ("rejected", "virus", "spam", "clean")
+DEFAULT_WEIGHTS: Mapping[str, float] = {
+    "rejected": 1.0, "spam": 3.0, "virus": 5.0, "clean": -0.5,
+}
+EPOCH_HALF_LIVES = 6
+_SCALE = 1000
+
+
+class Reputation:
+    """Record outcomes for client IPs and read their decayed scores from a shared store."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        half_life: float = 86400.0,
+        weights: Mapping[str, float] | None = None,
+        ipv4_prefix: int = 24,
+        ipv6_prefix: int = 64,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not half_life > 0:
+            raise ValueError("half_life must be positive")
+        self.store = store
+        self.half_life = float(half_life)
+        self.weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+        unknown = set(self.weights) - set(OUTCOMES)
+        if unknown:
+            raise ValueError(f"unknown outcomes {sorted(unknown)} (known: {', '.join(OUTCOMES)})")
+        self.ipv4_prefix = ipv4_prefix
+        self.ipv6_prefix = ipv6_prefix
+        self.clock = clock
+        self.epoch_length = EPOCH_HALF_LIVES * self.half_life
+
+    @classmethod
+    def from_config(
+        cls, store: Store, config: Config, *, clock: Callable[[], float] = time.time
+    ) -> Reputation:
+        """The reputation as ``[policyd.reputation]`` configures it (shared by daemon and milter)."""
+        rc = config.policyd.reputation
+        return cls(
+            store, half_life=rc.half_life, weights=rc.weights,
+            ipv4_prefix=rc.ipv4_prefix, ipv6_prefix=rc.ipv6_prefix, clock=clock,
+        )
+
+    def _keys(self, client_ip: str) -> tuple[str, str]:
+        ip = ipaddress.ip_address(client_ip.strip())
+        prefix = self.ipv4_prefix if ip.version == 4 else self.ipv6_prefix
+        net = ipaddress.ip_network(f"{ip}/{prefix}", strict=False)
+        return f"rep:ip:{ip}", f"rep:net:{net}"
+
+    def record(self, client_ip: str, outcome: str) -> None:
+        """Count one outcome (``rejected``, ``virus``, ``spam`` or ``clean``) for a client IP.
+
+        Raises ValueError for an unknown outcome or a malformed IP, and
+        StoreUnavailable when the store cannot be written.
+        """
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r} (known: {', '.join(OUTCOMES)})")
+        weight = self.weights.get(outcome, 0.0)
+        if weight == 0:
+            return
+        now = self.clock()
+        epoch = math.floor(now / self.epoch_length)
+        growth = 2.0 ** ((now - epoch * self.epoch_length) / self.half_life)
+        amount = round(weight * growth * _SCALE)
+        if amount == 0:
+            return
+        ttl = 2 * self.epoch_length
+        for base in self._keys(client_ip):
+            self.store.incr(f"{base}:{epoch}", amount, ttl=ttl)
+
+    def _score(self, base: str, now: float) -> float:
+        epoch = math.floor(now / self.epoch_length)
+        total = 0.0
+        for e in (epoch, epoch - 1):
+            raw = self.store.get(f"{base}:{e}")
+            if raw:
+                total += int(raw) / _SCALE * 2.0 ** (-(now - e * self.epoch_length) / self.half_life)
+        return max(0.0, total)
+
+    def score(self, client_ip: str) -> float:
+        """The decayed score of one IP (0 = nothing bad known)."""
+        return self._score(self._keys(client_ip)[0], self.clock())
+
+    def network_score(self, client_ip: str) -> float:
+        """The decayed score of the IP's network (``ipv4_prefix`` / ``ipv6_prefix``)."""
+        return self._score(self._keys(client_ip)[1], self.clock())

@@ -1,0 +1,221 @@
+"""The pymilter class: gathers the envelope and the message, hands over, applies the result.
+
+One instance per SMTP connection (libmilter runs each in its own thread).  It
+decides nothing itself: recipients' policies come from the resolver at RCPT
+time (a directory outage defers just that recipient with 4xx), and at end of
+message :meth:`MilterService.process` decides and carries out.  Every callback
+answers; an unexpected error becomes a 4xx with one log line, never a crashed
+or wedged milter.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import Milter
+
+from mailwarden.address import InvalidAddress
+from mailwarden.config import Config
+from mailwarden.directory import DirectoryUnavailable
+from milters.filters import Envelope
+from milters.message import BodySpool, HeaderList, ensure_dir
+from milters.service import MilterService
+from milters.verdict import Disposition, Recipient
+
+log = logging.getLogger("mailwarden.milter")
+
+MILTER_NAME = "mailwarden"
+FLAGS: int = Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGBODY | Milter.DELRCPT
+CONTINUE: int = Milter.CONTINUE
+ACCEPT: int = Milter.ACCEPT
+REJECT: int = Milter.REJECT
+DISCARD: int = Milter.DISCARD
+TEMPFAIL: int = Milter.TEMPFAIL
+_RESULT = {
+    Disposition.ACCEPT: ACCEPT,
+    Disposition.REJECT: REJECT,
+    Disposition.DISCARD: DISCARD,
+    Disposition.TEMPFAIL: TEMPFAIL,
+}
+
+
+F = TypeVar("F", bound=Callable[..., int])
+
+
+def _noreply(fn: F) -> F:
+    """pymilter's @noreply (the MTA does not wait for the answer), typed."""
+    return cast(F, Milter.noreply(fn))
+
+
+def _raw_bytes(fn: F) -> F:
+    """pymilter's @decode("bytes") (values as received, no UTF-8 decoding), typed."""
+    return cast(F, Milter.decode("bytes")(fn))
+
+
+def _unbracket(address: str) -> str:
+    text = address.strip()
+    return text[1:-1].strip() if text.startswith("<") and text.endswith(">") else text
+
+
+class ContentMilter(Milter.Base):  # type: ignore[misc]
+    """One SMTP connection's worth of messages."""
+
+    def __init__(self, service: MilterService) -> None:
+        self.service = service
+        self.client_address = ""
+        self.client_name = ""
+        self.helo = ""
+        self.sender: str | None = None
+        self.mail_params: tuple[str, ...] = ()
+        self.recipients: list[Recipient] = []
+        self.headers: HeaderList = []
+        self.spool: BodySpool | None = None
+
+    def negotiate(self, opts: list[int]) -> int:
+        """Ask the MTA only for the actions used (header and body changes, recipient removal)."""
+        result: int = super().negotiate(opts)
+        opts[0] = self._actions = opts[0] & FLAGS
+        return result
+
+    def _forget_message(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+        self.spool = None
+        self.sender = None
+        self.recipients = []
+        self.headers = []
+
+    @_noreply
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        """Remember the client (for logs, XFORWARD and reputation)."""
+        if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
+            # libmilter passes (ip, port, ...); pymilter's TestCtx passes the bare ip.
+            self.client_address = str(hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr)
+        self.client_name = hostname or ""
+        return CONTINUE
+
+    @_noreply
+    def hello(self, heloname: str) -> int:
+        """Remember the HELO name."""
+        self.helo = heloname or ""
+        return CONTINUE
+
+    @_noreply
+    def envfrom(self, sender: str, *params: str) -> int:
+        """A new message starts."""
+        self._forget_message()
+        self.sender = _unbracket(sender)
+        self.mail_params = tuple(params)
+        self.spool = self.service.new_spool()
+        return CONTINUE
+
+    def envrcpt(self, to: str, *params: str) -> int:
+        """Look up the recipient's policy now: a directory outage defers only this recipient."""
+        address = _unbracket(to)
+        try:
+            policy = self.service.resolver.effective_policy(address)
+        except DirectoryUnavailable as exc:
+            log.warning("NOQUEUE: defer rcpt <%s>: directory unavailable: %s", address, exc)
+            self.setreply("451", "4.3.0", "Recipient policy unavailable; try again later")
+            return TEMPFAIL
+        except InvalidAddress as exc:
+            log.info("NOQUEUE: reject rcpt <%s>: %s", address, exc)
+            self.setreply("550", "5.1.3", "Bad recipient address syntax")
+            return REJECT
+        self.recipients.append(Recipient(address, tuple(params), policy, raw=to))
+        return CONTINUE
+
+    @_noreply
+    @_raw_bytes
+    def header(self, name: str, value: bytes | str) -> int:
+        """Keep the header field exactly as received (8-bit junk included)."""
+        raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+        self.headers.append((name, raw))
+        return CONTINUE
+
+    @_noreply
+    def eoh(self) -> int:
+        """Nothing to do until the body is complete."""
+        return CONTINUE
+
+    @_noreply
+    def body(self, chunk: bytes) -> int:
+        """Spool a body chunk (memory, then disk past the limit)."""
+        if self.spool is None:
+            self.spool = self.service.new_spool()
+        self.spool.write(chunk)
+        return CONTINUE
+
+    def eom(self) -> int:
+        """Decide and apply; always answer."""
+        queue_id = self.getsymval("i") or ""
+        try:
+            if self.spool is None:
+                self.spool = self.service.new_spool()
+            envelope = Envelope(sender=self.sender or "", queue_id=queue_id,
+                                client_address=self.client_address, client_name=self.client_name,
+                                helo=self.helo, mail_params=self.mail_params,
+                                receiver=self.getsymval("j") or "")
+            outcome = self.service.process(envelope, self.headers, self.spool, self.recipients, self)
+            return _RESULT[outcome.disposition]
+        except Exception:  # any surprise: defer the message, keep the milter serving
+            log.exception("%s: internal error at end of message; deferred", queue_id or "NOQUEUE")
+            self.setreply("451", "4.3.0", "Temporary content filter problem; try again later")
+            return TEMPFAIL
+        finally:
+            self._forget_message()
+
+    def abort(self) -> int:
+        """The client went away mid-message: drop what was spooled."""
+        self._forget_message()
+        return CONTINUE
+
+    def close(self) -> int:
+        """The connection ended."""
+        self._forget_message()
+        return CONTINUE
+
+
+def run(config: Config, service: MilterService) -> None:
+    """Serve on ``milter.socket`` until stopped (SIGTERM/SIGINT stop libmilter)."""
+    m = config.milter
+    ensure_dir(m.spool_dir)
+    path: Path | None = None
+    if m.socket.startswith("unix:"):
+        path = Path(m.socket[len("unix:"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+    Milter.factory = lambda: ContentMilter(service)
+    Milter.milter.set_flags(FLAGS)
+    # Register callbacks as Milter.runmilter does, but open the socket ourselves first,
+    # so its permissions can be set before the MTA tries to connect.
+    milter = Milter.milter
+    milter.set_connect_callback(Milter.connect_callback)
+    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    milter.set_close_callback(Milter.close_callback)
+    milter.setconn(m.socket)
+    milter.settimeout(int(m.mta_timeout))
+    milter.register(MILTER_NAME, data=lambda ctx: ctx.getpriv().data(),
+                    unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+                    negotiate=Milter.negotiate_callback)
+    milter.opensocket(True)
+    if path is not None and stat.S_ISSOCK(path.stat().st_mode):
+        path.chmod(int(m.socket_mode, 8))
+    log.info("milter listening on %s", m.socket)
+    # Everything loaded so far lives as long as the process: keep it out of the cyclic
+    # garbage collector's scans, which would otherwise walk it again and again under load.
+    gc.collect()
+    gc.freeze()
+    milter.main()

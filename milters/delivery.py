@@ -1,0 +1,231 @@
+"""Carrying out a verdict: quarantine, re-inject variants, edit the queued copy, notify.
+
+Why re-injection (and not a Postfix stage with ``recipient_limit = 1``): the
+milter must refuse at SMTP time when every recipient refuses (a later bounce
+would be backscatter), so it has to run in front anyway; with it there, only
+messages whose recipients really need different content cost anything extra
+(one SMTP hand-off per extra variant), while a split stage would queue every
+message twice and scan it once per recipient.  The largest group of recipients
+keeps the queued copy (edited in place through milter actions); every other
+group is removed from it and gets its own copy through the re-injection smtpd.
+If a re-injection fails, the whole message is tempfailed and nothing is changed,
+so the sender retries; a copy already handed over may then arrive twice (the
+same trade-off as every content filter that re-injects).
+
+Order: quarantine (a local file) first, then re-injection, then milter changes,
+then notices (best effort, they never change what happens to the mail).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from mailwarden.notify import MessageFacts, Notice, Notifier
+from mailwarden.store import StoreUnavailable
+from milters.filters import Envelope
+from milters.message import Message, Part
+from milters.quarantine import Quarantine
+from milters.reinject import InjectError, Injector, Origin
+from milters.text import decode_header_value
+from milters.variants import Rendition, render, variant_stream
+from milters.verdict import Action, Disposition, RecipientOutcome, StripParts, Verdict
+
+log = logging.getLogger("mailwarden.milter")
+
+
+class MilterActions(Protocol):
+    """The end-of-message actions of a milter connection (pymilter's Milter.Base has them)."""
+
+    def addheader(self, field: str, value: str, idx: int = -1) -> object:
+        """Add a header field (at the end with idx -1)."""
+        ...
+
+    def chgheader(self, field: str, idx: int, value: str) -> object:
+        """Change (empty value: delete) the idx-th field called ``field``."""
+        ...
+
+    def delrcpt(self, rcpt: str) -> object:
+        """Remove an envelope recipient."""
+        ...
+
+    def replacebody(self, body: bytes) -> object:
+        """Append to the replacement body."""
+        ...
+
+    def setreply(self, rcode: str, xcode: str | None = None, msg: str | None = None) -> object:
+        """Set the SMTP reply for a reject or tempfail."""
+        ...
+
+
+@dataclass
+class Outcome:
+    """What was done, for the log line."""
+
+    disposition: Disposition
+    reply: str = ""
+    variants: int = 1
+    reinjected: tuple[str, ...] = ()
+    quarantine_id: str = ""
+    notices: tuple[str, ...] = ()
+
+
+def smtp_text(reason: str) -> str:
+    """A reason made safe for an SMTP reply line (ASCII, no %, bounded)."""
+    text = "".join(c if 32 <= ord(c) < 127 else "?" for c in reason).replace("%", "%%")
+    return text[:300]
+
+
+def facts_of(message: Message, envelope: Envelope, recipients: tuple[str, ...] = ()) -> MessageFacts:
+    """The original message as notices describe it."""
+
+    def text(name: str) -> str:
+        raw = message.header(name)
+        return decode_header_value(raw)[:300] if raw is not None else ""
+
+    return MessageFacts(
+        sender=envelope.sender, from_header=text("From"), subject=text("Subject"), date=text("Date"),
+        message_id=text("Message-ID"), queue_id=envelope.queue_id,
+        client_address=envelope.client_address, recipients=recipients,
+    )
+
+
+class Delivery:
+    """Applies verdicts through milter actions, the injector, the quarantine and the notifier."""
+
+    def __init__(self, injector: Injector, quarantine: Quarantine | None, notifier: Notifier | None) -> None:
+        self.injector = injector
+        self.quarantine = quarantine
+        self.notifier = notifier
+
+    def carry_out(self, verdict: Verdict, message: Message, envelope: Envelope, actions: MilterActions,
+                  *, deadline: float) -> Outcome:
+        """Make the MTA do what the verdict says; returns what was done."""
+        disposition = verdict.disposition
+        if disposition is Disposition.TEMPFAIL:
+            return self._tempfail(actions, verdict.first_reason(Action.TEMPFAIL))
+        quarantine_id = ""
+        held = [o for o in verdict.outcomes if o.action is Action.QUARANTINE]
+        if held:
+            try:
+                quarantine_id = self._quarantine(held, message, envelope)
+            except (OSError, StoreUnavailable) as exc:
+                log.error("%s: quarantine failed: %s", envelope.queue_id or "NOQUEUE", exc)
+                return self._tempfail(actions, "quarantine unavailable")
+        if disposition is Disposition.REJECT:
+            reason = smtp_text(verdict.first_reason(Action.REJECT))
+            actions.setreply("550", "5.7.1", f"Message refused: {reason}")
+            return Outcome(disposition, f"550 5.7.1 {reason}", 0, (), quarantine_id,
+                           self._notify(verdict, message, envelope))
+        if disposition is Disposition.DISCARD:
+            return Outcome(disposition, "", 0, (), quarantine_id, self._notify(verdict, message, envelope))
+
+        groups = verdict.groups()
+        (inline_edits, inline_members), others = groups[0], groups[1:]
+        strip_text = self._strip_text(message, envelope)
+        reinjected: list[str] = []
+        for edits, members in others:
+            rendition = render(message, edits, strip_text)
+            try:
+                reinjected.append(self.injector.send(
+                    envelope.sender, [(m.address, m.recipient.params) for m in members],
+                    variant_stream(message, rendition, envelope.trace_header()), deadline=deadline,
+                    origin=Origin(envelope.client_address, envelope.client_name, envelope.helo,
+                                  envelope.queue_id),
+                    mail_params=envelope.mail_params,
+                ))
+            except InjectError as exc:
+                log.error("%s: re-injection of a variant failed: %s", envelope.queue_id or "NOQUEUE", exc)
+                if quarantine_id and self.quarantine is not None:
+                    self._drop_quarantine(quarantine_id)
+                return self._tempfail(actions, "content variant could not be queued")
+        keep = {id(o) for o in inline_members}
+        for outcome in verdict.outcomes:
+            if id(outcome) not in keep:
+                actions.delrcpt(outcome.recipient.raw or f"<{outcome.address}>")
+        self._edit_in_place(actions, render(message, inline_edits, strip_text))
+        return Outcome(disposition, "", len(groups), tuple(reinjected), quarantine_id,
+                       self._notify(verdict, message, envelope))
+
+    @staticmethod
+    def _tempfail(actions: MilterActions, reason: str) -> Outcome:
+        text = smtp_text(reason)
+        actions.setreply("451", "4.7.1", f"Message deferred: {text}; try again later")
+        return Outcome(Disposition.TEMPFAIL, f"451 4.7.1 {text}", 0)
+
+    def _drop_quarantine(self, entry_id: str) -> None:
+        assert self.quarantine is not None
+        try:
+            self.quarantine.delete(entry_id)
+        except (OSError, StoreUnavailable) as exc:
+            log.warning("quarantine entry %s not rolled back: %s", entry_id, exc)
+
+    def _quarantine(self, held: list[RecipientOutcome], message: Message, envelope: Envelope) -> str:
+        if self.quarantine is None:
+            raise OSError("no quarantine configured")
+        facts = facts_of(message, envelope)
+        entry = self.quarantine.put(
+            message.stream(), sender=envelope.sender, recipients=[o.address for o in held],
+            reason="; ".join(dict.fromkeys(r for o in held for r in o.reasons)),
+            queue_id=envelope.queue_id, subject=facts.subject, from_header=facts.from_header,
+            recipient_params={o.address: list(o.recipient.params) for o in held if o.recipient.params},
+        )
+        return entry.id
+
+    @staticmethod
+    def _edit_in_place(actions: MilterActions, rendition: Rendition) -> None:
+        for change in rendition.changes:
+            if change.op == "add":
+                actions.addheader(change.name, change.value, -1)
+            else:
+                actions.chgheader(change.name, change.index, change.value)
+        if rendition.body is not None:
+            for chunk in rendition.body():
+                for off in range(0, len(chunk), 65535):
+                    actions.replacebody(chunk[off:off + 65535])
+
+    def _strip_text(self, message: Message, envelope: Envelope) -> _StripNote:
+        return _StripNote(self.notifier, message, envelope)
+
+    def _notify(self, verdict: Verdict, message: Message, envelope: Envelope) -> tuple[str, ...]:
+        """Send each distinct notice once, naming every recipient it covers."""
+        if self.notifier is None:
+            return ()
+        grouped: dict[tuple[str, str, str, str, str], tuple[Notice, list[str]]] = {}
+        for outcome in verdict.outcomes:
+            for notice in outcome.notices:
+                key = (notice.kind, notice.to.lower(), notice.template, notice.language, notice.audience)
+                if key not in grouped:
+                    grouped[key] = (notice, [])
+                grouped[key][1].append(notice.recipient)
+        results = []
+        for notice, recipients in grouped.values():
+            facts = facts_of(message, envelope, tuple(dict.fromkeys(recipients)))
+            results.append(f"{notice.kind}>{notice.to}:{self.notifier.notify(notice, facts)}")
+        return tuple(results)
+
+
+class _StripNote:
+    """Renders the text that replaces a stripped part (the recipient's language and set)."""
+
+    def __init__(self, notifier: Notifier | None, message: Message, envelope: Envelope) -> None:
+        self.notifier = notifier
+        self.message = message
+        self.envelope = envelope
+
+    def __call__(self, edit: StripParts, part: Part) -> str:
+        names = tuple(part.filenames[:1]) or (f"part {part.path}",)
+        if self.notifier is None:
+            return f"The attachment {', '.join(names)} was removed (banned file type).\n"
+        facts = facts_of(self.message, self.envelope)
+        notice = Notice(kind="stripped", to="", audience="recipient", recipient="", domain=edit.domain,
+                        language=edit.language, template=edit.template,
+                        reason="banned file type", names=names, action="removed")
+        values = self.notifier.values(notice, facts)
+        values["names"] = list(names)
+        try:
+            return self.notifier.templates.render(edit.template, edit.language, "stripped", values)
+        except LookupError as exc:
+            log.warning("stripped-part note not rendered: %s", exc)
+            return f"The attachment {', '.join(names)} was removed (banned file type).\n"

@@ -1,0 +1,94 @@
+"""Spam check with spamd, only when at least one recipient contracted it.
+
+The score is computed once; each contracted recipient for whom it is spam (their
+own threshold) gets the SpamAssassin-style headers (ham gets them too with
+``milter.spam_headers_on_ham``; off by default, as every such header makes a
+separate copy when recipients differ), and their own action: ``tag``
+(headers only), ``subject`` (tag the Subject), ``junk`` (a header the Dovecot
+Sieve script files into Junk), ``reject``; at or above ``spam_reject_score`` the
+message is refused for them whatever the action.  Recipients without the service
+get none of this.  Forged spam headers are removed for contracted recipients, so
+that what they see is ours.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from mailwarden.catalogue import Service
+from milters.filters import Context, backend_failed
+from milters.scanners import ScanError, SpamScanner
+from milters.verdict import Action, AddHeader, RecipientOutcome, RemoveHeader, TagSubject
+
+JUNK_HEADER = "X-Mailwarden-Junk"
+"""Set on mail for a recipient's Junk folder; the Sieve script files mail that has it."""
+SPAM_HEADERS = ("X-Spam-Flag", "X-Spam-Status", "X-Spam-Score", "X-Spam-Level")
+
+
+def fold_list(items: tuple[str, ...], width: int = 70) -> str:
+    """A comma-separated list folded into header continuation lines."""
+    lines: list[str] = [""]
+    for item in items:
+        piece = (item + ",") if item != items[-1] else item
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+    return "\n\t".join(lines)
+
+
+class SpamFilter:
+    """Scores with a SpamScanner and applies each recipient's spam settings."""
+
+    name: ClassVar[str] = "spam"
+    service: ClassVar[Service] = Service.SPAM_CHECK
+
+    def __init__(self, scanner: SpamScanner, *, max_size: int = 512 * 1024,
+                 ham_headers: bool = False) -> None:
+        self.scanner = scanner
+        self.max_size = max_size
+        self.ham_headers = ham_headers
+
+    def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
+        """Score the message and set every contracted recipient's outcome."""
+        message = ctx.message
+        if message.size > self.max_size:
+            ctx.find("spam", "skipped(size)")
+            for outcome in outcomes:
+                outcome.notes.append(f"spam check skipped: {message.size} bytes > {self.max_size}")
+            return
+        try:
+            result = self.scanner.check(ctx.envelope.trace_header() + message.raw(), ctx.deadline)
+        except ScanError as exc:
+            ctx.find("spam", "error")
+            for outcome in outcomes:
+                backend_failed(outcome, "spam_failure_action", f"spam check failed: {exc}")
+            return
+        score = result.score
+        ctx.find("spam", f"{score:.1f}" + ("(spam)" if any(
+            score >= float(o.policy.get("spam_threshold")) for o in outcomes) else ""))
+        forged = [h for h in (*SPAM_HEADERS, JUNK_HEADER) if message.header(h) is not None]
+        for outcome in outcomes:
+            policy = outcome.policy
+            threshold = float(policy.get("spam_threshold"))
+            is_spam = score >= threshold
+            if not is_spam and not self.ham_headers:
+                continue  # ham stays as sent: no extra copy when recipients differ
+            for name in forged:
+                outcome.edit(RemoveHeader(name))
+            tests = fold_list(result.symbols) if result.symbols else "none"
+            outcome.edit(AddHeader("X-Spam-Status", f"{'Yes' if is_spam else 'No'}, score={score:.1f} "
+                                                    f"required={threshold:.1f} tests={tests}"))
+            outcome.edit(AddHeader("X-Spam-Score", f"{score:.1f}"))
+            if not is_spam:
+                continue
+            outcome.edit(AddHeader("X-Spam-Flag", "YES"))
+            action = policy.get("spam_action")
+            reject_score = float(policy.get("spam_reject_score"))
+            if score >= reject_score:
+                outcome.block(Action.REJECT, f"spam (score {score:.1f}, refused at {reject_score:g})")
+            elif action == "reject":
+                outcome.block(Action.REJECT, f"spam (score {score:.1f}, threshold {threshold:g})")
+            elif action == "subject":
+                outcome.edit(TagSubject(policy.get("spam_subject_tag")))
+            elif action == "junk":
+                outcome.edit(AddHeader(JUNK_HEADER, "yes"))

@@ -1,0 +1,167 @@
+"""Virus scan with clamd, once per message, cached by body digest.
+
+The same mail to 500 recipients, or resent by a botnet with new headers, is
+scanned once: the cache key is the digest of the body plus the header fields
+that decide how the body is decoded (so a changed Content-Type cannot reuse a
+"clean" answer for differently decoded content).  Only definite answers are
+cached.  With the Redis store (a cluster) the cache is shared by every node;
+with SQLite (a single node) it is held in the milter process, which is the
+node's only user of it, so a lookup costs no database round trip.
+
+Too big, or not fully scannable (encrypted or bomb archives, too many parts),
+goes to the recipient's ``unscannable_action``; clamd down or too slow goes to
+``virus_failure_action``: the default of both is a temporary failure, never
+delivery as if scanned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import ClassVar, Protocol
+
+from mailwarden.catalogue import Service
+from mailwarden.store import Store, StoreUnavailable
+from milters.filters import Context, backend_failed, plan_notices, unscannable
+from milters.scanners import ScanError, VirusResult, VirusScanner
+from milters.verdict import Action, RecipientOutcome
+
+log = logging.getLogger("mailwarden.milter.virus")
+
+CACHE_PREFIX = "av:"
+_ACTIONS = {"reject": Action.REJECT, "discard": Action.DISCARD, "quarantine": Action.QUARANTINE}
+
+
+class ScanCache(Protocol):
+    """Remembers scan results by body digest for a while."""
+
+    def get(self, digest: str) -> VirusResult | None:
+        """A remembered result, or None."""
+        ...
+
+    def put(self, digest: str, result: VirusResult) -> None:
+        """Remember a definite result."""
+        ...
+
+
+def _encode(result: VirusResult) -> str:
+    return "FOUND " + result.signature if result.infected else "OK"
+
+
+def _decode(value: str | None) -> VirusResult | None:
+    if value == "OK":
+        return VirusResult(infected=False, upstream="cache", cached=True)
+    if value and value.startswith("FOUND "):
+        return VirusResult(infected=True, signature=value[6:], upstream="cache", cached=True)
+    return None
+
+
+class StoreScanCache:
+    """The cache in the shared store (``av:<digest>``), for a cluster of nodes."""
+
+    def __init__(self, store: Store, ttl: float) -> None:
+        self.store = store
+        self.ttl = ttl
+
+    def get(self, digest: str) -> VirusResult | None:
+        """Ask the store; an unavailable store is a miss (the message is scanned)."""
+        try:
+            return _decode(self.store.get(CACHE_PREFIX + digest))
+        except StoreUnavailable as exc:
+            log.warning("scan cache unavailable, scanning: %s", exc)
+            return None
+
+    def put(self, digest: str, result: VirusResult) -> None:
+        """Write; a pooled store writes in the background (a lost entry only costs a rescan)."""
+        write = getattr(self.store, "set_soon", self.store.set)
+        try:
+            write(CACHE_PREFIX + digest, _encode(result), ttl=self.ttl)
+        except StoreUnavailable as exc:
+            log.warning("scan cache not written: %s", exc)
+
+
+class LocalScanCache:
+    """The cache in the milter process (TTL + LRU), for a single node."""
+
+    def __init__(self, ttl: float, size: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self.size = size
+        self.clock = clock
+        self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> VirusResult | None:
+        """A result younger than the TTL."""
+        with self._lock:
+            hit = self._entries.get(digest)
+            if hit is None:
+                return None
+            if hit[0] <= self.clock():
+                del self._entries[digest]
+                return None
+            self._entries.move_to_end(digest)
+            return _decode(hit[1])
+
+    def put(self, digest: str, result: VirusResult) -> None:
+        """Remember; the oldest entries go first when full."""
+        with self._lock:
+            self._entries[digest] = (self.clock() + self.ttl, _encode(result))
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
+class VirusFilter:
+    """Scans with a VirusScanner and applies each recipient's virus settings."""
+
+    name: ClassVar[str] = "virus"
+    service: ClassVar[Service] = Service.VIRUS_SCAN
+
+    def __init__(self, scanner: VirusScanner, cache: ScanCache | None = None, *,
+                 max_size: int = 25 * 1024 * 1024) -> None:
+        self.scanner = scanner
+        self.cache = cache
+        self.max_size = max_size
+
+    def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
+        """Scan (or recall the scan of) the message and set every recipient's outcome."""
+        message = ctx.message
+        if message.size > self.max_size:
+            ctx.find("virus", "too-big")
+            for outcome in outcomes:
+                unscannable(outcome, f"{message.size} bytes, over the scan limit of {self.max_size}")
+            return
+        try:
+            result = self._cached(message.body_digest) or self._scan(ctx)
+        except ScanError as exc:
+            ctx.find("virus", "error")
+            for outcome in outcomes:
+                backend_failed(outcome, "virus_failure_action", f"virus scan failed: {exc}")
+            return
+        ctx.find("virus", ("FOUND " + result.signature if result.infected else
+                           "unscannable " + result.signature if result.unscannable else "clean")
+                 + (" (cached)" if result.cached else ""))
+        if result.infected:
+            reason = f"virus {result.signature}"
+            for outcome in outcomes:
+                outcome.block(_ACTIONS.get(outcome.policy.get("virus_action"), Action.REJECT), reason)
+                plan_notices(ctx, outcome, "virus", reason, (result.signature,))
+            return
+        problems = [u.reason for u in message.unscannable if u.virus]
+        if result.unscannable:
+            problems.insert(0, f"clamd: {result.unscannable}")
+        if problems:
+            for outcome in outcomes:
+                unscannable(outcome, problems[0])
+
+    def _scan(self, ctx: Context) -> VirusResult:
+        result = self.scanner.scan(ctx.message.stream, ctx.deadline)
+        if self.cache is not None and not result.unscannable:
+            self.cache.put(ctx.message.body_digest, result)
+        return result
+
+    def _cached(self, digest: str) -> VirusResult | None:
+        return self.cache.get(digest) if self.cache is not None else None

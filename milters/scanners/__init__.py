@@ -1,0 +1,57 @@
+"""Clients of the content scanners (clamd, spamd) behind small interfaces.
+
+Filters depend on :class:`VirusScanner` and :class:`SpamScanner` only; production
+hands in :class:`~milters.scanners.clamd.ClamdScanner` and
+:class:`~milters.scanners.spamd.SpamdScanner`, tests hand in fakes or the same
+adapters pointed at fake socket servers.  Every failure to get an answer
+(refused, timed out, nonsense) is a :class:`ScanError`; the filter turns it into
+the recipient's configured failure action.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class ScanError(Exception):
+    """No usable answer from any upstream (down, timed out, refused the input)."""
+
+
+@dataclass(frozen=True)
+class VirusResult:
+    """What the virus scanner said about one message."""
+
+    infected: bool
+    signature: str = ""
+    upstream: str = ""
+    cached: bool = False
+    unscannable: str = ""
+    """Set when the scanner could not look inside (its own limits, encryption)."""
+
+
+@dataclass(frozen=True)
+class SpamResult:
+    """What spamd said about one message."""
+
+    score: float
+    symbols: tuple[str, ...] = ()
+    upstream: str = ""
+
+
+class VirusScanner(Protocol):
+    """Scans a whole message (clamd parses MIME and archives itself)."""
+
+    def scan(self, stream: Callable[[], Iterable[bytes]], deadline: float) -> VirusResult:
+        """Scan what ``stream()`` yields (called again per upstream tried); raise ScanError
+        when no upstream answers by ``deadline`` (monotonic time)."""
+        ...
+
+
+class SpamScanner(Protocol):
+    """Scores a whole message."""
+
+    def check(self, message: bytes, deadline: float) -> SpamResult:
+        """Score the message; raise ScanError when no upstream answers by ``deadline``."""
+        ...

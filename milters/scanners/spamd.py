@@ -1,0 +1,119 @@
+"""A small synchronous SPAMC/1.5 client (``SYMBOLS``) for spamd, with failover.
+
+Why not aiospamc: pymilter runs every callback in a libmilter thread, so a
+blocking client with socket timeouts fits where an asyncio client would need an
+event-loop thread and a cross-thread hand-off per message; aiospamc also builds
+an SSL context per call unless wrapped (NOTES.md) and logs every request.  The
+protocol needed here is one request and one reply, about forty lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from collections.abc import Sequence
+
+from milters.scanners import ScanError, SpamResult
+from milters.scanners.upstreams import DeadlineExceeded, Endpoint, Upstreams, remaining
+
+log = logging.getLogger("mailwarden.milter.spamd")
+
+MAX_REPLY = 256 * 1024
+_STATUS = re.compile(rb"^SPAMD/\d+\.\d+\s+(\d+)\s*(.*)$")
+_SPAM = re.compile(rb"^Spam:\s*(\w+)\s*;\s*(-?[0-9.]+)\s*/\s*(-?[0-9.]+)", re.IGNORECASE | re.MULTILINE)
+
+
+class SpamdProtocolError(Exception):
+    """spamd answered something that is not a SPAMD reply."""
+
+
+def build_request(message: bytes, user: str = "") -> bytes:
+    """A ``SYMBOLS`` request for ``message``."""
+    head = f"SYMBOLS SPAMC/1.5\r\nContent-length: {len(message)}\r\n"
+    if user:
+        head += f"User: {user}\r\n"
+    return head.encode("ascii") + b"\r\n" + message
+
+
+def parse_reply(reply: bytes) -> tuple[float, tuple[str, ...]]:
+    """(score, symbols) from a SYMBOLS reply; raises SpamdProtocolError."""
+    head, sep, body = reply.partition(b"\r\n\r\n")
+    if not sep:
+        head, sep, body = reply.partition(b"\n\n")
+    status = _STATUS.match(head.split(b"\n", 1)[0].strip())
+    if status is None:
+        raise SpamdProtocolError(f"not a SPAMD reply: {reply[:80]!r}")
+    if status.group(1) != b"0":
+        code, text = status.group(1).decode(), status.group(2).decode(errors="replace")
+        raise SpamdProtocolError(f"spamd error {code} {text}")
+    spam = _SPAM.search(head)
+    if spam is None:
+        raise SpamdProtocolError("reply without a Spam: header")
+    symbols = tuple(s for s in body.decode("ascii", "replace").strip().split(",") if s)
+    return float(spam.group(2)), symbols
+
+
+class SpamdScanner:
+    """The SpamScanner adapter for one or more spamd upstreams."""
+
+    def __init__(
+        self, addresses: Sequence[str], *, timeout: float = 30.0, retry_after: float = 30.0, user: str = ""
+    ) -> None:
+        self.upstreams = Upstreams(addresses, retry_after)
+        self.timeout = timeout
+        self.user = user
+
+    def check(self, message: bytes, deadline: float) -> SpamResult:
+        """Score ``message``; try each upstream until one answers."""
+        request = build_request(message, self.user)
+        errors: list[str] = []
+        for endpoint in self.upstreams.order():
+            try:
+                score, symbols = parse_reply(self._exchange(endpoint, request, deadline))
+            except DeadlineExceeded as exc:
+                errors.append(f"{endpoint}: {exc}")
+                break
+            except (OSError, SpamdProtocolError, ValueError) as exc:
+                errors.append(f"{endpoint}: {exc or type(exc).__name__}")
+                self.upstreams.failed(endpoint)
+                log.warning("spamd %s failed: %s", endpoint, exc or type(exc).__name__)
+                continue
+            self.upstreams.succeeded(endpoint)
+            return SpamResult(score=score, symbols=symbols, upstream=str(endpoint))
+        raise ScanError("spamd: " + "; ".join(errors))
+
+    def _exchange(self, endpoint: Endpoint, request: bytes, deadline: float) -> bytes:
+        sock = endpoint.connect(remaining(deadline, self.timeout))
+        try:
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                sock.settimeout(remaining(deadline, self.timeout))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return b"".join(chunks)
+                size += len(chunk)
+                if size > MAX_REPLY:
+                    raise SpamdProtocolError("reply too long")
+                chunks.append(chunk)
+        finally:
+            sock.close()
+
+    def ping(self) -> str:
+        """PONG from the first upstream that answers."""
+        for endpoint in self.upstreams.order():
+            try:
+                sock = endpoint.connect(5.0)
+                try:
+                    sock.sendall(b"PING SPAMC/1.5\r\n\r\n")
+                    reply = sock.recv(1024)
+                finally:
+                    sock.close()
+                if b"PONG" in reply:
+                    return f"{endpoint}: PONG"
+            except OSError as exc:
+                log.warning("spamd %s: %s", endpoint, exc)
+        raise ScanError("no spamd upstream answers PING")

@@ -1,0 +1,103 @@
+"""Several upstreams of one kind (clamd, spamd, the re-injection smtpd), with failover.
+
+Upstreams are tried in the configured order.  One that fails is put aside for
+``retry_after`` seconds so that every message does not wait for a dead server
+first; when all are put aside they are all tried anyway (a dead backend is never
+a reason to skip a check).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+class DeadlineExceeded(TimeoutError):
+    """The end-of-message budget ran out before the call."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """``unix:/path`` or ``inet:host:port``."""
+
+    address: str
+
+    @property
+    def is_unix(self) -> bool:
+        """Whether this is a unix socket path."""
+        return self.address.startswith("unix:")
+
+    @property
+    def path(self) -> str:
+        """The unix socket path."""
+        return self.address[len("unix:"):]
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """The inet host and port."""
+        host, _, port = self.address[len("inet:"):].rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def connect(self, timeout: float) -> socket.socket:
+        """A connected stream socket with ``timeout`` set (raises OSError)."""
+        if self.is_unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(self.path)
+            except OSError:
+                sock.close()
+                raise
+            return sock
+        return socket.create_connection(self.host_port, timeout=timeout)
+
+    def __str__(self) -> str:
+        return self.address
+
+
+def remaining(deadline: float, cap: float) -> float:
+    """Seconds left until ``deadline`` (monotonic), at most ``cap``; raises when none are left."""
+    left = deadline - time.monotonic()
+    if left <= 0.01:
+        raise DeadlineExceeded("end-of-message time budget exhausted")
+    return min(left, cap)
+
+
+class Upstreams:
+    """An ordered list of endpoints with a short memory of failures."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        retry_after: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not addresses:
+            raise ValueError("at least one upstream is needed")
+        self.endpoints = [Endpoint(a) for a in addresses]
+        self.retry_after = retry_after
+        self.clock = clock
+        self._down_until: dict[Endpoint, float] = {}
+        self._lock = threading.Lock()
+
+    def order(self) -> list[Endpoint]:
+        """Healthy endpoints first (configured order), then those recently failed."""
+        now = self.clock()
+        with self._lock:
+            healthy = [e for e in self.endpoints if self._down_until.get(e, 0.0) <= now]
+            resting = [e for e in self.endpoints if e not in healthy]
+        return healthy + resting
+
+    def failed(self, endpoint: Endpoint) -> None:
+        """Put ``endpoint`` aside for ``retry_after`` seconds."""
+        with self._lock:
+            self._down_until[endpoint] = self.clock() + self.retry_after
+
+    def succeeded(self, endpoint: Endpoint) -> None:
+        """Forget a past failure of ``endpoint``."""
+        if endpoint in self._down_until:
+            with self._lock:
+                self._down_until.pop(endpoint, None)

@@ -1,0 +1,199 @@
+"""Wiring: the configured resolver, store, scanners, filters and delivery, shared by
+every milter connection, and the one place a finished message is decided and logged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mailwarden.config import Config
+from mailwarden.directory import Directory
+from mailwarden.notify import NoticeTemplates, Notifier
+from mailwarden.policy import PolicyResolver
+from mailwarden.reputation import Reputation
+from mailwarden.store import SQLiteStore, Store, open_store
+from milters.delivery import Delivery, MilterActions, Outcome
+from milters.filters import Envelope
+from milters.filters.extensions import ExtensionFilter
+from milters.filters.keywords import KeywordFilter
+from milters.filters.spam import SpamFilter
+from milters.filters.virus import LocalScanCache, ScanCache, StoreScanCache, VirusFilter
+from milters.message import BodySpool, HeaderList, Limits, Message, ensure_dir
+from milters.pipeline import Pipeline
+from milters.quarantine import Quarantine
+from milters.reinject import Injector, SmtpInjector
+from milters.scanners import SpamScanner, VirusScanner
+from milters.scanners.clamd import ClamdScanner
+from milters.scanners.spamd import SpamdScanner
+from milters.storeproxy import PooledStore
+from milters.verdict import Disposition, Recipient, Verdict
+
+log = logging.getLogger("mailwarden.milter")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass
+class MilterService:
+    """Everything a milter connection needs, built once per process."""
+
+    config: Config
+    resolver: PolicyResolver
+    pipeline: Pipeline
+    delivery: Delivery
+    limits: Limits
+    reputation: Reputation | None = None
+
+    def new_spool(self) -> BodySpool:
+        """A body spool with the configured memory limit."""
+        return BodySpool(self.limits.memory_limit, self.limits.spool_dir)
+
+    def process(self, envelope: Envelope, headers: HeaderList, spool: BodySpool,
+                recipients: Sequence[Recipient], actions: MilterActions) -> Outcome:
+        """Decide and carry out one message; log one line; never raises for bad input."""
+        started = time.monotonic()
+        deadline = started + self.config.milter.eom_budget
+        message = Message(headers, spool, self.limits)
+        verdict = self.pipeline.run(envelope, message, recipients, deadline)
+        outcome = self.delivery.carry_out(verdict, message, envelope, actions, deadline=deadline)
+        self._log(envelope, message, verdict, outcome, started)
+        self._record_reputation(envelope, verdict, outcome)
+        return outcome
+
+    def _log(self, envelope: Envelope, message: Message, verdict: Verdict, outcome: Outcome,
+             started: float) -> None:
+        parts = [
+            f"{envelope.queue_id or 'NOQUEUE'}: {outcome.disposition.value}",
+            f"from=<{envelope.sender}>",
+            f"client={envelope.client_address or '-'}",
+            f"size={message.size}",
+            f"nrcpt={len(verdict.outcomes)}",
+            *(o.summary() for o in verdict.outcomes),
+            *(f"{k}={v}" for k, v in verdict.findings.items()),
+        ]
+        if outcome.variants > 1:
+            parts.append(f"variants={outcome.variants} reinjected={','.join(outcome.reinjected)}")
+        if outcome.quarantine_id:
+            parts.append(f"quarantine={outcome.quarantine_id}")
+        if outcome.notices:
+            parts.append("notices=" + ",".join(outcome.notices))
+        if outcome.reply:
+            parts.append(f'reply="{outcome.reply}"')
+        parts.append(f"ms={(time.monotonic() - started) * 1000:.1f}")
+        # File names and header text come from the sender: no line breaks into the log.
+        log.info(_CONTROL.sub("?", " ".join(parts)))
+
+    def _record_reputation(self, envelope: Envelope, verdict: Verdict, outcome: Outcome) -> None:
+        if self.reputation is None or not envelope.client_address:
+            return
+        address = envelope.client_address
+        try:
+            if address.startswith("127.") or address == "::1" or ipaddress.ip_address(address).is_loopback:
+                return  # local submissions and tests say nothing about a client's reputation
+        except ValueError:
+            return
+        found = verdict.findings.get("virus", "")
+        if found.startswith("FOUND"):
+            kind = "virus"
+        elif verdict.findings.get("spam", "").endswith("(spam)"):
+            kind = "spam"
+        elif outcome.disposition is Disposition.REJECT:
+            kind = "rejected"
+        elif outcome.disposition is Disposition.ACCEPT:
+            kind = "clean"
+        else:
+            return
+        try:
+            self.reputation.record(envelope.client_address, kind)
+        except Exception as exc:  # noqa: BLE001 (reputation is advisory; mail goes on)
+            log.warning("reputation not recorded for %s: %s", envelope.client_address, exc)
+
+
+def limits_from(config: Config) -> Limits:
+    """The parse and archive limits from ``[milter]``."""
+    m = config.milter
+    return Limits(max_parts=m.max_parts, max_depth=min(m.max_depth, 100),
+                  archive_max_depth=m.archive_max_depth, archive_max_members=m.archive_max_members,
+                  archive_max_size=m.archive_max_size, archive_max_ratio=m.archive_max_ratio,
+                  memory_limit=m.memory_limit, spool_dir=m.spool_dir)
+
+
+def open_configured_store(config: Config) -> Store:
+    """The shared store from ``[store]``."""
+    s = config.store
+    return open_store(s.backend, sqlite_path=s.sqlite_path, redis_url=s.redis_url,
+                      key_prefix=s.key_prefix, timeout=s.timeout)
+
+
+def _reputation(store: Store, config: Config) -> Reputation | None:
+    try:
+        return Reputation.from_config(store, config)
+    except (AttributeError, ValueError) as exc:
+        log.warning("reputation recording off: %s", exc)
+        return None
+
+
+def build_service(
+    config: Config,
+    *,
+    directory: Directory | None = None,
+    store: Store | None = None,
+    virus_scanner: VirusScanner | None = None,
+    spam_scanner: SpamScanner | None = None,
+    injector: Injector | None = None,
+    resolver: PolicyResolver | None = None,
+) -> MilterService:
+    """Build the service from the configuration; tests hand in fakes for any part."""
+    m = config.milter
+    ensure_dir(m.spool_dir)
+    if resolver is None:
+        if directory is None:
+            from mailwarden.ldapdir import LdapDirectory
+
+            directory = LdapDirectory(config.ldap)
+        resolver = PolicyResolver(directory, config)
+    if store is None:
+        store = open_configured_store(config)
+        if isinstance(store, SQLiteStore):
+            store = PooledStore(store)
+    virus_scanner = virus_scanner or ClamdScanner(m.clamd, timeout=m.clamd_timeout,
+                                                  retry_after=m.upstream_retry)
+    spam_scanner = spam_scanner or SpamdScanner(m.spamd, timeout=m.spamd_timeout,
+                                                retry_after=m.upstream_retry, user=m.spamd_user)
+    injector = injector or SmtpInjector(m.reinject, timeout=m.reinject_timeout, helo=socket.getfqdn())
+    pipeline = Pipeline([
+        ExtensionFilter(),
+        VirusFilter(virus_scanner, _scan_cache(config, store), max_size=m.clamd_max_size),
+        KeywordFilter(text_limit=m.keyword_text_limit, regex_budget=m.keyword_regex_budget),
+        SpamFilter(spam_scanner, max_size=m.spamd_max_size, ham_headers=m.spam_headers_on_ham),
+    ])
+    node = config.general.node_name
+    notifier = Notifier(
+        NoticeTemplates(m.template_dir, node=node),
+        send=lambda to, data: _send_notice(injector, to, data, m.reinject_timeout),
+        store=store, limit=m.notice_limit, window=m.notice_window, from_pattern=m.notice_from,
+    )
+    quarantine = Quarantine(store, m.quarantine_dir, retention_days=m.quarantine_days, node=node)
+    return MilterService(config=config, resolver=resolver, pipeline=pipeline,
+                         delivery=Delivery(injector, quarantine, notifier), limits=limits_from(config),
+                         reputation=_reputation(store, config))
+
+
+def _scan_cache(config: Config, store: Store) -> ScanCache | None:
+    """Shared in Redis for a cluster; in the process for a single node (SQLite)."""
+    ttl = config.milter.scan_cache_ttl
+    if ttl <= 0:
+        return None
+    if config.store.backend == "redis":
+        return StoreScanCache(store, ttl)
+    return LocalScanCache(ttl)
+
+
+def _send_notice(injector: Injector, to: str, data: bytes, timeout: float) -> None:
+    """Notices leave with the null sender, so nothing ever answers them."""
+    injector.send("", [(to, ())], [data], deadline=time.monotonic() + timeout)

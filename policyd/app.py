@@ -1,0 +1,457 @@
+"""Wiring from the configuration: directory, store, resolver, checks, and the engine
+that runs the checks for one request and turns their verdicts into one Postfix action."""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from dns.asyncresolver import Resolver as AsyncResolver
+from dns.resolver import Resolver
+
+from mailwarden.address import InvalidAddress, normalize_domain
+from mailwarden.config import Config
+from mailwarden.directory import Directory, DirectoryUnavailable, Entry
+from mailwarden.dns import make_resolver
+from mailwarden.ldapdir import LdapDirectory
+from mailwarden.policy import PolicyResolver
+from mailwarden.reputation import OUTCOMES, Reputation
+from mailwarden.store import Store, StoreUnavailable, open_store
+from policyd.checks import FACTORIES, build_checks
+from policyd.checks.base import (
+    TEMPFAIL_REPLY,
+    Check,
+    Context,
+    DnsUnavailable,
+    IPAddress,
+    Kind,
+    Transaction,
+    Verdict,
+    WouldBlock,
+    defer,
+)
+from policyd.config import SPF_ACTIONS, SPF_RESULTS, PolicydConfig
+from policyd.dnslookup import async_twin
+from policyd.pbs import PopBeforeSmtp
+from policyd.protocol import PolicyRequest
+
+log = logging.getLogger("mailwarden.policyd")
+
+T = TypeVar("T")
+
+BACKEND_ERRORS = (DirectoryUnavailable, StoreUnavailable, DnsUnavailable)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def parse_listen(spec: str) -> tuple[str, str, int]:
+    """``unix:/path`` -> ("unix", path, 0); ``inet:host:port`` -> ("inet", host, port)."""
+    kind, sep, rest = spec.partition(":")
+    if not sep:
+        raise ValueError(f"{spec!r}: expected unix:/path or inet:host:port")
+    if kind == "unix":
+        if not rest.startswith("/"):
+            raise ValueError(f"{spec!r}: a unix socket path must be absolute")
+        return "unix", rest, 0
+    if kind == "inet":
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{spec!r}: expected inet:host:port")
+        return "inet", host, int(port)
+    raise ValueError(f"{spec!r}: expected unix:/path or inet:host:port")
+
+
+def validate(cfg: PolicydConfig) -> list[str]:
+    """Problems in ``[policyd]`` as ``policyd.key: problem`` (empty when fine)."""
+    problems: list[str] = []
+    _validate_service(cfg, problems)
+    _validate_checks(cfg, problems)
+    return [f"policyd.{p}" for p in problems]
+
+
+def _validate_service(cfg: PolicydConfig, problems: list[str]) -> None:
+    for i, spec in enumerate(cfg.listen):
+        try:
+            parse_listen(spec)
+        except ValueError as exc:
+            problems.append(f"listen[{i}]: {exc}")
+    for i, spec in enumerate(cfg.login_report_listen):
+        try:
+            if parse_listen(spec)[0] != "inet":
+                problems.append(f"login_report_listen[{i}]: Dovecot reports over HTTP on TCP: "
+                                "use inet:host:port")
+        except ValueError as exc:
+            problems.append(f"login_report_listen[{i}]: {exc}")
+    if not cfg.listen:
+        problems.append("listen: at least one socket is needed")
+    try:
+        if not 0 <= int(cfg.socket_mode, 8) <= 0o777:
+            raise ValueError(cfg.socket_mode)
+    except ValueError:
+        problems.append(f"socket_mode: {cfg.socket_mode!r} is not an octal file mode")
+    for key in ("workers", "threads", "max_connections", "max_line_length", "max_request_size",
+                "max_attributes"):
+        if getattr(cfg, key) < 1:
+            problems.append(f"{key}: must be at least 1")
+    if not 0 < cfg.request_timeout < 100:
+        problems.append("request_timeout: must be above 0 and below Postfix's "
+                        "smtpd_policy_service_timeout (100 s)")
+    if cfg.idle_timeout <= 0:
+        problems.append("idle_timeout: must be greater than 0")
+    for i, net in enumerate(cfg.trusted_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problems.append(f"trusted_networks[{i}]: {net!r} is not a network")
+    if cfg.login_report_header and ":" not in cfg.login_report_header:
+        problems.append("login_report_header: expected 'Name: value'")
+    if cfg.login_domain:
+        try:
+            normalize_domain(cfg.login_domain)
+        except InvalidAddress as exc:
+            problems.append(f"login_domain: {exc}")
+
+
+def _validate_checks(cfg: PolicydConfig, problems: list[str]) -> None:
+    for i, name in enumerate(cfg.checks):
+        if name not in FACTORIES:
+            problems.append(f"checks[{i}]: unknown check {name!r} (known: {', '.join(FACTORIES)})")
+    tables = [("spf.actions", cfg.spf.actions),
+              *((f'spf.domains."{d}"', a) for d, a in cfg.spf.domains.items())]
+    for table, actions in tables:
+        for result, action in actions.items():
+            if result not in SPF_RESULTS or result == "temperror":
+                problems.append(f"{table}.{result}: not an SPF result "
+                                "(temperror is answered by spf.failure_action)")
+            elif action not in SPF_ACTIONS:
+                problems.append(f"{table}.{result}: {action!r} is not one of {', '.join(SPF_ACTIONS)}")
+    rep = cfg.reputation
+    for outcome in rep.weights:
+        if outcome not in OUTCOMES:
+            problems.append(f"reputation.weights.{outcome}: unknown outcome "
+                            f"(known: {', '.join(OUTCOMES)})")
+    if rep.half_life <= 0:
+        problems.append("reputation.half_life: must be greater than 0")
+    if not 8 <= rep.ipv4_prefix <= 32 or not 16 <= rep.ipv6_prefix <= 128:
+        problems.append("reputation: ipv4_prefix must be 8..32 and ipv6_prefix 16..128")
+    if not 8 <= cfg.greylist.ipv4_prefix <= 32:
+        problems.append("greylist.ipv4_prefix: must be 8..32")
+    for key in ("retry_window", "max_age"):
+        if getattr(cfg.greylist, key) < 1:
+            problems.append(f"greylist.{key}: must be at least 1")
+    for scope in ("client", "sender_domain"):
+        limits = getattr(cfg.rate_limit, scope)
+        if limits.window < 1:
+            problems.append(f"rate_limit.{scope}.window: must be at least 1")
+        for key in ("messages", "recipients", "bytes"):
+            if getattr(limits, key) < 0:
+                problems.append(f"rate_limit.{scope}.{key}: must not be negative")
+
+
+# ---------------------------------------------------------------- backends
+
+
+class InlineGuard:
+    """A Directory that refuses to block the event loop: on ``loop_thread`` it raises
+    WouldBlock instead of asking LDAP, so only cache hits are answered inline."""
+
+    def __init__(self, directory: Directory) -> None:
+        self.directory = directory
+        self.loop_thread: int | None = None
+
+    def _check(self) -> None:
+        if self.loop_thread is not None and threading.get_ident() == self.loop_thread:
+            raise WouldBlock
+
+    def find_domain(self, domain: str) -> Entry | None:
+        """Delegate unless on the loop thread."""
+        self._check()
+        return self.directory.find_domain(domain)
+
+    def find_user(self, address: str, domain: Entry) -> Entry | None:
+        """Delegate unless on the loop thread."""
+        self._check()
+        return self.directory.find_user(address, domain)
+
+    def modify(self, dn: str, changes: Any) -> None:
+        """Delegate unless on the loop thread."""
+        self._check()
+        self.directory.modify(dn, changes)
+
+    def ping(self) -> None:
+        """Delegate unless on the loop thread."""
+        self._check()
+        self.directory.ping()
+
+
+class GuardedStore:
+    """A Store that fails fast while its backend is down.
+
+    After a StoreUnavailable every call fails at once for ``hold_down`` seconds, so
+    a dead Redis costs one timeout per second, not one per request.
+    """
+
+    def __init__(self, store: Store, *, hold_down: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.hold_down = hold_down
+        self.clock = clock
+        self._down_until = 0.0
+        self._last_error = ""
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._down_until and self.clock() < self._down_until:
+            raise StoreUnavailable(f"{self._last_error} (not retried for {self.hold_down:g} s)")
+        try:
+            result = fn(*args, **kwargs)
+        except StoreUnavailable as exc:
+            self._last_error = str(exc)
+            self._down_until = self.clock() + self.hold_down
+            raise
+        self._down_until = 0.0
+        return result
+
+    def get(self, key: str) -> str | None:
+        """See Store."""
+        return self._call(self.store.get, key)
+
+    def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        """See Store."""
+        self._call(self.store.set, key, value, ttl)
+
+    def add(self, key: str, value: str, ttl: float | None = None) -> bool:
+        """See Store."""
+        return self._call(self.store.add, key, value, ttl)
+
+    def delete(self, *keys: str) -> int:
+        """See Store."""
+        return self._call(self.store.delete, *keys)
+
+    def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        """See Store."""
+        return self._call(self.store.incr, key, amount, ttl)
+
+    def ttl(self, key: str) -> float | None:
+        """See Store."""
+        return self._call(self.store.ttl, key)
+
+    def expire(self, key: str, ttl: float) -> bool:
+        """See Store."""
+        return self._call(self.store.expire, key, ttl)
+
+    def sadd(self, key: str, *members: str, ttl: float | None = None) -> int:
+        """See Store."""
+        return self._call(self.store.sadd, key, *members, ttl=ttl)
+
+    def srem(self, key: str, *members: str) -> int:
+        """See Store."""
+        return self._call(self.store.srem, key, *members)
+
+    def smembers(self, key: str) -> builtins.set[str]:
+        """See Store."""
+        return self._call(self.store.smembers, key)
+
+    def sismember(self, key: str, member: str) -> bool:
+        """See Store."""
+        return self._call(self.store.sismember, key, member)
+
+    def scan(self, prefix: str = "") -> Iterator[str]:
+        """See Store."""
+        return self._call(lambda: iter(list(self.store.scan(prefix))))
+
+    def ping(self) -> None:
+        """See Store."""
+        self._call(self.store.ping)
+
+    def close(self) -> None:
+        """See Store."""
+        self.store.close()
+
+
+def open_configured_store(config: Config) -> Store:
+    """The store ``[store]`` names."""
+    sc = config.store
+    return open_store(sc.backend, sqlite_path=sc.sqlite_path, redis_url=sc.redis_url,
+                      key_prefix=sc.key_prefix, timeout=sc.timeout)
+
+
+class TrustedNetworks:
+    """Membership test for ``trusted_networks``."""
+
+    def __init__(self, networks: list[str]) -> None:
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
+
+    def __call__(self, ip: IPAddress) -> bool:
+        return any(ip in net for net in self.networks)
+
+
+@dataclass
+class Services:
+    """What the checks may use; handed in, so tests pass fakes."""
+
+    config: Config
+    resolver: PolicyResolver
+    directory: InlineGuard
+    store: Store
+    dns: Resolver
+    async_dns: AsyncResolver
+    """The same resolver for the event loop."""
+    reputation: Reputation
+    pbs: PopBeforeSmtp
+    trusted: Callable[[IPAddress], bool]
+    clock: Callable[[], float]
+
+
+def build_services(
+    config: Config,
+    *,
+    directory: Directory | None = None,
+    store: Store | None = None,
+    dns_resolver: Resolver | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Services:
+    """Services from the configuration; any of the backends may be passed in instead."""
+    if directory is None:
+        directory = LdapDirectory(config.ldap)
+    guard = InlineGuard(directory)
+    guarded = GuardedStore(store if store is not None else open_configured_store(config))
+    resolver = dns_resolver if dns_resolver is not None else make_resolver(config.dns)
+    return Services(
+        config=config,
+        resolver=PolicyResolver(guard, config),
+        directory=guard,
+        store=guarded,
+        dns=resolver,
+        async_dns=async_twin(resolver),
+        reputation=Reputation.from_config(guarded, config, clock=clock),
+        pbs=PopBeforeSmtp(guarded),
+        trusted=TrustedNetworks(config.policyd.trusted_networks),
+        clock=clock,
+    )
+
+
+# ---------------------------------------------------------------- the engine
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to one request and why."""
+
+    action: str
+    check: str
+    reason: str
+
+
+DUNNO = Decision("DUNNO", "", "")
+
+
+class Engine:
+    """Runs the checks of a request's stage in order and combines their verdicts.
+
+    The first reject or defer wins; otherwise a relay grant (``OK``) wins over a
+    PREPEND, which wins over DUNNO.  A check whose backend fails answers with its
+    ``failure_action``: ``tempfail`` (451 4.3.0) or ``dunno``.
+    """
+
+    def __init__(self, checks: list[Check], services: Services) -> None:
+        self.services = services
+        self.checks = checks
+        self.by_stage: dict[str, list[Check]] = {}
+        for check in checks:
+            for stage in check.stages:
+                self.by_stage.setdefault(stage, []).append(check)
+
+    def decide(self, request: PolicyRequest, txn: Transaction, *, inline: bool) -> Decision:
+        """The decision for ``request``; raises WouldBlock only when ``inline``."""
+        checks = self.by_stage.get(request.stage)
+        if not checks:
+            return DUNNO
+        ctx = Context(request, self.services, txn, inline=inline)
+        bad = self._bad_envelope(ctx)
+        if bad is not None:
+            return bad
+        permitted: tuple[Verdict, str] | None = None
+        prepended: tuple[Verdict, str] | None = None
+        for check in checks:
+            verdict = self._run(check, ctx)
+            if verdict is None:
+                continue
+            if verdict.final:
+                if verdict.record_rejection:
+                    self._record_rejection(ctx)
+                return Decision(verdict.action, check.name, verdict.reason)
+            if verdict.kind is Kind.PERMIT and permitted is None:
+                permitted = (verdict, check.name)
+            elif verdict.kind is Kind.PREPEND and prepended is None and check.name not in txn.prepended:
+                prepended = (verdict, check.name)
+        if permitted is not None:
+            return Decision(permitted[0].action, permitted[1], permitted[0].reason)
+        if prepended is not None:
+            txn.prepended.add(prepended[1])
+            return Decision(prepended[0].action, prepended[1], prepended[0].reason)
+        return DUNNO
+
+    def _run(self, check: Check, ctx: Context) -> Verdict | None:
+        try:
+            return check.evaluate(ctx)
+        except WouldBlock:
+            raise
+        except BACKEND_ERRORS as exc:
+            return self._failed(check, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            log.error("check %s failed on %s: %s: %s", check.name, ctx.request.stage,
+                      type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            return self._failed(check, f"internal error: {type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _failed(check: Check, why: str) -> Verdict | None:
+        log.warning("check %s: backend failure (%s): answering %s", check.name, why,
+                    check.failure_action)
+        if check.failure_action == "tempfail":
+            return defer(TEMPFAIL_REPLY, f"backend failure: {why}")
+        return None
+
+    @staticmethod
+    def _bad_envelope(ctx: Context) -> Decision | None:
+        try:
+            _ = ctx.sender
+        except InvalidAddress as exc:
+            return Decision("501 5.1.7 Bad sender address syntax", "envelope", str(exc))
+        if ctx.request.stage == "RCPT":
+            try:
+                _ = ctx.recipient
+            except InvalidAddress as exc:
+                return Decision("501 5.1.3 Bad recipient address syntax", "envelope", str(exc))
+        return None
+
+    def _record_rejection(self, ctx: Context) -> None:
+        ip = ctx.client_ip
+        if ip is None:
+            return
+        try:
+            self.services.reputation.record(str(ip), "rejected")
+        except StoreUnavailable as exc:
+            log.warning("reputation not recorded for %s: %s", ip, exc)
+
+
+class PolicyApp:
+    """Services and engine for one process."""
+
+    def __init__(self, config: Config, services: Services | None = None) -> None:
+        self.config = config
+        self.services = services if services is not None else build_services(config)
+        self.engine = Engine(build_checks(config), self.services)
+
+    def close(self) -> None:
+        """Release the store."""
+        with contextlib.suppress(StoreUnavailable):
+            self.services.store.close()

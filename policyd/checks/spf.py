@@ -1,0 +1,162 @@
+"""SPF (RFC 7208) of the envelope sender, for mail from anonymous clients.
+
+pyspf does the evaluation; its DNS goes through mailwarden's resolver (``[dns]``),
+never /etc/resolv.conf: :func:`install_pyspf_dns` replaces ``spf.DNSLookup`` with a
+function that uses the lookup given to the calling thread, and refuses to look
+anything up when none was given.  The lookup is the transaction's: on the event
+loop an unknown answer interrupts the evaluation (NeedDns), the server resolves it
+asynchronously and pyspf runs again, so SPF never holds a thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import spf
+
+from mailwarden.catalogue import Service
+from policyd.checks.base import (
+    Context,
+    DnsUnavailable,
+    Identity,
+    NeedDns,
+    Verdict,
+    defer,
+    prepend,
+    recipient_domain,
+    reject,
+)
+from policyd.config import PolicydConfig
+from policyd.dnslookup import DnsRecords
+
+_thread = threading.local()
+
+Lookup = Callable[[str, str], list[Any]]
+
+
+def _pyspf_lookup(name: str, qtype: str, strict: Any = True, timeout: float = 20.0) -> list[Any]:
+    """``spf.DNSLookup``: the lookup given to the calling thread (see :func:`pyspf_dns`)."""
+    lookup: Lookup | None = getattr(_thread, "lookup", None)
+    if lookup is None:
+        raise spf.TempError("DNS: no resolver given to pyspf on this thread")
+    return lookup(name, qtype)
+
+
+def install_pyspf_dns() -> None:
+    """Route every pyspf lookup through :func:`_pyspf_lookup` (idempotent)."""
+    spf.DNSLookup = _pyspf_lookup
+
+
+@contextmanager
+def pyspf_dns(lookup: Lookup) -> Iterator[None]:
+    """Let pyspf use ``lookup(name, qtype)`` on this thread for the duration of the block."""
+    install_pyspf_dns()
+    previous = getattr(_thread, "lookup", None)
+    _thread.lookup = lookup
+    try:
+        yield
+    finally:
+        _thread.lookup = previous
+
+
+def pyspf_records(name: str, qtype: str, records: DnsRecords) -> list[Any]:
+    """dnspython rdata in the shape pyspf's DNSLookup returns."""
+    out: list[Any] = []
+    for rdata in records:
+        if qtype in ("A", "AAAA"):
+            out.append(((name, qtype), rdata.address))
+        elif qtype == "MX":
+            out.append(((name, qtype), (rdata.preference, rdata.exchange)))
+        elif qtype == "PTR":
+            out.append(((name, qtype), rdata.target.to_text(True)))
+        elif qtype in ("TXT", "SPF"):
+            out.append(((name, qtype), rdata.strings))
+    return out
+
+
+install_pyspf_dns()
+
+
+@dataclass(frozen=True, slots=True)
+class SpfResult:
+    """One evaluation: result, explanation and the Received-SPF header."""
+
+    result: str
+    explanation: str
+    header: str
+
+
+class SpfCheck:
+    """Per recipient domain: reject, tempfail, tag (Received-SPF) or ignore each SPF result."""
+
+    name: ClassVar[str] = "spf"
+    stages: ClassVar[frozenset[str]] = frozenset({"RCPT"})
+    services: ClassVar[tuple[Service, ...]] = ()
+
+    def __init__(self, cfg: PolicydConfig, node_name: str = "localhost") -> None:
+        self.failure_action = cfg.spf.failure_action
+        self.actions = dict(cfg.spf.actions)
+        self.domains = {d.lower().rstrip("."): dict(a) for d, a in cfg.spf.domains.items()}
+        self.timeout = cfg.spf.lookup_timeout
+        self.receiver = node_name
+
+    def action_for(self, domain: str, result: str) -> str:
+        """The configured action for ``result`` at recipient domain ``domain``."""
+        per_domain = self.domains.get(domain)
+        if per_domain and result in per_domain:
+            return per_domain[result]
+        return self.actions.get(result, "dunno")
+
+    def evaluate(self, ctx: Context) -> Verdict | None:
+        """The SPF verdict for an anonymous client; None for everyone else."""
+        who, _ = ctx.identity()
+        ip = ctx.client_ip
+        if who is not Identity.ANONYMOUS or ip is None:
+            return None
+        domain = recipient_domain(ctx)
+        found: SpfResult = ctx.memo("spf", lambda: self._evaluate(ctx, str(ip)))
+        if found.result == "temperror":
+            if self.failure_action == "tempfail":
+                return defer(
+                    "451 4.4.3 SPF temporary error, try again later",
+                    f"SPF temperror: {found.explanation}",
+                )
+            return None
+        action = self.action_for(domain, found.result)
+        why = f"SPF {found.result}: {found.explanation}"
+        if action == "reject":
+            code = "550 5.7.24" if found.result == "permerror" else "550 5.7.23"
+            return reject(f"{code} SPF {found.result}: {found.explanation}", why, record=True)
+        if action == "tempfail":
+            return defer(f"451 4.7.24 SPF {found.result}, try again later", why)
+        if action == "tag":
+            return prepend(found.header, why)
+        return None
+
+    def _evaluate(self, ctx: Context, ip: str) -> SpfResult:
+        request = ctx.request
+        missing: list[tuple[str, str]] = []
+
+        def lookup(name: str, qtype: str) -> list[Any]:
+            try:
+                return pyspf_records(name, qtype, ctx.dns(name, qtype))
+            except NeedDns as need:
+                missing.extend(need.queries)  # pyspf swallows errors around exp=
+                raise
+            except DnsUnavailable as exc:
+                raise spf.TempError(f"DNS {exc}") from None
+
+        query = spf.query(
+            i=ip, s=ctx.sender, h=request["helo_name"], receiver=self.receiver,
+            timeout=self.timeout, querytime=self.timeout,
+        )
+        with pyspf_dns(lookup):
+            result, _code, explanation = query.check()
+        if missing:
+            raise NeedDns(missing)
+        header = "Received-SPF: " + query.get_header(result)
+        return SpfResult(str(result), str(explanation), header)

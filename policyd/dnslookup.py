@@ -1,0 +1,54 @@
+"""DNS lookups for the checks: one function each for worker threads and the event loop.
+
+Both use the resolver built from ``[dns]`` (never /etc/resolv.conf) and return the
+records, ``[]`` for NXDOMAIN or no data, or the resolver's error as a value, so that
+an answer can be kept with the mail transaction either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+
+DnsRecords = list[Any]
+"""dnspython rdata of one answer (empty for NXDOMAIN or no data)."""
+
+
+def resolve_sync(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> DnsRecords | Exception:
+    """One blocking lookup (worker threads)."""
+    try:
+        answer = resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+    except dns.resolver.NXDOMAIN:
+        return []
+    except dns.exception.DNSException as exc:
+        return exc
+    return list(answer.rrset or ())
+
+
+async def resolve_async(
+    resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
+) -> DnsRecords | Exception:
+    """One lookup on the event loop."""
+    try:
+        answer = await resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+    except dns.resolver.NXDOMAIN:
+        return []
+    except dns.exception.DNSException as exc:
+        return exc
+    return list(answer.rrset or ())
+
+
+def async_twin(resolver: dns.resolver.Resolver) -> dns.asyncresolver.Resolver:
+    """An asyncio resolver asking exactly what ``resolver`` asks, the same way."""
+    twin = dns.asyncresolver.Resolver(configure=False)
+    twin.nameservers = list(resolver.nameservers)
+    twin.port = resolver.port
+    twin.timeout = resolver.timeout
+    twin.lifetime = resolver.lifetime
+    twin.search = []
+    twin.use_search_by_default = False
+    twin.cache = None
+    return twin

@@ -1,0 +1,421 @@
+"""The asyncio server: Postfix policy connections (unix and TCP) and their bookkeeping.
+
+Requests are answered on the event-loop thread when everything they need is
+cached; anything that could block (a directory miss, DNS) is evaluated again on a
+bounded thread pool, under the per-request deadline.  Requests on one connection
+are answered in order; connections are independent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import socket
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from policyd.app import Decision, PolicyApp, parse_listen
+from policyd.checks.base import NeedDns, Transaction, WouldBlock
+from policyd.config import PolicydConfig
+from policyd.decisionlog import DecisionLog
+from policyd.dnslookup import resolve_async
+from policyd.dovecot import LoginReportServer
+from policyd.protocol import Limits, Malformed, PolicyRequest, RequestReader, format_reply, validate
+
+log = logging.getLogger("mailwarden.policyd")
+
+MALFORMED_ACTION = "DEFER_IF_PERMIT 4.3.5 Malformed policy request"
+TIMEOUT_ACTION = "451 4.3.0 Policy service timeout, try again later"
+INTERNAL_ACTION = "451 4.3.0 Policy service internal error, try again later"
+MAX_QUEUED = 64
+"""Requests read ahead on one connection before reading pauses (Postfix sends one at a time)."""
+MAX_DNS_ROUNDS = 25
+"""DNS round trips one request may take on the event loop (SPF allows 10 lookups + void ones)."""
+DISCARD_FACTOR = 4
+"""A connection discarding more than this many ``max_request_size`` in one request is closed."""
+
+
+def _safe(text: str, limit: int = 200) -> str:
+    """Untrusted text made fit for one log line."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape").decode("ascii")
+
+
+def _quoted(text: str) -> str:
+    return '"' + _safe(text).replace('"', "'") + '"' if (" " in text or not text) else _safe(text)
+
+
+def decision_line(request: PolicyRequest, decision: Decision, ms: float) -> str:
+    """The one log line per decision, in the mail-log style of Postfix's own lines."""
+    name = request["client_name"] or "unknown"
+    return (
+        f"queue_id={_safe(request['queue_id']) or 'NOQUEUE'} stage={_safe(request.stage)} "
+        f"client={_safe(name)}[{_safe(request.client_address)}] "
+        f"sasl={_safe(request.sasl_username) or '-'} from=<{_safe(request.sender)}> "
+        f"to=<{_safe(request.recipient)}> action={_quoted(decision.action)} "
+        f"check={decision.check or '-'} reason={_quoted(decision.reason)} ms={ms:.2f}"
+    )
+
+
+class PolicyConnection(asyncio.Protocol):
+    """One Postfix smtpd (or other client) connection."""
+
+    def __init__(self, server: PolicyServer) -> None:
+        self.server = server
+        self.reader = RequestReader(server.limits)
+        self.transport: asyncio.Transport | None = None
+        self.queue: deque[PolicyRequest | Malformed] = deque()
+        self.busy = False
+        self.paused = False
+        self.closed = False
+        self.txn = Transaction()
+        self.last_active = time.monotonic()
+        self.peer = "?"
+
+    # ------------------------------------------------------------ transport events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Register, or refuse when the process is at ``max_connections``."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        if not self.server.admit(self):
+            self.closed = True
+            transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        """Parse what arrived and answer what is complete."""
+        self.last_active = time.monotonic()
+        try:
+            events = self.reader.feed(data)
+        except Exception as exc:  # noqa: BLE001 - a parser fault closes this connection only
+            log.error("connection %s: request parser failed (%s: %s); closing", self.peer,
+                      type(exc).__name__, exc)
+            self.close()
+            return
+        if self.reader.discarded > DISCARD_FACTOR * self.server.limits.max_request_size:
+            log.warning("connection %s: over-long request never ended (%d bytes discarded); closing",
+                        self.peer, self.reader.discarded)
+            self.close()
+            return
+        if events:
+            self.queue.extend(events)
+            if not self.busy:
+                self.drain()
+        if len(self.queue) > MAX_QUEUED and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection; note a request cut off in the middle."""
+        self.closed = True
+        self.server.forget(self)
+        if self.reader.pending:
+            log.warning("connection %s: client disconnected in the middle of a request (%d bytes)",
+                        self.peer, self.reader.pending)
+
+    def close(self) -> None:
+        """Close the transport (queued requests and any partial request are dropped)."""
+        self.closed = True
+        self.queue.clear()
+        self.reader.reset()
+        if self.transport is not None:
+            self.transport.close()
+
+    # ------------------------------------------------------------ answering
+
+    def drain(self) -> None:
+        """Answer queued requests in order until one needs the thread pool."""
+        server = self.server
+        while self.queue and not self.busy and not self.closed:
+            item = self.queue.popleft()
+            started = time.perf_counter()
+            if isinstance(item, Malformed):
+                self.answer_malformed(item.reason, started)
+                continue
+            problem = validate(item)
+            if problem is not None:
+                self.answer_malformed(problem, started)
+                continue
+            txn = self.transaction(item)
+            try:
+                decision = server.app.engine.decide(item, txn, inline=True)
+            except NeedDns as need:
+                self.busy = True
+                server.spawn(self.answer_blocking(item, txn, started, need))
+                return
+            except WouldBlock:
+                self.busy = True
+                server.spawn(self.answer_blocking(item, txn, started))
+                return
+            except Exception as exc:  # noqa: BLE001 - one bad request must not end the connection
+                decision = server.internal_error(exc)
+            self.answer(item, decision, started)
+        if self.paused and len(self.queue) <= MAX_QUEUED // 2 and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def transaction(self, request: PolicyRequest) -> Transaction:
+        """The state of the request's mail transaction (fresh when Postfix sent no instance).
+
+        Keyed by instance, client and sender, so that a client replaying an instance
+        never sees another transaction's lookups.
+        """
+        instance = request.instance
+        if not instance:
+            return Transaction()
+        key = f"{instance}\0{request.client_address}\0{request.sender}"
+        if self.txn.instance != key:
+            self.txn = Transaction(key)
+        return self.txn
+
+    async def answer_blocking(self, request: PolicyRequest, txn: Transaction, started: float,
+                              need: NeedDns | None = None) -> None:
+        """Evaluate after DNS lookups or on the thread pool, under the deadline; answer; go on."""
+        server = self.server
+        deadline = server.cfg.request_timeout
+        left = max(deadline - (time.perf_counter() - started), 0.001)
+        work = (server.decide_after_dns(request, txn, started, need) if need is not None
+                else server.decide_in_thread(request, txn, started))
+        try:
+            decision = await asyncio.wait_for(work, left)
+        except TimeoutError:
+            decision = Decision(TIMEOUT_ACTION, "deadline", f"no answer within {deadline:g} s")
+            # The worker may still finish later: let it write to an abandoned transaction.
+            self.txn = Transaction()
+        except Exception as exc:  # noqa: BLE001 - reported as a temporary failure
+            decision = server.internal_error(exc)
+        self.busy = False
+        self.answer(request, decision, started)
+        self.drain()
+
+    def answer(self, request: PolicyRequest, decision: Decision, started: float) -> None:
+        """Send the action and log the decision."""
+        if self.closed or self.transport is None:
+            return
+        self.transport.write(format_reply(decision.action))
+        if self.server.log_all or decision.action != "DUNNO":
+            ms = (time.perf_counter() - started) * 1000
+            self.server.decisions.info(decision_line(request, decision, ms))
+
+    def answer_malformed(self, reason: str, started: float) -> None:
+        """A defined answer for a request that cannot be evaluated, and one log line."""
+        if self.closed or self.transport is None:
+            return
+        self.transport.write(format_reply(MALFORMED_ACTION))
+        log.warning("connection %s: malformed policy request (%s): answered %s ms=%.2f", self.peer,
+                    _safe(reason), MALFORMED_ACTION, (time.perf_counter() - started) * 1000)
+
+
+class PolicyServer:
+    """The policy listeners and the Dovecot login-report endpoint of one process."""
+
+    def __init__(self, app: PolicyApp, *, executor: ThreadPoolExecutor | None = None) -> None:
+        self.app = app
+        self.cfg: PolicydConfig = app.config.policyd
+        self.limits = Limits(self.cfg.max_line_length, self.cfg.max_request_size,
+                             self.cfg.max_attributes)
+        self.log_all = self.cfg.log_decisions == "all"
+        self.decisions = DecisionLog(log)
+        self.executor = executor or ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="policyd")
+        self.connections: set[PolicyConnection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.login_reports: LoginReportServer | None = None
+        self.refused = 0
+        self._refused_logged = 0.0
+        self._sweeper: asyncio.Task[None] | None = None
+        self.addresses: list[str] = []
+
+    # ------------------------------------------------------------ life cycle
+
+    async def start(
+        self, sockets: list[socket.socket] | None = None,
+        login_sockets: list[socket.socket] | None = None,
+    ) -> None:
+        """Serve on the given (already bound) sockets, or bind the configured ones."""
+        loop = asyncio.get_running_loop()
+        self.app.services.directory.loop_thread = threading.get_ident()
+        self.decisions.start(loop)
+        if sockets is None:
+            sockets = [bind_listener(spec, self.cfg) for spec in self.cfg.listen]
+        if login_sockets is None:
+            login_sockets = [bind_listener(spec, self.cfg) for spec in self.cfg.login_report_listen]
+        for sock in sockets:
+            if sock.family == socket.AF_UNIX:
+                srv = await loop.create_unix_server(lambda: PolicyConnection(self), sock=sock)
+            else:
+                srv = await loop.create_server(lambda: PolicyConnection(self), sock=sock)
+            self.servers.append(srv)
+            self.addresses.append(_sock_name(sock))
+        if login_sockets:
+            self.login_reports = LoginReportServer(self.app, self.executor)
+            await self.login_reports.start(login_sockets)
+        self._sweeper = loop.create_task(self._sweep_idle())
+
+    async def close(self) -> None:
+        """Stop listening, close every connection, forget work in progress."""
+        for srv in self.servers:
+            srv.close()
+        if self.login_reports is not None:
+            await self.login_reports.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            conn.close()
+        for task in list(self.tasks):
+            task.cancel()
+        for srv in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.decisions.flush()
+
+    # ------------------------------------------------------------ connections
+
+    def admit(self, conn: PolicyConnection) -> bool:
+        """Take a new connection unless the process is full (logged at most every 10 s)."""
+        if len(self.connections) >= self.cfg.max_connections:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._refused_logged > 10:
+                self._refused_logged = now
+                log.warning("max_connections (%d) reached: %d connection(s) refused so far",
+                            self.cfg.max_connections, self.refused)
+            return False
+        self.connections.add(conn)
+        return True
+
+    def forget(self, conn: PolicyConnection) -> None:
+        """A connection has gone."""
+        self.connections.discard(conn)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a connection's blocking evaluation as a task."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _sweep_idle(self) -> None:
+        idle = self.cfg.idle_timeout
+        while True:
+            await asyncio.sleep(max(min(idle / 4, 30.0), 0.05))
+            cutoff = time.monotonic() - idle
+            stale = [c for c in self.connections if not c.busy and c.last_active < cutoff]
+            unfinished = sum(1 for c in stale if c.reader.pending)
+            for conn in stale:
+                conn.close()
+            if unfinished:
+                log.warning("closed %d idle connection(s), %d in the middle of a request "
+                            "(no terminating blank line)", len(stale), unfinished)
+            elif stale:
+                log.debug("closed %d idle connection(s)", len(stale))
+
+    # ------------------------------------------------------------ evaluation
+
+    async def decide_in_thread(self, request: PolicyRequest, txn: Transaction,
+                               started: float) -> Decision:
+        """Evaluate on the pool; work that waited past the deadline is not started."""
+        loop = asyncio.get_running_loop()
+        give_up = started + self.cfg.request_timeout
+        engine = self.app.engine
+
+        def work() -> Decision:
+            if time.perf_counter() > give_up:
+                raise TimeoutError
+            return engine.decide(request, txn, inline=False)
+
+        return await loop.run_in_executor(self.executor, work)
+
+    async def decide_after_dns(self, request: PolicyRequest, txn: Transaction, started: float,
+                               need: NeedDns) -> Decision:
+        """Resolve what the checks asked for on the event loop, then evaluate again inline.
+
+        An SPF evaluation may ask several times (include:, redirect=); a directory
+        miss on the way still goes to the thread pool.
+        """
+        resolver = self.app.services.async_dns
+        for _ in range(MAX_DNS_ROUNDS):
+            answers = await asyncio.gather(*(resolve_async(resolver, n, t) for n, t in need.queries))
+            txn.dns.update(zip(need.queries, answers, strict=True))
+            try:
+                return self.app.engine.decide(request, txn, inline=True)
+            except NeedDns as again:
+                need = again
+            except WouldBlock:
+                break
+        return await self.decide_in_thread(request, txn, started)
+
+    @staticmethod
+    def internal_error(exc: BaseException) -> Decision:
+        """A temporary failure for an unexpected fault, logged once."""
+        log.error("internal error: %s: %s", type(exc).__name__, exc)
+        return Decision(INTERNAL_ACTION, "internal", f"{type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------- sockets
+
+
+def _sock_name(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name}"
+    return f"inet:{name[0]}:{name[1]}" if sock.family == socket.AF_INET else f"inet:[{name[0]}]:{name[1]}"
+
+
+def bind_listener(spec: str, cfg: PolicydConfig) -> socket.socket:
+    """Bind and listen on ``unix:/path`` or ``inet:host:port`` (OSError with the spec on failure)."""
+    kind, where, port = parse_listen(spec)
+    if kind == "unix":
+        return _bind_unix(Path(where), int(cfg.socket_mode, 8), cfg.socket_group)
+    family = socket.AF_INET6 if ":" in where else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((where, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"{spec}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _bind_unix(path: Path, mode: int, group: str) -> socket.socket:
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise OSError(17, f"unix:{path}: exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale socket of a process that is gone
+        else:
+            raise OSError(98, f"unix:{path}: another process is listening there")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        path.chmod(mode)
+        if group:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        sock.listen(1024)
+    except (OSError, KeyError) as exc:
+        sock.close()
+        raise OSError(getattr(exc, "errno", 2), f"unix:{path}: {exc}") from None
+    sock.setblocking(False)
+    return sock

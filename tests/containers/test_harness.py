@@ -1,0 +1,155 @@
+"""The container harness's own parts that need no Docker: they run in every test run."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.message
+import dns.query
+import pytest
+
+from mailwarden.config import parse_config
+from mailwarden.render import render_dovecot, render_postfix
+from mailwarden.testing import containers
+from mailwarden.testing.containers import (
+    COMPOSE_FILE,
+    DEPLOY,
+    TOPOLOGY,
+    compose_file,
+    dns_servers,
+    docker_leftovers,
+    pick_network,
+    read_zone,
+    runtime_requirements,
+)
+from mailwarden.testing.ports import free_port
+
+STACK_ETC = DEPLOY / "rootfs" / "etc" / "mailwarden-stack"
+NET = "10.231.7"
+
+
+def stack_config(role: str) -> str:
+    """mailwarden.toml as mw-init writes it for ``role``."""
+    text = (STACK_ETC / "common.toml").read_text() + (STACK_ETC / f"{role}.toml").read_text()
+    return text.replace("@NET@", NET)
+
+
+def test_shipped_compose_file_is_the_harness_topology() -> None:
+    regenerate = "python -m mailwarden.testing.containers compose > deploy/container/compose.yaml"
+    assert COMPOSE_FILE.read_text() == compose_file(), f"regenerate it: {regenerate}"
+    for host in TOPOLOGY:
+        assert f'ipv4_address: "${{MW_NET:-10.231.7}}.{host.octet}"' in compose_file()
+
+
+def test_hosts_file_zone_and_topology_agree() -> None:
+    hosts = {}
+    for line in (STACK_ETC / "hosts").read_text().splitlines():
+        if line and not line.startswith("#"):
+            address, *names = line.split()
+            hosts[names[0]] = address.replace("@NET@", NET)
+    assert hosts == {h.hostname: f"{NET}.{h.octet}" for h in TOPOLOGY}
+    zone = read_zone((STACK_ETC / "zone").read_text().replace("@NET@", NET))
+    # Every MX target has an address, and it is the host the topology says.
+    for records in zone.values():
+        for mx in records.get("MX", []):
+            target = mx.split()[1].rstrip(".")
+            assert zone[target]["A"] == [hosts[target]]
+
+
+@pytest.mark.parametrize("role", ["front", "mailbox"])
+def test_the_stack_configuration_is_valid_and_renders(role: str, tmp_path: Path) -> None:
+    cfg = parse_config(stack_config(role), f"{role}.toml")
+    assert cfg.dns.nameservers == [f"{NET}.53"]
+    if role == "front":
+        written = render_postfix(cfg, [], tmp_path)
+        assert {w.name for w in written} == {f"postfix-{r}" for r in containers.FRONT_INSTANCES}
+        main_cf = (tmp_path / "postfix-mx" / "main.cf").read_text()
+        assert "myhostname = mx1.mailwarden.test" in main_cf
+        assert "maillog_file = /var/log/mailwarden/postfix.log" in main_cf
+    written = render_dovecot(cfg, ["proxy" if role == "front" else "mailbox"], tmp_path)
+    conf = (written[0].directory / "dovecot.conf").read_text()
+    assert "log_path = /var/log/mailwarden/dovecot.log" in conf
+
+
+@pytest.fixture
+def dns_stub() -> Iterator[int]:
+    records = read_zone((STACK_ETC / "zone").read_text().replace("@NET@", NET))
+    port = free_port()
+    servers = dns_servers(records, "127.0.0.1", port)
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield port
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_dns_container_answers_from_the_zone_over_udp_and_tcp(dns_stub: int) -> None:
+    mx = dns.query.udp(dns.message.make_query("example.jp", "MX"), "127.0.0.1", port=dns_stub, timeout=2)
+    assert [r.to_text() for r in mx.answer[0]] == ["10 mx1.mailwarden.test."]
+    spf = dns.query.tcp(dns.message.make_query("outside.test", "TXT"), "127.0.0.1", port=dns_stub, timeout=2)
+    assert spf.answer[0][0].to_text() == f'"v=spf1 ip4:{NET}.100 -all"'
+    missing = dns.query.udp(dns.message.make_query("deb.debian.org", "A"), "127.0.0.1", port=dns_stub,
+                            timeout=2)
+    assert missing.rcode() == dns.rcode.NXDOMAIN
+
+
+def test_runtime_requirements_pin_this_environment_and_add_what_only_the_image_needs() -> None:
+    pins = runtime_requirements()
+    assert "pymilter==1.0.5" in pins
+    assert any(p.startswith("python-ldap==") for p in pins)
+    assert not any(p.startswith(("pytest", "mypy", "mailwarden")) for p in pins)
+    # redis needs async-timeout below Python 3.11.3; the image's Debian Python is 3.11.2.
+    assert any(p.startswith("async-timeout") for p in pins)
+
+
+def test_a_network_that_overlaps_a_route_is_not_picked(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken = [ipaddress.IPv4Network("10.231.0.0/21"), ipaddress.IPv4Network("10.231.8.0/24")]
+    monkeypatch.setattr(containers, "_routes", lambda: taken)
+    assert pick_network() == "10.231.9"
+    with pytest.raises(containers.ContainerError):
+        pick_network("10.231.8")
+
+
+def test_dockerd_leftovers_are_removed_rules_before_chains() -> None:
+    listing = "\n".join([
+        "-P FORWARD DROP",
+        "-N DOCKER",
+        "-N DOCKER-USER",
+        "-N f2b-sshd",
+        "-A FORWARD -j DOCKER-USER",
+        "-A FORWARD -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-A FORWARD -i eth0 -j f2b-sshd",
+        "-A DOCKER-USER -j RETURN",
+    ])
+    assert docker_leftovers(listing) == [
+        ["-D", "FORWARD", "-j", "DOCKER-USER"],
+        ["-D", "FORWARD", "-o", "docker0", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED",
+         "-j", "ACCEPT"],
+        ["-D", "DOCKER-USER", "-j", "RETURN"],
+        ["-F", "DOCKER"], ["-X", "DOCKER"], ["-F", "DOCKER-USER"], ["-X", "DOCKER-USER"],
+    ]
+
+
+def test_a_pid_that_is_not_dockerd_is_never_taken_for_it(tmp_path: Path) -> None:
+    assert not containers._is_dockerd(os.getpid())
+    docker = containers.Docker(tmp_path)
+    docker.record.write_text(f'{{"pid": {os.getpid()}, "firewall": {{}}}}')
+    assert not docker.adopt()  # a recorded PID now used by another program is left alone
+    assert not docker.record.exists()
+
+
+def test_docker_compose_accepts_the_compose_file() -> None:
+    import shutil
+    import subprocess
+
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
+    done = subprocess.run([compose, "-f", str(COMPOSE_FILE), "config", "-q"], capture_output=True,
+                          text=True, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr

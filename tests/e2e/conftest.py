@@ -1,0 +1,131 @@
+"""Fixtures for the end-to-end tests: real Postfix, Dovecot and a recording sink.
+
+Each module gets its own daemons (module scope) so that a module may restart or
+reconfigure them; tests inside a module share them and look only at what happened
+after they began (``log_offset()``, ``sink.clear()``).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailwarden.testing.dovecot import DovecotServer, missing_dovecot
+from mailwarden.testing.postfix import missing_postfix
+from mailwarden.testing.slapd import SlapdServer
+from mailwarden.testing.smtpsink import SmtpSink
+
+MISSING = missing_postfix() or missing_dovecot()
+MAILWARDEN = Path(sys.executable).parent / "mailwarden"
+
+# The sample directory's hosted domains (ldap/sample.ldif).
+HOSTED_DOMAINS = "example.jp example.ne.jp example.com lab.example.org bare.example.net"
+
+
+def skip_without_mail_stack() -> pytest.MarkDecorator:
+    """Skip a module cleanly when Postfix or Dovecot cannot run here."""
+    return pytest.mark.skipif(MISSING is not None, reason=f"end-to-end: {MISSING}")
+
+
+@pytest.fixture(scope="module")
+def sink() -> Iterator[SmtpSink]:
+    """"The Internet": every message Postfix relays out ends up here."""
+    with SmtpSink() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def dovecot(slapd: SlapdServer) -> Iterator[DovecotServer]:
+    """Dovecot authenticating against the shared (read-only) sample slapd."""
+    with DovecotServer(slapd.uri) as server:
+        yield server
+
+
+class PolicydProcess:
+    """``mailwarden --config FILE policyd run`` as a child process, stopped by its PID.
+
+    Its log (stderr) goes to ``log_path``; ``start()`` returns once both the policy
+    socket and the login-report endpoint accept connections.
+    """
+
+    def __init__(self, config_path: Path, policy_port: int, report_port: int) -> None:
+        self.config_path = config_path
+        self.policy_port = policy_port
+        self.report_port = report_port
+        self.log_path = config_path.with_suffix(".log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """The check_policy_service endpoint."""
+        return f"inet:127.0.0.1:{self.policy_port}"
+
+    @property
+    def report_url(self) -> str:
+        """The URL Dovecot reports logins to."""
+        return f"http://127.0.0.1:{self.report_port}/"
+
+    def start(self, timeout: float = 15.0) -> PolicydProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(MAILWARDEN), "--config", str(self.config_path), "policyd", "run"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        for port in (self.policy_port, self.report_port):
+            while not _listening(port):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"policyd did not listen on {port}:\n{self.log_tail()}")
+                time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def log_offset(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_text(self, since: int = 0) -> str:
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as fh:
+            fh.seek(since)
+            return fh.read().decode("utf-8", "replace")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def wait_for_log(self, pattern: str, since: int = 0, timeout: float = 10.0) -> re.Match[str]:
+        regex = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        while (found := regex.search(self.log_text(since))) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"policyd log: no {pattern!r} within {timeout:g}s:\n"
+                                   + "\n".join(self.log_text(since).splitlines()[-30:]))
+            time.sleep(0.05)
+        return found
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False

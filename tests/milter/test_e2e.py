@@ -1,0 +1,257 @@
+"""End to end: a sending Postfix -> the MX Postfix with the milter -> the mailbox host.
+
+Real Postfix (two private instances), real clamd (local test signatures), real
+spamd (shipped rules, network tests off), real slapd (sample data plus two
+subscribers with deterministic spam outcomes), the milter as its own process.
+The mailbox host is an SMTP sink, so each test can see exactly which copy
+reached which recipient.  Postfix's re-injection smtpd runs without milters.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from mailwarden.testing.clamd import EICAR, ClamdServer
+from mailwarden.testing.postfix import PostfixInstance, SmtpResult, missing_postfix
+from mailwarden.testing.slapd import SlapdServer, mailwarden_database
+from mailwarden.testing.smtpsink import SinkMessage, SmtpSink
+from mailwarden.testing.spamd import GTUBE, SpamdServer
+from tests.milter.conftest import MilterProcess, base_sections
+
+pytestmark = [pytest.mark.slapd, pytest.mark.skipif(missing_postfix() is not None,
+                                                     reason=str(missing_postfix()))]
+
+DATA = Path(__file__).parent / "data"
+LOCAL_DOMAINS = "example.jp example.ne.jp example.com lab.example.org bare.example.net"
+REINJECT_OPTIONS = {
+    "smtpd_milters": "",
+    "receive_override_options": "no_milters",
+    "smtpd_authorized_xforward_hosts": "127.0.0.0/8",
+    "smtpd_client_restrictions": "",
+    "smtpd_helo_restrictions": "",
+    "smtpd_sender_restrictions": "",
+    "smtpd_recipient_restrictions": "permit_mynetworks,reject",
+    "smtpd_relay_restrictions": "permit_mynetworks,reject",
+    "mynetworks": "127.0.0.0/8",
+}
+
+
+class Stack:
+    def __init__(self, sender: PostfixInstance, mx: PostfixInstance, milter: MilterProcess,
+                 mailbox: SmtpSink, clamd: ClamdServer) -> None:
+        self.sender, self.mx, self.milter, self.mailbox, self.clamd = sender, mx, milter, mailbox, clamd
+
+    def send(self, message: EmailMessage, *recipients: str, sender: str = "someone@remote.example"
+             ) -> SmtpResult:
+        """Straight to the MX (so the SMTP reply can be checked)."""
+        return self.mx.send(sender, list(recipients), message)
+
+    def copies(self, count: int) -> list[SinkMessage]:
+        """Wait for ``count`` delivered messages (notices, with the null sender, not counted)."""
+        deadline = time.monotonic() + 20
+        while len(self.mail()) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.mail()) >= count, f"{len(self.mail())} of {count} messages delivered"
+        return self.mail()
+
+    def mail(self) -> list[SinkMessage]:
+        return [m for m in self.mailbox.messages if m.envelope_sender]
+
+    def notices(self) -> list[SinkMessage]:
+        return [m for m in self.mailbox.messages if not m.envelope_sender]
+
+    def mail_for(self, address: str) -> list[SinkMessage]:
+        return [m for m in self.mail() if address in m.recipients]
+
+    def copy_for(self, address: str) -> SinkMessage:
+        found = self.mail_for(address)
+        assert len(found) == 1, f"{address}: {len(found)} copies"
+        return found[0]
+
+
+@pytest.fixture(scope="module")
+def directory() -> Iterator[SlapdServer]:
+    server = SlapdServer([mailwarden_database(DATA / "e2e.ldif")]).start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def stack(directory: SlapdServer, clamd: ClamdServer, spamd: SpamdServer) -> Iterator[Stack]:
+    work = Path(tempfile.mkdtemp(prefix="mw-e2e-"))
+    work.chmod(0o755)  # Postfix's smtpd (user postfix) connects to the milter socket here
+    with SmtpSink() as mailbox:
+        milter = MilterProcess(work / "milter", base_sections(ldap_uri=directory.uri,
+                                                              store_path=work / "state.sqlite3"), "")
+        mx = PostfixInstance(main_cf={
+            "relay_domains": LOCAL_DOMAINS, "relayhost": mailbox.relayhost,
+            "smtpd_milters": f"unix:{milter.socket_path}", "milter_protocol": "6",
+            "milter_default_action": "tempfail", "mynetworks": "127.0.0.0/8",
+        }, myhostname="mx.example.jp")
+        reinject_port = mx.add_smtpd(REINJECT_OPTIONS)
+        milter.config_path.write_text(milter.config_path.read_text() + (
+            f'socket_mode = "0666"\nclamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.address}"]\n'
+            f'reinject = "inet:127.0.0.1:{reinject_port}"\nscan_cache_ttl = 0\n'
+        ))
+        milter.start()
+        mx.start()
+        sender = PostfixInstance(main_cf={"relayhost": f"[127.0.0.1]:{mx.smtpd_port}",
+                                          "mynetworks": "127.0.0.0/8"},
+                                 myhostname="out.remote.example", syslog_name="postfix-sender").start()
+        try:
+            yield Stack(sender, mx, milter, mailbox, clamd)
+        finally:
+            sender.cleanup()
+            mx.cleanup()
+            milter.stop()
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh(stack: Stack) -> Iterator[None]:
+    stack.mailbox.clear()
+    yield
+    if stack.clamd.pid is None:
+        stack.clamd.start()
+
+
+def message(body: str = "Hello, see you tomorrow.\n", subject: str = "meeting") -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "Someone <someone@remote.example>"
+    msg["To"] = "list@example.jp"
+    msg["Subject"] = subject
+    msg.set_content(body)
+    return msg
+
+
+def attach(msg: EmailMessage, data: bytes, filename: str) -> EmailMessage:
+    msg.add_attachment(data, maintype="application", subtype="octet-stream", filename=filename)
+    return msg
+
+
+def zipped(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- viruses
+
+
+@pytest.mark.parametrize("build", [
+    pytest.param(lambda: message(body=EICAR.decode() + "\n"), id="plain-body"),
+    pytest.param(lambda: attach(message(), EICAR, "eicar.com.txt"), id="base64-attachment"),
+    pytest.param(lambda: attach(message(), zipped({"inner.zip": zipped({"eicar.txt": EICAR})}),
+                                "outer.zip"), id="zip-in-zip"),
+])
+def test_eicar_is_refused_at_smtp_time(stack: Stack, build: object) -> None:
+    result = stack.send(build(), "taro@example.jp")  # type: ignore[operator]
+    assert result.data[0] == 550 and "virus Custom.Test.EICAR" in result.data[1]
+    # example.jp tells the recipient and its postmaster, in Japanese, with the null sender.
+    notices = stack.mailbox.wait_for(2, timeout=20)
+    assert sorted(r for n in notices for r in n.recipients) == ["postmaster@example.jp", "taro@example.jp"]
+    assert all(n.envelope_sender == "" and n.header("Auto-Submitted") == "auto-generated" for n in notices)
+    assert "ウイルス" in (notices[0].header("Subject") or "")
+    assert stack.mail() == []
+
+
+def test_virus_is_kept_from_the_scanned_recipient_only(stack: Stack) -> None:
+    result = stack.send(attach(message(), EICAR, "eicar.com.txt"), "taro@example.jp", "hanako@example.jp")
+    assert result.accepted
+    stack.copies(1)
+    assert stack.copy_for("hanako@example.jp").recipients == ("hanako@example.jp",)  # no virus scan
+    assert not stack.mail_for("taro@example.jp")
+
+
+# ---------------------------------------------------------------- attachments
+
+
+@pytest.mark.parametrize("filename", ["setup.exe", "screensaver.scr", "invoice.pdf.exe"])
+def test_banned_attachment_names_are_refused(stack: Stack, filename: str) -> None:
+    result = stack.send(attach(message(), b"not really a program", filename), "taro@example.jp")
+    assert result.data[0] == 550 and filename in result.data[1]
+
+
+def test_banned_attachment_is_stripped_where_the_domain_strips(stack: Stack) -> None:
+    msg = attach(message(), b"not really a program", "invoice.pdf.exe")
+    result = stack.send(msg, "taro@example.jp", "bob@example.com")
+    assert result.accepted
+    stack.copies(1)
+    bob = stack.copy_for("bob@example.com").message
+    assert [p.get_filename() for p in bob.walk() if p.get_filename()] == []
+    assert any("invoice.pdf.exe" in p.get_content() and "removed" in p.get_content()
+               for p in bob.walk() if p.get_content_type() == "text/plain")
+    assert not stack.mail_for("taro@example.jp")
+
+
+# ---------------------------------------------------------------- spam
+
+
+def test_gtube_to_a_contracted_and_an_uncontracted_recipient(stack: Stack) -> None:
+    result = stack.send(message(body=GTUBE + "\n"), "taro@example.jp", "bob@example.com")
+    assert result.accepted
+    stack.copies(1)
+    bob = stack.copy_for("bob@example.com")
+    assert bob.recipients == ("bob@example.com",)
+    assert bob.header("X-Spam-Status") is None and bob.header("X-Spam-Flag") is None
+    assert not stack.mail_for("taro@example.jp")  # over taro's reject score
+
+
+def test_two_local_recipients_get_exactly_what_their_flags_say(stack: Stack) -> None:
+    """junky (spam check, junk folder) and bob (no spam check) on one message: two copies."""
+    result = stack.send(message(subject="quarterly report"), "junky@example.com", "bob@example.com",
+                        "tagged@example.jp")
+    assert result.accepted, stack.milter.log()[-3000:]
+    stack.copies(3)
+    junky, bob, tagged = (stack.copy_for(a) for a in ("junky@example.com", "bob@example.com",
+                                                       "tagged@example.jp"))
+    assert junky.recipients == ("junky@example.com",)
+    assert junky.header("X-Mailwarden-Junk") == "yes" and junky.header("X-Spam-Flag") == "YES"
+    assert junky.header("Subject") == "quarterly report"
+    # The re-injected copy still shows how the message reached the MX.
+    assert any(r.startswith("from client.mailwarden.test (unknown [127.0.0.1])") and "mx.example.jp" in r
+               for r in junky.headers("Received"))
+    assert tagged.header("Subject") == "[迷惑] quarterly report"
+    assert tagged.header("X-Mailwarden-Junk") is None
+    assert bob.header("Subject") == "quarterly report"
+    assert [h for h in bob.message if h.lower().startswith(("x-spam", "x-mailwarden"))] == []
+
+
+# ---------------------------------------------------------------- keywords
+
+
+def test_keyword_hit_for_one_of_two_recipients(stack: Stack) -> None:
+    result = stack.send(message(body="Buy cheap   pills today\n"), "taro@example.jp", "bob@example.com")
+    assert result.accepted
+    stack.copies(1)
+    assert stack.copy_for("bob@example.com").recipients == ("bob@example.com",)
+    assert not stack.mail_for("taro@example.jp")
+    line = stack.milter.wait_for_log("taro@example.jp=reject[keyword rule")
+    assert "bob@example.com=deliver" in line
+
+
+# ---------------------------------------------------------------- outages
+
+
+def test_clamd_down_defers_and_the_retry_is_delivered(stack: Stack) -> None:
+    stack.clamd.stop()
+    since = stack.sender.log_offset()
+    stack.sender.send("someone@remote.example", ["taro@example.jp"], message(body="while clamd is down\n"))
+    stack.sender.wait_for_log(r"status=deferred .*451 4\.7\.1", timeout=20, since=since)
+    assert stack.mail() == []
+    stack.clamd.start()
+    stack.sender.wait_queue_empty(timeout=30)
+    stack.mx.wait_queue_empty(timeout=30)
+    (copy,) = stack.copies(1)
+    assert copy.recipients == ("taro@example.jp",) and b"while clamd is down" in copy.data

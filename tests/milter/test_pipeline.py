@@ -1,0 +1,344 @@
+"""Per-recipient outcomes through the milter class (pymilter's TestCtx) with fakes.
+
+The directory is a FakeDirectory shaped like the sample data: taro@example.jp
+(virus, extension filter, spam, keywords; notices in Japanese to recipient and
+admin), hanako@example.jp (spam at 3.5 with a subject tag, no virus scan),
+alice/bob/carol@example.com (parts are stripped; bob has no spam or keywords),
+nobody@bare.example.net (nothing).
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import time
+from pathlib import Path
+
+import Milter
+import pytest
+
+from mailwarden.store import RedisStore
+from mailwarden.testing.clamd import EICAR
+from mailwarden.testing.redisserver import RedisServer
+from mailwarden.testing.spamd import GTUBE
+from milters.verdict import Action
+from tests.milter.helpers import Harness, harness, make_message
+from tests.milter.test_message import PE, _encrypted, with_attachment, zip_of
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return harness(tmp_path)
+
+
+def delivered_copy(h: Harness, address: str) -> email.message.EmailMessage:
+    """The re-injected copy that ``address`` gets."""
+    copies = h.injector.to(address)
+    assert len(copies) == 1, f"{address}: {len(copies)} copies"
+    return email.message_from_bytes(copies[0].data, policy=email.policy.default)  # type: ignore[return-value]
+
+
+def test_clean_mail_is_accepted_unchanged(h: Harness) -> None:
+    ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp", "nobody@bare.example.net")
+    assert ctx.rc == Milter.ACCEPT
+    assert ctx._delrcpt == [] and not ctx._headerschanged and not ctx._bodyreplaced
+    assert h.injector.sent == []
+    assert h.virus.calls == 1 and h.spam.calls == 1
+
+
+def test_virus_for_every_recipient_is_refused_at_smtp_time(h: Harness) -> None:
+    ctx = h.feed(make_message(body=EICAR.decode()), "s@remote.example", "taro@example.jp")
+    assert ctx.rc == Milter.REJECT
+    assert ctx._reply[0] == "550" and "virus Eicar-Test-Signature" in ctx._reply[2]
+    assert h.spam.calls == 0  # no spamd time spent on refused mail
+
+
+def test_virus_removes_only_the_recipient_who_has_virus_scanning(h: Harness) -> None:
+    msg = make_message(body="see attachment")
+    msg.add_attachment(EICAR, maintype="application", subtype="octet-stream", filename="eicar.txt")
+    ctx = h.feed(msg, "s@remote.example", "taro@example.jp", "hanako@example.jp")
+    assert ctx.rc == Milter.ACCEPT
+    assert ctx._delrcpt == ["<taro@example.jp>"]
+    notices = [m for m in h.injector.sent if m.sender == ""]
+    assert sorted(r for m in notices for r in m.recipients) == ["postmaster@example.jp", "taro@example.jp"]
+    notice = email.message_from_bytes(notices[0].data, policy=email.policy.default)
+    assert notice["Auto-Submitted"] == "auto-generated"
+    assert "ウイルス" in str(notice["Subject"])  # example.jp notices are in Japanese
+    assert "Eicar-Test-Signature" in notice.get_content()
+
+
+def test_banned_exe_is_refused_for_one_domain_and_stripped_for_another(h: Harness) -> None:
+    raw = with_attachment(b"MZ-not-really", "invoice.pdf.exe")
+    ctx = h.feed(raw, "s@remote.example", "taro@example.jp", "bob@example.com")
+    assert ctx.rc == Milter.ACCEPT
+    # taro (example.jp: reject) is removed; bob (example.com: strip) keeps the queued copy, stripped.
+    assert ctx._delrcpt == ["<taro@example.jp>"]
+    assert ctx._bodyreplaced
+    body = ctx._body.getvalue()
+    assert b"invoice.pdf.exe" not in body.split(b"\n\n", 1)[1].replace(b"\r", b"")
+    note = email.message_from_bytes(body, policy=email.policy.default)
+    texts = [p.get_content() for p in note.walk() if p.get_content_type() == "text/plain"]
+    assert any("was removed" in t and "invoice.pdf.exe" in t for t in texts)
+
+
+@pytest.mark.parametrize("filename", ["setup.exe", "screen.scr", "invoice.pdf.exe", "INVOICE.PDF.EXE. "])
+def test_banned_names_are_refused(h: Harness, filename: str) -> None:
+    ctx = h.feed(with_attachment(b"x", filename), "s@remote.example", "taro@example.jp")
+    assert ctx.rc == Milter.REJECT and "banned attachment" in ctx._reply[2]
+
+
+def test_exe_hidden_in_zip_in_zip_is_found(h: Harness) -> None:
+    data = zip_of({"inner.zip": zip_of({"run.scr": b"x"})})
+    ctx = h.feed(with_attachment(data, "docs.zip"), "s@remote.example", "taro@example.jp")
+    assert ctx.rc == Milter.REJECT and "run.scr" in ctx._reply[2]
+
+
+def test_pe_content_behind_a_pdf_name_is_refused(h: Harness) -> None:
+    ctx = h.feed(with_attachment(PE, "invoice.pdf"), "s@remote.example", "taro@example.jp")
+    assert ctx.rc == Milter.REJECT
+
+
+def test_user_unbanned_extension_passes_for_that_user_only(h: Harness) -> None:
+    raw = with_attachment(b"alert(1)", "script.js")
+    ctx = h.feed(raw, "s@remote.example", "alice@example.com", "bob@example.com")
+    assert ctx.rc == Milter.ACCEPT
+    # alice un-banned .js: she keeps the queued copy as sent; bob's copy is stripped and re-injected.
+    assert ctx._delrcpt == ["<bob@example.com>"] and not ctx._bodyreplaced
+    bob = delivered_copy(h, "bob@example.com")
+    assert not any(p.get_filename() == "script.js" for p in bob.walk())
+
+
+def test_spam_headers_only_for_the_contracted_recipient(h: Harness) -> None:
+    h.spam.score = 7.0
+    ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp", "nobody@bare.example.net")
+    assert ctx.rc == Milter.ACCEPT
+    # Equal groups: the unedited copy stays queued for nobody, taro's variant is re-injected.
+    assert ctx._delrcpt == ["<taro@example.jp>"] and not ctx._headerschanged
+    taro = delivered_copy(h, "taro@example.jp")
+    assert taro["X-Spam-Flag"] == "YES" and taro["X-Mailwarden-Junk"] == "yes"
+    assert str(taro["X-Spam-Status"]).startswith("Yes, score=7.0 required=5.0")
+    assert h.injector.sent[0].origin is not None and h.injector.sent[0].origin.queue_id == "QID1"
+
+
+def test_largest_group_keeps_the_queued_copy(h: Harness) -> None:
+    h.spam.score = 7.0
+    ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp", "carol@example.com",
+                 "nobody@bare.example.net")
+    # carol rejects spam, taro gets junk headers; taro's group (1) vs nobody's (1): unedited wins.
+    assert sorted(ctx._delrcpt) == ["<carol@example.com>", "<taro@example.jp>"]
+
+
+def test_spam_subject_tag_and_threshold_per_recipient(h: Harness) -> None:
+    h.spam.score = 4.0  # spam for hanako (3.5), not for taro (5.0)
+    ctx = h.feed(make_message(subject="hello"), "s@remote.example", "hanako@example.jp")
+    assert ctx.rc == Milter.ACCEPT
+    assert "[SPAM] hello" in ctx._msg.get_all("Subject")
+    assert ctx._msg["X-Spam-Flag"] == "YES"
+    h.feed(make_message(subject="hello"), "s@remote.example", "taro@example.jp")
+    assert h.injector.sent == []
+
+
+def test_gtube_over_the_reject_score_is_refused_for_contracted_only(h: Harness) -> None:
+    ctx = h.feed(make_message(body=GTUBE), "s@remote.example", "taro@example.jp", "bob@example.com")
+    assert ctx.rc == Milter.ACCEPT and ctx._delrcpt == ["<taro@example.jp>"]
+    assert ctx._msg["X-Spam-Status"] is None  # bob has no spam service: no spam headers
+
+
+def test_keyword_rule_hits_for_one_of_two_recipients(h: Harness) -> None:
+    msg = make_message(subject="=?ISO-2022-JP?B?GyRCTCQ+NUJ6OS05cCEjGyhC?= sale")  # 未承諾広告。
+    ctx = h.feed(msg, "s@remote.example", "taro@example.jp", "nobody@bare.example.net")
+    assert ctx.rc == Milter.ACCEPT and ctx._delrcpt == ["<taro@example.jp>"]
+    assert delivered_copy(h, "taro@example.jp")["X-Mailwarden-Junk"] == "yes"
+
+
+def test_keyword_regex_reject_on_decoded_japanese_body(h: Harness) -> None:
+    msg = make_message()
+    msg.set_content("ＣＨＥＡＰ　ＰＩＬＬＳ 今だけ".encode("iso-2022-jp"), maintype="text", subtype="plain",
+                    cte="7bit")
+    msg.replace_header("Content-Type", 'text/plain; charset="iso-2022-jp"')
+    ctx = h.feed(msg, "s@remote.example", "taro@example.jp")
+    assert ctx.rc == Milter.REJECT and "keyword rule" in ctx._reply[2]
+
+
+def test_directory_outage_defers_the_recipient(h: Harness) -> None:
+    h.directory.down = True
+    ctx = h.feed(make_message(), "s@remote.example", "someone@example.org")
+    assert ctx.rc == Milter.TEMPFAIL and ctx._reply[0] == "451"
+
+
+def test_clamd_down_defers_the_message(h: Harness) -> None:
+    h.virus.error = "connection refused"
+    ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp", "nobody@bare.example.net")
+    assert ctx.rc == Milter.TEMPFAIL and ctx._reply[0] == "451"
+    assert h.injector.sent == []
+
+
+def test_clamd_down_is_accepted_where_the_domain_says_so(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    h.directory.entries["mwDomainName=example.com,ou=domains"]["virus_failure_action"] = ["accept"]
+    h.virus.error = "connection refused"
+    ctx = h.feed(make_message(), "s@remote.example", "bob@example.com")
+    assert ctx.rc == Milter.ACCEPT
+
+
+def test_spamd_down_defers_only_when_someone_contracted_spam(h: Harness) -> None:
+    h.spam.error = "timed out"
+    assert h.feed(make_message(), "s@remote.example", "bob@example.com").rc == Milter.ACCEPT
+    assert h.feed(make_message(), "s@remote.example", "taro@example.jp").rc == Milter.TEMPFAIL
+
+
+def test_password_protected_zip_defers_by_default(h: Harness) -> None:
+    raw = with_attachment(_encrypted(zip_of({"doc.txt": b"x" * 50})), "locked.zip")
+    ctx = h.feed(raw, "s@remote.example", "taro@example.jp")
+    assert ctx.rc == Milter.TEMPFAIL and "encrypted" in ctx._reply[2]
+
+
+def test_unscannable_is_refused_where_the_domain_says_so(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    h.directory.entries["mwDomainName=example.jp,ou=domains"]["unscannable_action"] = ["reject"]
+    raw = with_attachment(_encrypted(zip_of({"doc.txt": b"x" * 50})), "locked.zip")
+    assert h.feed(raw, "s@remote.example", "taro@example.jp").rc == Milter.REJECT
+
+
+def test_the_same_body_resent_is_scanned_once(h: Harness) -> None:
+    for i in range(3):
+        msg = make_message(body="same body every time")
+        msg.replace_header("Message-ID", f"<resend-{i}@botnet.example>")
+        h.feed(msg, f"bot{i}@remote.example", "taro@example.jp")
+    assert h.virus.calls == 1
+
+
+def test_cached_virus_verdict_is_used_for_a_resend(h: Harness) -> None:
+    h.feed(make_message(body=EICAR.decode()), "a@remote.example", "taro@example.jp")
+    ctx = h.feed(make_message(body=EICAR.decode()), "b@remote.example", "taro@example.jp")
+    assert h.virus.calls == 1 and ctx.rc == Milter.REJECT
+
+
+def test_failed_reinjection_defers_the_whole_message(h: Harness) -> None:
+    h.spam.score = 7.0
+    h.injector.fail = True
+    ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp", "nobody@bare.example.net")
+    assert ctx.rc == Milter.TEMPFAIL and ctx._delrcpt == []
+
+
+def test_quarantine_keeps_the_message_for_that_recipient(tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    h.directory.entries["mwDomainName=example.com,ou=domains"]["virus_action"] = ["quarantine"]
+    ctx = h.feed(make_message(body=EICAR.decode()), "s@remote.example", "bob@example.com")
+    assert ctx.rc == Milter.DISCARD
+    quarantine = h.service.delivery.quarantine
+    assert quarantine is not None
+    (entry,) = quarantine.entries()
+    assert entry.recipients == ["bob@example.com"] and "virus" in entry.reason
+    assert EICAR in quarantine.read(entry.id)
+
+
+def test_forged_junk_header_is_removed(h: Harness) -> None:
+    msg = make_message(headers={"X-Mailwarden-Junk": "yes"})
+    ctx = h.feed(msg, "s@remote.example", "nobody@bare.example.net")
+    assert ctx.rc == Milter.ACCEPT and ctx._msg["X-Mailwarden-Junk"] is None
+
+
+def test_no_notice_to_the_sender_of_machine_mail(h: Harness) -> None:
+    msg = make_message(body=EICAR.decode(), headers={"Auto-Submitted": "auto-replied"})
+    h.feed(msg, "robot@remote.example", "bob@example.com")  # example.com notifies senders
+    assert "robot@remote.example" not in [r for m in h.injector.sent for r in m.recipients]
+    h.feed(make_message(body=EICAR.decode() + " "), "person@remote.example", "bob@example.com")
+    assert "person@remote.example" in [r for m in h.injector.sent for r in m.recipients]
+
+
+def test_notices_are_rate_limited_per_address(tmp_path: Path) -> None:
+    h = harness(tmp_path, "notice_limit = 2\n")
+    for i in range(5):
+        h.feed(make_message(body=EICAR.decode() + " " * i), "s@remote.example", "bob@example.com")
+    assert len(h.injector.to("bob@example.com")) == 2
+
+
+def test_message_for_nobody_with_services_is_not_touched(h: Harness) -> None:
+    ctx = h.feed(make_message(body=GTUBE), "s@remote.example", "nobody@bare.example.net")
+    assert ctx.rc == Milter.ACCEPT and not ctx._headerschanged and h.spam.calls == 0 and h.virus.calls == 0
+
+
+def test_filter_bug_defers_instead_of_passing(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(h.service.pipeline.filters[1], "apply", boom)
+    ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp")
+    assert ctx.rc == Milter.TEMPFAIL
+
+
+def test_abort_mid_message_drops_the_spool(h: Harness, tmp_path: Path) -> None:
+    from Milter.testctx import TestCtx
+
+    from milters.app import ContentMilter
+
+    Milter.factory = lambda: ContentMilter(h.service)
+    ctx = TestCtx()
+    ctx._connect()
+    ctx._envfrom("<s@remote.example>")
+    ctx._envrcpt("<taro@example.jp>")
+    milter = ctx.getpriv()
+    milter.body(b"x" * 100)
+    assert milter.spool is not None
+    ctx._abort()
+    assert milter.spool is None
+
+
+def test_huge_body_spools_to_disk_and_is_scanned(tmp_path: Path) -> None:
+    h = harness(tmp_path, "memory_limit = 65536\n")
+    big = base64.b64encode(b"\x00" * 400_000).decode()
+    ctx = h.feed(make_message(body=big + "\n" + EICAR.decode()), "s@remote.example", "taro@example.jp")
+    assert ctx.rc == Milter.REJECT
+    assert list((tmp_path / "spool").iterdir()) == []
+
+
+def test_outcome_strength_keeps_the_strongest_block() -> None:
+    from milters.verdict import Recipient, RecipientOutcome
+    from tests.milter.helpers import sample_directory
+
+    del sample_directory
+    outcome = RecipientOutcome(Recipient("a@b", (), None))  # type: ignore[arg-type]
+    outcome.block(Action.DISCARD, "one")
+    outcome.block(Action.REJECT, "two")
+    outcome.block(Action.QUARANTINE, "three")
+    assert outcome.action is Action.REJECT and outcome.reasons == ["one", "two", "three"]
+
+
+def test_log_line_is_one_line_whatever_the_sender_put_in_names(h: Harness,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    raw = (b"From: a@b\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+           b'Content-Type: application/octet-stream; name="=?UTF-8?Q?x=0Afake:_line.exe?="\r\n\r\n'
+           b"x\r\n--B--\r\n")
+    with caplog.at_level("INFO", logger="mailwarden.milter"):
+        h.feed(raw, "s@remote.example", "taro@example.jp")
+    (line,) = [r.getMessage() for r in caplog.records if "QID1:" in r.getMessage()]
+    assert "\n" not in line and "reject[banned attachment x?fake: line.exe" in line
+
+
+def test_two_nodes_on_one_redis_scan_the_same_mail_once(tmp_path: Path, redis_server: RedisServer) -> None:
+    from milters.filters.virus import StoreScanCache, VirusFilter
+
+    store = RedisStore(redis_server.url, key_prefix=f"mwtest{time.time_ns()}:")
+    node_a, node_b = harness(tmp_path / "a"), harness(tmp_path / "b")
+    for node in (node_a, node_b):
+        node.service.pipeline.filters[1] = VirusFilter(node.virus, StoreScanCache(store, 600))
+    node_a.feed(make_message(body="one body, two nodes"), "s@remote.example", "taro@example.jp")
+    node_b.feed(make_message(body="one body, two nodes"), "s@remote.example", "taro@example.jp")
+    assert node_a.virus.calls + node_b.virus.calls == 1
+
+
+def test_local_scan_cache_forgets_after_its_ttl_and_when_full() -> None:
+    from milters.filters.virus import LocalScanCache
+    from milters.scanners import VirusResult
+
+    now = [0.0]
+    cache = LocalScanCache(ttl=10, size=2, clock=lambda: now[0])
+    cache.put("a", VirusResult(infected=True, signature="Eicar"))
+    cache.put("b", VirusResult(infected=False))
+    assert cache.get("a") == VirusResult(infected=True, signature="Eicar", upstream="cache", cached=True)
+    cache.put("c", VirusResult(infected=False))  # "b" was used least recently
+    assert cache.get("b") is None and cache.get("c") is not None
+    now[0] = 11
+    assert cache.get("a") is None

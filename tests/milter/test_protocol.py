@@ -1,0 +1,201 @@
+"""The milter as its own process on a unix socket, driven by an MTA-side client.
+
+The directory is the session's real slapd with the sample data; clamd and spamd
+are fake socket servers here (so they can be slow or dead on cue) and the
+re-injection smtpd is an SMTP sink.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from miltertest import constants as c
+
+from mailwarden.testing.clamd import EICAR, FakeClamd
+from mailwarden.testing.ports import free_port
+from mailwarden.testing.slapd import SlapdServer
+from mailwarden.testing.smtpsink import SmtpSink
+from mailwarden.testing.spamd import GTUBE, FakeSpamd
+from tests.milter.conftest import MilterProcess, base_sections
+from tests.milter.helpers import make_message
+from tests.milter.mta import EomResult, MtaSession
+
+pytestmark = pytest.mark.slapd
+
+
+class Rig:
+    def __init__(self, milter: MilterProcess, clamd: FakeClamd, spamd: FakeSpamd, sink: SmtpSink) -> None:
+        self.milter, self.clamd, self.spamd, self.sink = milter, clamd, spamd, sink
+
+    def session(self) -> MtaSession:
+        s = MtaSession(self.milter.socket_path)
+        s.connect()
+        s.helo()
+        return s
+
+    def send(self, raw: bytes, sender: str, *recipients: str) -> EomResult:
+        s = self.session()
+        try:
+            result = s.message(sender, list(recipients), raw)
+        finally:
+            s.close()
+        assert isinstance(result, EomResult), result
+        return result
+
+
+@pytest.fixture(scope="module")
+def rig(slapd: SlapdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    work = tmp_path_factory.mktemp("milter-proto")
+    with FakeClamd() as clamd, FakeSpamd(score=1.0) as spamd, SmtpSink() as sink:
+        milter = MilterProcess(
+            work, base_sections(ldap_uri=slapd.uri, store_path=work / "state.sqlite3"),
+            f'clamd = ["unix:{work}/dead-clamd.sock", "{clamd.address}"]\nclamd_timeout = 1.0\n'
+            f'spamd = ["{spamd.address}"]\nspamd_timeout = 1.0\nupstream_retry = 60\n'
+            f'reinject = "inet:127.0.0.1:{sink.port}"\nscan_cache_ttl = 0\n',
+        ).start()
+        yield Rig(milter, clamd, spamd, sink)
+        milter.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset(rig: Rig) -> None:
+    rig.clamd.mode = "ok"
+    rig.spamd.mode = "ok"
+    rig.spamd.score = 1.0
+    rig.sink.clear()
+
+
+def test_negotiates_only_the_actions_it_uses(rig: Rig) -> None:
+    s = MtaSession(rig.milter.socket_path)
+    s.close()
+    wanted = c.SMFIF_ADDHDRS | c.SMFIF_CHGHDRS | c.SMFIF_CHGBODY | c.SMFIF_DELRCPT
+    assert s.actions & wanted == wanted
+    assert not s.actions & (c.SMFIF_ADDRCPT | c.SMFIF_CHGFROM | c.SMFIF_QUARANTINE)
+    assert s.protocol & 0x80 and s.protocol & 0x80000  # no reply awaited per header / body chunk
+
+
+def test_clean_mail_is_accepted_without_changes(rig: Rig) -> None:
+    result = rig.send(make_message().as_bytes(), "s@remote.example", "taro@example.jp")
+    assert result.final == c.SMFIR_ACCEPT and result.actions == []
+    line = rig.milter.wait_for_log("TESTQ1: accept")
+    assert "taro@example.jp=deliver" in line and "virus=clean" in line and "spam=1.0" in line
+
+
+def test_virus_is_refused_with_a_clear_5xx(rig: Rig) -> None:
+    result = rig.send(make_message(body=EICAR.decode()).as_bytes(), "s@remote.example", "taro@example.jp")
+    assert result.final == c.SMFIR_REPLYCODE
+    assert result.reply.startswith("550 5.7.1") and "virus Eicar-Test-Signature" in result.reply
+
+
+def test_variant_goes_out_through_reinjection_and_the_recipient_is_removed(rig: Rig) -> None:
+    rig.spamd.score = 7.0  # spam for taro (threshold 5, junk), bob has no spam service
+    result = rig.send(make_message().as_bytes(), "s@remote.example", "taro@example.jp", "bob@example.com")
+    assert result.final == c.SMFIR_ACCEPT
+    assert result.of(c.SMFIR_DELRCPT) == [{"rcpt": "<taro@example.jp>"}]
+    assert result.of(c.SMFIR_ADDHEADER) == []  # bob's queued copy is untouched
+    (copy,) = rig.sink.wait_for(1)
+    assert copy.recipients == ("taro@example.jp",) and copy.envelope_sender == "s@remote.example"
+    assert copy.header("X-Mailwarden-Junk") == "yes" and copy.header("X-Spam-Flag") == "YES"
+
+
+def test_subject_tag_is_a_header_change_on_the_wire(rig: Rig) -> None:
+    rig.spamd.score = 4.0  # hanako: threshold 3.5, action subject
+    result = rig.send(make_message(subject="hello").as_bytes(), "s@remote.example", "hanako@example.jp")
+    assert {"index": 1, "name": "Subject", "value": "[SPAM] hello"} in result.of(c.SMFIR_CHGHEADER)
+    assert {"name": "X-Spam-Flag", "value": "YES"} in result.of(c.SMFIR_ADDHEADER)
+
+
+def test_directory_alias_resolves_for_the_recipient(rig: Rig) -> None:
+    raw = make_message(body=EICAR.decode()).as_bytes()
+    result = rig.send(raw, "s@remote.example", "taro.yamada@example.ne.jp")
+    assert result.final == c.SMFIR_REPLYCODE and result.reply.startswith("550")
+
+
+def test_first_clamd_upstream_dead_fails_over_to_the_second(rig: Rig) -> None:
+    before = rig.clamd.scans
+    rig.send(make_message(body="fail over").as_bytes(), "s@remote.example", "taro@example.jp")
+    assert rig.clamd.scans == before + 1
+
+
+def test_hanging_clamd_tempfails_within_the_timeout(rig: Rig) -> None:
+    rig.clamd.mode = "hang"
+    started = time.monotonic()
+    result = rig.send(make_message(body="slow").as_bytes(), "s@remote.example", "taro@example.jp")
+    assert result.final == c.SMFIR_REPLYCODE and result.reply.startswith("451 4.7.1")
+    assert time.monotonic() - started < 5
+
+
+def test_hanging_spamd_tempfails_only_contracted_mail(rig: Rig) -> None:
+    rig.spamd.mode = "hang"
+    ok = rig.send(make_message(body="no spam service").as_bytes(), "s@remote.example", "bob@example.com")
+    assert ok.final == c.SMFIR_ACCEPT
+    deferred = rig.send(make_message(body="spam service").as_bytes(), "s@remote.example", "taro@example.jp")
+    assert deferred.reply.startswith("451")
+
+
+def test_gtube_with_contracted_and_uncontracted_recipients(rig: Rig) -> None:
+    raw = make_message(body=GTUBE).as_bytes()
+    result = rig.send(raw, "s@remote.example", "taro@example.jp", "bob@example.com")
+    assert result.final == c.SMFIR_ACCEPT
+    assert result.of(c.SMFIR_DELRCPT) == [{"rcpt": "<taro@example.jp>"}]
+    assert result.of(c.SMFIR_ADDHEADER) == [] and rig.sink.messages == []
+
+
+def test_8bit_junk_in_headers_gets_a_verdict(rig: Rig) -> None:
+    s = rig.session()
+    s.mail("s@remote.example")
+    s.rcpt("taro@example.jp")
+    s.step(c.SMFIC_DATA, b"")
+    s.header("Subject", b"\xff\xfe\x80\x1b$B junk \x8e")
+    s.header("From", b"\x00\x01 <a@b>")
+    s.eoh()
+    s.body(b"hello\r\n")
+    result = s.eom("JUNKQ")
+    s.close()
+    assert result.final == c.SMFIR_ACCEPT
+    rig.milter.wait_for_log("JUNKQ: accept")
+
+
+def test_client_gone_mid_message_leaves_no_spool_and_milter_serves_on(rig: Rig) -> None:
+    s = rig.session()
+    s.mail("s@remote.example")
+    s.rcpt("taro@example.jp")
+    s.step(c.SMFIC_DATA, b"")
+    s.header("Subject", "cut")
+    s.eoh()
+    s.body(b"x" * 3_000_000)  # over the memory limit: spooled to disk
+    s.close()
+    time.sleep(0.3)
+    assert list((rig.milter.dir / "spool").iterdir()) == []
+    result = rig.send(make_message().as_bytes(), "s@remote.example", "taro@example.jp")
+    assert result.final == c.SMFIR_ACCEPT
+
+
+def test_broken_mime_gets_a_verdict(rig: Rig) -> None:
+    raw = (b"From: a@b\r\nSubject: broken\r\nContent-Type: multipart/mixed; boundary=\"q\"\r\n\r\n"
+           b"--q\r\nContent-Type: application/octet-stream; name=\"x.exe\"\r\nContent-Transfer-Encod")
+    result = rig.send(raw, "s@remote.example", "taro@example.jp")
+    assert result.final == c.SMFIR_REPLYCODE and "x.exe" in result.reply
+
+
+def test_directory_down_defers_the_recipient(tmp_path: Path) -> None:
+    with SmtpSink() as sink:
+        milter = MilterProcess(
+            tmp_path, base_sections(ldap_uri=f"ldap://127.0.0.1:{free_port()}/",
+                                    store_path=tmp_path / "state.sqlite3"),
+            f'clamd = ["unix:{tmp_path}/none.sock"]\nreinject = "inet:127.0.0.1:{sink.port}"\n',
+        ).start()
+        try:
+            s = MtaSession(milter.socket_path)
+            s.connect()
+            s.mail("s@remote.example")
+            started = time.monotonic()
+            code = s.rcpt("taro@example.jp")
+            s.close()
+            assert code == c.SMFIR_REPLYCODE and s.last_reply.startswith("451 4.3.0")
+            assert time.monotonic() - started < 20  # inside Postfix's milter_command_timeout
+        finally:
+            milter.stop()

@@ -1,0 +1,175 @@
+"""The clamd and spamd adapters against the real daemons and against fake ones."""
+
+from __future__ import annotations
+
+import time
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from mailwarden.testing.clamd import EICAR, ClamdServer, FakeClamd
+from mailwarden.testing.smtpsink import SmtpSink
+from mailwarden.testing.spamd import GTUBE, FakeSpamd, SpamdServer
+from milters.reinject import InjectError, Origin, SmtpInjector, dot_stuff, xtext
+from milters.scanners import ScanError
+from milters.scanners.clamd import ClamdScanner
+from milters.scanners.spamd import SpamdScanner, parse_reply
+from milters.scanners.upstreams import Upstreams
+from tests.milter.test_message import zip_of
+
+TESTFILES = Path("/usr/share/clamav-testfiles")
+
+
+def soon(seconds: float = 10.0) -> float:
+    return time.monotonic() + seconds
+
+
+def mail_with(data: bytes, filename: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "a@remote.example"
+    msg["Subject"] = "x"
+    msg.set_content("see attachment")
+    msg.add_attachment(data, maintype="application", subtype="octet-stream", filename=filename)
+    return msg.as_bytes()
+
+
+# ---------------------------------------------------------------- clamd
+
+
+@pytest.mark.parametrize("kind", ["unix", "inet"])
+@pytest.mark.parametrize(("payload", "expected"), [
+    pytest.param(b"Subject: x\r\n\r\n" + EICAR + b"\r\n", True, id="plain-body"),
+    pytest.param(mail_with(EICAR, "eicar.txt"), True, id="base64-attachment"),
+    pytest.param(mail_with(zip_of({"inner.zip": zip_of({"e.txt": EICAR})}), "outer.zip"), True,
+                 id="zip-in-zip"),
+    pytest.param(b"Subject: x\r\n\r\nnothing to see\r\n", False, id="clean"),
+])
+def test_real_clamd_finds_eicar_wherever_it_hides(clamd: ClamdServer, kind: str, payload: bytes,
+                                                  expected: bool) -> None:
+    address = clamd.unix_address if kind == "unix" else clamd.inet_address
+    result = ClamdScanner([address]).scan(lambda: [payload], soon())
+    assert result.infected is expected
+    if expected:
+        assert result.signature.startswith("Custom.Test.EICAR")
+
+
+@pytest.mark.skipif(not TESTFILES.is_dir(), reason="clamav-testfiles not installed")
+@pytest.mark.parametrize("name", ["clam.zip", "clam.tar.gz", "clam.7z", "clam.cab"])
+def test_real_clamd_unpacks_the_clamav_test_archives(clamd: ClamdServer, name: str) -> None:
+    data = mail_with((TESTFILES / name).read_bytes(), name)
+    result = ClamdScanner([clamd.unix_address]).scan(lambda: [data], soon())
+    assert result.infected and "ClamAV-TestFile" in result.signature
+
+
+def test_stream_longer_than_clamd_accepts_is_an_error_not_clean(tmp_path: Path) -> None:
+    with ClamdServer(stream_max="1M") as small:
+        scanner = ClamdScanner([small.unix_address])
+        with pytest.raises(ScanError, match="size limit"):
+            scanner.scan(lambda: [b"x" * (2 << 20)], soon())
+
+
+def test_dead_first_upstream_fails_over_and_is_skipped_next_time(clamd: ClamdServer, tmp_path: Path) -> None:
+    scanner = ClamdScanner([f"unix:{tmp_path}/gone.sock", clamd.unix_address], retry_after=60)
+    assert scanner.scan(lambda: [EICAR], soon()).upstream == clamd.unix_address
+    assert str(scanner.upstreams.order()[0]) == clamd.unix_address
+
+
+def test_all_upstreams_dead_is_a_scan_error(tmp_path: Path) -> None:
+    scanner = ClamdScanner([f"unix:{tmp_path}/a.sock", f"unix:{tmp_path}/b.sock"])
+    with pytest.raises(ScanError, match=r"a\.sock.*b\.sock"):
+        scanner.scan(lambda: [b"x"], soon())
+
+
+@pytest.mark.parametrize("mode", ["hang", "garbage"])
+def test_hanging_or_babbling_clamd_is_a_scan_error_within_the_timeout(mode: str) -> None:
+    with FakeClamd(mode=mode) as fake:
+        started = time.monotonic()
+        with pytest.raises(ScanError):
+            ClamdScanner([fake.address], timeout=0.5).scan(lambda: [b"x"], soon())
+        assert time.monotonic() - started < 2
+
+
+def test_deadline_caps_the_scan_timeout() -> None:
+    with FakeClamd(mode="hang") as fake:
+        started = time.monotonic()
+        with pytest.raises(ScanError):
+            ClamdScanner([fake.address], timeout=60).scan(lambda: [b"x"], soon(0.5))
+        assert time.monotonic() - started < 2
+
+
+def test_failed_upstreams_are_retried_after_the_pause() -> None:
+    now = [0.0]
+    ups = Upstreams(["unix:/a", "unix:/b"], retry_after=30, clock=lambda: now[0])
+    ups.failed(ups.endpoints[0])
+    assert [e.address for e in ups.order()] == ["unix:/b", "unix:/a"]
+    now[0] = 31
+    assert [e.address for e in ups.order()] == ["unix:/a", "unix:/b"]
+
+
+# ---------------------------------------------------------------- spamd
+
+
+def test_real_spamd_scores_gtube_and_lists_symbols(spamd: SpamdServer) -> None:
+    msg = f"From: a@remote.example\r\nSubject: x\r\n\r\n{GTUBE}\r\n".encode()
+    result = SpamdScanner([spamd.address]).check(msg, soon(30))
+    assert result.score >= 1000 and "GTUBE" in result.symbols
+
+
+def test_real_spamd_scores_ham_low(spamd: SpamdServer) -> None:
+    msg = (b"From: a@remote.example\r\nTo: b@example.jp\r\nSubject: lunch\r\nDate: Mon, 23 Nov 2026 "
+           b"10:00:00 +0900\r\nMessage-ID: <lunch-1@remote.example>\r\n\r\nLunch at noon?\r\n")
+    assert SpamdScanner([spamd.address]).check(msg, soon(30)).score < 5
+
+
+@pytest.mark.parametrize("mode", ["hang", "error"])
+def test_hanging_or_failing_spamd_is_a_scan_error(mode: str) -> None:
+    with FakeSpamd(mode=mode) as fake:
+        started = time.monotonic()
+        with pytest.raises(ScanError):
+            SpamdScanner([fake.address], timeout=0.5).check(b"x", soon())
+        assert time.monotonic() - started < 2
+
+
+def test_spamd_fails_over(tmp_path: Path) -> None:
+    with FakeSpamd(score=2.5) as fake:
+        result = SpamdScanner([f"unix:{tmp_path}/none.sock", fake.address]).check(b"x", soon())
+        assert result.score == 2.5 and result.upstream == fake.address
+
+
+@pytest.mark.parametrize("reply", [b"", b"HTTP/1.0 200 OK\r\n\r\n", b"SPAMD/1.1 0 EX_OK\r\n\r\n",
+                                   b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; lots / 5\r\n\r\n"])
+def test_nonsense_spamd_replies_are_refused(reply: bytes) -> None:
+    with pytest.raises(Exception, match=r"."):
+        parse_reply(reply)
+
+
+# ---------------------------------------------------------------- re-injection
+
+
+def test_reinjection_streams_dot_stuffed_chunks() -> None:
+    with SmtpSink() as sink:
+        injector = SmtpInjector(f"inet:127.0.0.1:{sink.port}")
+        data = [b"Subject: dots\r\n\r\n.leading dot\r\n", b".at chunk start\r\nend"]
+        injector.send("", [("a@example.jp", ())], data, deadline=soon(), origin=Origin("192.0.2.1"))
+        (msg,) = sink.wait_for(1)
+        assert msg.envelope_sender == "" and msg.recipients == ("a@example.jp",)
+        assert b"\r\n.leading dot\r\n.at chunk start\r\nend" in msg.data
+
+
+def test_refused_reinjection_raises() -> None:
+    with SmtpSink(reject_recipients={"a@example.jp": "550 5.1.1 no"}) as sink:
+        injector = SmtpInjector(f"inet:127.0.0.1:{sink.port}")
+        with pytest.raises(InjectError, match="550"):
+            injector.send("s@x", [("a@example.jp", ())], [b"Subject: x\r\n\r\nx\r\n"], deadline=soon())
+
+
+def test_unreachable_reinjection_raises(tmp_path: Path) -> None:
+    with pytest.raises(InjectError):
+        SmtpInjector(f"unix:{tmp_path}/none.sock").send("s@x", [("a@b", ())], [b"x"], deadline=soon())
+
+
+def test_dot_stuffing_and_xtext() -> None:
+    assert dot_stuff(b".a\r\n.b", at_line_start=True) == b"..a\r\n..b"
+    assert dot_stuff(b".a", at_line_start=False) == b".a"
+    assert xtext("a+b=c d") == "a+2Bb+3Dc+20d"

@@ -1,0 +1,153 @@
+"""mailwarden's own reputation (decaying, atomic) and DNSBL zones."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from mailwarden.reputation import Reputation
+from mailwarden.store import MemoryStore
+from mailwarden.testing.dnsstub import StubDns
+from policyd.checks.base import TEMPFAIL_REPLY
+from policyd.checks.reputation import dnsbl_name
+from tests.policyd.conftest import Clock, World
+
+CHECKS = '[policyd]\nchecks = ["reputation"]\n'
+
+
+def reputation(clock: Clock, **kw: float) -> Reputation:
+    return Reputation(MemoryStore(clock=clock), clock=clock, half_life=3600, **kw)  # type: ignore[arg-type]
+
+
+def test_score_adds_weights_and_halves_every_half_life() -> None:
+    clock = Clock()
+    rep = reputation(clock)
+    for _ in range(4):
+        rep.record("192.0.2.1", "spam")
+    rep.record("192.0.2.1", "virus")
+    assert rep.score("192.0.2.1") == pytest.approx(17.0, rel=1e-3)
+    clock.advance(3600)
+    assert rep.score("192.0.2.1") == pytest.approx(8.5, rel=1e-3)
+    clock.advance(7200)
+    assert rep.score("192.0.2.1") == pytest.approx(2.125, rel=1e-3)
+    assert rep.score("192.0.2.2") == 0
+
+
+def test_score_is_continuous_across_epochs() -> None:
+    clock = Clock(0.0)
+    rep = reputation(clock)
+    clock.advance(rep.epoch_length - 10)
+    rep.record("192.0.2.1", "virus")
+    clock.advance(20)  # now in the next epoch
+    assert rep.score("192.0.2.1") == pytest.approx(5.0 * 2 ** (-20 / 3600), rel=1e-3)
+    rep.record("192.0.2.1", "virus")
+    assert rep.score("192.0.2.1") == pytest.approx(5.0 * (1 + 2 ** (-20 / 3600)), rel=1e-3)
+
+
+def test_clean_mail_lowers_but_never_below_zero() -> None:
+    clock = Clock()
+    rep = reputation(clock)
+    rep.record("192.0.2.1", "spam")
+    rep.record("192.0.2.1", "clean")
+    assert rep.score("192.0.2.1") == pytest.approx(2.5, rel=1e-3)
+    for _ in range(10):
+        rep.record("192.0.2.1", "clean")
+    assert rep.score("192.0.2.1") == 0
+
+
+def test_network_score_collects_the_neighbours() -> None:
+    clock = Clock()
+    rep = reputation(clock)
+    for i in range(1, 6):
+        rep.record(f"192.0.2.{i}", "virus")
+    rep.record("2001:db8::1", "spam")
+    rep.record("2001:db8::2", "spam")
+    assert rep.score("192.0.2.1") == pytest.approx(5.0, rel=1e-3)
+    assert rep.network_score("192.0.2.200") == pytest.approx(25.0, rel=1e-3)
+    assert rep.network_score("192.0.3.1") == 0
+    assert rep.network_score("2001:db8::99") == pytest.approx(6.0, rel=1e-3)
+
+
+def test_record_refuses_unknown_outcomes_and_junk_ips() -> None:
+    rep = reputation(Clock())
+    with pytest.raises(ValueError, match="unknown outcome"):
+        rep.record("192.0.2.1", "suspicious")
+    with pytest.raises(ValueError):
+        rep.record("not-an-ip", "spam")
+
+
+def test_poor_own_score_defers_then_rejects(world_with: Callable[..., World]) -> None:
+    w = world_with(CHECKS)
+    ip = "198.51.100.20"
+    for _ in range(4):
+        w.services.reputation.record(ip, "spam")  # 12 >= tempfail 10
+    d = w.decide(client_address=ip, instance="a")
+    assert d.action.startswith("450 4.7.1 Client host [198.51.100.20] has a poor reputation")
+    for _ in range(3):
+        w.services.reputation.record(ip, "virus")  # 27 >= reject 25
+    assert w.action(client_address=ip, instance="b").startswith("554 5.7.1 Service unavailable")
+    w.clock.advance(2 * 86400)
+    assert w.action(client_address=ip, instance="c") == "DUNNO"
+
+
+def test_poor_network_is_rejected(world_with: Callable[..., World]) -> None:
+    w = world_with(CHECKS)
+    for i in range(20):
+        w.services.reputation.record(f"198.51.100.{i}", "virus")  # 100 in the /24, 5 each
+    d = w.decide(client_address="198.51.100.250")
+    assert d.action.startswith("554 5.7.1 Service unavailable; Client network")
+
+
+def test_logins_are_not_judged_by_reputation(world_with: Callable[..., World]) -> None:
+    w = world_with(CHECKS)
+    for _ in range(10):
+        w.services.reputation.record("198.51.100.20", "virus")
+    assert w.action(client_address="198.51.100.20", sasl_username="taro@example.jp",
+                    sender="taro@example.jp") == "DUNNO"
+
+
+def test_dnsbl_name_reverses_ipv4_octets_and_ipv6_nibbles() -> None:
+    assert dnsbl_name(ipaddress.ip_address("192.0.2.1"), "bl.example") == "1.2.0.192.bl.example"
+    v6 = dnsbl_name(ipaddress.ip_address("2001:db8::1"), "bl.example.")
+    assert v6.startswith("1.0.0.0.") and v6.endswith(".8.b.d.0.1.0.0.2.bl.example")
+
+
+@pytest.fixture(scope="module")
+def dnsbl() -> Iterator[StubDns]:
+    records = {
+        "9.2.0.192.bl.example": {"A": ["127.0.0.2"]},
+        "8.2.0.192.bl.example": {"A": ["127.255.255.254"]},
+        "9.2.0.192.two.example": {"A": ["127.0.0.4"]},
+    }
+    with StubDns(records, servfail=["6.2.0.192.bl.example"]) as dns:
+        yield dns
+
+
+def test_dnsbl_listing_rejects_and_error_codes_do_not(
+    world_with: Callable[..., World], dnsbl: StubDns
+) -> None:
+    w = world_with(CHECKS + '[policyd.reputation]\ndnsbl_zones = ["bl.example"]\n', dns_port=dnsbl.port)
+    d = w.decide(client_address="192.0.2.9")
+    assert d.action == "554 5.7.1 Service unavailable; Client host [192.0.2.9] blocked using bl.example"
+    assert w.action(client_address="192.0.2.8") == "DUNNO"
+    assert w.action(client_address="192.0.2.7") == "DUNNO"
+    assert ("9.2.0.192.bl.example", "A") in dnsbl.queries
+
+
+def test_two_zones_can_be_required(world_with: Callable[..., World], dnsbl: StubDns) -> None:
+    w = world_with(CHECKS + '[policyd.reputation]\ndnsbl_zones = ["bl.example", "two.example"]\n'
+                   "dnsbl_hits_to_reject = 2\n", dns_port=dnsbl.port)
+    assert w.action(client_address="192.0.2.9").startswith("554")
+    assert w.action(client_address="192.0.2.8") == "DUNNO"
+
+
+def test_dnsbl_failure_passes_by_default_and_tempfails_when_configured(
+    world_with: Callable[..., World], dnsbl: StubDns
+) -> None:
+    w = world_with(CHECKS + '[policyd.reputation]\ndnsbl_zones = ["bl.example"]\n', dns_port=dnsbl.port)
+    assert w.action(client_address="192.0.2.6") == "DUNNO"
+    w = world_with(CHECKS + '[policyd.reputation]\ndnsbl_zones = ["bl.example"]\n'
+                   'failure_action = "tempfail"\n', dns_port=dnsbl.port)
+    assert w.action(client_address="192.0.2.6") == TEMPFAIL_REPLY

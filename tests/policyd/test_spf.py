@@ -1,0 +1,107 @@
+"""SPF through pyspf with the stub DNS server; never the machine's resolver."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import spf
+
+from mailwarden.testing.dnsstub import StubDns
+from policyd.checks.spf import _pyspf_lookup
+from tests.policyd.conftest import World
+
+CHECKS = '[policyd]\nchecks = ["relay", "spf"]\n'
+ZONE = {
+    "strict.example": {"TXT": ['"v=spf1 ip4:192.0.2.0/24 -all"']},
+    "soft.example": {"TXT": ['"v=spf1 ip4:192.0.2.0/24 ~all"']},
+    "broken.example": {"TXT": ['"v=spf1 ip4:192.0.2.0/24 bogus:mechanism -all"']},
+}
+
+
+@pytest.fixture(scope="module")
+def spf_dns() -> Iterator[StubDns]:
+    with StubDns(ZONE, servfail=["flaky.example"], silent=["silent.example"]) as dns:
+        yield dns
+
+
+@pytest.fixture
+def w(world_with: Callable[..., World], spf_dns: StubDns) -> World:
+    return world_with(CHECKS, dns_port=spf_dns.port)
+
+
+def test_spf_pass_adds_received_spf_header(w: World) -> None:
+    d = w.decide(sender="a@strict.example", client_address="192.0.2.10")
+    assert d.action.startswith("PREPEND Received-SPF: Pass ") and "client-ip=192.0.2.10" in d.action
+
+
+def test_spf_fail_is_rejected_and_counts_against_the_client(w: World) -> None:
+    d = w.decide(sender="a@strict.example", client_address="203.0.113.66")
+    assert d.action.startswith("550 5.7.23 SPF fail") and d.check == "spf"
+    assert w.services.reputation.score("203.0.113.66") > 0
+
+
+def test_spf_softfail_is_tagged(w: World) -> None:
+    d = w.decide(sender="a@soft.example", client_address="203.0.113.66")
+    assert d.action.startswith("PREPEND Received-SPF: SoftFail")
+
+
+def test_per_recipient_domain_actions(world_with: Callable[..., World], spf_dns: StubDns) -> None:
+    w = world_with(CHECKS + '[policyd.spf.domains."example.jp"]\nsoftfail = "reject"\nfail = "tag"\n',
+                   dns_port=spf_dns.port)
+    soft = w.decide(sender="a@soft.example", client_address="203.0.113.66", recipient="taro@example.jp")
+    assert soft.action.startswith("550 5.7.23 SPF softfail")
+    # domain alias example.ne.jp is the same hosted domain
+    hard = w.decide(sender="a@strict.example", client_address="203.0.113.66",
+                    recipient="taro@example.ne.jp", instance="2")
+    assert hard.action.startswith("PREPEND Received-SPF: Fail")
+    other = w.decide(sender="a@soft.example", client_address="203.0.113.66",
+                     recipient="prof@lab.example.org", instance="3")
+    assert other.action.startswith("PREPEND Received-SPF: SoftFail")
+
+
+def test_permerror_is_tagged_by_default(w: World) -> None:
+    assert w.action(sender="a@broken.example", client_address="192.0.2.10").startswith(
+        "PREPEND Received-SPF: PermError")
+
+
+@pytest.mark.parametrize("domain", ["flaky.example", "silent.example"])
+def test_temporary_dns_errors_are_temporary_failures_not_passes(w: World, domain: str) -> None:
+    d = w.decide(sender=f"a@{domain}", client_address="192.0.2.10")
+    assert d.action == "451 4.4.3 SPF temporary error, try again later"
+
+
+def test_temperror_can_be_ignored(world_with: Callable[..., World], spf_dns: StubDns) -> None:
+    w = world_with(CHECKS + '[policyd.spf]\nfailure_action = "dunno"\n', dns_port=spf_dns.port)
+    assert w.action(sender="a@flaky.example", client_address="192.0.2.10") == "DUNNO"
+
+
+def test_header_is_prepended_once_per_transaction(w: World) -> None:
+    first = w.action(sender="a@strict.example", client_address="192.0.2.10", recipient="taro@example.jp",
+                     instance="tx")
+    second = w.action(sender="a@strict.example", client_address="192.0.2.10", recipient="jiro@example.jp",
+                      instance="tx")
+    assert first.startswith("PREPEND") and second == "DUNNO"
+    again = w.action(sender="a@strict.example", client_address="192.0.2.10", instance="next")
+    assert again.startswith("PREPEND")
+
+
+def test_spf_is_evaluated_once_per_transaction(w: World, spf_dns: StubDns) -> None:
+    before = len(spf_dns.queries)
+    for rcpt in ("taro@example.jp", "jiro@example.jp", "alice@example.com"):
+        w.action(sender="a@strict.example", client_address="192.0.2.10", recipient=rcpt, instance="once")
+    assert len(spf_dns.queries) - before == 1
+
+
+def test_authenticated_and_trusted_clients_are_not_checked(w: World) -> None:
+    assert w.action(sender="taro@example.jp", sasl_username="taro@example.jp",
+                    client_address="203.0.113.66") == "DUNNO"
+    assert w.action(sender="a@strict.example", client_address="127.0.0.1") == "DUNNO"
+
+
+def test_pyspf_without_a_given_resolver_refuses_to_look_up() -> None:
+    assert spf.DNSLookup is _pyspf_lookup
+    with pytest.raises(spf.TempError, match="no resolver"):
+        spf.DNSLookup("example.org", "TXT")
+    result, _ = spf.check2(i="192.0.2.1", s="a@example.org", h="x")
+    assert result == "temperror"

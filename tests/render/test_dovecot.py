@@ -1,0 +1,287 @@
+"""Rendered Dovecot roles: doveconf's reading of them, and the real Dovecot running them
+against the test slapd (userdb vs the effective policy, LMTP + Sieve, quota-status,
+the POP3/IMAP proxy, a directory outage)."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from mailwarden.catalogue import Service
+from mailwarden.ldapdir import LdapDirectory
+from mailwarden.policy import AddressKind, PolicyResolver
+from mailwarden.testing.slapd import SlapdServer
+from mailwarden.testing.smtpsink import SmtpSink
+from tests.render.conftest import (
+    RenderedDovecot,
+    Site,
+    compat_ldap_toml,
+    ldap_toml,
+    need_dovecot,
+    pop3_login,
+    site_root,
+)
+
+SAMPLE_USERS = [
+    "taro@example.jp", "taro.yamada@example.ne.jp", "hanako@example.jp", "jiro@example.jp",
+    "pbs@example.jp", "alice@example.com", "sales@example.com", "bob@example.com", "carol@example.com",
+    "prof@lab.example.org", "nobody@bare.example.net", "ghost@example.jp", "x@not-hosted.example",
+]
+COMPAT_USERS = ["ken@legacy.example", "k.tanaka@old-legacy.example", "mika@legacy.example",
+                "yui@legacy.example", "ghost@legacy.example"]
+
+
+def doveconf(conf: Path) -> str:
+    import subprocess
+
+    res = subprocess.run(["doveconf", "-c", str(conf), "-n"], capture_output=True, text=True, check=False,
+                         timeout=30)
+    assert res.returncode == 0 and not res.stderr, res.stderr
+    return res.stdout
+
+
+def test_doveconf_reads_both_roles(site: Site) -> None:
+    need_dovecot()
+    site.dovecot()
+    etc = site.root / "etc"
+    mailbox = doveconf(etc / "dovecot-mailbox" / "dovecot.conf")
+    r = site.config.render
+    # NFS: no mmap, fsync always, storage caches flushed, indexes on local disk.
+    for line in ("mmap_disable = yes", "mail_fsync = always", "mail_nfs_storage = yes",
+                 f"mail_location = maildir:~/Maildir:INDEX={r.index_root}/%d/%n",
+                 f"args = {etc}/dovecot-mailbox/mailwarden-passdb-user.conf.ext",
+                 f"args = {etc}/dovecot-mailbox/mailwarden-userdb-user.conf.ext",
+                 f"args = allow_all_users=yes home={r.mail_root}/%d/%n",
+                 "executable = quota-status -p postfix", f"port = {r.quota_status_port}",
+                 f"port = {r.mailbox_port}", "quota = maildir:User quota",
+                 f"sieve_before = {etc}/dovecot-mailbox/sieve/mailwarden.sieve",
+                 "sieve_global_extensions = +vnd.dovecot.environment",
+                 f"auth_policy_server_url = http://127.0.0.1:{site.ports['login_report']}/",
+                 "mail_plugins = \" quota sieve\"", "lmtp_rcpt_check_quota = yes"):
+        assert line in mailbox, line
+    assert "mail_nfs_index" not in mailbox  # "no" is Dovecot's default: indexes are local
+    proxy_site = site.as_proxy()
+    proxy_site.dovecot("proxy")
+    proxy = doveconf(etc / "dovecot-proxy" / "dovecot.conf")
+    for line in ("protocols = imap pop3", "driver = prefetch", "args = noauthenticate proxy=y host=127.0.0.1",
+                 f"port = {site.ports['sasl']}",
+                 f"auth_policy_server_url = http://127.0.0.1:{site.ports['login_report']}/"):
+        assert line in proxy, line
+    assert "lmtp" not in proxy and "mail_location" not in proxy
+
+
+def resolver(site: Site) -> PolicyResolver:
+    config = site.config
+    return PolicyResolver(LdapDirectory(config.ldap), config)
+
+
+def _expected(found: PolicyResolver, address: str) -> dict[str, str] | None:
+    policy = found.effective_policy(address)
+    if policy.kind is not AddressKind.SUBSCRIBER:
+        return None
+    quota = policy.get("quota")
+    local, domain = (policy.canonical or address).split("@")
+    expected = {
+        "home": f"/{domain}/{local}",
+        "sieve_env_mailwarden_spam_check": "yes" if policy.enabled(Service.SPAM_CHECK) else "no",
+        "quota_rule": f"*:bytes={quota}",
+    }
+    forwards = policy.get("forward_addresses")
+    if forwards:
+        expected["sieve_env_mailwarden_forward"] = forwards[0]
+    return expected
+
+
+def _userdb_matches_policy(site: Site, dovecot: RenderedDovecot, users: list[str]) -> None:
+    found = resolver(site)
+    for address in users:
+        expected = _expected(found, address)
+        fields = dovecot.userdb(address)
+        if expected is None:
+            assert fields is None, address
+            continue
+        assert fields is not None, address
+        assert fields["home"].endswith(expected.pop("home")), (address, fields)
+        # The site default (0 = unlimited) is a plugin setting, not a userdb field.
+        fields.setdefault("quota_rule", "*:bytes=0")
+        fields.setdefault("sieve_env_mailwarden_spam_check",
+                          "yes" if Service.SPAM_CHECK.value in site.config.policy.default_services else "no")
+        for key, value in expected.items():
+            assert fields.get(key) == value, (address, key, fields)
+
+
+def test_userdb_agrees_with_the_effective_policy(
+    mailbox_host: tuple[Site, RenderedDovecot, SmtpSink],
+) -> None:
+    """For every sample subscriber, Dovecot's userdb (LDAP steps merged by the rendered
+    chain) gives the same spam_check service, quota, forward and home as mailwarden."""
+    site, dovecot, _ = mailbox_host
+    _userdb_matches_policy(site, dovecot, SAMPLE_USERS)
+
+
+def test_userdb_agrees_with_the_effective_policy_under_the_alternative_mapping(
+    slapd: SlapdServer, running: list,
+) -> None:
+    need_dovecot()
+    with site_root() as root:
+        site = Site(root, compat_ldap_toml(slapd))
+        site.dovecot("mailbox")
+        dovecot = RenderedDovecot(site, "mailbox")
+        dovecot.start(site.ports["lmtp"])
+        running.append(dovecot)
+        _userdb_matches_policy(site, dovecot, COMPAT_USERS)
+
+
+def _message(sender: str, to: str, subject: str, junk: bool = False) -> bytes:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = sender, to, subject
+    msg["Message-ID"] = f"<{subject.replace(' ', '.')}@outside.test>"
+    if junk:
+        msg["X-Mailwarden-Junk"] = "yes"
+    msg.set_content("hello\n")
+    return msg.as_bytes()
+
+
+def _lmtp(port: int, sender: str, recipients: list[str], data: bytes) -> dict[str, int]:
+    """Deliver to each recipient in its own LMTP transaction (smtplib reads only one
+    reply after DATA); return the final reply code per recipient."""
+    codes: dict[str, int] = {}
+    for rcpt in recipients:
+        with smtplib.LMTP("127.0.0.1", port) as lmtp:
+            try:
+                lmtp.sendmail(sender, [rcpt], data)
+                codes[rcpt] = 250
+            except smtplib.SMTPRecipientsRefused as exc:
+                codes[rcpt] = exc.recipients[rcpt][0]
+    return codes
+
+
+def _maildir(site: Site, user: str, folder: str = "") -> list[Path]:
+    local, domain = user.split("@")
+    base = site.root / "mail" / domain / local / "Maildir"
+    path = base / f".{folder}" if folder else base
+    return sorted((path / "new").glob("*")) if (path / "new").exists() else []
+
+
+@pytest.fixture(scope="module")
+def mailbox_host(slapd: SlapdServer) -> Iterator[tuple[Site, RenderedDovecot, SmtpSink]]:
+    """The rendered mailbox role running (shared by the module's tests, which touch
+    different mailboxes), with a sink where Sieve forwards and replies go."""
+    need_dovecot()
+    with site_root() as root:
+        site = Site(root, ldap_toml(slapd))
+        with SmtpSink(port=site.ports["relay"]) as relay:
+            site.dovecot("mailbox")
+            dovecot = RenderedDovecot(site, "mailbox")
+            dovecot.start(site.ports["lmtp"], site.ports["quota"], site.ports["pop3"])
+            try:
+                yield site, dovecot, relay
+            finally:
+                dovecot.stop()
+
+
+def test_spam_goes_to_junk_only_for_subscribers_with_spam_check(
+    mailbox_host: tuple[Site, RenderedDovecot, SmtpSink],
+) -> None:
+    site, _, _ = mailbox_host
+    recipients = ["taro.yamada@example.ne.jp", "bob@example.com", "prof@lab.example.org", "ghost@example.jp"]
+    codes = _lmtp(site.ports["lmtp"], "spammer@outside.test", recipients,
+                  _message("spammer@outside.test", "you@example.jp", "cheap pills", junk=True))
+    assert codes == {"taro.yamada@example.ne.jp": 250, "bob@example.com": 250, "prof@lab.example.org": 250,
+                     "ghost@example.jp": 550}
+    # taro contracted spam checking (alias domain and alternate address resolved by LDAP).
+    assert len(_maildir(site, "taro@example.jp", "Junk")) == 1 and not _maildir(site, "taro@example.jp")
+    # bob switched spam_check off, prof's domain never had it: a Junk header changes nothing.
+    for user in ("bob@example.com", "prof@lab.example.org"):
+        assert len(_maildir(site, user)) == 1 and not _maildir(site, user, "Junk")
+
+
+def test_forwarding_and_vacation_from_ldap(mailbox_host: tuple[Site, RenderedDovecot, SmtpSink]) -> None:
+    site, _, relay = mailbox_host
+    port = site.ports["lmtp"]
+    assert _lmtp(port, "friend@outside.test", ["hanako@example.jp"],
+                 _message("friend@outside.test", "hanako@example.jp", "lunch")) == {"hanako@example.jp": 250}
+    forwarded = relay.wait_for(1)[0]
+    assert forwarded.recipients == ("hanako@example.com",)
+    assert len(_maildir(site, "hanako@example.jp")) == 1  # forward_keep_copy TRUE
+    relay.clear()
+    # alice is on vacation: one answer per sender and period, also for mail to her alias.
+    for i in range(2):
+        assert _lmtp(port, "friend@outside.test", ["sales@example.com"],
+                     _message("friend@outside.test", "sales@example.com", f"question {i}")) == {
+            "sales@example.com": 250}
+    replies = relay.wait_for(1)
+    assert len(replies) == 1 and replies[0].recipients == ("friend@outside.test",)
+    assert replies[0].header("Subject") == "Away until Monday"
+    assert len(_maildir(site, "alice@example.com")) == 2
+    # Spam is not forwarded.
+    relay.clear()
+    _lmtp(port, "spammer@outside.test", ["hanako@example.jp"],
+          _message("spammer@outside.test", "hanako@example.jp", "spam", junk=True))
+    assert len(_maildir(site, "hanako@example.jp", "Junk")) == 1 and relay.messages == []
+
+
+def _quota_status(port: int, recipient: str, size: int) -> str:
+    request = (f"request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient={recipient}\n"
+               f"size={size}\nsender=a@outside.test\n\n")
+    with socket.create_connection(("127.0.0.1", port), 10) as conn:
+        conn.sendall(request.encode())
+        return conn.recv(4096).decode().strip()
+
+
+def test_quota_status_refuses_what_would_not_fit(
+    mailbox_host: tuple[Site, RenderedDovecot, SmtpSink],
+) -> None:
+    site, _, _ = mailbox_host
+    port = site.ports["quota"]
+    # taro's quota is 1 GiB (mwQuota), bob has none (0 = unlimited).
+    assert _quota_status(port, "taro@example.jp", 2 * 1024**3) == "action=552 5.2.2 Mailbox is full"
+    assert _quota_status(port, "taro@example.jp", 10_000) == "action=DUNNO"
+    assert _quota_status(port, "bob@example.com", 2 * 1024**3) == "action=DUNNO"
+    assert _quota_status(port, "ghost@example.jp", 10_000) == "action=DUNNO"
+
+
+def test_proxy_sends_each_subscriber_to_their_mailbox_host(
+    mailbox_host: tuple[Site, RenderedDovecot, SmtpSink], running: list,
+) -> None:
+    site, backend, _ = mailbox_host
+    front = site.as_proxy()
+    front.dovecot("proxy")
+    proxy = RenderedDovecot(front, "proxy")
+    proxy.start(site.ports["proxy_pop3"], site.ports["sasl"])
+    running.append(proxy)
+    # nobody's domain names no mailbox host: default_mailbox_host (127.0.0.1) serves.
+    assert pop3_login(site.ports["proxy_pop3"], "nobody@bare.example.net").startswith(b"+OK")
+    assert "Started proxying to <127.0.0.1>" in proxy.log()
+    assert "Login: user=<nobody@bare.example.net>" in backend.log()
+    # A disabled account cannot log in (the password is right).
+    with pytest.raises(Exception, match="Authentication failed"):
+        pop3_login(site.ports["proxy_pop3"], "jiro@example.jp")
+    # Everyone else is routed by LDAP: the proxy names their host (not contacted here: no DNS).
+    test = proxy.doveadm("auth", "test", "-x", "service=imap", "taro.yamada@example.ne.jp", "secret")
+    assert test.returncode == 0, test.stdout + test.stderr
+    assert "user=taro@example.jp" in test.stdout and "host=mbox1.example.jp" in test.stdout
+    assert f"port={site.ports['imap']}" in test.stdout
+    hanako = proxy.doveadm("auth", "test", "-x", "service=pop3", "hanako@example.jp", "secret")
+    assert "host=mbox2.example.jp" in hanako.stdout and f"port={site.ports['pop3']}" in hanako.stdout
+
+
+def test_directory_outage_tempfails_delivery_and_login(slapd_rw: SlapdServer, running: list) -> None:
+    need_dovecot()
+    with site_root() as root:
+        site = Site(root, ldap_toml(slapd_rw))
+        site.dovecot("mailbox")
+        dovecot = RenderedDovecot(site, "mailbox")
+        dovecot.start(site.ports["lmtp"], site.ports["pop3"])
+        running.append(dovecot)
+        slapd_rw.stop()
+        # Never "550 no such user" or a silent delivery without the subscriber's settings.
+        assert _lmtp(site.ports["lmtp"], "a@outside.test", ["bob@example.com"],
+                     _message("a@outside.test", "bob@example.com", "hi")) == {"bob@example.com": 451}
+        with pytest.raises(Exception, match=r"TEMP|UNAVAILABLE|Temporary"):
+            pop3_login(site.ports["pop3"], "bob@example.com")
