@@ -186,6 +186,11 @@ def run(config: Config, service: MilterService) -> None:
     """Serve on ``milter.socket`` until stopped (SIGTERM/SIGINT stop libmilter)."""
     m = config.milter
     ensure_dir(m.spool_dir)
+    # The log format names no thread or process: skip looking them up for every line
+    # (each libmilter thread is foreign to the threading module).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     path: Path | None = None
     if m.socket.startswith("unix:"):
         path = Path(m.socket[len("unix:"):])

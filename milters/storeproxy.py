@@ -95,8 +95,10 @@ class PooledStore:
         self._run(self.store.ping)
 
     def close(self) -> None:
-        """Close the store in its worker, then stop the workers."""
-        try:
-            self._run(self.store.close)
-        finally:
-            self._pool.shutdown(wait=True)
+        """Let queued calls finish, stop the workers, then close the store.
+
+        In that order: SQLiteStore.close() closes every thread's connection, and a
+        worker still writing with one would crash the interpreter.
+        """
+        self._pool.shutdown(wait=True)
+        self.store.close()

@@ -12,7 +12,7 @@ PACKAGES=(
   dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-ldap dovecot-sieve
   clamav-daemon clamav-testfiles spamassassin spamc spamd
   # peers measured side by side in bench/
-  postgrey postfix-policyd-spf-python
+  postgrey postfix-policyd-spf-python clamav-milter spamass-milter
   iproute2
   # the containerized end-to-end suite (dockerd started by the harness)
   docker.io debootstrap iptables docker-compose

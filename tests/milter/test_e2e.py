@@ -27,8 +27,8 @@ from mailwarden.testing.smtpsink import SinkMessage, SmtpSink
 from mailwarden.testing.spamd import GTUBE, SpamdServer
 from tests.milter.conftest import MilterProcess, base_sections
 
-pytestmark = [pytest.mark.slapd, pytest.mark.skipif(missing_postfix() is not None,
-                                                     reason=str(missing_postfix()))]
+pytestmark = [pytest.mark.e2e, pytest.mark.slapd,
+              pytest.mark.skipif(missing_postfix() is not None, reason=str(missing_postfix()))]
 
 DATA = Path(__file__).parent / "data"
 LOCAL_DOMAINS = "example.jp example.ne.jp example.com lab.example.org bare.example.net"
