@@ -7,6 +7,7 @@ import re
 MAX_ADDRESS_LENGTH = 320
 MAX_LOCAL_LENGTH = 64
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
 
 class InvalidAddress(ValueError):
@@ -43,7 +44,7 @@ def normalize_address(address: str) -> str:
         raise InvalidAddress("empty address")
     if len(text) > MAX_ADDRESS_LENGTH:
         raise InvalidAddress(f"address longer than {MAX_ADDRESS_LENGTH} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text) or " " in text:
+    if _SPACE_OR_CONTROL.search(text):
         raise InvalidAddress(f"address {text!r} contains spaces or control characters")
     local, sep, domain = text.rpartition("@")
     if not sep or not local:

@@ -148,7 +148,7 @@ class PolicydConfig:
         "", "started as root: switch to this user after binding; empty: keep the starting user"
     )
     group: str = setting("", "group to switch to (default: the user's primary group)")
-    workers: int = setting(1, "processes sharing the sockets (about one per core)")
+    workers: int = setting(1, "processes sharing the sockets (one or two per core)")
     threads: int = setting(8, "threads per process for directory misses, DNS and the store")
     request_timeout: float = setting(
         10.0, "seconds to answer a request (keep below smtpd_policy_service_timeout)"
