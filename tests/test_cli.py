@@ -201,3 +201,12 @@ def test_services_and_schema_and_generate(tmp_path: Path) -> None:
     ldif = run(None, "ldap", "generate", "-n", "3", "-d", "2").output
     assert ldif.count("objectClass: mwSubscriber") == 3
     assert ldif.count("objectClass: mwDomain") == 2
+
+
+def test_config_check_covers_the_daemon_sections(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text("[milter]\nsocket = 'tcp:1234'\n[policyd]\nlisten = ['nowhere']\n")
+    result = run(path, "config", "check")
+    assert result.exit_code == 78, result.output
+    assert f"{path}:milter.socket: 'tcp:1234' must be unix:/path or inet:host:port" in result.output
+    assert f"{path}:policyd.listen" in result.output

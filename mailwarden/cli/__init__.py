@@ -155,7 +155,14 @@ def config_reference() -> None:
 @handle_errors
 def config_check(app: App, connect: bool) -> None:
     """Validate the configuration; name file:key: problem on error."""
+    from milters.cli import ldap_worst_case
+    from milters.config import check_milter_config
+    from policyd.app import validate as validate_policyd
+
     cfg = app.config
+    problems = validate_policyd(cfg.policyd) + check_milter_config(cfg.milter, ldap_worst_case(app))
+    if problems:
+        fail("configuration error:\n" + "\n".join(f"{cfg.source}:{p}" for p in problems), EX_CONFIG)
     if connect:
         from mailwarden.store import StoreUnavailable, open_store
 
