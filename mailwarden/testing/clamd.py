@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from mailwarden.testing.ports import free_port
+from mailwarden.testing.process import file_tail, stop_process
 
 __all__ = ["CLAM_EXE", "EICAR", "ClamdServer", "ClamdServerError", "FakeClamd"]
 
@@ -100,10 +101,7 @@ class ClamdServer:
 
     def log_tail(self, lines: int = 20) -> str:
         """The end of clamd's log."""
-        try:
-            return "\n".join((self.dir / "clamd.log").read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return file_tail(self.dir / "clamd.log", lines)
 
     def ping(self) -> bool:
         """Whether clamd answers PONG on its unix socket."""
@@ -139,13 +137,7 @@ class ClamdServer:
     def stop(self) -> None:
         """Stop our clamd (SIGTERM, then SIGKILL)."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout=10)
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
 

@@ -20,7 +20,6 @@ import email
 import email.policy
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -32,6 +31,7 @@ from types import TracebackType
 from typing import Self
 
 from mailwarden.testing.ports import free_port
+from mailwarden.testing.process import log_size, read_log, stop_process, tail
 
 __all__ = ["DovecotError", "DovecotServer", "login_report_settings", "missing_dovecot"]
 
@@ -304,14 +304,7 @@ iterate_attrs = mail=user
         """Stop Dovecot by its PID (TERM, then KILL after 10 s)."""
         proc, self.proc = self.proc, None
         _running.discard(self)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, timeout=10)
 
     def restart(self) -> None:
         """Stop and start with the current settings (same ports and mailboxes)."""
@@ -339,19 +332,11 @@ iterate_attrs = mail=user
     # -- logs and mailboxes ------------------------------------------------------------
     def log_offset(self) -> int:
         """The current end of the log (pass as ``since``)."""
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
+        return log_size(self.log_path)
 
     def log_text(self, since: int = 0) -> str:
         """The log from byte offset ``since``."""
-        try:
-            with self.log_path.open("rb") as fh:
-                fh.seek(since)
-                return fh.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path, since)
 
     def log_tail(self, lines: int = 30) -> str:
         """The last log lines (and the console's), for error messages."""
@@ -359,7 +344,7 @@ iterate_attrs = mail=user
         text = self.log_text()
         if console.exists():
             text += console.read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        return tail(text, lines)
 
     def maildir(self, address: str, folder: str = "INBOX") -> Path:
         """The Maildir folder of a subscriber's primary address (``Junk`` → ``.Junk``)."""

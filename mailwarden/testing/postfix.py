@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from mailwarden.testing.ports import free_port
+from mailwarden.testing.process import log_size, read_log, tail
 
 __all__ = [
     "BASE_MASTER_CF",
@@ -362,23 +363,15 @@ class PostfixInstance:
     # -- the log ------------------------------------------------------------------------
     def log_offset(self) -> int:
         """The current end of the log; pass it as ``since`` to look only at what follows."""
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
+        return log_size(self.log_path)
 
     def log_text(self, since: int = 0) -> str:
         """The log from byte offset ``since``."""
-        try:
-            with self.log_path.open("rb") as fh:
-                fh.seek(since)
-                return fh.read().decode("utf-8", "replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path, since)
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the log, for error messages."""
-        return "\n".join(self.log_text().splitlines()[-lines:])
+        return tail(self.log_text(), lines)
 
     def log_problems(self, since: int = 0) -> list[str]:
         """Log lines with ``warning:``, ``error:``, ``fatal:`` or ``panic:`` (after ``since``)."""

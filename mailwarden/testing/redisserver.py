@@ -11,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 from mailwarden.testing.ports import free_port
+from mailwarden.testing.process import file_tail, stop_process
 
 __all__ = ["RedisServer", "RedisServerError"]
 
@@ -60,11 +61,7 @@ class RedisServer:
     def _log_tail(self, lines: int = 20) -> str:
         if self._dir is None:
             return ""
-        try:
-            text = (self._dir / "redis.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return file_tail(self._dir / "redis.log", lines)
 
     def _answers(self) -> bool:
         """True once *our* process answers on the port (checked via INFO process_id)."""
@@ -129,13 +126,7 @@ class RedisServer:
     def stop(self) -> None:
         """Terminate the server (SIGTERM, then SIGKILL) and remove its temp dir."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout=5)
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from mailwarden.testing.ports import free_port
+from mailwarden.testing.process import file_tail, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA_DIR = Path("/etc/ldap/schema")
@@ -199,23 +199,12 @@ olcAccess: {{1}}to * by * read
 
     def log_tail(self, lines: int = 30) -> str:
         """The end of slapd's log, for error messages."""
-        try:
-            text = (self.dir / "slapd.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return file_tail(self.dir / "slapd.log", lines)
 
     def stop(self) -> None:
         """Stop slapd by its PID (TERM, then KILL after 10 s)."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, timeout=10)
 
     def restart(self) -> None:
         """Stop and start again with the same data and port."""

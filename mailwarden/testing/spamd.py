@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 
 from mailwarden.testing.ports import free_port
+from mailwarden.testing.process import stop_process
 
 __all__ = ["GTUBE", "FakeSpamd", "SpamdServer", "SpamdServerError"]
 
@@ -127,13 +128,7 @@ class SpamdServer:
     def stop(self) -> None:
         """Stop our spamd (its children follow the parent)."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout=15)
 
     def cleanup(self) -> None:
         """Stop and remove the temp directory."""
