@@ -8,7 +8,6 @@ after they began (``log_offset()``, ``sink.clear()``).
 from __future__ import annotations
 
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 
 from mailwarden.testing.dovecot import DovecotServer, missing_dovecot
 from mailwarden.testing.postfix import missing_postfix
+from mailwarden.testing.process import log_size, read_log, stop_process, tail
 from mailwarden.testing.slapd import SlapdServer
 from mailwarden.testing.smtpsink import SmtpSink
 
@@ -90,27 +90,16 @@ class PolicydProcess:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, timeout=10)
 
     def log_offset(self) -> int:
-        return self.log_path.stat().st_size if self.log_path.exists() else 0
+        return log_size(self.log_path)
 
     def log_text(self, since: int = 0) -> str:
-        if not self.log_path.exists():
-            return ""
-        with self.log_path.open("rb") as fh:
-            fh.seek(since)
-            return fh.read().decode("utf-8", "replace")
+        return read_log(self.log_path, since)
 
     def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+        return tail(self.log_text(), lines)
 
     def wait_for_log(self, pattern: str, since: int = 0, timeout: float = 10.0) -> re.Match[str]:
         regex = re.compile(pattern, re.MULTILINE)
@@ -118,7 +107,7 @@ class PolicydProcess:
         while (found := regex.search(self.log_text(since))) is None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"policyd log: no {pattern!r} within {timeout:g}s:\n"
-                                   + "\n".join(self.log_text(since).splitlines()[-30:]))
+                                   + tail(self.log_text(since), 30))
             time.sleep(0.05)
         return found
 
