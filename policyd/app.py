@@ -3,13 +3,12 @@ that runs the checks for one request and turns their verdicts into one Postfix a
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,7 +22,7 @@ from mailwarden.dns import make_resolver
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import PolicyResolver
 from mailwarden.reputation import OUTCOMES, Reputation
-from mailwarden.store import Store, StoreUnavailable, open_store
+from mailwarden.store import Store, StoreUnavailable, StoreWrapper, open_store
 from policyd.checks import FACTORIES, build_checks
 from policyd.checks.base import (
     TEMPFAIL_REPLY,
@@ -193,7 +192,7 @@ class InlineGuard:
         self.directory.ping()
 
 
-class GuardedStore:
+class GuardedStore(StoreWrapper):
     """A Store that fails fast while its backend is down.
 
     After a StoreUnavailable every call fails at once for ``hold_down`` seconds, so
@@ -202,7 +201,7 @@ class GuardedStore:
 
     def __init__(self, store: Store, *, hold_down: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.store = store
+        super().__init__(store)
         self.hold_down = hold_down
         self.clock = clock
         self._down_until = 0.0
@@ -219,62 +218,6 @@ class GuardedStore:
             raise
         self._down_until = 0.0
         return result
-
-    def get(self, key: str) -> str | None:
-        """See Store."""
-        return self._call(self.store.get, key)
-
-    def set(self, key: str, value: str, ttl: float | None = None) -> None:
-        """See Store."""
-        self._call(self.store.set, key, value, ttl)
-
-    def add(self, key: str, value: str, ttl: float | None = None) -> bool:
-        """See Store."""
-        return self._call(self.store.add, key, value, ttl)
-
-    def delete(self, *keys: str) -> int:
-        """See Store."""
-        return self._call(self.store.delete, *keys)
-
-    def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
-        """See Store."""
-        return self._call(self.store.incr, key, amount, ttl)
-
-    def ttl(self, key: str) -> float | None:
-        """See Store."""
-        return self._call(self.store.ttl, key)
-
-    def expire(self, key: str, ttl: float) -> bool:
-        """See Store."""
-        return self._call(self.store.expire, key, ttl)
-
-    def sadd(self, key: str, *members: str, ttl: float | None = None) -> int:
-        """See Store."""
-        return self._call(self.store.sadd, key, *members, ttl=ttl)
-
-    def srem(self, key: str, *members: str) -> int:
-        """See Store."""
-        return self._call(self.store.srem, key, *members)
-
-    def smembers(self, key: str) -> builtins.set[str]:
-        """See Store."""
-        return self._call(self.store.smembers, key)
-
-    def sismember(self, key: str, member: str) -> bool:
-        """See Store."""
-        return self._call(self.store.sismember, key, member)
-
-    def scan(self, prefix: str = "") -> Iterator[str]:
-        """See Store."""
-        return self._call(lambda: iter(list(self.store.scan(prefix))))
-
-    def ping(self) -> None:
-        """See Store."""
-        self._call(self.store.ping)
-
-    def close(self) -> None:
-        """See Store."""
-        self.store.close()
 
 
 def open_configured_store(config: Config) -> Store:

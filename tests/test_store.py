@@ -27,6 +27,7 @@ from mailwarden.store import (
     SQLiteStore,
     Store,
     StoreUnavailable,
+    StoreWrapper,
     open_store,
 )
 from mailwarden.testing.ports import free_port
@@ -58,7 +59,7 @@ class Backend:
     opened: list[Store] = field(default_factory=list)
 
 
-BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis), "wrapped"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -70,9 +71,11 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         opened.append(store)
         return store
 
-    if name == "memory":
+    if name in ("memory", "wrapped"):
         clock = FakeClock()
         mem = track(MemoryStore(clock=clock))
+        if name == "wrapped":
+            mem = StoreWrapper(mem)
         b = Backend(name, mem, clock.advance, lambda: mem)
     elif name == "sqlite":
         clock = FakeClock()
@@ -249,6 +252,56 @@ def test_incr_overflow_raises(backend: Backend) -> None:
     with pytest.raises(ValueError, match="big"):
         s.incr("big")
     assert s.get("big") == str(2**63 - 1)
+
+
+def test_get_many(backend: Backend) -> None:
+    s = backend.store
+    s.set("a", "1")
+    s.set("b", "2", ttl=T)
+    s.set("gone", "x", ttl=T / 4)
+    backend.advance(T / 2)
+    assert s.get_many(["b", "missing", "a", "gone", "a"]) == ["2", None, "1", None, "1"]
+    assert s.get_many([]) == []
+    s.sadd("a-set", "m")
+    assert s.get_many(["a", "a-set"]) == ["1", None], "a set reads as absent, like MGET"
+
+
+def test_get_many_large_batch(backend: Backend) -> None:
+    s = backend.store
+    keys = [f"k{i}" for i in range(1200)]
+    for key in keys[::3]:
+        s.set(key, key.upper())
+    values = s.get_many(keys)
+    assert values == [k.upper() if i % 3 == 0 else None for i, k in enumerate(keys)]
+
+
+def test_incr_many(backend: Backend) -> None:
+    s = backend.store
+    s.set("old", "10")
+    assert s.incr_many([("new", 2, T), ("old", -3, None), ("new", 5, None)]) == [2, 7, 7]
+    assert s.get_many(["new", "old"]) == ["7", "7"]
+    remaining = s.ttl("new")
+    assert remaining is not None
+    assert 0 < remaining <= T + EPS
+    assert s.ttl("old") is None
+    backend.advance(T * 0.6)
+    assert s.incr_many([("new", 1, T)]) == [8]
+    remaining = s.ttl("new")
+    assert remaining is not None
+    assert remaining < T * 0.5, "incr_many must not extend a window either"
+    assert s.incr_many([]) == []
+
+
+def test_incr_many_changes_nothing_on_a_wrong_type(backend: Backend) -> None:
+    s = backend.store
+    s.set("c", "1")
+    s.sadd("a-set", "m")
+    with pytest.raises(TypeError, match="a-set"):
+        s.incr_many([("c", 1, None), ("fresh", 1, T), ("a-set", 1, None)])
+    assert s.get_many(["c", "fresh"]) == ["1", None]
+    with pytest.raises(ValueError, match="ttl"):
+        s.incr_many([("c", 1, None), ("d", 1, -1.0)])
+    assert s.get("c") == "1"
 
 
 def test_wrong_kind_of_value(backend: Backend) -> None:
@@ -507,6 +560,88 @@ def test_sqlite_threads_share_one_store(tmp_path: Path) -> None:
     store.close()
 
 
+def test_sqlite_pool_is_bounded(tmp_path: Path) -> None:
+    """Many short-lived threads (one per SMTP connection) share a few connections."""
+    store = SQLiteStore(tmp_path / "pool.sqlite", max_connections=3)
+    peak: list[int] = []
+
+    def work() -> None:
+        for _ in range(20):
+            store.incr("hits")
+            peak.append(store._open)
+
+    for _round in range(5):
+        pool = [threading.Thread(target=work) for _ in range(16)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join(timeout=30)
+    assert store.get("hits") == str(5 * 16 * 20)
+    assert max(peak) <= 3
+    store.close()
+    assert store._open == 0, "close() closed every pooled connection"
+
+
+def test_sqlite_pool_exhausted_is_unavailable(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "busy.sqlite", max_connections=1, busy_timeout=0.2)
+    held = store._acquire()
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="connections busy"):
+        store.get("x")
+    assert 0.15 < time.monotonic() - started < 2
+    store._release(held)
+    assert store.get("x") is None
+    store.close()
+
+
+def test_sqlite_close_while_another_thread_works(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "closing.sqlite")
+    stop = threading.Event()
+    outcomes: list[str] = []
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                store.incr("n")
+            except StoreUnavailable:
+                outcomes.append("closed")
+                return
+            except BaseException as exc:  # noqa: BLE001
+                outcomes.append(repr(exc))
+                return
+
+    t = threading.Thread(target=work)
+    t.start()
+    time.sleep(0.05)
+    store.close()
+    stop.set()
+    t.join(timeout=10)
+    assert outcomes in ([], ["closed"])
+    assert store._open == 0
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.get("n")
+
+
+def _child_incr(store: SQLiteStore) -> None:
+    for _ in range(INCREMENTS):
+        store.incr("forked")
+
+
+def test_sqlite_store_opened_before_fork(tmp_path: Path) -> None:
+    """A store opened in a parent works in forked children (fresh connections) and in the parent."""
+    store = SQLiteStore(tmp_path / "fork.sqlite")
+    store.incr("forked")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_child_incr, args=(store,)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert store.incr("forked") == 2 * INCREMENTS + 2
+    store.close()
+
+
 def test_memory_threads_share_one_store() -> None:
     store = MemoryStore()
     threads, per_thread = 8, 2000
@@ -708,6 +843,40 @@ def test_redis_server_down_then_back() -> None:
         assert store.incr("n", ttl=30) == 1
         store.set("k", "again")
         assert store.get("k") == "again"
+        store.close()
+
+
+def test_redis_restart_while_idle_is_not_an_error() -> None:
+    """A connection the server closed while idle is replaced before the next command is sent."""
+    with RedisServer() as server:
+        store = RedisStore(server.url, key_prefix="idle:")
+        store.set("k", "v")
+        server.stop()
+        server.restart()
+        assert store.get("k") is None
+        assert store.incr_many([("n", 1, 30.0)]) == [1]
+        store.close()
+
+
+def test_redis_connections_are_per_thread() -> None:
+    with RedisServer() as server:
+        store = RedisStore(server.url, key_prefix="thr:")
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                for _ in range(300):
+                    store.incr_many([("a", 1, 30.0), ("b", 2, 30.0)])
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        pool = [threading.Thread(target=work) for _ in range(6)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join(timeout=30)
+        assert errors == []
+        assert store.get_many(["a", "b"]) == ["1800", "3600"]
         store.close()
 
 

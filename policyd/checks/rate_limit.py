@@ -2,11 +2,11 @@
 
 Counting happens at END-OF-MESSAGE, when Postfix knows the recipient count and the
 size: three fixed-window counters per scope, ``rl:<scope>:<id>:m|r|b``, created with
-the window as TTL and incremented atomically in the shared store.  A message that
+the window as TTL and incremented together, atomically, in one store round trip.  A message that
 would take a counter over its limit is refused with 450 4.7.1 and not counted (a
 smaller one may still fit); once a limit is reached, ``rl:<scope>:<id>:over`` (same
-TTL) makes every later RCPT of that scope wait with one store read, before the
-message is transferred.
+TTL) makes every later RCPT of that scope wait, before the message is transferred;
+the flags of all scopes are read in one round trip.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ class RateLimitCheck:
 
     @staticmethod
     def _over(store: Store, scopes: list[Scope]) -> Verdict | None:
-        for scope in scopes:
-            over = store.get(scope.key + ":over")
+        flags = store.get_many([scope.key + ":over" for scope in scopes])
+        for scope, over in zip(scopes, flags, strict=True):
             if over is not None:
                 return defer(
                     f"450 4.7.1 Rate limit reached: {over}; try again later",
@@ -114,29 +114,31 @@ class RateLimitCheck:
         return None
 
     def _count(self, ctx: Context, store: Store, scopes: list[Scope]) -> Verdict | None:
+        """Add the message to every counter at once; take it back out if any goes over."""
         amounts = {"m": 1, "r": max(ctx.request.number("recipient_count"), 1),
                    "b": ctx.request.number("size")}
-        done: list[tuple[str, int]] = []
+        counted: list[tuple[Scope, str, str, int, int]] = []
         for scope in scopes:
             for short, metric in METRICS:
                 limit, amount = scope.limit(metric), amounts[short]
-                if not limit or not amount:
-                    continue
-                key = f"{scope.key}:{short}"
-                value = store.incr(key, amount, ttl=scope.window)
-                done.append((key, amount))
-                if value > limit:
-                    # Take the message back out of every counter so a retry is not counted twice.
-                    for k, a in done:
-                        store.incr(k, -a)
-                    text = f"{metric} limit {limit} per {scope.window} s for {scope.kind} {scope.ident}"
-                    return defer(
-                        f"450 4.7.1 Rate limit exceeded: {text}; try again later",
-                        f"{scope.kind} {scope.ident} would exceed {text} ({value - amount}+{amount})",
-                    )
-                if value >= limit:
-                    self._mark_over(store, scope, key, f"{value} {metric} per {scope.window} s "
-                                    f"for {scope.kind} {scope.ident}")
+                if limit and amount:
+                    counted.append((scope, metric, f"{scope.key}:{short}", amount, limit))
+        if not counted:
+            return None
+        values = store.incr_many([(key, amount, scope.window) for scope, _, key, amount, _ in counted])
+        for (scope, metric, _, amount, limit), value in zip(counted, values, strict=True):
+            if value > limit:
+                # Take the message back out of every counter so a retry is not counted twice.
+                store.incr_many([(key, -a, None) for _, _, key, a, _ in counted])
+                text = f"{metric} limit {limit} per {scope.window} s for {scope.kind} {scope.ident}"
+                return defer(
+                    f"450 4.7.1 Rate limit exceeded: {text}; try again later",
+                    f"{scope.kind} {scope.ident} would exceed {text} ({value - amount}+{amount})",
+                )
+        for (scope, metric, key, _, limit), value in zip(counted, values, strict=True):
+            if value >= limit:
+                self._mark_over(store, scope, key, f"{value} {metric} per {scope.window} s "
+                                f"for {scope.kind} {scope.ident}")
         return None
 
     @staticmethod

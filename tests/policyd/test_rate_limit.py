@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from policyd.checks.base import TEMPFAIL_REPLY
 from tests.policyd.conftest import World
@@ -115,15 +115,33 @@ def test_store_down_passes_by_default_and_tempfails_when_configured(world_with: 
 
 
 def test_one_store_read_serves_every_rcpt_of_a_message(world_with: Callable[..., World]) -> None:
-    w = world_with(CHECKS)
-    reads: list[str] = []
-    real_get = w.services.store.get
+    w = world_with(CHECKS + "[policyd.rate_limit.sender_domain]\nmessages = 100\n")
+    reads: list[list[str]] = []
+    real_get_many = w.services.store.get_many
 
-    def counting_get(key: str) -> str | None:
-        reads.append(key)
-        return real_get(key)
+    def counting_get_many(keys: Sequence[str]) -> list[str | None]:
+        reads.append(list(keys))
+        return real_get_many(keys)
 
-    w.services.store.get = counting_get  # type: ignore[method-assign]
+    w.services.store.get_many = counting_get_many  # type: ignore[method-assign]
     for j in range(5):
         assert w.action(recipient=f"r{j}@remote.example", instance="one-message", **LOGIN) == "OK"
-    assert [k for k in reads if k.startswith("rl:")] == ["rl:user:taro@example.jp:over"]
+    assert reads == [["rl:user:taro@example.jp:over", "rl:domain:example.jp:over"]]
+
+
+def test_end_of_message_counts_every_scope_in_one_atomic_write(world_with: Callable[..., World]) -> None:
+    w = world_with(CHECKS + "[policyd.rate_limit.sender_domain]\nmessages = 100\nbytes = 100000\n")
+    writes: list[list[tuple[str, int, float | None]]] = []
+    real_incr_many = w.services.store.incr_many
+
+    def counting_incr_many(items: Sequence[tuple[str, int, float | None]]) -> list[int]:
+        writes.append(list(items))
+        return real_incr_many(items)
+
+    w.services.store.incr_many = counting_incr_many  # type: ignore[method-assign]
+    assert w.action(protocol_state="END-OF-MESSAGE", recipient_count="2", size="500", **LOGIN) == "DUNNO"
+    assert len(writes) == 1
+    counted = {k: a for k, a, _ in writes[0]}
+    assert {"rl:user:taro@example.jp:m": 1, "rl:user:taro@example.jp:r": 2, "rl:domain:example.jp:m": 1,
+            "rl:domain:example.jp:b": 500}.items() <= counted.items()
+    assert w.store.get_many(["rl:user:taro@example.jp:m", "rl:domain:example.jp:b"]) == ["1", "500"]
