@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 MAX_ADDRESS_LENGTH = 320
@@ -31,11 +32,13 @@ def normalize_domain(domain: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=32768)
 def normalize_address(address: str) -> str:
     """Return ``local@domain`` with the domain normalised and the local part lower-cased.
 
     Accepts the ``<...>`` form Postfix passes.  Raises InvalidAddress for anything
     that cannot name a mailbox (empty, no ``@``, control characters, too long).
+    Results are cached: the daemons see the same addresses all day.
     """
     text = address.strip()
     if text.startswith("<") and text.endswith(">"):

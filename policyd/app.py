@@ -92,6 +92,8 @@ def _validate_service(cfg: PolicydConfig, problems: list[str]) -> None:
             problems.append(f"login_report_listen[{i}]: {exc}")
     if not cfg.listen:
         problems.append("listen: at least one socket is needed")
+    if cfg.event_loop not in ("uvloop", "asyncio"):
+        problems.append(f"event_loop: {cfg.event_loop!r} is not uvloop or asyncio")
     try:
         if not 0 <= int(cfg.socket_mode, 8) <= 0o777:
             raise ValueError(cfg.socket_mode)

@@ -150,6 +150,7 @@ class PolicydConfig:
     group: str = setting("", "group to switch to (default: the user's primary group)")
     workers: int = setting(1, "processes sharing the sockets (one or two per core)")
     threads: int = setting(8, "threads per process for directory misses, DNS and the store")
+    event_loop: str = setting("uvloop", "event loop: uvloop (libuv, faster) or asyncio (the standard one)")
     request_timeout: float = setting(
         10.0, "seconds to answer a request (keep below smtpd_policy_service_timeout)"
     )

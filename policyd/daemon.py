@@ -18,7 +18,9 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from mailwarden.config import Config
 from mailwarden.log import setup_logging
@@ -77,9 +79,19 @@ async def serve(config: Config, sockets: list[socket.socket], login_sockets: lis
     app.close()
 
 
+def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Run ``main`` on the configured event loop (``uvloop`` or ``asyncio``)."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
 def _run_worker(config: Config, sockets: list[socket.socket], login: list[socket.socket]) -> int:
     try:
-        asyncio.run(serve(config, sockets, login))
+        run_loop(serve(config, sockets, login), config.policyd.event_loop)
     except Exception as exc:  # noqa: BLE001 - reported as the exit status
         log.error("policyd worker failed: %s: %s", type(exc).__name__, exc)
         return 1

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
 from typing import TextIO
 
 ROOT = "mailwarden"
+_CONSTANT_FIELDS = re.compile(r"%\((asctime|levelname|name|process|processName)\)s")
+"""Record fields that do not vary between two decision lines of one millisecond."""
 
 
 class DecisionLog:
@@ -24,6 +28,9 @@ class DecisionLog:
         self.pending: list[str] = []
         self.handler: logging.StreamHandler[TextIO] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._prefix_ok = False
+        self._prefix = ""
+        self._prefix_ms = -1
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Batch when the only destination is one stream handler (else log normally)."""
@@ -34,6 +41,22 @@ class DecisionLog:
         if (not own and not root.propagate and len(handlers) == 1
                 and type(handlers[0]) is logging.StreamHandler):
             self.handler = handlers[0]
+            self._prefix_ok = _prefix_format(self.handler.formatter)
+
+    def _line(self, line: str) -> str:
+        """``line`` formatted as the handler would (the prefix is computed once per millisecond)."""
+        handler = self.handler
+        assert handler is not None
+        logger = self.logger
+        if not self._prefix_ok:
+            record = logger.makeRecord(logger.name, logging.INFO, "", 0, "%s", (line,), None)
+            return handler.format(record) + handler.terminator
+        now = time.time()
+        ms = int(now * 1000)
+        if ms != self._prefix_ms:
+            record = logger.makeRecord(logger.name, logging.INFO, "", 0, "", (), None)
+            self._prefix, self._prefix_ms = handler.format(record), ms
+        return self._prefix + line + handler.terminator
 
     def info(self, line: str) -> None:
         """Log one decision line at INFO."""
@@ -44,8 +67,7 @@ class DecisionLog:
         if handler is None or self._loop is None:
             logger.info("%s", line)
             return
-        record = logger.makeRecord(logger.name, logging.INFO, "", 0, "%s", (line,), None)
-        self.pending.append(handler.format(record) + handler.terminator)
+        self.pending.append(self._line(line))
         if len(self.pending) == 1:
             self._loop.call_soon(self.flush)
 
@@ -76,3 +98,12 @@ def _between(logger: logging.Logger, root: logging.Logger) -> list[logging.Logge
         out.append(current)
         current = current.parent if isinstance(current.parent, logging.Logger) else None
     return out
+
+
+def _prefix_format(formatter: logging.Formatter | None) -> bool:
+    """Whether a line is ``format(record without message) + message`` for this formatter."""
+    if type(formatter) is not logging.Formatter or not isinstance(formatter._style, logging.PercentStyle):
+        return False
+    fmt = formatter._fmt or ""
+    head, sep, tail = fmt.rpartition("%(message)s")
+    return bool(sep) and not tail and "%(" not in _CONSTANT_FIELDS.sub("", head).replace("%%", "")

@@ -172,6 +172,25 @@ class RequestReader:
         return -1 if end < 0 else end + 2
 
     def _parse(self, block: bytes) -> PolicyRequest | Malformed:
+        """One request; well-formed ones take the fast path, anything odd the strict one."""
+        limits = self.limits
+        if len(block) <= limits.max_line_length and block.count(b"\n") < limits.max_attributes:
+            try:
+                text = block.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._parse_strict(block)
+            try:
+                attrs = dict(line.split("=", 1) for line in text.split("\n"))
+            except ValueError:  # a line without "="
+                return self._parse_strict(block)
+            ascii_names = text.isascii() or all(map(str.isascii, attrs))
+            if "" in attrs or max(map(len, attrs)) > 64 or not ascii_names:
+                return self._parse_strict(block)
+            return PolicyRequest(attrs)
+        return self._parse_strict(block)
+
+    def _parse_strict(self, block: bytes) -> PolicyRequest | Malformed:
+        """Line by line, naming the first problem."""
         limits = self.limits
         lines = block.split(b"\n")
         if len(lines) > limits.max_attributes:

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from policyd.app import Decision, PolicyApp, parse_listen
 from policyd.checks.base import NeedDns, Transaction, WouldBlock
@@ -59,6 +59,21 @@ def _quoted(text: str) -> str:
 
 def decision_line(request: PolicyRequest, decision: Decision, ms: float) -> str:
     """The one log line per decision, in the mail-log style of Postfix's own lines."""
+    attrs = request.attrs
+    queue_id, name, ip = attrs.get("queue_id", ""), attrs.get("client_name", ""), request.client_address
+    sasl, sender, rcpt = request.sasl_username, request.sender, request.recipient
+    action, reason = decision.action, decision.reason
+    # The common case: short printable values, nothing to quote or escape.
+    plain = queue_id + name + ip + sasl + sender + rcpt + request.stage + reason
+    if (plain.isprintable() and max(map(len, (queue_id, name, ip, sasl, sender, rcpt))) <= 200
+            and action and " " not in action):
+        return (f"queue_id={queue_id or 'NOQUEUE'} stage={request.stage} client={name or 'unknown'}[{ip}] "
+                f"sasl={sasl or '-'} from=<{sender}> to=<{rcpt}> action={action} "
+                f"check={decision.check or '-'} reason={_quoted(reason)} ms={ms:.2f}")
+    return _careful_line(request, decision, ms)
+
+
+def _careful_line(request: PolicyRequest, decision: Decision, ms: float) -> str:
     name = request["client_name"] or "unknown"
     return (
         f"queue_id={_safe(request['queue_id']) or 'NOQUEUE'} stage={_safe(request.stage)} "
@@ -88,13 +103,12 @@ class PolicyConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Register, or refuse when the process is at ``max_connections``."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         if not self.server.admit(self):
             self.closed = True
-            transport.abort()
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         """Parse what arrived and answer what is complete."""

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Postfix repeats the same addresses and client IPs (sender on every RCPT, logins all day).
-normalized = functools.lru_cache(maxsize=65536)(normalize_address)
+# Postfix repeats the same client IPs (every RCPT, logins all day).
+normalized = normalize_address  # cached in mailwarden.address
 parsed_ip = functools.lru_cache(maxsize=65536)(ipaddress.ip_address)
 
 

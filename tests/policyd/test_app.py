@@ -122,3 +122,38 @@ def test_decision_lines_are_formatted_by_the_handler_and_written_once_per_loop_t
         loop.close()
         root.handlers[:], root.propagate = saved[0], saved[1]
         root.setLevel(saved[2])
+
+
+@pytest.mark.parametrize(("fmt", "fast"), [
+    ("%(asctime)s mailwarden/policyd[1]: node: %(levelname)s %(message)s", True),
+    ("%(name)s %(process)d %(message)s", False),
+    ("%(levelname)s %(message)s [%(lineno)d]", False),
+    ("%(levelname)s %(funcName)s %(message)s", False),
+    ("100%% %(levelname)s %(message)s", True),
+])
+def test_decision_line_prefix_is_reused_only_for_record_independent_formats(fmt: str, fast: bool) -> None:
+    root = logging.getLogger("mailwarden")
+    saved = (root.handlers[:], root.propagate, root.level)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(fmt))
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel(logging.INFO)
+    loop = asyncio.new_event_loop()
+    try:
+        logger = logging.getLogger("mailwarden.policyd")
+        decisions = DecisionLog(logger)
+        decisions.start(loop)
+        assert decisions._prefix_ok is fast
+        decisions.info("queue_id=NOQUEUE action=OK")
+        decisions.flush()
+        expected = handler.format(logger.makeRecord(logger.name, logging.INFO, "", 0, "%s",
+                                                    ("queue_id=NOQUEUE action=OK",), None))
+        got = stream.getvalue()
+        # the timestamp may differ by a millisecond; everything after it must match
+        assert got.endswith(expected.split(" ", 2)[-1] + "\n") if "asctime" in fmt else got == expected + "\n"
+    finally:
+        loop.close()
+        root.handlers[:], root.propagate = saved[0], saved[1]
+        root.setLevel(saved[2])

@@ -44,11 +44,11 @@ def wait_answering(spec: str, proc: subprocess.Popen[str]) -> PolicyClient:
             time.sleep(0.05)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "loop"), [(1, "uvloop"), (2, "uvloop"), (1, "asyncio")])
 def test_run_serves_in_the_foreground_and_stops_cleanly_on_sigterm(
-    slapd: SlapdServer, tmp_path: Path, empty_dns: StubDns, workers: int,
+    slapd: SlapdServer, tmp_path: Path, empty_dns: StubDns, workers: int, loop: str,
 ) -> None:
-    extra = f"workers = {workers}\nlogin_report_listen = []\n"
+    extra = f'workers = {workers}\nlogin_report_listen = []\nevent_loop = "{loop}"\n'
     path, listen = write_config(slapd, tmp_path, empty_dns, extra)
     proc = subprocess.Popen([*MAILWARDEN, "--config", str(path), "policyd", "run"],
                             stderr=subprocess.PIPE, text=True)

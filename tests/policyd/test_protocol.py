@@ -148,3 +148,19 @@ def test_fuzz_arbitrary_bytes_never_raise_and_stay_bounded(chunks: list[bytes]) 
             terminators += 1
         assert len(reader._buf) <= limits.max_request_size + 200
     assert terminators <= sum(c.count(b"\n") for c in chunks)
+
+
+ODD_LINES = [b"a=1", b"=x", b"noeq", b"name=\xff", b"\xc3\xa9=v", b"k=\xe3\x81\x82", b"x" * 70 + b"=1",
+             b"sender=<a@b>"]
+
+
+def _outcome(got: PolicyRequest | Malformed) -> object:
+    return got.attrs if isinstance(got, PolicyRequest) else got
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(ODD_LINES), st.binary(max_size=40)), max_size=12))
+def test_fuzz_fast_parse_agrees_with_the_strict_parse(lines: list[bytes]) -> None:
+    reader = RequestReader(Limits(max_line_length=64, max_request_size=4096, max_attributes=8))
+    block = b"\n".join(line.replace(b"\n", b"") for line in lines)
+    assert _outcome(reader._parse(block)) == _outcome(reader._parse_strict(block))

@@ -17,9 +17,9 @@ from mailwarden.testing.dnsstub import StubDns
 from mailwarden.testing.fakes import FakeDirectory
 from mailwarden.testing.redisserver import RedisServer
 from mailwarden.testing.slapd import SlapdServer
-from policyd.app import PolicyApp, build_services
-from policyd.protocol import format_request
-from policyd.server import MALFORMED_ACTION, TIMEOUT_ACTION
+from policyd.app import Decision, PolicyApp, build_services
+from policyd.protocol import PolicyRequest, format_request
+from policyd.server import MALFORMED_ACTION, TIMEOUT_ACTION, _careful_line, decision_line
 from tests.policyd.conftest import LogLines, RunningServer, client, daemon_config, request
 
 OUT = "friend@remote.example"
@@ -324,3 +324,20 @@ def test_redis_down_tempfails_pop_before_smtp_and_recovers(
         server.app.services.pbs.open("198.51.100.7", "pbs@example.jp", 600)
         assert c2.ask(recipient=OUT, client_address="198.51.100.7", sender="pbs@example.jp",
                       instance="z") == "OK"
+
+
+@pytest.mark.parametrize("attrs", [
+    {},
+    {"queue_id": "", "client_name": "", "sasl_username": "taro@example.jp"},
+    {"sender": "x" * 250 + "@example.jp"},
+    {"recipient": "a\x1bb@example.jp", "client_name": "caf\u00e9 host"},
+    {"sender": 'quote"d@example.jp', "protocol_state": "END-OF-MESSAGE"},
+])
+@pytest.mark.parametrize("decision", [
+    Decision("OK", "relay", "relay for SMTP-AUTH login taro@example.jp"),
+    Decision("DUNNO", "", ""),
+    Decision("554 5.7.1 <a@b>: Relay access denied", "relay", 'third-party "relay" refused'),
+])
+def test_decision_line_fast_path_matches_the_careful_one(attrs: dict[str, str], decision: Decision) -> None:
+    req = PolicyRequest(request(**attrs))
+    assert decision_line(req, decision, 1.234) == _careful_line(req, decision, 1.234)
