@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import logging
 import math
 import os
 import re
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_log = logging.getLogger("mailwarden.store")
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -488,6 +490,12 @@ _UPSERT = (
     "expires = excluded.expires"
 )
 _SCAN_BATCH = 500
+_WAL_COMMIT_CHECKPOINT = 8000
+"""Log pages after which a commit checkpoints (SQLite's default is 1000)."""
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
+"""Bytes the write-ahead log is cut back to after a checkpoint."""
+_BUSY_FIRST_DELAY = 0.00005
+_BUSY_MAX_DELAY = 0.002
 _PURGE_EVERY = 100
 _PURGE_LIMIT = 200
 
@@ -504,8 +512,11 @@ class SQLiteStore:
     a thread per SMTP connection still holds a fixed number of database handles.
     Read-modify-write operations run inside ``BEGIN IMMEDIATE`` so that concurrent
     processes serialise on the write lock; a lock held longer than ``busy_timeout``
-    raises StoreUnavailable. Expired rows are ignored by every query and purged a
-    few at a time during writes.
+    raises StoreUnavailable (lock waits are retried in steps of 50 µs to 2 ms). Each
+    process checkpoints the write-ahead log from a background thread every
+    ``checkpoint_interval`` seconds (0: let SQLite do it during commits, which
+    stalls the committing caller for milliseconds). Expired rows are ignored by
+    every query and purged a few at a time during writes.
     """
 
     def __init__(
@@ -515,6 +526,7 @@ class SQLiteStore:
         busy_timeout: float = 5.0,
         clock: Callable[[], float] = time.time,
         max_connections: int = 8,
+        checkpoint_interval: float = 0.5,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -528,6 +540,9 @@ class SQLiteStore:
         self._open = 0
         self._writes = 0
         self._closed = False
+        self._checkpoint_interval = checkpoint_interval
+        self._checkpointer_pid = 0
+        self._stop_checkpoints = threading.Event()
         with self._connection():
             pass  # create the file and schema now, so a bad path fails at start
 
@@ -571,10 +586,69 @@ class SQLiteStore:
                         with suppress(sqlite3.Error):
                             conn.execute("ROLLBACK")
                     raise
+            if self._checkpoint_interval > 0:
+                # Checkpoints (which copy the log back and fsync) run on a background
+                # thread; a commit checkpoints only as a backstop, when the log has
+                # grown large (the log restarts only after a commit-time checkpoint).
+                conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_COMMIT_CHECKPOINT}")
+                conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+            # Lock waits are retried by _busy_retry in short steps; SQLite's own busy
+            # handler sleeps a millisecond or more at a time, a long stall for a daemon
+            # answering on its event loop.
+            conn.execute("PRAGMA busy_timeout = 0")
         except (OSError, sqlite3.Error) as exc:
             conn.close()
             raise self._unavailable(exc) from exc
         return conn
+
+    def _busy_retry(self, fn: Callable[[], _T]) -> _T:
+        """``fn()``, retried while the database is locked, for up to ``busy_timeout``."""
+        deadline = 0.0
+        delay = _BUSY_FIRST_DELAY
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + self._busy_timeout
+                if now >= deadline:
+                    raise
+                time.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, _BUSY_MAX_DELAY)
+
+    def _start_checkpoints(self) -> None:
+        """Start this process's checkpoint thread (once per process, on the first write)."""
+        with self._cond:
+            if self._checkpointer_pid == os.getpid() or self._closed:
+                return
+            self._checkpointer_pid = os.getpid()
+            self._stop_checkpoints = threading.Event()
+        threading.Thread(target=self._checkpoint_loop, args=(self._stop_checkpoints,),
+                         name="mw-sqlite-checkpoint", daemon=True).start()
+
+    def _checkpoint_loop(self, stop: threading.Event) -> None:
+        conn: sqlite3.Connection | None = None
+        failed = False
+        try:
+            while not stop.wait(self._checkpoint_interval):
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(self._path, timeout=self._busy_timeout,
+                                               isolation_level=None, check_same_thread=False)
+                        conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    failed = False
+                except sqlite3.Error as exc:
+                    if not failed:
+                        _log.warning("sqlite store %s: checkpoint failed: %s", self._path, exc)
+                    failed = True
+        finally:
+            if conn is not None:
+                with suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                conn.close()
 
     def _after_fork(self) -> None:
         """In a forked child: forget the parent's connections (never touch them)."""
@@ -639,12 +713,14 @@ class SQLiteStore:
         """Run the body in a write transaction; sqlite errors become StoreUnavailable."""
         with self._connection() as conn:
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                self._busy_retry(lambda: conn.execute("BEGIN IMMEDIATE"))
             except sqlite3.Error as exc:
                 raise self._unavailable(exc) from exc
             try:
                 yield conn
                 self._writes += 1
+                if self._checkpointer_pid != self._pid and self._checkpoint_interval > 0:
+                    self._start_checkpoints()
                 if self._writes % _PURGE_EVERY == 0:
                     self._purge(conn, _PURGE_LIMIT)
                 conn.execute("COMMIT")
@@ -657,11 +733,13 @@ class SQLiteStore:
                 raise
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        with self._connection() as conn:
-            try:
-                return conn.execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise self._unavailable(exc) from exc
+        conn = self._acquire()
+        try:
+            return self._busy_retry(lambda: conn.execute(sql, params).fetchall())
+        except sqlite3.Error as exc:
+            raise self._unavailable(exc) from exc
+        finally:
+            self._release(conn)
 
     def _purge(self, conn: sqlite3.Connection, limit: int) -> int:
         rows = conn.execute(
@@ -759,23 +837,35 @@ class SQLiteStore:
             _check_ttl(ttl)
         if not items:
             return []
+        unique = list(dict.fromkeys(key for key, _, _ in items))
+        marks = ",".join("?" * len(unique))
         with self._tx() as conn:
             now = self._clock()
-            out: list[int] = []
-            for key, amount, ttl in items:
-                row = self._live_row(conn, key, now)
-                if row is None:
-                    conn.execute("DELETE FROM members WHERE key = ?", (key,))
-                    current, expires = 0, None
-                elif row[0] != _KIND_STR:
+            rows = conn.execute(
+                f"SELECT key, kind, value, expires FROM kv WHERE key IN ({marks})",  # noqa: S608 - placeholders
+                unique,
+            ).fetchall()
+            state: dict[str, tuple[int, float | None]] = {}
+            stale_sets: list[tuple[str]] = []
+            for key, kind, value, expires in rows:
+                if expires is not None and expires <= now:
+                    if kind == _KIND_SET:
+                        stale_sets.append((key,))
+                elif kind != _KIND_STR:
                     raise _wrong_type(key)
                 else:
-                    current, expires = _parse_int(row[1], key), row[2]
+                    state[key] = (_parse_int(value, key), expires)
+            out: list[int] = []
+            for key, amount, ttl in items:
+                current, expires = state.get(key, (0, None))
                 result = _checked_sum(current, amount, key)
                 if expires is None and ttl is not None:
                     expires = now + ttl
-                conn.execute(_UPSERT, (key, _KIND_STR, str(result), expires))
+                state[key] = (result, expires)
                 out.append(result)
+            if stale_sets:
+                conn.executemany("DELETE FROM members WHERE key = ?", stale_sets)
+            conn.executemany(_UPSERT, [(key, _KIND_STR, str(v), e) for key, (v, e) in state.items()])
             return out
 
     def ttl(self, key: str) -> float | None:
@@ -894,6 +984,7 @@ class SQLiteStore:
             self._after_fork()
         with self._cond:
             self._closed = True
+            self._stop_checkpoints.set()
             idle, self._idle = self._idle, []
             self._open -= len(idle)
             self._cond.notify_all()

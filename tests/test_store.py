@@ -642,6 +642,40 @@ def test_sqlite_store_opened_before_fork(tmp_path: Path) -> None:
     store.close()
 
 
+def _threads_named(name: str) -> int:
+    return sum(t.name == name for t in threading.enumerate())
+
+
+def test_sqlite_checkpoints_run_in_the_background(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.sqlite"
+    before = _threads_named("mw-sqlite-checkpoint")
+    store = SQLiteStore(path, checkpoint_interval=0.05)
+    with store._connection() as conn:
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] > 1000, "few checkpoints in commits"
+    for i in range(300):
+        store.incr_many([(f"k{i}", i, None)])
+    assert _threads_named("mw-sqlite-checkpoint") == before + 1
+    time.sleep(0.3)
+    # The main database file alone (without its log) holds the writes once checkpointed.
+    copy = tmp_path / "copy.sqlite"
+    copy.write_bytes(path.read_bytes())
+    raw = sqlite3.connect(copy)
+    assert raw.execute("SELECT value FROM kv WHERE key = 'k299'").fetchone() == ("299",)
+    raw.close()
+    store.close()
+    deadline = time.monotonic() + 5
+    while _threads_named("mw-sqlite-checkpoint") > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _threads_named("mw-sqlite-checkpoint") == before, "close() stops the checkpoint thread"
+
+
+def test_sqlite_checkpoints_in_commits_when_asked(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "auto.sqlite", checkpoint_interval=0)
+    with store._connection() as conn:
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000, "SQLite's default"
+    store.close()
+
+
 def test_memory_threads_share_one_store() -> None:
     store = MemoryStore()
     threads, per_thread = 8, 2000
