@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from mailwarden.address import InvalidAddress, normalize_address
+from mailwarden.saferegex import UnsafePattern, check_regex
 
 
 class Service(StrEnum):
@@ -135,8 +136,8 @@ class KeywordRule:
             raise InvalidValue(f"keyword rule pattern longer than {MAX_PATTERN_LENGTH} characters")
         if op == "regex":
             try:
-                re.compile(pattern)
-            except re.error as exc:
+                check_regex(pattern)
+            except UnsafePattern as exc:
                 raise InvalidValue(f"keyword rule regex {pattern!r}: {exc}") from None
         return cls(scope, op, action, pattern)
 

@@ -25,6 +25,7 @@ import re
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -32,9 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from mailwarden.resp import RedisAddress, RedisConnection, RedisError, RedisReplyError
 
 __all__ = [
     "Increment",
@@ -626,7 +625,7 @@ class SQLiteStore:
             self._checkpointer_pid = os.getpid()
             self._stop_checkpoints = threading.Event()
         threading.Thread(target=self._checkpoint_loop, args=(self._stop_checkpoints,),
-                         name="mw-sqlite-checkpoint", daemon=True).start()
+                         name=f"mw-sqlite-checkpoint {self._path}", daemon=True).start()
 
     def _checkpoint_loop(self, stop: threading.Event) -> None:
         conn: sqlite3.Connection | None = None
@@ -1044,33 +1043,27 @@ class _NoScript(Exception):
 
 
 class _Link(threading.local):
-    conn: Any = None
-    """This thread's redis-py ``Connection``."""
+    conn: RedisConnection | None = None
     pid: int = 0
 
 
 class RedisStore:
     """Store in Redis; every key is prefixed with ``key_prefix``.
 
-    Each thread keeps one connection from redis-py's pool and speaks to it directly
-    (send a command, read its reply), which costs a fraction of redis-py's full
-    client path.  Commands are never retried (a retried increment could count
-    twice): a connection found closed by the server before a command is sent is
-    replaced; a failure after sending raises StoreUnavailable.
+    Each thread keeps its own connection (:mod:`mailwarden.resp`).  Commands are
+    never retried (a retried increment could count twice): a connection the server
+    closed while it was idle is replaced before a command is sent; a failure after
+    sending raises StoreUnavailable.
     """
 
     def __init__(self, url: str, *, key_prefix: str = "mw:", socket_timeout: float = 1.0) -> None:
         self._url = _redact_url(url)
         self._prefix = key_prefix
-        self._pool = redis.ConnectionPool.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+        self._address = RedisAddress.from_url(url)
+        self._timeout = socket_timeout
         self._link = _Link()
+        self._links: weakref.WeakSet[RedisConnection] = weakref.WeakSet()
+        self._links_lock = threading.Lock()
         self._scripts = {name: (text, hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest())
                          for name, text in (("incr_many", _INCR_MANY_LUA), ("sadd", _SADD_LUA))}
         self._closed = False
@@ -1086,42 +1079,32 @@ class RedisStore:
     def _k(self, key: str) -> str:
         return self._prefix + key
 
-    def _connection(self) -> Any:
+    def _connection(self) -> RedisConnection:
         link = self._link
-        conn: Any = link.conn
+        conn = link.conn
         pid = os.getpid()
         if conn is None or link.pid != pid:
             # A connection inherited across fork belongs to the parent: never reuse it.
-            conn = self._pool.make_connection()
+            conn = RedisConnection(self._address, self._timeout)
             link.conn, link.pid = conn, pid
-        elif conn._sock is not None and self._stale(conn):
+            with self._links_lock:
+                self._links.add(conn)
+        elif conn.idle_closed():
             # Readable while idle: the server closed it (restart, timeout). Nothing was sent yet.
-            conn.disconnect()
+            conn.close()
         return conn
-
-    @staticmethod
-    def _stale(conn: Any) -> bool:
-        try:
-            return bool(conn.can_read(timeout=0))
-        except (redis.RedisError, OSError):
-            return True
 
     def _command(self, key: str, *args: Any) -> Any:
         """Send one command on this thread's connection and return its reply."""
         if self._closed:
             raise StoreUnavailable(f"redis store {self._url}: store is closed")
         try:
-            conn = self._connection()
-            conn.send_command(*args)
-            return conn.read_response()
-        except redis.ResponseError as exc:
-            if isinstance(exc, redis.exceptions.NoScriptError):
+            return self._connection().command(*args)
+        except RedisReplyError as exc:
+            if str(exc).startswith("NOSCRIPT"):
                 raise _NoScript from exc
             raise self._map_response_error(key, exc) from exc
-        except (redis.RedisError, OSError) as exc:
-            broken = self._link.conn
-            if broken is not None:
-                broken.disconnect()
+        except RedisError as exc:
             raise StoreUnavailable(f"redis store {self._url}: {exc}") from exc
 
     def _script(self, name: str, keys: Sequence[str], args: Sequence[int | str]) -> Any:
@@ -1132,7 +1115,7 @@ class RedisStore:
             self._command(keys[0], "SCRIPT", "LOAD", text)
             return self._command(keys[0], "EVALSHA", sha, len(keys), *keys, *args)
 
-    def _map_response_error(self, key: str, exc: redis.ResponseError) -> Exception:
+    def _map_response_error(self, key: str, exc: RedisReplyError) -> Exception:
         text = str(exc)
         if "WRONGTYPE" in text:
             return _wrong_type(key)
@@ -1250,9 +1233,12 @@ class RedisStore:
         self._command("", "PING")
 
     def close(self) -> None:
-        """Close the connection pool; later calls raise StoreUnavailable."""
+        """Close every thread's connection; later calls raise StoreUnavailable."""
         self._closed = True
-        self._pool.disconnect()
+        with self._links_lock:
+            links = list(self._links)
+        for conn in links:
+            conn.close()
 
 
 def open_store(

@@ -76,7 +76,9 @@ class BodySpool:
         self.memory_limit = memory_limit
         self.spool_dir = spool_dir
         self.size = 0
-        self._memory = bytearray()
+        # The chunks as the MTA sent them, joined once at the end: most bodies come in
+        # one chunk, which is then used as it is, without a copy.
+        self._chunks: list[bytes] = []
         self._file: BinaryIO | None = None
         self._map: mmap.mmap | None = None
         self._frozen: bytes | None = None
@@ -88,23 +90,27 @@ class BodySpool:
 
     def write(self, chunk: bytes) -> None:
         """Append a chunk of the body."""
+        if self._frozen is not None:
+            # Written to after being read: start over from what was read.
+            self._chunks = [self._frozen]
+            self._frozen = None
         self.size += len(chunk)
         if self._file is not None:
             self._file.write(chunk)
             return
-        self._memory += chunk
-        if len(self._memory) > self.memory_limit:
+        self._chunks.append(bytes(chunk))
+        if self.size > self.memory_limit:
             # Lives until close(): the body is read back after the last chunk.
             self._file = tempfile.TemporaryFile(prefix="mw-body-", dir=self.spool_dir)  # noqa: SIM115
-            self._file.write(self._memory)
-            self._memory = bytearray()
+            self._file.writelines(self._chunks)
+            self._chunks = []
 
     def buffer(self) -> Buffer:
         """The whole body, as bytes or a read-only memory map."""
         if self._file is None:
             if self._frozen is None:
-                self._frozen = bytes(self._memory)
-                self._memory = bytearray()
+                self._frozen = b"".join(self._chunks)
+                self._chunks = []
             return self._frozen
         if self._map is None:
             self._file.flush()
@@ -119,7 +125,7 @@ class BodySpool:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self._memory = bytearray()
+        self._chunks = []
         self._frozen = None
 
 

@@ -91,6 +91,9 @@ def test_keyword_rule_round_trip_with_japanese_pattern() -> None:
         ("subject like junk x", "op"),
         ("subject contains bounce x", "action"),
         ("body regex junk (unclosed", "regex"),
+        ("body regex reject (a+)+$", "nested unbounded repeats"),
+        ("subject regex junk (x)\\1", "backreference"),
+        ("body regex junk a.*b.*c.*d", "unbounded repeats"),
         ("body contains junk " + "x" * 600, "longer than 512"),
     ],
 )

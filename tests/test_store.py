@@ -648,13 +648,13 @@ def _threads_named(name: str) -> int:
 
 def test_sqlite_checkpoints_run_in_the_background(tmp_path: Path) -> None:
     path = tmp_path / "ckpt.sqlite"
-    before = _threads_named("mw-sqlite-checkpoint")
+    name = f"mw-sqlite-checkpoint {path}"
     store = SQLiteStore(path, checkpoint_interval=0.05)
     with store._connection() as conn:
         assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] > 1000, "few checkpoints in commits"
     for i in range(300):
         store.incr_many([(f"k{i}", i, None)])
-    assert _threads_named("mw-sqlite-checkpoint") == before + 1
+    assert _threads_named(name) == 1
     time.sleep(0.3)
     # The main database file alone (without its log) holds the writes once checkpointed.
     copy = tmp_path / "copy.sqlite"
@@ -664,9 +664,9 @@ def test_sqlite_checkpoints_run_in_the_background(tmp_path: Path) -> None:
     raw.close()
     store.close()
     deadline = time.monotonic() + 5
-    while _threads_named("mw-sqlite-checkpoint") > before and time.monotonic() < deadline:
+    while _threads_named(name) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _threads_named("mw-sqlite-checkpoint") == before, "close() stops the checkpoint thread"
+    assert _threads_named(name) == 0, "close() stops the checkpoint thread"
 
 
 def test_sqlite_checkpoints_in_commits_when_asked(tmp_path: Path) -> None:

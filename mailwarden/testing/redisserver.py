@@ -33,6 +33,8 @@ class RedisServer:
         executable: str = "redis-server",
         port: int | None = None,
         startup_timeout: float = 10.0,
+        password: str = "",
+        unix_socket: bool = False,
     ) -> None:
         found = shutil.which(executable)
         if found is None:
@@ -42,11 +44,19 @@ class RedisServer:
         self._startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
+        self.password = password
+        self.unix_socket = unix_socket
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://[:password@]127.0.0.1:PORT/0``."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def socket_path(self) -> Path | None:
+        """The unix socket, when started with ``unix_socket=True``."""
+        return self._dir / "redis.sock" if self.unix_socket and self._dir is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -69,6 +79,8 @@ class RedisServer:
             return False
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                if self.password:
+                    sock.sendall(f"AUTH {self.password}\r\n".encode())
                 sock.sendall(b"INFO server\r\n")
                 data = b""
                 while b"\r\nprocess_id:" not in data or not data.endswith(b"\r\n"):
@@ -100,6 +112,8 @@ class RedisServer:
                     str(self.port),
                     "--dir",
                     str(self._dir),
+                    *(["--requirepass", self.password] if self.password else []),
+                    *(["--unixsocket", str(self._dir / "redis.sock")] if self.unix_socket else []),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

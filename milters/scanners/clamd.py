@@ -12,12 +12,20 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 from clamav_client.clamd import BufferTooLongError, ClamdError, ClamdNetworkSocket, CommunicationError
 
+from mailwarden.netio import receive, send_all
 from milters.scanners import ScanError, VirusResult
-from milters.scanners.upstreams import DeadlineExceeded, Endpoint, Upstreams, remaining
+from milters.scanners.upstreams import (
+    DeadlineExceeded,
+    Endpoint,
+    Upstreams,
+    remaining,
+    tighter,
+)
 
 log = logging.getLogger("mailwarden.milter.clamd")
 
@@ -27,15 +35,28 @@ UNSCANNABLE_SIGNATURES = ("Heuristics.Limits.Exceeded", "Heuristics.Encrypted")
 
 
 class _Session(ClamdNetworkSocket):
-    """One clamav-client conversation over a socket connected by our Endpoint."""
+    """One clamav-client conversation over a socket connected by our Endpoint.
+
+    The socket is blocking with kernel timeouts (:meth:`Endpoint.connect_blocking`):
+    one system call per send or receive, each bounded by what is left of the
+    end-of-message deadline, at most ``timeout``.
+    """
 
     def __init__(self, endpoint: Endpoint, timeout: float) -> None:
         super().__init__(timeout=timeout)
         self.endpoint = endpoint
+        self.cap = timeout or 60.0
+        self.deadline: float | None = None
+
+    def _io_timeout(self) -> float | None:
+        """A tighter kernel timeout when the deadline is nearer than the one set at connect."""
+        return tighter(self.deadline, self.cap) if self.deadline is not None else None
 
     def _init_socket(self) -> None:
+        timeout = remaining(self.deadline, self.cap) if self.deadline is not None else self.cap
+        self.cap = timeout
         try:
-            self.clamd_socket = self.endpoint.connect(self.timeout or 60.0)
+            self.clamd_socket = self.endpoint.connect_blocking(timeout)
         except OSError as err:
             raise CommunicationError(f"cannot connect to {self.endpoint}: {err}") from err
 
@@ -46,14 +67,15 @@ class _Session(ClamdNetworkSocket):
         """One reply line (clamav-client wraps the socket in a file object per call)."""
         data = b""
         while not data.endswith((b"\n", b"\0")) and len(data) < 4096:
-            chunk = self.clamd_socket.recv(4096)
+            chunk = receive(self.clamd_socket, 4096, self._io_timeout())
             if not chunk:
                 break
             data += chunk
         return data.decode("utf-8", "replace").strip("\0").strip()
 
-    def instream_chunks(self, chunks: Iterable[bytes], deadline: float, cap: float) -> tuple[str, str]:
+    def instream_chunks(self, chunks: Iterable[bytes], deadline: float) -> tuple[str, str]:
         """INSTREAM the chunks; return (status, signature)."""
+        self.deadline = deadline
         self._init_socket()
         sock: socket.socket = self.clamd_socket
         try:
@@ -67,15 +89,13 @@ class _Session(ClamdNetworkSocket):
                         out += struct.pack("!L", len(piece))
                         out += piece
                         if len(out) >= 4 * CHUNK:
-                            sock.settimeout(remaining(deadline, cap))
-                            sock.sendall(out)
+                            send_all(sock, out, self._io_timeout())
                             out.clear()
                 out += struct.pack("!L", 0)
-                sock.settimeout(remaining(deadline, cap))
-                sock.sendall(out)
+                send_all(sock, out, self._io_timeout())
             except (BrokenPipeError, ConnectionResetError):
                 # clamd stops reading once StreamMaxLength is passed; its reply says so.
-                sock.settimeout(1.0)
+                self.deadline = min(deadline, time.monotonic() + 1.0)
             reply = self._recv_response()
             if reply == "INSTREAM size limit exceeded. ERROR":
                 raise BufferTooLongError(reply)
@@ -97,9 +117,7 @@ class ClamdScanner:
         errors: list[str] = []
         for endpoint in self.upstreams.order():
             try:
-                status, signature = _Session(endpoint, self.timeout).instream_chunks(
-                    stream(), deadline, self.timeout
-                )
+                status, signature = _Session(endpoint, self.timeout).instream_chunks(stream(), deadline)
             except DeadlineExceeded as exc:
                 errors.append(f"{endpoint}: {exc}")
                 break

@@ -14,8 +14,15 @@ import re
 import socket
 from collections.abc import Sequence
 
+from mailwarden.netio import receive, send_all
 from milters.scanners import ScanError, SpamResult
-from milters.scanners.upstreams import DeadlineExceeded, Endpoint, Upstreams, remaining
+from milters.scanners.upstreams import (
+    DeadlineExceeded,
+    Endpoint,
+    Upstreams,
+    remaining,
+    tighter,
+)
 
 log = logging.getLogger("mailwarden.milter.spamd")
 
@@ -84,15 +91,16 @@ class SpamdScanner:
         raise ScanError("spamd: " + "; ".join(errors))
 
     def _exchange(self, endpoint: Endpoint, request: bytes, deadline: float) -> bytes:
-        sock = endpoint.connect(remaining(deadline, self.timeout))
+        # Blocking with kernel timeouts: one system call per send or receive (no poll).
+        cap = remaining(deadline, self.timeout)
+        sock = endpoint.connect_blocking(cap)
         try:
-            sock.sendall(request)
+            send_all(sock, request, tighter(deadline, cap))
             sock.shutdown(socket.SHUT_WR)
             chunks: list[bytes] = []
             size = 0
             while True:
-                sock.settimeout(remaining(deadline, self.timeout))
-                chunk = sock.recv(65536)
+                chunk = receive(sock, 65536, tighter(deadline, cap))
                 if not chunk:
                     return b"".join(chunks)
                 size += len(chunk)

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from mailwarden.netio import connect_tcp, connect_unix
+
 
 class DeadlineExceeded(TimeoutError):
     """The end-of-message budget ran out before the call."""
@@ -54,6 +56,15 @@ class Endpoint:
             return sock
         return socket.create_connection(self.host_port, timeout=timeout)
 
+    def connect_blocking(self, timeout: float) -> socket.socket:
+        """Like :meth:`connect`, but a blocking socket bounded by kernel timeouts.
+
+        Use :func:`~mailwarden.netio.send_all` and :func:`~mailwarden.netio.receive` on it.
+        """
+        if self.is_unix:
+            return connect_unix(self.path, timeout)
+        return connect_tcp(*self.host_port, timeout)
+
     def __str__(self) -> str:
         return self.address
 
@@ -64,6 +75,16 @@ def remaining(deadline: float, cap: float) -> float:
     if left <= 0.01:
         raise DeadlineExceeded("end-of-message time budget exhausted")
     return min(left, cap)
+
+
+def tighter(deadline: float, cap: float) -> float | None:
+    """:func:`remaining` when the deadline is nearer than ``cap``, else None (``cap`` still holds).
+
+    For sockets from :meth:`Endpoint.connect_blocking` opened with ``cap``: a new
+    kernel timeout is only needed once the deadline comes closer than that.
+    """
+    left = remaining(deadline, cap)
+    return left if left < cap else None
 
 
 class Upstreams:

@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from mailwarden.catalogue import KeywordRule
+from mailwarden.catalogue import InvalidValue, KeywordRule
+from mailwarden.saferegex import UnsafePattern, check_regex
 from milters.filters import Context, Envelope
-from milters.filters.keywords import KeywordFilter, UnsafePattern, check_regex
+from milters.filters.keywords import KeywordFilter
 from milters.verdict import Action, AddHeader, Recipient, RecipientOutcome, Verdict
 from tests.milter.helpers import parse, sample_directory
 
@@ -17,15 +18,15 @@ from tests.milter.helpers import parse, sample_directory
 class Policy:
     """Just enough of an EffectivePolicy for the keyword filter."""
 
-    def __init__(self, *rules: str) -> None:
-        self.rules = tuple(KeywordRule.parse(r) for r in rules)
+    def __init__(self, *rules: str | KeywordRule) -> None:
+        self.rules = tuple(r if isinstance(r, KeywordRule) else KeywordRule.parse(r) for r in rules)
 
     def get(self, name: str) -> object:
         assert name == "keyword_rules"
         return self.rules
 
 
-def outcome_for(raw: bytes, *rules: str, flt: KeywordFilter | None = None) -> RecipientOutcome:
+def outcome_for(raw: bytes, *rules: str | KeywordRule, flt: KeywordFilter | None = None) -> RecipientOutcome:
     outcome = RecipientOutcome(Recipient("u@example.jp", (), Policy(*rules)))  # type: ignore[arg-type]
     ctx = Context(Envelope("s@x"), parse(raw), Verdict([outcome]), time.monotonic() + 10)
     (flt or KeywordFilter()).apply(ctx, [outcome])
@@ -64,8 +65,12 @@ def test_strongest_action_wins() -> None:
 
 
 def test_unsafe_regex_is_refused_and_logged_not_run(caplog: pytest.LogCaptureFixture) -> None:
+    # KeywordRule.parse already refuses it; the filter does not rely on that alone.
+    with pytest.raises(InvalidValue, match="nested unbounded repeats"):
+        KeywordRule.parse("body regex reject (a+)+$")
+    unsafe = KeywordRule("body", "regex", "reject", "(a+)+$")
     with caplog.at_level(logging.WARNING):
-        outcome = outcome_for(b"Subject: x\r\n\r\n" + b"a" * 40 + b"!\r\n", "body regex reject (a+)+$")
+        outcome = outcome_for(b"Subject: x\r\n\r\n" + b"a" * 40 + b"!\r\n", unsafe)
     assert outcome.action is Action.DELIVER
     assert "refused, not run" in caplog.text and "nested unbounded repeats" in caplog.text
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailwarden.testing.clamd import EICAR
-from milters.message import Limits, extensions_of
+from milters.message import BodySpool, Limits, extensions_of
 from milters.text import decode_header_value, guess_decode, normalize_for_match
 from tests.milter.helpers import parse
 
@@ -284,6 +284,34 @@ def test_huge_message_is_spooled_to_disk_and_parsed_from_the_map(tmp_path: Path)
     assert [p.filenames for p in msg.parts] == [(), ("big.bin",)]
     assert list(tmp_path.iterdir()) == []  # the spool file is unlinked from the start
     msg.close()
+
+
+def test_a_body_in_one_chunk_is_used_without_a_copy() -> None:
+    spool = BodySpool(memory_limit=1024)
+    chunk = b"hello\r\n" * 10
+    spool.write(chunk)
+    assert spool.buffer() is chunk and spool.size == len(chunk) and not spool.on_disk
+
+
+def test_body_chunks_are_joined_in_order_and_spill_to_disk_whole(tmp_path: Path) -> None:
+    in_memory = BodySpool(memory_limit=1024)
+    for piece in (b"a" * 100, bytearray(b"b" * 100), b"c"):
+        in_memory.write(piece)
+    assert in_memory.buffer() == b"a" * 100 + b"b" * 100 + b"c"
+    on_disk = BodySpool(memory_limit=150, spool_dir=str(tmp_path))
+    for piece in (b"a" * 100, b"b" * 100, b"c" * 100):
+        on_disk.write(piece)
+    assert on_disk.on_disk and on_disk.size == 300
+    assert bytes(on_disk.buffer()) == b"a" * 100 + b"b" * 100 + b"c" * 100
+    on_disk.close()
+
+
+def test_body_written_after_being_read_keeps_what_was_read() -> None:
+    spool = BodySpool(memory_limit=1024)
+    spool.write(b"first ")
+    assert spool.buffer() == b"first "
+    spool.write(b"second")
+    assert spool.buffer() == b"first second" and spool.size == 12
 
 
 # ---------------------------------------------------------------- text

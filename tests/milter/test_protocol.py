@@ -77,6 +77,16 @@ def test_negotiates_only_the_actions_it_uses(rig: Rig) -> None:
     assert s.protocol & 0x80 and s.protocol & 0x80000  # no reply awaited per header / body chunk
 
 
+def test_asks_the_mta_to_skip_the_steps_it_does_not_use(rig: Rig) -> None:
+    s = MtaSession(rig.milter.socket_path)
+    s.close()
+    # End of header, DATA and unknown commands: each skipped step saves packets and a
+    # callback into Python for every message.
+    assert s.protocol & c.SMFIP_NOEOH and s.protocol & c.SMFIP_NODATA and s.protocol & c.SMFIP_NOUNKNOWN
+    assert not s.protocol & (c.SMFIP_NOCONNECT | c.SMFIP_NOHELO | c.SMFIP_NOMAIL | c.SMFIP_NORCPT
+                             | c.SMFIP_NOHDRS | c.SMFIP_NOBODY)
+
+
 def test_clean_mail_is_accepted_without_changes(rig: Rig) -> None:
     result = rig.send(make_message().as_bytes(), "s@remote.example", "taro@example.jp")
     assert result.final == c.SMFIR_ACCEPT and result.actions == []

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
+from mailwarden.netio import receive, send_all
 from mailwarden.testing.clamd import EICAR, ClamdServer, FakeClamd
 from mailwarden.testing.smtpsink import SmtpSink
 from mailwarden.testing.spamd import GTUBE, FakeSpamd, SpamdServer
@@ -15,7 +17,7 @@ from milters.reinject import InjectError, Origin, SmtpInjector, dot_stuff, xtext
 from milters.scanners import ScanError
 from milters.scanners.clamd import ClamdScanner
 from milters.scanners.spamd import SpamdScanner, parse_reply
-from milters.scanners.upstreams import Upstreams
+from milters.scanners.upstreams import DeadlineExceeded, Endpoint, Upstreams, tighter
 from tests.milter.test_message import zip_of
 
 TESTFILES = Path("/usr/share/clamav-testfiles")
@@ -96,6 +98,45 @@ def test_deadline_caps_the_scan_timeout() -> None:
         with pytest.raises(ScanError):
             ClamdScanner([fake.address], timeout=60).scan(lambda: [b"x"], soon(0.5))
         assert time.monotonic() - started < 2
+
+
+def test_blocking_sockets_are_bounded_by_kernel_timeouts(tmp_path: Path) -> None:
+    path = tmp_path / "silent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+        sock = Endpoint(f"unix:{path}").connect_blocking(0.3)
+        try:
+            assert sock.gettimeout() is None  # no poll before every call
+            send_all(sock, b"PING\n", None)
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                receive(sock, 100, None)  # the peer never answers
+            assert 0.2 < time.monotonic() - started < 2
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                receive(sock, 100, 0.05)  # a nearer deadline tightens it
+            assert time.monotonic() - started < 0.25
+        finally:
+            sock.close()
+
+
+def test_blocking_inet_connect_is_bounded_too() -> None:
+    with SmtpSink() as sink:
+        sock = Endpoint(f"inet:127.0.0.1:{sink.port}").connect_blocking(0.5)
+        try:
+            assert sock.gettimeout() is None
+            assert receive(sock, 100, None).startswith(b"220")
+        finally:
+            sock.close()
+
+
+def test_tighter_timeout_only_when_the_deadline_is_nearer_than_the_cap() -> None:
+    assert tighter(time.monotonic() + 100, 30) is None
+    left = tighter(time.monotonic() + 5, 30)
+    assert left is not None and 4 < left <= 5
+    with pytest.raises(DeadlineExceeded):
+        tighter(time.monotonic(), 30)
 
 
 def test_failed_upstreams_are_retried_after_the_pause() -> None:
