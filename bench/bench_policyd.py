@@ -73,8 +73,12 @@ def policy_request(**attrs: str) -> bytes:
 # ---------------------------------------------------------------- load generator (own process)
 
 
-def load(spec: str, requests: list[bytes], connections: int) -> dict[str, Any]:
-    """Send every request once over ``connections`` connections; one in flight per connection."""
+def load(spec: str, requests: list[bytes], connections: int, pinned: bool = False) -> dict[str, Any]:
+    """Send every request once over ``connections`` connections; one in flight per connection.
+
+    ``pinned``: request i goes over connection i % connections (otherwise over whichever
+    connection is free first).
+    """
     kind, _, where = spec.partition(":")
     sel = selectors.DefaultSelector()
     socks = []
@@ -94,11 +98,26 @@ def load(spec: str, requests: list[bytes], connections: int) -> dict[str, Any]:
     state: dict[socket.socket, tuple[float, bytes]] = {}
     sent = 0
     t0 = time.perf_counter()
-    for s in socks:
+    queues: dict[socket.socket, list[bytes]] = {}
+    if pinned:
+        for k, s in enumerate(socks):
+            queues[s] = requests[k::connections][::-1]
+
+    def next_request(s: socket.socket) -> bytes | None:
+        nonlocal sent
+        if pinned:
+            queue = queues[s]
+            return queue.pop() if queue else None
         if sent < total:
-            state[s] = (time.perf_counter(), b"")
-            s.sendall(requests[sent])
             sent += 1
+            return requests[sent - 1]
+        return None
+
+    for s in socks:
+        first = next_request(s)
+        if first is not None:
+            state[s] = (time.perf_counter(), b"")
+            s.sendall(first)
             sel.register(s, selectors.EVENT_READ)
     done = 0
     while done < total:
@@ -116,9 +135,9 @@ def load(spec: str, requests: list[bytes], connections: int) -> dict[str, Any]:
                 actions[block[7:].split(b" ", 1)[0].decode()] += 1
                 done += 1
                 started = now
-                if sent < total:
-                    s.sendall(requests[sent])
-                    sent += 1
+                following = next_request(s)
+                if following is not None:
+                    s.sendall(following)
             state[s] = (started, buf)
     elapsed = time.perf_counter() - t0
     for s in socks:
@@ -155,13 +174,13 @@ def process_tree_cpu(root: int) -> float:
 
 
 def run_load(spec: str, requests: list[bytes], connections: int, work: Path,
-             server_pids: tuple[int, ...] = ()) -> dict[str, Any]:
+             server_pids: tuple[int, ...] = (), pinned: bool = False) -> dict[str, Any]:
     """Run :func:`load` in a fresh process so the generator never shares a GIL with anything.
 
     ``server_pids``: processes (with their children) whose CPU time per request is reported.
     """
     job = work / "load.pickle"
-    job.write_bytes(pickle.dumps((spec, requests, connections)))
+    job.write_bytes(pickle.dumps((spec, requests, connections, pinned)))
     before = sum(process_tree_cpu(pid) for pid in server_pids)
     out = subprocess.run([sys.executable, __file__, "--load-job", str(job)], capture_output=True,
                          text=True, check=True)
@@ -239,6 +258,21 @@ checks = {json.dumps(checks)}
 """
 
 
+WARM_ROUNDS = 8
+
+
+def warm_every_worker(spec: str, warm: list[bytes], connections: int, work: Path) -> None:
+    """Send each warm-up request over several connections, so every worker's cache has it.
+
+    Each connection is served by one worker; round r sends request i over connection
+    (i + 3r) mod C, so each request reaches WARM_ROUNDS distinct connections.
+    """
+    for r in range(1, WARM_ROUNDS):
+        shift = (3 * r) % connections
+        rotated = warm[-shift:] + warm[:-shift] if shift else warm
+        run_load(spec, rotated, connections, work, pinned=True)
+
+
 def load_pbs_windows(backend: str, store_section: dict[str, str], users: list[str], count: int) -> None:
     """Bulk-load ``count`` POP-before-SMTP windows (10.0.0.0/8 addresses) for ``users``."""
     ttl = 86400.0
@@ -307,6 +341,7 @@ def measure_size(
                     warm = [policy_request(sasl_username=u, sender=u, instance=f"w{i}")
                             for i, u in enumerate(submitters + pbs_users)]
                     cold = run_load(spec, warm, args.connections, work)
+                    warm_every_worker(spec, warm, args.connections, work)
                     n = args.requests
                     sub = [policy_request(sasl_username=u, sender=u, client_address="198.51.100.1",
                                           instance=f"s{k}")
@@ -445,6 +480,7 @@ def measure_peers(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                                                                        ["greylist"], args.workers))
         try:
             run_load(spec, warm_grey, args.connections, work)
+            warm_every_worker(spec, warm_grey, args.connections, work)
             results.append({"work": "greylisting", "server": "mailwarden",
                             **run_load(spec, grey, args.connections, work, (ours.pid,))})
         finally:
@@ -462,6 +498,7 @@ def measure_peers(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                                                                   args.workers))
         try:
             run_load(spec, warm_grey, args.connections, work)
+            warm_every_worker(spec, warm_grey, args.connections, work)
             results.append({"work": "spf", "server": "mailwarden",
                             **run_load(spec, spf, args.connections, work, (ours.pid, stub.pid))})
         finally:
@@ -496,8 +533,8 @@ def main() -> int:
     ap.add_argument("--stub-dns", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load_job:
-        spec, requests, connections = pickle.loads(Path(args.load_job).read_bytes())
-        print(json.dumps(load(spec, requests, connections)))
+        spec, requests, connections, pinned = pickle.loads(Path(args.load_job).read_bytes())
+        print(json.dumps(load(spec, requests, connections, pinned)))
         return 0
     if args.peer_helper:
         peer_helper(Path(args.peer_helper))

@@ -141,6 +141,9 @@ class DnsConfig:
     port: int = setting(53, "resolver port")
     timeout: float = setting(2.0, "seconds to wait for one server to answer")
     lifetime: float = setting(4.0, "seconds a whole lookup may take, retries included")
+    cache_size: int = setting(
+        10_000, "answers kept in memory, each for its TTL, shared by a process's lookups (0: none)"
+    )
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,11 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             problems.append(f"policy.{key}: must not be negative")
     if cfg.policy.cache_size < 0:
         problems.append("policy.cache_size: must not be negative")
+    if cfg.dns.cache_size < 0:
+        problems.append("dns.cache_size: must not be negative")
+    for key in ("timeout", "lifetime"):
+        if getattr(cfg.dns, key) <= 0:
+            problems.append(f"dns.{key}: must be greater than 0")
     if cfg.ldap.bind_password_file and not Path(cfg.ldap.bind_password_file).is_file():
         problems.append(f"ldap.bind_password_file: {cfg.ldap.bind_password_file} is not a file")
 

@@ -18,7 +18,7 @@ from dns.resolver import Resolver
 from mailwarden.address import InvalidAddress, normalize_domain
 from mailwarden.config import Config
 from mailwarden.directory import Directory, DirectoryUnavailable, Entry
-from mailwarden.dns import make_resolver
+from mailwarden.dns import async_twin, make_resolver
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import PolicyResolver
 from mailwarden.reputation import OUTCOMES, Reputation
@@ -37,7 +37,6 @@ from policyd.checks.base import (
     defer,
 )
 from policyd.config import SPF_ACTIONS, SPF_RESULTS, PolicydConfig
-from policyd.dnslookup import async_twin
 from policyd.pbs import PopBeforeSmtp
 from policyd.protocol import PolicyRequest
 

@@ -39,16 +39,3 @@ async def resolve_async(
     except dns.exception.DNSException as exc:
         return exc
     return list(answer.rrset or ())
-
-
-def async_twin(resolver: dns.resolver.Resolver) -> dns.asyncresolver.Resolver:
-    """An asyncio resolver asking exactly what ``resolver`` asks, the same way."""
-    twin = dns.asyncresolver.Resolver(configure=False)
-    twin.nameservers = list(resolver.nameservers)
-    twin.port = resolver.port
-    twin.timeout = resolver.timeout
-    twin.lifetime = resolver.lifetime
-    twin.search = []
-    twin.use_search_by_default = False
-    twin.cache = None
-    return twin

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import dns.resolver
 import pytest
 
-from mailwarden.config import DnsConfig
-from mailwarden.dns import make_resolver
+from mailwarden.config import ConfigError, DnsConfig, parse_config
+from mailwarden.dns import async_twin, make_resolver
 from mailwarden.testing.dnsstub import StubDns
 
 
@@ -30,3 +32,24 @@ def test_resolver_uses_the_stub_and_no_search_domains() -> None:
         assert all("." in name for name, _ in stub.queries)  # no search-domain variants
         tcp = r.resolve("example.jp", "A", tcp=True)
         assert [a.address for a in tcp] == ["192.0.2.1"]
+
+
+def test_answers_are_cached_for_their_ttl_and_shared_with_the_async_twin() -> None:
+    with StubDns({"example.jp": {"TXT": ['"v=spf1 -all"']}}) as stub:
+        r = make_resolver(DnsConfig(nameservers=["127.0.0.1"], port=stub.port, timeout=0.3, lifetime=0.6))
+        for _ in range(3):
+            r.resolve("example.jp", "TXT")
+        twin = async_twin(r)
+        assert twin.cache is r.cache
+        asyncio.run(twin.resolve("example.jp", "TXT"))
+        assert stub.queries.count(("example.jp", "TXT")) == 1
+        uncached = make_resolver(DnsConfig(nameservers=["127.0.0.1"], port=stub.port, cache_size=0))
+        uncached.resolve("example.jp", "TXT")
+        assert uncached.cache is None and async_twin(uncached).cache is None
+        assert stub.queries.count(("example.jp", "TXT")) == 2
+
+
+def test_dns_settings_are_validated() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("[dns]\ncache_size = -1\ntimeout = 0\n")
+    assert "dns.cache_size" in str(info.value) and "dns.timeout" in str(info.value)
