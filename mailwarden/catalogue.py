@@ -144,7 +144,7 @@ class KeywordRule:
 
 Kind = Literal[
     "int", "float", "bool", "enum", "choices", "text", "address", "addresses", "extensions",
-    "keyword_rules", "host",
+    "keyword_rules", "host", "result_actions",
 ]
 Merge = Literal["override", "union"]
 Scope = Literal["both", "domain", "user"]
@@ -175,7 +175,7 @@ class SettingSpec:
     @property
     def multi(self) -> bool:
         """Whether the setting holds several values (a multi-valued attribute)."""
-        return self.kind in {"choices", "addresses", "extensions", "keyword_rules"}
+        return self.kind in {"choices", "addresses", "extensions", "keyword_rules", "result_actions"}
 
     def parse(self, raw: Sequence[str]) -> Any:
         """Turn stored string values into the typed value; raise InvalidValue."""
@@ -282,6 +282,23 @@ def _parse_keyword(spec: SettingSpec, text: str) -> KeywordRule:
     return KeywordRule.parse(text)
 
 
+SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror")
+"""SPF results an action can be chosen for (temperror is a backend failure)."""
+SPF_ACTIONS = ("reject", "tempfail", "tag", "dunno")
+
+
+def _parse_result_action(spec: SettingSpec, text: str) -> str:
+    """``result=action`` (``softfail=reject``), normalised to lower case."""
+    result, sep, action = text.strip().lower().partition("=")
+    result, action = result.strip(), action.strip()
+    if not sep or result not in SPF_RESULTS or action not in SPF_ACTIONS:
+        raise InvalidValue(
+            f"{spec.name}: {text!r} is not RESULT=ACTION with RESULT one of {', '.join(SPF_RESULTS)} "
+            f"and ACTION one of {', '.join(SPF_ACTIONS)}"
+        )
+    return f"{result}={action}"
+
+
 _ITEM_PARSERS: dict[str, Callable[[SettingSpec, str], Any]] = {
     "int": lambda s, t: int(_parse_number(s, t)),
     "float": _parse_number,
@@ -294,6 +311,7 @@ _ITEM_PARSERS: dict[str, Callable[[SettingSpec, str], Any]] = {
     "extensions": _parse_extension,
     "keyword_rules": _parse_keyword,
     "host": _parse_host,
+    "result_actions": _parse_result_action,
 }
 
 DEFAULT_BANNED_EXTENSIONS = (
@@ -375,6 +393,10 @@ SETTINGS: dict[str, SettingSpec] = {
            "mwAllowedSender", merge="union", service=Service.SMTP_AUTH),
         _S("greylist_delay", "int", 300, "seconds before a greylisted triplet is accepted",
            "mwGreylistDelay", minimum=0, maximum=86400, service=Service.GREYLISTING),
+        _S("spf_actions", "result_actions", (),
+           "what mail to this domain gets per SPF result of an unauthenticated sender, "
+           "'RESULT=ACTION' (softfail=reject); unlisted results follow [policyd.spf]",
+           "mwSpfAction", scope="domain", max_values=len(SPF_RESULTS)),
         _S("dkim_selector", "text", "", "DKIM selector used when signing for this domain",
            "mwDkimSelector", scope="domain", max_length=63, service=Service.DKIM_SIGNING),
     )

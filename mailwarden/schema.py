@@ -50,6 +50,7 @@ ATTRIBUTE_NUMBERS: dict[str, int] = {
     "mwAllowedSender": 55,
     "mwGreylistDelay": 56,
     "mwDkimSelector": 57,
+    "mwSpfAction": 58,
 }
 CLASS_NUMBERS = {"mwDomain": 1, "mwSubscriber": 2}
 
@@ -65,7 +66,7 @@ def _syntax(spec: SettingSpec) -> str:
         return _INT
     if spec.kind == "bool":
         return _BOOL
-    if spec.kind in ("address", "addresses", "host", "extensions", "enum", "choices"):
+    if spec.kind in ("address", "addresses", "host", "extensions", "enum", "choices", "result_actions"):
         return _IA5
     if spec.kind == "keyword_rules":
         return _EXACT_TEXT

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from mailwarden import catalogue
 from mailwarden.confbase import setting
 
 FailureAction = Literal["tempfail", "dunno"]
@@ -60,8 +61,8 @@ class RateLimitConfig:
     )
 
 
-SPF_RESULTS = ("pass", "fail", "softfail", "neutral", "none", "permerror", "temperror")
-SPF_ACTIONS = ("reject", "tempfail", "tag", "dunno")
+SPF_RESULTS = (*catalogue.SPF_RESULTS, "temperror")
+SPF_ACTIONS = catalogue.SPF_ACTIONS
 
 
 @dataclass(frozen=True)

@@ -135,3 +135,11 @@ def test_configuration_reference_is_current() -> None:
     from mailwarden.config import reference_markdown
 
     assert (ROOT / "docs" / "configuration.md").read_text() == reference_markdown()
+
+
+def test_spf_actions_are_result_action_pairs() -> None:
+    spec = SETTINGS["spf_actions"]
+    assert spec.parse([" SoftFail = Reject", "fail=tag"]) == ("softfail=reject", "fail=tag")
+    for bad in ("softfail", "temperror=reject", "fail=bounce", "=reject"):
+        with pytest.raises(InvalidValue, match="RESULT=ACTION"):
+            spec.parse([bad])

@@ -104,8 +104,16 @@ class SpfCheck:
         self.timeout = cfg.spf.lookup_timeout
         self.receiver = node_name
 
-    def action_for(self, domain: str, result: str) -> str:
-        """The configured action for ``result`` at recipient domain ``domain``."""
+    def action_for(self, domain: str, result: str, directory: tuple[str, ...] = ()) -> str:
+        """The action for ``result`` at recipient domain ``domain``.
+
+        The domain's ``spf_actions`` in the directory first, then ``[policyd.spf.domains]``,
+        then ``[policyd.spf] actions``.
+        """
+        for entry in directory:
+            name, _, action = entry.partition("=")
+            if name == result:
+                return action
         per_domain = self.domains.get(domain)
         if per_domain and result in per_domain:
             return per_domain[result]
@@ -126,7 +134,9 @@ class SpfCheck:
                     f"SPF temperror: {found.explanation}",
                 )
             return None
-        action = self.action_for(domain, found.result)
+        recipient = ctx.policy(ctx.recipient)
+        listed = recipient.get("spf_actions") if recipient.is_local else ()
+        action = self.action_for(domain, found.result, listed)
         why = f"SPF {found.result}: {found.explanation}"
         if action == "reject":
             code = "550 5.7.24" if found.result == "permerror" else "550 5.7.23"

@@ -9,7 +9,7 @@ import spf
 
 from mailwarden.testing.dnsstub import StubDns
 from policyd.checks.spf import _pyspf_lookup
-from tests.policyd.conftest import World
+from tests.policyd.conftest import World, fake_directory
 
 CHECKS = '[policyd]\nchecks = ["relay", "spf"]\n'
 ZONE = {
@@ -58,6 +58,28 @@ def test_per_recipient_domain_actions(world_with: Callable[..., World], spf_dns:
     other = w.decide(sender="a@soft.example", client_address="203.0.113.66",
                      recipient="prof@lab.example.org", instance="3")
     assert other.action.startswith("PREPEND Received-SPF: SoftFail")
+
+
+def test_per_domain_actions_from_the_directory(world_with: Callable[..., World], spf_dns: StubDns) -> None:
+    """A domain's spf_actions in LDAP win over [policyd.spf]; other results and domains follow the config."""
+    directory = fake_directory()
+    dn = directory.add_domain("strict-rcpt.example", spf_actions=["softfail=reject", "FAIL = tag"])
+    directory.add_user("boss@strict-rcpt.example")
+    w = world_with(CHECKS + '[policyd.spf.domains."strict-rcpt.example"]\nsoftfail = "dunno"\n',
+                   dns_port=spf_dns.port, directory=directory)
+    boss = "boss@strict-rcpt.example"
+    soft = w.decide(sender="a@soft.example", client_address="203.0.113.66", recipient=boss)
+    assert soft.action.startswith("550 5.7.23 SPF softfail"), "LDAP beats the config table"
+    hard = w.decide(sender="a@strict.example", client_address="203.0.113.66",
+                    recipient="nobody@strict-rcpt.example", instance="2")
+    assert hard.action.startswith("PREPEND Received-SPF: Fail"), "unknown users of the domain too"
+    other = w.decide(sender="a@soft.example", client_address="203.0.113.66",
+                     recipient="taro@example.jp", instance="3")
+    assert other.action.startswith("PREPEND Received-SPF: SoftFail")
+    directory.modify(dn, {"spf_actions": ["softfail=bounce"]})
+    w.services.resolver.invalidate()
+    w.decide(sender="a@soft.example", client_address="203.0.113.66", recipient=boss, instance="4")
+    assert any("spf_actions" in p for p in w.services.resolver.effective_policy(boss).problems)
 
 
 def test_permerror_is_tagged_by_default(w: World) -> None:
