@@ -267,22 +267,24 @@ def start_spamass_milter(work: Path, spamd: SpamdServer) -> Daemon:
 
 
 def start_mailwarden(work: Path, slapd: SlapdServer, clamd: ClamdServer, spamd: SpamdServer,
-                     reinject_port: int) -> Daemon:
-    sock = work / "mailwarden.sock"
-    conf = work / "mailwarden.toml"
+                     reinject_port: int, server: str = "asyncio") -> Daemon:
+    """``mailwarden milter run`` with the given milter protocol server (asyncio or libmilter)."""
+    sock = work / f"mailwarden-{server}.sock"
+    conf = work / f"mailwarden-{server}.toml"
     conf.write_text(
         f'[general]\nnode_name = "bench"\n[ldap]\nuri = "{slapd.uri}"\n'
         f'[store]\nbackend = "sqlite"\nsqlite_path = "{work}/state.sqlite3"\n'
-        f'[milter]\nsocket = "unix:{sock}"\nsocket_mode = "0666"\nspool_dir = "{work}/spool"\n'
+        f'[milter]\nserver = "{server}"\nsocket = "unix:{sock}"\nsocket_mode = "0666"\n'
+        f'spool_dir = "{work}/spool"\n'
         f'quarantine_dir = "{work}/quarantine"\ntemplate_dir = "{work}/templates"\n'
         f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.address}"]\n'
         f'reinject = "inet:127.0.0.1:{reinject_port}"\n'
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", "from mailwarden.cli import main; main()", "--config", str(conf),
-         "milter", "run"], stdout=subprocess.DEVNULL, stderr=(work / "mailwarden.log").open("wb"))
+         "milter", "run"], stdout=subprocess.DEVNULL, stderr=(work / f"mailwarden-{server}.log").open("wb"))
     wait_socket(sock, proc, "mailwarden milter")
-    return Daemon("mailwarden", proc, sock)
+    return Daemon(f"mailwarden ({server})", proc, sock)
 
 
 # ---------------------------------------------------------------- one variant

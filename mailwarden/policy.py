@@ -199,6 +199,16 @@ class PolicyResolver:
                     self._cache.popitem(last=False)
         return policy
 
+    def cached(self, address: str) -> EffectivePolicy | None:
+        """The cached, still fresh policy of ``address``, or None (never asks the directory).
+
+        Raises InvalidAddress for a malformed address.
+        """
+        key = normalize_address(address)
+        with self._lock:
+            hit = self._cache.get(key)
+        return hit[1] if hit is not None and hit[0] > self.clock() else None
+
     def invalidate(self, address: str | None = None) -> None:
         """Forget one cached address, or everything (after a directory write)."""
         with self._lock:

@@ -1,6 +1,7 @@
 """The pymilter class: gathers the envelope and the message, hands over, applies the result.
 
-One instance per SMTP connection (libmilter runs each in its own thread).  It
+One instance per SMTP connection, driven by libmilter (a thread per connection) or by
+mailwarden's own asyncio server (:mod:`milters.aserver`), as ``milter.server`` says.  It
 decides nothing itself: recipients' policies come from the resolver at RCPT
 time (a directory outage defers just that recipient with 4xx), and at end of
 message :meth:`MilterService.process` decides and carries out.  Every callback
@@ -180,10 +181,8 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
         return CONTINUE
 
 
-def run(config: Config, service: MilterService) -> None:
-    """Serve on ``milter.socket`` until stopped (SIGTERM/SIGINT stop libmilter)."""
-    m = config.milter
-    ensure_dir(m.spool_dir)
+def _prepare_process() -> None:
+    """Logging without per-line lookups nobody reads."""
     # The log format names no thread or process: skip looking them up for every line
     # (each libmilter thread is foreign to the threading module).
     logging.logThreads = False
@@ -191,6 +190,32 @@ def run(config: Config, service: MilterService) -> None:
     logging.logMultiprocessing = False
     # Nor the calling function and line: that walks the stack for every line logged.
     logging._srcfile = None
+
+
+def _freeze_heap() -> None:
+    """Everything loaded so far lives as long as the process: keep it out of the cyclic
+    garbage collector's scans, which would otherwise walk it again and again under load."""
+    gc.collect()
+    gc.freeze()
+
+
+def run(config: Config, service: MilterService) -> None:
+    """Serve on ``milter.socket`` with the configured server until SIGTERM/SIGINT."""
+    m = config.milter
+    ensure_dir(m.spool_dir)
+    _prepare_process()
+    if m.server == "asyncio":
+        from milters.aserver import run_loop, serve
+
+        run_loop(serve(lambda: ContentMilter(service), m.socket, socket_mode=int(m.socket_mode, 8),
+                       threads=m.threads, mta_timeout=m.mta_timeout, ready=_freeze_heap))
+    else:
+        run_libmilter(config, service)
+
+
+def run_libmilter(config: Config, service: MilterService) -> None:
+    """Serve through pymilter/libmilter (a thread per MTA connection)."""
+    m = config.milter
     path: Path | None = None
     if m.socket.startswith("unix:"):
         path = Path(m.socket[len("unix:"):])
@@ -218,9 +243,6 @@ def run(config: Config, service: MilterService) -> None:
     milter.opensocket(True)
     if path is not None and stat.S_ISSOCK(path.stat().st_mode):
         path.chmod(int(m.socket_mode, 8))
-    log.info("milter listening on %s", m.socket)
-    # Everything loaded so far lives as long as the process: keep it out of the cyclic
-    # garbage collector's scans, which would otherwise walk it again and again under load.
-    gc.collect()
-    gc.freeze()
+    log.info("milter listening on %s (libmilter server)", m.socket)
+    _freeze_heap()
     milter.main()

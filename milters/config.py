@@ -10,6 +10,7 @@ from mailwarden.confbase import setting
 KIB = 1024
 MIB = 1024 * 1024
 
+SERVERS = ("asyncio", "libmilter")
 _ENDPOINT = re.compile(r"^(unix:/.+|inet:[^:\s]+:[0-9]{1,5})$")
 
 
@@ -22,6 +23,13 @@ class MilterConfig:
         "milter socket (unix:/path; a unix socket avoids libmilter's TCP stalls)",
     )
     socket_mode: str = setting("0660", "permissions of the unix milter socket (octal)")
+    server: str = setting(
+        "asyncio",
+        "milter protocol server: asyncio (mailwarden's own, cheaper per message) or libmilter (pymilter)",
+    )
+    threads: int = setting(
+        32, "asyncio server: threads for end-of-message work and directory lookups (more wait their turn)"
+    )
     spool_dir: str = setting(
         "/var/lib/mailwarden/spool", "where messages larger than memory_limit are spooled"
     )
@@ -89,7 +97,7 @@ class MilterConfig:
     )
     quarantine_dir: str = setting("/var/lib/mailwarden/quarantine", "where quarantined mail is kept")
     quarantine_days: int = setting(30, "days quarantined mail is kept before it expires")
-    mta_timeout: float = setting(600.0, "seconds libmilter waits for the MTA before dropping it")
+    mta_timeout: float = setting(600.0, "seconds the milter waits for the MTA before dropping it")
     postfix_command_timeout: float = setting(
         30.0, "Postfix's milter_command_timeout (RCPT-time work must finish well before it)"
     )
@@ -108,6 +116,8 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
     problems: list[str] = []
     if not cfg.socket.startswith("unix:/") and not cfg.socket.startswith("inet:"):
         problems.append(f"milter.socket: {cfg.socket!r} must be unix:/path or inet:host:port")
+    if cfg.server not in SERVERS:
+        problems.append(f"milter.server: {cfg.server!r} must be one of {', '.join(SERVERS)}")
     try:
         mode = int(cfg.socket_mode, 8)
         if not 0 <= mode <= 0o777:
@@ -127,7 +137,7 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
         "memory_limit", "max_parts", "max_depth", "archive_max_members", "archive_max_size",
         "archive_max_ratio", "clamd_timeout", "clamd_max_size", "spamd_timeout", "spamd_max_size",
         "keyword_text_limit", "keyword_regex_budget", "reinject_timeout", "notice_window", "quarantine_days",
-        "mta_timeout", "postfix_command_timeout", "postfix_content_timeout",
+        "mta_timeout", "postfix_command_timeout", "threads", "postfix_content_timeout",
     )
     for key in positive:
         if getattr(cfg, key) <= 0:

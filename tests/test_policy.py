@@ -224,6 +224,19 @@ def test_cache_is_bounded_lru(directory: FakeDirectory, clock: Clock) -> None:
     assert directory.calls == calls + 1
 
 
+def test_cached_answers_from_the_cache_only(directory: FakeDirectory, clock: Clock) -> None:
+    r = make(directory, clock)
+    calls = directory.calls
+    assert r.cached("taro@example.jp") is None
+    assert directory.calls == calls, "cached() never asks the directory"
+    found = r.effective_policy("Taro@Example.JP")
+    assert r.cached("<taro@example.jp>") is found
+    clock.now += 10**6
+    assert r.cached("taro@example.jp") is None, "an expired entry is not an answer"
+    with pytest.raises(InvalidAddress):
+        r.cached("no at sign")
+
+
 def test_directory_down_is_unavailable_never_a_default(
     directory: FakeDirectory, clock: Clock
 ) -> None:

@@ -103,6 +103,7 @@ def stack(directory: SlapdServer, clamd: ClamdServer, spamd: SpamdServer) -> Ite
             f'reinject = "inet:127.0.0.1:{reinject_port}"\nscan_cache_ttl = 0\n'
         ))
         milter.start()
+        milter.wait_for_log("(asyncio server")  # the default
         mx.start()
         sender = PostfixInstance(main_cf={"relayhost": f"[127.0.0.1]:{mx.smtpd_port}",
                                           "mynetworks": "127.0.0.0/8"},
@@ -255,3 +256,29 @@ def test_clamd_down_defers_and_the_retry_is_delivered(stack: Stack) -> None:
     stack.mx.wait_queue_empty(timeout=30)
     (copy,) = stack.copies(1)
     assert copy.recipients == ("taro@example.jp",) and b"while clamd is down" in copy.data
+
+
+# ---------------------------------------------------------------- the libmilter server
+
+
+def test_libmilter_server_still_filters(stack: Stack) -> None:
+    """The stack runs the default asyncio server; ``server = "libmilter"`` must keep working."""
+    work = stack.milter.dir.parent / "milter-libmilter"
+    legacy = MilterProcess(work, "", "")
+    config = stack.milter.config_path.read_text().replace(str(stack.milter.dir), str(work))
+    legacy.config_path.write_text(config + 'server = "libmilter"\n')
+    legacy.start()
+    stack.mx.postconf(smtpd_milters=f"unix:{legacy.socket_path}")
+    stack.mx.restart()
+    try:
+        legacy.wait_for_log("(libmilter server)")
+        refused = stack.send(message(body=EICAR.decode() + "\n"), "bob@example.com")
+        assert refused.data[0] == 550 and "virus Custom.Test.EICAR" in refused.data[1]
+        tagged = stack.send(message(subject="quarterly report"), "tagged@example.jp")
+        assert tagged.accepted
+        assert stack.copies(1)[0].header("Subject") == "[迷惑] quarterly report"
+        assert "tagged@example.jp" in legacy.wait_for_log("tagged@example.jp=")
+    finally:
+        stack.mx.postconf(smtpd_milters=f"unix:{stack.milter.socket_path}")
+        stack.mx.restart()
+        legacy.stop()

@@ -2,11 +2,14 @@
 
 The directory is the session's real slapd with the sample data; clamd and spamd
 are fake socket servers here (so they can be slow or dead on cue) and the
-re-injection smtpd is an SMTP sink.
+re-injection smtpd is an SMTP sink.  Every test runs against both milter protocol
+servers (``milter.server``): mailwarden's asyncio one and libmilter.
 """
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +27,14 @@ from tests.milter.helpers import make_message
 from tests.milter.mta import EomResult, MtaSession
 
 pytestmark = pytest.mark.slapd
+SERVERS = ["asyncio", "libmilter"]
 
 
 class Rig:
-    def __init__(self, milter: MilterProcess, clamd: FakeClamd, spamd: FakeSpamd, sink: SmtpSink) -> None:
+    def __init__(self, milter: MilterProcess, clamd: FakeClamd, spamd: FakeSpamd, sink: SmtpSink,
+                 server: str) -> None:
         self.milter, self.clamd, self.spamd, self.sink = milter, clamd, spamd, sink
+        self.server = server
 
     def session(self) -> MtaSession:
         s = MtaSession(self.milter.socket_path)
@@ -46,17 +52,21 @@ class Rig:
         return result
 
 
-@pytest.fixture(scope="module")
-def rig(slapd: SlapdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    work = tmp_path_factory.mktemp("milter-proto")
+@pytest.fixture(scope="module", params=SERVERS)
+def rig(request: pytest.FixtureRequest, slapd: SlapdServer, tmp_path_factory: pytest.TempPathFactory
+        ) -> Iterator[Rig]:
+    server = request.param
+    work = tmp_path_factory.mktemp(f"milter-proto-{server}")
     with FakeClamd() as clamd, FakeSpamd(score=1.0) as spamd, SmtpSink() as sink:
         milter = MilterProcess(
             work, base_sections(ldap_uri=slapd.uri, store_path=work / "state.sqlite3"),
+            f'server = "{server}"\nmta_timeout = 3\n'
             f'clamd = ["unix:{work}/dead-clamd.sock", "{clamd.address}"]\nclamd_timeout = 1.0\n'
             f'spamd = ["{spamd.address}"]\nspamd_timeout = 1.0\nupstream_retry = 60\n'
             f'reinject = "inet:127.0.0.1:{sink.port}"\nscan_cache_ttl = 0\n',
         ).start()
-        yield Rig(milter, clamd, spamd, sink)
+        milter.wait_for_log(f"({server} server")
+        yield Rig(milter, clamd, spamd, sink, server)
         milter.stop()
 
 
@@ -191,12 +201,14 @@ def test_broken_mime_gets_a_verdict(rig: Rig) -> None:
     assert result.final == c.SMFIR_REPLYCODE and "x.exe" in result.reply
 
 
-def test_directory_down_defers_the_recipient(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_directory_down_defers_the_recipient(tmp_path: Path, server: str) -> None:
     with SmtpSink() as sink:
         milter = MilterProcess(
             tmp_path, base_sections(ldap_uri=f"ldap://127.0.0.1:{free_port()}/",
                                     store_path=tmp_path / "state.sqlite3"),
-            f'clamd = ["unix:{tmp_path}/none.sock"]\nreinject = "inet:127.0.0.1:{sink.port}"\n',
+            f'server = "{server}"\nclamd = ["unix:{tmp_path}/none.sock"]\n'
+            f'reinject = "inet:127.0.0.1:{sink.port}"\n',
         ).start()
         try:
             s = MtaSession(milter.socket_path)
@@ -209,3 +221,107 @@ def test_directory_down_defers_the_recipient(tmp_path: Path) -> None:
             assert time.monotonic() - started < 20  # inside Postfix's milter_command_timeout
         finally:
             milter.stop()
+
+
+# ---------------------------------------------------------------- the connection itself
+
+
+def test_a_whole_message_in_one_write_is_answered_once(rig: Rig) -> None:
+    """Postfix may have several packets in flight: every step is read, in order."""
+    s = rig.session()
+    packets = [(c.SMFIC_MACRO, b"Mi\0PIPEQ\0"), (c.SMFIC_MAIL, b"<s@remote.example>\0")]
+    s.conn.sock.sendall(b"".join(struct.pack("!Lc", len(d) + 1, cmd.encode()) + d for cmd, d in packets))
+    assert s.rcpt("taro@example.jp") == c.SMFIR_CONTINUE
+    head = b"".join(struct.pack("!Lc", len(d) + 1, b"L") + d
+                    for d in (b"From\0a@remote.example\0", b"Subject\0one write\0"))
+    body = struct.pack("!Lc", 8, b"B") + b"hello\r\n"
+    s.conn.sock.sendall(head + body)
+    result = s.eom("PIPEQ")
+    s.close()
+    assert result.final == c.SMFIR_ACCEPT
+    rig.milter.wait_for_log("PIPEQ: accept")
+
+
+def test_abort_then_a_second_message_on_the_same_connection(rig: Rig) -> None:
+    s = rig.session()
+    s.mail("s@remote.example")
+    s.rcpt("taro@example.jp")
+    s.header("Subject", "dropped")
+    s.body(b"x" * 1000)
+    s._raw(c.SMFIC_ABORT, b"")
+    result = s.message("s@remote.example", ["taro@example.jp"], make_message(body=EICAR.decode()).as_bytes(),
+                       queue_id="SECONDQ")
+    s.close()
+    assert isinstance(result, EomResult) and result.reply.startswith("550 5.7.1")
+
+
+def test_client_gone_during_end_of_message_work_leaves_the_milter_serving(rig: Rig) -> None:
+    rig.clamd.mode = "hang"
+    s = rig.session()
+    s.mail("s@remote.example")
+    s.rcpt("taro@example.jp")
+    s.header("Subject", "gone")
+    s.body(b"going away\r\n")
+    s.conn.send_macro(c.SMFIC_BODYEOB, i="GONEQ")
+    s._raw(c.SMFIC_BODYEOB, b"")
+    s.close()  # while the scan hangs
+    if rig.server == "asyncio":  # finishes the work and logs it (libmilter drops the message)
+        rig.milter.wait_for_log("GONEQ: tempfail", timeout=15)
+    else:
+        time.sleep(1.5)
+    rig.clamd.mode = "ok"
+    assert rig.send(make_message().as_bytes(), "s@remote.example", "taro@example.jp").final == c.SMFIR_ACCEPT
+
+
+def _asyncio_only(rig: Rig) -> None:
+    if rig.server != "asyncio":
+        pytest.skip("limit of the asyncio server")
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_oversized_packet_closes_the_connection_with_one_log_line(rig: Rig) -> None:
+    _asyncio_only(rig)
+    s = rig.session()
+    s.conn.sock.sendall(struct.pack("!L", 50_000_000) + b"B")
+    assert _closed(s.conn.sock)
+    s.close()
+    rig.milter.wait_for_log("milter connection dropped: packet of 50000000 bytes")
+    assert rig.send(make_message().as_bytes(), "s@remote.example", "taro@example.jp").final == c.SMFIR_ACCEPT
+
+
+def test_unknown_command_closes_the_connection(rig: Rig) -> None:
+    _asyncio_only(rig)
+    s = rig.session()
+    s._raw("Z", b"junk")
+    assert _closed(s.conn.sock)
+    s.close()
+    rig.milter.wait_for_log("unknown command 'Z'")
+
+
+def test_silent_mta_is_dropped_after_mta_timeout(rig: Rig) -> None:
+    _asyncio_only(rig)
+    s = rig.session()
+    s.mail("s@remote.example")
+    started = time.monotonic()
+    assert _closed(s.conn.sock) or _closed(s.conn.sock)  # mta_timeout = 3 s, checked every 0.75 s
+    s.close()
+    assert 2.5 < time.monotonic() - started < 9
+    rig.milter.wait_for_log("MTA silent for over 3s")
+
+
+def test_quit_with_new_connection_starts_afresh_on_the_same_socket(rig: Rig) -> None:
+    _asyncio_only(rig)  # libmilter closes the socket after K (Postfix never sends it)
+    s = rig.session()
+    s._raw(c.SMFIC_QUIT_NC, b"")
+    s.connect()
+    s.helo()
+    result = s.message("s@remote.example", ["taro@example.jp"], make_message().as_bytes(), queue_id="KQ")
+    s.close()
+    assert isinstance(result, EomResult) and result.final == c.SMFIR_ACCEPT
