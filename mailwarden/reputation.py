@@ -99,22 +99,33 @@ class Reputation:
         if amount == 0:
             return
         ttl = 2 * self.epoch_length
-        for base in self._keys(client_ip):
-            self.store.incr(f"{base}:{epoch}", amount, ttl=ttl)
+        self.store.incr_many([(f"{base}:{epoch}", amount, ttl) for base in self._keys(client_ip)])
 
-    def _score(self, base: str, now: float) -> float:
+    def _scores(self, bases: tuple[str, ...]) -> list[float]:
+        """The decayed scores of ``bases`` (this and the previous epoch each), in one store read."""
+        now = self.clock()
         epoch = math.floor(now / self.epoch_length)
-        total = 0.0
-        for e in (epoch, epoch - 1):
-            raw = self.store.get(f"{base}:{e}")
-            if raw:
-                total += int(raw) / _SCALE * 2.0 ** (-(now - e * self.epoch_length) / self.half_life)
-        return max(0.0, total)
+        epochs = (epoch, epoch - 1)
+        raw = self.store.get_many([f"{base}:{e}" for base in bases for e in epochs])
+        scores = []
+        for i in range(len(bases)):
+            total = 0.0
+            for j, e in enumerate(epochs):
+                value = raw[2 * i + j]
+                if value:
+                    total += int(value) / _SCALE * 2.0 ** (-(now - e * self.epoch_length) / self.half_life)
+            scores.append(max(0.0, total))
+        return scores
 
     def score(self, client_ip: str) -> float:
         """The decayed score of one IP (0 = nothing bad known)."""
-        return self._score(self._keys(client_ip)[0], self.clock())
+        return self._scores(self._keys(client_ip)[:1])[0]
 
     def network_score(self, client_ip: str) -> float:
         """The decayed score of the IP's network (``ipv4_prefix`` / ``ipv6_prefix``)."""
-        return self._score(self._keys(client_ip)[1], self.clock())
+        return self._scores(self._keys(client_ip)[1:])[0]
+
+    def scores(self, client_ip: str) -> tuple[float, float]:
+        """(IP score, network score), read together."""
+        ip, net = self._scores(self._keys(client_ip))
+        return ip, net

@@ -56,14 +56,12 @@ class ReputationCheck:
         return verdict
 
     def _assess(self, ctx: Context, ip: IPAddress) -> Verdict | None:
-        reputation = ctx.services.reputation
-        score = reputation.score(str(ip))
+        score, network = ctx.services.reputation.scores(str(ip))
         if score >= self.reject_score:
             return reject(
                 f"554 5.7.1 Service unavailable; Client host [{ip}] has a poor reputation here",
                 f"own reputation score {score:.1f} >= {self.reject_score:g}",
             )
-        network = reputation.network_score(str(ip))
         if network >= self.network_reject_score:
             return reject(
                 f"554 5.7.1 Service unavailable; Client network of [{ip}] has a poor reputation here",

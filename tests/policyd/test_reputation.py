@@ -70,6 +70,26 @@ def test_network_score_collects_the_neighbours() -> None:
     assert rep.network_score("2001:db8::99") == pytest.approx(6.0, rel=1e-3)
 
 
+def test_one_store_round_trip_to_record_and_one_to_read_both_scores() -> None:
+    clock = Clock(1_800_000_000.0)
+    store = MemoryStore(clock=clock)
+    calls: list[str] = []
+    for name in ("get", "get_many", "incr", "incr_many"):
+        real = getattr(store, name)
+
+        def spy(*args: object, _name: str = name, _real: Callable[..., object] = real) -> object:
+            calls.append(_name)
+            return _real(*args)
+
+        setattr(store, name, spy)
+    rep = Reputation(store, clock=clock, half_life=3600)
+    rep.record("192.0.2.7", "virus")
+    assert calls == ["incr_many"]
+    ip, net = rep.scores("192.0.2.7")
+    assert calls == ["incr_many", "get_many"]
+    assert ip == rep.score("192.0.2.7") > 0 and net == rep.network_score("192.0.2.8") > 0
+
+
 def test_record_refuses_unknown_outcomes_and_junk_ips() -> None:
     rep = reputation(Clock())
     with pytest.raises(ValueError, match="unknown outcome"):
