@@ -17,7 +17,7 @@ from mailwarden.directory import Directory
 from mailwarden.notify import NoticeTemplates, Notifier
 from mailwarden.policy import PolicyResolver
 from mailwarden.reputation import Reputation
-from mailwarden.store import SQLiteStore, Store, open_store
+from mailwarden.store import Store, open_store
 from milters.delivery import Delivery, MilterActions, Outcome
 from milters.filters import Envelope
 from milters.filters.extensions import ExtensionFilter
@@ -31,7 +31,6 @@ from milters.reinject import Injector, SmtpInjector
 from milters.scanners import SpamScanner, VirusScanner
 from milters.scanners.clamd import ClamdScanner
 from milters.scanners.spamd import SpamdScanner
-from milters.storeproxy import PooledStore
 from milters.verdict import Disposition, Recipient, Verdict
 
 log = logging.getLogger("mailwarden.milter")
@@ -159,8 +158,6 @@ def build_service(
         resolver = PolicyResolver(directory, config)
     if store is None:
         store = open_configured_store(config)
-        if isinstance(store, SQLiteStore):
-            store = PooledStore(store)
     virus_scanner = virus_scanner or ClamdScanner(m.clamd, timeout=m.clamd_timeout,
                                                   retry_after=m.upstream_retry)
     spam_scanner = spam_scanner or SpamdScanner(m.spamd, timeout=m.spamd_timeout,

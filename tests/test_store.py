@@ -676,6 +676,38 @@ def test_sqlite_checkpoints_in_commits_when_asked(tmp_path: Path) -> None:
     store.close()
 
 
+def _open_fds(path: Path) -> int:
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            if str(fd.readlink()).startswith(str(path)):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+def test_sqlite_short_lived_threads_hold_few_file_descriptors(tmp_path: Path) -> None:
+    """A thread per SMTP connection (libmilter) must not mean a database handle per connection."""
+    db = tmp_path / "state.sqlite3"
+    store = SQLiteStore(db, max_connections=2, checkpoint_interval=0)
+
+    def one_smtp_connection(i: int) -> None:
+        store.set(f"k{i}", "v", ttl=60)
+        assert store.get(f"k{i}") == "v"
+
+    for batch in range(4):
+        threads = [threading.Thread(target=one_smtp_connection, args=(batch * 25 + i,)) for i in range(25)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert _open_fds(db) <= 2 * 3, "two connections, each with the database, its log and shm"
+    assert sorted(store.scan("k9")) == ["k9", *[f"k9{i}" for i in range(10)]]
+    store.close()
+    assert _open_fds(db) == 0
+
+
 def test_memory_threads_share_one_store() -> None:
     store = MemoryStore()
     threads, per_thread = 8, 2000

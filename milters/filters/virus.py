@@ -75,10 +75,9 @@ class StoreScanCache:
             return None
 
     def put(self, digest: str, result: VirusResult) -> None:
-        """Write; a pooled store writes in the background (a lost entry only costs a rescan)."""
-        write = getattr(self.store, "set_soon", self.store.set)
+        """Write (a lost entry only costs a rescan)."""
         try:
-            write(CACHE_PREFIX + digest, _encode(result), ttl=self.ttl)
+            self.store.set(CACHE_PREFIX + digest, _encode(result), ttl=self.ttl)
         except StoreUnavailable as exc:
             log.warning("scan cache not written: %s", exc)
 
