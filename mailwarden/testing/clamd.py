@@ -20,7 +20,6 @@ import shutil
 import socket
 import socketserver
 import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 
 from mailwarden.testing.ports import free_port
-from mailwarden.testing.process import file_tail, stop_process
+from mailwarden.testing.process import TestDaemon, file_tail
 
 __all__ = ["CLAM_EXE", "EICAR", "ClamdServer", "ClamdServerError", "FakeClamd"]
 
@@ -55,8 +54,10 @@ def signatures() -> dict[str, str]:
     return files
 
 
-class ClamdServer:
+class ClamdServer(TestDaemon):
     """A private clamd on a unix socket and 127.0.0.1:port; start()/stop() by PID."""
+
+    name = "clamd"
 
     def __init__(self, *, startup_timeout: float = 60.0, stream_max: str = "25M") -> None:
         if CLAMD is None:
@@ -66,7 +67,6 @@ class ClamdServer:
         self.port = free_port()
         self.startup_timeout = startup_timeout
         self.stream_max = stream_max
-        self._proc: subprocess.Popen[bytes] | None = None
         self._write_config()
 
     @property
@@ -78,11 +78,6 @@ class ClamdServer:
     def inet_address(self) -> str:
         """``inet:127.0.0.1:port`` for the milter config."""
         return f"inet:127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the running clamd."""
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def _write_config(self) -> None:
         db = self.dir / "db"
@@ -119,39 +114,15 @@ class ClamdServer:
         if self.pid is not None:
             return self
         assert CLAMD is not None
-        console = (self.dir / "console.log").open("ab")
-        try:
-            self._proc = subprocess.Popen([CLAMD, f"--config-file={self.dir / 'clamd.conf'}"],
-                                          stdin=subprocess.DEVNULL, stdout=console, stderr=console)
-        finally:
-            console.close()
-        deadline = time.monotonic() + self.startup_timeout
-        while not self.ping():
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_tail()
-                self.stop()
-                raise ClamdServerError(f"clamd did not start; log tail:\n{tail}")
-            time.sleep(0.05)
+        self.launch([CLAMD, f"--config-file={self.dir / 'clamd.conf'}"], self.dir / "console.log",
+                    self.ping, timeout=self.startup_timeout, error=ClamdServerError)
         return self
 
     def stop(self) -> None:
-        """Stop our clamd (SIGTERM, then SIGKILL)."""
-        proc, self._proc = self._proc, None
-        stop_process(proc, timeout=10)
+        """Stop our clamd (SIGTERM, then SIGKILL) and remove its socket."""
+        super().stop()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
-
-    def cleanup(self) -> None:
-        """Stop and remove the temp directory."""
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> ClamdServer:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.cleanup()
 
 
 class FakeClamd:

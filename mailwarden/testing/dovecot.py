@@ -27,11 +27,10 @@ import time
 from collections.abc import Mapping
 from email.message import EmailMessage
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from mailwarden.testing.ports import free_port
-from mailwarden.testing.process import log_size, read_log, stop_process, tail
+from mailwarden.testing.process import TestDaemon, log_size, read_log, tail
 
 __all__ = ["DovecotError", "DovecotServer", "login_report_settings", "missing_dovecot"]
 
@@ -85,7 +84,7 @@ def login_report_settings(url: str) -> dict[str, str]:
     }
 
 
-class DovecotServer:
+class DovecotServer(TestDaemon):
     """Dovecot authenticating against an LDAP server (the test slapd).
 
     ``ldap_uri``/``ldap_base`` locate the subscribers; ``settings`` adds or overrides
@@ -108,7 +107,7 @@ class DovecotServer:
         reason = missing_dovecot()
         if reason is not None:
             raise DovecotError(reason)
-        self._own_dir = workdir is None
+        self.owns_dir = workdir is None
         self.dir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mw-dovecot-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         # Login processes (dovenull) and mail processes (MAIL_UID) traverse this directory.
@@ -127,7 +126,6 @@ class DovecotServer:
         self.settings = login_report_settings(login_report_url) if login_report_url else {}
         self.settings.update(settings or {})
         self.extra_conf = extra_conf
-        self.proc: subprocess.Popen[bytes] | None = None
 
     # -- what other components point at ------------------------------------------------
     @property
@@ -302,28 +300,8 @@ iterate_attrs = mail=user
 
     def stop(self) -> None:
         """Stop Dovecot by its PID (TERM, then KILL after 10 s)."""
-        proc, self.proc = self.proc, None
         _running.discard(self)
-        stop_process(proc, timeout=10)
-
-    def restart(self) -> None:
-        """Stop and start with the current settings (same ports and mailboxes)."""
-        self.stop()
-        self.start()
-
-    def cleanup(self) -> None:
-        """Stop and remove the work directory (when it was created here)."""
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.cleanup()
+        super().stop()
 
     def __repr__(self) -> str:
         return (f"DovecotServer({self.dir}, pop3 {self.pop3_port}, imap {self.imap_port}, "

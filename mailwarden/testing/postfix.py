@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from mailwarden.testing.ports import free_port
-from mailwarden.testing.process import log_size, read_log, tail
+from mailwarden.testing.process import TestDaemon, log_size, read_log, tail
 
 __all__ = [
     "BASE_MASTER_CF",
@@ -150,7 +149,7 @@ def _format_option(name: str, value: str) -> str:
     return f"-o {name}={value}"
 
 
-class PostfixInstance:
+class PostfixInstance(TestDaemon):
     """One Postfix instance in its own directory, with an smtpd on ``127.0.0.1:smtpd_port``.
 
     ``main_cf`` overrides or adds main.cf parameters (see :meth:`default_main_cf`),
@@ -175,7 +174,7 @@ class PostfixInstance:
         reason = missing_postfix()
         if reason is not None:
             raise PostfixError(reason)
-        self._own_dir = workdir is None
+        self.owns_dir = workdir is None
         self.dir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mw-postfix-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         # Postfix daemons run as the postfix user and must traverse the work directory.
@@ -333,29 +332,10 @@ class PostfixInstance:
         self._started = False
         _running.discard(self)
 
-    def restart(self) -> None:
-        """Stop and start, so every smtpd runs with the current configuration."""
-        self.stop()
-        self.start()
-
     def reload(self) -> None:
         """``postfix reload`` (new processes only; see the class notes)."""
         self._write_config()
         self._postfix("reload")
-
-    def cleanup(self) -> None:
-        """Stop and remove the work directory (when it was created here)."""
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.cleanup()
 
     def __repr__(self) -> str:
         return f"PostfixInstance({self.dir}, smtpd 127.0.0.1:{self.smtpd_port})"

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
@@ -47,3 +52,72 @@ def file_tail(path: Path, lines: int) -> str:
         return tail(path.read_text(errors="replace"), lines)
     except OSError:
         return ""
+
+
+class TestDaemon:
+    """The life cycle every test daemon shares: started by :meth:`start` (per daemon),
+    ended by its PID; ``restart``, ``cleanup`` and use as a context manager.
+
+    Subclasses set ``dir`` (their work directory), ``owns_dir`` (remove it on cleanup),
+    ``stop_timeout`` and ``log_tail``; :meth:`launch` starts the process and waits until
+    ``ready()`` says it answers.
+    """
+
+    __test__ = False  # not a pytest test class, despite the name
+    dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    owns_dir: bool = True
+    stop_timeout: float = 10.0
+    name: str = "daemon"
+
+    def start(self) -> Self:
+        """Start the daemon and wait until it answers."""
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running process, if any."""
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The end of the daemon's log, for error messages."""
+        return ""
+
+    def launch(self, args: list[str], console: Path, ready: Callable[[], bool], *, timeout: float,
+               error: type[Exception] = RuntimeError) -> None:
+        """Start ``args`` (output to ``console``) and wait up to ``timeout`` s for ``ready()``."""
+        with console.open("ab") as out:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                why = (f"exited with status {self.proc.returncode}" if self.proc.poll() is not None
+                       else f"did not answer within {timeout:g} s")
+                tail_text = self.log_tail()
+                self.stop()
+                raise error(f"{self.name} {why}; log tail:\n{tail_text}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """End the process by its PID (TERM, then KILL after ``stop_timeout``)."""
+        proc, self.proc = self.proc, None
+        stop_process(proc, timeout=self.stop_timeout)
+
+    def restart(self) -> None:
+        """Stop and start again with the same settings."""
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        """Stop and remove the work directory (when it was created here)."""
+        self.stop()
+        if self.owns_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cleanup()

@@ -17,10 +17,9 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from mailwarden.testing.ports import free_port
-from mailwarden.testing.process import file_tail, stop_process
+from mailwarden.testing.process import TestDaemon, file_tail
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA_DIR = Path("/etc/ldap/schema")
@@ -53,7 +52,7 @@ def mailwarden_database(*extra_ldif: Path) -> Database:
     return Database("dc=mailwarden,dc=test", [REPO / "ldap" / "sample.ldif", *extra_ldif])
 
 
-class SlapdServer:
+class SlapdServer(TestDaemon):
     """Start a private slapd; use as a context manager or call start()/stop()."""
 
     def __init__(
@@ -71,10 +70,9 @@ class SlapdServer:
             SCHEMA_DIR / "core.ldif", SCHEMA_DIR / "cosine.ldif", SCHEMA_DIR / "nis.ldif",
             SCHEMA_DIR / "inetorgperson.ldif", REPO / "ldap" / "mailwarden.ldif", *schemas,
         ]
-        self._own_dir = workdir is None
+        self.owns_dir = workdir is None
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="mw-slapd-"))
         self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
         self.sock = self.dir / "ldapi"
         self._configured = False
 
@@ -200,27 +198,3 @@ olcAccess: {{1}}to * by * read
     def log_tail(self, lines: int = 30) -> str:
         """The end of slapd's log, for error messages."""
         return file_tail(self.dir / "slapd.log", lines)
-
-    def stop(self) -> None:
-        """Stop slapd by its PID (TERM, then KILL after 10 s)."""
-        proc, self.proc = self.proc, None
-        stop_process(proc, timeout=10)
-
-    def restart(self) -> None:
-        """Stop and start again with the same data and port."""
-        self.stop()
-        self.start()
-
-    def cleanup(self) -> None:
-        """Stop and remove the work directory (when it was created here)."""
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> SlapdServer:
-        return self.start()
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.cleanup()

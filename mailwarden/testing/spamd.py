@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import socketserver
-import subprocess
 import tempfile
 import threading
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 
 from mailwarden.testing.ports import free_port
-from mailwarden.testing.process import stop_process
+from mailwarden.testing.process import TestDaemon
 
 __all__ = ["GTUBE", "FakeSpamd", "SpamdServer", "SpamdServerError"]
 
@@ -46,8 +45,11 @@ class SpamdServerError(RuntimeError):
     """spamd could not be started."""
 
 
-class SpamdServer:
+class SpamdServer(TestDaemon):
     """A private spamd on 127.0.0.1:port with network tests off."""
+
+    name = "spamd"
+    stop_timeout = 15.0
 
     def __init__(self, *, children: int = 2, min_children: int = 1, startup_timeout: float = 60.0) -> None:
         if SPAMD is None:
@@ -58,18 +60,12 @@ class SpamdServer:
         self.children = children
         self.min_children = min_children
         self.startup_timeout = startup_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
         self._write_config()
 
     @property
     def address(self) -> str:
         """``inet:127.0.0.1:port`` for the milter config."""
         return f"inet:127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the running spamd parent."""
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def _write_config(self) -> None:
         etc = self.dir / "etc"
@@ -111,36 +107,9 @@ class SpamdServer:
             f"--max-spare={self.children}", f"--pidfile={self.dir / 'spamd.pid'}",
             "-s", str(self.dir / "spamd.log"),
         ]
-        console = (self.dir / "console.log").open("ab")
-        try:
-            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=console, stderr=console)
-        finally:
-            console.close()
-        deadline = time.monotonic() + self.startup_timeout
-        while not self.ping():
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_tail()
-                self.stop()
-                raise SpamdServerError(f"spamd did not start; log tail:\n{tail}")
-            time.sleep(0.05)
+        self.launch(args, self.dir / "console.log", self.ping, timeout=self.startup_timeout,
+                    error=SpamdServerError)
         return self
-
-    def stop(self) -> None:
-        """Stop our spamd (its children follow the parent)."""
-        proc, self._proc = self._proc, None
-        stop_process(proc, timeout=15)
-
-    def cleanup(self) -> None:
-        """Stop and remove the temp directory."""
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> SpamdServer:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.cleanup()
 
 
 class FakeSpamd:
