@@ -139,7 +139,8 @@ def _supervise(config: Config, sockets: list[socket.socket], login: list[socket.
             status = 1
             if time.monotonic() - born < 1.0:
                 time.sleep(1.0)  # a worker that dies at once would otherwise spin
-            children[fork()] = time.monotonic()
+            if not stopping:  # a SIGTERM during the pause must not start a worker nobody stops
+                children[fork()] = time.monotonic()
     return 0 if stopping else status
 
 

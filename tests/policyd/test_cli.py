@@ -22,6 +22,19 @@ OUT = "friend@remote.example"
 MAILWARDEN = [str(Path(sys.executable).parent / "mailwarden")]
 
 
+def stop_daemon(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM, as systemd stops it; a daemon that does not exit within 15 s is killed
+    (so a failing test leaves no process behind) and the test fails. Returns stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"daemon ignored SIGTERM for 15 s:\n{err}") from None
+    return err or ""
+
+
 def write_config(slapd: SlapdServer, tmp: Path, dns: StubDns, extra: str = "") -> tuple[Path, list[str]]:
     """A configuration file for a daemon on a temp unix socket and a free TCP port."""
     listen = [f"unix:{tmp}/policy.sock", f"inet:127.0.0.1:{free_port()}"]
@@ -69,8 +82,7 @@ def test_run_serves_in_the_foreground_and_stops_cleanly_on_sigterm(
             pids = {int(p) for p in children.stdout.split()}
             assert len(pids) == 2
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=15)
+        err = stop_daemon(proc)
     assert proc.returncode == 0, err
     assert "policyd ready: listening on" in err
     assert "policyd stopping" in err
@@ -129,13 +141,12 @@ def test_pbs_reputation_and_query_commands(slapd: SlapdServer, tmp_path: Path, e
                             stderr=subprocess.DEVNULL, text=True)
     try:
         wait_answering(listen[0], proc).close()
-        out = subprocess.run([*MAILWARDEN, "--config", str(path), "policyd", "query",
+        answer = subprocess.run([*MAILWARDEN, "--config", str(path), "policyd", "query",
                               "client_address=2001:db8::7", "sender=taro@example.jp", f"recipient={OUT}"],
                              capture_output=True, text=True, timeout=30, check=False)
-        assert out.stdout == "OK\n", out.stderr
+        assert answer.stdout == "OK\n", answer.stderr
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=15)
+        stop_daemon(proc)
 
 
 def test_root_start_binds_then_runs_as_the_configured_user(
@@ -174,9 +185,47 @@ def test_root_start_binds_then_runs_as_the_configured_user(
             uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
             assert uid_line.split()[1:] == [str(nobody.pw_uid)] * 4
         finally:
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=15)
+            err = stop_daemon(proc)
         assert proc.returncode == 0, err
         assert f"switched to user nobody (uid {nobody.pw_uid}" in err
     finally:
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_sigterm_while_a_crashed_worker_waits_to_be_replaced_starts_no_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that died at once is replaced after a pause; SIGTERM in that pause ends it all."""
+    from mailwarden.config import parse_config
+    from policyd import daemon
+
+    handlers: dict[int, object] = {}
+    forked: list[int] = []
+    killed: list[tuple[int, int]] = []
+    exits = iter([(1001, 256), (1002, 0)])
+
+    def fake_fork() -> int:
+        pid = 1001 + len(forked)
+        forked.append(pid)
+        return pid
+
+    def fake_wait() -> tuple[int, int]:
+        try:
+            return next(exits)
+        except StopIteration:
+            raise ChildProcessError from None
+
+    def sigterm_during_pause(_seconds: float) -> None:
+        handler = handlers[signal.SIGTERM]
+        assert callable(handler)
+        handler(signal.SIGTERM, None)
+
+    monkeypatch.setattr(daemon.os, "fork", fake_fork)
+    monkeypatch.setattr(daemon.os, "wait", fake_wait)
+    monkeypatch.setattr(daemon.os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr(daemon.signal, "signal", handlers.__setitem__)
+    monkeypatch.setattr(daemon.time, "sleep", sigterm_during_pause)
+    config = parse_config("[policyd]\nworkers = 2\n")
+    assert daemon._supervise(config, [], []) == 0
+    assert forked == [1001, 1002], "no worker started after SIGTERM"
+    assert killed == [(1002, signal.SIGTERM)]
