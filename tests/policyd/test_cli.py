@@ -220,11 +220,11 @@ def test_sigterm_while_a_crashed_worker_waits_to_be_replaced_starts_no_new_one(
         assert callable(handler)
         handler(signal.SIGTERM, None)
 
-    monkeypatch.setattr(daemon.os, "fork", fake_fork)
-    monkeypatch.setattr(daemon.os, "wait", fake_wait)
-    monkeypatch.setattr(daemon.os, "kill", lambda pid, sig: killed.append((pid, sig)))
-    monkeypatch.setattr(daemon.signal, "signal", handlers.__setitem__)
-    monkeypatch.setattr(daemon.time, "sleep", sigterm_during_pause)
+    monkeypatch.setattr("policyd.daemon.os.fork", fake_fork)
+    monkeypatch.setattr("policyd.daemon.os.wait", fake_wait)
+    monkeypatch.setattr("policyd.daemon.os.kill", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr("policyd.daemon.signal.signal", handlers.__setitem__)
+    monkeypatch.setattr("policyd.daemon.time.sleep", sigterm_during_pause)
     config = parse_config("[policyd]\nworkers = 2\n")
     assert daemon._supervise(config, [], []) == 0
     assert forked == [1001, 1002], "no worker started after SIGTERM"
