@@ -21,13 +21,11 @@ import socket
 import socketserver
 import struct
 import tempfile
-import threading
 import time
 from pathlib import Path
-from types import TracebackType
 
 from mailwarden.testing.ports import free_port
-from mailwarden.testing.process import TestDaemon, file_tail
+from mailwarden.testing.process import TestDaemon, ThreadedFake, file_tail
 
 __all__ = ["CLAM_EXE", "EICAR", "ClamdServer", "ClamdServerError", "FakeClamd"]
 
@@ -125,7 +123,7 @@ class ClamdServer(TestDaemon):
             self.socket_path.unlink()
 
 
-class FakeClamd:
+class FakeClamd(ThreadedFake):
     """A fake clamd on a unix socket: ``mode`` is ok, slow, hang or garbage (changeable live).
 
     Answers ``stream: Eicar-Test-Signature FOUND`` when the stream holds EICAR,
@@ -138,7 +136,7 @@ class FakeClamd:
         self.scans = 0
         self.dir = Path(tempfile.mkdtemp(prefix="mw-fakeclamd-"))
         self.socket_path = self.dir / "clamd.sock"
-        self._stop = threading.Event()
+        super().__init__()
         fake = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -149,7 +147,6 @@ class FakeClamd:
             daemon_threads = True
 
         self.server = Server(str(self.socket_path), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def address(self) -> str:
@@ -186,21 +183,7 @@ class FakeClamd:
         with contextlib.suppress(OSError):
             sock.sendall(b"stream: " + verdict + b"\n")
 
-    def start(self) -> FakeClamd:
-        """Serve in a background thread."""
-        self.thread.start()
-        return self
-
     def stop(self) -> None:
         """Stop serving and remove the socket."""
-        self._stop.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().stop()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> FakeClamd:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()

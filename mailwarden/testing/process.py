@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import socketserver
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -121,3 +123,32 @@ class TestDaemon:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.cleanup()
+
+
+class ThreadedFake:
+    """A fake backend served from a background thread: subclasses set ``server`` (a
+    socketserver) in ``__init__``; ``start``, ``stop`` and use as a context manager."""
+
+    server: socketserver.BaseServer
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+
+    def start(self) -> Self:
+        """Serve in a background thread."""
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (requests waiting on ``_stop`` give up)."""
+        self._stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

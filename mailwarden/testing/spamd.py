@@ -17,13 +17,11 @@ import shutil
 import socket
 import socketserver
 import tempfile
-import threading
 import time
 from pathlib import Path
-from types import TracebackType
 
 from mailwarden.testing.ports import free_port
-from mailwarden.testing.process import TestDaemon
+from mailwarden.testing.process import TestDaemon, ThreadedFake
 
 __all__ = ["GTUBE", "FakeSpamd", "SpamdServer", "SpamdServerError"]
 
@@ -112,16 +110,18 @@ class SpamdServer(TestDaemon):
         return self
 
 
-class FakeSpamd:
+class FakeSpamd(ThreadedFake):
     """A fake spamd on 127.0.0.1: ``score`` for every message (1000 for GTUBE); ``mode``
     is ok, slow, hang or error (changeable live); ``checks`` counts requests."""
+
+    server: socketserver.TCPServer
 
     def __init__(self, score: float = 0.0, mode: str = "ok", delay: float = 2.0) -> None:
         self.score = score
         self.mode = mode
         self.delay = delay
         self.checks = 0
-        self._stop = threading.Event()
+        super().__init__()
         fake = self
 
         class Handler(socketserver.StreamRequestHandler):
@@ -133,7 +133,6 @@ class FakeSpamd:
             allow_reuse_address = True
 
         self.server = Server(("127.0.0.1", free_port()), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def address(self) -> str:
@@ -164,20 +163,3 @@ class FakeSpamd:
             sock.sendall(b"SPAMD/1.1 0 EX_OK\r\nContent-length: %d\r\nSpam: %s ; %.1f / 5.0\r\n\r\n%s"
                          % (len(symbols), b"True" if score >= 5 else b"False", score, symbols))
 
-    def start(self) -> FakeSpamd:
-        """Serve in a background thread."""
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self._stop.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> FakeSpamd:
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
