@@ -261,16 +261,19 @@ checks = {json.dumps(checks)}
 WARM_ROUNDS = 8
 
 
-def warm_every_worker(spec: str, warm: list[bytes], connections: int, work: Path) -> None:
+def warm_every_worker(spec: str, warm: list[bytes], connections: int, work: Path) -> dict[str, Any]:
     """Send each warm-up request over several connections, so every worker's cache has it.
 
     Each connection is served by one worker; round r sends request i over connection
-    (i + 3r) mod C, so each request reaches WARM_ROUNDS distinct connections.
+    (i + 3r) mod C, so each request reaches WARM_ROUNDS distinct connections. Returns the
+    first round's figures (the cold cache).
     """
+    cold = run_load(spec, warm, connections, work)
     for r in range(1, WARM_ROUNDS):
         shift = (3 * r) % connections
         rotated = warm[-shift:] + warm[:-shift] if shift else warm
         run_load(spec, rotated, connections, work, pinned=True)
+    return cold
 
 
 def load_pbs_windows(backend: str, store_section: dict[str, str], users: list[str], count: int) -> None:
@@ -340,8 +343,7 @@ def measure_size(
                 try:
                     warm = [policy_request(sasl_username=u, sender=u, instance=f"w{i}")
                             for i, u in enumerate(submitters + pbs_users)]
-                    cold = run_load(spec, warm, args.connections, work)
-                    warm_every_worker(spec, warm, args.connections, work)
+                    cold = warm_every_worker(spec, warm, args.connections, work)
                     n = args.requests
                     sub = [policy_request(sasl_username=u, sender=u, client_address="198.51.100.1",
                                           instance=f"s{k}")
@@ -476,36 +478,30 @@ def measure_peers(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                 for k in range(n)]
         warm_grey = [policy_request(recipient=r, client_address="192.0.2.250", instance=f"wg{i}",
                                     sender=f"warm{i}@x.example") for i, r in enumerate(greylisted)]
-        ours, spec = start_daemon(work, "ours-greylist", daemon_config(slapd.uri, store, dns_port,
-                                                                       ["greylist"], args.workers))
-        try:
-            run_load(spec, warm_grey, args.connections, work)
-            warm_every_worker(spec, warm_grey, args.connections, work)
-            results.append({"work": "greylisting", "server": "mailwarden",
-                            **run_load(spec, grey, args.connections, work, (ours.pid,))})
-        finally:
-            stop(ours)
-        results.append({"work": "greylisting", "server": "postgrey",
-                        **run_load(f"unix:{peers_dir}/postgrey.sock", grey, args.connections, work,
-                                   (helper.pid,))})
+
+        def side_by_side(work_name: str, check: str, requests: list[bytes], peer: str, peer_socket: str,
+                         extra_pids: tuple[int, ...] = ()) -> None:
+            """mailwarden with only ``check`` (warm caches), then the peer, on the same requests."""
+            ours, spec = start_daemon(work, f"ours-{check}", daemon_config(slapd.uri, store, dns_port,
+                                                                          [check], args.workers))
+            try:
+                warm_every_worker(spec, warm_grey, args.connections, work)
+                results.append({"work": work_name, "server": "mailwarden",
+                                **run_load(spec, requests, args.connections, work, (ours.pid, *extra_pids))})
+            finally:
+                stop(ours)
+            results.append({"work": work_name, "server": peer,
+                            **run_load(f"unix:{peers_dir}/{peer_socket}", requests, args.connections, work,
+                                       (helper.pid,))})
+
+        side_by_side("greylisting", "greylist", grey, "postgrey", "postgrey.sock")
         # SPF of the envelope sender: pass and fail, one evaluation per transaction
         spf = [policy_request(client_address=f"192.0.2.{k % 200 + 1}" if k % 2
                               else f"198.51.100.{k % 200 + 1}",
                               sender=f"user{k}@s{k % SPF_DOMAINS:03d}.example",
                               recipient=greylisted[rng.randrange(len(greylisted))], instance=f"f{k}")
                for k in range(n)]
-        ours, spec = start_daemon(work, "ours-spf", daemon_config(slapd.uri, store, dns_port, ["spf"],
-                                                                  args.workers))
-        try:
-            run_load(spec, warm_grey, args.connections, work)
-            warm_every_worker(spec, warm_grey, args.connections, work)
-            results.append({"work": "spf", "server": "mailwarden",
-                            **run_load(spec, spf, args.connections, work, (ours.pid, stub.pid))})
-        finally:
-            stop(ours)
-        results.append({"work": "spf", "server": "policyd-spf",
-                        **run_load(f"unix:{peers_dir}/policyd-spf.sock", spf, args.connections, work,
-                                   (helper.pid,))})
+        side_by_side("spf", "spf", spf, "policyd-spf", "policyd-spf.sock", (stub.pid,))
     finally:
         slapd.cleanup()
         stop(stub)
