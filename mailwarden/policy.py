@@ -183,11 +183,11 @@ class PolicyResolver:
         key = normalize_address(address)
         now = self.clock()
         with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None and hit[0] > now:
+            found = self._fresh(key, now)
+            if found is not None:
                 self._cache.move_to_end(key)
                 self.hits += 1
-                return hit[1]
+                return found
             self.misses += 1
         policy = self._resolve(key)
         ttl = self.cfg.cache_ttl if policy.kind is AddressKind.SUBSCRIBER else self.cfg.negative_cache_ttl
@@ -206,8 +206,12 @@ class PolicyResolver:
         """
         key = normalize_address(address)
         with self._lock:
-            hit = self._cache.get(key)
-        return hit[1] if hit is not None and hit[0] > self.clock() else None
+            return self._fresh(key, self.clock())
+
+    def _fresh(self, key: str, now: float) -> EffectivePolicy | None:
+        """The cached policy of normalised ``key`` unless expired (the caller holds the lock)."""
+        hit = self._cache.get(key)
+        return hit[1] if hit is not None and hit[0] > now else None
 
     def invalidate(self, address: str | None = None) -> None:
         """Forget one cached address, or everything (after a directory write)."""
