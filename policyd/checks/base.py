@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Postfix repeats the same client IPs (every RCPT, logins all day).
-normalized = normalize_address  # cached in mailwarden.address
 parsed_ip = functools.lru_cache(maxsize=65536)(ipaddress.ip_address)
 
 
@@ -209,7 +208,7 @@ class Context:
     @property
     def recipient(self) -> str:
         """The normalised recipient (validated by the engine before checks run)."""
-        found: str = self._once("recipient", lambda: normalized(self.request.recipient))
+        found: str = self._once("recipient", lambda: normalize_address(self.request.recipient))
         return found
 
     @property
@@ -220,7 +219,7 @@ class Context:
 
     def _normalized_sender(self) -> str:
         raw = self.request.sender
-        return normalized(raw) if raw.strip("<> ") else ""
+        return normalize_address(raw) if raw.strip("<> ") else ""
 
     def login_address(self) -> str | None:
         """The SASL login as an address (``login_domain`` appended), or None."""
@@ -237,7 +236,7 @@ class Context:
                 return None
             login = f"{login}@{domain}"
         try:
-            return normalized(login)
+            return normalize_address(login)
         except InvalidAddress:
             return None
 
