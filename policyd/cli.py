@@ -176,7 +176,8 @@ def reputation_command(app: App, ip: str, outcome: str | None) -> None:
     try:
         if outcome:
             reputation.record(ip, outcome)
-        click.echo(f"{ip}\tscore {reputation.score(ip):.2f}\tnetwork {reputation.network_score(ip):.2f}"
+        score, network = reputation.scores(ip)
+        click.echo(f"{ip}\tscore {score:.2f}\tnetwork {network:.2f}"
                    f"\t(at {time.strftime('%Y-%m-%d %H:%M:%S')})")
     except ValueError as exc:
         fail(f"{ip}: {exc}", EX_USAGE)
