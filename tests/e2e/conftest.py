@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import pytest
 
 from mailwarden.testing.dovecot import DovecotServer, missing_dovecot
 from mailwarden.testing.postfix import missing_postfix
-from mailwarden.testing.process import log_size, read_log, stop_process, tail
+from mailwarden.testing.process import TestDaemon, log_size, read_log, tail
 from mailwarden.testing.slapd import SlapdServer
 from mailwarden.testing.smtpsink import SmtpSink
 
@@ -49,19 +48,20 @@ def dovecot(slapd: SlapdServer) -> Iterator[DovecotServer]:
         yield server
 
 
-class PolicydProcess:
+class PolicydProcess(TestDaemon):
     """``mailwarden --config FILE policyd run`` as a child process, stopped by its PID.
 
     Its log (stderr) goes to ``log_path``; ``start()`` returns once both the policy
     socket and the login-report endpoint accept connections.
     """
 
+    name = "policyd"
+
     def __init__(self, config_path: Path, policy_port: int, report_port: int) -> None:
         self.config_path = config_path
         self.policy_port = policy_port
         self.report_port = report_port
         self.log_path = config_path.with_suffix(".log")
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -74,23 +74,10 @@ class PolicydProcess:
         return f"http://127.0.0.1:{self.report_port}/"
 
     def start(self, timeout: float = 15.0) -> PolicydProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [str(MAILWARDEN), "--config", str(self.config_path), "policyd", "run"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        for port in (self.policy_port, self.report_port):
-            while not _listening(port):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"policyd did not listen on {port}:\n{self.log_tail()}")
-                time.sleep(0.02)
+        """Start and wait until the policy socket and the login-report endpoint listen."""
+        self.launch([str(MAILWARDEN), "--config", str(self.config_path), "policyd", "run"], self.log_path,
+                    lambda: _listening(self.policy_port) and _listening(self.report_port), timeout=timeout)
         return self
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        stop_process(proc, timeout=10)
 
     def log_offset(self) -> int:
         return log_size(self.log_path)
