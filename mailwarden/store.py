@@ -503,6 +503,52 @@ _PURGE_LIMIT = 200
 _FORK_ORPHANS: list[sqlite3.Connection] = []
 
 
+# The checkpoint threads call into SQLite without the application knowing. A fork
+# taken while one of them holds one of SQLite's internal mutexes would leave the
+# child's copy locked for ever, so fork waits until no checkpoint is running.
+_CHECKPOINT_FORK_LOCK = threading.Lock()
+os.register_at_fork(
+    before=_CHECKPOINT_FORK_LOCK.acquire,
+    after_in_parent=_CHECKPOINT_FORK_LOCK.release,
+    after_in_child=_CHECKPOINT_FORK_LOCK.release,
+)
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy the write-ahead log back into the database, without waiting for readers."""
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+def _checkpoint_loop(
+    store: weakref.ref[SQLiteStore], path: Path, interval: float, busy_timeout: float,
+    stop: threading.Event,
+) -> None:
+    """Checkpoint ``path`` every ``interval`` seconds until ``stop`` or the store is gone."""
+    conn: sqlite3.Connection | None = None
+    failed = False
+    try:
+        while not stop.wait(interval) and store() is not None:
+            error: sqlite3.Error | None = None
+            with _CHECKPOINT_FORK_LOCK:
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(path, timeout=busy_timeout,
+                                               isolation_level=None, check_same_thread=False)
+                        conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+                    _checkpoint(conn)
+                except sqlite3.Error as exc:
+                    error = exc
+            if error is not None and not failed:
+                _log.warning("sqlite store %s: checkpoint failed: %s", path, error)
+            failed = error is not None
+    finally:
+        if conn is not None:
+            with _CHECKPOINT_FORK_LOCK:
+                with suppress(sqlite3.Error):
+                    _checkpoint(conn)
+                conn.close()
+
+
 class SQLiteStore:
     """Store in one SQLite file (WAL mode), shared by the threads and processes of a node.
 
@@ -568,37 +614,43 @@ class SQLiteStore:
         except (OSError, sqlite3.Error) as exc:
             raise self._unavailable(exc) from exc
         try:
-            conn.execute("PRAGMA synchronous=NORMAL")
-            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() != "wal":
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise sqlite3.OperationalError(f"cannot enable WAL mode (got {mode!r})")
-            if conn.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
-                try:
-                    conn.executescript(
-                        f"BEGIN IMMEDIATE;\n{_SCHEMA}"
-                        f"PRAGMA user_version = {_SCHEMA_VERSION};\nCOMMIT;"
-                    )
-                except BaseException:
-                    if conn.in_transaction:
-                        with suppress(sqlite3.Error):
-                            conn.execute("ROLLBACK")
-                    raise
-            if self._checkpoint_interval > 0:
-                # Checkpoints (which copy the log back and fsync) run on a background
-                # thread; a commit checkpoints only as a backstop, when the log has
-                # grown large (the log restarts only after a commit-time checkpoint).
-                conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_COMMIT_CHECKPOINT}")
-                conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
-            # Lock waits are retried by _busy_retry in short steps; SQLite's own busy
-            # handler sleeps a millisecond or more at a time, a long stall for a daemon
-            # answering on its event loop.
-            conn.execute("PRAGMA busy_timeout = 0")
+            # Processes that open a new file together race to switch it to WAL and to
+            # create the schema; the loser sees "database is locked" at once.
+            self._busy_retry(lambda: self._prepare(conn))
         except (OSError, sqlite3.Error) as exc:
             conn.close()
             raise self._unavailable(exc) from exc
         return conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Put a new connection in WAL mode, create the schema if missing, set the pragmas."""
+        conn.execute("PRAGMA synchronous=NORMAL")
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        if str(mode).lower() != "wal":
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot enable WAL mode (got {mode!r})")
+        if conn.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+            try:
+                conn.executescript(
+                    f"BEGIN IMMEDIATE;\n{_SCHEMA}"
+                    f"PRAGMA user_version = {_SCHEMA_VERSION};\nCOMMIT;"
+                )
+            except BaseException:
+                if conn.in_transaction:
+                    with suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+        if self._checkpoint_interval > 0:
+            # Checkpoints (which copy the log back and fsync) run on a background
+            # thread; a commit checkpoints only as a backstop, when the log has
+            # grown large (the log restarts only after a commit-time checkpoint).
+            conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_COMMIT_CHECKPOINT}")
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+        # Lock waits are retried by _busy_retry in short steps; SQLite's own busy
+        # handler sleeps a millisecond or more at a time, a long stall for a daemon
+        # answering on its event loop.
+        conn.execute("PRAGMA busy_timeout = 0")
 
     def _busy_retry(self, fn: Callable[[], _T]) -> _T:
         """``fn()``, retried while the database is locked, for up to ``busy_timeout``."""
@@ -624,30 +676,12 @@ class SQLiteStore:
                 return
             self._checkpointer_pid = os.getpid()
             self._stop_checkpoints = threading.Event()
-        threading.Thread(target=self._checkpoint_loop, args=(self._stop_checkpoints,),
-                         name=f"mw-sqlite-checkpoint {self._path}", daemon=True).start()
-
-    def _checkpoint_loop(self, stop: threading.Event) -> None:
-        conn: sqlite3.Connection | None = None
-        failed = False
-        try:
-            while not stop.wait(self._checkpoint_interval):
-                try:
-                    if conn is None:
-                        conn = sqlite3.connect(self._path, timeout=self._busy_timeout,
-                                               isolation_level=None, check_same_thread=False)
-                        conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    failed = False
-                except sqlite3.Error as exc:
-                    if not failed:
-                        _log.warning("sqlite store %s: checkpoint failed: %s", self._path, exc)
-                    failed = True
-        finally:
-            if conn is not None:
-                with suppress(sqlite3.Error):
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                conn.close()
+        threading.Thread(
+            target=_checkpoint_loop,
+            args=(weakref.ref(self), self._path, self._checkpoint_interval, self._busy_timeout,
+                  self._stop_checkpoints),
+            name=f"mw-sqlite-checkpoint {self._path}", daemon=True,
+        ).start()
 
     def _after_fork(self) -> None:
         """In a forked child: forget the parent's connections (never touch them)."""

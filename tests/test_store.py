@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.process
 import re
 import socket
 import sqlite3
@@ -485,6 +487,7 @@ INCREMENTS = 500
 
 
 def _sqlite_incr_worker(path: str, barrier: threading.Barrier, n: int) -> None:
+    barrier.wait(timeout=10)  # all create the new file at once
     store = SQLiteStore(path)
     barrier.wait(timeout=10)
     for _ in range(n):
@@ -500,15 +503,28 @@ def _redis_incr_worker(url: str, prefix: str, barrier: threading.Barrier, n: int
     store.close()
 
 
+def _exit_codes(procs: list[multiprocessing.process.BaseProcess]) -> list[int | None]:
+    """Start ``procs``, wait up to 30 s for them, kill any left (None), return the exit codes."""
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + 30
+        for p in procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        return [p.exitcode for p in procs]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
 def _run_processes(target: Callable[..., None], *args: object) -> None:
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(WORKERS)
-    procs = [ctx.Process(target=target, args=(*args, barrier, INCREMENTS)) for _ in range(WORKERS)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=30)
-    assert [p.exitcode for p in procs] == [0] * WORKERS
+    procs = [ctx.Process(target=target, args=(*args, barrier, INCREMENTS), daemon=True)
+             for _ in range(WORKERS)]
+    assert _exit_codes(procs) == [0] * WORKERS
 
 
 def test_sqlite_processes_increment_exactly(tmp_path: Path) -> None:
@@ -632,12 +648,8 @@ def test_sqlite_store_opened_before_fork(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "fork.sqlite")
     store.incr("forked")
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_child_incr, args=(store,)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=30)
-    assert [p.exitcode for p in procs] == [0, 0]
+    procs = [ctx.Process(target=_child_incr, args=(store,), daemon=True) for _ in range(2)]
+    assert _exit_codes(procs) == [0, 0]
     assert store.incr("forked") == 2 * INCREMENTS + 2
     store.close()
 
@@ -667,6 +679,49 @@ def test_sqlite_checkpoints_run_in_the_background(tmp_path: Path) -> None:
     while _threads_named(name) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _threads_named(name) == 0, "close() stops the checkpoint thread"
+
+
+def _report_start(path: str, conn: multiprocessing.connection.Connection) -> None:
+    conn.send(time.monotonic())
+    SQLiteStore(path).incr("child")
+
+
+def test_fork_waits_for_a_running_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork never copies a checkpoint thread's half-held SQLite locks into the child."""
+    running, ended = threading.Event(), []
+
+    def slow_checkpoint(conn: sqlite3.Connection) -> None:
+        running.set()
+        time.sleep(0.3)
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        ended.append(time.monotonic())
+
+    monkeypatch.setattr("mailwarden.store._checkpoint", slow_checkpoint)
+    path = tmp_path / "ckpt.sqlite"
+    store = SQLiteStore(path, checkpoint_interval=0.01)
+    store.incr("parent")
+    assert running.wait(5)
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_report_start, args=(str(path), there), daemon=True)
+    assert _exit_codes([child]) == [0]
+    started = here.recv()
+    assert ended and started >= ended[0], "the child was forked during the checkpoint"
+    assert store.get("child") == "1"
+    store.close()
+
+
+def test_checkpoint_thread_ends_with_a_forgotten_store(tmp_path: Path) -> None:
+    path = tmp_path / "gone.sqlite"
+    name = f"mw-sqlite-checkpoint {path}"
+    store = SQLiteStore(path, checkpoint_interval=0.01)
+    store.incr("n")
+    assert _threads_named(name) == 1
+    del store  # never closed
+    deadline = time.monotonic() + 5
+    while _threads_named(name) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _threads_named(name) == 0, "the thread must not keep an unreferenced store alive"
 
 
 def test_sqlite_checkpoints_in_commits_when_asked(tmp_path: Path) -> None:
