@@ -6,8 +6,8 @@
 * mailwarden where 30 % of recipients contract spam checking and all contract virus scanning;
 * mailwarden where every recipient contracts both.
 
-Same clamd (unix socket, local signatures) and same spamd (2 children, network tests
-off) for everyone; Postfix relays to Postfix's own ``smtp-sink``.  The load is one
+Same clamd (unix socket, local signatures) and same spamd (unix socket, 2 children,
+network tests off) for everyone; Postfix relays to Postfix's own ``smtp-sink``.  The load is one
 message per SMTP session, ``--sessions`` in parallel, each body unique (no scan-cache
 hits), 3 % carrying EICAR and 3 % GTUBE, after one warm-up message per recipient (a warm
 policy cache).  Reported per variant: injection and
@@ -261,7 +261,7 @@ def start_spamass_milter(work: Path, spamd: SpamdServer) -> Daemon:
     sock = work / "spamass-milter.sock"
     proc = subprocess.Popen(
         ["/usr/sbin/spamass-milter", "-p", str(sock), "-r", "15", "-P", str(work / "spamass.pid"),
-         "--", "-d", "127.0.0.1", "-p", str(spamd.port)],
+         "--", "-U", str(spamd.socket_path)],
         stdout=subprocess.DEVNULL, stderr=(work / "spamass-milter.err").open("wb"))
     wait_socket(sock, proc, "spamass-milter")
     return Daemon("spamass-milter", proc, sock)
@@ -278,7 +278,7 @@ def start_mailwarden(work: Path, slapd: SlapdServer, clamd: ClamdServer, spamd: 
         f'[milter]\nserver = "{server}"\nsocket = "unix:{sock}"\nsocket_mode = "0666"\n'
         f'spool_dir = "{work}/spool"\n'
         f'quarantine_dir = "{work}/quarantine"\ntemplate_dir = "{work}/templates"\n'
-        f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.address}"]\n'
+        f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.unix_address}"]\n'
         f'reinject = "inet:127.0.0.1:{reinject_port}"\n'
     )
     proc = subprocess.Popen(

@@ -44,7 +44,7 @@ class SpamdServerError(RuntimeError):
 
 
 class SpamdServer(TestDaemon):
-    """A private spamd on 127.0.0.1:port with network tests off."""
+    """A private spamd on 127.0.0.1:port and on a unix socket, with network tests off."""
 
     name = "spamd"
     stop_timeout = 15.0
@@ -55,6 +55,7 @@ class SpamdServer(TestDaemon):
         self.dir = Path(tempfile.mkdtemp(prefix="mw-spamd-"))
         self.dir.chmod(0o755)
         self.port = free_port()
+        self.socket_path = self.dir / "spamd.sock"
         self.children = children
         self.min_children = min_children
         self.startup_timeout = startup_timeout
@@ -64,6 +65,11 @@ class SpamdServer(TestDaemon):
     def address(self) -> str:
         """``inet:127.0.0.1:port`` for the milter config."""
         return f"inet:127.0.0.1:{self.port}"
+
+    @property
+    def unix_address(self) -> str:
+        """``unix:/path`` for the milter config (no TCP handshake per message)."""
+        return f"unix:{self.socket_path}"
 
     def _write_config(self) -> None:
         etc = self.dir / "etc"
@@ -99,6 +105,7 @@ class SpamdServer(TestDaemon):
         assert SPAMD is not None
         args = [
             SPAMD, "-L", "-x", "-u", "nobody", f"--listen=127.0.0.1:{self.port}",
+            f"--listen={self.socket_path}", "--socketmode=0666",
             "--allowed-ips=127.0.0.1", f"--siteconfigpath={self.dir / 'etc'}",
             f"--helper-home-dir={self.dir / 'home'}", "-m", str(self.children),
             f"--min-children={self.min_children}", f"--min-spare={self.min_children}",

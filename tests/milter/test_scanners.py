@@ -151,10 +151,13 @@ def test_failed_upstreams_are_retried_after_the_pause() -> None:
 # ---------------------------------------------------------------- spamd
 
 
-def test_real_spamd_scores_gtube_and_lists_symbols(spamd: SpamdServer) -> None:
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+def test_real_spamd_scores_gtube_and_lists_symbols(spamd: SpamdServer, over: str) -> None:
     msg = f"From: a@remote.example\r\nSubject: x\r\n\r\n{GTUBE}\r\n".encode()
-    result = SpamdScanner([spamd.address]).check(msg, soon(30))
+    address = spamd.address if over == "tcp" else spamd.unix_address
+    result = SpamdScanner([address]).check(msg, soon(30))
     assert result.score >= 1000 and "GTUBE" in result.symbols
+    assert result.upstream == address
 
 
 def test_real_spamd_scores_ham_low(spamd: SpamdServer) -> None:

@@ -1,0 +1,483 @@
+"""Content filtering through one private Postfix, side by side in one run:
+
+* Postfix alone (no milter);
+* clamav-milter alone, and mailwarden for subscribers who contract only virus scanning;
+* the peer stack clamav-milter + spamass-milter (which scans every message with spamd);
+* mailwarden where 30 % of recipients contract spam checking and all contract virus scanning;
+* mailwarden where every recipient contracts both.
+
+Same clamd (unix socket, local signatures) and same spamd (2 children, network tests
+off) for everyone; Postfix relays to Postfix's own ``smtp-sink``.  The load is one
+message per SMTP session, ``--sessions`` in parallel, each body unique (no scan-cache
+hits), 3 % carrying EICAR and 3 % GTUBE, after one warm-up message per recipient (a warm
+policy cache).  Reported per variant: injection and
+end-to-end msg/s (until Postfix's queue is empty), end-of-data latency p50/p99 (from
+the final dot to the reply), milter CPU ms/msg and peak RSS.  A verdict check then
+sends the same small set through the peer stack and through mailwarden to a recording
+sink and compares refusals and spam flags where the services are the same.
+
+Needs root, postfix, clamav-daemon, spamd, clamav-milter, spamass-milter.
+Usage: python bench/bench_milter.py [--quick] [--sessions 20] [--repeat N]
+Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email
+import email.policy
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+
+from mailwarden.testing.clamd import EICAR, ClamdServer
+from mailwarden.testing.ports import free_port
+from mailwarden.testing.postfix import PostfixInstance
+from mailwarden.testing.slapd import SlapdServer, mailwarden_database
+from mailwarden.testing.smtpsink import SmtpSink
+from mailwarden.testing.spamd import GTUBE, SpamdServer
+
+CLK = os.sysconf("SC_CLK_TCK")
+USERS = 100
+DOMAINS = {  # domain -> (services for every user, services for users with i % 10 < 3)
+    "mix.example": (["virus-scan"], ["spam-check"]),
+    "all.example": (["virus-scan", "spam-check"], []),
+    "av.example": (["virus-scan"], []),
+    "none.example": ([], []),
+}
+FILLER = (
+    "Dear colleague,\n\nplease find below the minutes of Tuesday's meeting. We agreed to move the\n"
+    "release to the second week of the month and to review the open tickets on Friday.\n"
+    "The budget figures will follow once finance has confirmed them.\n\n"
+)
+
+
+# ---------------------------------------------------------------- directory
+
+
+def bench_ldif(path: Path) -> Path:
+    """Four domains of USERS subscribers each; in mix.example 30 % contract spam checking."""
+    base = "ou=domains,dc=mailwarden,dc=test"
+    out: list[str] = []
+    for domain, (everyone, some) in DOMAINS.items():
+        ddn = f"mwDomainName={domain},{base}"
+        out += [f"dn: {ddn}", "objectClass: mwDomain", f"mwDomainName: {domain}",
+                *(f"mwEnabledService: {s}" for s in everyone), ""]
+        out += [f"dn: ou=users,{ddn}", "objectClass: organizationalUnit", "ou: users", ""]
+        for i in range(USERS):
+            out += [f"dn: uid=u{i:03d},ou=users,{ddn}", "objectClass: inetOrgPerson",
+                    "objectClass: mwSubscriber", f"uid: u{i:03d}", f"cn: User {i}", "sn: User",
+                    f"mail: u{i:03d}@{domain}"]
+            if i % 10 < 3:
+                out += [f"mwEnabledService: {s}" for s in some]
+            out.append("")
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- messages
+
+
+def zipped(name: str, data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(name, data)
+    return buf.getvalue()
+
+
+def make_message(kind: str, n: int, rcpt: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = f"Sender {n} <sender{n}@remote.example>"
+    msg["To"] = rcpt
+    msg["Subject"] = f"minutes #{n}"
+    msg["Date"] = email.utils.formatdate()
+    msg["Message-ID"] = f"<bench-{n}-{random.getrandbits(40):x}@remote.example>"
+    body = f"{FILLER * 8}ref {n} {random.getrandbits(64):x}\n"
+    if kind == "gtube":
+        body += GTUBE + "\n"
+    msg.set_content(body)
+    if kind == "eicar":
+        msg.add_attachment(zipped("report.com", EICAR), maintype="application", subtype="zip",
+                           filename=f"report-{n}.zip")
+    return msg.as_bytes().replace(b"\n", b"\r\n")
+
+
+def workload(count: int, pick: Callable[[int], str], seed: int = 7) -> list[tuple[str, bytes, str]]:
+    """(recipient, message, kind): 3 % EICAR, 3 % GTUBE, the rest ordinary mail."""
+    rng = random.Random(seed)
+    out = []
+    for n in range(count):
+        r = rng.random()
+        kind = "eicar" if r < 0.03 else "gtube" if r < 0.06 else "ham"
+        rcpt = pick(n)
+        out.append((rcpt, make_message(kind, n, rcpt), kind))
+    return out
+
+
+def domain_picker(domain: str) -> Callable[[int], str]:
+    return lambda n: f"u{n % USERS:03d}@{domain}"
+
+
+# ---------------------------------------------------------------- load generator
+
+
+async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
+    lines = []
+    while True:
+        line = await reader.readline()
+        if not line:
+            return 0, "connection closed"
+        lines.append(line.decode(errors="replace").rstrip())
+        if len(line) < 4 or line[3:4] != b"-":
+            return int(line[:3]), " ".join(lines)
+
+
+async def _one(port: int, rcpt: str, data: bytes) -> tuple[int, float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await _reply(reader)
+        writer.write(b"EHLO load.remote.example\r\n")
+        await _reply(reader)
+        writer.write(f"MAIL FROM:<bench@remote.example>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
+        await _reply(reader)
+        rc, _ = await _reply(reader)
+        dc, _ = await _reply(reader)
+        if dc != 354:
+            return rc if rc >= 400 else dc, 0.0
+        payload = data.replace(b"\r\n.", b"\r\n..") + b"\r\n.\r\n"
+        writer.write(payload)
+        await writer.drain()
+        started = time.perf_counter()
+        code, _ = await _reply(reader)
+        latency = time.perf_counter() - started
+        writer.write(b"QUIT\r\n")
+        return code, latency
+    finally:
+        writer.close()
+
+
+async def _inject(port: int, jobs: list[tuple[str, bytes, str]], sessions: int) -> list[tuple[int, float]]:
+    gate = asyncio.Semaphore(sessions)
+
+    async def run(rcpt: str, data: bytes) -> tuple[int, float]:
+        async with gate:
+            try:
+                return await _one(port, rcpt, data)
+            except OSError:
+                return 0, 0.0
+
+    return list(await asyncio.gather(*(run(r, d) for r, d, _ in jobs)))
+
+
+# ---------------------------------------------------------------- processes
+
+
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """utime + stime (+ waited-for children) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = int(fields[11]) + int(fields[12])
+    if children:
+        total += int(fields[13]) + int(fields[14])
+    return total / CLK
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU of a process and its live children (spamd's pre-forked children)."""
+    total = cpu_seconds(pid)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                total += cpu_seconds(int(entry.name))
+    return total
+
+
+@dataclass
+class Daemon:
+    name: str
+    proc: subprocess.Popen[bytes]
+    socket: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_socket(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start (exit {proc.poll()})")
+        time.sleep(0.05)
+    path.chmod(0o666)
+
+
+def start_clamav_milter(work: Path, clamd: ClamdServer) -> Daemon:
+    sock = work / "clamav-milter.sock"
+    conf = work / "clamav-milter.conf"
+    conf.write_text(
+        f"MilterSocket unix:{sock}\nMilterSocketMode 666\nFixStaleSocket yes\nForeground yes\n"
+        f"ClamdSocket unix:{clamd.socket_path}\nOnInfected Reject\nOnFail Defer\nAddHeader No\n"
+        f"LogFile {work}/clamav-milter.log\nLogInfected Basic\nMaxFileSize 25M\nReadTimeout 120\n"
+        f"PidFile {work}/clamav-milter.pid\n"
+    )
+    proc = subprocess.Popen(["/usr/sbin/clamav-milter", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=(work / "clamav-milter.err").open("wb"))
+    wait_socket(sock, proc, "clamav-milter")
+    return Daemon("clamav-milter", proc, sock)
+
+
+def start_spamass_milter(work: Path, spamd: SpamdServer) -> Daemon:
+    sock = work / "spamass-milter.sock"
+    proc = subprocess.Popen(
+        ["/usr/sbin/spamass-milter", "-p", str(sock), "-r", "15", "-P", str(work / "spamass.pid"),
+         "--", "-d", "127.0.0.1", "-p", str(spamd.port)],
+        stdout=subprocess.DEVNULL, stderr=(work / "spamass-milter.err").open("wb"))
+    wait_socket(sock, proc, "spamass-milter")
+    return Daemon("spamass-milter", proc, sock)
+
+
+def start_mailwarden(work: Path, slapd: SlapdServer, clamd: ClamdServer, spamd: SpamdServer,
+                     reinject_port: int, server: str = "asyncio") -> Daemon:
+    """``mailwarden milter run`` with the given milter protocol server (asyncio or libmilter)."""
+    sock = work / f"mailwarden-{server}.sock"
+    conf = work / f"mailwarden-{server}.toml"
+    conf.write_text(
+        f'[general]\nnode_name = "bench"\n[ldap]\nuri = "{slapd.uri}"\n'
+        f'[store]\nbackend = "sqlite"\nsqlite_path = "{work}/state.sqlite3"\n'
+        f'[milter]\nserver = "{server}"\nsocket = "unix:{sock}"\nsocket_mode = "0666"\n'
+        f'spool_dir = "{work}/spool"\n'
+        f'quarantine_dir = "{work}/quarantine"\ntemplate_dir = "{work}/templates"\n'
+        f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.address}"]\n'
+        f'reinject = "inet:127.0.0.1:{reinject_port}"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "/tmp/prof/yappi_milter.py", "--config", str(conf),
+         "milter", "run"], stdout=subprocess.DEVNULL, stderr=(work / f"mailwarden-{server}.log").open("wb"))
+    wait_socket(sock, proc, "mailwarden milter")
+    return Daemon(f"mailwarden ({server})", proc, sock)
+
+
+# ---------------------------------------------------------------- one variant
+
+
+@dataclass
+class Result:
+    name: str
+    messages: int
+    inject_rate: float
+    e2e_rate: float
+    p50_ms: float
+    p99_ms: float
+    milter_cpu_ms: float
+    scanner_cpu_ms: float
+    rss_mb: float
+    replies: dict[str, int] = field(default_factory=dict)
+
+
+def run_variant(name: str, postfix: PostfixInstance, milters: list[Daemon], scanners: list[int],
+                jobs: list[tuple[str, bytes, str]], sessions: int) -> Result:
+    postfix.postconf(smtpd_milters=", ".join(f"unix:{d.socket}" for d in milters))
+    postfix.restart()
+    # Warm up outside the measurement: imports, spamd children, and one message to every
+    # recipient of the run, so the policy cache is warm (as in a running node; a cold
+    # lookup is an LDAP search, measured by bench_policy.py).
+    recipients = list(dict.fromkeys(rcpt for rcpt, _, _ in jobs))
+    warm = [(rcpt, make_message("ham", 80_000 + i, rcpt), "ham") for i, rcpt in enumerate(recipients)]
+    asyncio.run(_inject(postfix.smtpd_port, warm, min(sessions, len(warm))))
+    postfix.wait_queue_empty(timeout=120)
+    cpu0 = [cpu_seconds(d.proc.pid) for d in milters]
+    scan0 = [tree_cpu(p) for p in scanners]
+    started = time.perf_counter()
+    results = asyncio.run(_inject(postfix.smtpd_port, jobs, sessions))
+    injected = time.perf_counter() - started
+    postfix.wait_queue_empty(timeout=600)
+    total = time.perf_counter() - started
+    cpu = sum(cpu_seconds(d.proc.pid) for d in milters) - sum(cpu0)
+    scan = sum(tree_cpu(p) for p in scanners) - sum(scan0)
+    lat = sorted(latency for code, latency in results if code == 250 or 500 <= code < 600)
+    codes = Counter(f"{code // 100}xx" if code else "error" for code, _ in results)
+    n = len(jobs)
+    return Result(
+        name=name, messages=n, inject_rate=n / injected, e2e_rate=n / total,
+        p50_ms=statistics.median(lat) * 1000 if lat else 0.0,
+        p99_ms=lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else 0.0,
+        milter_cpu_ms=cpu / n * 1000, scanner_cpu_ms=scan / n * 1000,
+        rss_mb=max((peak_rss_mb(d.proc.pid) for d in milters), default=0.0), replies=dict(codes),
+    )
+
+
+# ---------------------------------------------------------------- verdict check
+
+
+def verdicts(postfix: PostfixInstance, sink: SmtpSink, milters: list[Daemon],
+             cases: list[tuple[str, bytes, str]]) -> dict[str, str]:
+    """Per case: 'refused' or 'delivered' (+ ' spam-flag' when X-Spam-Flag: YES was added)."""
+    postfix.postconf(smtpd_milters=", ".join(f"unix:{d.socket}" for d in milters),
+                     relayhost=sink.relayhost)
+    postfix.restart()
+    sink.clear()
+    out: dict[str, str] = {}
+    for rcpt, data, label in cases:
+        code, _ = asyncio.run(_inject(postfix.smtpd_port, [(rcpt, data, label)], 1))[0]
+        out[label] = "refused" if 500 <= code < 600 else "deferred" if code >= 400 else "delivered"
+    postfix.wait_queue_empty(timeout=120)
+    for rcpt, data, label in cases:
+        if out[label] != "delivered":
+            continue
+        marker = data.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0]
+        for m in sink.messages_for(rcpt):
+            if marker in m.data:
+                msg = email.message_from_bytes(m.data, policy=email.policy.default)
+                if str(msg.get("X-Spam-Flag", "")).upper() == "YES":
+                    out[label] += " spam-flag"
+    return out
+
+
+def verdict_cases(domain: str, users: list[int]) -> list[tuple[str, bytes, str]]:
+    cases = []
+    for i, kind in enumerate(["ham", "ham", "eicar", "eicar", "gtube", "gtube"]):
+        rcpt = f"u{users[i % len(users)]:03d}@{domain}"
+        cases.append((rcpt, make_message(kind, 90_000 + i, rcpt), f"{kind}-{i}"))
+    return cases
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a fifth of the messages")
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of all variants (the median is shown)")
+    args = ap.parse_args()
+    scale = 0.2 if args.quick else 1.0
+    sizes = {"fast": int(2000 * scale), "av": int(2000 * scale), "spam": int(160 * scale),
+             "mix": int(400 * scale)}
+    work = Path(tempfile.mkdtemp(prefix="mw-bench-milter-"))
+    work.chmod(0o755)
+    daemons: list[Daemon] = []
+    slapd = SlapdServer([mailwarden_database(bench_ldif(work / "bench.ldif"))]).start()
+    clamd = ClamdServer().start()
+    # A fixed pool of two children for everyone (no spawning in bursts).
+    spamd = SpamdServer(children=2, min_children=2).start()
+    sink_port = free_port()
+    sink_proc = subprocess.Popen(["/usr/sbin/smtp-sink", "-u", "nobody", f"127.0.0.1:{sink_port}", "256"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    postfix = PostfixInstance(main_cf={
+        "relay_domains": " ".join(DOMAINS), "relayhost": f"[127.0.0.1]:{sink_port}",
+        "milter_protocol": "6", "milter_default_action": "tempfail", "mynetworks": "127.0.0.0/8",
+        "smtpd_milters": "",
+    }, syslog_name="postfix-bench")
+    reinject_port = postfix.add_smtpd({"smtpd_milters": "", "receive_override_options": "no_milters",
+                                       "smtpd_authorized_xforward_hosts": "127.0.0.0/8"})
+    results: list[Result] = []
+    checks: dict[str, object] = {}
+    try:
+        postfix.start()
+        clam_milter = start_clamav_milter(work, clamd)
+        spamass = start_spamass_milter(work, spamd)
+        warden = start_mailwarden(work, slapd, clamd, spamd, reinject_port)
+        daemons += [clam_milter, spamass, warden]
+        scanners = [p for p in (clamd.pid, spamd.pid) if p]
+        s = args.sessions
+        def plan() -> list[tuple[str, list[Daemon], list[tuple[str, bytes, str]]]]:
+            """Fresh messages every round: a repeat must not hit mailwarden's scan cache."""
+            return [
+                ("postfix alone", [], workload(sizes["fast"], domain_picker("av.example"))),
+                ("clamav-milter (virus only)", [clam_milter],
+                 workload(sizes["av"], domain_picker("av.example"))),
+                ("mailwarden, virus only", [warden], workload(sizes["av"], domain_picker("av.example"))),
+                ("peer: clamav-milter + spamass-milter", [clam_milter, spamass],
+                 workload(sizes["spam"], domain_picker("mix.example"))),
+                ("mailwarden, 30 % spam contracts", [warden],
+                 workload(sizes["mix"], domain_picker("mix.example"))),
+                ("mailwarden, everyone contracts all", [warden],
+                 workload(sizes["spam"], domain_picker("all.example"))),
+            ]
+
+        runs: dict[str, list[Result]] = {}
+        # Interleaved repeats: a machine shared with other work slows every variant alike.
+        for round_ in range(args.repeat):
+            for name, milters, jobs in plan():
+                print(f"... round {round_ + 1}: {name}: {len(jobs)} messages", file=sys.stderr, flush=True)
+                runs.setdefault(name, []).append(run_variant(name, postfix, milters, scanners, jobs, s))
+        for found in runs.values():
+            results.append(sorted(found, key=lambda r: r.e2e_rate)[len(found) // 2])
+        with SmtpSink() as rec:
+            peer = verdicts(postfix, rec, [clam_milter, spamass], verdict_cases("all.example", [1, 2]))
+            ours_all = verdicts(postfix, rec, [warden], verdict_cases("all.example", [1, 2]))
+            ours_mix = verdicts(postfix, rec, [warden], verdict_cases("mix.example", [1, 2]))  # contracted
+            ours_mix_off = verdicts(postfix, rec, [warden], verdict_cases("mix.example", [5, 6]))
+        checks = {
+            "peer": peer, "mailwarden_all": ours_all, "mailwarden_mix_contracted": ours_mix,
+            "mailwarden_mix_uncontracted": ours_mix_off,
+            "identical_where_services_match": peer == ours_all == ours_mix,
+        }
+    finally:
+        for d in daemons:
+            d.stop()
+        postfix.cleanup()
+        sink_proc.terminate()
+        sink_proc.wait()
+        spamd.cleanup()
+        clamd.cleanup()
+        slapd.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+    by = {r.name: r for r in results}
+    header = f"{'variant':<40} {'msgs':>5} {'inject/s':>9} {'e2e/s':>7} {'p50 ms':>7} {'p99 ms':>8} " \
+             f"{'milter ms/msg':>13} {'scanners ms/msg':>15} {'RSS MB':>7}  replies"
+    print(header)
+    for r in results:
+        print(f"{r.name:<40} {r.messages:>5} {r.inject_rate:>9.1f} {r.e2e_rate:>7.1f} {r.p50_ms:>7.1f} "
+              f"{r.p99_ms:>8.1f} {r.milter_cpu_ms:>13.2f} {r.scanner_cpu_ms:>15.1f} {r.rss_mb:>7.1f}  "
+              f"{r.replies}")
+    peer_rate = by["peer: clamav-milter + spamass-milter"].e2e_rate
+    ratios = {
+        "mix30_vs_peer": by["mailwarden, 30 % spam contracts"].e2e_rate / peer_rate,
+        "all_vs_peer": by["mailwarden, everyone contracts all"].e2e_rate / peer_rate,
+        "virus_only_vs_clamav_milter": by["mailwarden, virus only"].e2e_rate
+        / by["clamav-milter (virus only)"].e2e_rate,
+        "clamav_milter_vs_postfix": by["clamav-milter (virus only)"].e2e_rate / by["postfix alone"].e2e_rate,
+    }
+    print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print(f"verdicts identical where services match: {checks.get('identical_where_services_match')}")
+    for key in ("peer", "mailwarden_all", "mailwarden_mix_contracted", "mailwarden_mix_uncontracted"):
+        print(f"  {key:<30} {checks.get(key)}")
+    print(json.dumps({"results": [r.__dict__ for r in results], "ratios": ratios, "verdicts": checks}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
