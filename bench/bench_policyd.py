@@ -1,7 +1,9 @@
 """The policy daemon under load: requests/s and p50/p99 latency, side by side in one run.
 
 * mailwarden policyd (``mailwarden policyd run``, ``workers`` processes) against a real
-  slapd with N synthetic subscribers (1,000 and 100,000) and a store (SQLite, Redis)
+  slapd with N synthetic subscribers (1,000 and 100,000) and a store (SQLite; Redis over
+  loopback TCP, as a cluster node reaches its shared Redis; Redis over a unix socket, as
+  a single node reaches a local one)
   holding 1,000,000 POP-before-SMTP windows, with a warm policy cache:
   - ``submission``: SMTP-AUTH client, remote recipient (relay + sender ownership +
     rate-limit check at RCPT);
@@ -18,7 +20,7 @@ The load generator is a separate process with C connections, each waiting for it
 answer before sending the next request (as Postfix's smtpd does).  Prints a table,
 the ratios and one JSON line.  Not part of the test suite.
 
-Usage: python bench/bench_policyd.py [--sizes 1000,100000] [--backends sqlite,redis]
+Usage: python bench/bench_policyd.py [--sizes 1000,100000] [--backends sqlite,redis,redis-unix]
 """
 
 from __future__ import annotations
@@ -326,11 +328,14 @@ def measure_size(
     results = []
     try:
         for backend in backends:
-            redis_server = RedisServer().start() if backend == "redis" else None
+            redis_server = (RedisServer(unix_socket=backend == "redis-unix").start()
+                            if backend.startswith("redis") else None)
             try:
                 if redis_server is not None:
-                    section = {"redis_url": redis_server.url, "key_prefix": "mw:"}
-                    store = f'[store]\nbackend = "redis"\nredis_url = "{redis_server.url}"\n'
+                    url = (f"unix://{redis_server.socket_path}" if redis_server.socket_path
+                           else redis_server.url)
+                    section = {"redis_url": url, "key_prefix": "mw:"}
+                    store = f'[store]\nbackend = "redis"\nredis_url = "{url}"\n'
                 else:
                     section = {"sqlite_path": str(work / f"state-{size}.sqlite3")}
                     store = f'[store]\nsqlite_path = "{section["sqlite_path"]}"\n'
@@ -515,7 +520,7 @@ def measure_peers(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,100000")
-    ap.add_argument("--backends", default="sqlite,redis")
+    ap.add_argument("--backends", default="sqlite,redis,redis-unix")
     ap.add_argument("--pbs", type=int, default=1_000_000, help="POP-before-SMTP windows in the store")
     ap.add_argument("--working-set", type=int, default=20000, help="distinct subscribers in the load")
     ap.add_argument("--requests", type=int, default=60000, help="requests per measurement")
@@ -556,12 +561,12 @@ def main() -> int:
     print(f"\n{args.workers} policyd workers, {args.connections} connections, "
           f"{args.pbs:,} POP-before-SMTP windows, warm cache; {os.cpu_count()} CPUs, load average "
           f"{load_before[0]:.2f} before / {load_after[0]:.2f} after; cpu us = server CPU per request")
-    print(f"{'subscribers':>11} {'store':>6} {'path':>16} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+    print(f"{'subscribers':>11} {'store':>10} {'path':>16} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'cpu us':>7}  answers")
     for r in rows:
         for path in ("cold", "submission", "message", "pop-before-smtp"):
             m = r[path]
-            print(f"{r['subscribers']:>11,} {r['backend']:>6} {path:>16} {m['per_s']:>9,.0f} "
+            print(f"{r['subscribers']:>11,} {r['backend']:>10} {path:>16} {m['per_s']:>9,.0f} "
                   f"{m['p50_ms']:>7.2f} {m['p99_ms']:>7.2f} {m.get('server_cpu_us', '-'):>7}  {m['actions']}")
     ratios: dict[str, float] = {}
     if peers:

@@ -23,13 +23,17 @@ import hiredis
 
 from mailwarden.netio import connect_tcp, connect_unix, receive, send_all
 
-__all__ = ["RedisAddress", "RedisConnection", "RedisError", "RedisReplyError"]
+__all__ = ["RedisAddress", "RedisConnection", "RedisConnectionLost", "RedisError", "RedisReplyError"]
 
 _READ_SIZE = 65536
 
 
 class RedisError(Exception):
     """The connection failed (refused, reset, timed out, closed by the server)."""
+
+
+class RedisConnectionLost(RedisError):
+    """The server closed the connection (or reset it) before answering."""
 
 
 class RedisReplyError(Exception):
@@ -143,9 +147,12 @@ class RedisConnection:
             while reply is False:
                 data = receive(sock, _READ_SIZE)
                 if not data:
-                    raise RedisError("connection closed by the server")
+                    raise RedisConnectionLost("connection closed by the server")
                 reader.feed(data)
                 reply = reader.gets()
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            self.close()
+            raise RedisConnectionLost(str(exc)) from exc
         except OSError as exc:
             self.close()
             raise RedisError(str(exc) or type(exc).__name__) from exc

@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
-from mailwarden.resp import RedisAddress, RedisConnection, RedisError, RedisReplyError
+from mailwarden.resp import (
+    RedisAddress,
+    RedisConnection,
+    RedisConnectionLost,
+    RedisError,
+    RedisReplyError,
+)
 
 __all__ = [
     "Increment",
@@ -1113,7 +1119,7 @@ class RedisStore:
     def _k(self, key: str) -> str:
         return self._prefix + key
 
-    def _connection(self) -> RedisConnection:
+    def _connection(self, *, check_idle: bool = True) -> RedisConnection:
         link = self._link
         conn = link.conn
         pid = os.getpid()
@@ -1123,17 +1129,29 @@ class RedisStore:
             link.conn, link.pid = conn, pid
             with self._links_lock:
                 self._links.add(conn)
-        elif conn.idle_closed():
+        elif check_idle and conn.idle_closed():
             # Readable while idle: the server closed it (restart, timeout). Nothing was sent yet.
             conn.close()
         return conn
 
-    def _command(self, key: str, *args: Any) -> Any:
-        """Send one command on this thread's connection and return its reply."""
+    def _command(self, key: str, *args: Any, read_only: bool = False) -> Any:
+        """Send one command on this thread's connection and return its reply.
+
+        Before a write, an idle connection is checked for having been closed by the
+        server, so a write is never sent twice.  A read skips that check (one system
+        call less) and is sent once more, on a new connection, when a reused one turns
+        out to have been closed.
+        """
         if self._closed:
             raise StoreUnavailable(f"redis store {self._url}: store is closed")
         try:
-            return self._connection().command(*args)
+            conn = self._connection(check_idle=not read_only)
+            if read_only and conn.connected:
+                try:
+                    return conn.command(*args)
+                except RedisConnectionLost:
+                    pass  # the retry below reconnects
+            return conn.command(*args)
         except RedisReplyError as exc:
             if str(exc).startswith("NOSCRIPT"):
                 raise _NoScript from exc
@@ -1159,14 +1177,14 @@ class RedisStore:
 
     def get(self, key: str) -> str | None:
         """Return the value of ``key``, or None if absent or expired."""
-        value = self._command(key, "GET", self._k(key))
+        value = self._command(key, "GET", self._k(key), read_only=True)
         return None if value is None else str(value)
 
     def get_many(self, keys: Sequence[str]) -> list[str | None]:
         """The values of several keys (one MGET), in order (None where absent)."""
         if not keys:
             return []
-        values = self._command(keys[0], "MGET", *(self._k(k) for k in keys))
+        values = self._command(keys[0], "MGET", *(self._k(k) for k in keys), read_only=True)
         return [None if v is None else str(v) for v in values]
 
     def set(self, key: str, value: str, ttl: float | None = None) -> None:
@@ -1211,7 +1229,7 @@ class RedisStore:
 
     def ttl(self, key: str) -> float | None:
         """Remaining lifetime of ``key`` in seconds."""
-        millis = int(self._command(key, "PTTL", self._k(key)))
+        millis = int(self._command(key, "PTTL", self._k(key), read_only=True))
         return None if millis < 0 else millis / 1000.0
 
     def expire(self, key: str, ttl: float) -> bool:
@@ -1241,11 +1259,11 @@ class RedisStore:
 
     def smembers(self, key: str) -> builtins.set[str]:
         """Return all members of a set."""
-        return {str(m) for m in self._command(key, "SMEMBERS", self._k(key))}
+        return {str(m) for m in self._command(key, "SMEMBERS", self._k(key), read_only=True)}
 
     def sismember(self, key: str, member: str) -> bool:
         """Return whether ``member`` is in the set ``key``."""
-        return bool(self._command(key, "SISMEMBER", self._k(key), member))
+        return bool(self._command(key, "SISMEMBER", self._k(key), member, read_only=True))
 
     def scan(self, prefix: str = "") -> Iterator[str]:
         """Yield live keys starting with ``prefix`` (without the store's key prefix)."""
@@ -1254,7 +1272,8 @@ class RedisStore:
         seen: builtins.set[str] = set()
         cursor = "0"
         while True:
-            cursor, keys = self._command(prefix, "SCAN", cursor, "MATCH", pattern, "COUNT", 500)
+            cursor, keys = self._command(prefix, "SCAN", cursor, "MATCH", pattern, "COUNT", 500,
+                                         read_only=True)
             for full in map(str, keys):
                 if full not in seen:
                     seen.add(full)
@@ -1264,7 +1283,7 @@ class RedisStore:
 
     def ping(self) -> None:
         """Check the server answers."""
-        self._command("", "PING")
+        self._command("", "PING", read_only=True)
 
     def close(self) -> None:
         """Close every thread's connection; later calls raise StoreUnavailable."""

@@ -968,15 +968,55 @@ def test_redis_server_down_then_back() -> None:
 
 
 def test_redis_restart_while_idle_is_not_an_error() -> None:
-    """A connection the server closed while idle is replaced before the next command is sent."""
+    """A connection the server closed while idle is replaced: before a write is sent,
+    or after a read found it closed (a read may be sent twice, a write never)."""
     with RedisServer() as server:
         store = RedisStore(server.url, key_prefix="idle:")
         store.set("k", "v")
         server.stop()
         server.restart()
-        assert store.get("k") is None
         assert store.incr_many([("n", 1, 30.0)]) == [1]
+        server.stop()
+        server.restart()
+        assert store.get_many(["k", "n"]) == [None, None]
+        server.stop()
+        server.restart()
+        assert store.get("k") is None
         store.close()
+
+
+def _answers_then_silent(replies: int) -> tuple[int, list[int]]:
+    """A RESP server answering the first ``replies`` commands with nil, then never again."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections: list[int] = []
+
+    def run() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(1)
+            answered = 0
+            while conn.recv(4096):
+                if answered < replies:
+                    conn.sendall(b"$-1\r\n")
+                    answered += 1
+
+    threading.Thread(target=run, daemon=True).start()
+    return listener.getsockname()[1], connections
+
+
+def test_redis_read_that_times_out_is_not_sent_again() -> None:
+    port, connections = _answers_then_silent(1)
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3)
+    assert store.get("k") is None
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        store.get("k")
+    assert time.monotonic() - started < 0.55, "one timeout, not two"
+    assert len(connections) == 1
+    store.close()
 
 
 def test_redis_connections_are_per_thread() -> None:
