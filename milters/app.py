@@ -11,13 +11,15 @@ or wedged milter.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import socket
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import Milter
 
@@ -25,7 +27,7 @@ from mailwarden.address import InvalidAddress
 from mailwarden.config import Config
 from mailwarden.directory import DirectoryUnavailable
 from milters.filters import Envelope
-from milters.message import BodySpool, HeaderList, ensure_dir
+from milters.message import BodySpool, HeaderList, Message, ensure_dir
 from milters.service import MilterService
 from milters.verdict import Disposition, Recipient
 
@@ -47,6 +49,15 @@ _RESULT = {
 
 
 F = TypeVar("F", bound=Callable[..., int])
+T = TypeVar("T")
+
+
+class InThread(Protocol):
+    """Runs a blocking callable in a worker thread; the loop may await the result."""
+
+    def __call__(self, work: Callable[[], T]) -> asyncio.Future[T]:
+        """Start ``work``; its result (or exception) arrives through the future."""
+        ...
 
 
 def _noreply(fn: F) -> F:
@@ -151,22 +162,62 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
         self.spool.write(chunk)
         return CONTINUE
 
+    def _envelope(self) -> Envelope:
+        return Envelope(sender=self.sender or "", queue_id=self.getsymval("i") or "",
+                        client_address=self.client_address, client_name=self.client_name,
+                        helo=self.helo, mail_params=self.mail_params, receiver=self.getsymval("j") or "")
+
+    def _internal_error(self) -> int:
+        """Any surprise at end of message: defer the message, keep the milter serving."""
+        log.exception("%s: internal error at end of message; deferred", self.getsymval("i") or "NOQUEUE")
+        self.setreply("451", "4.3.0", "Temporary content filter problem; try again later")
+        return TEMPFAIL
+
     def eom(self) -> int:
         """Decide and apply; always answer."""
-        queue_id = self.getsymval("i") or ""
         try:
             if self.spool is None:
                 self.spool = self.service.new_spool()
-            envelope = Envelope(sender=self.sender or "", queue_id=queue_id,
-                                client_address=self.client_address, client_name=self.client_name,
-                                helo=self.helo, mail_params=self.mail_params,
-                                receiver=self.getsymval("j") or "")
-            outcome = self.service.process(envelope, self.headers, self.spool, self.recipients, self)
+            outcome = self.service.process(self._envelope(), self.headers, self.spool, self.recipients, self)
             return _RESULT[outcome.disposition]
-        except Exception:  # any surprise: defer the message, keep the milter serving
-            log.exception("%s: internal error at end of message; deferred", queue_id or "NOQUEUE")
-            self.setreply("451", "4.3.0", "Temporary content filter problem; try again later")
-            return TEMPFAIL
+        except Exception:  # noqa: BLE001 - logged with its traceback, answered with 451
+            return self._internal_error()
+        finally:
+            self._forget_message()
+
+    def eom_on_loop_ready(self) -> bool:
+        """Whether :meth:`eom_on_loop` can decide this message without a thread."""
+        size = self.spool.size if self.spool is not None else 0
+        return self.service.loop_filter_ready(self.recipients, size)
+
+    async def eom_on_loop(self, in_thread: InThread) -> int:
+        """:meth:`eom` on the asyncio server's event loop (after :meth:`eom_on_loop_ready`).
+
+        The virus scan is non-blocking I/O on the loop and the filters run there; only
+        carrying out that waits (quarantine, re-injection, notices) goes to ``in_thread``,
+        and the reputation write is left to it without waiting.
+        """
+        service = self.service
+        try:
+            if self.spool is None:
+                self.spool = service.new_spool()
+            started = time.monotonic()
+            envelope = self._envelope()
+            message = Message(self.headers, self.spool, service.limits)
+            prescanned = await service.prescan(message, self.recipients,
+                                               started + service.config.milter.eom_budget)
+            decided = service.decide(envelope, message, self.recipients, started=started,
+                                     prescanned=prescanned)
+            decided.verdict.findings["decided"] = "loop"
+            if service.finish_waits(decided):
+                outcome = await in_thread(lambda: service.finish(decided, self))
+            else:
+                outcome = service.finish(decided, self)
+            if service.reputation_kind(decided, outcome) is not None:
+                in_thread(lambda: service.record(decided, outcome))  # not waited for
+            return _RESULT[outcome.disposition]
+        except Exception:  # noqa: BLE001 - logged with its traceback, answered with 451
+            return self._internal_error()
         finally:
             self._forget_message()
 

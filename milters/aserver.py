@@ -4,9 +4,11 @@ libmilter runs a thread per connection, polls and reads for every packet and cal
 into Python (taking the GIL) for every step.  Here one event loop reads each socket
 in large chunks, cuts many packets per read (:mod:`milters.protocol`) and drives the
 same :class:`~milters.app.ContentMilter` objects directly.  Work that may block (the
-directory at RCPT, the whole end-of-message run: clamd, spamd, the store,
-re-injection) goes to a bounded thread pool, so the loop never waits; the
-connection's later packets wait until its answer is written.
+directory at RCPT, spamd, the shared store, quarantine, re-injection, notices) goes to a
+bounded thread pool, so the loop never waits; the connection's later packets wait until
+its answer is written.  A small message whose recipients need no such filter is decided
+on the loop itself: the clamd scan is non-blocking I/O there, and no thread is woken
+(:meth:`~milters.app.ContentMilter.eom_on_loop`).
 
 The milter's actions (``getsymval``, ``setreply``, header and body edits, ``delrcpt``)
 go to a :class:`SessionContext` standing in for libmilter's context: it keeps the
@@ -31,7 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import Milter
 
@@ -67,7 +69,8 @@ _FAMILIES = {"4": socket.AF_INET, "6": socket.AF_INET6, "L": socket.AF_UNIX, "U"
 _BACKLOG = 64
 
 
-Done = Callable[[int | None, BaseException | None], None]
+Done = Callable[[Any, BaseException | None], None]
+T = TypeVar("T")
 
 
 class WorkerPool:
@@ -79,22 +82,37 @@ class WorkerPool:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
         self.loop = loop
-        self._queue: queue.SimpleQueue[tuple[Callable[[], int], Done] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Done] | None] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._serve, name=f"milter-{i}", daemon=True)
                          for i in range(size)]
         for thread in self._threads:
             thread.start()
 
-    def submit(self, work: Callable[[], int], done: Done) -> None:
+    def submit(self, work: Callable[[], Any], done: Done) -> None:
         """Run ``work`` in a thread; ``done(result, error)`` runs on the loop afterwards."""
         self._queue.put((work, done))
+
+    def run(self, work: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``work`` in a thread; its result (or exception) arrives through the future."""
+        future: asyncio.Future[T] = self.loop.create_future()
+
+        def done(result: Any, error: BaseException | None) -> None:
+            if future.cancelled():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        self.submit(work, done)
+        return future
 
     def _serve(self) -> None:
         get, call_back = self._queue.get, self.loop.call_soon_threadsafe
         while (item := get()) is not None:
             work, done = item
             try:
-                result: int | None = work()
+                result: Any = work()
                 error: BaseException | None = None
             except Exception as exc:  # noqa: BLE001 - handed to the loop, which logs and answers
                 result, error = None, exc
@@ -440,7 +458,21 @@ class MilterSession(asyncio.Protocol):
             self._end_message()
             self._write(_ERROR)
             return
-        self._in_thread(lambda: int(milter.eom()), self._eom_done)
+        if milter.eom_on_loop_ready():
+            self.busy = True
+            task = self.server.loop.create_task(milter.eom_on_loop(self.server.pool.run))
+            self.server.tasks.add(task)
+            task.add_done_callback(self._eom_task_done)
+        else:
+            self._in_thread(lambda: int(milter.eom()), self._eom_done)
+
+    def _eom_task_done(self, task: asyncio.Task[int]) -> None:
+        self.server.tasks.discard(task)
+        if task.cancelled():
+            self._finished(self._eom_done, None, RuntimeError("end of message cancelled"))
+        else:
+            error = task.exception()
+            self._finished(self._eom_done, None if error else task.result(), error)
 
     def _eom_done(self, rc: int) -> None:
         edits = self.ctx.edits
@@ -498,6 +530,7 @@ class MilterServer:
         self.max_packet = max_packet
         self.loop = asyncio.get_running_loop()
         self.sessions: set[MilterSession] = set()
+        self.tasks: set[asyncio.Task[int]] = set()  # ends of message running on the loop
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._path: Path | None = None

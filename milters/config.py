@@ -30,6 +30,11 @@ class MilterConfig:
     threads: int = setting(
         32, "asyncio server: threads for end-of-message work and directory lookups (more wait their turn)"
     )
+    loop_max_size: int = setting(
+        256 * 1024,
+        "asyncio server: messages up to this many bytes whose recipients need no spamd (nor a scan "
+        "cache in Redis) are decided on the event loop, clamd as non-blocking I/O; 0: always a thread",
+    )
     spool_dir: str = setting(
         "/var/lib/mailwarden/spool", "where messages larger than memory_limit are spooled"
     )
@@ -142,7 +147,7 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
     for key in positive:
         if getattr(cfg, key) <= 0:
             problems.append(f"milter.{key}: must be greater than 0")
-    for key in ("archive_max_depth", "scan_cache_ttl", "upstream_retry", "notice_limit"):
+    for key in ("archive_max_depth", "scan_cache_ttl", "upstream_retry", "notice_limit", "loop_max_size"):
         if getattr(cfg, key) < 0:
             problems.append(f"milter.{key}: must not be negative")
     if "{" in cfg.notice_from.replace("{domain}", ""):

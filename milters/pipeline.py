@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from milters.filters import Context, Envelope, Filter
 from milters.filters.spam import JUNK_HEADER
 from milters.message import Message
+from milters.scanners import ScanError, VirusResult
 from milters.verdict import Action, Recipient, RecipientOutcome, RemoveHeader, Verdict
 
 log = logging.getLogger("mailwarden.milter")
@@ -37,10 +38,11 @@ class Pipeline:
         self.filters = list(filters)
 
     def run(self, envelope: Envelope, message: Message, recipients: Sequence[Recipient],
-            deadline: float) -> Verdict:
-        """Decide every recipient's outcome for ``message``."""
+            deadline: float, prescanned: VirusResult | ScanError | None = None) -> Verdict:
+        """Decide every recipient's outcome for ``message`` (with the virus scan's answer
+        when it was obtained beforehand)."""
         verdict = Verdict([RecipientOutcome(r) for r in recipients])
-        ctx = Context(envelope, message, verdict, deadline)
+        ctx = Context(envelope, message, verdict, deadline, prescanned=prescanned)
         if message.header(JUNK_HEADER) is not None:
             # Sieve trusts this header: a copy from outside must not steer anyone's mail.
             for outcome in verdict.outcomes:

@@ -28,10 +28,10 @@ from milters.message import BodySpool, HeaderList, Limits, Message, ensure_dir
 from milters.pipeline import Pipeline
 from milters.quarantine import Quarantine
 from milters.reinject import Injector, SmtpInjector
-from milters.scanners import SpamScanner, VirusScanner
+from milters.scanners import ScanError, SpamScanner, VirusResult, VirusScanner
 from milters.scanners.clamd import ClamdScanner
 from milters.scanners.spamd import SpamdScanner
-from milters.verdict import Disposition, Recipient, Verdict
+from milters.verdict import Action, Disposition, Recipient, Verdict
 
 log = logging.getLogger("mailwarden.milter")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -55,14 +55,58 @@ class MilterService:
     def process(self, envelope: Envelope, headers: HeaderList, spool: BodySpool,
                 recipients: Sequence[Recipient], actions: MilterActions) -> Outcome:
         """Decide and carry out one message; log one line; never raises for bad input."""
-        started = time.monotonic()
-        deadline = started + self.config.milter.eom_budget
-        message = Message(headers, spool, self.limits)
-        verdict = self.pipeline.run(envelope, message, recipients, deadline)
-        outcome = self.delivery.carry_out(verdict, message, envelope, actions, deadline=deadline)
-        self._log(envelope, message, verdict, outcome, started)
-        self._record_reputation(envelope, verdict, outcome)
+        decided = self.decide(envelope, Message(headers, spool, self.limits), recipients)
+        outcome = self.finish(decided, actions)
+        self.record(decided, outcome)
         return outcome
+
+    def decide(self, envelope: Envelope, message: Message, recipients: Sequence[Recipient], *,
+               started: float | None = None, prescanned: VirusResult | ScanError | None = None) -> Decided:
+        """Run the filters: every recipient's outcome, nothing carried out yet."""
+        started = time.monotonic() if started is None else started
+        deadline = started + self.config.milter.eom_budget
+        verdict = self.pipeline.run(envelope, message, recipients, deadline, prescanned)
+        return Decided(envelope, message, verdict, started, deadline)
+
+    def finish(self, decided: Decided, actions: MilterActions) -> Outcome:
+        """Carry out a decided message and log its line."""
+        outcome = self.delivery.carry_out(decided.verdict, decided.message, decided.envelope, actions,
+                                          deadline=decided.deadline)
+        self._log(decided.envelope, decided.message, decided.verdict, outcome, decided.started)
+        return outcome
+
+    # ------------------------------------------------------------ on an event loop
+
+    def loop_filter_ready(self, recipients: Sequence[Recipient], size: int) -> bool:
+        """Whether the filters can decide this message on an event loop.
+
+        True when the message is small (``milter.loop_max_size``: its parse and archive
+        listing take well under a millisecond) and no filter that some recipient has waits
+        on a backend (spamd, or a scan cache in the shared store).  The virus scan is then
+        made beforehand as non-blocking I/O (:meth:`prescan`).
+        """
+        if size > self.config.milter.loop_max_size:
+            return False
+        return not any(flt.waits and any(r.policy.enabled(flt.service) for r in recipients)
+                       for flt in self.pipeline.filters)
+
+    async def prescan(self, message: Message, recipients: Sequence[Recipient],
+                      deadline: float) -> VirusResult | ScanError | None:
+        """The virus scan on the running loop, when some recipient has it and it is not cached."""
+        for flt in self.pipeline.filters:
+            if (isinstance(flt, VirusFilter) and any(r.policy.enabled(flt.service) for r in recipients)
+                    and flt.needs_scan(message)):
+                return await flt.scan_async(message, deadline)
+        return None
+
+    def finish_waits(self, decided: Decided) -> bool:
+        """Whether carrying out waits on something (quarantine, re-injection, notices)."""
+        verdict = decided.verdict
+        if verdict.disposition is Disposition.TEMPFAIL:
+            return False
+        outcomes = verdict.outcomes
+        return (any(o.action is Action.QUARANTINE or o.notices for o in outcomes)
+                or (verdict.disposition is Disposition.ACCEPT and len(verdict.groups()) > 1))
 
     def _log(self, envelope: Envelope, message: Message, verdict: Verdict, outcome: Outcome,
              started: float) -> None:
@@ -87,30 +131,48 @@ class MilterService:
         # File names and header text come from the sender: no line breaks into the log.
         log.info(_CONTROL.sub("?", " ".join(parts)))
 
-    def _record_reputation(self, envelope: Envelope, verdict: Verdict, outcome: Outcome) -> None:
-        if self.reputation is None or not envelope.client_address:
-            return
-        address = envelope.client_address
+    def reputation_kind(self, decided: Decided, outcome: Outcome) -> str | None:
+        """What this message says about its client (virus, spam, rejected, clean), or None
+        when nothing is recorded (no reputation, a local client, a deferred message)."""
+        address = decided.envelope.client_address
+        if self.reputation is None or not address:
+            return None
         try:
             if address.startswith("127.") or address == "::1" or ipaddress.ip_address(address).is_loopback:
-                return  # local submissions and tests say nothing about a client's reputation
+                return None  # local submissions and tests say nothing about a client's reputation
         except ValueError:
-            return
-        found = verdict.findings.get("virus", "")
-        if found.startswith("FOUND"):
-            kind = "virus"
-        elif verdict.findings.get("spam", "").endswith("(spam)"):
-            kind = "spam"
-        elif outcome.disposition is Disposition.REJECT:
-            kind = "rejected"
-        elif outcome.disposition is Disposition.ACCEPT:
-            kind = "clean"
-        else:
+            return None
+        findings = decided.verdict.findings
+        if findings.get("virus", "").startswith("FOUND"):
+            return "virus"
+        if findings.get("spam", "").endswith("(spam)"):
+            return "spam"
+        if outcome.disposition is Disposition.REJECT:
+            return "rejected"
+        if outcome.disposition is Disposition.ACCEPT:
+            return "clean"
+        return None
+
+    def record(self, decided: Decided, outcome: Outcome) -> None:
+        """Feed the client's reputation (a store write)."""
+        kind = self.reputation_kind(decided, outcome)
+        if kind is None or self.reputation is None:
             return
         try:
-            self.reputation.record(envelope.client_address, kind)
+            self.reputation.record(decided.envelope.client_address, kind)
         except Exception as exc:  # noqa: BLE001 (reputation is advisory; mail goes on)
-            log.warning("reputation not recorded for %s: %s", envelope.client_address, exc)
+            log.warning("reputation not recorded for %s: %s", decided.envelope.client_address, exc)
+
+
+@dataclass
+class Decided:
+    """A message the filters have decided, before it is carried out."""
+
+    envelope: Envelope
+    message: Message
+    verdict: Verdict
+    started: float
+    deadline: float
 
 
 def limits_from(config: Config) -> Limits:

@@ -17,6 +17,7 @@ from typing import ClassVar, Protocol
 from mailwarden.catalogue import Service
 from mailwarden.notify import Notice
 from milters.message import Message
+from milters.scanners import ScanError, VirusResult
 from milters.verdict import Action, RecipientOutcome, Verdict
 
 
@@ -60,6 +61,8 @@ class Context:
     deadline: float
     """Monotonic time by which end-of-message work must be done."""
     started: float = field(default_factory=time.monotonic)
+    prescanned: VirusResult | ScanError | None = None
+    """The virus scan's answer when it was made before the filters ran (on the event loop)."""
 
     def find(self, key: str, value: str) -> None:
         """Record a message-level finding for the log line."""
@@ -71,6 +74,8 @@ class Filter(Protocol):
 
     name: ClassVar[str]
     service: ClassVar[Service]
+    waits: bool
+    """Whether :meth:`apply` waits on a backend (so it must not run on an event loop)."""
 
     def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
         """Set the outcomes of ``outcomes`` (recipients with the service, still in play)."""

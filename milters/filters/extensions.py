@@ -35,6 +35,7 @@ class ExtensionFilter:
 
     name: ClassVar[str] = "extensions"
     service: ClassVar[Service] = Service.EXTENSION_FILTER
+    waits: bool = False
 
     def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
         """Check every recipient's banned list against the message's file inventory."""

@@ -105,6 +105,7 @@ class KeywordFilter:
 
     name: ClassVar[str] = "keywords"
     service: ClassVar[Service] = Service.KEYWORD_FILTER
+    waits: bool = False
 
     def __init__(self, *, text_limit: int = 1024 * 1024, regex_budget: float = 0.5) -> None:
         self.text_limit = text_limit

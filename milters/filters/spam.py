@@ -41,6 +41,7 @@ class SpamFilter:
 
     name: ClassVar[str] = "spam"
     service: ClassVar[Service] = Service.SPAM_CHECK
+    waits: bool = True
 
     def __init__(self, scanner: SpamScanner, *, max_size: int = 512 * 1024,
                  ham_headers: bool = False) -> None:

@@ -26,6 +26,7 @@ from typing import ClassVar, Protocol
 from mailwarden.catalogue import Service
 from mailwarden.store import Store, StoreUnavailable
 from milters.filters import Context, backend_failed, plan_notices, unscannable
+from milters.message import Message
 from milters.scanners import ScanError, VirusResult, VirusScanner
 from milters.verdict import Action, RecipientOutcome
 
@@ -124,6 +125,9 @@ class VirusFilter:
         self.scanner = scanner
         self.cache = cache
         self.max_size = max_size
+        # The scan itself can run on an event loop beforehand (see scan_async); a cache
+        # in the shared store cannot be read there.
+        self.waits = not hasattr(scanner, "scan_async") or isinstance(cache, StoreScanCache)
 
     def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
         """Scan (or recall the scan of) the message and set every recipient's outcome."""
@@ -156,8 +160,25 @@ class VirusFilter:
             for outcome in outcomes:
                 unscannable(outcome, problems[0])
 
+    def needs_scan(self, message: Message) -> bool:
+        """Whether ``message`` would go to clamd (within the size limit, not cached)."""
+        return message.size <= self.max_size and self._cached(message.body_digest) is None
+
+    async def scan_async(self, message: Message, deadline: float) -> VirusResult | ScanError:
+        """The scan on the running event loop, for :attr:`Context.prescanned`."""
+        scan = getattr(self.scanner, "scan_async", None)
+        if scan is None:
+            raise TypeError(f"{type(self.scanner).__name__} cannot scan on the event loop")
+        try:
+            result: VirusResult = await scan(message.stream, deadline)
+        except ScanError as exc:
+            return exc
+        return result
+
     def _scan(self, ctx: Context) -> VirusResult:
-        result = self.scanner.scan(ctx.message.stream, ctx.deadline)
+        if isinstance(ctx.prescanned, ScanError):
+            raise ctx.prescanned
+        result = ctx.prescanned or self.scanner.scan(ctx.message.stream, ctx.deadline)
         if self.cache is not None and not result.unscannable:
             self.cache.put(ctx.message.body_digest, result)
         return result

@@ -9,13 +9,22 @@ end-of-message deadline.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import cast
 
-from clamav_client.clamd import BufferTooLongError, ClamdError, ClamdNetworkSocket, CommunicationError
+from clamav_client.clamd import (
+    BufferTooLongError,
+    ClamdError,
+    ClamdNetworkSocket,
+    CommunicationError,
+    ResponseError,
+    scan_response,
+)
 
 from mailwarden.netio import receive, send_all
 from milters.scanners import ScanError, VirusResult
@@ -81,28 +90,103 @@ class _Session(ClamdNetworkSocket):
         try:
             # One write for a small message (command, chunks, terminator): each write
             # wakes clamd, and most mail is a few kilobytes.
-            out = bytearray(b"nINSTREAM\n")
             try:
-                for chunk in chunks:
-                    for off in range(0, len(chunk), CHUNK):
-                        piece = chunk[off:off + CHUNK]
-                        out += struct.pack("!L", len(piece))
-                        out += piece
-                        if len(out) >= 4 * CHUNK:
-                            send_all(sock, out, self._io_timeout())
-                            out.clear()
-                out += struct.pack("!L", 0)
-                send_all(sock, out, self._io_timeout())
+                for batch in instream_batches(chunks):
+                    send_all(sock, batch, self._io_timeout())
             except (BrokenPipeError, ConnectionResetError):
                 # clamd stops reading once StreamMaxLength is passed; its reply says so.
                 self.deadline = min(deadline, time.monotonic() + 1.0)
-            reply = self._recv_response()
-            if reply == "INSTREAM size limit exceeded. ERROR":
-                raise BufferTooLongError(reply)
-            _, signature, status = self._parse_response(reply)
-            return str(status), str(signature or "")
+            return parse_reply(self._recv_response())
         finally:
             self._close_socket()
+
+
+def instream_batches(chunks: Iterable[bytes]) -> Iterator[bytearray]:
+    """The INSTREAM command and the framed chunks, in writes of about 256 KiB.
+
+    One write for a small message (command, chunks, terminator): each write wakes
+    clamd, and most mail is a few kilobytes.
+    """
+    out = bytearray(b"nINSTREAM\n")
+    for chunk in chunks:
+        for off in range(0, len(chunk), CHUNK):
+            piece = chunk[off:off + CHUNK]
+            out += struct.pack("!L", len(piece))
+            out += piece
+            if len(out) >= 4 * CHUNK:
+                yield out
+                out = bytearray()
+    out += struct.pack("!L", 0)
+    yield out
+
+
+def parse_reply(reply: str) -> tuple[str, str]:
+    """(status, signature) from clamd's INSTREAM reply (ClamdError for an error reply)."""
+    if reply == "INSTREAM size limit exceeded. ERROR":
+        raise BufferTooLongError(reply)
+    match = scan_response.match(reply)
+    if match is None:
+        raise ResponseError(reply.rsplit("ERROR", 1)[0])
+    return str(match.group("status")), str(match.group("virus") or "")
+
+
+class _Reply(asyncio.Protocol):
+    """Collects clamd's one-line reply on an event-loop connection."""
+
+    def __init__(self, done: asyncio.Future[bytes]) -> None:
+        self.done = done
+        self.data = bytearray()
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if not self.done.done():
+            if self.data or error is None:
+                self.done.set_result(bytes(self.data))
+            else:
+                self.done.set_exception(error)
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if self.data.endswith((b"\n", b"\0")) or len(self.data) >= 4096:
+            self._finish()
+
+    def eof_received(self) -> bool | None:
+        self._finish()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A write refused once StreamMaxLength is passed still leaves clamd's reply.
+        self._finish(exc or ConnectionResetError("clamd closed the connection"))
+
+
+async def _instream_async(endpoint: Endpoint, chunks: Iterable[bytes], deadline: float,
+                          cap: float) -> tuple[str, str]:
+    """One INSTREAM conversation on the running event loop (no thread, no blocking call)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+    transport: asyncio.BaseTransport | None = None
+    try:
+        async with asyncio.timeout(remaining(deadline, cap)):
+            try:
+                if endpoint.is_unix:
+                    transport, _ = await loop.create_unix_connection(lambda: _Reply(done), endpoint.path)
+                else:
+                    transport, _ = await loop.create_connection(lambda: _Reply(done), *endpoint.host_port)
+            except OSError as err:
+                raise CommunicationError(f"cannot connect to {endpoint}: {err}") from err
+            writer = cast(asyncio.WriteTransport, transport)
+            for batch in instream_batches(chunks):
+                if done.done():
+                    break  # clamd answered (or hung up) early
+                writer.write(bytes(batch))
+            reply = await done
+    except TimeoutError:
+        raise CommunicationError(f"{endpoint}: timed out") from None
+    except OSError as err:
+        raise CommunicationError(f"{endpoint}: {err}") from err
+    finally:
+        if transport is not None:
+            transport.close()
+    return parse_reply(reply.decode("utf-8", "replace").strip("\0").strip())
 
 
 class ClamdScanner:
@@ -117,29 +201,55 @@ class ClamdScanner:
         errors: list[str] = []
         for endpoint in self.upstreams.order():
             try:
-                status, signature = _Session(endpoint, self.timeout).instream_chunks(stream(), deadline)
-            except DeadlineExceeded as exc:
-                errors.append(f"{endpoint}: {exc}")
-                break
-            except (ClamdError, OSError) as exc:
-                # A refused stream (StreamMaxLength) is the config's fault, not the server's:
-                # the next upstream would refuse it too.
-                errors.append(f"{endpoint}: {exc or type(exc).__name__}")
-                if isinstance(exc, BufferTooLongError):
+                answer = _Session(endpoint, self.timeout).instream_chunks(stream(), deadline)
+            except (DeadlineExceeded, ClamdError, OSError) as exc:
+                if self._failed(endpoint, exc, errors):
                     break
-                self.upstreams.failed(endpoint)
-                log.warning("clamd %s failed: %s", endpoint, exc or type(exc).__name__)
                 continue
-            self.upstreams.succeeded(endpoint)
-            if status == "FOUND":
-                if signature.startswith(UNSCANNABLE_SIGNATURES):
-                    return VirusResult(infected=False, signature=signature, upstream=str(endpoint),
-                                       unscannable=signature)
-                return VirusResult(infected=True, signature=signature, upstream=str(endpoint))
-            if status == "OK":
-                return VirusResult(infected=False, upstream=str(endpoint))
-            errors.append(f"{endpoint}: {status} {signature}".strip())
+            result = self._conclude(endpoint, *answer, errors)
+            if result is not None:
+                return result
         raise ScanError("clamd: " + "; ".join(errors))
+
+    async def scan_async(self, stream: Callable[[], Iterable[bytes]], deadline: float) -> VirusResult:
+        """:meth:`scan` on the running event loop, without a thread."""
+        errors: list[str] = []
+        for endpoint in self.upstreams.order():
+            try:
+                answer = await _instream_async(endpoint, stream(), deadline, self.timeout or 60.0)
+            except (DeadlineExceeded, ClamdError, OSError) as exc:
+                if self._failed(endpoint, exc, errors):
+                    break
+                continue
+            result = self._conclude(endpoint, *answer, errors)
+            if result is not None:
+                return result
+        raise ScanError("clamd: " + "; ".join(errors))
+
+    def _failed(self, endpoint: Endpoint, exc: Exception, errors: list[str]) -> bool:
+        """Note a failed upstream; True when no other upstream should be tried."""
+        errors.append(f"{endpoint}: {exc or type(exc).__name__}")
+        # Out of time, or a refused stream (StreamMaxLength): the config's fault, not the
+        # server's; the next upstream would refuse it too.
+        if isinstance(exc, (DeadlineExceeded, BufferTooLongError)):
+            return True
+        self.upstreams.failed(endpoint)
+        log.warning("clamd %s failed: %s", endpoint, exc or type(exc).__name__)
+        return False
+
+    def _conclude(self, endpoint: Endpoint, status: str, signature: str,
+                  errors: list[str]) -> VirusResult | None:
+        """The result of an answer, or None (noted in ``errors``) for a status we cannot use."""
+        self.upstreams.succeeded(endpoint)
+        if status == "FOUND":
+            if signature.startswith(UNSCANNABLE_SIGNATURES):
+                return VirusResult(infected=False, signature=signature, upstream=str(endpoint),
+                                   unscannable=signature)
+            return VirusResult(infected=True, signature=signature, upstream=str(endpoint))
+        if status == "OK":
+            return VirusResult(infected=False, upstream=str(endpoint))
+        errors.append(f"{endpoint}: {status} {signature}".strip())
+        return None
 
     def ping(self) -> str:
         """PONG from the first upstream that answers (for ``mailwarden milter check``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -71,7 +72,12 @@ class FakeVirusScanner:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.async_calls = 0
         self.error: str | None = None
+
+    async def scan_async(self, stream: Callable[[], Iterable[bytes]], deadline: float) -> VirusResult:
+        self.async_calls += 1
+        return self.scan(stream, deadline)
 
     def scan(self, stream: Callable[[], Iterable[bytes]], deadline: float) -> VirusResult:
         self.calls += 1
@@ -139,6 +145,23 @@ class RecordingInjector:
         return [m for m in self.sent if address in m.recipients]
 
 
+class LoopMilter(ContentMilter):
+    """Ends each message as the asyncio server does: on an event loop when it can."""
+
+    on_loop = 0
+
+    def eom(self) -> int:
+        if not self.eom_on_loop_ready():
+            return super().eom()
+        LoopMilter.on_loop += 1
+
+        async def run() -> int:
+            loop = asyncio.get_running_loop()
+            return await self.eom_on_loop(lambda work: loop.run_in_executor(None, work))
+
+        return asyncio.run(run())
+
+
 @dataclass
 class Harness:
     """A service with fakes, plus the fakes for assertions."""
@@ -149,12 +172,15 @@ class Harness:
     injector: RecordingInjector
     store: Store
     directory: FakeDirectory
+    on_loop: bool = False
+    """End messages as the asyncio server does (on its loop where it can)."""
 
     def feed(self, message: bytes | EmailMessage, sender: str, *recipients: str,
              queue_id: str = "QID1") -> TestCtx:
         """Drive the milter through pymilter's TestCtx; returns the context with results."""
         data = message.as_bytes() if isinstance(message, EmailMessage) else message
-        Milter.factory = lambda: ContentMilter(self.service)
+        kind = LoopMilter if self.on_loop else ContentMilter
+        Milter.factory = lambda: kind(self.service)
         ctx = TestCtx()
         ctx._setsymval("i", queue_id)
         assert ctx._connect(host="client.example", helo="client.example", ip="192.0.2.10") == Milter.CONTINUE
@@ -162,7 +188,8 @@ class Harness:
         return ctx
 
 
-def harness(tmp: Path, extra: str = "", directory: FakeDirectory | None = None) -> Harness:
+def harness(tmp: Path, extra: str = "", directory: FakeDirectory | None = None, *,
+            on_loop: bool = False) -> Harness:
     """A milter service over a fake directory, memory store and fake scanners."""
     cfg = milter_config(tmp, extra)
     directory = directory or sample_directory()
@@ -170,7 +197,7 @@ def harness(tmp: Path, extra: str = "", directory: FakeDirectory | None = None) 
     virus, spam, injector = FakeVirusScanner(), FakeSpamScanner(), RecordingInjector()
     service = build_service(cfg, store=store, virus_scanner=virus, spam_scanner=spam, injector=injector,
                             resolver=PolicyResolver(directory, cfg))
-    return Harness(service, virus, spam, injector, store, directory)
+    return Harness(service, virus, spam, injector, store, directory, on_loop)
 
 
 def make_message(body: str = "hello\n", subject: str = "hi", sender: str = "sender@remote.example",

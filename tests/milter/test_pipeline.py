@@ -22,14 +22,16 @@ from mailwarden.store import RedisStore
 from mailwarden.testing.clamd import EICAR
 from mailwarden.testing.redisserver import RedisServer
 from mailwarden.testing.spamd import GTUBE
-from milters.verdict import Action
-from tests.milter.helpers import Harness, harness, make_message
+from milters.verdict import Action, Recipient
+from tests.milter.helpers import Harness, LoopMilter, harness, make_message
 from tests.milter.test_message import PE, _encrypted, with_attachment, zip_of
 
 
-@pytest.fixture
-def h(tmp_path: Path) -> Harness:
-    return harness(tmp_path)
+@pytest.fixture(params=["thread", "loop"])
+def h(tmp_path: Path, request: pytest.FixtureRequest) -> Harness:
+    """Every test twice: end of message in a thread, and as the asyncio server runs it
+    (decided on its event loop when no filter a recipient has waits on a backend)."""
+    return harness(tmp_path, on_loop=request.param == "loop")
 
 
 def delivered_copy(h: Harness, address: str) -> email.message.EmailMessage:
@@ -342,3 +344,41 @@ def test_local_scan_cache_forgets_after_its_ttl_and_when_full() -> None:
     assert cache.get("b") is None and cache.get("c") is not None
     now[0] = 11
     assert cache.get("a") is None
+
+
+def test_loop_path_is_taken_where_no_filter_waits(tmp_path: Path) -> None:
+    """bob (virus scan, extension filter) is decided on the loop; taro's spam check is not."""
+    h = harness(tmp_path, on_loop=True)
+    before = LoopMilter.on_loop
+    assert h.feed(make_message(), "s@remote.example", "bob@example.com").rc == Milter.ACCEPT
+    assert LoopMilter.on_loop == before + 1 and h.virus.async_calls == 1
+    assert h.feed(make_message(), "s@remote.example", "taro@example.jp").rc == Milter.ACCEPT
+    assert LoopMilter.on_loop == before + 1 and h.spam.calls == 1
+    big = make_message(body="x" * (h.service.config.milter.loop_max_size + 1000))
+    assert h.feed(big, "s@remote.example", "bob@example.com").rc == Milter.ACCEPT
+    assert LoopMilter.on_loop == before + 1, "a large message is parsed in a thread"
+
+
+def test_loop_path_hands_waiting_delivery_to_a_thread(tmp_path: Path) -> None:
+    """A virus for bob is refused on the loop; the notices it plans are sent from a thread."""
+    h = harness(tmp_path, on_loop=True)
+    before = LoopMilter.on_loop
+    ctx = h.feed(make_message(body=EICAR.decode()), "s@remote.example", "bob@example.com")
+    assert ctx.rc == Milter.REJECT and LoopMilter.on_loop == before + 1
+    assert h.injector.sent, "bob's domain sends virus notices"
+    assert {m.sender for m in h.injector.sent} == {""}
+
+
+def test_loop_path_waits_for_a_cache_in_the_shared_store(tmp_path: Path, redis_server: RedisServer) -> None:
+    from milters.filters.virus import StoreScanCache, VirusFilter
+
+    h = harness(tmp_path, on_loop=True)
+    bob = [Recipient("bob@example.com", (), h.service.resolver.effective_policy("bob@example.com"))]
+    assert h.service.loop_filter_ready(bob, 1000)
+    store = RedisStore(redis_server.url, key_prefix=f"loop{time.time_ns()}:")
+    h.service.pipeline.filters[1] = VirusFilter(h.virus, StoreScanCache(store, 600))
+    assert not h.service.loop_filter_ready(bob, 1000)
+    before = LoopMilter.on_loop
+    assert h.feed(make_message(), "s@remote.example", "bob@example.com").rc == Milter.ACCEPT
+    assert LoopMilter.on_loop == before and h.virus.async_calls == 0
+    store.close()

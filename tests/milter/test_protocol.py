@@ -24,7 +24,7 @@ from mailwarden.testing.smtpsink import SmtpSink
 from mailwarden.testing.spamd import GTUBE, FakeSpamd
 from tests.milter.conftest import MilterProcess, base_sections
 from tests.milter.helpers import make_message
-from tests.milter.mta import EomResult, MtaSession
+from tests.milter.mta import EomResult, MtaSession, reply_text
 
 pytestmark = pytest.mark.slapd
 SERVERS = ["asyncio", "libmilter"]
@@ -146,6 +146,61 @@ def test_hanging_clamd_tempfails_within_the_timeout(rig: Rig) -> None:
     result = rig.send(make_message(body="slow").as_bytes(), "s@remote.example", "taro@example.jp")
     assert result.final == c.SMFIR_REPLYCODE and result.reply.startswith("451 4.7.1")
     assert time.monotonic() - started < 5
+
+
+def _logged(rig: Rig, since: int, queue_id: str) -> str:
+    return rig.milter.wait_for_log(f"{queue_id}: ", since=since)
+
+
+def test_mail_without_a_waiting_filter_is_decided_on_the_loop(rig: Rig) -> None:
+    """bob has virus scanning and the extension filter, no spamd: the asyncio server
+    decides on its loop (clamd as non-blocking I/O); taro's spam check goes to a thread."""
+    since = len(rig.milter.log())
+    s = rig.session()
+    try:
+        assert s.message("s@remote.example", ["bob@example.com"], make_message().as_bytes(),
+                         queue_id="LOOPQ1").final == c.SMFIR_ACCEPT
+        assert s.message("s@remote.example", ["taro@example.jp"], make_message().as_bytes(),
+                         queue_id="THREADQ1").final == c.SMFIR_ACCEPT
+    finally:
+        s.close()
+    on_loop, in_thread = _logged(rig, since, "LOOPQ1"), _logged(rig, since, "THREADQ1")
+    assert "virus=clean" in on_loop and "spam=" not in on_loop
+    assert ("decided=loop" in on_loop) is (rig.server == "asyncio")
+    assert "decided=loop" not in in_thread and "spam=1.0" in in_thread
+
+
+def test_virus_on_the_loop_path_is_refused(rig: Rig) -> None:
+    result = rig.send(make_message(body=EICAR.decode()).as_bytes(), "s@remote.example", "bob@example.com")
+    assert result.final == c.SMFIR_REPLYCODE
+    assert result.reply.startswith("550 5.7.1") and "virus Eicar-Test-Signature" in result.reply
+
+
+def test_hanging_clamd_on_the_loop_path_tempfails_and_blocks_no_one(rig: Rig) -> None:
+    rig.clamd.mode = "hang"
+    waiting = rig.session()
+    try:
+        waiting.mail("s@remote.example")
+        waiting.rcpt("bob@example.com")
+        waiting.header("Subject", "slow")
+        waiting.body(b"slow\r\n")
+        started = time.monotonic()
+        waiting.conn.send_macro(c.SMFIC_BODYEOB, i="SLOWQ1")
+        waiting._raw(c.SMFIC_BODYEOB, b"")
+        # While that scan hangs, another SMTP session is served at once.
+        other = rig.session()
+        try:
+            assert other.mail("s@remote.example") in (None, c.SMFIR_CONTINUE)
+            assert other.rcpt("taro@example.jp") in (None, c.SMFIR_CONTINUE)
+        finally:
+            other.close()
+        assert time.monotonic() - started < 0.9, "the hanging scan held up another session"
+        reply = waiting.conn.recv()
+        assert reply is not None and reply[0] == c.SMFIR_REPLYCODE
+        assert reply_text(reply[1]).startswith("451 4.7.1")
+        assert time.monotonic() - started < 5
+    finally:
+        waiting.close()
 
 
 def test_hanging_spamd_tempfails_only_contracted_mail(rig: Rig) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
+from collections.abc import Callable, Iterable
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from mailwarden.testing.clamd import EICAR, ClamdServer, FakeClamd
 from mailwarden.testing.smtpsink import SmtpSink
 from mailwarden.testing.spamd import GTUBE, FakeSpamd, SpamdServer
 from milters.reinject import InjectError, Origin, SmtpInjector, dot_stuff, xtext
-from milters.scanners import ScanError
+from milters.scanners import ScanError, VirusResult
 from milters.scanners.clamd import ClamdScanner
 from milters.scanners.spamd import SpamdScanner, parse_reply
 from milters.scanners.upstreams import DeadlineExceeded, Endpoint, Upstreams, tighter
@@ -25,6 +27,17 @@ TESTFILES = Path("/usr/share/clamav-testfiles")
 
 def soon(seconds: float = 10.0) -> float:
     return time.monotonic() + seconds
+
+
+Scan = Callable[[ClamdScanner, Callable[[], Iterable[bytes]], float], VirusResult]
+
+
+@pytest.fixture(params=["blocking", "loop"])
+def scan(request: pytest.FixtureRequest) -> Scan:
+    """ClamdScanner.scan (in a milter thread) or scan_async (on the asyncio server's loop)."""
+    if request.param == "blocking":
+        return lambda scanner, stream, deadline: scanner.scan(stream, deadline)
+    return lambda scanner, stream, deadline: asyncio.run(scanner.scan_async(stream, deadline))
 
 
 def mail_with(data: bytes, filename: str) -> bytes:
@@ -48,9 +61,9 @@ def mail_with(data: bytes, filename: str) -> bytes:
     pytest.param(b"Subject: x\r\n\r\nnothing to see\r\n", False, id="clean"),
 ])
 def test_real_clamd_finds_eicar_wherever_it_hides(clamd: ClamdServer, kind: str, payload: bytes,
-                                                  expected: bool) -> None:
+                                                  expected: bool, scan: Scan) -> None:
     address = clamd.unix_address if kind == "unix" else clamd.inet_address
-    result = ClamdScanner([address]).scan(lambda: [payload], soon())
+    result = scan(ClamdScanner([address]), lambda: [payload], soon())
     assert result.infected is expected
     if expected:
         assert result.signature.startswith("Custom.Test.EICAR")
@@ -64,39 +77,40 @@ def test_real_clamd_unpacks_the_clamav_test_archives(clamd: ClamdServer, name: s
     assert result.infected and "ClamAV-TestFile" in result.signature
 
 
-def test_stream_longer_than_clamd_accepts_is_an_error_not_clean(tmp_path: Path) -> None:
+def test_stream_longer_than_clamd_accepts_is_an_error_not_clean(tmp_path: Path, scan: Scan) -> None:
     with ClamdServer(stream_max="1M") as small:
         scanner = ClamdScanner([small.unix_address])
         with pytest.raises(ScanError, match="size limit"):
-            scanner.scan(lambda: [b"x" * (2 << 20)], soon())
+            scan(scanner, lambda: [b"x" * (2 << 20)], soon())
 
 
-def test_dead_first_upstream_fails_over_and_is_skipped_next_time(clamd: ClamdServer, tmp_path: Path) -> None:
+def test_dead_first_upstream_fails_over_and_is_skipped_next_time(clamd: ClamdServer, tmp_path: Path,
+                                                                scan: Scan) -> None:
     scanner = ClamdScanner([f"unix:{tmp_path}/gone.sock", clamd.unix_address], retry_after=60)
-    assert scanner.scan(lambda: [EICAR], soon()).upstream == clamd.unix_address
+    assert scan(scanner, lambda: [EICAR], soon()).upstream == clamd.unix_address
     assert str(scanner.upstreams.order()[0]) == clamd.unix_address
 
 
-def test_all_upstreams_dead_is_a_scan_error(tmp_path: Path) -> None:
+def test_all_upstreams_dead_is_a_scan_error(tmp_path: Path, scan: Scan) -> None:
     scanner = ClamdScanner([f"unix:{tmp_path}/a.sock", f"unix:{tmp_path}/b.sock"])
     with pytest.raises(ScanError, match=r"a\.sock.*b\.sock"):
-        scanner.scan(lambda: [b"x"], soon())
+        scan(scanner, lambda: [b"x"], soon())
 
 
 @pytest.mark.parametrize("mode", ["hang", "garbage"])
-def test_hanging_or_babbling_clamd_is_a_scan_error_within_the_timeout(mode: str) -> None:
+def test_hanging_or_babbling_clamd_is_a_scan_error_within_the_timeout(mode: str, scan: Scan) -> None:
     with FakeClamd(mode=mode) as fake:
         started = time.monotonic()
         with pytest.raises(ScanError):
-            ClamdScanner([fake.address], timeout=0.5).scan(lambda: [b"x"], soon())
+            scan(ClamdScanner([fake.address], timeout=0.5), lambda: [b"x"], soon())
         assert time.monotonic() - started < 2
 
 
-def test_deadline_caps_the_scan_timeout() -> None:
+def test_deadline_caps_the_scan_timeout(scan: Scan) -> None:
     with FakeClamd(mode="hang") as fake:
         started = time.monotonic()
         with pytest.raises(ScanError):
-            ClamdScanner([fake.address], timeout=60).scan(lambda: [b"x"], soon(0.5))
+            scan(ClamdScanner([fake.address], timeout=60), lambda: [b"x"], soon(0.5))
         assert time.monotonic() - started < 2
 
 
