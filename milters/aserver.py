@@ -160,10 +160,15 @@ class SessionContext:
     def getsymval(self, name: str) -> str | None:
         """A macro's value (``i`` also finds ``{i}`` and the other way round)."""
         other = name[1:-1] if name.startswith("{") and name.endswith("}") else f"{{{name}}}"
+        # A stage whose raw data holds neither ``name\0`` nor ``name}\0`` is not parsed.
+        bare = (other if name.startswith("{") else name).encode("utf-8", "surrogateescape")
+        plain, braced = bare + b"\0", bare + b"}\0"
         macros, parsed = self.macros, self._parsed
         for stage in _STAGES:
             raw = macros.get(stage)
             if raw is None or len(raw) < 2:
+                continue
+            if stage not in parsed and plain not in raw and braced not in raw:
                 continue
             values = parsed.get(stage)
             if values is None:

@@ -181,3 +181,23 @@ def test_fuzz_payload_parsers_raise_only_protocol_errors(data: bytes) -> None:
 def test_fuzz_macros_round_trip(values: dict[str, str]) -> None:
     raw = b"E" + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in values.items())
     assert p.parse_macros(raw) == ("E", values)
+
+
+def _macros(stage: str, **values: str) -> bytes:
+    return stage.encode() + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in values.items())
+
+
+def test_session_context_finds_macros_by_either_spelling_latest_stage_first() -> None:
+    from milters.aserver import SessionContext
+
+    ctx = SessionContext()
+    ctx.set_macros(_macros("C", j="mx.example", **{"{daemon_name}": "smtpd"}))
+    ctx.set_macros(_macros("M", **{"{i}": "EARLY", "{mail_addr}": "a@remote.example"}))
+    ctx.set_macros(_macros("E", i="4XyZ"))
+    ctx.set_macros(_macros("R", **{"{rcpt_addr}": "bj@example.jp"}))  # a value ending in "j"
+    assert ctx.getsymval("i") == "4XyZ" and ctx.getsymval("{i}") == "4XyZ"
+    assert ctx.getsymval("j") == "mx.example" and ctx.getsymval("{j}") == "mx.example"
+    assert ctx.getsymval("daemon_name") == "smtpd" and ctx.getsymval("{mail_addr}") == "a@remote.example"
+    assert ctx.getsymval("{auth_authen}") is None
+    ctx.drop_message_macros(keep_mail=False)
+    assert ctx.getsymval("i") is None and ctx.getsymval("j") == "mx.example"
