@@ -258,8 +258,15 @@ def run(config: Config, service: MilterService) -> None:
     if m.server == "asyncio":
         from milters.aserver import run_loop, serve
 
-        run_loop(serve(lambda: ContentMilter(service), m.socket, socket_mode=int(m.socket_mode, 8),
-                       threads=m.threads, mta_timeout=m.mta_timeout, ready=_freeze_heap))
+        def ready() -> None:
+            service.lines.start(asyncio.get_running_loop())
+            _freeze_heap()
+
+        try:
+            run_loop(serve(lambda: ContentMilter(service), m.socket, socket_mode=int(m.socket_mode, 8),
+                           threads=m.threads, mta_timeout=m.mta_timeout, ready=ready))
+        finally:
+            service.lines.flush()
     else:
         run_libmilter(config, service)
 

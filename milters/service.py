@@ -10,10 +10,11 @@ import re
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mailwarden.config import Config
 from mailwarden.directory import Directory
+from mailwarden.linelog import DecisionLog
 from mailwarden.notify import NoticeTemplates, Notifier
 from mailwarden.policy import PolicyResolver
 from mailwarden.reputation import Reputation
@@ -47,6 +48,8 @@ class MilterService:
     delivery: Delivery
     limits: Limits
     reputation: Reputation | None = None
+    lines: DecisionLog = field(default_factory=lambda: DecisionLog(log))
+    """The one-line-per-message log (batched on the asyncio server's loop)."""
 
     def new_spool(self) -> BodySpool:
         """A body spool with the configured memory limit."""
@@ -129,7 +132,7 @@ class MilterService:
             parts.append(f'reply="{outcome.reply}"')
         parts.append(f"ms={(time.monotonic() - started) * 1000:.1f}")
         # File names and header text come from the sender: no line breaks into the log.
-        log.info(_CONTROL.sub("?", " ".join(parts)))
+        self.lines.info(_CONTROL.sub("?", " ".join(parts)))
 
     def reputation_kind(self, decided: Decided, outcome: Outcome) -> str | None:
         """What this message says about its client (virus, spam, rejected, clean), or None

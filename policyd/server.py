@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
+from mailwarden.linelog import DecisionLog
 from policyd.app import Decision, PolicyApp, parse_listen
 from policyd.checks.base import NeedDns, Transaction, WouldBlock
 from policyd.config import PolicydConfig
-from policyd.decisionlog import DecisionLog
 from policyd.dnslookup import resolve_async
 from policyd.dovecot import LoginReportServer
 from policyd.protocol import Limits, Malformed, PolicyRequest, RequestReader, format_reply, validate

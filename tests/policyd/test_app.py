@@ -9,9 +9,9 @@ import logging
 import pytest
 
 from mailwarden.config import parse_config
+from mailwarden.linelog import DecisionLog
 from mailwarden.store import MemoryStore, StoreUnavailable
 from policyd.app import GuardedStore, parse_listen, validate
-from policyd.decisionlog import DecisionLog
 from tests.policyd.conftest import Clock
 
 

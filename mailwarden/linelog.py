@@ -1,10 +1,11 @@
-"""The one-line-per-decision log, written in batches.
+"""The one-line-per-decision log (policy decisions, milter messages), written in batches.
 
 At thousands of decisions per second, a write and flush per line is a large share
-of the daemon's CPU.  When mailwarden logs to a stream (stderr, the systemd way),
-decision lines are formatted by the configured handler as usual but written
-together once per event-loop turn; with syslog or any other handler each line
-goes through :mod:`logging` unchanged.
+of a daemon's CPU.  When mailwarden logs to a stream (stderr, the systemd way),
+decision lines logged on the event loop's thread are formatted by the configured
+handler as usual (the prefix once per millisecond) but written together once per
+event-loop turn; lines from other threads, and every line with syslog or any other
+handler, go through :mod:`logging` unchanged.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 import time
 from typing import TextIO
 
@@ -28,6 +30,7 @@ class DecisionLog:
         self.pending: list[str] = []
         self.handler: logging.StreamHandler[TextIO] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
         self._prefix_ok = False
         self._prefix = ""
         self._prefix_ms = -1
@@ -35,6 +38,7 @@ class DecisionLog:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Batch when the only destination is one stream handler (else log normally)."""
         self._loop = loop
+        self._thread = threading.get_ident()
         root = logging.getLogger(ROOT)
         handlers = root.handlers
         own = any(lg.handlers for lg in _between(self.logger, root))
@@ -64,7 +68,7 @@ class DecisionLog:
         if not logger.isEnabledFor(logging.INFO):
             return
         handler = self.handler
-        if handler is None or self._loop is None:
+        if handler is None or self._loop is None or threading.get_ident() != self._thread:
             logger.info("%s", line)
             return
         self.pending.append(self._line(line))
