@@ -204,8 +204,7 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
             started = time.monotonic()
             envelope = self._envelope()
             message = Message(self.headers, self.spool, service.limits)
-            prescanned = await service.prescan(message, self.recipients,
-                                               started + service.config.milter.eom_budget)
+            prescanned = await service.prescan(message, self.recipients, service.deadline(started))
             decided = service.decide(envelope, message, self.recipients, started=started,
                                      prescanned=prescanned)
             decided.verdict.findings["decided"] = "loop"
@@ -213,8 +212,10 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
                 outcome = await in_thread(lambda: service.finish(decided, self))
             else:
                 outcome = service.finish(decided, self)
-            if service.reputation_kind(decided, outcome) is not None:
-                in_thread(lambda: service.record(decided, outcome))  # not waited for
+            kind = service.reputation_kind(decided, outcome)
+            if kind is not None:
+                address = decided.envelope.client_address
+                in_thread(lambda: service.record(address, kind))  # not waited for
             return _RESULT[outcome.disposition]
         except Exception:  # noqa: BLE001 - logged with its traceback, answered with 451
             return self._internal_error()

@@ -20,7 +20,7 @@ from mailwarden.policy import PolicyResolver
 from mailwarden.reputation import Reputation
 from mailwarden.store import Store, open_store
 from milters.delivery import Delivery, MilterActions, Outcome
-from milters.filters import Envelope
+from milters.filters import Envelope, Filter
 from milters.filters.extensions import ExtensionFilter
 from milters.filters.keywords import KeywordFilter
 from milters.filters.spam import SpamFilter
@@ -60,14 +60,20 @@ class MilterService:
         """Decide and carry out one message; log one line; never raises for bad input."""
         decided = self.decide(envelope, Message(headers, spool, self.limits), recipients)
         outcome = self.finish(decided, actions)
-        self.record(decided, outcome)
+        kind = self.reputation_kind(decided, outcome)
+        if kind is not None:
+            self.record(decided.envelope.client_address, kind)
         return outcome
+
+    def deadline(self, started: float) -> float:
+        """When the end-of-message work started at ``started`` must be done."""
+        return started + self.config.milter.eom_budget
 
     def decide(self, envelope: Envelope, message: Message, recipients: Sequence[Recipient], *,
                started: float | None = None, prescanned: VirusResult | ScanError | None = None) -> Decided:
         """Run the filters: every recipient's outcome, nothing carried out yet."""
         started = time.monotonic() if started is None else started
-        deadline = started + self.config.milter.eom_budget
+        deadline = self.deadline(started)
         verdict = self.pipeline.run(envelope, message, recipients, deadline, prescanned)
         return Decided(envelope, message, verdict, started, deadline)
 
@@ -90,15 +96,13 @@ class MilterService:
         """
         if size > self.config.milter.loop_max_size:
             return False
-        return not any(flt.waits and any(r.policy.enabled(flt.service) for r in recipients)
-                       for flt in self.pipeline.filters)
+        return not any(flt.waits and _wanted(flt, recipients) for flt in self.pipeline.filters)
 
     async def prescan(self, message: Message, recipients: Sequence[Recipient],
                       deadline: float) -> VirusResult | ScanError | None:
         """The virus scan on the running loop, when some recipient has it and it is not cached."""
         for flt in self.pipeline.filters:
-            if (isinstance(flt, VirusFilter) and any(r.policy.enabled(flt.service) for r in recipients)
-                    and flt.needs_scan(message)):
+            if isinstance(flt, VirusFilter) and _wanted(flt, recipients) and flt.needs_scan(message):
                 return await flt.scan_async(message, deadline)
         return None
 
@@ -156,15 +160,19 @@ class MilterService:
             return "clean"
         return None
 
-    def record(self, decided: Decided, outcome: Outcome) -> None:
-        """Feed the client's reputation (a store write)."""
-        kind = self.reputation_kind(decided, outcome)
-        if kind is None or self.reputation is None:
+    def record(self, address: str, kind: str) -> None:
+        """Feed the client's reputation with a :meth:`reputation_kind` (a store write)."""
+        if self.reputation is None:
             return
         try:
-            self.reputation.record(decided.envelope.client_address, kind)
+            self.reputation.record(address, kind)
         except Exception as exc:  # noqa: BLE001 (reputation is advisory; mail goes on)
-            log.warning("reputation not recorded for %s: %s", decided.envelope.client_address, exc)
+            log.warning("reputation not recorded for %s: %s", address, exc)
+
+
+def _wanted(flt: Filter, recipients: Sequence[Recipient]) -> bool:
+    """Whether some recipient has ``flt``'s service."""
+    return any(r.policy.enabled(flt.service) for r in recipients)
 
 
 @dataclass

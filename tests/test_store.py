@@ -985,7 +985,7 @@ def test_redis_restart_while_idle_is_not_an_error() -> None:
         store.close()
 
 
-def _answers_then_silent(replies: int) -> tuple[int, list[int]]:
+def _answers_then_silent(replies: int) -> tuple[socket.socket, list[int]]:
     """A RESP server answering the first ``replies`` commands with nil, then never again."""
     listener = socket.create_server(("127.0.0.1", 0))
     connections: list[int] = []
@@ -1004,12 +1004,12 @@ def _answers_then_silent(replies: int) -> tuple[int, list[int]]:
                     answered += 1
 
     threading.Thread(target=run, daemon=True).start()
-    return listener.getsockname()[1], connections
+    return listener, connections
 
 
 def test_redis_read_that_times_out_is_not_sent_again() -> None:
-    port, connections = _answers_then_silent(1)
-    store = RedisStore(f"redis://127.0.0.1:{port}/0", socket_timeout=0.3)
+    listener, connections = _answers_then_silent(1)
+    store = RedisStore(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", socket_timeout=0.3)
     assert store.get("k") is None
     started = time.monotonic()
     with pytest.raises(StoreUnavailable):
@@ -1017,6 +1017,7 @@ def test_redis_read_that_times_out_is_not_sent_again() -> None:
     assert time.monotonic() - started < 0.55, "one timeout, not two"
     assert len(connections) == 1
     store.close()
+    listener.close()
 
 
 def test_redis_connections_are_per_thread() -> None:

@@ -138,7 +138,8 @@ class VirusFilter:
                 unscannable(outcome, f"{message.size} bytes, over the scan limit of {self.max_size}")
             return
         try:
-            result = self._cached(message.body_digest) or self._scan(ctx)
+            # A scan made beforehand was asked for because the cache had no answer.
+            result = (ctx.prescanned is None and self._cached(message.body_digest)) or self._scan(ctx)
         except ScanError as exc:
             ctx.find("virus", "error")
             for outcome in outcomes:

@@ -88,8 +88,6 @@ class _Session(ClamdNetworkSocket):
         self._init_socket()
         sock: socket.socket = self.clamd_socket
         try:
-            # One write for a small message (command, chunks, terminator): each write
-            # wakes clamd, and most mail is a few kilobytes.
             try:
                 for batch in instream_batches(chunks):
                     send_all(sock, batch, self._io_timeout())
