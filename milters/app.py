@@ -193,9 +193,9 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
     async def eom_on_loop(self, in_thread: InThread) -> int:
         """:meth:`eom` on the asyncio server's event loop (after :meth:`eom_on_loop_ready`).
 
-        The virus scan is non-blocking I/O on the loop and the filters run there; only
-        carrying out that waits (quarantine, re-injection, notices) goes to ``in_thread``,
-        and the reputation write is left to it without waiting.
+        The clamd scan and the spamd score are non-blocking I/O on the loop and the filters
+        run there; only carrying out that waits (quarantine, re-injection, notices) goes to
+        ``in_thread``, and the reputation write is left to it without waiting.
         """
         service = self.service
         try:
@@ -204,10 +204,7 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
             started = time.monotonic()
             envelope = self._envelope()
             message = Message(self.headers, self.spool, service.limits)
-            prescanned = await service.prescan(message, self.recipients, service.deadline(started))
-            decided = service.decide(envelope, message, self.recipients, started=started,
-                                     prescanned=prescanned)
-            decided.verdict.findings["decided"] = "loop"
+            decided = await service.decide_on_loop(envelope, message, self.recipients, started)
             if service.finish_waits(decided):
                 outcome = await in_thread(lambda: service.finish(decided, self))
             else:

@@ -29,7 +29,7 @@ from milters.message import BodySpool, HeaderList, Limits, Message, ensure_dir
 from milters.pipeline import Pipeline
 from milters.quarantine import Quarantine
 from milters.reinject import Injector, SmtpInjector
-from milters.scanners import ScanError, SpamScanner, VirusResult, VirusScanner
+from milters.scanners import SpamScanner, VirusScanner
 from milters.scanners.clamd import ClamdScanner
 from milters.scanners.spamd import SpamdScanner
 from milters.verdict import Action, Disposition, Recipient, Verdict
@@ -70,11 +70,19 @@ class MilterService:
         return started + self.config.milter.eom_budget
 
     def decide(self, envelope: Envelope, message: Message, recipients: Sequence[Recipient], *,
-               started: float | None = None, prescanned: VirusResult | ScanError | None = None) -> Decided:
+               started: float | None = None) -> Decided:
         """Run the filters: every recipient's outcome, nothing carried out yet."""
         started = time.monotonic() if started is None else started
         deadline = self.deadline(started)
-        verdict = self.pipeline.run(envelope, message, recipients, deadline, prescanned)
+        verdict = self.pipeline.run(envelope, message, recipients, deadline)
+        return Decided(envelope, message, verdict, started, deadline)
+
+    async def decide_on_loop(self, envelope: Envelope, message: Message, recipients: Sequence[Recipient],
+                             started: float) -> Decided:
+        """:meth:`decide` on the running event loop (after :meth:`loop_filter_ready`)."""
+        deadline = self.deadline(started)
+        verdict = await self.pipeline.run_on_loop(envelope, message, recipients, deadline)
+        verdict.findings["decided"] = "loop"
         return Decided(envelope, message, verdict, started, deadline)
 
     def finish(self, decided: Decided, actions: MilterActions) -> Outcome:
@@ -90,21 +98,13 @@ class MilterService:
         """Whether the filters can decide this message on an event loop.
 
         True when the message is small (``milter.loop_max_size``: its parse and archive
-        listing take well under a millisecond) and no filter that some recipient has waits
-        on a backend (spamd, or a scan cache in the shared store).  The virus scan is then
-        made beforehand as non-blocking I/O (:meth:`prescan`).
+        listing take well under a millisecond) and every filter that some recipient has
+        can fetch what it waits for as non-blocking I/O (clamd, spamd; not a scan cache
+        in the shared store): :meth:`decide_on_loop`.
         """
         if size > self.config.milter.loop_max_size:
             return False
         return not any(flt.waits and _wanted(flt, recipients) for flt in self.pipeline.filters)
-
-    async def prescan(self, message: Message, recipients: Sequence[Recipient],
-                      deadline: float) -> VirusResult | ScanError | None:
-        """The virus scan on the running loop, when some recipient has it and it is not cached."""
-        for flt in self.pipeline.filters:
-            if isinstance(flt, VirusFilter) and _wanted(flt, recipients) and flt.needs_scan(message):
-                return await flt.scan_async(message, deadline)
-        return None
 
     def finish_waits(self, decided: Decided) -> bool:
         """Whether carrying out waits on something (quarantine, re-injection, notices)."""

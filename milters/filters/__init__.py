@@ -17,7 +17,7 @@ from typing import ClassVar, Protocol
 from mailwarden.catalogue import Service
 from mailwarden.notify import Notice
 from milters.message import Message
-from milters.scanners import ScanError, VirusResult
+from milters.scanners import ScanError, SpamResult, VirusResult
 from milters.verdict import Action, RecipientOutcome, Verdict
 
 
@@ -62,7 +62,9 @@ class Context:
     """Monotonic time by which end-of-message work must be done."""
     started: float = field(default_factory=time.monotonic)
     prescanned: VirusResult | ScanError | None = None
-    """The virus scan's answer when it was made before the filters ran (on the event loop)."""
+    """The virus scan's answer when :meth:`Filter.prepare` obtained it (on the event loop)."""
+    prescored: SpamResult | ScanError | None = None
+    """spamd's answer when :meth:`Filter.prepare` obtained it (on the event loop)."""
 
     def find(self, key: str, value: str) -> None:
         """Record a message-level finding for the log line."""
@@ -75,11 +77,26 @@ class Filter(Protocol):
     name: ClassVar[str]
     service: ClassVar[Service]
     waits: bool
-    """Whether :meth:`apply` waits on a backend (so it must not run on an event loop)."""
+    """Whether :meth:`apply` waits on a backend even after :meth:`prepare` (so the filter
+    cannot run on an event loop)."""
+
+    async def prepare(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
+        """On an event loop, before :meth:`apply`: fetch what apply would wait for (a scan,
+        a score) as non-blocking I/O and leave it in ``ctx``; never raises for a backend."""
+        ...
 
     def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
         """Set the outcomes of ``outcomes`` (recipients with the service, still in play)."""
         ...
+
+
+class LocalFilter:
+    """Base of the filters that need nothing from outside the process."""
+
+    waits: bool = False
+
+    async def prepare(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
+        """Nothing to fetch."""
 
 
 def backend_failed(outcome: RecipientOutcome, setting: str, reason: str) -> None:

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from mailwarden.catalogue import KeywordRule, Service
 from mailwarden.saferegex import UnsafePattern, check_regex
-from milters.filters import Context
+from milters.filters import Context, LocalFilter
 from milters.filters.spam import JUNK_HEADER
 from milters.message import Texts
 from milters.text import normalize_for_match
@@ -100,12 +100,11 @@ class _Scopes:
         return self._lines[scope]
 
 
-class KeywordFilter:
+class KeywordFilter(LocalFilter):
     """Applies each recipient's keyword rules to the decoded message."""
 
     name: ClassVar[str] = "keywords"
     service: ClassVar[Service] = Service.KEYWORD_FILTER
-    waits: bool = False
 
     def __init__(self, *, text_limit: int = 1024 * 1024, regex_budget: float = 0.5) -> None:
         self.text_limit = text_limit

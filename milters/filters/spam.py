@@ -41,16 +41,34 @@ class SpamFilter:
 
     name: ClassVar[str] = "spam"
     service: ClassVar[Service] = Service.SPAM_CHECK
-    waits: bool = True
 
     def __init__(self, scanner: SpamScanner, *, max_size: int = 512 * 1024,
                  ham_headers: bool = False) -> None:
         self.scanner = scanner
         self.max_size = max_size
         self.ham_headers = ham_headers
+        self.waits = not hasattr(scanner, "check_async")
+
+    @staticmethod
+    def _request(ctx: Context) -> bytes:
+        # spamd needs Postfix's own Received: field (milters do not see it) to find the relay.
+        return ctx.envelope.trace_header() + ctx.message.raw()
+
+    async def prepare(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
+        """Score on the running event loop (unless the message is over the size limit)."""
+        if ctx.message.size > self.max_size:
+            return
+        check = getattr(self.scanner, "check_async", None)
+        if check is None:
+            raise TypeError(f"{type(self.scanner).__name__} cannot score on an event loop")
+        try:
+            ctx.prescored = await check(self._request(ctx), ctx.deadline)
+        except ScanError as exc:
+            ctx.prescored = exc
 
     def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
-        """Score the message and set every contracted recipient's outcome."""
+        """Score the message (or take the score prepare obtained) and set every contracted
+        recipient's outcome."""
         message = ctx.message
         if message.size > self.max_size:
             ctx.find("spam", "skipped(size)")
@@ -58,7 +76,9 @@ class SpamFilter:
                 outcome.notes.append(f"spam check skipped: {message.size} bytes > {self.max_size}")
             return
         try:
-            result = self.scanner.check(ctx.envelope.trace_header() + message.raw(), ctx.deadline)
+            result = ctx.prescored or self.scanner.check(self._request(ctx), ctx.deadline)
+            if isinstance(result, ScanError):
+                raise result
         except ScanError as exc:
             ctx.find("spam", "error")
             for outcome in outcomes:

@@ -26,7 +26,6 @@ from typing import ClassVar, Protocol
 from mailwarden.catalogue import Service
 from mailwarden.store import Store, StoreUnavailable
 from milters.filters import Context, backend_failed, plan_notices, unscannable
-from milters.message import Message
 from milters.scanners import ScanError, VirusResult, VirusScanner
 from milters.verdict import Action, RecipientOutcome
 
@@ -125,8 +124,8 @@ class VirusFilter:
         self.scanner = scanner
         self.cache = cache
         self.max_size = max_size
-        # The scan itself can run on an event loop beforehand (see scan_async); a cache
-        # in the shared store cannot be read there.
+        # The scan can run on an event loop (prepare); a cache in the shared store cannot
+        # be read there.
         self.waits = not hasattr(scanner, "scan_async") or isinstance(cache, StoreScanCache)
 
     def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
@@ -138,7 +137,7 @@ class VirusFilter:
                 unscannable(outcome, f"{message.size} bytes, over the scan limit of {self.max_size}")
             return
         try:
-            # A scan made beforehand was asked for because the cache had no answer.
+            # prepare scanned because the cache had no answer.
             result = (ctx.prescanned is None and self._cached(message.body_digest)) or self._scan(ctx)
         except ScanError as exc:
             ctx.find("virus", "error")
@@ -161,20 +160,18 @@ class VirusFilter:
             for outcome in outcomes:
                 unscannable(outcome, problems[0])
 
-    def needs_scan(self, message: Message) -> bool:
-        """Whether ``message`` would go to clamd (within the size limit, not cached)."""
-        return message.size <= self.max_size and self._cached(message.body_digest) is None
-
-    async def scan_async(self, message: Message, deadline: float) -> VirusResult | ScanError:
-        """The scan on the running event loop, for :attr:`Context.prescanned`."""
+    async def prepare(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
+        """Scan on the running event loop unless the answer is cached (or the size is over)."""
+        message = ctx.message
+        if message.size > self.max_size or self._cached(message.body_digest) is not None:
+            return
         scan = getattr(self.scanner, "scan_async", None)
         if scan is None:
-            raise TypeError(f"{type(self.scanner).__name__} cannot scan on the event loop")
+            raise TypeError(f"{type(self.scanner).__name__} cannot scan on an event loop")
         try:
-            result: VirusResult = await scan(message.stream, deadline)
+            ctx.prescanned = await scan(message.stream, ctx.deadline)
         except ScanError as exc:
-            return exc
-        return result
+            ctx.prescanned = exc
 
     def _scan(self, ctx: Context) -> VirusResult:
         if isinstance(ctx.prescanned, ScanError):

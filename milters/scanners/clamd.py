@@ -9,13 +9,11 @@ end-of-message deadline.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import cast
 
 from clamav_client.clamd import (
     BufferTooLongError,
@@ -32,6 +30,7 @@ from milters.scanners.upstreams import (
     DeadlineExceeded,
     Endpoint,
     Upstreams,
+    exchange,
     remaining,
     tighter,
 )
@@ -128,62 +127,14 @@ def parse_reply(reply: str) -> tuple[str, str]:
     return str(match.group("status")), str(match.group("virus") or "")
 
 
-class _Reply(asyncio.Protocol):
-    """Collects clamd's one-line reply on an event-loop connection."""
-
-    def __init__(self, done: asyncio.Future[bytes]) -> None:
-        self.done = done
-        self.data = bytearray()
-
-    def _finish(self, error: BaseException | None = None) -> None:
-        if not self.done.done():
-            if self.data or error is None:
-                self.done.set_result(bytes(self.data))
-            else:
-                self.done.set_exception(error)
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-        if self.data.endswith((b"\n", b"\0")) or len(self.data) >= 4096:
-            self._finish()
-
-    def eof_received(self) -> bool | None:
-        self._finish()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        # A write refused once StreamMaxLength is passed still leaves clamd's reply.
-        self._finish(exc or ConnectionResetError("clamd closed the connection"))
+def _reply_complete(data: bytearray) -> bool:
+    return data.endswith((b"\n", b"\0"))
 
 
 async def _instream_async(endpoint: Endpoint, chunks: Iterable[bytes], deadline: float,
                           cap: float) -> tuple[str, str]:
     """One INSTREAM conversation on the running event loop (no thread, no blocking call)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[bytes] = loop.create_future()
-    transport: asyncio.BaseTransport | None = None
-    try:
-        async with asyncio.timeout(remaining(deadline, cap)):
-            try:
-                if endpoint.is_unix:
-                    transport, _ = await loop.create_unix_connection(lambda: _Reply(done), endpoint.path)
-                else:
-                    transport, _ = await loop.create_connection(lambda: _Reply(done), *endpoint.host_port)
-            except OSError as err:
-                raise CommunicationError(f"cannot connect to {endpoint}: {err}") from err
-            writer = cast(asyncio.WriteTransport, transport)
-            for batch in instream_batches(chunks):
-                if done.done():
-                    break  # clamd answered (or hung up) early
-                writer.write(bytes(batch))
-            reply = await done
-    except TimeoutError:
-        raise CommunicationError(f"{endpoint}: timed out") from None
-    except OSError as err:
-        raise CommunicationError(f"{endpoint}: {err}") from err
-    finally:
-        if transport is not None:
-            transport.close()
+    reply = await exchange(endpoint, instream_batches(chunks), deadline, cap, complete=_reply_complete)
     return parse_reply(reply.decode("utf-8", "replace").strip("\0").strip())
 
 

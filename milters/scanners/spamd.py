@@ -1,10 +1,12 @@
 """A small synchronous SPAMC/1.5 client (``SYMBOLS``) for spamd, with failover.
 
-Why not aiospamc: pymilter runs every callback in a libmilter thread, so a
-blocking client with socket timeouts fits where an asyncio client would need an
-event-loop thread and a cross-thread hand-off per message; aiospamc also builds
-an SSL context per call unless wrapped (NOTES.md) and logs every request.  The
-protocol needed here is one request and one reply, about forty lines.
+Two ways to ask, sharing the framing and the failover: :meth:`SpamdScanner.check`
+blocks (a milter thread: pymilter's, or a worker of the asyncio server) and
+:meth:`SpamdScanner.check_async` is non-blocking I/O on the asyncio server's loop.
+Why not aiospamc: it needs a running loop, so pymilter's threads would each need a
+cross-thread hand-off per message; it also builds an SSL context per call unless
+wrapped (NOTES.md) and logs every request.  The protocol needed here is one request
+and one reply, about forty lines.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from milters.scanners.upstreams import (
     DeadlineExceeded,
     Endpoint,
     Upstreams,
+    exchange,
     remaining,
     tighter,
 )
@@ -61,6 +64,12 @@ def parse_reply(reply: bytes) -> tuple[float, tuple[str, ...]]:
     return float(spam.group(2)), symbols
 
 
+def _check_length(size: int) -> None:
+    """Refuse a reply (``size`` bytes so far) longer than MAX_REPLY."""
+    if size > MAX_REPLY:
+        raise SpamdProtocolError("reply too long")
+
+
 class SpamdScanner:
     """The SpamScanner adapter for one or more spamd upstreams."""
 
@@ -78,17 +87,42 @@ class SpamdScanner:
         for endpoint in self.upstreams.order():
             try:
                 score, symbols = parse_reply(self._exchange(endpoint, request, deadline))
-            except DeadlineExceeded as exc:
-                errors.append(f"{endpoint}: {exc}")
-                break
             except (OSError, SpamdProtocolError, ValueError) as exc:
-                errors.append(f"{endpoint}: {exc or type(exc).__name__}")
-                self.upstreams.failed(endpoint)
-                log.warning("spamd %s failed: %s", endpoint, exc or type(exc).__name__)
+                if self._failed(endpoint, exc, errors):
+                    break
                 continue
-            self.upstreams.succeeded(endpoint)
-            return SpamResult(score=score, symbols=symbols, upstream=str(endpoint))
+            return self._conclude(endpoint, score, symbols)
         raise ScanError("spamd: " + "; ".join(errors))
+
+    async def check_async(self, message: bytes, deadline: float) -> SpamResult:
+        """:meth:`check` on the running event loop, without a thread."""
+        request = build_request(message, self.user)
+        errors: list[str] = []
+        for endpoint in self.upstreams.order():
+            try:
+                reply = await exchange(endpoint, (request,), deadline, self.timeout, limit=MAX_REPLY + 1,
+                                       half_close=True)
+                _check_length(len(reply))
+                score, symbols = parse_reply(reply)
+            except (OSError, SpamdProtocolError, ValueError) as exc:
+                if self._failed(endpoint, exc, errors):
+                    break
+                continue
+            return self._conclude(endpoint, score, symbols)
+        raise ScanError("spamd: " + "; ".join(errors))
+
+    def _failed(self, endpoint: Endpoint, exc: Exception, errors: list[str]) -> bool:
+        """Note a failed upstream; True when no other upstream should be tried (out of time)."""
+        errors.append(f"{endpoint}: {exc or type(exc).__name__}")
+        if isinstance(exc, DeadlineExceeded):
+            return True
+        self.upstreams.failed(endpoint)
+        log.warning("spamd %s failed: %s", endpoint, exc or type(exc).__name__)
+        return False
+
+    def _conclude(self, endpoint: Endpoint, score: float, symbols: tuple[str, ...]) -> SpamResult:
+        self.upstreams.succeeded(endpoint)
+        return SpamResult(score=score, symbols=symbols, upstream=str(endpoint))
 
     def _exchange(self, endpoint: Endpoint, request: bytes, deadline: float) -> bytes:
         # Blocking with kernel timeouts: one system call per send or receive (no poll).
@@ -104,8 +138,7 @@ class SpamdScanner:
                 if not chunk:
                     return b"".join(chunks)
                 size += len(chunk)
-                if size > MAX_REPLY:
-                    raise SpamdProtocolError("reply too long")
+                _check_length(size)
                 chunks.append(chunk)
         finally:
             sock.close()

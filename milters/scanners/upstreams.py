@@ -8,11 +8,13 @@ a reason to skip a check).
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from mailwarden.netio import connect_tcp, connect_unix
 
@@ -85,6 +87,73 @@ def tighter(deadline: float, cap: float) -> float | None:
     """
     left = remaining(deadline, cap)
     return left if left < cap else None
+
+
+class _Reply(asyncio.Protocol):
+    """Collects a backend's reply on an event-loop connection."""
+
+    def __init__(self, done: asyncio.Future[bytes], complete: Callable[[bytearray], bool] | None,
+                 limit: int) -> None:
+        self.done = done
+        self.complete = complete
+        self.limit = limit
+        self.data = bytearray()
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if not self.done.done():
+            if self.data or error is None:
+                self.done.set_result(bytes(self.data))
+            else:
+                self.done.set_exception(error)
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) >= self.limit or (self.complete is not None and self.complete(self.data)):
+            self._finish()
+
+    def eof_received(self) -> bool | None:
+        self._finish()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A backend that stops reading (clamd past StreamMaxLength) may still have answered.
+        self._finish(exc or ConnectionResetError("the backend closed the connection"))
+
+
+async def exchange(endpoint: Endpoint, request: Iterable[bytes | bytearray], deadline: float, cap: float, *,
+                   complete: Callable[[bytearray], bool] | None = None, limit: int = 4096,
+                   half_close: bool = False) -> bytes:
+    """One request and its reply on the running event loop (no thread, no blocking call).
+
+    The reply ends at the backend's end of file, when ``complete(data)`` says so, or at
+    ``limit`` bytes.  ``half_close`` sends our end of file after the request.  Every
+    failure, the deadline (at most ``cap`` seconds) included, raises OSError.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+    transport: asyncio.BaseTransport | None = None
+    timeout = remaining(deadline, cap)
+    try:
+        async with asyncio.timeout(timeout):
+            if endpoint.is_unix:
+                transport, _ = await loop.create_unix_connection(
+                    lambda: _Reply(done, complete, limit), endpoint.path)
+            else:
+                transport, _ = await loop.create_connection(
+                    lambda: _Reply(done, complete, limit), *endpoint.host_port)
+            writer = cast(asyncio.WriteTransport, transport)
+            for piece in request:
+                if done.done():
+                    break  # answered (or hung up) early
+                writer.write(bytes(piece))
+            if half_close and not done.done():
+                writer.write_eof()
+            return await done
+    except TimeoutError:
+        raise TimeoutError(f"timed out after {timeout:.1f}s") from None
+    finally:
+        if transport is not None:
+            transport.close()
 
 
 class Upstreams:

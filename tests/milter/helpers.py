@@ -108,7 +108,12 @@ class FakeSpamScanner:
     def __init__(self, score: float = 1.0) -> None:
         self.score = score
         self.calls = 0
+        self.async_calls = 0
         self.error: str | None = None
+
+    async def check_async(self, message: bytes, deadline: float) -> SpamResult:
+        self.async_calls += 1
+        return self.check(message, deadline)
 
     def check(self, message: bytes, deadline: float) -> SpamResult:
         self.calls += 1

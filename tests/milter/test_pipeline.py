@@ -22,6 +22,8 @@ from mailwarden.store import RedisStore
 from mailwarden.testing.clamd import EICAR
 from mailwarden.testing.redisserver import RedisServer
 from mailwarden.testing.spamd import GTUBE
+from milters.filters.spam import SpamFilter
+from milters.scanners import SpamResult
 from milters.verdict import Action, Recipient
 from tests.milter.helpers import Harness, LoopMilter, harness, make_message
 from tests.milter.test_message import PE, _encrypted, with_attachment, zip_of
@@ -346,17 +348,28 @@ def test_local_scan_cache_forgets_after_its_ttl_and_when_full() -> None:
     assert cache.get("a") is None
 
 
-def test_loop_path_is_taken_where_no_filter_waits(tmp_path: Path) -> None:
-    """bob (virus scan, extension filter) is decided on the loop; taro's spam check is not."""
+def test_loop_path_is_taken_where_every_filter_fetches_without_blocking(tmp_path: Path) -> None:
+    """bob (virus scan) and taro (spam check too) are decided on the loop, clamd and spamd
+    asked without blocking; a large message, or a spam scanner that can only block, is not."""
     h = harness(tmp_path, on_loop=True)
     before = LoopMilter.on_loop
     assert h.feed(make_message(), "s@remote.example", "bob@example.com").rc == Milter.ACCEPT
-    assert LoopMilter.on_loop == before + 1 and h.virus.async_calls == 1
+    assert LoopMilter.on_loop == before + 1 and h.virus.async_calls == 1 and h.spam.calls == 0
     assert h.feed(make_message(), "s@remote.example", "taro@example.jp").rc == Milter.ACCEPT
-    assert LoopMilter.on_loop == before + 1 and h.spam.calls == 1
+    assert LoopMilter.on_loop == before + 2 and h.spam.async_calls == 1
     big = make_message(body="x" * (h.service.config.milter.loop_max_size + 1000))
-    assert h.feed(big, "s@remote.example", "bob@example.com").rc == Milter.ACCEPT
-    assert LoopMilter.on_loop == before + 1, "a large message is parsed in a thread"
+    assert h.feed(big, "s@remote.example", "taro@example.jp").rc == Milter.ACCEPT
+    assert LoopMilter.on_loop == before + 2, "a large message is parsed in a thread"
+    assert h.spam.calls == 2 and h.spam.async_calls == 1
+
+    class BlockingOnly:
+        def check(self, message: bytes, deadline: float) -> SpamResult:
+            return SpamResult(1.0)
+
+    h.service.pipeline.filters[3] = SpamFilter(BlockingOnly())
+    assert h.feed(make_message(), "s@remote.example", "taro@example.jp").rc == Milter.ACCEPT
+    assert h.feed(make_message(), "s@remote.example", "bob@example.com").rc == Milter.ACCEPT
+    assert LoopMilter.on_loop == before + 3, "only bob's mail, without spam checking, on the loop"
 
 
 def test_loop_path_hands_waiting_delivery_to_a_thread(tmp_path: Path) -> None:

@@ -152,21 +152,23 @@ def _logged(rig: Rig, since: int, queue_id: str) -> str:
     return rig.milter.wait_for_log(f"{queue_id}: ", since=since)
 
 
-def test_mail_without_a_waiting_filter_is_decided_on_the_loop(rig: Rig) -> None:
-    """bob has virus scanning and the extension filter, no spamd: the asyncio server
-    decides on its loop (clamd as non-blocking I/O); taro's spam check goes to a thread."""
+def test_small_mail_is_decided_on_the_loop(rig: Rig) -> None:
+    """The asyncio server decides small messages on its loop, clamd and spamd asked as
+    non-blocking I/O; a message over ``loop_max_size`` is parsed in a thread."""
     since = len(rig.milter.log())
+    big = make_message(body="x" * 300_000).as_bytes()
     s = rig.session()
     try:
-        assert s.message("s@remote.example", ["bob@example.com"], make_message().as_bytes(),
-                         queue_id="LOOPQ1").final == c.SMFIR_ACCEPT
-        assert s.message("s@remote.example", ["taro@example.jp"], make_message().as_bytes(),
-                         queue_id="THREADQ1").final == c.SMFIR_ACCEPT
+        for queue_id, rcpt, raw in [("LOOPQ1", "bob@example.com", make_message().as_bytes()),
+                                    ("LOOPQ2", "taro@example.jp", make_message().as_bytes()),
+                                    ("THREADQ1", "taro@example.jp", big)]:
+            assert s.message("s@remote.example", [rcpt], raw, queue_id=queue_id).final == c.SMFIR_ACCEPT
     finally:
         s.close()
-    on_loop, in_thread = _logged(rig, since, "LOOPQ1"), _logged(rig, since, "THREADQ1")
-    assert "virus=clean" in on_loop and "spam=" not in on_loop
-    assert ("decided=loop" in on_loop) is (rig.server == "asyncio")
+    virus_only, with_spam = _logged(rig, since, "LOOPQ1"), _logged(rig, since, "LOOPQ2")
+    in_thread = _logged(rig, since, "THREADQ1")
+    assert "virus=clean" in virus_only and "spam=" not in virus_only and "spam=1.0" in with_spam
+    assert ("decided=loop" in virus_only) is ("decided=loop" in with_spam) is (rig.server == "asyncio")
     assert "decided=loop" not in in_thread and "spam=1.0" in in_thread
 
 
@@ -176,25 +178,27 @@ def test_virus_on_the_loop_path_is_refused(rig: Rig) -> None:
     assert result.reply.startswith("550 5.7.1") and "virus Eicar-Test-Signature" in result.reply
 
 
-def test_hanging_clamd_on_the_loop_path_tempfails_and_blocks_no_one(rig: Rig) -> None:
-    rig.clamd.mode = "hang"
+@pytest.mark.parametrize(("backend", "rcpt"), [("clamd", "bob@example.com"), ("spamd", "taro@example.jp")])
+def test_hanging_backend_on_the_loop_path_tempfails_and_blocks_no_one(rig: Rig, backend: str,
+                                                                      rcpt: str) -> None:
+    (rig.clamd if backend == "clamd" else rig.spamd).mode = "hang"
     waiting = rig.session()
     try:
         waiting.mail("s@remote.example")
-        waiting.rcpt("bob@example.com")
+        waiting.rcpt(rcpt)
         waiting.header("Subject", "slow")
         waiting.body(b"slow\r\n")
         started = time.monotonic()
         waiting.conn.send_macro(c.SMFIC_BODYEOB, i="SLOWQ1")
         waiting._raw(c.SMFIC_BODYEOB, b"")
-        # While that scan hangs, another SMTP session is served at once.
+        # While that backend hangs, another SMTP session is served at once.
         other = rig.session()
         try:
             assert other.mail("s@remote.example") in (None, c.SMFIR_CONTINUE)
-            assert other.rcpt("taro@example.jp") in (None, c.SMFIR_CONTINUE)
+            assert other.rcpt("hanako@example.jp") in (None, c.SMFIR_CONTINUE)
         finally:
             other.close()
-        assert time.monotonic() - started < 0.9, "the hanging scan held up another session"
+        assert time.monotonic() - started < 0.9, f"the hanging {backend} held up another session"
         reply = waiting.conn.recv()
         assert reply is not None and reply[0] == c.SMFIR_REPLYCODE
         assert reply_text(reply[1]).startswith("451 4.7.1")

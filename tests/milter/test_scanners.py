@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from email.message import EmailMessage
@@ -16,9 +17,9 @@ from mailwarden.testing.clamd import EICAR, ClamdServer, FakeClamd
 from mailwarden.testing.smtpsink import SmtpSink
 from mailwarden.testing.spamd import GTUBE, FakeSpamd, SpamdServer
 from milters.reinject import InjectError, Origin, SmtpInjector, dot_stuff, xtext
-from milters.scanners import ScanError, VirusResult
+from milters.scanners import ScanError, SpamResult, VirusResult
 from milters.scanners.clamd import ClamdScanner
-from milters.scanners.spamd import SpamdScanner, parse_reply
+from milters.scanners.spamd import MAX_REPLY, SpamdScanner, parse_reply
 from milters.scanners.upstreams import DeadlineExceeded, Endpoint, Upstreams, tighter
 from tests.milter.test_message import zip_of
 
@@ -38,6 +39,17 @@ def scan(request: pytest.FixtureRequest) -> Scan:
     if request.param == "blocking":
         return lambda scanner, stream, deadline: scanner.scan(stream, deadline)
     return lambda scanner, stream, deadline: asyncio.run(scanner.scan_async(stream, deadline))
+
+
+Check = Callable[[SpamdScanner, bytes, float], SpamResult]
+
+
+@pytest.fixture(params=["blocking", "loop"])
+def check(request: pytest.FixtureRequest) -> Check:
+    """SpamdScanner.check (in a milter thread) or check_async (on the asyncio server's loop)."""
+    if request.param == "blocking":
+        return lambda scanner, message, deadline: scanner.check(message, deadline)
+    return lambda scanner, message, deadline: asyncio.run(scanner.check_async(message, deadline))
 
 
 def mail_with(data: bytes, filename: str) -> bytes:
@@ -166,33 +178,63 @@ def test_failed_upstreams_are_retried_after_the_pause() -> None:
 
 
 @pytest.mark.parametrize("over", ["tcp", "unix"])
-def test_real_spamd_scores_gtube_and_lists_symbols(spamd: SpamdServer, over: str) -> None:
+def test_real_spamd_scores_gtube_and_lists_symbols(spamd: SpamdServer, over: str, check: Check) -> None:
     msg = f"From: a@remote.example\r\nSubject: x\r\n\r\n{GTUBE}\r\n".encode()
     address = spamd.address if over == "tcp" else spamd.unix_address
-    result = SpamdScanner([address]).check(msg, soon(30))
+    result = check(SpamdScanner([address]), msg, soon(30))
     assert result.score >= 1000 and "GTUBE" in result.symbols
     assert result.upstream == address
 
 
-def test_real_spamd_scores_ham_low(spamd: SpamdServer) -> None:
+def test_real_spamd_scores_ham_low(spamd: SpamdServer, check: Check) -> None:
     msg = (b"From: a@remote.example\r\nTo: b@example.jp\r\nSubject: lunch\r\nDate: Mon, 23 Nov 2026 "
            b"10:00:00 +0900\r\nMessage-ID: <lunch-1@remote.example>\r\n\r\nLunch at noon?\r\n")
-    assert SpamdScanner([spamd.address]).check(msg, soon(30)).score < 5
+    assert check(SpamdScanner([spamd.unix_address]), msg, soon(30)).score < 5
 
 
 @pytest.mark.parametrize("mode", ["hang", "error"])
-def test_hanging_or_failing_spamd_is_a_scan_error(mode: str) -> None:
+def test_hanging_or_failing_spamd_is_a_scan_error(mode: str, check: Check) -> None:
     with FakeSpamd(mode=mode) as fake:
         started = time.monotonic()
-        with pytest.raises(ScanError):
-            SpamdScanner([fake.address], timeout=0.5).check(b"x", soon())
+        with pytest.raises(ScanError, match="timed out" if mode == "hang" else "spamd error 76"):
+            check(SpamdScanner([fake.address], timeout=0.5), b"x", soon())
         assert time.monotonic() - started < 2
 
 
-def test_spamd_fails_over(tmp_path: Path) -> None:
+def test_deadline_caps_the_spamd_timeout(check: Check) -> None:
+    with FakeSpamd(mode="hang") as fake:
+        started = time.monotonic()
+        with pytest.raises(ScanError):
+            check(SpamdScanner([fake.address], timeout=30), b"x", soon(0.4))
+        assert time.monotonic() - started < 1.5
+
+
+def test_spamd_fails_over(tmp_path: Path, check: Check) -> None:
     with FakeSpamd(score=2.5) as fake:
-        result = SpamdScanner([f"unix:{tmp_path}/none.sock", fake.address]).check(b"x", soon())
+        scanner = SpamdScanner([f"unix:{tmp_path}/none.sock", fake.address])
+        result = check(scanner, b"x", soon())
         assert result.score == 2.5 and result.upstream == fake.address
+        assert scanner.upstreams.order()[0].address == fake.address, "the dead one rests"
+
+
+@pytest.mark.parametrize("reply", [b"x" * (MAX_REPLY + 10), b"SPAMD/1.1 0 EX_OK\r\n\r\n"])
+def test_overlong_or_headless_spamd_reply_is_a_scan_error(reply: bytes, check: Check) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(reply)
+
+        server = threading.Thread(target=answer, daemon=True)
+        server.start()
+        address = f"inet:127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(ScanError, match="too long" if len(reply) > MAX_REPLY else "without a Spam"):
+            check(SpamdScanner([address]), b"x", soon())
+        server.join(5)
 
 
 @pytest.mark.parametrize("reply", [b"", b"HTTP/1.0 200 OK\r\n\r\n", b"SPAMD/1.1 0 EX_OK\r\n\r\n",
