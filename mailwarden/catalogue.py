@@ -346,7 +346,7 @@ SETTINGS: dict[str, SettingSpec] = {
            service=Service.VIRUS_SCAN),
         _S("notice_recipients", "choices", ("recipient",),
            "who receives virus / banned-attachment notices", "mwNoticeRecipient",
-           choices=("recipient", "sender", "admin"), max_values=3, service=Service.VIRUS_SCAN),
+           choices=("recipient", "sender", "admin", "none"), max_values=3, service=Service.VIRUS_SCAN),
         _S("notice_language", "enum", "en", "language of notices", "mwNoticeLanguage",
            choices=("en", "ja")),
         _S("notice_template", "text", "default", "template set used for notices",

@@ -152,6 +152,8 @@ def plan_notices(
     audiences = policy.get("notice_recipients") if "notice_recipients" in policy.settings else ("recipient",)
     language = policy.get("notice_language") if "notice_language" in policy.settings else "en"
     template = policy.get("notice_template") if "notice_template" in policy.settings else "default"
+    if "none" in audiences:
+        return
     domain = policy.domain or outcome.address.rpartition("@")[2]
     action = _DONE.get(outcome.action, "removed")
     for audience in audiences:

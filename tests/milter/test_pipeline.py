@@ -252,6 +252,16 @@ def test_no_notice_to_the_sender_of_machine_mail(h: Harness) -> None:
     assert "person@remote.example" in [r for m in h.injector.sent for r in m.recipients]
 
 
+def test_a_domain_can_choose_no_notices(h: Harness) -> None:
+    h.feed(make_message(body=EICAR.decode()), "person@remote.example", "bob@example.com")
+    assert h.injector.sent, "example.com notifies recipient and sender"
+    h.injector.sent.clear()
+    h.directory.entries["mwDomainName=example.com,ou=domains"]["notice_recipients"] = ["none"]
+    h.service.resolver.invalidate()
+    ctx = h.feed(make_message(body=EICAR.decode() + " "), "person@remote.example", "bob@example.com")
+    assert ctx.rc == Milter.REJECT and h.injector.sent == []
+
+
 def test_notices_are_rate_limited_per_address(tmp_path: Path) -> None:
     h = harness(tmp_path, "notice_limit = 2\n")
     for i in range(5):
