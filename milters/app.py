@@ -148,8 +148,12 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
     def header(self, name: str, value: bytes | str) -> int:
         """Keep the header field exactly as received (8-bit junk included)."""
         raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
-        self.headers.append((name, raw))
+        self.keep_header(name, raw)
         return CONTINUE
+
+    def keep_header(self, name: str, raw: bytes) -> None:
+        """:meth:`header` without pymilter's wrappers (the asyncio server calls it directly)."""
+        self.headers.append((name, raw))
 
     # No eoh(): Milter.Base's is marked @nocallback, so the MTA is asked not to send
     # the end-of-header step at all (two packets and a callback less per message).
@@ -157,10 +161,14 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
     @_noreply
     def body(self, chunk: bytes) -> int:
         """Spool a body chunk (memory, then disk past the limit)."""
+        self.keep_body(chunk)
+        return CONTINUE
+
+    def keep_body(self, chunk: bytes) -> None:
+        """:meth:`body` without pymilter's wrapper (the asyncio server calls it directly)."""
         if self.spool is None:
             self.spool = self.service.new_spool()
         self.spool.write(chunk)
-        return CONTINUE
 
     def _envelope(self) -> Envelope:
         return Envelope(sender=self.sender or "", queue_id=self.getsymval("i") or "",

@@ -440,13 +440,19 @@ class MilterSession(asyncio.Protocol):
 
     def _header(self, data: bytes) -> None:
         name, value = p.parse_header(data)
-        self._answer(self._milter().header_bytes(name, value))
+        self._milter().keep_header(name, value)
+        self._continue(Milter.P_NR_HDR)
 
     def _eoh(self, data: bytes) -> None:
         self._answer(self._milter().eoh())
 
     def _body(self, data: bytes) -> None:
-        self._answer(self._milter().body(data))
+        self._milter().keep_body(data)
+        self._continue(Milter.P_NR_BODY)
+
+    def _continue(self, no_reply_bit: int) -> None:
+        """Answer CONTINUE to a step, or nothing where the MTA agreed to no reply."""
+        self._answer(Milter.NOREPLY if self.protocol & no_reply_bit else Milter.CONTINUE)
 
     def _unknown(self, data: bytes) -> None:
         args = p.split_strings(data)
@@ -455,7 +461,7 @@ class MilterSession(asyncio.Protocol):
     def _eom(self, data: bytes) -> None:
         milter = self._milter()
         if data:
-            milter.body(data)  # libmilter: data with the end of body is its last chunk
+            milter.keep_body(data)  # libmilter: data with the end of body is its last chunk
         if self.failed:
             log.warning("%s: deferred after an earlier failed step",
                         self.ctx.getsymval("i") or "NOQUEUE")
