@@ -32,8 +32,8 @@ class MilterConfig:
     )
     loop_max_size: int = setting(
         256 * 1024,
-        "asyncio server: messages up to this many bytes whose recipients need no spamd (nor a scan "
-        "cache in Redis) are decided on the event loop, clamd as non-blocking I/O; 0: always a thread",
+        "asyncio server: messages up to this many bytes are decided on the event loop, clamd and "
+        "spamd asked as non-blocking I/O (not with a scan cache in Redis); 0: always a thread",
     )
     spool_dir: str = setting(
         "/var/lib/mailwarden/spool", "where messages larger than memory_limit are spooled"

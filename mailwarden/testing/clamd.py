@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import shutil
 import socket
@@ -57,7 +58,8 @@ class ClamdServer(TestDaemon):
 
     name = "clamd"
 
-    def __init__(self, *, startup_timeout: float = 60.0, stream_max: str = "25M") -> None:
+    def __init__(self, *, startup_timeout: float = 60.0, stream_max: str = "25M",
+                 read_timeout: int = 120) -> None:
         if CLAMD is None:
             raise ClamdServerError("clamd not installed (apt-get install clamav-daemon)")
         self.dir = Path(tempfile.mkdtemp(prefix="mw-clamd-"))
@@ -65,6 +67,7 @@ class ClamdServer(TestDaemon):
         self.port = free_port()
         self.startup_timeout = startup_timeout
         self.stream_max = stream_max
+        self.read_timeout = read_timeout
         self._write_config()
 
     @property
@@ -88,7 +91,8 @@ class ClamdServer(TestDaemon):
             f"LocalSocket {self.socket_path}\nLocalSocketMode 660\n"
             f"TCPSocket {self.port}\nTCPAddr 127.0.0.1\nForeground yes\n"
             f"LogFile {self.dir / 'clamd.log'}\nLogTime yes\nPidFile {self.dir / 'clamd.pid'}\n"
-            f"StreamMaxLength {self.stream_max}\nMaxThreads 4\nScanMail yes\nScanArchive yes\n"
+            f"StreamMaxLength {self.stream_max}\nReadTimeout {self.read_timeout}\n"
+            "MaxThreads 4\nScanMail yes\nScanArchive yes\n"
             "ScanPE yes\nScanOLE2 yes\nScanPDF yes\nScanHTML yes\nBytecode no\n"
         )
 
@@ -123,17 +127,33 @@ class ClamdServer(TestDaemon):
             self.socket_path.unlink()
 
 
+def _read_command(reader: io.BufferedReader) -> tuple[bytes, bytes]:
+    """One ``n``- or ``z``-prefixed command (or an old bare one) and its terminator."""
+    command = bytearray()
+    while len(command) < 64:
+        byte = reader.read(1)
+        if not byte or byte in (b"\n", b"\0"):
+            return bytes(command).lstrip(b"nz"), byte or b"\n"
+        command += byte
+    return bytes(command), b"\n"
+
+
 class FakeClamd(ThreadedFake):
     """A fake clamd on a unix socket: ``mode`` is ok, slow, hang or garbage (changeable live).
 
     Answers ``stream: Eicar-Test-Signature FOUND`` when the stream holds EICAR,
-    else ``stream: OK``; ``scans`` counts INSTREAM requests.
+    else ``stream: OK``; ``scans`` counts INSTREAM requests and ``sessions`` the
+    ``IDSESSION`` connections.  With ``end_sessions`` a session is closed, unanswered,
+    when its second command arrives: as when clamd's ``ReadTimeout`` ends an idle
+    session just as the client sends.
     """
 
     def __init__(self, mode: str = "ok", delay: float = 2.0) -> None:
         self.mode = mode
         self.delay = delay
         self.scans = 0
+        self.sessions = 0
+        self.end_sessions = False
         self.dir = Path(tempfile.mkdtemp(prefix="mw-fakeclamd-"))
         self.socket_path = self.dir / "clamd.sock"
         super().__init__()
@@ -155,17 +175,33 @@ class FakeClamd(ThreadedFake):
 
     def _serve(self, sock: socket.socket) -> None:
         reader = sock.makefile("rb")
-        command = reader.readline(64)
-        if b"PING" in command:
-            sock.sendall(b"PONG\n")
+        command, end = _read_command(reader)
+        if not command.endswith(b"IDSESSION"):
+            self._answer(sock, reader, command, b"", end)
             return
-        if b"INSTREAM" not in command:
-            return
+        self.sessions += 1
+        number = 0
+        while True:
+            command, end = _read_command(reader)
+            if not command or command.endswith(b"END") or (number and self.end_sessions):
+                return
+            number += 1
+            if not self._answer(sock, reader, command, b"%d: " % number, end):
+                return
+
+    def _answer(self, sock: socket.socket, reader: io.BufferedReader, command: bytes, prefix: bytes,
+                end: bytes) -> bool:
+        """Answer one command; False when the connection is to be closed."""
+        if command.endswith(b"PING"):
+            sock.sendall(prefix + b"PONG" + end)
+            return True
+        if not command.endswith(b"INSTREAM"):
+            return False
         data = bytearray()
         while True:
             head = reader.read(4)
             if len(head) < 4:
-                return
+                return False
             (size,) = struct.unpack("!L", head)
             if size == 0:
                 break
@@ -173,15 +209,18 @@ class FakeClamd(ThreadedFake):
         self.scans += 1
         if self.mode == "hang":
             self._stop.wait(60)
-            return
+            return False
         if self.mode == "slow":
             time.sleep(self.delay)
         if self.mode == "garbage":
             sock.sendall(b"what?\n")
-            return
+            return False
         verdict = b"Eicar-Test-Signature FOUND" if EICAR in data else b"OK"
-        with contextlib.suppress(OSError):
-            sock.sendall(b"stream: " + verdict + b"\n")
+        try:
+            sock.sendall(prefix + b"stream: " + verdict + end)
+        except OSError:
+            return False
+        return True
 
     def stop(self) -> None:
         """Stop serving and remove the socket."""

@@ -109,6 +109,65 @@ def test_all_upstreams_dead_is_a_scan_error(tmp_path: Path, scan: Scan) -> None:
         scan(scanner, lambda: [b"x"], soon())
 
 
+def test_loop_scans_share_one_clamd_session(clamd: ClamdServer) -> None:
+    """On the event loop, scans go over one IDSESSION connection kept open between them."""
+    scanner = ClamdScanner([clamd.unix_address])
+    nested = mail_with(zip_of({"inner.zip": zip_of({"e.txt": EICAR})}), "outer.zip")
+
+    async def scans() -> list[VirusResult]:
+        return [await scanner.scan_async(lambda d=data: [d], soon())  # type: ignore[misc]
+                for data in (EICAR, b"Subject: x\r\n\r\nclean\r\n", nested, b"clean again")]
+
+    results = asyncio.run(scans())
+    assert [r.infected for r in results] == [True, False, True, False]
+    assert scanner.sessions.opened == 1
+    scanner.sessions.close()
+
+
+def test_session_clamd_ended_while_idle_is_replaced_at_once() -> None:
+    """A real clamd ends a session idle past its ReadTimeout: the next scan opens a new one."""
+    with ClamdServer(read_timeout=1) as short:
+        scanner = ClamdScanner([short.unix_address], retry_after=60)
+
+        async def scans() -> list[VirusResult]:
+            first = await scanner.scan_async(lambda: [EICAR], soon())
+            await asyncio.sleep(2.5)
+            return [first, await scanner.scan_async(lambda: [EICAR], soon())]
+
+        assert [r.infected for r in asyncio.run(scans())] == [True, True]
+        assert scanner.sessions.opened == 2
+        assert scanner.upstreams.order()[0].address == short.unix_address, "not counted as a failure"
+        scanner.sessions.close()
+
+
+def test_session_ended_as_it_is_used_is_retried_once_on_a_new_one() -> None:
+    with FakeClamd() as fake:
+        fake.end_sessions = True  # a session ends, unanswered, when its second command arrives
+        scanner = ClamdScanner([fake.address], retry_after=60)
+
+        async def scans() -> list[VirusResult]:
+            return [await scanner.scan_async(lambda: [b"x"], soon()) for _ in range(3)]
+
+        assert [r.infected for r in asyncio.run(scans())] == [False, False, False]
+        assert fake.scans == 3 and fake.sessions == 3 and scanner.sessions.opened == 3
+        scanner.sessions.close()
+
+
+def test_a_session_that_timed_out_is_not_used_again() -> None:
+    with FakeClamd(mode="hang") as fake:
+        scanner = ClamdScanner([fake.address], timeout=0.5)
+
+        async def scans() -> VirusResult:
+            with pytest.raises(ScanError, match="timed out"):
+                await scanner.scan_async(lambda: [b"x"], soon())
+            fake.mode = "ok"
+            return await scanner.scan_async(lambda: [EICAR], soon())
+
+        assert asyncio.run(scans()).infected
+        assert scanner.sessions.opened == 2
+        scanner.sessions.close()
+
+
 @pytest.mark.parametrize("mode", ["hang", "garbage"])
 def test_hanging_or_babbling_clamd_is_a_scan_error_within_the_timeout(mode: str, scan: Scan) -> None:
     with FakeClamd(mode=mode) as fake:
