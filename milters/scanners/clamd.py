@@ -1,10 +1,12 @@
-"""clamd over INSTREAM with clamav-client, on unix sockets or TCP, with failover.
+"""clamd over INSTREAM, on unix sockets or TCP, with failover.
 
-clamav-client supplies the protocol (command framing, reply parsing, its error
-classes); this adapter connects through :class:`~milters.scanners.upstreams.Endpoint`
-(timeout set before ``connect``, also for unix sockets), streams the message in
-64 KiB chunks instead of 1 KiB ones, and bounds every socket operation by the
-end-of-message deadline.
+In a thread (:meth:`ClamdScanner.scan`), clamav-client supplies the protocol (command
+framing, reply parsing, its error classes); this adapter connects through
+:class:`~milters.scanners.upstreams.Endpoint` (timeout set before ``connect``, also for
+unix sockets), streams the message in 64 KiB chunks instead of 1 KiB ones, and bounds
+every socket operation by the end-of-message deadline.  On the asyncio server's loop
+(:meth:`ClamdScanner.scan_async`) scans go over ``IDSESSION`` connections kept open
+between scans, one scan at a time on each.
 """
 
 from __future__ import annotations
