@@ -134,8 +134,8 @@ def parse_reply(reply: str) -> tuple[str, str]:
 class _IdSession(asyncio.Protocol):
     """One clamd ``IDSESSION`` connection on the event loop, one INSTREAM at a time.
 
-    A session saves the connect, clamd's accept and the close of every scan: about half
-    of what a scan costs the milter, and a tenth of what it costs clamd.
+    A session saves the connect, clamd's accept and the close of every scan: a quarter to
+    a half of what a scan costs the milter, and 6-9 % of what it costs clamd.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:

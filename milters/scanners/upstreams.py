@@ -92,10 +92,8 @@ def tighter(deadline: float, cap: float) -> float | None:
 class _Reply(asyncio.Protocol):
     """Collects a backend's reply on an event-loop connection."""
 
-    def __init__(self, done: asyncio.Future[bytes], complete: Callable[[bytearray], bool] | None,
-                 limit: int) -> None:
+    def __init__(self, done: asyncio.Future[bytes], limit: int) -> None:
         self.done = done
-        self.complete = complete
         self.limit = limit
         self.data = bytearray()
 
@@ -108,7 +106,7 @@ class _Reply(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.data += data
-        if len(self.data) >= self.limit or (self.complete is not None and self.complete(self.data)):
+        if len(self.data) >= self.limit:
             self._finish()
 
     def eof_received(self) -> bool | None:
@@ -116,18 +114,18 @@ class _Reply(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # A backend that stops reading (clamd past StreamMaxLength) may still have answered.
+        # A backend that stops reading may still have answered.
         self._finish(exc or ConnectionResetError("the backend closed the connection"))
 
 
 async def exchange(endpoint: Endpoint, request: Iterable[bytes | bytearray], deadline: float, cap: float, *,
-                   complete: Callable[[bytearray], bool] | None = None, limit: int = 4096,
-                   half_close: bool = False) -> bytes:
-    """One request and its reply on the running event loop (no thread, no blocking call).
+                   limit: int = 4096, half_close: bool = False) -> bytes:
+    """One request and its reply on a new connection, on the running event loop (no
+    thread, no blocking call), as spamd answers.
 
-    The reply ends at the backend's end of file, when ``complete(data)`` says so, or at
-    ``limit`` bytes.  ``half_close`` sends our end of file after the request.  Every
-    failure, the deadline (at most ``cap`` seconds) included, raises OSError.
+    The reply ends at the backend's end of file, or at ``limit`` bytes.  ``half_close``
+    sends our end of file after the request.  Every failure, the deadline (at most
+    ``cap`` seconds) included, raises OSError.
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[bytes] = loop.create_future()
@@ -136,11 +134,9 @@ async def exchange(endpoint: Endpoint, request: Iterable[bytes | bytearray], dea
     try:
         async with asyncio.timeout(timeout):
             if endpoint.is_unix:
-                transport, _ = await loop.create_unix_connection(
-                    lambda: _Reply(done, complete, limit), endpoint.path)
+                transport, _ = await loop.create_unix_connection(lambda: _Reply(done, limit), endpoint.path)
             else:
-                transport, _ = await loop.create_connection(
-                    lambda: _Reply(done, complete, limit), *endpoint.host_port)
+                transport, _ = await loop.create_connection(lambda: _Reply(done, limit), *endpoint.host_port)
             writer = cast(asyncio.WriteTransport, transport)
             for piece in request:
                 if done.done():
