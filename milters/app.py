@@ -166,9 +166,13 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
 
     def keep_body(self, chunk: bytes) -> None:
         """:meth:`body` without pymilter's wrapper (the asyncio server calls it directly)."""
+        self._spool().write(chunk)
+
+    def _spool(self) -> BodySpool:
+        """This message's body spool (an empty one when no body step came)."""
         if self.spool is None:
             self.spool = self.service.new_spool()
-        self.spool.write(chunk)
+        return self.spool
 
     def _envelope(self) -> Envelope:
         return Envelope(sender=self.sender or "", queue_id=self.getsymval("i") or "",
@@ -184,9 +188,8 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
     def eom(self) -> int:
         """Decide and apply; always answer."""
         try:
-            if self.spool is None:
-                self.spool = self.service.new_spool()
-            outcome = self.service.process(self._envelope(), self.headers, self.spool, self.recipients, self)
+            outcome = self.service.process(self._envelope(), self.headers, self._spool(), self.recipients,
+                                           self)
             return _RESULT[outcome.disposition]
         except Exception:  # noqa: BLE001 - logged with its traceback, answered with 451
             return self._internal_error()
@@ -207,11 +210,9 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
         """
         service = self.service
         try:
-            if self.spool is None:
-                self.spool = service.new_spool()
             started = time.monotonic()
             envelope = self._envelope()
-            message = Message(self.headers, self.spool, service.limits)
+            message = Message(self.headers, self._spool(), service.limits)
             decided = await service.decide_on_loop(envelope, message, self.recipients, started)
             if service.finish_waits(decided):
                 outcome = await in_thread(lambda: service.finish(decided, self))

@@ -69,10 +69,9 @@ class MilterService:
         """When the end-of-message work started at ``started`` must be done."""
         return started + self.config.milter.eom_budget
 
-    def decide(self, envelope: Envelope, message: Message, recipients: Sequence[Recipient], *,
-               started: float | None = None) -> Decided:
+    def decide(self, envelope: Envelope, message: Message, recipients: Sequence[Recipient]) -> Decided:
         """Run the filters: every recipient's outcome, nothing carried out yet."""
-        started = time.monotonic() if started is None else started
+        started = time.monotonic()
         deadline = self.deadline(started)
         verdict = self.pipeline.run(envelope, message, recipients, deadline)
         return Decided(envelope, message, verdict, started, deadline)

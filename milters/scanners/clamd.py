@@ -37,6 +37,7 @@ from milters.scanners.upstreams import (
     Upstreams,
     remaining,
     tighter,
+    within,
 )
 
 log = logging.getLogger("mailwarden.milter.clamd")
@@ -211,11 +212,11 @@ class _Sessions:
         A session clamd ended while it was idle (its ``ReadTimeout``) costs one retry on a new
         one; any other failure closes the session and is the caller's to handle.
         """
-        timeout = remaining(deadline, cap)
-        session = self._idle_session(endpoint)
+        session: _IdSession | None = None
         answer: tuple[str, str] | None = None
         try:
-            async with asyncio.timeout(timeout):
+            async with within(deadline, cap):
+                session = self._idle_session(endpoint)
                 reply = None
                 if session is not None:
                     with contextlib.suppress(ConnectionError):
@@ -226,8 +227,6 @@ class _Sessions:
                     session = await self._open(endpoint)
                     reply = await session.instream(stream())
             answer = parse_reply(reply.decode("utf-8", "replace").strip())
-        except TimeoutError:
-            raise TimeoutError(f"timed out after {timeout:.1f}s") from None
         finally:
             if session is not None:
                 if answer is not None and not session.closed:
@@ -255,10 +254,7 @@ class _Sessions:
 
     async def _open(self, endpoint: Endpoint) -> _IdSession:
         loop = asyncio.get_running_loop()
-        if endpoint.is_unix:
-            _, session = await loop.create_unix_connection(lambda: _IdSession(loop), endpoint.path)
-        else:
-            _, session = await loop.create_connection(lambda: _IdSession(loop), *endpoint.host_port)
+        session = await endpoint.open_async(lambda: _IdSession(loop))
         self.opened += 1
         return session
 

@@ -11,10 +11,12 @@ and one reply, about forty lines.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import socket
 from collections.abc import Sequence
+from typing import cast
 
 from mailwarden.netio import receive, send_all
 from milters.scanners import ScanError, SpamResult
@@ -22,9 +24,9 @@ from milters.scanners.upstreams import (
     DeadlineExceeded,
     Endpoint,
     Upstreams,
-    exchange,
     remaining,
     tighter,
+    within,
 )
 
 log = logging.getLogger("mailwarden.milter.spamd")
@@ -70,6 +72,41 @@ def _check_length(size: int) -> None:
         raise SpamdProtocolError("reply too long")
 
 
+class _Reply(asyncio.Protocol):
+    """Sends one request on an event-loop connection and collects spamd's whole reply."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.data = bytearray()
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        writer = cast(asyncio.WriteTransport, transport)
+        writer.write(self.request)
+        writer.write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) > MAX_REPLY:
+            self._finish()  # too long: parsing refuses it
+
+    def eof_received(self) -> bool | None:
+        self._finish()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(exc or ConnectionResetError("spamd closed the connection"))
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if not self.done.done():
+            if self.data or error is None:
+                self.done.set_result(bytes(self.data))
+            else:
+                self.done.set_exception(error)
+
+
 class SpamdScanner:
     """The SpamScanner adapter for one or more spamd upstreams."""
 
@@ -100,8 +137,7 @@ class SpamdScanner:
         errors: list[str] = []
         for endpoint in self.upstreams.order():
             try:
-                reply = await exchange(endpoint, (request,), deadline, self.timeout, limit=MAX_REPLY + 1,
-                                       half_close=True)
+                reply = await self._exchange_async(endpoint, request, deadline)
                 _check_length(len(reply))
                 score, symbols = parse_reply(reply)
             except (OSError, SpamdProtocolError, ValueError) as exc:
@@ -123,6 +159,17 @@ class SpamdScanner:
     def _conclude(self, endpoint: Endpoint, score: float, symbols: tuple[str, ...]) -> SpamResult:
         self.upstreams.succeeded(endpoint)
         return SpamResult(score=score, symbols=symbols, upstream=str(endpoint))
+
+    async def _exchange_async(self, endpoint: Endpoint, request: bytes, deadline: float) -> bytes:
+        """One request and spamd's reply on a new connection, on the running event loop."""
+        reply: _Reply | None = None
+        try:
+            async with within(deadline, self.timeout):
+                reply = await endpoint.open_async(lambda: _Reply(request))
+                return await reply.done
+        finally:
+            if reply is not None and reply.transport is not None:
+                reply.transport.close()
 
     def _exchange(self, endpoint: Endpoint, request: bytes, deadline: float) -> bytes:
         # Blocking with kernel timeouts: one system call per send or receive (no poll).

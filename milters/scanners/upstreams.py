@@ -9,14 +9,17 @@ a reason to skip a check).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar
 
 from mailwarden.netio import connect_tcp, connect_unix
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 
 class DeadlineExceeded(TimeoutError):
@@ -58,6 +61,15 @@ class Endpoint:
             return sock
         return socket.create_connection(self.host_port, timeout=timeout)
 
+    async def open_async(self, factory: Callable[[], P]) -> P:
+        """A connection on the running event loop; the protocol ``factory()`` made for it."""
+        loop = asyncio.get_running_loop()
+        if self.is_unix:
+            _, protocol = await loop.create_unix_connection(factory, self.path)
+        else:
+            _, protocol = await loop.create_connection(factory, *self.host_port)
+        return protocol
+
     def connect_blocking(self, timeout: float) -> socket.socket:
         """Like :meth:`connect`, but a blocking socket bounded by kernel timeouts.
 
@@ -89,67 +101,16 @@ def tighter(deadline: float, cap: float) -> float | None:
     return left if left < cap else None
 
 
-class _Reply(asyncio.Protocol):
-    """Collects a backend's reply on an event-loop connection."""
-
-    def __init__(self, done: asyncio.Future[bytes], limit: int) -> None:
-        self.done = done
-        self.limit = limit
-        self.data = bytearray()
-
-    def _finish(self, error: BaseException | None = None) -> None:
-        if not self.done.done():
-            if self.data or error is None:
-                self.done.set_result(bytes(self.data))
-            else:
-                self.done.set_exception(error)
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-        if len(self.data) >= self.limit:
-            self._finish()
-
-    def eof_received(self) -> bool | None:
-        self._finish()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        # A backend that stops reading may still have answered.
-        self._finish(exc or ConnectionResetError("the backend closed the connection"))
-
-
-async def exchange(endpoint: Endpoint, request: Iterable[bytes | bytearray], deadline: float, cap: float, *,
-                   limit: int = 4096, half_close: bool = False) -> bytes:
-    """One request and its reply on a new connection, on the running event loop (no
-    thread, no blocking call), as spamd answers.
-
-    The reply ends at the backend's end of file, or at ``limit`` bytes.  ``half_close``
-    sends our end of file after the request.  Every failure, the deadline (at most
-    ``cap`` seconds) included, raises OSError.
-    """
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[bytes] = loop.create_future()
-    transport: asyncio.BaseTransport | None = None
+@contextlib.asynccontextmanager
+async def within(deadline: float, cap: float) -> AsyncIterator[None]:
+    """Bound the awaits inside by :func:`remaining`; running out raises TimeoutError
+    saying how long was allowed."""
     timeout = remaining(deadline, cap)
     try:
         async with asyncio.timeout(timeout):
-            if endpoint.is_unix:
-                transport, _ = await loop.create_unix_connection(lambda: _Reply(done, limit), endpoint.path)
-            else:
-                transport, _ = await loop.create_connection(lambda: _Reply(done, limit), *endpoint.host_port)
-            writer = cast(asyncio.WriteTransport, transport)
-            for piece in request:
-                if done.done():
-                    break  # answered (or hung up) early
-                writer.write(bytes(piece))
-            if half_close and not done.done():
-                writer.write_eof()
-            return await done
+            yield
     except TimeoutError:
         raise TimeoutError(f"timed out after {timeout:.1f}s") from None
-    finally:
-        if transport is not None:
-            transport.close()
 
 
 class Upstreams:
