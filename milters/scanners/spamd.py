@@ -137,9 +137,7 @@ class SpamdScanner:
         errors: list[str] = []
         for endpoint in self.upstreams.order():
             try:
-                reply = await self._exchange_async(endpoint, request, deadline)
-                _check_length(len(reply))
-                score, symbols = parse_reply(reply)
+                score, symbols = parse_reply(await self._exchange_async(endpoint, request, deadline))
             except (OSError, SpamdProtocolError, ValueError) as exc:
                 if self._failed(endpoint, exc, errors):
                     break
@@ -166,10 +164,12 @@ class SpamdScanner:
         try:
             async with within(deadline, self.timeout):
                 reply = await endpoint.open_async(lambda: _Reply(request))
-                return await reply.done
+                data = await reply.done
         finally:
             if reply is not None and reply.transport is not None:
                 reply.transport.close()
+        _check_length(len(data))
+        return data
 
     def _exchange(self, endpoint: Endpoint, request: bytes, deadline: float) -> bytes:
         # Blocking with kernel timeouts: one system call per send or receive (no poll).
