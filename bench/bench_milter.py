@@ -4,7 +4,9 @@
 * clamav-milter alone, and mailwarden for subscribers who contract only virus scanning;
 * the peer stack clamav-milter + spamass-milter (which scans every message with spamd);
 * mailwarden where 30 % of recipients contract spam checking and all contract virus scanning;
-* mailwarden where every recipient contracts both.
+* mailwarden where every recipient contracts both;
+* clamav-milter and mailwarden on the virus-only path again, with arrivals spread out at
+  the rate the previous variant reached (spamd's pace): CPU per message on a quiet node.
 
 Same clamd (unix socket, local signatures) and same spamd (unix socket, 2 children,
 network tests off) for everyone; Postfix relays to Postfix's own ``smtp-sink``.  The load is one
@@ -32,7 +34,6 @@ import email
 import email.policy
 import io
 import json
-import os
 import random
 import shutil
 import signal
@@ -49,13 +50,13 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from mailwarden.testing.clamd import EICAR, ClamdServer
+from mailwarden.testing.cpumeter import CpuMeter, peak_rss_mb
 from mailwarden.testing.ports import free_port
 from mailwarden.testing.postfix import PostfixInstance
 from mailwarden.testing.slapd import SlapdServer, mailwarden_database
 from mailwarden.testing.smtpsink import SmtpSink
 from mailwarden.testing.spamd import GTUBE, SpamdServer
 
-CLK = os.sysconf("SC_CLK_TCK")
 USERS = 100
 DOMAINS = {  # domain -> (services for every user, services for users with i % 10 < 3)
     "mix.example": (["virus-scan"], ["spam-check"]),
@@ -69,6 +70,9 @@ DOMAIN_SETTINGS = {
     # through Postfix).
     "av.example": ["mwNoticeRecipient: none"],
 }
+ALL = "mailwarden, everyone contracts all"
+PACED_CLAM = "clamav-milter (virus only), paced"
+PACED_WARDEN = "mailwarden, virus only, paced"
 FILLER = (
     "Dear colleague,\n\nplease find below the minutes of Tuesday's meeting. We agreed to move the\n"
     "release to the second week of the month and to review the open tickets on Friday.\n"
@@ -180,112 +184,26 @@ async def _one(port: int, rcpt: str, data: bytes) -> tuple[int, float]:
         writer.close()
 
 
-async def _inject(port: int, jobs: list[tuple[str, bytes, str]], sessions: int) -> list[tuple[int, float]]:
+async def _inject(port: int, jobs: list[tuple[str, bytes, str]], sessions: int,
+                  pace: float = 0.0) -> list[tuple[int, float]]:
+    """Send every job, ``sessions`` at a time; with ``pace``, message i starts no
+    earlier than i / pace seconds in (arrivals spread out as spamd spreads them)."""
     gate = asyncio.Semaphore(sessions)
+    start = time.perf_counter()
 
-    async def run(rcpt: str, data: bytes) -> tuple[int, float]:
+    async def run(i: int, rcpt: str, data: bytes) -> tuple[int, float]:
+        if pace:
+            await asyncio.sleep(max(0.0, start + i / pace - time.perf_counter()))
         async with gate:
             try:
                 return await _one(port, rcpt, data)
             except OSError:
                 return 0, 0.0
 
-    return list(await asyncio.gather(*(run(r, d) for r, d, _ in jobs)))
+    return list(await asyncio.gather(*(run(i, r, d) for i, (r, d, _) in enumerate(jobs))))
 
 
 # ---------------------------------------------------------------- processes
-
-
-def cpu_seconds(pid: int, children: bool = True) -> float:
-    """utime + stime (+ waited-for children) of a process, in clock ticks."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    total = int(fields[11]) + int(fields[12])
-    if children:
-        total += int(fields[13]) + int(fields[14])
-    return total / CLK
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its live descendants (spamd's pre-forked children)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    tree = [pid]
-    for member in tree:
-        tree.extend(child for child, parent in parents.items() if parent == member)
-    return tree
-
-
-class CpuMeter:
-    """The CPU time of a process tree, exact where the kernel allows.
-
-    ``/proc/PID/stat`` counts clock ticks (10 ms): over the 32 messages of a quick spam
-    variant that rounds by 0.3 ms/msg, and threads or children that ended are lost.  A
-    cgroup of the tree's own (v2 ``cpu.stat``, or v1 ``cpuacct.usage``) counts every
-    thread and child, ended or not, to the microsecond.  Without one (no cgroup file
-    system, or not root) the ticks of the live tree are used.
-    """
-
-    _ROOTS = (("/sys/fs/cgroup/unified", "cpu.stat"), ("/sys/fs/cgroup", "cpu.stat"),
-              ("/sys/fs/cgroup/cpuacct", "cpuacct.usage"))
-
-    def __init__(self, name: str, pid: int) -> None:
-        self.pid = pid
-        self.group: Path | None = None
-        self.counter = ""
-        for root, counter in self._ROOTS:
-            if not (Path(root) / "cgroup.procs").exists():
-                continue
-            group = Path(root) / f"mailwarden-bench-{os.getpid()}-{name}"
-            try:
-                group.mkdir(exist_ok=True)
-                if not (group / counter).exists():
-                    group.rmdir()
-                    continue
-                for member in process_tree(pid):
-                    (group / "cgroup.procs").write_text(str(member))
-            except OSError:
-                continue
-            self.group, self.counter = group, counter
-            break
-
-    @property
-    def exact(self) -> bool:
-        """Whether a cgroup counts (else clock ticks of the live tree)."""
-        return self.group is not None
-
-    def seconds(self) -> float:
-        """CPU seconds of the tree so far."""
-        if self.group is None:
-            return sum(cpu_seconds(member) for member in process_tree(self.pid))
-        text = (self.group / self.counter).read_text()
-        if self.counter == "cpuacct.usage":
-            return int(text) / 1e9
-        usage = next(line for line in text.splitlines() if line.startswith("usage_usec "))
-        return int(usage.split()[1]) / 1e6
-
-    def close(self) -> None:
-        """Hand any process left back to the root group and remove ours."""
-        if self.group is None:
-            return
-        try:
-            for member in (self.group / "cgroup.procs").read_text().split():
-                (self.group.parent / "cgroup.procs").write_text(member)
-            self.group.rmdir()
-        except OSError as exc:
-            print(f"cgroup {self.group} not removed: {exc}", file=sys.stderr)
-        self.group = None
 
 
 @dataclass
@@ -380,10 +298,11 @@ class Result:
     spamd_cpu_ms: float
     rss_mb: float
     replies: dict[str, int] = field(default_factory=dict)
+    pace: float = 0.0
 
 
 def run_variant(name: str, postfix: PostfixInstance, milters: list[Daemon], scanners: list[CpuMeter],
-                jobs: list[tuple[str, bytes, str]], sessions: int) -> Result:
+                jobs: list[tuple[str, bytes, str]], sessions: int, pace: float = 0.0) -> Result:
     postfix.postconf(smtpd_milters=", ".join(f"unix:{d.socket}" for d in milters))
     postfix.restart()
     # Warm up outside the measurement: imports, spamd children, and one message to every
@@ -396,7 +315,7 @@ def run_variant(name: str, postfix: PostfixInstance, milters: list[Daemon], scan
     cpu0 = [d.cpu.seconds() for d in milters]
     scan0 = [m.seconds() for m in scanners]
     started = time.perf_counter()
-    results = asyncio.run(_inject(postfix.smtpd_port, jobs, sessions))
+    results = asyncio.run(_inject(postfix.smtpd_port, jobs, sessions, pace))
     injected = time.perf_counter() - started
     postfix.wait_queue_empty(timeout=600)
     total = time.perf_counter() - started
@@ -411,6 +330,7 @@ def run_variant(name: str, postfix: PostfixInstance, milters: list[Daemon], scan
         p99_ms=lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else 0.0,
         milter_cpu_ms=cpu / n * 1000, clamd_cpu_ms=scan[0] / n * 1000, spamd_cpu_ms=scan[1] / n * 1000,
         rss_mb=max((peak_rss_mb(d.proc.pid) for d in milters), default=0.0), replies=dict(codes),
+        pace=pace,
     )
 
 
@@ -493,27 +413,36 @@ def main() -> int:
         if not all(d.cpu.exact for d in daemons):
             print("... CPU in clock ticks (no cgroup to count in)", file=sys.stderr)
         s = args.sessions
-        def plan() -> list[tuple[str, list[Daemon], list[tuple[str, bytes, str]]]]:
-            """Fresh messages every round: a repeat must not hit mailwarden's scan cache."""
+        def plan() -> list[tuple[str, list[Daemon], list[tuple[str, bytes, str]], str]]:
+            """(name, milters, jobs, variant whose rate paces the arrivals).
+
+            Fresh messages every round: a repeat must not hit mailwarden's scan cache.
+            The last two run the virus-only path at the rate spamd allows everyone-contracts-
+            all: the same code and load shape with and without a spam check in it, and a C
+            milter beside it, so the CPU a message costs at that pace can be told apart from
+            what the spam check adds.
+            """
             return [
-                ("postfix alone", [], workload(sizes["fast"], domain_picker("av.example"))),
+                ("postfix alone", [], workload(sizes["fast"], domain_picker("av.example")), ""),
                 ("clamav-milter (virus only)", [clam_milter],
-                 workload(sizes["av"], domain_picker("av.example"))),
-                ("mailwarden, virus only", [warden], workload(sizes["av"], domain_picker("av.example"))),
+                 workload(sizes["av"], domain_picker("av.example")), ""),
+                ("mailwarden, virus only", [warden], workload(sizes["av"], domain_picker("av.example")), ""),
                 ("peer: clamav-milter + spamass-milter", [clam_milter, spamass],
-                 workload(sizes["spam"], domain_picker("mix.example"))),
+                 workload(sizes["spam"], domain_picker("mix.example")), ""),
                 ("mailwarden, 30 % spam contracts", [warden],
-                 workload(sizes["mix"], domain_picker("mix.example"))),
-                ("mailwarden, everyone contracts all", [warden],
-                 workload(sizes["spam"], domain_picker("all.example"))),
+                 workload(sizes["mix"], domain_picker("mix.example")), ""),
+                (ALL, [warden], workload(sizes["spam"], domain_picker("all.example")), ""),
+                (PACED_CLAM, [clam_milter], workload(sizes["spam"], domain_picker("av.example")), ALL),
+                (PACED_WARDEN, [warden], workload(sizes["spam"], domain_picker("av.example")), ALL),
             ]
 
         runs: dict[str, list[Result]] = {}
         # Interleaved repeats: a machine shared with other work slows every variant alike.
         for round_ in range(args.repeat):
-            for name, milters, jobs in plan():
+            for name, milters, jobs, paced_by in plan():
+                pace = runs[paced_by][-1].e2e_rate if paced_by else 0.0
                 print(f"... round {round_ + 1}: {name}: {len(jobs)} messages", file=sys.stderr, flush=True)
-                runs.setdefault(name, []).append(run_variant(name, postfix, milters, scanners, jobs, s))
+                runs.setdefault(name, []).append(run_variant(name, postfix, milters, scanners, jobs, s, pace))
         for found in runs.values():
             results.append(sorted(found, key=lambda r: r.e2e_rate)[len(found) // 2])
         with SmtpSink() as rec:
@@ -550,16 +479,24 @@ def main() -> int:
     peer_rate = by["peer: clamav-milter + spamass-milter"].e2e_rate
     ratios = {
         "mix30_vs_peer": by["mailwarden, 30 % spam contracts"].e2e_rate / peer_rate,
-        "all_vs_peer": by["mailwarden, everyone contracts all"].e2e_rate / peer_rate,
+        "all_vs_peer": by[ALL].e2e_rate / peer_rate,
         "virus_only_vs_clamav_milter": by["mailwarden, virus only"].e2e_rate
         / by["clamav-milter (virus only)"].e2e_rate,
         "clamav_milter_vs_postfix": by["clamav-milter (virus only)"].e2e_rate / by["postfix alone"].e2e_rate,
     }
+    # CPU per message at the pace spamd sets, ms (a quiet node pays more per message
+    # than a busy one: see docs/milter.md).
+    ratios["paced_milter_cpu_mailwarden_vs_clamav_milter"] = (
+        by[PACED_WARDEN].milter_cpu_ms / by[PACED_CLAM].milter_cpu_ms)
+    spam_cpu = by[ALL].milter_cpu_ms - by[PACED_WARDEN].milter_cpu_ms
     print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    print(f"paced variants: {by[PACED_WARDEN].pace:.1f} msg/s offered (the rate of '{ALL}'); "
+          f"mailwarden CPU the spam check adds at that pace: {spam_cpu:.2f} ms/msg")
     print(f"verdicts identical where services match: {checks.get('identical_where_services_match')}")
     for key in ("peer", "mailwarden_all", "mailwarden_mix_contracted", "mailwarden_mix_uncontracted"):
         print(f"  {key:<30} {checks.get(key)}")
-    print(json.dumps({"results": [r.__dict__ for r in results], "ratios": ratios, "verdicts": checks}))
+    print(json.dumps({"results": [r.__dict__ for r in results], "ratios": ratios,
+                      "spam_check_cpu_ms_at_pace": spam_cpu, "verdicts": checks}))
     return 0
 
 

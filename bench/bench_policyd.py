@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from mailwarden.sampledata import synthetic_ldif, user_address  # noqa: E402
 from mailwarden.store import SQLiteStore  # noqa: E402
+from mailwarden.testing.cpumeter import CpuMeter  # noqa: E402
 from mailwarden.testing.ports import free_port  # noqa: E402
 from mailwarden.testing.redisserver import RedisServer  # noqa: E402
 from mailwarden.testing.slapd import Database, SlapdServer  # noqa: E402
@@ -154,27 +155,6 @@ def load(spec: str, requests: list[bytes], connections: int, pinned: bool = Fals
     }
 
 
-def process_tree_cpu(root: int) -> float:
-    """CPU seconds (user + system) used so far by ``root`` and its live descendants."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            total += stats[pid][1]
-        todo += [child for child, (parent, _) in stats.items() if parent == pid]
-    return total
-
-
 def run_load(spec: str, requests: list[bytes], connections: int, work: Path,
              server_pids: tuple[int, ...] = (), pinned: bool = False) -> dict[str, Any]:
     """Run :func:`load` in a fresh process so the generator never shares a GIL with anything.
@@ -183,13 +163,18 @@ def run_load(spec: str, requests: list[bytes], connections: int, work: Path,
     """
     job = work / "load.pickle"
     job.write_bytes(pickle.dumps((spec, requests, connections, pinned)))
-    before = sum(process_tree_cpu(pid) for pid in server_pids)
-    out = subprocess.run([sys.executable, __file__, "--load-job", str(job)], capture_output=True,
-                         text=True, check=True)
-    result: dict[str, Any] = json.loads(out.stdout)
-    if server_pids:
-        used = sum(process_tree_cpu(pid) for pid in server_pids) - before
-        result["server_cpu_us"] = round(used / len(requests) * 1e6, 1)
+    meters = [CpuMeter(f"policyd-{pid}", pid) for pid in server_pids]
+    try:
+        before = sum(meter.seconds() for meter in meters)
+        out = subprocess.run([sys.executable, __file__, "--load-job", str(job)], capture_output=True,
+                             text=True, check=True)
+        result: dict[str, Any] = json.loads(out.stdout)
+        if meters:
+            used = sum(meter.seconds() for meter in meters) - before
+            result["server_cpu_us"] = round(used / len(requests) * 1e6, 1)
+    finally:
+        for meter in meters:
+            meter.close()
     return result
 
 
