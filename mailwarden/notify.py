@@ -13,7 +13,11 @@ cannot count, the notice is not sent: an outbreak must not turn into a flood.
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import re
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -192,6 +196,82 @@ class Notifier:
             data = self.build(notice, facts)
             self.send(notice.to, data)
         except Exception as exc:  # noqa: BLE001 (a notice must never change the fate of the mail)
-            log.warning("notice (%s) to %s not sent: %s", notice.kind, notice.to, exc)
             return f"failed: {exc}"
         return "sent"
+
+
+class NoticeOutbox:
+    """Sends notices from a thread of its own, so that no SMTP reply waits for one.
+
+    The milter posts a message's notices once its verdict is carried out and answers
+    the MTA at once; the thread renders and sends them and logs one line each
+    (``QUEUEID: notice KIND to <ADDRESS>: sent | limited | failed: why``).  Notices are
+    best effort: when ``capacity`` notices are already waiting (an outbreak on a node
+    whose re-injection is slow or down), a new one is dropped with a log line.
+    :meth:`stop` sends what is waiting, for up to ``grace`` seconds.
+    """
+
+    def __init__(self, notifier: Notifier, *, capacity: int = 1000) -> None:
+        self.notifier = notifier
+        self.capacity = capacity
+        self._queue: queue.Queue[tuple[Notice, MessageFacts] | None] = queue.Queue(capacity)
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def post(self, notice: Notice, facts: MessageFacts) -> bool:
+        """Queue one notice; False (and a log line) when the outbox is full."""
+        self._start()
+        try:
+            self._queue.put_nowait((notice, facts))
+        except queue.Full:
+            log.warning("%s: notice %s to <%s> dropped: %d notices already waiting",
+                        facts.queue_id or "NOQUEUE", notice.kind, notice.to, self.capacity)
+            return False
+        return True
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._pid == os.getpid() and self._thread.is_alive():
+                return
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="mw-notices", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                notice, facts = item
+                result = self.notifier.notify(notice, facts)
+                (log.warning if result.startswith("failed") else log.info)(
+                    "%s: notice %s to <%s>: %s", facts.queue_id or "NOQUEUE", notice.kind, notice.to, result)
+            except Exception:  # the thread must outlive any one notice
+                log.exception("notice not sent")
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every notice posted so far is handled; False after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(remaining)
+        return True
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Send what is waiting (for up to ``grace`` seconds), then end the thread."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or self._pid != os.getpid():
+            return
+        if not self.flush(grace):
+            log.warning("%d notice(s) not sent: stopping", self._queue.qsize())
+            return  # the thread is a daemon: it ends with the process
+        self._queue.put(None)
+        thread.join(grace)
+        self._thread = None

@@ -205,7 +205,7 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
         """:meth:`eom` on the asyncio server's event loop (after :meth:`eom_on_loop_ready`).
 
         The clamd scan and the spamd score are non-blocking I/O on the loop and the filters
-        run there; only carrying out that waits (quarantine, re-injection, notices) goes to
+        run there; only carrying out that waits (quarantine, re-injection) goes to
         ``in_thread``, and the reputation write is left to it without waiting.
         """
         service = self.service
@@ -274,8 +274,12 @@ def run(config: Config, service: MilterService) -> None:
                            threads=m.threads, mta_timeout=m.mta_timeout, ready=ready))
         finally:
             service.lines.flush()
+            service.close()
     else:
-        run_libmilter(config, service)
+        try:
+            run_libmilter(config, service)
+        finally:
+            service.close()
 
 
 def run_libmilter(config: Config, service: MilterService) -> None:

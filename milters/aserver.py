@@ -4,11 +4,12 @@ libmilter runs a thread per connection, polls and reads for every packet and cal
 into Python (taking the GIL) for every step.  Here one event loop reads each socket
 in large chunks, cuts many packets per read (:mod:`milters.protocol`) and drives the
 same :class:`~milters.app.ContentMilter` objects directly.  Work that may block (the
-directory at RCPT, spamd, the shared store, quarantine, re-injection, notices) goes to a
+directory at RCPT, a scan cache in the shared store, quarantine, re-injection) goes to a
 bounded thread pool, so the loop never waits; the connection's later packets wait until
-its answer is written.  A small message whose recipients need no such filter is decided
-on the loop itself: the clamd scan is non-blocking I/O there, and no thread is woken
-(:meth:`~milters.app.ContentMilter.eom_on_loop`).
+its answer is written.  A small message is decided on the loop itself: the clamd scan
+and the spamd check are non-blocking I/O there, and no thread is woken
+(:meth:`~milters.app.ContentMilter.eom_on_loop`).  Notices leave from an outbox thread
+after the reply.
 
 The milter's actions (``getsymval``, ``setreply``, header and body edits, ``delrcpt``)
 go to a :class:`SessionContext` standing in for libmilter's context: it keeps the

@@ -13,7 +13,8 @@ so the sender retries; a copy already handed over may then arrive twice (the
 same trade-off as every content filter that re-injects).
 
 Order: quarantine (a local file) first, then re-injection, then milter changes,
-then notices (best effort, they never change what happens to the mail).
+then notices (best effort, they never change what happens to the mail).  Notices
+are posted to an outbox whose thread sends them, so the SMTP reply waits for none.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-from mailwarden.notify import MessageFacts, Notice, Notifier
+from mailwarden.notify import MessageFacts, Notice, NoticeOutbox, Notifier
 from mailwarden.store import StoreUnavailable
 from milters.filters import Envelope
 from milters.message import Message, Part
@@ -94,10 +95,22 @@ def facts_of(message: Message, envelope: Envelope, recipients: tuple[str, ...] =
 class Delivery:
     """Applies verdicts through milter actions, the injector, the quarantine and the notifier."""
 
-    def __init__(self, injector: Injector, quarantine: Quarantine | None, notifier: Notifier | None) -> None:
+    def __init__(self, injector: Injector, quarantine: Quarantine | None, notifier: Notifier | None,
+                 outbox: NoticeOutbox | None = None) -> None:
         self.injector = injector
         self.quarantine = quarantine
         self.notifier = notifier
+        self.outbox = outbox
+        """Where notices go to be sent after the reply (None: sent before it, in line)."""
+
+    def flush_notices(self, timeout: float = 10.0) -> bool:
+        """Wait until the notices posted so far are handled (tests, shutdown)."""
+        return self.outbox is None or self.outbox.flush(timeout)
+
+    def close(self, grace: float = 10.0) -> None:
+        """Send the notices still waiting, for up to ``grace`` seconds."""
+        if self.outbox is not None:
+            self.outbox.stop(grace)
 
     def carry_out(self, verdict: Verdict, message: Message, envelope: Envelope, actions: MilterActions,
                   *, deadline: float) -> Outcome:
@@ -189,7 +202,8 @@ class Delivery:
         return _StripNote(self.notifier, message, envelope)
 
     def _notify(self, verdict: Verdict, message: Message, envelope: Envelope) -> tuple[str, ...]:
-        """Send each distinct notice once, naming every recipient it covers."""
+        """Each distinct notice once, naming every recipient it covers: posted to the
+        outbox (``KIND>ADDRESS:queued``), or sent in line without one."""
         if self.notifier is None:
             return ()
         grouped: dict[tuple[str, str, str, str, str], tuple[Notice, list[str]]] = {}
@@ -202,7 +216,11 @@ class Delivery:
         results = []
         for notice, recipients in grouped.values():
             facts = facts_of(message, envelope, tuple(dict.fromkeys(recipients)))
-            results.append(f"{notice.kind}>{notice.to}:{self.notifier.notify(notice, facts)}")
+            if self.outbox is not None:
+                result = "queued" if self.outbox.post(notice, facts) else "dropped"
+            else:
+                result = self.notifier.notify(notice, facts)
+            results.append(f"{notice.kind}>{notice.to}:{result}")
         return tuple(results)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from mailwarden.config import Config
 from mailwarden.directory import Directory
 from mailwarden.linelog import DecisionLog
-from mailwarden.notify import NoticeTemplates, Notifier
+from mailwarden.notify import NoticeOutbox, NoticeTemplates, Notifier
 from mailwarden.policy import PolicyResolver
 from mailwarden.reputation import Reputation
 from mailwarden.store import Store, open_store
@@ -106,13 +106,19 @@ class MilterService:
         return not any(flt.waits and _wanted(flt, recipients) for flt in self.pipeline.filters)
 
     def finish_waits(self, decided: Decided) -> bool:
-        """Whether carrying out waits on something (quarantine, re-injection, notices)."""
+        """Whether carrying out waits on something (quarantine, re-injection; notices
+        only when there is no outbox to post them to)."""
         verdict = decided.verdict
         if verdict.disposition is Disposition.TEMPFAIL:
             return False
         outcomes = verdict.outcomes
-        return (any(o.action is Action.QUARANTINE or o.notices for o in outcomes)
+        notices_wait = self.delivery.outbox is None
+        return (any(o.action is Action.QUARANTINE or (notices_wait and o.notices) for o in outcomes)
                 or (verdict.disposition is Disposition.ACCEPT and len(verdict.groups()) > 1))
+
+    def close(self) -> None:
+        """Before the process ends: send the notices still waiting."""
+        self.delivery.close(self.config.milter.reinject_timeout)
 
     def _log(self, envelope: Envelope, message: Message, verdict: Verdict, outcome: Outcome,
              started: float) -> None:
@@ -249,8 +255,8 @@ def build_service(
     )
     quarantine = Quarantine(store, m.quarantine_dir, retention_days=m.quarantine_days, node=node)
     return MilterService(config=config, resolver=resolver, pipeline=pipeline,
-                         delivery=Delivery(injector, quarantine, notifier), limits=limits_from(config),
-                         reputation=_reputation(store, config))
+                         delivery=Delivery(injector, quarantine, notifier, NoticeOutbox(notifier)),
+                         limits=limits_from(config), reputation=_reputation(store, config))
 
 
 def _scan_cache(config: Config, store: Store) -> ScanCache | None:

@@ -84,6 +84,20 @@ class MilterProcess:
         except OSError:
             return ""
 
+    def wait_for_notices(self, timeout: float = 10.0) -> None:
+        """Wait until every notice the log shows as queued has its own line (sent or not):
+        notices leave after the reply, and must not land in the next test's sink."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log()
+            queued = sum(line.count(":queued") for line in text.splitlines() if " notices=" in line)
+            handled = text.count(": notice ")
+            if handled >= queued:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{queued - handled} notice(s) still waiting:\n{text[-3000:]}")
+            time.sleep(0.02)
+
     def wait_for_log(self, text: str, timeout: float = 10.0, since: int = 0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

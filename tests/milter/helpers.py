@@ -181,8 +181,12 @@ class Harness:
     """End messages as the asyncio server does (on its loop where it can)."""
 
     def feed(self, message: bytes | EmailMessage, sender: str, *recipients: str,
-             queue_id: str = "QID1") -> TestCtx:
-        """Drive the milter through pymilter's TestCtx; returns the context with results."""
+             queue_id: str = "QID1", notices: bool = True) -> TestCtx:
+        """Drive the milter through pymilter's TestCtx; returns the context with results.
+
+        With ``notices``, also wait until the notices the message caused are handled
+        (they leave from the outbox thread after the reply).
+        """
         data = message.as_bytes() if isinstance(message, EmailMessage) else message
         kind = LoopMilter if self.on_loop else ContentMilter
         Milter.factory = lambda: kind(self.service)
@@ -190,6 +194,8 @@ class Harness:
         ctx._setsymval("i", queue_id)
         assert ctx._connect(host="client.example", helo="client.example", ip="192.0.2.10") == Milter.CONTINUE
         ctx.rc = ctx._feedFile(io.BytesIO(data), sender, *recipients)
+        if notices:
+            assert self.service.delivery.flush_notices(10), "notices still waiting after 10 s"
         return ctx
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import email
 import email.policy
+import threading
 from pathlib import Path
 
 import pytest
 
-from mailwarden.notify import MessageFacts, Notice, NoticeTemplates, Notifier
+from mailwarden.notify import MessageFacts, Notice, NoticeOutbox, NoticeTemplates, Notifier
 from mailwarden.store import MemoryStore, StoreUnavailable
 
 FACTS = MessageFacts(sender="virus@forged.example", from_header="Forged <virus@forged.example>",
@@ -117,3 +118,52 @@ def test_failed_send_is_reported_not_raised() -> None:
         raise OSError("connection refused")
 
     assert Notifier(NoticeTemplates(), send=refuse).notify(notice(), FACTS).startswith("failed")
+
+
+class Gate:
+    """A send that waits for ``open`` (a slow re-injection smtpd), or refuses some addresses."""
+
+    def __init__(self, refuse: tuple[str, ...] = ()) -> None:
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.refuse = refuse
+        self.sent: list[str] = []
+
+    def __call__(self, to: str, data: bytes) -> None:
+        self.entered.set()
+        self.open.wait(10)
+        if to in self.refuse:
+            raise OSError("connection refused")
+        self.sent.append(to)
+
+
+def test_the_outbox_sends_in_its_own_thread_and_logs_each_notice(caplog: pytest.LogCaptureFixture) -> None:
+    gate = Gate(refuse=("gone@example.jp",))
+    outbox = NoticeOutbox(Notifier(NoticeTemplates(), send=gate))
+    with caplog.at_level("INFO", logger="mailwarden.notify"):
+        assert outbox.post(notice(to="gone@example.jp"), FACTS)
+        assert outbox.post(notice(), FACTS)  # returns at once while the first waits
+        assert not outbox.flush(0.1) and gate.sent == []
+        gate.open.set()
+        assert outbox.flush(10)
+    assert gate.sent == ["taro@example.jp"]  # a failed notice does not stop the next one
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("WARNING", "ABC123: notice virus to <gone@example.jp>: failed: connection refused") in lines
+    assert ("INFO", "ABC123: notice virus to <taro@example.jp>: sent") in lines
+    outbox.stop()
+
+
+def test_a_full_outbox_drops_with_a_log_line_and_stop_sends_what_waits(
+        caplog: pytest.LogCaptureFixture) -> None:
+    gate = Gate()
+    outbox = NoticeOutbox(Notifier(NoticeTemplates(), send=gate), capacity=2)
+    posted = [outbox.post(notice(to="u0@example.jp"), FACTS)]
+    assert gate.entered.wait(10)
+    posted += [outbox.post(notice(to=f"u{i}@example.jp"), FACTS) for i in range(1, 4)]
+    # One is being sent (waiting at the gate), two wait in the outbox, the fourth has no room.
+    assert posted == [True, True, True, False]
+    assert any("u3@example.jp> dropped: 2 notices already waiting" in r.getMessage() for r in caplog.records)
+    gate.open.set()
+    outbox.stop(grace=10)
+    assert gate.sent == ["u0@example.jp", "u1@example.jp", "u2@example.jp"]
+    assert outbox._thread is None  # ended

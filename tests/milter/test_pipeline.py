@@ -12,8 +12,11 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import Milter
 import pytest
@@ -22,8 +25,10 @@ from mailwarden.store import RedisStore
 from mailwarden.testing.clamd import EICAR
 from mailwarden.testing.redisserver import RedisServer
 from mailwarden.testing.spamd import GTUBE
+from milters.delivery import MilterActions, Outcome
 from milters.filters.spam import SpamFilter
 from milters.scanners import SpamResult
+from milters.service import Decided
 from milters.verdict import Action, Recipient
 from tests.milter.helpers import Harness, LoopMilter, harness, make_message
 from tests.milter.test_message import PE, _encrypted, with_attachment, zip_of
@@ -327,8 +332,37 @@ def test_log_line_is_one_line_whatever_the_sender_put_in_names(h: Harness,
            b"x\r\n--B--\r\n")
     with caplog.at_level("INFO", logger="mailwarden.milter"):
         h.feed(raw, "s@remote.example", "taro@example.jp")
-    (line,) = [r.getMessage() for r in caplog.records if "QID1:" in r.getMessage()]
+    (line,) = [r.getMessage() for r in caplog.records
+               if r.name == "mailwarden.milter" and "QID1:" in r.getMessage()]
     assert "\n" not in line and "reject[banned attachment x?fake: line.exe" in line
+
+
+def test_the_reply_waits_for_no_notice(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """Notices leave from the outbox thread after the milter has answered."""
+    release = threading.Event()
+    record = h.injector.send
+
+    def slow(sender: str, recipients: Sequence[tuple[str, tuple[str, ...]]], data: Iterable[bytes],
+             **kw: Any) -> str:
+        if sender == "":  # a notice: its smtpd is slow today
+            release.wait(10)
+        return record(sender, recipients, data, **kw)
+
+    h.injector.send = slow  # type: ignore[method-assign]
+    started = time.monotonic()
+    with caplog.at_level("INFO"):
+        ctx = h.feed(make_message(body=EICAR.decode()), "s@remote.example", "bob@example.com", notices=False)
+        assert ctx.rc == Milter.REJECT and time.monotonic() - started < 5
+        assert h.injector.sent == []
+        (line,) = [r.getMessage() for r in caplog.records if r.name == "mailwarden.milter"]
+        assert "notices=virus>bob@example.com:queued" in line
+        release.set()
+        assert h.service.delivery.flush_notices(10)
+    # example.com tells the recipient and the sender
+    assert sorted(r for m in h.injector.sent for r in m.recipients) == ["bob@example.com", "s@remote.example"]
+    logged = [r.getMessage() for r in caplog.records]
+    assert "QID1: notice virus to <bob@example.com>: sent" in logged
+    assert "QID1: notice virus to <s@remote.example>: sent" in logged
 
 
 def test_two_nodes_on_one_redis_scan_the_same_mail_once(tmp_path: Path, redis_server: RedisServer) -> None:
@@ -382,14 +416,27 @@ def test_loop_path_is_taken_where_every_filter_fetches_without_blocking(tmp_path
     assert LoopMilter.on_loop == before + 3, "only bob's mail, without spam checking, on the loop"
 
 
-def test_loop_path_hands_waiting_delivery_to_a_thread(tmp_path: Path) -> None:
-    """A virus for bob is refused on the loop; the notices it plans are sent from a thread."""
+def test_loop_path_hands_only_waiting_delivery_to_a_thread(tmp_path: Path) -> None:
+    """On the loop, a virus refusal is carried out there (its notices go to the outbox);
+    a quarantine, which writes a file and the store, is carried out in a thread."""
     h = harness(tmp_path, on_loop=True)
+    on_loop_thread: list[bool] = []
+    finish = h.service.finish
+
+    def spy(decided: Decided, actions: MilterActions) -> Outcome:
+        on_loop_thread.append(threading.current_thread() is threading.main_thread())
+        return finish(decided, actions)
+
+    h.service.finish = spy  # type: ignore[method-assign]
     before = LoopMilter.on_loop
     ctx = h.feed(make_message(body=EICAR.decode()), "s@remote.example", "bob@example.com")
-    assert ctx.rc == Milter.REJECT and LoopMilter.on_loop == before + 1
+    assert ctx.rc == Milter.REJECT and LoopMilter.on_loop == before + 1 and on_loop_thread == [True]
     assert h.injector.sent, "bob's domain sends virus notices"
     assert {m.sender for m in h.injector.sent} == {""}
+    h.directory.entries["mwDomainName=example.com,ou=domains"]["virus_action"] = ["quarantine"]
+    h.service.resolver.invalidate()
+    ctx = h.feed(make_message(body=EICAR.decode() + " "), "s@remote.example", "bob@example.com")
+    assert ctx.rc == Milter.DISCARD and LoopMilter.on_loop == before + 2 and on_loop_thread == [True, False]
 
 
 def test_loop_path_waits_for_a_cache_in_the_shared_store(tmp_path: Path, redis_server: RedisServer) -> None:

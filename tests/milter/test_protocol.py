@@ -75,6 +75,7 @@ def _reset(rig: Rig) -> None:
     rig.clamd.mode = "ok"
     rig.spamd.mode = "ok"
     rig.spamd.score = 1.0
+    rig.milter.wait_for_notices()
     rig.sink.clear()
 
 
