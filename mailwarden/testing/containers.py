@@ -1040,31 +1040,7 @@ def dns_servers(
 ) -> tuple[socketserver.BaseServer, socketserver.BaseServer]:
     """UDP and TCP servers answering from ``records`` (not yet serving), as StubDns does
     on loopback, but on any address: inside the dns container they serve the network."""
-    stub = StubDns(records, port=port)
-
-    class Udp(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            data, sock = self.request
-            out = stub.answer(data)
-            if out is not None:
-                sock.sendto(out, self.client_address)
-
-    class Tcp(socketserver.StreamRequestHandler):
-        def handle(self) -> None:
-            size = int.from_bytes(self.rfile.read(2), "big")
-            out = stub.answer(self.rfile.read(size))
-            if out is not None:
-                self.wfile.write(len(out).to_bytes(2, "big") + out)
-
-    class UdpServer(socketserver.ThreadingUDPServer):
-        allow_reuse_address = True
-        daemon_threads = True
-
-    class TcpServer(socketserver.ThreadingTCPServer):
-        allow_reuse_address = True
-        daemon_threads = True
-
-    return UdpServer((listen, port), Udp), TcpServer((listen, port), Tcp)
+    return StubDns(records, port=port).servers(listen)
 
 
 def serve_dns(zone: Path, listen: str, port: int) -> None:

@@ -76,8 +76,8 @@ class StubDns:
             )
         return reply.to_wire()
 
-    def start(self) -> StubDns:
-        """Serve UDP and TCP in background threads."""
+    def servers(self, listen: str = "127.0.0.1") -> tuple[socketserver.BaseServer, socketserver.BaseServer]:
+        """A UDP and a TCP server answering from the records on ``listen`` (not yet serving)."""
         stub = self
 
         class Udp(socketserver.BaseRequestHandler):
@@ -102,8 +102,11 @@ class StubDns:
             allow_reuse_address = True
             daemon_threads = True
 
-        self._servers = [UdpServer(("127.0.0.1", self.port), Udp),
-                         TcpServer(("127.0.0.1", self.port), Tcp)]
+        return UdpServer((listen, self.port), Udp), TcpServer((listen, self.port), Tcp)
+
+    def start(self) -> StubDns:
+        """Serve UDP and TCP on loopback in background threads."""
+        self._servers = list(self.servers())
         for server in self._servers:
             threading.Thread(target=server.serve_forever, daemon=True).start()
         return self
