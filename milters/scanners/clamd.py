@@ -34,6 +34,7 @@ from milters.scanners import ScanError, VirusResult
 from milters.scanners.upstreams import (
     DeadlineExceeded,
     Endpoint,
+    Failover,
     Upstreams,
     remaining,
     tighter,
@@ -273,37 +274,19 @@ class ClamdScanner:
         self.upstreams = Upstreams(addresses, retry_after)
         self.timeout = timeout
         self.sessions = _Sessions()
+        self._failover: Failover[tuple[str, str], VirusResult] = Failover(
+            "clamd", self.upstreams, (DeadlineExceeded, ClamdError, OSError), self._failed, self._conclude)
 
     def scan(self, stream: Callable[[], Iterable[bytes]], deadline: float) -> VirusResult:
         """Scan the message produced by ``stream()``; try each upstream until one answers."""
-        errors: list[str] = []
-        for endpoint in self.upstreams.order():
-            try:
-                answer = _Session(endpoint, self.timeout).instream_chunks(stream(), deadline)
-            except (DeadlineExceeded, ClamdError, OSError) as exc:
-                if self._failed(endpoint, exc, errors):
-                    break
-                continue
-            result = self._conclude(endpoint, *answer, errors)
-            if result is not None:
-                return result
-        raise ScanError("clamd: " + "; ".join(errors))
+        return self._failover.run(
+            lambda endpoint: _Session(endpoint, self.timeout).instream_chunks(stream(), deadline))
 
     async def scan_async(self, stream: Callable[[], Iterable[bytes]], deadline: float) -> VirusResult:
         """:meth:`scan` on the running event loop, without a thread, over clamd sessions
         kept open between scans (``IDSESSION``)."""
-        errors: list[str] = []
-        for endpoint in self.upstreams.order():
-            try:
-                answer = await self.sessions.instream(endpoint, stream, deadline, self.timeout or 60.0)
-            except (DeadlineExceeded, ClamdError, OSError) as exc:
-                if self._failed(endpoint, exc, errors):
-                    break
-                continue
-            result = self._conclude(endpoint, *answer, errors)
-            if result is not None:
-                return result
-        raise ScanError("clamd: " + "; ".join(errors))
+        return await self._failover.run_async(
+            lambda endpoint: self.sessions.instream(endpoint, stream, deadline, self.timeout or 60.0))
 
     def _failed(self, endpoint: Endpoint, exc: Exception, errors: list[str]) -> bool:
         """Note a failed upstream; True when no other upstream should be tried."""
@@ -316,9 +299,9 @@ class ClamdScanner:
         log.warning("clamd %s failed: %s", endpoint, exc or type(exc).__name__)
         return False
 
-    def _conclude(self, endpoint: Endpoint, status: str, signature: str,
-                  errors: list[str]) -> VirusResult | None:
+    def _conclude(self, endpoint: Endpoint, answer: tuple[str, str], errors: list[str]) -> VirusResult | None:
         """The result of an answer, or None (noted in ``errors``) for a status we cannot use."""
+        status, signature = answer
         self.upstreams.succeeded(endpoint)
         if status == "FOUND":
             if signature.startswith(UNSCANNABLE_SIGNATURES):

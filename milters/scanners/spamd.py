@@ -23,6 +23,7 @@ from milters.scanners import ScanError, SpamResult
 from milters.scanners.upstreams import (
     DeadlineExceeded,
     Endpoint,
+    Failover,
     Upstreams,
     remaining,
     tighter,
@@ -116,34 +117,22 @@ class SpamdScanner:
         self.upstreams = Upstreams(addresses, retry_after)
         self.timeout = timeout
         self.user = user
+        self._failover: Failover[tuple[float, tuple[str, ...]], SpamResult] = Failover(
+            "spamd", self.upstreams, (OSError, SpamdProtocolError, ValueError), self._failed, self._conclude)
 
     def check(self, message: bytes, deadline: float) -> SpamResult:
         """Score ``message``; try each upstream until one answers."""
         request = build_request(message, self.user)
-        errors: list[str] = []
-        for endpoint in self.upstreams.order():
-            try:
-                score, symbols = parse_reply(self._exchange(endpoint, request, deadline))
-            except (OSError, SpamdProtocolError, ValueError) as exc:
-                if self._failed(endpoint, exc, errors):
-                    break
-                continue
-            return self._conclude(endpoint, score, symbols)
-        raise ScanError("spamd: " + "; ".join(errors))
+        return self._failover.run(lambda endpoint: parse_reply(self._exchange(endpoint, request, deadline)))
 
     async def check_async(self, message: bytes, deadline: float) -> SpamResult:
         """:meth:`check` on the running event loop, without a thread."""
         request = build_request(message, self.user)
-        errors: list[str] = []
-        for endpoint in self.upstreams.order():
-            try:
-                score, symbols = parse_reply(await self._exchange_async(endpoint, request, deadline))
-            except (OSError, SpamdProtocolError, ValueError) as exc:
-                if self._failed(endpoint, exc, errors):
-                    break
-                continue
-            return self._conclude(endpoint, score, symbols)
-        raise ScanError("spamd: " + "; ".join(errors))
+
+        async def attempt(endpoint: Endpoint) -> tuple[float, tuple[str, ...]]:
+            return parse_reply(await self._exchange_async(endpoint, request, deadline))
+
+        return await self._failover.run_async(attempt)
 
     def _failed(self, endpoint: Endpoint, exc: Exception, errors: list[str]) -> bool:
         """Note a failed upstream; True when no other upstream should be tried (out of time)."""
@@ -154,8 +143,10 @@ class SpamdScanner:
         log.warning("spamd %s failed: %s", endpoint, exc or type(exc).__name__)
         return False
 
-    def _conclude(self, endpoint: Endpoint, score: float, symbols: tuple[str, ...]) -> SpamResult:
+    def _conclude(self, endpoint: Endpoint, answer: tuple[float, tuple[str, ...]],
+                  errors: list[str]) -> SpamResult:
         self.upstreams.succeeded(endpoint)
+        score, symbols = answer
         return SpamResult(score=score, symbols=symbols, upstream=str(endpoint))
 
     async def _exchange_async(self, endpoint: Endpoint, request: bytes, deadline: float) -> bytes:

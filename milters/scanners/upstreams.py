@@ -13,13 +13,16 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from mailwarden.netio import connect_tcp, connect_unix
+from milters.scanners import ScanError
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 class DeadlineExceeded(TimeoutError):
@@ -148,3 +151,52 @@ class Upstreams:
         if endpoint in self._down_until:
             with self._lock:
                 self._down_until.pop(endpoint, None)
+
+
+class Failover(Generic[A, R]):
+    """The walk over a scanner's upstreams, shared by its blocking and event-loop calls.
+
+    Each upstream in :meth:`Upstreams.order` is tried with ``attempt(endpoint)``.  An
+    ``errors`` exception goes to ``failed(endpoint, error, notes)``, which notes it and
+    says whether to stop (out of time, or input every upstream would refuse).  An answer
+    goes to ``conclude(endpoint, answer, notes)``: the result, or None for an answer
+    that cannot be used (noted; the next upstream is tried).  With no result, a
+    :class:`~milters.scanners.ScanError` lists the notes.
+    """
+
+    def __init__(self, name: str, upstreams: Upstreams, errors: tuple[type[Exception], ...],
+                 failed: Callable[[Endpoint, Exception, list[str]], bool],
+                 conclude: Callable[[Endpoint, A, list[str]], R | None]) -> None:
+        self.name = name
+        self.upstreams = upstreams
+        self.errors = errors
+        self.failed = failed
+        self.conclude = conclude
+
+    def run(self, attempt: Callable[[Endpoint], A]) -> R:
+        """Walk the upstreams with a blocking ``attempt``."""
+        notes: list[str] = []
+        for endpoint in self.upstreams.order():
+            try:
+                answer = attempt(endpoint)
+            except self.errors as exc:
+                if self.failed(endpoint, exc, notes):
+                    break
+                continue
+            if (result := self.conclude(endpoint, answer, notes)) is not None:
+                return result
+        raise ScanError(f"{self.name}: " + "; ".join(notes))
+
+    async def run_async(self, attempt: Callable[[Endpoint], Awaitable[A]]) -> R:
+        """:meth:`run` with an ``attempt`` awaited on the running event loop."""
+        notes: list[str] = []
+        for endpoint in self.upstreams.order():
+            try:
+                answer = await attempt(endpoint)
+            except self.errors as exc:
+                if self.failed(endpoint, exc, notes):
+                    break
+                continue
+            if (result := self.conclude(endpoint, answer, notes)) is not None:
+                return result
+        raise ScanError(f"{self.name}: " + "; ".join(notes))
