@@ -95,16 +95,15 @@ def facts_of(message: Message, envelope: Envelope, recipients: tuple[str, ...] =
 class Delivery:
     """Applies verdicts through milter actions, the injector, the quarantine and the notifier."""
 
-    def __init__(self, injector: Injector, quarantine: Quarantine | None, notifier: Notifier | None,
-                 outbox: NoticeOutbox | None = None) -> None:
+    def __init__(self, injector: Injector, quarantine: Quarantine | None, notifier: Notifier | None) -> None:
         self.injector = injector
         self.quarantine = quarantine
         self.notifier = notifier
-        self.outbox = outbox
-        """Where notices go to be sent after the reply (None: sent before it, in line)."""
+        self.outbox = NoticeOutbox(notifier) if notifier is not None else None
+        """Where notices go, to be sent after the reply."""
 
     def flush_notices(self, timeout: float = 10.0) -> bool:
-        """Wait until the notices posted so far are handled (tests, shutdown)."""
+        """Wait until the notices posted so far are handled (for tests)."""
         return self.outbox is None or self.outbox.flush(timeout)
 
     def close(self, grace: float = 10.0) -> None:
@@ -202,9 +201,9 @@ class Delivery:
         return _StripNote(self.notifier, message, envelope)
 
     def _notify(self, verdict: Verdict, message: Message, envelope: Envelope) -> tuple[str, ...]:
-        """Each distinct notice once, naming every recipient it covers: posted to the
-        outbox (``KIND>ADDRESS:queued``), or sent in line without one."""
-        if self.notifier is None:
+        """Post each distinct notice once, naming every recipient it covers
+        (``KIND>ADDRESS:queued``, or ``dropped`` when the outbox is full)."""
+        if self.outbox is None:
             return ()
         grouped: dict[tuple[str, str, str, str, str], tuple[Notice, list[str]]] = {}
         for outcome in verdict.outcomes:
@@ -216,10 +215,7 @@ class Delivery:
         results = []
         for notice, recipients in grouped.values():
             facts = facts_of(message, envelope, tuple(dict.fromkeys(recipients)))
-            if self.outbox is not None:
-                result = "queued" if self.outbox.post(notice, facts) else "dropped"
-            else:
-                result = self.notifier.notify(notice, facts)
+            result = "queued" if self.outbox.post(notice, facts) else "dropped"
             results.append(f"{notice.kind}>{notice.to}:{result}")
         return tuple(results)
 

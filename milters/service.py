@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from mailwarden.config import Config
 from mailwarden.directory import Directory
 from mailwarden.linelog import DecisionLog
-from mailwarden.notify import NoticeOutbox, NoticeTemplates, Notifier
+from mailwarden.notify import NoticeTemplates, Notifier
 from mailwarden.policy import PolicyResolver
 from mailwarden.reputation import Reputation
 from mailwarden.store import Store, open_store
@@ -106,14 +106,12 @@ class MilterService:
         return not any(flt.waits and _wanted(flt, recipients) for flt in self.pipeline.filters)
 
     def finish_waits(self, decided: Decided) -> bool:
-        """Whether carrying out waits on something (quarantine, re-injection; notices
-        only when there is no outbox to post them to)."""
+        """Whether carrying out waits on something (quarantine, re-injection; notices go
+        to the outbox and wait for nothing)."""
         verdict = decided.verdict
         if verdict.disposition is Disposition.TEMPFAIL:
             return False
-        outcomes = verdict.outcomes
-        notices_wait = self.delivery.outbox is None
-        return (any(o.action is Action.QUARANTINE or (notices_wait and o.notices) for o in outcomes)
+        return (any(o.action is Action.QUARANTINE for o in verdict.outcomes)
                 or (verdict.disposition is Disposition.ACCEPT and len(verdict.groups()) > 1))
 
     def close(self) -> None:
@@ -255,7 +253,7 @@ def build_service(
     )
     quarantine = Quarantine(store, m.quarantine_dir, retention_days=m.quarantine_days, node=node)
     return MilterService(config=config, resolver=resolver, pipeline=pipeline,
-                         delivery=Delivery(injector, quarantine, notifier, NoticeOutbox(notifier)),
+                         delivery=Delivery(injector, quarantine, notifier),
                          limits=limits_from(config), reputation=_reputation(store, config))
 
 

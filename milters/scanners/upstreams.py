@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from mailwarden.netio import connect_tcp, connect_unix
 from milters.scanners import ScanError
@@ -174,21 +174,22 @@ class Failover(Generic[A, R]):
         self.conclude = conclude
 
     def run(self, attempt: Callable[[Endpoint], A]) -> R:
-        """Walk the upstreams with a blocking ``attempt``."""
-        notes: list[str] = []
-        for endpoint in self.upstreams.order():
-            try:
-                answer = attempt(endpoint)
-            except self.errors as exc:
-                if self.failed(endpoint, exc, notes):
-                    break
-                continue
-            if (result := self.conclude(endpoint, answer, notes)) is not None:
-                return result
-        raise ScanError(f"{self.name}: " + "; ".join(notes))
+        """Walk the upstreams with a blocking ``attempt``: :meth:`run_async` driven by hand,
+        without an event loop (nothing in it suspends, so one ``send`` runs it to the end)."""
+
+        async def at_once(endpoint: Endpoint) -> A:
+            return attempt(endpoint)
+
+        walk = self.run_async(at_once)
+        try:
+            walk.send(None)
+        except StopIteration as done:
+            return cast(R, done.value)
+        walk.close()
+        raise RuntimeError(f"{self.name}: a blocking failover walk suspended")
 
     async def run_async(self, attempt: Callable[[Endpoint], Awaitable[A]]) -> R:
-        """:meth:`run` with an ``attempt`` awaited on the running event loop."""
+        """Walk the upstreams with an ``attempt`` awaited on the running event loop."""
         notes: list[str] = []
         for endpoint in self.upstreams.order():
             try:
