@@ -19,36 +19,36 @@ __all__ = ["CpuMeter", "peak_rss_mb", "process_tree", "tree_ticks"]
 _CLK = os.sysconf("SC_CLK_TCK")
 
 
-def _stat_fields(pid: int) -> list[str]:
-    """``/proc/PID/stat`` after the command name (which may hold spaces)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _processes() -> dict[int, tuple[int, int]]:
+    """Every live process: pid -> (parent pid, CPU ticks: user + system + children waited for)."""
+    table: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # After the command name, which may hold spaces and parentheses.
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                table[int(entry.name)] = (int(fields[1]), sum(int(fields[i]) for i in (11, 12, 13, 14)))
+            except (OSError, IndexError, ValueError):  # ended meanwhile
+                continue
+    return table
+
+
+def _tree(pid: int, table: dict[int, tuple[int, int]]) -> list[int]:
+    tree = [pid]
+    for member in tree:
+        tree.extend(child for child, (parent, _) in table.items() if parent == member)
+    return tree
 
 
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its live descendants (spamd's pre-forked children, a pool's workers)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int(_stat_fields(int(entry.name))[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    tree = [pid]
-    for member in tree:
-        tree.extend(child for child, parent in parents.items() if parent == member)
-    return tree
+    return _tree(pid, _processes())
 
 
 def tree_ticks(pid: int) -> float:
     """CPU seconds (user + system, and children waited for) of the live tree, in ticks."""
-    total = 0
-    for member in process_tree(pid):
-        try:
-            fields = _stat_fields(member)
-        except OSError:  # ended meanwhile
-            continue
-        total += sum(int(fields[i]) for i in (11, 12, 13, 14))
-    return total / _CLK
+    table = _processes()
+    return sum(table[member][1] for member in _tree(pid, table) if member in table) / _CLK
 
 
 def peak_rss_mb(pid: int) -> float:
