@@ -1,18 +1,18 @@
 """SPF (RFC 7208) of the envelope sender, for mail from anonymous clients.
 
 pyspf does the evaluation; its DNS goes through mailwarden's resolver (``[dns]``),
-never /etc/resolv.conf: :func:`install_pyspf_dns` replaces ``spf.DNSLookup`` with a
-function that uses the lookup given to the calling thread, and refuses to look
-anything up when none was given.  The lookup is the transaction's: on the event
-loop an unknown answer interrupts the evaluation (NeedDns), the server resolves it
-asynchronously and pyspf runs again, so SPF never holds a thread.
+never /etc/resolv.conf: :class:`ResolverQuery` is pyspf's ``query`` with its
+``dns()`` method answered by the lookup the query was given, so each evaluation
+uses its own resolver and nothing in the pyspf module is changed.  The lookup is
+the transaction's: on the event loop an unknown answer interrupts the evaluation
+(NeedDns), the server resolves it asynchronously and pyspf runs again, so SPF
+never holds a thread.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,34 +33,79 @@ from policyd.checks.base import (
 from policyd.config import PolicydConfig
 from policyd.dnslookup import DnsRecords
 
-_thread = threading.local()
-
 Lookup = Callable[[str, str], list[Any]]
 
 
-def _pyspf_lookup(name: str, qtype: str, strict: Any = True, timeout: float = 20.0) -> list[Any]:
-    """``spf.DNSLookup``: the lookup given to the calling thread (see :func:`pyspf_dns`)."""
-    lookup: Lookup | None = getattr(_thread, "lookup", None)
-    if lookup is None:
-        raise spf.TempError("DNS: no resolver given to pyspf on this thread")
-    return lookup(name, qtype)
+class ResolverQuery(spf.query):  # type: ignore[misc]  # pyspf has no type hints
+    """``spf.query`` whose DNS questions go to ``lookup(name, qtype)``.
 
+    pyspf asks DNS in one place, the public :meth:`spf.query.dns`; every other
+    lookup (TXT, MX, A/AAAA, PTR, exists, include) goes through it.  This override
+    keeps that method's contract - the per-query cache of every answer, CNAME
+    chains up to ``spf.MAX_CNAME``, the void-lookup limit of RFC 7208 4.6.4, the
+    ``querytime`` budget - and asks ``lookup`` instead of the module's
+    ``DNSLookup``, which stays untouched.  ``lookup`` returns pyspf's shape,
+    ``[((name, type), value), ...]`` (see :func:`pyspf_records`), and raises
+    ``spf.TempError`` when DNS cannot answer.
+    """
 
-def install_pyspf_dns() -> None:
-    """Route every pyspf lookup through :func:`_pyspf_lookup` (idempotent)."""
-    spf.DNSLookup = _pyspf_lookup
+    def __init__(self, *args: Any, lookup: Lookup, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dns_lookup = lookup
 
-
-@contextmanager
-def pyspf_dns(lookup: Lookup) -> Iterator[None]:
-    """Let pyspf use ``lookup(name, qtype)`` on this thread for the duration of the block."""
-    install_pyspf_dns()
-    previous = getattr(_thread, "lookup", None)
-    _thread.lookup = lookup
-    try:
-        yield
-    finally:
-        _thread.lookup = previous
+    def dns(self, name: str, qtype: str, cnames: dict[str, str] | None = None,
+            ignore_void: bool = False) -> list[Any]:
+        """Answer ``name``/``qtype`` from the cache or ``lookup`` (pyspf's ``query.dns``)."""
+        if not name:
+            raise spf.PermError("invalid DNS name: empty")
+        name = str(name)
+        if name.endswith("."):
+            name = name[:-1]
+        if not all(0 < len(label) < 64 for label in name.split(".")):
+            return []  # an invalid DNS name (a label too long or empty) has no records
+        name = name.lower()
+        result: list[Any] = self.cache.get((name, qtype), [])
+        if result:
+            return result
+        cname_key = (name, "CNAME")
+        cname = self.cache.get(cname_key)
+        if cname:
+            cname = cname[0]
+        else:
+            if self.querytime < 0:
+                raise spf.TempError("DNS Error: exceeded max query lookup time")
+            started = time.time()
+            for (owner, rtype), value in self.dns_lookup(name, qtype):
+                # DNS servers answer with any case: the cache is case-insensitive.
+                key = (owner.lower(), rtype)
+                if key == cname_key:
+                    cname = value
+                    result = self.cache.get((cname, qtype), [])
+                    if result:
+                        break
+                if key[1] == "CNAME" or (qtype, key[1]) in spf.query.SAFE2CACHE:
+                    self.cache.setdefault(key, []).append(value)
+            result = self.cache.get((name, qtype), [])
+            if self.querytime > 0:
+                self.querytime -= time.time() - started
+        if not result and cname:
+            if not cnames:
+                cnames = {}
+            elif len(cnames) >= spf.MAX_CNAME:
+                raise spf.PermError(f"Length of CNAME chain exceeds {spf.MAX_CNAME}")
+            cnames[name] = cname
+            if cname.lower().rstrip(".") in cnames:
+                if self.strict > 1:
+                    raise spf.AmbiguityWarning("CNAME loop", cname)
+            else:
+                result = self.dns(cname, qtype, cnames=cnames)
+                if result:
+                    self.cache[(name, qtype)] = result
+        if not result and not ignore_void:
+            self.void_lookups += 1
+            if self.void_lookups > spf.MAX_VOID_LOOKUPS:
+                raise spf.PermError(f"Void lookup limit of {spf.MAX_VOID_LOOKUPS} exceeded")
+        return result
 
 
 def pyspf_records(name: str, qtype: str, records: DnsRecords) -> list[Any]:
@@ -77,8 +122,6 @@ def pyspf_records(name: str, qtype: str, records: DnsRecords) -> list[Any]:
             out.append(((name, qtype), rdata.strings))
     return out
 
-
-install_pyspf_dns()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,12 +203,11 @@ class SpfCheck:
             except DnsUnavailable as exc:
                 raise spf.TempError(f"DNS {exc}") from None
 
-        query = spf.query(
+        query = ResolverQuery(
             i=ip, s=ctx.sender, h=request["helo_name"], receiver=self.receiver,
-            timeout=self.timeout, querytime=self.timeout,
+            timeout=self.timeout, querytime=self.timeout, lookup=lookup,
         )
-        with pyspf_dns(lookup):
-            result, _code, explanation = query.check()
+        result, _code, explanation = query.check()
         if missing:
             raise NeedDns(missing)
         header = "Received-SPF: " + query.get_header(result)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import spf
 
 from mailwarden.testing.dnsstub import StubDns
-from policyd.checks.spf import _pyspf_lookup
+from policyd.checks.spf import ResolverQuery
 from tests.policyd.conftest import World, fake_directory
 
 CHECKS = '[policyd]\nchecks = ["relay", "spf"]\n'
@@ -121,9 +123,71 @@ def test_authenticated_and_trusted_clients_are_not_checked(w: World) -> None:
     assert w.action(sender="a@strict.example", client_address="127.0.0.1") == "DUNNO"
 
 
-def test_pyspf_without_a_given_resolver_refuses_to_look_up() -> None:
-    assert spf.DNSLookup is _pyspf_lookup
-    with pytest.raises(spf.TempError, match="no resolver"):
-        spf.DNSLookup("example.org", "TXT")
-    result, _ = spf.check2(i="192.0.2.1", s="a@example.org", h="x")
-    assert result == "temperror"
+def _resolver(zone: dict[tuple[str, str], list[Any]], seen: list[str],
+              barrier: threading.Barrier | None = None) -> Callable[[str, str], list[Any]]:
+    def lookup(name: str, qtype: str) -> list[Any]:
+        seen.append(f"{name}/{qtype}")
+        if barrier is not None:
+            barrier.wait(5)  # both evaluations are inside pyspf at the same time
+        return [((name, qtype), value) for value in zone.get((name, qtype), [])]
+    return lookup
+
+
+def test_pyspf_module_is_left_as_it_is() -> None:
+    import policyd.checks.spf  # noqa: F401 - importing must change nothing in pyspf
+
+    assert spf.DNSLookup in (getattr(spf, "DNSLookup_dnspython", None), getattr(spf, "DNSLookup_pydns", None))
+
+
+def test_two_queries_with_two_resolvers_do_not_interfere() -> None:
+    """Two evaluations in one process, overlapping in two threads, each with its own
+    resolver: each sees only its own resolver's answers."""
+    barrier = threading.Barrier(2)
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+    zones = {
+        "a": {("mixed.example", "TXT"): [(b"v=spf1 ip4:192.0.2.0/24 -all",)]},
+        "b": {("mixed.example", "TXT"): [(b"v=spf1 -all",)]},
+    }
+    results: dict[str, str] = {}
+
+    def evaluate(which: str) -> None:
+        query = ResolverQuery(i="192.0.2.10", s="a@mixed.example", h="mx.mixed.example",
+                              lookup=_resolver(zones[which], seen[which], barrier))
+        results[which] = query.check()[0]
+
+    threads = [threading.Thread(target=evaluate, args=(w,)) for w in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == {"a": "pass", "b": "fail"}
+    assert seen["a"] == seen["b"] == ["mixed.example/TXT"]
+
+
+def test_resolver_query_follows_cnames_and_counts_void_lookups() -> None:
+    seen: list[str] = []
+    zone: dict[tuple[str, str], list[Any]] = {
+        ("alias.example", "TXT"): [],
+        ("alias.example", "CNAME"): ["real.example"],
+        ("real.example", "TXT"): [(b"v=spf1 a:none1.example a:none2.example a:none3.example -all",)],
+    }
+
+    def lookup(name: str, qtype: str) -> list[Any]:
+        seen.append(f"{name}/{qtype}")
+        if name == "alias.example":
+            return [((name, "CNAME"), "real.example")]
+        return [((name, qtype), v) for v in zone.get((name, qtype), [])]
+
+    query = ResolverQuery(i="192.0.2.10", s="a@alias.example", h="x", lookup=lookup)
+    result, _code, explanation = query.check()
+    # Three names without addresses: the third void lookup is a permerror (RFC 7208 4.6.4).
+    assert result == "permerror" and "Void lookup limit" in explanation
+    assert seen[:2] == ["alias.example/TXT", "real.example/TXT"]
+
+
+def test_a_resolver_that_cannot_answer_is_a_temperror() -> None:
+    def lookup(name: str, qtype: str) -> list[Any]:
+        raise spf.TempError("DNS unavailable")
+
+    query = ResolverQuery(i="192.0.2.1", s="a@example.org", h="x", lookup=lookup)
+    assert query.check()[0] == "temperror"
