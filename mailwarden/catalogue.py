@@ -52,6 +52,10 @@ class ServiceSpec:
     description: str
     paid: bool
     """A check a subscriber pays for: a dead backend means tempfail, never a silent pass."""
+    implemented: bool = True
+    """Whether anything in this version acts on the service.  A service that is not
+    implemented yet can be stored (it takes effect once built), but ``explain`` and
+    ``enable`` say that nothing happens, so a paid service is never shown as working."""
 
 
 SERVICES: dict[Service, ServiceSpec] = {
@@ -75,14 +79,25 @@ SERVICES: dict[Service, ServiceSpec] = {
             paid=False,
         ),
         ServiceSpec(Service.SMTP_AUTH, "smtp-auth", "relay after SMTP AUTH", paid=False),
-        ServiceSpec(Service.ARCHIVE, "archive", "keep a copy of all passing mail", paid=True),
-        ServiceSpec(Service.DKIM_SIGNING, "dkim-signing", "DKIM-sign outgoing mail", paid=False),
+        ServiceSpec(Service.ARCHIVE, "archive", "keep a copy of all passing mail", paid=True,
+                    implemented=False),
+        ServiceSpec(Service.DKIM_SIGNING, "dkim-signing", "DKIM-sign outgoing mail", paid=False,
+                    implemented=False),
         ServiceSpec(Service.GREYLISTING, "greylisting", "greylist unknown senders", paid=False),
         ServiceSpec(
             Service.RATE_LIMITS, "rate-limits", "limit messages/recipients/bytes", paid=False
         ),
     )
 }
+
+
+NOT_YET_ACTIVE = "not yet active (nothing acts on it in this version)"
+"""What the CLI says next to a service that is not implemented yet."""
+
+
+def not_yet_active(service: Service) -> bool:
+    """Whether ``service`` may be switched on but nothing acts on it in this version."""
+    return not SERVICES[service].implemented
 
 
 class InvalidValue(ValueError):

@@ -205,7 +205,9 @@ def policy_as_dict(policy: EffectivePolicy) -> dict[str, Any]:
         "alternate_addresses": list(policy.alternate_addresses),
         "domain_aliases": list(policy.domain_aliases),
         "services": {
-            s.value: {"on": v.value, "source": v.source_text} for s, v in policy.services.items()
+            s.value: {"on": v.value, "source": v.source_text,
+                      "implemented": catalogue.SERVICES[s].implemented}
+            for s, v in policy.services.items()
         },
         "settings": {
             n: {"value": plain(v.value), "source": v.source_text}
@@ -245,7 +247,8 @@ def print_policy(policy: EffectivePolicy) -> None:
         return
     click.echo("services:")
     for service, sv in policy.services.items():
-        click.echo(f"  {service.value:<22} {'on' if sv.value else 'off':<4} from {sv.source_text}")
+        note = f"  {catalogue.NOT_YET_ACTIVE}" if catalogue.not_yet_active(service) else ""
+        click.echo(f"  {service.value:<22} {'on' if sv.value else 'off':<4} from {sv.source_text}{note}")
     click.echo("settings:")
     for name, sv in policy.settings.items():
         click.echo(f"  {name:<22} {_show_value(sv.value):<30} from {sv.source_text}")
@@ -278,7 +281,8 @@ def services_cmd() -> None:
     click.echo("services (stored as values of mwEnabledService / mwDisabledService):")
     for spec in catalogue.SERVICES.values():
         paid = "paid" if spec.paid else "    "
-        click.echo(f"  {spec.service.value:<18} {spec.ldap_value:<18} {paid}  {spec.description}")
+        note = "" if spec.implemented else f" - {catalogue.NOT_YET_ACTIVE}"
+        click.echo(f"  {spec.service.value:<18} {spec.ldap_value:<18} {paid}  {spec.description}{note}")
     click.echo("settings:")
     for s in catalogue.SETTINGS.values():
         allowed = f" ({'|'.join(s.choices)})" if s.choices else ""
