@@ -1,73 +1,43 @@
-"""The pymilter class: gathers the envelope and the message, hands over, applies the result.
+"""The content milter application: gathers the envelope and the message, hands over, answers.
 
-One instance per SMTP connection, driven by libmilter (a thread per connection) or by
-mailwarden's own asyncio server (:mod:`milters.aserver`), as ``milter.server`` says.  It
-decides nothing itself: recipients' policies come from the resolver at RCPT
-time (a directory outage defers just that recipient with 4xx), and at end of
-message :meth:`MilterService.process` decides and carries out.  Every callback
-answers; an unexpected error becomes a 4xx with one log line, never a crashed
-or wedged milter.
+One :class:`ContentMilter` per MTA connection, driven by :mod:`milters.server`.  It
+decides nothing itself: each recipient's policy comes from the resolver at RCPT time
+(a directory outage defers just that recipient with 4xx), and at end of message
+:meth:`MilterService.process` decides and carries out.  Every step answers; an
+unexpected error becomes a 4xx with one log line, never a crashed or wedged milter.
+
+:func:`run` is ``mailwarden milter run``: bind the socket, drop privileges, then serve
+in ``milter.workers`` processes that share it (:mod:`mailwarden.daemon`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import socket
-import stat
-import time
-from collections.abc import Callable
+import sys
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
-
-import Milter
 
 from mailwarden.address import InvalidAddress
 from mailwarden.config import Config
+from mailwarden.daemon import EX_CONFIG, EX_OSERR, drop_privileges, run_loop, supervise, until_stopped
 from mailwarden.directory import DirectoryUnavailable
+from mailwarden.endpoint import Endpoint
+from mailwarden.log import setup_logging
+from milters.config import MilterConfig
+from milters.delivery import Outcome
 from milters.filters import Envelope
-from milters.message import BodySpool, HeaderList, Message, ensure_dir
-from milters.service import MilterService
+from milters.message import BodySpool, HeaderList, ensure_dir
+from milters.server import ACCEPT, CONTINUE, DISCARD, TEMPFAIL, Client, Edits, Macros, MilterServer, Reply
+from milters.service import MilterService, build_service
 from milters.verdict import Disposition, Recipient
 
 log = logging.getLogger("mailwarden.milter")
 
-MILTER_NAME = "mailwarden"
-FLAGS: int = Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGBODY | Milter.DELRCPT
-CONTINUE: int = Milter.CONTINUE
-ACCEPT: int = Milter.ACCEPT
-REJECT: int = Milter.REJECT
-DISCARD: int = Milter.DISCARD
-TEMPFAIL: int = Milter.TEMPFAIL
-_RESULT = {
-    Disposition.ACCEPT: ACCEPT,
-    Disposition.REJECT: REJECT,
-    Disposition.DISCARD: DISCARD,
-    Disposition.TEMPFAIL: TEMPFAIL,
-}
-
-
-F = TypeVar("F", bound=Callable[..., int])
-T = TypeVar("T")
-
-
-class InThread(Protocol):
-    """Runs a blocking callable in a worker thread; the loop may await the result."""
-
-    def __call__(self, work: Callable[[], T]) -> asyncio.Future[T]:
-        """Start ``work``; its result (or exception) arrives through the future."""
-        ...
-
-
-def _noreply(fn: F) -> F:
-    """pymilter's @noreply (the MTA does not wait for the answer), typed."""
-    return cast(F, Milter.noreply(fn))
-
-
-def _raw_bytes(fn: F) -> F:
-    """pymilter's @decode("bytes") (values as received, no UTF-8 decoding), typed."""
-    return cast(F, Milter.decode("bytes")(fn))
+_POLICY_UNAVAILABLE = Reply.refuse("451", "4.3.0", "Recipient policy unavailable; try again later")
+_BAD_ADDRESS = Reply.refuse("550", "5.1.3", "Bad recipient address syntax")
 
 
 def _unbracket(address: str) -> str:
@@ -75,25 +45,31 @@ def _unbracket(address: str) -> str:
     return text[1:-1].strip() if text.startswith("<") and text.endswith(">") else text
 
 
-class ContentMilter(Milter.Base):  # type: ignore[misc]
-    """One SMTP connection's worth of messages."""
+def reply_of(outcome: Outcome) -> Reply:
+    """The answer to the MTA for a carried-out message."""
+    if outcome.disposition is Disposition.ACCEPT:
+        return ACCEPT
+    if outcome.disposition is Disposition.DISCARD:
+        return DISCARD
+    if outcome.reply:
+        rcode, xcode, text = outcome.reply.split(" ", 2)
+        return Reply.refuse(rcode, xcode, text)
+    return TEMPFAIL
 
-    def __init__(self, service: MilterService) -> None:
+
+class ContentMilter:
+    """One SMTP connection's worth of messages (a :class:`milters.server.MilterApp`)."""
+
+    def __init__(self, service: MilterService, macros: Macros) -> None:
         self.service = service
-        self.client_address = ""
-        self.client_name = ""
-        self.helo = ""
+        self.macros = macros
+        self.client = Client("", "")
+        self.helo_name = ""
         self.sender: str | None = None
         self.mail_params: tuple[str, ...] = ()
         self.recipients: list[Recipient] = []
         self.headers: HeaderList = []
         self.spool: BodySpool | None = None
-
-    def negotiate(self, opts: list[int]) -> int:
-        """Ask the MTA only for the actions used (header and body changes, recipient removal)."""
-        result: int = super().negotiate(opts)
-        opts[0] = self._actions = opts[0] & FLAGS
-        return result
 
     def _forget_message(self) -> None:
         if self.spool is not None:
@@ -103,69 +79,41 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
         self.recipients = []
         self.headers = []
 
-    @_noreply
-    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+    def connect(self, client: Client) -> None:
         """Remember the client (for logs, XFORWARD and reputation)."""
-        if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
-            # libmilter passes (ip, port, ...); pymilter's TestCtx passes the bare ip.
-            self.client_address = str(hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr)
-        self.client_name = hostname or ""
-        return CONTINUE
+        self.client = client
 
-    @_noreply
-    def hello(self, heloname: str) -> int:
+    def helo(self, name: str) -> None:
         """Remember the HELO name."""
-        self.helo = heloname or ""
-        return CONTINUE
+        self.helo_name = name
 
-    @_noreply
-    def envfrom(self, sender: str, *params: str) -> int:
+    def mail(self, sender: str, params: tuple[str, ...]) -> None:
         """A new message starts."""
         self._forget_message()
-        self.sender = _unbracket(sender)
-        self.mail_params = tuple(params)
+        self.sender = sender
+        self.mail_params = params
         self.spool = self.service.new_spool()
-        return CONTINUE
 
-    def envrcpt(self, to: str, *params: str) -> int:
+    async def rcpt(self, recipient: str, params: tuple[str, ...]) -> Reply:
         """Look up the recipient's policy now: a directory outage defers only this recipient."""
-        address = _unbracket(to)
+        address = _unbracket(recipient)
         try:
-            policy = self.service.resolver.effective_policy(address)
+            policy = await self.service.resolver.lookup(address)
         except DirectoryUnavailable as exc:
             log.warning("NOQUEUE: defer rcpt <%s>: directory unavailable: %s", address, exc)
-            self.setreply("451", "4.3.0", "Recipient policy unavailable; try again later")
-            return TEMPFAIL
+            return _POLICY_UNAVAILABLE
         except InvalidAddress as exc:
             log.info("NOQUEUE: reject rcpt <%s>: %s", address, exc)
-            self.setreply("550", "5.1.3", "Bad recipient address syntax")
-            return REJECT
-        self.recipients.append(Recipient(address, tuple(params), policy, raw=to))
+            return _BAD_ADDRESS
+        self.recipients.append(Recipient(address, params, policy, raw=recipient))
         return CONTINUE
 
-    @_noreply
-    @_raw_bytes
-    def header(self, name: str, value: bytes | str) -> int:
+    def header(self, name: str, value: bytes) -> None:
         """Keep the header field exactly as received (8-bit junk included)."""
-        raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
-        self.keep_header(name, raw)
-        return CONTINUE
+        self.headers.append((name, value))
 
-    def keep_header(self, name: str, raw: bytes) -> None:
-        """:meth:`header` without pymilter's wrappers (the asyncio server calls it directly)."""
-        self.headers.append((name, raw))
-
-    # No eoh(): Milter.Base's is marked @nocallback, so the MTA is asked not to send
-    # the end-of-header step at all (two packets and a callback less per message).
-
-    @_noreply
-    def body(self, chunk: bytes) -> int:
+    def body(self, chunk: bytes) -> None:
         """Spool a body chunk (memory, then disk past the limit)."""
-        self.keep_body(chunk)
-        return CONTINUE
-
-    def keep_body(self, chunk: bytes) -> None:
-        """:meth:`body` without pymilter's wrapper (the asyncio server calls it directly)."""
         self._spool().write(chunk)
 
     def _spool(self) -> BodySpool:
@@ -174,80 +122,33 @@ class ContentMilter(Milter.Base):  # type: ignore[misc]
             self.spool = self.service.new_spool()
         return self.spool
 
-    def _envelope(self) -> Envelope:
-        return Envelope(sender=self.sender or "", queue_id=self.getsymval("i") or "",
-                        client_address=self.client_address, client_name=self.client_name,
-                        helo=self.helo, mail_params=self.mail_params, receiver=self.getsymval("j") or "")
+    def envelope(self) -> Envelope:
+        """The envelope and connection facts of the message in progress."""
+        return Envelope(sender=self.sender or "", queue_id=self.macros.get("i") or "",
+                        client_address=self.client.address, client_name=self.client.hostname,
+                        helo=self.helo_name, mail_params=self.mail_params,
+                        receiver=self.macros.get("j") or "")
 
-    def _internal_error(self) -> int:
-        """Any surprise at end of message: defer the message, keep the milter serving."""
-        log.exception("%s: internal error at end of message; deferred", self.getsymval("i") or "NOQUEUE")
-        self.setreply("451", "4.3.0", "Temporary content filter problem; try again later")
-        return TEMPFAIL
-
-    def eom(self) -> int:
-        """Decide and apply; always answer."""
+    async def end_of_message(self, edits: Edits) -> Reply:
+        """Decide and carry out; always answer."""
         try:
-            outcome = self.service.process(self._envelope(), self.headers, self._spool(), self.recipients,
-                                           self)
-            return _RESULT[outcome.disposition]
-        except Exception:  # noqa: BLE001 - logged with its traceback, answered with 451
-            return self._internal_error()
+            outcome = await self.service.process(self.envelope(), self.headers, self._spool(),
+                                                 self.recipients, edits)
+            return reply_of(outcome)
+        except Exception:
+            log.exception("%s: internal error at end of message; deferred", self.macros.get("i") or "NOQUEUE")
+            edits.clear()
+            return TEMPFAIL
         finally:
             self._forget_message()
 
-    def eom_on_loop_ready(self) -> bool:
-        """Whether :meth:`eom_on_loop` can decide this message without a thread."""
-        size = self.spool.size if self.spool is not None else 0
-        return self.service.loop_filter_ready(self.recipients, size)
-
-    async def eom_on_loop(self, in_thread: InThread) -> int:
-        """:meth:`eom` on the asyncio server's event loop (after :meth:`eom_on_loop_ready`).
-
-        The clamd scan and the spamd score are non-blocking I/O on the loop and the filters
-        run there; only carrying out that waits (quarantine, re-injection) goes to
-        ``in_thread``, and the reputation write is left to it without waiting.
-        """
-        service = self.service
-        try:
-            started = time.monotonic()
-            envelope = self._envelope()
-            message = Message(self.headers, self._spool(), service.limits)
-            decided = await service.decide_on_loop(envelope, message, self.recipients, started)
-            if service.finish_waits(decided):
-                outcome = await in_thread(lambda: service.finish(decided, self))
-            else:
-                outcome = service.finish(decided, self)
-            kind = service.reputation_kind(decided, outcome)
-            if kind is not None:
-                address = decided.envelope.client_address
-                in_thread(lambda: service.record(address, kind))  # not waited for
-            return _RESULT[outcome.disposition]
-        except Exception:  # noqa: BLE001 - logged with its traceback, answered with 451
-            return self._internal_error()
-        finally:
-            self._forget_message()
-
-    def abort(self) -> int:
+    def abort(self) -> None:
         """The client went away mid-message: drop what was spooled."""
         self._forget_message()
-        return CONTINUE
 
-    def close(self) -> int:
+    def close(self) -> None:
         """The connection ended."""
         self._forget_message()
-        return CONTINUE
-
-
-def _prepare_process() -> None:
-    """Logging without per-line lookups nobody reads."""
-    # The log format names no thread or process: skip looking them up for every line
-    # (each libmilter thread is foreign to the threading module).
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    # Nor the calling function and line: that walks the stack for every line logged.
-    logging._srcfile = None
 
 
 def _freeze_heap() -> None:
@@ -257,61 +158,59 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-def run(config: Config, service: MilterService) -> None:
-    """Serve on ``milter.socket`` with the configured server until SIGTERM/SIGINT."""
-    m = config.milter
+async def serve(config: Config, sockets: list[socket.socket]) -> None:
+    """Serve on bound sockets until SIGTERM or SIGINT (one worker process)."""
+    m = MilterConfig.of(config)
+    service = build_service(config)
+    service.lines.start(asyncio.get_running_loop())
+    server = MilterServer(lambda macros: ContentMilter(service, macros), mta_timeout=m.mta_timeout)
+    try:
+        await server.start(sockets)
+        log.info("milter listening on %s (%d worker(s), %d threads each)", m.socket, m.workers, m.threads)
+        _freeze_heap()
+        await until_stopped()
+        log.info("milter stopping: %d connection(s)", len(server.sessions))
+        await server.close()
+    finally:
+        service.lines.flush()
+        service.close()
+
+
+def run(config: Config) -> int:
+    """Bind ``milter.socket``, drop privileges, serve until SIGTERM/SIGINT; the exit status."""
+    m = MilterConfig.of(config)
     ensure_dir(m.spool_dir)
-    _prepare_process()
-    if m.server == "asyncio":
-        from milters.aserver import run_loop, serve
+    # The log format names no thread or process: skip looking them up for every line.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    endpoint = Endpoint.parse(m.socket)
+    try:
+        sockets = [endpoint.bind(mode=int(m.socket_mode, 8), group=m.socket_group, backlog=128)]
+    except OSError as exc:
+        log.error("cannot listen: %s", exc.strerror or exc)
+        return EX_OSERR
+    try:
+        drop_privileges(m.user, m.group, "milter")
+    except (KeyError, PermissionError) as exc:
+        log.error("cannot switch to user %r / group %r: %s", m.user, m.group, exc)
+        return EX_CONFIG
 
-        def ready() -> None:
-            service.lines.start(asyncio.get_running_loop())
-            _freeze_heap()
-
+    def work() -> int:
         try:
-            run_loop(serve(lambda: ContentMilter(service), m.socket, socket_mode=int(m.socket_mode, 8),
-                           threads=m.threads, mta_timeout=m.mta_timeout, ready=ready))
-        finally:
-            service.lines.flush()
-            service.close()
-    else:
-        try:
-            run_libmilter(config, service)
-        finally:
-            service.close()
+            run_loop(serve(config, sockets), m.event_loop, threads=m.threads, name="milter")
+        except Exception as exc:
+            log.exception("milter worker failed: %s", exc)
+            return 1
+        return 0
 
+    def after_fork() -> None:
+        setup_logging(config.general, "milter")
 
-def run_libmilter(config: Config, service: MilterService) -> None:
-    """Serve through pymilter/libmilter (a thread per MTA connection)."""
-    m = config.milter
-    path: Path | None = None
-    if m.socket.startswith("unix:"):
-        path = Path(m.socket[len("unix:"):])
-        path.parent.mkdir(parents=True, exist_ok=True)
-    Milter.factory = lambda: ContentMilter(service)
-    Milter.milter.set_flags(FLAGS)
-    # Register callbacks as Milter.runmilter does, but open the socket ourselves first,
-    # so its permissions can be set before the MTA tries to connect.
-    milter = Milter.milter
-    milter.set_connect_callback(Milter.connect_callback)
-    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
-    milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
-    milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
-    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
-    milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
-    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
-    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
-    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
-    milter.set_close_callback(Milter.close_callback)
-    milter.setconn(m.socket)
-    milter.settimeout(int(m.mta_timeout))
-    milter.register(MILTER_NAME, data=lambda ctx: ctx.getpriv().data(),
-                    unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
-                    negotiate=Milter.negotiate_callback)
-    milter.opensocket(True)
-    if path is not None and stat.S_ISSOCK(path.stat().st_mode):
-        path.chmod(int(m.socket_mode, 8))
-    log.info("milter listening on %s (libmilter server)", m.socket)
-    _freeze_heap()
-    milter.main()
+    try:
+        return supervise(m.workers, work, name="milter", after_fork=after_fork)
+    finally:
+        if endpoint.is_unix:
+            with contextlib.suppress(OSError):
+                Path(endpoint.where).unlink()
+        sys.stderr.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -11,27 +12,21 @@ from pathlib import Path
 import click
 
 from mailwarden.address import InvalidAddress
-from mailwarden.cli import EX_CONFIG, EX_NOTFOUND, EX_TEMPFAIL, EX_USAGE, App, fail, main, pass_app
+from mailwarden.cli.common import EX_CONFIG, EX_NOTFOUND, EX_TEMPFAIL, EX_USAGE, App, fail, pass_app
 from mailwarden.directory import DirectoryUnavailable
 from mailwarden.log import setup_logging
 from mailwarden.store import StoreUnavailable
-from milters.config import check_milter_config
+from milters.config import MilterConfig, check_section
 from milters.quarantine import Quarantine
 
 
-@main.group("milter")
+@click.group("milter")
 def milter_group() -> None:
     """The content milter (smtpd_milters / non_smtpd_milters)."""
 
 
-def ldap_worst_case(app: App) -> float:
-    """Seconds the directory may take for one lookup (timeouts times attempts)."""
-    ldap = app.config.ldap
-    return (ldap.retry_max + 1) * (ldap.network_timeout + ldap.timeout) + ldap.retry_max * ldap.retry_delay
-
-
 def _checked(app: App) -> None:
-    problems = check_milter_config(app.config.milter, ldap_worst_case(app))
+    problems = check_section(app.config)
     if problems:
         fail("configuration error:\n" + "\n".join(f"{app.config.source}:{p}" for p in problems), EX_CONFIG)
 
@@ -44,14 +39,13 @@ def milter_run(app: App, socket_: str | None) -> None:
     import dataclasses
 
     from milters.app import run
-    from milters.service import build_service
 
     cfg = app.config
     if socket_:
-        cfg = dataclasses.replace(cfg, milter=dataclasses.replace(cfg.milter, socket=socket_))
+        cfg = cfg.with_section(dataclasses.replace(MilterConfig.of(cfg), socket=socket_))
     _checked(app)
     setup_logging(cfg.general, "milter")
-    run(cfg, build_service(cfg))
+    sys.exit(run(cfg))
 
 
 @milter_group.command("check")
@@ -60,7 +54,7 @@ def milter_run(app: App, socket_: str | None) -> None:
 def milter_check(app: App, connect: bool) -> None:
     """Check the [milter] section (and with --connect, its backends)."""
     _checked(app)
-    m = app.config.milter
+    m = MilterConfig.of(app.config)
     click.echo(f"{app.config.source}: [milter] OK (end-of-message budget {m.eom_budget:g}s)")
     if not connect:
         return
@@ -77,9 +71,15 @@ def milter_check(app: App, connect: bool) -> None:
         app.directory.ping()
         return "OK"
 
+    def clamd_ok() -> str:
+        return asyncio.run(ClamdScanner(m.clamd, timeout=m.clamd_timeout).ping())
+
+    def spamd_ok() -> str:
+        return asyncio.run(SpamdScanner(m.spamd, timeout=m.spamd_timeout).ping())
+
     probes: list[tuple[str, Callable[[], str]]] = [
-        ("clamd", ClamdScanner(m.clamd, timeout=m.clamd_timeout).ping),
-        ("spamd", SpamdScanner(m.spamd, timeout=m.spamd_timeout).ping),
+        ("clamd", clamd_ok),
+        ("spamd", spamd_ok),
         ("store", store_ok),
         ("directory", directory_ok),
     ]
@@ -119,8 +119,8 @@ def milter_scan(app: App, message_file: Path, sender: str, recipients: tuple[str
     except InvalidAddress as exc:
         fail(str(exc), EX_USAGE)
     message = Message(headers, spool, service.limits)
-    verdict = service.pipeline.run(Envelope(sender=sender), message, rcpts,
-                                   time.monotonic() + app.config.milter.eom_budget)
+    verdict = asyncio.run(service.pipeline.run(Envelope(sender=sender), message, rcpts,
+                                               time.monotonic() + MilterConfig.of(app.config).eom_budget))
     click.echo(f"disposition: {verdict.disposition.value}")
     for outcome in verdict.outcomes:
         click.echo(f"  {outcome.summary()}")
@@ -134,7 +134,7 @@ def milter_scan(app: App, message_file: Path, sender: str, recipients: tuple[str
 # ------------------------------------------------------------------ quarantine
 
 
-@main.group("quarantine")
+@click.group("quarantine")
 def quarantine_group() -> None:
     """List, show, release and delete quarantined mail."""
 
@@ -142,7 +142,7 @@ def quarantine_group() -> None:
 def _quarantine(app: App) -> Quarantine:
     from milters.service import open_configured_store
 
-    m = app.config.milter
+    m = MilterConfig.of(app.config)
     return Quarantine(open_configured_store(app.config), m.quarantine_dir,
                       retention_days=m.quarantine_days, node=app.config.general.node_name)
 
@@ -202,7 +202,7 @@ def quarantine_release(app: App, entry_id: str, recipients: tuple[str, ...]) -> 
     from milters.quarantine import NoSuchEntry
     from milters.reinject import InjectError, SmtpInjector
 
-    m = app.config.milter
+    m = MilterConfig.of(app.config)
     try:
         queue_id = _quarantine(app).release(
             entry_id, SmtpInjector(m.reinject, timeout=m.reinject_timeout), recipients=recipients,

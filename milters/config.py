@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mailwarden.confbase import setting
+from mailwarden.config import Config, Section
+
+if TYPE_CHECKING:
+    from mailwarden.renderconfig import MilterWiring
+from mailwarden.daemon import EVENT_LOOPS
 
 KIB = 1024
 MIB = 1024 * 1024
 
-SERVERS = ("asyncio", "libmilter")
 _ENDPOINT = re.compile(r"^(unix:/.+|inet:[^:\s]+:[0-9]{1,5})$")
 
 
@@ -20,21 +25,19 @@ class MilterConfig:
 
     socket: str = setting(
         "unix:/var/spool/postfix/mailwarden/milter.sock",
-        "milter socket (unix:/path; a unix socket avoids libmilter's TCP stalls)",
+        "milter socket (unix:/path or inet:host:port; a unix socket costs less per message)",
     )
     socket_mode: str = setting("0660", "permissions of the unix milter socket (octal)")
-    server: str = setting(
-        "asyncio",
-        "milter protocol server: asyncio (mailwarden's own, cheaper per message) or libmilter (pymilter)",
+    socket_group: str = setting("", "group of the unix milter socket (e.g. postfix; empty: unchanged)")
+    user: str = setting("", "user to run as after binding the socket (when started as root)")
+    group: str = setting("", "group to run as (empty: the user's primary group)")
+    workers: int = setting(
+        1, "processes sharing the milter socket (each with its own event loop); up to one per core"
     )
     threads: int = setting(
-        32, "asyncio server: threads for end-of-message work and directory lookups (more wait their turn)"
+        16, "threads per process for blocking work: directory lookups, quarantine, re-injection"
     )
-    loop_max_size: int = setting(
-        256 * 1024,
-        "asyncio server: messages up to this many bytes are decided on the event loop, clamd and "
-        "spamd asked as non-blocking I/O (not with a scan cache in Redis); 0: always a thread",
-    )
+    event_loop: str = setting("uvloop", "event loop: uvloop or asyncio")
     spool_dir: str = setting(
         "/var/lib/mailwarden/spool", "where messages larger than memory_limit are spooled"
     )
@@ -110,6 +113,11 @@ class MilterConfig:
         300.0, "Postfix's milter_content_timeout (end-of-message work must finish before it)"
     )
 
+    @classmethod
+    def of(cls, config: Config) -> MilterConfig:
+        """The ``[milter]`` section of ``config``."""
+        return config.section(cls)
+
     @property
     def eom_budget(self) -> float:
         """Seconds end-of-message work may take: Postfix's content timeout minus a margin."""
@@ -121,8 +129,8 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
     problems: list[str] = []
     if not cfg.socket.startswith("unix:/") and not cfg.socket.startswith("inet:"):
         problems.append(f"milter.socket: {cfg.socket!r} must be unix:/path or inet:host:port")
-    if cfg.server not in SERVERS:
-        problems.append(f"milter.server: {cfg.server!r} must be one of {', '.join(SERVERS)}")
+    if cfg.event_loop not in EVENT_LOOPS:
+        problems.append(f"milter.event_loop: {cfg.event_loop!r} must be one of {', '.join(EVENT_LOOPS)}")
     try:
         mode = int(cfg.socket_mode, 8)
         if not 0 <= mode <= 0o777:
@@ -142,12 +150,12 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
         "memory_limit", "max_parts", "max_depth", "archive_max_members", "archive_max_size",
         "archive_max_ratio", "clamd_timeout", "clamd_max_size", "spamd_timeout", "spamd_max_size",
         "keyword_text_limit", "keyword_regex_budget", "reinject_timeout", "notice_window", "quarantine_days",
-        "mta_timeout", "postfix_command_timeout", "threads", "postfix_content_timeout",
+        "mta_timeout", "postfix_command_timeout", "threads", "workers", "postfix_content_timeout",
     )
     for key in positive:
         if getattr(cfg, key) <= 0:
             problems.append(f"milter.{key}: must be greater than 0")
-    for key in ("archive_max_depth", "scan_cache_ttl", "upstream_retry", "notice_limit", "loop_max_size"):
+    for key in ("archive_max_depth", "scan_cache_ttl", "upstream_retry", "notice_limit"):
         if getattr(cfg, key) < 0:
             problems.append(f"milter.{key}: must not be negative")
     if "{" in cfg.notice_from.replace("{domain}", ""):
@@ -168,3 +176,16 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
                 f"budget of {cfg.eom_budget:g}s (postfix_content_timeout minus a margin)"
             )
     return problems
+
+
+def check_section(config: Config) -> list[str]:
+    """Problems in the section, weighed against the rest of ``config``."""
+    return check_milter_config(MilterConfig.of(config), config.ldap.worst_case)
+
+
+SECTION = Section("milter", MilterConfig, "content milter", check=check_section)
+"""Registered in the ``mailwarden.sections`` entry-point group (pyproject.toml)."""
+
+if TYPE_CHECKING:
+    _RENDERED: MilterWiring = MilterConfig()
+    """``mailwarden render`` reads the section through this protocol: mypy keeps the two in step."""

@@ -19,7 +19,10 @@ are posted to an outbox whose thread sends them, so the SMTP reply waits for non
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,26 +40,22 @@ log = logging.getLogger("mailwarden.milter")
 
 
 class MilterActions(Protocol):
-    """The end-of-message actions of a milter connection (pymilter's Milter.Base has them)."""
+    """The end-of-message modifications a milter connection can ask the MTA for."""
 
-    def addheader(self, field: str, value: str, idx: int = -1) -> object:
-        """Add a header field (at the end with idx -1)."""
+    def addheader(self, name: str, value: str) -> None:
+        """Append a header field."""
         ...
 
-    def chgheader(self, field: str, idx: int, value: str) -> object:
-        """Change (empty value: delete) the idx-th field called ``field``."""
+    def chgheader(self, name: str, index: int, value: str) -> None:
+        """Change (empty value: delete) the index-th field called ``name``."""
         ...
 
-    def delrcpt(self, rcpt: str) -> object:
+    def delrcpt(self, rcpt: str) -> None:
         """Remove an envelope recipient."""
         ...
 
-    def replacebody(self, body: bytes) -> object:
-        """Append to the replacement body."""
-        ...
-
-    def setreply(self, rcode: str, xcode: str | None = None, msg: str | None = None) -> object:
-        """Set the SMTP reply for a reject or tempfail."""
+    def replacebody(self, chunks: Iterable[bytes]) -> None:
+        """Replace the body."""
         ...
 
 
@@ -92,6 +91,11 @@ def facts_of(message: Message, envelope: Envelope, recipients: tuple[str, ...] =
     )
 
 
+def _tempfail(reason: str) -> Outcome:
+    text = smtp_text(reason)
+    return Outcome(Disposition.TEMPFAIL, f"451 4.7.1 Message deferred: {text}; try again later", 0)
+
+
 class Delivery:
     """Applies verdicts through milter actions, the injector, the quarantine and the notifier."""
 
@@ -111,24 +115,29 @@ class Delivery:
         if self.outbox is not None:
             self.outbox.stop(grace)
 
-    def carry_out(self, verdict: Verdict, message: Message, envelope: Envelope, actions: MilterActions,
-                  *, deadline: float) -> Outcome:
-        """Make the MTA do what the verdict says; returns what was done."""
+    async def carry_out(self, verdict: Verdict, message: Message, envelope: Envelope,
+                        actions: MilterActions, *, deadline: float) -> Outcome:
+        """Make the MTA do what the verdict says; returns what was done (and the SMTP reply).
+
+        Quarantine and re-injection block (files, the store, SMTP): they run in the
+        event loop's executor; everything else here is quick.
+        """
         disposition = verdict.disposition
         if disposition is Disposition.TEMPFAIL:
-            return self._tempfail(actions, verdict.first_reason(Action.TEMPFAIL))
+            return _tempfail(verdict.first_reason(Action.TEMPFAIL))
+        loop = asyncio.get_running_loop()
         quarantine_id = ""
         held = [o for o in verdict.outcomes if o.action is Action.QUARANTINE]
         if held:
             try:
-                quarantine_id = self._quarantine(held, message, envelope)
+                quarantine_id = await loop.run_in_executor(
+                    None, self._quarantine, held, message, envelope)
             except (OSError, StoreUnavailable) as exc:
                 log.error("%s: quarantine failed: %s", envelope.queue_id or "NOQUEUE", exc)
-                return self._tempfail(actions, "quarantine unavailable")
+                return _tempfail("quarantine unavailable")
         if disposition is Disposition.REJECT:
             reason = smtp_text(verdict.first_reason(Action.REJECT))
-            actions.setreply("550", "5.7.1", f"Message refused: {reason}")
-            return Outcome(disposition, f"550 5.7.1 {reason}", 0, (), quarantine_id,
+            return Outcome(disposition, f"550 5.7.1 Message refused: {reason}", 0, (), quarantine_id,
                            self._notify(verdict, message, envelope))
         if disposition is Disposition.DISCARD:
             return Outcome(disposition, "", 0, (), quarantine_id, self._notify(verdict, message, envelope))
@@ -137,21 +146,20 @@ class Delivery:
         (inline_edits, inline_members), others = groups[0], groups[1:]
         strip_text = self._strip_text(message, envelope)
         reinjected: list[str] = []
+        origin = Origin(envelope.client_address, envelope.client_name, envelope.helo, envelope.queue_id)
         for edits, members in others:
             rendition = render(message, edits, strip_text)
+            data = variant_stream(message, rendition, envelope.trace_header())
+            rcpts = [(m.address, m.recipient.params) for m in members]
             try:
-                reinjected.append(self.injector.send(
-                    envelope.sender, [(m.address, m.recipient.params) for m in members],
-                    variant_stream(message, rendition, envelope.trace_header()), deadline=deadline,
-                    origin=Origin(envelope.client_address, envelope.client_name, envelope.helo,
-                                  envelope.queue_id),
-                    mail_params=envelope.mail_params,
-                ))
+                reinjected.append(await loop.run_in_executor(None, functools.partial(
+                    self.injector.send, envelope.sender, rcpts, data, deadline=deadline, origin=origin,
+                    mail_params=envelope.mail_params)))
             except InjectError as exc:
                 log.error("%s: re-injection of a variant failed: %s", envelope.queue_id or "NOQUEUE", exc)
                 if quarantine_id and self.quarantine is not None:
-                    self._drop_quarantine(quarantine_id)
-                return self._tempfail(actions, "content variant could not be queued")
+                    await loop.run_in_executor(None, self._drop_quarantine, quarantine_id)
+                return _tempfail("content variant could not be queued")
         keep = {id(o) for o in inline_members}
         for outcome in verdict.outcomes:
             if id(outcome) not in keep:
@@ -159,12 +167,6 @@ class Delivery:
         self._edit_in_place(actions, render(message, inline_edits, strip_text))
         return Outcome(disposition, "", len(groups), tuple(reinjected), quarantine_id,
                        self._notify(verdict, message, envelope))
-
-    @staticmethod
-    def _tempfail(actions: MilterActions, reason: str) -> Outcome:
-        text = smtp_text(reason)
-        actions.setreply("451", "4.7.1", f"Message deferred: {text}; try again later")
-        return Outcome(Disposition.TEMPFAIL, f"451 4.7.1 {text}", 0)
 
     def _drop_quarantine(self, entry_id: str) -> None:
         assert self.quarantine is not None
@@ -189,13 +191,11 @@ class Delivery:
     def _edit_in_place(actions: MilterActions, rendition: Rendition) -> None:
         for change in rendition.changes:
             if change.op == "add":
-                actions.addheader(change.name, change.value, -1)
+                actions.addheader(change.name, change.value)
             else:
                 actions.chgheader(change.name, change.index, change.value)
         if rendition.body is not None:
-            for chunk in rendition.body():
-                for off in range(0, len(chunk), 65535):
-                    actions.replacebody(chunk[off:off + 65535])
+            actions.replacebody(rendition.body())
 
     def _strip_text(self, message: Message, envelope: Envelope) -> _StripNote:
         return _StripNote(self.notifier, message, envelope)

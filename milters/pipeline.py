@@ -36,27 +36,19 @@ class Pipeline:
     def __init__(self, filters: Sequence[Filter]) -> None:
         self.filters = list(filters)
 
-    def run(self, envelope: Envelope, message: Message, recipients: Sequence[Recipient],
-            deadline: float) -> Verdict:
-        """Decide every recipient's outcome for ``message`` (blocking on the backends)."""
-        ctx = _context(envelope, message, recipients, deadline)
-        for flt, targets in _stages(self.filters, ctx):
-            _apply(ctx, flt, targets, time.perf_counter())
-        return ctx.verdict
-
-    async def run_on_loop(self, envelope: Envelope, message: Message, recipients: Sequence[Recipient],
-                          deadline: float) -> Verdict:
-        """:meth:`run` on an event loop: each filter first fetches what it waits for
-        (:meth:`Filter.prepare`) as non-blocking I/O; only for filters that do not wait."""
+    async def run(self, envelope: Envelope, message: Message, recipients: Sequence[Recipient],
+                  deadline: float) -> Verdict:
+        """Decide every recipient's outcome for ``message``."""
         ctx = _context(envelope, message, recipients, deadline)
         for flt, targets in _stages(self.filters, ctx):
             started = time.perf_counter()
             try:
-                await flt.prepare(ctx, targets)
-            except Exception:  # noqa: BLE001 - a bug: logged in _failed, the check is not skipped
-                _failed(ctx, flt, targets)
-                continue
-            _apply(ctx, flt, targets, started)
+                await flt.apply(ctx, targets)
+            except Exception:
+                log.exception("%s: %s filter failed", ctx.envelope.queue_id or "NOQUEUE", flt.name)
+                for outcome in targets:
+                    outcome.block(Action.TEMPFAIL, f"internal error in the {flt.name} filter")
+            ctx.verdict.findings[f"{flt.name}_ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
         return ctx.verdict
 
 
@@ -84,17 +76,3 @@ def _stages(filters: Sequence[Filter], ctx: Context) -> Iterator[tuple[Filter, l
         yield flt, targets
         if any(o.action is Action.TEMPFAIL for o in outcomes):
             return
-
-
-def _apply(ctx: Context, flt: Filter, targets: list[RecipientOutcome], started: float) -> None:
-    try:
-        flt.apply(ctx, targets)
-    except Exception:  # noqa: BLE001 - a filter bug (logged in _failed) must not let mail through
-        _failed(ctx, flt, targets)
-    ctx.verdict.findings[f"{flt.name}_ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
-
-
-def _failed(ctx: Context, flt: Filter, targets: list[RecipientOutcome]) -> None:
-    log.exception("%s: %s filter failed", ctx.envelope.queue_id or "NOQUEUE", flt.name)
-    for outcome in targets:
-        outcome.block(Action.TEMPFAIL, f"internal error in the {flt.name} filter")

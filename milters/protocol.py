@@ -4,7 +4,7 @@ A packet is a 4-byte big-endian length, then that many bytes: a one-byte command
 its data.  :class:`PacketReader` cuts a byte stream into ``(command, data)`` pairs,
 many per read, with a bound on the size of one packet; the ``parse_*`` functions
 decode the data of the MTA's commands and the ``encode_*`` functions build the
-milter's replies.  No I/O here: :mod:`milters.aserver` drives it.
+milter's replies.  No I/O here: :mod:`milters.server` drives it.
 """
 
 from __future__ import annotations
@@ -48,6 +48,38 @@ REPLBODY = "b"
 PROGRESS = "p"
 #: Replies that end a step (the MTA reads modifications until one of these).
 FINAL_REPLIES = frozenset("cartdsy")
+
+# Actions the milter may take (SMFIF_*).
+ACT_ADDHDRS = 0x01
+ACT_CHGBODY = 0x02
+ACT_ADDRCPT = 0x04
+ACT_DELRCPT = 0x08
+ACT_CHGHDRS = 0x10
+
+# Protocol steps the MTA may skip (SMFIP_NO*) or send without waiting for a reply (SMFIP_NR_*).
+NO_CONNECT = 0x1
+NO_HELO = 0x2
+NO_MAIL = 0x4
+NO_RCPT = 0x8
+NO_BODY = 0x10
+NO_HDRS = 0x20
+NO_EOH = 0x40
+NR_HDR = 0x80
+NO_UNKNOWN = 0x100
+NO_DATA = 0x200
+SKIP_OK = 0x400
+RCPT_REJ = 0x800
+NR_CONN = 0x1000
+NR_HELO = 0x2000
+NR_MAIL = 0x4000
+NR_RCPT = 0x8000
+NR_DATA = 0x10000
+NR_UNKN = 0x20000
+NR_EOH = 0x40000
+NR_BODY = 0x80000
+#: The "no reply" bit of each step.
+NR_BIT = {CONNECT: NR_CONN, HELO: NR_HELO, MAIL: NR_MAIL, RCPT: NR_RCPT, DATA: NR_DATA,
+          UNKNOWN: NR_UNKN, HEADER: NR_HDR, EOH: NR_EOH, BODY: NR_BODY}
 
 VERSION = 6
 #: Protocol bits defined by version 6 (the MDS_* size bits above them are not used).

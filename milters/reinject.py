@@ -17,7 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from milters.scanners.upstreams import DeadlineExceeded, Endpoint, remaining
+from mailwarden.endpoint import Endpoint
+from milters.scanners.upstreams import DeadlineExceeded, remaining
 
 _QUEUED = re.compile(r"queued as ([0-9A-Za-z]+)")
 _PASSED_MAIL_PARAMS = ("BODY", "SMTPUTF8", "RET", "ENVID")
@@ -70,7 +71,7 @@ class _Smtp(smtplib.SMTP):
         super().__init__(local_hostname=local_hostname, timeout=timeout)
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        return self._endpoint.connect(timeout)
+        return self._endpoint.connect_blocking(timeout)
 
 
 def _params(params: Iterable[str], allowed: tuple[str, ...]) -> list[str]:
@@ -81,7 +82,7 @@ class SmtpInjector:
     """The real Injector: SMTP (or SMTP over a unix socket) to the re-injection smtpd."""
 
     def __init__(self, address: str, *, timeout: float = 30.0, helo: str = "localhost") -> None:
-        self.endpoint = Endpoint(address)
+        self.endpoint = Endpoint.parse(address)
         self.timeout = timeout
         self.helo = helo
 

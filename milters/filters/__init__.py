@@ -2,7 +2,8 @@
 
 A filter receives the parsed message and the outcomes of the recipients that
 have its service and are still to be delivered; it does its
-recipient-independent work once and then sets each outcome.  It never talks to
+recipient-independent work once (awaiting its backend on the event loop) and then
+sets each outcome.  It never talks to
 Postfix.  :data:`FAILURE_ACTIONS` and the helpers below give every filter the
 same way of honouring a recipient's "backend down" and "unscannable" settings.
 """
@@ -16,8 +17,9 @@ from typing import ClassVar, Protocol
 
 from mailwarden.catalogue import Service
 from mailwarden.notify import Notice
+from milters.config import MilterConfig
 from milters.message import Message
-from milters.scanners import ScanError, SpamResult, VirusResult
+from milters.scanners import ScanCache, SpamScanner, VirusScanner
 from milters.verdict import Action, RecipientOutcome, Verdict
 
 
@@ -51,6 +53,17 @@ class Envelope:
                     "utf-8", "replace")
 
 
+@dataclass(frozen=True)
+class Backends:
+    """What filters may need from outside the message, built once per process; each
+    filter's ``build`` takes what it declares."""
+
+    config: MilterConfig
+    virus_scanner: VirusScanner
+    spam_scanner: SpamScanner
+    scan_cache: ScanCache | None = None
+
+
 @dataclass
 class Context:
     """One message on its way through the filters."""
@@ -61,10 +74,6 @@ class Context:
     deadline: float
     """Monotonic time by which end-of-message work must be done."""
     started: float = field(default_factory=time.monotonic)
-    prescanned: VirusResult | ScanError | None = None
-    """The virus scan's answer when :meth:`Filter.prepare` obtained it (on the event loop)."""
-    prescored: SpamResult | ScanError | None = None
-    """spamd's answer when :meth:`Filter.prepare` obtained it (on the event loop)."""
 
     def find(self, key: str, value: str) -> None:
         """Record a message-level finding for the log line."""
@@ -72,31 +81,15 @@ class Context:
 
 
 class Filter(Protocol):
-    """One content filter."""
+    """One content filter: a file of its own and a line in :data:`milters.service.FILTERS`
+    (its ``build(backends)`` classmethod)."""
 
     name: ClassVar[str]
     service: ClassVar[Service]
-    waits: bool
-    """Whether :meth:`apply` waits on a backend even after :meth:`prepare` (so the filter
-    cannot run on an event loop)."""
 
-    async def prepare(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
-        """On an event loop, before :meth:`apply`: fetch what apply would wait for (a scan,
-        a score) as non-blocking I/O and leave it in ``ctx``; never raises for a backend."""
-        ...
-
-    def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
+    async def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
         """Set the outcomes of ``outcomes`` (recipients with the service, still in play)."""
         ...
-
-
-class LocalFilter:
-    """Base of the filters that need nothing from outside the process."""
-
-    waits: bool = False
-
-    async def prepare(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
-        """Nothing to fetch."""
 
 
 def backend_failed(outcome: RecipientOutcome, setting: str, reason: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from mailwarden.catalogue import Service
-from milters.filters import Context, LocalFilter, plan_notices, unscannable
+from milters.filters import Backends, Context, plan_notices, unscannable
 from milters.message import Attachment, Part
 from milters.verdict import Action, RecipientOutcome, StripParts
 
@@ -30,13 +30,18 @@ def part_label(part: Part) -> str:
     return part.filenames[0] if part.filenames else f"part {part.path} ({part.content_type})"
 
 
-class ExtensionFilter(LocalFilter):
+class ExtensionFilter:
     """Refuses or strips attachments with banned extensions, per recipient."""
 
     name: ClassVar[str] = "extensions"
     service: ClassVar[Service] = Service.EXTENSION_FILTER
 
-    def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
+    @classmethod
+    def build(cls, backends: Backends) -> ExtensionFilter:
+        """Nothing from outside: names and archive listings of the parsed message."""
+        return cls()
+
+    async def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
         """Check every recipient's banned list against the message's file inventory."""
         inventory = ctx.message.inventory
         incomplete = [u.reason for u in ctx.message.unscannable if u.listing]

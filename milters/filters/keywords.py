@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from mailwarden.catalogue import KeywordRule, Service
 from mailwarden.saferegex import UnsafePattern, check_regex
-from milters.filters import Context, LocalFilter
+from milters.filters import Backends, Context
 from milters.filters.spam import JUNK_HEADER
 from milters.message import Texts
 from milters.text import normalize_for_match
@@ -100,7 +100,7 @@ class _Scopes:
         return self._lines[scope]
 
 
-class KeywordFilter(LocalFilter):
+class KeywordFilter:
     """Applies each recipient's keyword rules to the decoded message."""
 
     name: ClassVar[str] = "keywords"
@@ -110,7 +110,13 @@ class KeywordFilter(LocalFilter):
         self.text_limit = text_limit
         self.regex_budget = regex_budget
 
-    def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
+    @classmethod
+    def build(cls, backends: Backends) -> KeywordFilter:
+        """``milter.keyword_text_limit`` and ``milter.keyword_regex_budget``."""
+        m = backends.config
+        return cls(text_limit=m.keyword_text_limit, regex_budget=m.keyword_regex_budget)
+
+    async def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
         """Match every recipient's rules; the strongest matching action wins."""
         with_rules = [o for o in outcomes if o.policy.get("keyword_rules")]
         if not with_rules:

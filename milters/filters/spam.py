@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from mailwarden.catalogue import Service
-from milters.filters import Context, backend_failed
+from milters.filters import Backends, Context, backend_failed
 from milters.scanners import ScanError, SpamScanner
 from milters.verdict import Action, AddHeader, RecipientOutcome, RemoveHeader, TagSubject
 
@@ -47,28 +47,20 @@ class SpamFilter:
         self.scanner = scanner
         self.max_size = max_size
         self.ham_headers = ham_headers
-        self.waits = not hasattr(scanner, "check_async")
+
+    @classmethod
+    def build(cls, backends: Backends) -> SpamFilter:
+        """spamd, ``milter.spamd_max_size`` and ``milter.spam_headers_on_ham``."""
+        m = backends.config
+        return cls(backends.spam_scanner, max_size=m.spamd_max_size, ham_headers=m.spam_headers_on_ham)
 
     @staticmethod
     def _request(ctx: Context) -> bytes:
         # spamd needs Postfix's own Received: field (milters do not see it) to find the relay.
         return ctx.envelope.trace_header() + ctx.message.raw()
 
-    async def prepare(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
-        """Score on the running event loop (unless the message is over the size limit)."""
-        if ctx.message.size > self.max_size:
-            return
-        check = getattr(self.scanner, "check_async", None)
-        if check is None:
-            raise TypeError(f"{type(self.scanner).__name__} cannot score on an event loop")
-        try:
-            ctx.prescored = await check(self._request(ctx), ctx.deadline)
-        except ScanError as exc:
-            ctx.prescored = exc
-
-    def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
-        """Score the message (or take the score prepare obtained) and set every contracted
-        recipient's outcome."""
+    async def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
+        """Score the message once and set every contracted recipient's outcome."""
         message = ctx.message
         if message.size > self.max_size:
             ctx.find("spam", "skipped(size)")
@@ -76,9 +68,7 @@ class SpamFilter:
                 outcome.notes.append(f"spam check skipped: {message.size} bytes > {self.max_size}")
             return
         try:
-            result = ctx.prescored or self.scanner.check(self._request(ctx), ctx.deadline)
-            if isinstance(result, ScanError):
-                raise result
+            result = await self.scanner.check(self._request(ctx), ctx.deadline)
         except ScanError as exc:
             ctx.find("spam", "error")
             for outcome in outcomes:

@@ -17,34 +17,24 @@ delivery as if scanned.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar
 
 from mailwarden.catalogue import Service
-from mailwarden.store import Store, StoreUnavailable
-from milters.filters import Context, backend_failed, plan_notices, unscannable
-from milters.scanners import ScanError, VirusResult, VirusScanner
+from mailwarden.store import StoreUnavailable
+
+if TYPE_CHECKING:
+    from mailwarden.store import AsyncStore
+from milters.filters import Backends, Context, backend_failed, plan_notices, unscannable
+from milters.scanners import ScanCache, ScanError, VirusResult, VirusScanner
 from milters.verdict import Action, RecipientOutcome
 
 log = logging.getLogger("mailwarden.milter.virus")
 
 CACHE_PREFIX = "av:"
 _ACTIONS = {"reject": Action.REJECT, "discard": Action.DISCARD, "quarantine": Action.QUARANTINE}
-
-
-class ScanCache(Protocol):
-    """Remembers scan results by body digest for a while."""
-
-    def get(self, digest: str) -> VirusResult | None:
-        """A remembered result, or None."""
-        ...
-
-    def put(self, digest: str, result: VirusResult) -> None:
-        """Remember a definite result."""
-        ...
 
 
 def _encode(result: VirusResult) -> str:
@@ -62,22 +52,22 @@ def _decode(value: str | None) -> VirusResult | None:
 class StoreScanCache:
     """The cache in the shared store (``av:<digest>``), for a cluster of nodes."""
 
-    def __init__(self, store: Store, ttl: float) -> None:
+    def __init__(self, store: AsyncStore, ttl: float) -> None:
         self.store = store
         self.ttl = ttl
 
-    def get(self, digest: str) -> VirusResult | None:
+    async def get(self, digest: str) -> VirusResult | None:
         """Ask the store; an unavailable store is a miss (the message is scanned)."""
         try:
-            return _decode(self.store.get(CACHE_PREFIX + digest))
+            return _decode(await self.store.get(CACHE_PREFIX + digest))
         except StoreUnavailable as exc:
             log.warning("scan cache unavailable, scanning: %s", exc)
             return None
 
-    def put(self, digest: str, result: VirusResult) -> None:
+    async def put(self, digest: str, result: VirusResult) -> None:
         """Write (a lost entry only costs a rescan)."""
         try:
-            self.store.set(CACHE_PREFIX + digest, _encode(result), ttl=self.ttl)
+            await self.store.set(CACHE_PREFIX + digest, _encode(result), ttl=self.ttl)
         except StoreUnavailable as exc:
             log.warning("scan cache not written: %s", exc)
 
@@ -90,27 +80,24 @@ class LocalScanCache:
         self.size = size
         self.clock = clock
         self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
-        self._lock = threading.Lock()
 
-    def get(self, digest: str) -> VirusResult | None:
+    async def get(self, digest: str) -> VirusResult | None:
         """A result younger than the TTL."""
-        with self._lock:
-            hit = self._entries.get(digest)
-            if hit is None:
-                return None
-            if hit[0] <= self.clock():
-                del self._entries[digest]
-                return None
-            self._entries.move_to_end(digest)
-            return _decode(hit[1])
+        hit = self._entries.get(digest)
+        if hit is None:
+            return None
+        if hit[0] <= self.clock():
+            del self._entries[digest]
+            return None
+        self._entries.move_to_end(digest)
+        return _decode(hit[1])
 
-    def put(self, digest: str, result: VirusResult) -> None:
+    async def put(self, digest: str, result: VirusResult) -> None:
         """Remember; the oldest entries go first when full."""
-        with self._lock:
-            self._entries[digest] = (self.clock() + self.ttl, _encode(result))
-            self._entries.move_to_end(digest)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
+        self._entries[digest] = (self.clock() + self.ttl, _encode(result))
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
 
 
 class VirusFilter:
@@ -124,11 +111,13 @@ class VirusFilter:
         self.scanner = scanner
         self.cache = cache
         self.max_size = max_size
-        # The scan can run on an event loop (prepare); a cache in the shared store cannot
-        # be read there.
-        self.waits = not hasattr(scanner, "scan_async") or isinstance(cache, StoreScanCache)
 
-    def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
+    @classmethod
+    def build(cls, backends: Backends) -> VirusFilter:
+        """clamd, the scan cache and ``milter.clamd_max_size``."""
+        return cls(backends.virus_scanner, backends.scan_cache, max_size=backends.config.clamd_max_size)
+
+    async def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
         """Scan (or recall the scan of) the message and set every recipient's outcome."""
         message = ctx.message
         if message.size > self.max_size:
@@ -137,8 +126,7 @@ class VirusFilter:
                 unscannable(outcome, f"{message.size} bytes, over the scan limit of {self.max_size}")
             return
         try:
-            # prepare scanned because the cache had no answer.
-            result = (ctx.prescanned is None and self._cached(message.body_digest)) or self._scan(ctx)
+            result = await self._result(ctx)
         except ScanError as exc:
             ctx.find("virus", "error")
             for outcome in outcomes:
@@ -160,26 +148,12 @@ class VirusFilter:
             for outcome in outcomes:
                 unscannable(outcome, problems[0])
 
-    async def prepare(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
-        """Scan on the running event loop unless the answer is cached (or the size is over)."""
-        message = ctx.message
-        if message.size > self.max_size or self._cached(message.body_digest) is not None:
-            return
-        scan = getattr(self.scanner, "scan_async", None)
-        if scan is None:
-            raise TypeError(f"{type(self.scanner).__name__} cannot scan on an event loop")
-        try:
-            ctx.prescanned = await scan(message.stream, ctx.deadline)
-        except ScanError as exc:
-            ctx.prescanned = exc
-
-    def _scan(self, ctx: Context) -> VirusResult:
-        if isinstance(ctx.prescanned, ScanError):
-            raise ctx.prescanned
-        result = ctx.prescanned or self.scanner.scan(ctx.message.stream, ctx.deadline)
+    async def _result(self, ctx: Context) -> VirusResult:
+        """The cached answer for this body, else clamd's (remembered unless unscannable)."""
+        digest = ctx.message.body_digest
+        if self.cache is not None and (cached := await self.cache.get(digest)) is not None:
+            return cached
+        result = await self.scanner.scan(ctx.message.stream, ctx.deadline)
         if self.cache is not None and not result.unscannable:
-            self.cache.put(ctx.message.body_digest, result)
+            await self.cache.put(digest, result)
         return result
-
-    def _cached(self, digest: str) -> VirusResult | None:
-        return self.cache.get(digest) if self.cache is not None else None

@@ -43,7 +43,7 @@ class SpamResult:
 class VirusScanner(Protocol):
     """Scans a whole message (clamd parses MIME and archives itself)."""
 
-    def scan(self, stream: Callable[[], Iterable[bytes]], deadline: float) -> VirusResult:
+    async def scan(self, stream: Callable[[], Iterable[bytes]], deadline: float) -> VirusResult:
         """Scan what ``stream()`` yields (called again per upstream tried); raise ScanError
         when no upstream answers by ``deadline`` (monotonic time)."""
         ...
@@ -52,6 +52,18 @@ class VirusScanner(Protocol):
 class SpamScanner(Protocol):
     """Scores a whole message."""
 
-    def check(self, message: bytes, deadline: float) -> SpamResult:
+    async def check(self, message: bytes, deadline: float) -> SpamResult:
         """Score the message; raise ScanError when no upstream answers by ``deadline``."""
+        ...
+
+
+class ScanCache(Protocol):
+    """Remembers virus scan results by body digest for a while."""
+
+    async def get(self, digest: str) -> VirusResult | None:
+        """A remembered result, or None."""
+        ...
+
+    async def put(self, digest: str, result: VirusResult) -> None:
+        """Remember a definite result."""
         ...

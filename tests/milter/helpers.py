@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import io
+import email
+import email.message
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -11,26 +12,18 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-import Milter
-from Milter.testctx import TestCtx
-
+from harness.clamd import EICAR
+from harness.fakes import FakeDirectory
+from harness.spamd import GTUBE
 from mailwarden.config import Config, parse_config
 from mailwarden.policy import PolicyResolver
 from mailwarden.store import MemoryStore, Store
-from mailwarden.testing.clamd import EICAR
-from mailwarden.testing.fakes import FakeDirectory
-from mailwarden.testing.spamd import GTUBE
 from milters.app import ContentMilter
 from milters.message import BodySpool, Limits, Message, parse_header_block
 from milters.reinject import InjectError, Origin
 from milters.scanners import ScanError, SpamResult, VirusResult
+from milters.server import Client, Edits, Macros, Reply
 from milters.service import MilterService, build_service
-
-# TestCtx treats a NOREPLY answer as a refusal; an MTA that negotiated no-reply does not.
-# Offer no P_NR_* bits, so the @noreply callbacks answer CONTINUE as to an old MTA.
-_NR_BITS = (Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_DATA
-            | Milter.P_NR_UNKN | Milter.P_NR_EOH | Milter.P_NR_BODY | Milter.P_NR_HDR)
-TestCtx.default_opts = [Milter.CURR_ACTS, 0x1FFFFF & ~_NR_BITS, 0, 0]
 
 
 def sample_directory() -> FakeDirectory:
@@ -72,14 +65,9 @@ class FakeVirusScanner:
 
     def __init__(self) -> None:
         self.calls = 0
-        self.async_calls = 0
         self.error: str | None = None
 
-    async def scan_async(self, stream: Callable[[], Iterable[bytes]], deadline: float) -> VirusResult:
-        self.async_calls += 1
-        return self.scan(stream, deadline)
-
-    def scan(self, stream: Callable[[], Iterable[bytes]], deadline: float) -> VirusResult:
+    async def scan(self, stream: Callable[[], Iterable[bytes]], deadline: float) -> VirusResult:
         self.calls += 1
         if self.error:
             raise ScanError(self.error)
@@ -108,14 +96,9 @@ class FakeSpamScanner:
     def __init__(self, score: float = 1.0) -> None:
         self.score = score
         self.calls = 0
-        self.async_calls = 0
         self.error: str | None = None
 
-    async def check_async(self, message: bytes, deadline: float) -> SpamResult:
-        self.async_calls += 1
-        return self.check(message, deadline)
-
-    def check(self, message: bytes, deadline: float) -> SpamResult:
+    async def check(self, message: bytes, deadline: float) -> SpamResult:
         self.calls += 1
         if self.error:
             raise ScanError(self.error)
@@ -150,21 +133,96 @@ class RecordingInjector:
         return [m for m in self.sent if address in m.recipients]
 
 
-class LoopMilter(ContentMilter):
-    """Ends each message as the asyncio server does: on an event loop when it can."""
+@dataclass
+class Fed:
+    """What the milter answered and asked the MTA to change, as an MTA would record it."""
 
-    on_loop = 0
+    rc: str
+    """The final protocol reply (``milters.protocol.ACCEPT``, ``REJECT``, ...)."""
+    reply: tuple[str, str, str]
+    """(code, enhanced code, text) of a reject or tempfail; empty strings otherwise."""
+    app: ContentMilter
+    headers: list[tuple[str, str]]
+    body: bytes
+    delrcpt: list[str] = field(default_factory=list)
+    rcpt_replies: list[Reply] = field(default_factory=list)
+    headers_changed: bool = False
+    body_replaced: bool = False
 
-    def eom(self) -> int:
-        if not self.eom_on_loop_ready():
-            return super().eom()
-        LoopMilter.on_loop += 1
+    @property
+    def msg(self) -> email.message.Message:
+        """The queued copy after the changes (header edits applied, body replaced)."""
+        head = "".join(f"{n}: {v}\r\n" for n, v in self.headers).encode("utf-8", "surrogateescape")
+        return email.message_from_bytes(head + b"\r\n" + self.body)
 
-        async def run() -> int:
-            loop = asyncio.get_running_loop()
-            return await self.eom_on_loop(lambda work: loop.run_in_executor(None, work))
 
-        return asyncio.run(run())
+class RecordingEdits(Edits):
+    """The modifications of one message, applied to the header list and body as the MTA would."""
+
+    def __init__(self, fed: Fed) -> None:
+        super().__init__()
+        self.fed = fed
+
+    def addheader(self, name: str, value: str) -> None:
+        super().addheader(name, value)
+        self.fed.headers.append((name, value))
+        self.fed.headers_changed = True
+
+    def chgheader(self, name: str, index: int, value: str) -> None:
+        super().chgheader(name, index, value)
+        self.fed.headers_changed = True
+        seen = 0
+        for i, (n, _) in enumerate(self.fed.headers):
+            if n.lower() == name.lower():
+                seen += 1
+                if seen == index:
+                    if value:
+                        self.fed.headers[i] = (n, value)
+                    else:
+                        del self.fed.headers[i]
+                    return
+
+    def delrcpt(self, rcpt: str) -> None:
+        super().delrcpt(rcpt)
+        self.fed.delrcpt.append(rcpt)
+
+    def replacebody(self, chunks: Iterable[bytes]) -> None:
+        data = b"".join(chunks)
+        super().replacebody([data])
+        self.fed.body = (self.fed.body if self.fed.body_replaced else b"") + data
+        self.fed.body_replaced = True
+
+
+def macros(**values: str) -> Macros:
+    """Connection macros as the MTA would send them (one end-of-message stage)."""
+    m = Macros()
+    m.keep(b"E" + b"".join(f"{k}\0{v}\0".encode() for k, v in values.items()))
+    return m
+
+
+async def drive(service: MilterService, data: bytes, sender: str, recipients: Sequence[str],
+                queue_id: str = "QID1", client: Client | None = None) -> Fed:
+    """One SMTP transaction through a ContentMilter, step by step as the server drives it."""
+    app = ContentMilter(service, macros(i=queue_id, j="mx.test"))
+    app.connect(client or Client("client.example", "192.0.2.10", 40000))
+    app.helo("client.example")
+    app.mail(sender, ())
+    data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    fed = Fed("", ("", "", ""), app, [], body)
+    for rcpt in recipients:
+        fed.rcpt_replies.append(await app.rcpt(f"<{rcpt}>", ()))
+    for name, value in parse_header_block(head):
+        app.header(name, value)
+        fed.headers.append((name, value.decode("utf-8", "surrogateescape")))
+    for off in range(0, len(body), 65535):
+        app.body(body[off:off + 65535])
+    reply = await app.end_of_message(RecordingEdits(fed))
+    fed.rc = reply.code
+    if reply.text:
+        code, xcode, text = reply.text.split(" ", 2)
+        fed.reply = (code, xcode, text)
+    return fed
 
 
 @dataclass
@@ -177,30 +235,22 @@ class Harness:
     injector: RecordingInjector
     store: Store
     directory: FakeDirectory
-    on_loop: bool = False
-    """End messages as the asyncio server does (on its loop where it can)."""
 
     def feed(self, message: bytes | EmailMessage, sender: str, *recipients: str,
-             queue_id: str = "QID1", notices: bool = True) -> TestCtx:
-        """Drive the milter through pymilter's TestCtx; returns the context with results.
+             queue_id: str = "QID1", notices: bool = True) -> Fed:
+        """One message through the milter on an event loop; what it answered and changed.
 
         With ``notices``, also wait until the notices the message caused are handled
         (they leave from the outbox thread after the reply).
         """
         data = message.as_bytes() if isinstance(message, EmailMessage) else message
-        kind = LoopMilter if self.on_loop else ContentMilter
-        Milter.factory = lambda: kind(self.service)
-        ctx = TestCtx()
-        ctx._setsymval("i", queue_id)
-        assert ctx._connect(host="client.example", helo="client.example", ip="192.0.2.10") == Milter.CONTINUE
-        ctx.rc = ctx._feedFile(io.BytesIO(data), sender, *recipients)
+        fed = asyncio.run(drive(self.service, data, sender, recipients, queue_id))
         if notices:
             assert self.service.delivery.flush_notices(10), "notices still waiting after 10 s"
-        return ctx
+        return fed
 
 
-def harness(tmp: Path, extra: str = "", directory: FakeDirectory | None = None, *,
-            on_loop: bool = False) -> Harness:
+def harness(tmp: Path, extra: str = "", directory: FakeDirectory | None = None) -> Harness:
     """A milter service over a fake directory, memory store and fake scanners."""
     cfg = milter_config(tmp, extra)
     directory = directory or sample_directory()
@@ -208,7 +258,7 @@ def harness(tmp: Path, extra: str = "", directory: FakeDirectory | None = None, 
     virus, spam, injector = FakeVirusScanner(), FakeSpamScanner(), RecordingInjector()
     service = build_service(cfg, store=store, virus_scanner=virus, spam_scanner=spam, injector=injector,
                             resolver=PolicyResolver(directory, cfg))
-    return Harness(service, virus, spam, injector, store, directory, on_loop)
+    return Harness(service, virus, spam, injector, store, directory)
 
 
 def make_message(body: str = "hello\n", subject: str = "hi", sender: str = "sender@remote.example",

@@ -1,4 +1,4 @@
-"""Per-recipient outcomes through the milter class (pymilter's TestCtx) with fakes.
+"""Per-recipient outcomes through the milter application (driven step by step) with fakes.
 
 The directory is a FakeDirectory shaped like the sample data: taro@example.jp
 (virus, extension filter, spam, keywords; notices in Japanese to recipient and
@@ -9,6 +9,7 @@ nobody@bare.example.net (nothing).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email
 import email.policy
@@ -18,27 +19,22 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import Milter
 import pytest
 
+from harness.clamd import EICAR
+from harness.redisserver import RedisServer
+from harness.spamd import GTUBE
 from mailwarden.store import RedisStore
-from mailwarden.testing.clamd import EICAR
-from mailwarden.testing.redisserver import RedisServer
-from mailwarden.testing.spamd import GTUBE
-from milters.delivery import MilterActions, Outcome
-from milters.filters.spam import SpamFilter
-from milters.scanners import SpamResult
-from milters.service import Decided
-from milters.verdict import Action, Recipient
-from tests.milter.helpers import Harness, LoopMilter, harness, make_message
+from milters import protocol as p
+from milters.verdict import Action
+from tests.milter.helpers import Harness, harness, make_message
 from tests.milter.test_message import PE, _encrypted, with_attachment, zip_of
 
 
-@pytest.fixture(params=["thread", "loop"])
-def h(tmp_path: Path, request: pytest.FixtureRequest) -> Harness:
-    """Every test twice: end of message in a thread, and as the asyncio server runs it
-    (decided on its event loop when no filter a recipient has waits on a backend)."""
-    return harness(tmp_path, on_loop=request.param == "loop")
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    """The milter over the sample directory, with fake scanners and injector."""
+    return harness(tmp_path)
 
 
 def delivered_copy(h: Harness, address: str) -> email.message.EmailMessage:
@@ -50,16 +46,16 @@ def delivered_copy(h: Harness, address: str) -> email.message.EmailMessage:
 
 def test_clean_mail_is_accepted_unchanged(h: Harness) -> None:
     ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp", "nobody@bare.example.net")
-    assert ctx.rc == Milter.ACCEPT
-    assert ctx._delrcpt == [] and not ctx._headerschanged and not ctx._bodyreplaced
+    assert ctx.rc == p.ACCEPT
+    assert ctx.delrcpt == [] and not ctx.headers_changed and not ctx.body_replaced
     assert h.injector.sent == []
     assert h.virus.calls == 1 and h.spam.calls == 1
 
 
 def test_virus_for_every_recipient_is_refused_at_smtp_time(h: Harness) -> None:
     ctx = h.feed(make_message(body=EICAR.decode()), "s@remote.example", "taro@example.jp")
-    assert ctx.rc == Milter.REJECT
-    assert ctx._reply[0] == "550" and "virus Eicar-Test-Signature" in ctx._reply[2]
+    assert ctx.rc == p.REJECT
+    assert ctx.reply[0] == "550" and "virus Eicar-Test-Signature" in ctx.reply[2]
     assert h.spam.calls == 0  # no spamd time spent on refused mail
 
 
@@ -67,8 +63,8 @@ def test_virus_removes_only_the_recipient_who_has_virus_scanning(h: Harness) -> 
     msg = make_message(body="see attachment")
     msg.add_attachment(EICAR, maintype="application", subtype="octet-stream", filename="eicar.txt")
     ctx = h.feed(msg, "s@remote.example", "taro@example.jp", "hanako@example.jp")
-    assert ctx.rc == Milter.ACCEPT
-    assert ctx._delrcpt == ["<taro@example.jp>"]
+    assert ctx.rc == p.ACCEPT
+    assert ctx.delrcpt == ["<taro@example.jp>"]
     notices = [m for m in h.injector.sent if m.sender == ""]
     assert sorted(r for m in notices for r in m.recipients) == ["postmaster@example.jp", "taro@example.jp"]
     notice = email.message_from_bytes(notices[0].data, policy=email.policy.default)
@@ -80,11 +76,11 @@ def test_virus_removes_only_the_recipient_who_has_virus_scanning(h: Harness) -> 
 def test_banned_exe_is_refused_for_one_domain_and_stripped_for_another(h: Harness) -> None:
     raw = with_attachment(b"MZ-not-really", "invoice.pdf.exe")
     ctx = h.feed(raw, "s@remote.example", "taro@example.jp", "bob@example.com")
-    assert ctx.rc == Milter.ACCEPT
+    assert ctx.rc == p.ACCEPT
     # taro (example.jp: reject) is removed; bob (example.com: strip) keeps the queued copy, stripped.
-    assert ctx._delrcpt == ["<taro@example.jp>"]
-    assert ctx._bodyreplaced
-    body = ctx._body.getvalue()
+    assert ctx.delrcpt == ["<taro@example.jp>"]
+    assert ctx.body_replaced
+    body = ctx.msg.as_bytes()
     assert b"invoice.pdf.exe" not in body.split(b"\n\n", 1)[1].replace(b"\r", b"")
     note = email.message_from_bytes(body, policy=email.policy.default)
     texts = [p.get_content() for p in note.walk() if p.get_content_type() == "text/plain"]
@@ -94,26 +90,26 @@ def test_banned_exe_is_refused_for_one_domain_and_stripped_for_another(h: Harnes
 @pytest.mark.parametrize("filename", ["setup.exe", "screen.scr", "invoice.pdf.exe", "INVOICE.PDF.EXE. "])
 def test_banned_names_are_refused(h: Harness, filename: str) -> None:
     ctx = h.feed(with_attachment(b"x", filename), "s@remote.example", "taro@example.jp")
-    assert ctx.rc == Milter.REJECT and "banned attachment" in ctx._reply[2]
+    assert ctx.rc == p.REJECT and "banned attachment" in ctx.reply[2]
 
 
 def test_exe_hidden_in_zip_in_zip_is_found(h: Harness) -> None:
     data = zip_of({"inner.zip": zip_of({"run.scr": b"x"})})
     ctx = h.feed(with_attachment(data, "docs.zip"), "s@remote.example", "taro@example.jp")
-    assert ctx.rc == Milter.REJECT and "run.scr" in ctx._reply[2]
+    assert ctx.rc == p.REJECT and "run.scr" in ctx.reply[2]
 
 
 def test_pe_content_behind_a_pdf_name_is_refused(h: Harness) -> None:
     ctx = h.feed(with_attachment(PE, "invoice.pdf"), "s@remote.example", "taro@example.jp")
-    assert ctx.rc == Milter.REJECT
+    assert ctx.rc == p.REJECT
 
 
 def test_user_unbanned_extension_passes_for_that_user_only(h: Harness) -> None:
     raw = with_attachment(b"alert(1)", "script.js")
     ctx = h.feed(raw, "s@remote.example", "alice@example.com", "bob@example.com")
-    assert ctx.rc == Milter.ACCEPT
+    assert ctx.rc == p.ACCEPT
     # alice un-banned .js: she keeps the queued copy as sent; bob's copy is stripped and re-injected.
-    assert ctx._delrcpt == ["<bob@example.com>"] and not ctx._bodyreplaced
+    assert ctx.delrcpt == ["<bob@example.com>"] and not ctx.body_replaced
     bob = delivered_copy(h, "bob@example.com")
     assert not any(p.get_filename() == "script.js" for p in bob.walk())
 
@@ -121,9 +117,9 @@ def test_user_unbanned_extension_passes_for_that_user_only(h: Harness) -> None:
 def test_spam_headers_only_for_the_contracted_recipient(h: Harness) -> None:
     h.spam.score = 7.0
     ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp", "nobody@bare.example.net")
-    assert ctx.rc == Milter.ACCEPT
+    assert ctx.rc == p.ACCEPT
     # Equal groups: the unedited copy stays queued for nobody, taro's variant is re-injected.
-    assert ctx._delrcpt == ["<taro@example.jp>"] and not ctx._headerschanged
+    assert ctx.delrcpt == ["<taro@example.jp>"] and not ctx.headers_changed
     taro = delivered_copy(h, "taro@example.jp")
     assert taro["X-Spam-Flag"] == "YES" and taro["X-Mailwarden-Junk"] == "yes"
     assert str(taro["X-Spam-Status"]).startswith("Yes, score=7.0 required=5.0")
@@ -135,29 +131,29 @@ def test_largest_group_keeps_the_queued_copy(h: Harness) -> None:
     ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp", "carol@example.com",
                  "nobody@bare.example.net")
     # carol rejects spam, taro gets junk headers; taro's group (1) vs nobody's (1): unedited wins.
-    assert sorted(ctx._delrcpt) == ["<carol@example.com>", "<taro@example.jp>"]
+    assert sorted(ctx.delrcpt) == ["<carol@example.com>", "<taro@example.jp>"]
 
 
 def test_spam_subject_tag_and_threshold_per_recipient(h: Harness) -> None:
     h.spam.score = 4.0  # spam for hanako (3.5), not for taro (5.0)
     ctx = h.feed(make_message(subject="hello"), "s@remote.example", "hanako@example.jp")
-    assert ctx.rc == Milter.ACCEPT
-    assert "[SPAM] hello" in ctx._msg.get_all("Subject")
-    assert ctx._msg["X-Spam-Flag"] == "YES"
+    assert ctx.rc == p.ACCEPT
+    assert "[SPAM] hello" in ctx.msg.get_all("Subject")
+    assert ctx.msg["X-Spam-Flag"] == "YES"
     h.feed(make_message(subject="hello"), "s@remote.example", "taro@example.jp")
     assert h.injector.sent == []
 
 
 def test_gtube_over_the_reject_score_is_refused_for_contracted_only(h: Harness) -> None:
     ctx = h.feed(make_message(body=GTUBE), "s@remote.example", "taro@example.jp", "bob@example.com")
-    assert ctx.rc == Milter.ACCEPT and ctx._delrcpt == ["<taro@example.jp>"]
-    assert ctx._msg["X-Spam-Status"] is None  # bob has no spam service: no spam headers
+    assert ctx.rc == p.ACCEPT and ctx.delrcpt == ["<taro@example.jp>"]
+    assert ctx.msg["X-Spam-Status"] is None  # bob has no spam service: no spam headers
 
 
 def test_keyword_rule_hits_for_one_of_two_recipients(h: Harness) -> None:
     msg = make_message(subject="=?ISO-2022-JP?B?GyRCTCQ+NUJ6OS05cCEjGyhC?= sale")  # 未承諾広告。
     ctx = h.feed(msg, "s@remote.example", "taro@example.jp", "nobody@bare.example.net")
-    assert ctx.rc == Milter.ACCEPT and ctx._delrcpt == ["<taro@example.jp>"]
+    assert ctx.rc == p.ACCEPT and ctx.delrcpt == ["<taro@example.jp>"]
     assert delivered_copy(h, "taro@example.jp")["X-Mailwarden-Junk"] == "yes"
 
 
@@ -167,19 +163,19 @@ def test_keyword_regex_reject_on_decoded_japanese_body(h: Harness) -> None:
                     cte="7bit")
     msg.replace_header("Content-Type", 'text/plain; charset="iso-2022-jp"')
     ctx = h.feed(msg, "s@remote.example", "taro@example.jp")
-    assert ctx.rc == Milter.REJECT and "keyword rule" in ctx._reply[2]
+    assert ctx.rc == p.REJECT and "keyword rule" in ctx.reply[2]
 
 
 def test_directory_outage_defers_the_recipient(h: Harness) -> None:
     h.directory.down = True
     ctx = h.feed(make_message(), "s@remote.example", "someone@example.org")
-    assert ctx.rc == Milter.TEMPFAIL and ctx._reply[0] == "451"
+    assert ctx.rc == p.TEMPFAIL and ctx.reply[0] == "451"
 
 
 def test_clamd_down_defers_the_message(h: Harness) -> None:
     h.virus.error = "connection refused"
     ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp", "nobody@bare.example.net")
-    assert ctx.rc == Milter.TEMPFAIL and ctx._reply[0] == "451"
+    assert ctx.rc == p.TEMPFAIL and ctx.reply[0] == "451"
     assert h.injector.sent == []
 
 
@@ -188,26 +184,26 @@ def test_clamd_down_is_accepted_where_the_domain_says_so(tmp_path: Path) -> None
     h.directory.entries["mwDomainName=example.com,ou=domains"]["virus_failure_action"] = ["accept"]
     h.virus.error = "connection refused"
     ctx = h.feed(make_message(), "s@remote.example", "bob@example.com")
-    assert ctx.rc == Milter.ACCEPT
+    assert ctx.rc == p.ACCEPT
 
 
 def test_spamd_down_defers_only_when_someone_contracted_spam(h: Harness) -> None:
     h.spam.error = "timed out"
-    assert h.feed(make_message(), "s@remote.example", "bob@example.com").rc == Milter.ACCEPT
-    assert h.feed(make_message(), "s@remote.example", "taro@example.jp").rc == Milter.TEMPFAIL
+    assert h.feed(make_message(), "s@remote.example", "bob@example.com").rc == p.ACCEPT
+    assert h.feed(make_message(), "s@remote.example", "taro@example.jp").rc == p.TEMPFAIL
 
 
 def test_password_protected_zip_defers_by_default(h: Harness) -> None:
     raw = with_attachment(_encrypted(zip_of({"doc.txt": b"x" * 50})), "locked.zip")
     ctx = h.feed(raw, "s@remote.example", "taro@example.jp")
-    assert ctx.rc == Milter.TEMPFAIL and "encrypted" in ctx._reply[2]
+    assert ctx.rc == p.TEMPFAIL and "encrypted" in ctx.reply[2]
 
 
 def test_unscannable_is_refused_where_the_domain_says_so(tmp_path: Path) -> None:
     h = harness(tmp_path)
     h.directory.entries["mwDomainName=example.jp,ou=domains"]["unscannable_action"] = ["reject"]
     raw = with_attachment(_encrypted(zip_of({"doc.txt": b"x" * 50})), "locked.zip")
-    assert h.feed(raw, "s@remote.example", "taro@example.jp").rc == Milter.REJECT
+    assert h.feed(raw, "s@remote.example", "taro@example.jp").rc == p.REJECT
 
 
 def test_the_same_body_resent_is_scanned_once(h: Harness) -> None:
@@ -221,21 +217,21 @@ def test_the_same_body_resent_is_scanned_once(h: Harness) -> None:
 def test_cached_virus_verdict_is_used_for_a_resend(h: Harness) -> None:
     h.feed(make_message(body=EICAR.decode()), "a@remote.example", "taro@example.jp")
     ctx = h.feed(make_message(body=EICAR.decode()), "b@remote.example", "taro@example.jp")
-    assert h.virus.calls == 1 and ctx.rc == Milter.REJECT
+    assert h.virus.calls == 1 and ctx.rc == p.REJECT
 
 
 def test_failed_reinjection_defers_the_whole_message(h: Harness) -> None:
     h.spam.score = 7.0
     h.injector.fail = True
     ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp", "nobody@bare.example.net")
-    assert ctx.rc == Milter.TEMPFAIL and ctx._delrcpt == []
+    assert ctx.rc == p.TEMPFAIL and ctx.delrcpt == []
 
 
 def test_quarantine_keeps_the_message_for_that_recipient(tmp_path: Path) -> None:
     h = harness(tmp_path)
     h.directory.entries["mwDomainName=example.com,ou=domains"]["virus_action"] = ["quarantine"]
     ctx = h.feed(make_message(body=EICAR.decode()), "s@remote.example", "bob@example.com")
-    assert ctx.rc == Milter.DISCARD
+    assert ctx.rc == p.DISCARD
     quarantine = h.service.delivery.quarantine
     assert quarantine is not None
     (entry,) = quarantine.entries()
@@ -246,7 +242,7 @@ def test_quarantine_keeps_the_message_for_that_recipient(tmp_path: Path) -> None
 def test_forged_junk_header_is_removed(h: Harness) -> None:
     msg = make_message(headers={"X-Mailwarden-Junk": "yes"})
     ctx = h.feed(msg, "s@remote.example", "nobody@bare.example.net")
-    assert ctx.rc == Milter.ACCEPT and ctx._msg["X-Mailwarden-Junk"] is None
+    assert ctx.rc == p.ACCEPT and ctx.msg["X-Mailwarden-Junk"] is None
 
 
 def test_no_notice_to_the_sender_of_machine_mail(h: Harness) -> None:
@@ -264,7 +260,7 @@ def test_a_domain_can_choose_no_notices(h: Harness) -> None:
     h.directory.entries["mwDomainName=example.com,ou=domains"]["notice_recipients"] = ["none"]
     h.service.resolver.invalidate()
     ctx = h.feed(make_message(body=EICAR.decode() + " "), "person@remote.example", "bob@example.com")
-    assert ctx.rc == Milter.REJECT and h.injector.sent == []
+    assert ctx.rc == p.REJECT and h.injector.sent == []
 
 
 def test_notices_are_rate_limited_per_address(tmp_path: Path) -> None:
@@ -276,7 +272,7 @@ def test_notices_are_rate_limited_per_address(tmp_path: Path) -> None:
 
 def test_message_for_nobody_with_services_is_not_touched(h: Harness) -> None:
     ctx = h.feed(make_message(body=GTUBE), "s@remote.example", "nobody@bare.example.net")
-    assert ctx.rc == Milter.ACCEPT and not ctx._headerschanged and h.spam.calls == 0 and h.virus.calls == 0
+    assert ctx.rc == p.ACCEPT and not ctx.headers_changed and h.spam.calls == 0 and h.virus.calls == 0
 
 
 def test_filter_bug_defers_instead_of_passing(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,23 +281,19 @@ def test_filter_bug_defers_instead_of_passing(h: Harness, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(h.service.pipeline.filters[1], "apply", boom)
     ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp")
-    assert ctx.rc == Milter.TEMPFAIL
+    assert ctx.rc == p.TEMPFAIL
 
 
 def test_abort_mid_message_drops_the_spool(h: Harness, tmp_path: Path) -> None:
-    from Milter.testctx import TestCtx
-
     from milters.app import ContentMilter
+    from milters.server import CONTINUE, Macros
 
-    Milter.factory = lambda: ContentMilter(h.service)
-    ctx = TestCtx()
-    ctx._connect()
-    ctx._envfrom("<s@remote.example>")
-    ctx._envrcpt("<taro@example.jp>")
-    milter = ctx.getpriv()
+    milter = ContentMilter(h.service, Macros())
+    milter.mail("s@remote.example", ())
+    assert asyncio.run(milter.rcpt("<taro@example.jp>", ())) == CONTINUE
     milter.body(b"x" * 100)
     assert milter.spool is not None
-    ctx._abort()
+    milter.abort()
     assert milter.spool is None
 
 
@@ -309,7 +301,7 @@ def test_huge_body_spools_to_disk_and_is_scanned(tmp_path: Path) -> None:
     h = harness(tmp_path, "memory_limit = 65536\n")
     big = base64.b64encode(b"\x00" * 400_000).decode()
     ctx = h.feed(make_message(body=big + "\n" + EICAR.decode()), "s@remote.example", "taro@example.jp")
-    assert ctx.rc == Milter.REJECT
+    assert ctx.rc == p.REJECT
     assert list((tmp_path / "spool").iterdir()) == []
 
 
@@ -352,7 +344,7 @@ def test_the_reply_waits_for_no_notice(h: Harness, caplog: pytest.LogCaptureFixt
     started = time.monotonic()
     with caplog.at_level("INFO"):
         ctx = h.feed(make_message(body=EICAR.decode()), "s@remote.example", "bob@example.com", notices=False)
-        assert ctx.rc == Milter.REJECT and time.monotonic() - started < 5
+        assert ctx.rc == p.REJECT and time.monotonic() - started < 5
         assert h.injector.sent == []
         (line,) = [r.getMessage() for r in caplog.records if r.name == "mailwarden.milter"]
         assert "notices=virus>bob@example.com:queued" in line
@@ -366,15 +358,18 @@ def test_the_reply_waits_for_no_notice(h: Harness, caplog: pytest.LogCaptureFixt
 
 
 def test_two_nodes_on_one_redis_scan_the_same_mail_once(tmp_path: Path, redis_server: RedisServer) -> None:
+    from mailwarden.store import open_async_store
     from milters.filters.virus import StoreScanCache, VirusFilter
 
-    store = RedisStore(redis_server.url, key_prefix=f"mwtest{time.time_ns()}:")
+    prefix = f"mwtest{time.time_ns()}:"
     node_a, node_b = harness(tmp_path / "a"), harness(tmp_path / "b")
     for node in (node_a, node_b):
+        store = open_async_store("redis", redis_url=redis_server.url, key_prefix=prefix)
         node.service.pipeline.filters[1] = VirusFilter(node.virus, StoreScanCache(store, 600))
     node_a.feed(make_message(body="one body, two nodes"), "s@remote.example", "taro@example.jp")
     node_b.feed(make_message(body="one body, two nodes"), "s@remote.example", "taro@example.jp")
-    assert node_a.virus.calls + node_b.virus.calls == 1
+    assert (node_a.virus.calls, node_b.virus.calls) == (1, 0)
+    assert list(RedisStore(redis_server.url, key_prefix=prefix).scan("av:")), "the result is in Redis"
 
 
 def test_local_scan_cache_forgets_after_its_ttl_and_when_full() -> None:
@@ -383,72 +378,41 @@ def test_local_scan_cache_forgets_after_its_ttl_and_when_full() -> None:
 
     now = [0.0]
     cache = LocalScanCache(ttl=10, size=2, clock=lambda: now[0])
-    cache.put("a", VirusResult(infected=True, signature="Eicar"))
-    cache.put("b", VirusResult(infected=False))
-    assert cache.get("a") == VirusResult(infected=True, signature="Eicar", upstream="cache", cached=True)
-    cache.put("c", VirusResult(infected=False))  # "b" was used least recently
-    assert cache.get("b") is None and cache.get("c") is not None
-    now[0] = 11
-    assert cache.get("a") is None
+
+    async def run() -> None:
+        await cache.put("a", VirusResult(infected=True, signature="Eicar"))
+        await cache.put("b", VirusResult(infected=False))
+        assert await cache.get("a") == VirusResult(infected=True, signature="Eicar", upstream="cache",
+                                                   cached=True)
+        await cache.put("c", VirusResult(infected=False))  # "b" was used least recently
+        assert await cache.get("b") is None and await cache.get("c") is not None
+        now[0] = 11
+        assert await cache.get("a") is None
+
+    asyncio.run(run())
 
 
-def test_loop_path_is_taken_where_every_filter_fetches_without_blocking(tmp_path: Path) -> None:
-    """bob (virus scan) and taro (spam check too) are decided on the loop, clamd and spamd
-    asked without blocking; a large message, or a spam scanner that can only block, is not."""
-    h = harness(tmp_path, on_loop=True)
-    before = LoopMilter.on_loop
-    assert h.feed(make_message(), "s@remote.example", "bob@example.com").rc == Milter.ACCEPT
-    assert LoopMilter.on_loop == before + 1 and h.virus.async_calls == 1 and h.spam.calls == 0
-    assert h.feed(make_message(), "s@remote.example", "taro@example.jp").rc == Milter.ACCEPT
-    assert LoopMilter.on_loop == before + 2 and h.spam.async_calls == 1
-    big = make_message(body="x" * (h.service.config.milter.loop_max_size + 1000))
-    assert h.feed(big, "s@remote.example", "taro@example.jp").rc == Milter.ACCEPT
-    assert LoopMilter.on_loop == before + 2, "a large message is parsed in a thread"
-    assert h.spam.calls == 2 and h.spam.async_calls == 1
+def test_filters_run_on_the_loop_and_only_blocking_delivery_in_a_thread(tmp_path: Path) -> None:
+    """The scans and the decision run on the event loop's thread; a quarantine, which
+    writes a file and the store, runs in the loop's executor."""
+    h = harness(tmp_path)
+    scans: list[bool] = []
+    puts: list[bool] = []
+    scan, put = h.virus.scan, h.service.delivery.quarantine.put  # type: ignore[union-attr]
 
-    class BlockingOnly:
-        def check(self, message: bytes, deadline: float) -> SpamResult:
-            return SpamResult(1.0)
+    async def spy_scan(stream: Any, deadline: float) -> Any:
+        scans.append(threading.current_thread() is threading.main_thread())
+        return await scan(stream, deadline)
 
-    h.service.pipeline.filters[3] = SpamFilter(BlockingOnly())
-    assert h.feed(make_message(), "s@remote.example", "taro@example.jp").rc == Milter.ACCEPT
-    assert h.feed(make_message(), "s@remote.example", "bob@example.com").rc == Milter.ACCEPT
-    assert LoopMilter.on_loop == before + 3, "only bob's mail, without spam checking, on the loop"
+    def spy_put(*args: Any, **kwargs: Any) -> Any:
+        puts.append(threading.current_thread() is threading.main_thread())
+        return put(*args, **kwargs)
 
-
-def test_loop_path_hands_only_waiting_delivery_to_a_thread(tmp_path: Path) -> None:
-    """On the loop, a virus refusal is carried out there (its notices go to the outbox);
-    a quarantine, which writes a file and the store, is carried out in a thread."""
-    h = harness(tmp_path, on_loop=True)
-    on_loop_thread: list[bool] = []
-    finish = h.service.finish
-
-    def spy(decided: Decided, actions: MilterActions) -> Outcome:
-        on_loop_thread.append(threading.current_thread() is threading.main_thread())
-        return finish(decided, actions)
-
-    h.service.finish = spy  # type: ignore[method-assign]
-    before = LoopMilter.on_loop
-    ctx = h.feed(make_message(body=EICAR.decode()), "s@remote.example", "bob@example.com")
-    assert ctx.rc == Milter.REJECT and LoopMilter.on_loop == before + 1 and on_loop_thread == [True]
-    assert h.injector.sent, "bob's domain sends virus notices"
-    assert {m.sender for m in h.injector.sent} == {""}
+    h.virus.scan = spy_scan  # type: ignore[method-assign]
+    h.service.delivery.quarantine.put = spy_put  # type: ignore[union-attr,method-assign]
+    assert h.feed(make_message(body=EICAR.decode()), "s@remote.example", "bob@example.com").rc == p.REJECT
+    assert scans == [True] and puts == []
     h.directory.entries["mwDomainName=example.com,ou=domains"]["virus_action"] = ["quarantine"]
     h.service.resolver.invalidate()
     ctx = h.feed(make_message(body=EICAR.decode() + " "), "s@remote.example", "bob@example.com")
-    assert ctx.rc == Milter.DISCARD and LoopMilter.on_loop == before + 2 and on_loop_thread == [True, False]
-
-
-def test_loop_path_waits_for_a_cache_in_the_shared_store(tmp_path: Path, redis_server: RedisServer) -> None:
-    from milters.filters.virus import StoreScanCache, VirusFilter
-
-    h = harness(tmp_path, on_loop=True)
-    bob = [Recipient("bob@example.com", (), h.service.resolver.effective_policy("bob@example.com"))]
-    assert h.service.loop_filter_ready(bob, 1000)
-    store = RedisStore(redis_server.url, key_prefix=f"loop{time.time_ns()}:")
-    h.service.pipeline.filters[1] = VirusFilter(h.virus, StoreScanCache(store, 600))
-    assert not h.service.loop_filter_ready(bob, 1000)
-    before = LoopMilter.on_loop
-    assert h.feed(make_message(), "s@remote.example", "bob@example.com").rc == Milter.ACCEPT
-    assert LoopMilter.on_loop == before and h.virus.async_calls == 0
-    store.close()
+    assert ctx.rc == p.DISCARD and scans == [True, True] and puts == [False]

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from mailwarden.netio import receive, send_all
-from mailwarden.testing.clamd import EICAR, ClamdServer, FakeClamd
-from mailwarden.testing.smtpsink import SmtpSink
-from mailwarden.testing.spamd import GTUBE, FakeSpamd, SpamdServer
+from harness.clamd import EICAR, ClamdServer, FakeClamd
+from harness.smtpsink import SmtpSink
+from harness.spamd import GTUBE, FakeSpamd, SpamdServer
 from milters.reinject import InjectError, Origin, SmtpInjector, dot_stuff, xtext
 from milters.scanners import ScanError, SpamResult, VirusResult
 from milters.scanners.clamd import ClamdScanner
-from milters.scanners.spamd import MAX_REPLY, SpamdScanner, parse_reply
-from milters.scanners.upstreams import DeadlineExceeded, Endpoint, Upstreams, tighter
+from milters.scanners.spamd import SpamdScanner
+from milters.scanners.upstreams import DeadlineExceeded, Upstreams, remaining
 from tests.milter.test_message import zip_of
 
 TESTFILES = Path("/usr/share/clamav-testfiles")
@@ -30,26 +29,20 @@ def soon(seconds: float = 10.0) -> float:
     return time.monotonic() + seconds
 
 
-Scan = Callable[[ClamdScanner, Callable[[], Iterable[bytes]], float], VirusResult]
+def scan(scanner: ClamdScanner, stream: Callable[[], Iterable[bytes]], deadline: float) -> VirusResult:
+    """One scan on a fresh event loop (its clamd sessions end with it)."""
+    async def run() -> VirusResult:
+        try:
+            return await scanner.scan(stream, deadline)
+        finally:
+            scanner.close()
+
+    return asyncio.run(run())
 
 
-@pytest.fixture(params=["blocking", "loop"])
-def scan(request: pytest.FixtureRequest) -> Scan:
-    """ClamdScanner.scan (in a milter thread) or scan_async (on the asyncio server's loop)."""
-    if request.param == "blocking":
-        return lambda scanner, stream, deadline: scanner.scan(stream, deadline)
-    return lambda scanner, stream, deadline: asyncio.run(scanner.scan_async(stream, deadline))
-
-
-Check = Callable[[SpamdScanner, bytes, float], SpamResult]
-
-
-@pytest.fixture(params=["blocking", "loop"])
-def check(request: pytest.FixtureRequest) -> Check:
-    """SpamdScanner.check (in a milter thread) or check_async (on the asyncio server's loop)."""
-    if request.param == "blocking":
-        return lambda scanner, message, deadline: scanner.check(message, deadline)
-    return lambda scanner, message, deadline: asyncio.run(scanner.check_async(message, deadline))
+def check(scanner: SpamdScanner, message: bytes, deadline: float) -> SpamResult:
+    """One spamd check on a fresh event loop."""
+    return asyncio.run(scanner.check(message, deadline))
 
 
 def mail_with(data: bytes, filename: str) -> bytes:
@@ -73,7 +66,7 @@ def mail_with(data: bytes, filename: str) -> bytes:
     pytest.param(b"Subject: x\r\n\r\nnothing to see\r\n", False, id="clean"),
 ])
 def test_real_clamd_finds_eicar_wherever_it_hides(clamd: ClamdServer, kind: str, payload: bytes,
-                                                  expected: bool, scan: Scan) -> None:
+                                                  expected: bool) -> None:
     address = clamd.unix_address if kind == "unix" else clamd.inet_address
     result = scan(ClamdScanner([address]), lambda: [payload], soon())
     assert result.infected is expected
@@ -85,25 +78,25 @@ def test_real_clamd_finds_eicar_wherever_it_hides(clamd: ClamdServer, kind: str,
 @pytest.mark.parametrize("name", ["clam.zip", "clam.tar.gz", "clam.7z", "clam.cab"])
 def test_real_clamd_unpacks_the_clamav_test_archives(clamd: ClamdServer, name: str) -> None:
     data = mail_with((TESTFILES / name).read_bytes(), name)
-    result = ClamdScanner([clamd.unix_address]).scan(lambda: [data], soon())
+    result = scan(ClamdScanner([clamd.unix_address]), lambda: [data], soon())
     assert result.infected and "ClamAV-TestFile" in result.signature
 
 
-def test_stream_longer_than_clamd_accepts_is_an_error_not_clean(tmp_path: Path, scan: Scan) -> None:
+def test_stream_longer_than_clamd_accepts_is_an_error_not_clean(tmp_path: Path) -> None:
     with ClamdServer(stream_max="1M") as small:
         scanner = ClamdScanner([small.unix_address])
         with pytest.raises(ScanError, match="size limit"):
             scan(scanner, lambda: [b"x" * (2 << 20)], soon())
 
 
-def test_dead_first_upstream_fails_over_and_is_skipped_next_time(clamd: ClamdServer, tmp_path: Path,
-                                                                scan: Scan) -> None:
+def test_dead_first_upstream_fails_over_and_is_skipped_next_time(clamd: ClamdServer,
+                                                                tmp_path: Path) -> None:
     scanner = ClamdScanner([f"unix:{tmp_path}/gone.sock", clamd.unix_address], retry_after=60)
     assert scan(scanner, lambda: [EICAR], soon()).upstream == clamd.unix_address
     assert str(scanner.upstreams.order()[0]) == clamd.unix_address
 
 
-def test_all_upstreams_dead_is_a_scan_error(tmp_path: Path, scan: Scan) -> None:
+def test_all_upstreams_dead_is_a_scan_error(tmp_path: Path) -> None:
     scanner = ClamdScanner([f"unix:{tmp_path}/a.sock", f"unix:{tmp_path}/b.sock"])
     with pytest.raises(ScanError, match=r"a\.sock.*b\.sock"):
         scan(scanner, lambda: [b"x"], soon())
@@ -115,7 +108,7 @@ def test_loop_scans_share_one_clamd_session(clamd: ClamdServer) -> None:
     nested = mail_with(zip_of({"inner.zip": zip_of({"e.txt": EICAR})}), "outer.zip")
 
     async def scans() -> list[VirusResult]:
-        return [await scanner.scan_async(lambda d=data: [d], soon())  # type: ignore[misc]
+        return [await scanner.scan(lambda d=data: [d], soon())  # type: ignore[misc]
                 for data in (EICAR, b"Subject: x\r\n\r\nclean\r\n", nested, b"clean again")]
 
     results = asyncio.run(scans())
@@ -130,13 +123,13 @@ def test_session_clamd_ended_while_idle_is_replaced_at_once() -> None:
         scanner = ClamdScanner([short.unix_address], retry_after=60)
 
         async def scans() -> list[VirusResult]:
-            first = await scanner.scan_async(lambda: [EICAR], soon())
+            first = await scanner.scan(lambda: [EICAR], soon())
             await asyncio.sleep(2.5)
-            return [first, await scanner.scan_async(lambda: [EICAR], soon())]
+            return [first, await scanner.scan(lambda: [EICAR], soon())]
 
         assert [r.infected for r in asyncio.run(scans())] == [True, True]
         assert scanner.sessions.opened == 2
-        assert scanner.upstreams.order()[0].address == short.unix_address, "not counted as a failure"
+        assert str(scanner.upstreams.order()[0]) == short.unix_address, "not counted as a failure"
         scanner.sessions.close()
 
 
@@ -146,7 +139,7 @@ def test_session_ended_as_it_is_used_is_retried_once_on_a_new_one() -> None:
         scanner = ClamdScanner([fake.address], retry_after=60)
 
         async def scans() -> list[VirusResult]:
-            return [await scanner.scan_async(lambda: [b"x"], soon()) for _ in range(3)]
+            return [await scanner.scan(lambda: [b"x"], soon()) for _ in range(3)]
 
         assert [r.infected for r in asyncio.run(scans())] == [False, False, False]
         assert fake.scans == 3 and fake.sessions == 3 and scanner.sessions.opened == 3
@@ -159,9 +152,9 @@ def test_a_session_that_timed_out_is_not_used_again() -> None:
 
         async def scans() -> VirusResult:
             with pytest.raises(ScanError, match="timed out"):
-                await scanner.scan_async(lambda: [b"x"], soon())
+                await scanner.scan(lambda: [b"x"], soon())
             fake.mode = "ok"
-            return await scanner.scan_async(lambda: [EICAR], soon())
+            return await scanner.scan(lambda: [EICAR], soon())
 
         assert asyncio.run(scans()).infected
         assert scanner.sessions.opened == 2
@@ -169,7 +162,7 @@ def test_a_session_that_timed_out_is_not_used_again() -> None:
 
 
 @pytest.mark.parametrize("mode", ["hang", "garbage"])
-def test_hanging_or_babbling_clamd_is_a_scan_error_within_the_timeout(mode: str, scan: Scan) -> None:
+def test_hanging_or_babbling_clamd_is_a_scan_error_within_the_timeout(mode: str) -> None:
     with FakeClamd(mode=mode) as fake:
         started = time.monotonic()
         with pytest.raises(ScanError):
@@ -177,7 +170,7 @@ def test_hanging_or_babbling_clamd_is_a_scan_error_within_the_timeout(mode: str,
         assert time.monotonic() - started < 2
 
 
-def test_deadline_caps_the_scan_timeout(scan: Scan) -> None:
+def test_deadline_caps_the_scan_timeout() -> None:
     with FakeClamd(mode="hang") as fake:
         started = time.monotonic()
         with pytest.raises(ScanError):
@@ -185,59 +178,27 @@ def test_deadline_caps_the_scan_timeout(scan: Scan) -> None:
         assert time.monotonic() - started < 2
 
 
-def test_blocking_sockets_are_bounded_by_kernel_timeouts(tmp_path: Path) -> None:
-    path = tmp_path / "silent.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-        server.bind(str(path))
-        server.listen(1)
-        sock = Endpoint(f"unix:{path}").connect_blocking(0.3)
-        try:
-            assert sock.gettimeout() is None  # no poll before every call
-            send_all(sock, b"PING\n", None)
-            started = time.monotonic()
-            with pytest.raises(TimeoutError):
-                receive(sock, 100, None)  # the peer never answers
-            assert 0.2 < time.monotonic() - started < 2
-            started = time.monotonic()
-            with pytest.raises(TimeoutError):
-                receive(sock, 100, 0.05)  # a nearer deadline tightens it
-            assert time.monotonic() - started < 0.25
-        finally:
-            sock.close()
-
-
-def test_blocking_inet_connect_is_bounded_too() -> None:
-    with SmtpSink() as sink:
-        sock = Endpoint(f"inet:127.0.0.1:{sink.port}").connect_blocking(0.5)
-        try:
-            assert sock.gettimeout() is None
-            assert receive(sock, 100, None).startswith(b"220")
-        finally:
-            sock.close()
-
-
-def test_tighter_timeout_only_when_the_deadline_is_nearer_than_the_cap() -> None:
-    assert tighter(time.monotonic() + 100, 30) is None
-    left = tighter(time.monotonic() + 5, 30)
-    assert left is not None and 4 < left <= 5
+def test_no_time_left_is_a_deadline_error() -> None:
+    assert 4 < remaining(time.monotonic() + 5, 30) <= 5
+    assert remaining(time.monotonic() + 100, 30) == 30
     with pytest.raises(DeadlineExceeded):
-        tighter(time.monotonic(), 30)
+        remaining(time.monotonic(), 30)
 
 
 def test_failed_upstreams_are_retried_after_the_pause() -> None:
     now = [0.0]
     ups = Upstreams(["unix:/a", "unix:/b"], retry_after=30, clock=lambda: now[0])
     ups.failed(ups.endpoints[0])
-    assert [e.address for e in ups.order()] == ["unix:/b", "unix:/a"]
+    assert [str(e) for e in ups.order()] == ["unix:/b", "unix:/a"]
     now[0] = 31
-    assert [e.address for e in ups.order()] == ["unix:/a", "unix:/b"]
+    assert [str(e) for e in ups.order()] == ["unix:/a", "unix:/b"]
 
 
 # ---------------------------------------------------------------- spamd
 
 
 @pytest.mark.parametrize("over", ["tcp", "unix"])
-def test_real_spamd_scores_gtube_and_lists_symbols(spamd: SpamdServer, over: str, check: Check) -> None:
+def test_real_spamd_scores_gtube_and_lists_symbols(spamd: SpamdServer, over: str) -> None:
     msg = f"From: a@remote.example\r\nSubject: x\r\n\r\n{GTUBE}\r\n".encode()
     address = spamd.address if over == "tcp" else spamd.unix_address
     result = check(SpamdScanner([address]), msg, soon(30))
@@ -245,22 +206,22 @@ def test_real_spamd_scores_gtube_and_lists_symbols(spamd: SpamdServer, over: str
     assert result.upstream == address
 
 
-def test_real_spamd_scores_ham_low(spamd: SpamdServer, check: Check) -> None:
+def test_real_spamd_scores_ham_low(spamd: SpamdServer) -> None:
     msg = (b"From: a@remote.example\r\nTo: b@example.jp\r\nSubject: lunch\r\nDate: Mon, 23 Nov 2026 "
            b"10:00:00 +0900\r\nMessage-ID: <lunch-1@remote.example>\r\n\r\nLunch at noon?\r\n")
     assert check(SpamdScanner([spamd.unix_address]), msg, soon(30)).score < 5
 
 
 @pytest.mark.parametrize("mode", ["hang", "error"])
-def test_hanging_or_failing_spamd_is_a_scan_error(mode: str, check: Check) -> None:
+def test_hanging_or_failing_spamd_is_a_scan_error(mode: str) -> None:
     with FakeSpamd(mode=mode) as fake:
         started = time.monotonic()
-        with pytest.raises(ScanError, match="timed out" if mode == "hang" else "spamd error 76"):
+        with pytest.raises(ScanError, match="timed out" if mode == "hang" else "spamd"):
             check(SpamdScanner([fake.address], timeout=0.5), b"x", soon())
         assert time.monotonic() - started < 2
 
 
-def test_deadline_caps_the_spamd_timeout(check: Check) -> None:
+def test_deadline_caps_the_spamd_timeout() -> None:
     with FakeSpamd(mode="hang") as fake:
         started = time.monotonic()
         with pytest.raises(ScanError):
@@ -268,16 +229,17 @@ def test_deadline_caps_the_spamd_timeout(check: Check) -> None:
         assert time.monotonic() - started < 1.5
 
 
-def test_spamd_fails_over(tmp_path: Path, check: Check) -> None:
+def test_spamd_fails_over(tmp_path: Path) -> None:
     with FakeSpamd(score=2.5) as fake:
         scanner = SpamdScanner([f"unix:{tmp_path}/none.sock", fake.address])
         result = check(scanner, b"x", soon())
         assert result.score == 2.5 and result.upstream == fake.address
-        assert scanner.upstreams.order()[0].address == fake.address, "the dead one rests"
+        assert str(scanner.upstreams.order()[0]) == fake.address, "the dead one rests"
 
 
-@pytest.mark.parametrize("reply", [b"x" * (MAX_REPLY + 10), b"SPAMD/1.1 0 EX_OK\r\n\r\n"])
-def test_overlong_or_headless_spamd_reply_is_a_scan_error(reply: bytes, check: Check) -> None:
+@pytest.mark.parametrize("reply", [b"", b"HTTP/1.0 200 OK\r\n\r\n", b"SPAMD/1.1 0 EX_OK\r\n\r\n",
+                                   b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; lots / 5\r\n\r\n"])
+def test_nonsense_or_headless_spamd_reply_is_a_scan_error(reply: bytes) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -291,16 +253,9 @@ def test_overlong_or_headless_spamd_reply_is_a_scan_error(reply: bytes, check: C
         server = threading.Thread(target=answer, daemon=True)
         server.start()
         address = f"inet:127.0.0.1:{listener.getsockname()[1]}"
-        with pytest.raises(ScanError, match="too long" if len(reply) > MAX_REPLY else "without a Spam"):
+        with pytest.raises(ScanError, match="spamd"):
             check(SpamdScanner([address]), b"x", soon())
         server.join(5)
-
-
-@pytest.mark.parametrize("reply", [b"", b"HTTP/1.0 200 OK\r\n\r\n", b"SPAMD/1.1 0 EX_OK\r\n\r\n",
-                                   b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; lots / 5\r\n\r\n"])
-def test_nonsense_spamd_replies_are_refused(reply: bytes) -> None:
-    with pytest.raises(Exception, match=r"."):
-        parse_reply(reply)
 
 
 # ---------------------------------------------------------------- re-injection

@@ -1,0 +1,181 @@
+"""Running a daemon, shared by the policy daemon and the milter.
+
+The parent binds the listening sockets (as root where it must), drops privileges,
+then serves itself (``workers = 1``) or forks ``workers`` processes that share the
+sockets, restarts one that dies and forwards SIGTERM/SIGINT to all of them.  Each
+worker runs one event loop with one thread pool as its default executor: the only
+place blocking work (the directory, SQLite, files, SMTP re-injection) runs.
+:class:`IdleSweeper` closes connections whose peer has gone quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import signal
+import time
+from collections.abc import Callable, Collection, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+log = logging.getLogger("mailwarden.daemon")
+
+EX_OSERR = 71
+EX_CONFIG = 78
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def drop_privileges(user: str, group: str, name: str) -> None:
+    """Switch to ``user`` (and ``group`` or the user's primary group) when running as root.
+
+    Raises KeyError for an unknown user or group, PermissionError when not allowed.
+    """
+    if os.geteuid() != 0:
+        if user:
+            log.debug("not root: staying uid %d (%s.user %r not applied)", os.geteuid(), name, user)
+        return
+    if not user:
+        log.warning("running as root: set [%s] user to drop privileges", name)
+        return
+    entry = pwd.getpwnam(user)
+    gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    os.setgroups([gid])
+    os.setgid(gid)
+    os.setuid(entry.pw_uid)
+    log.info("switched to user %s (uid %d, gid %d)", user, entry.pw_uid, gid)
+
+
+def run_loop(main: Coroutine[Any, Any, None], event_loop: str = "uvloop", *, threads: int = 16,
+             name: str = "worker") -> None:
+    """Run ``main`` on ``event_loop`` (``uvloop`` or ``asyncio``) with a pool of ``threads``
+    threads as the loop's default executor (``loop.run_in_executor(None, ...)``)."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+
+    async def with_pool() -> None:
+        asyncio.get_running_loop().set_default_executor(pool)
+        await main
+
+    try:
+        if event_loop == "uvloop":
+            import uvloop
+
+            uvloop.run(with_pool())
+        else:
+            asyncio.run(with_pool())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+async def until_stopped() -> None:
+    """Return on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def supervise(workers: int, work: Callable[[], int], *, name: str,
+              after_fork: Callable[[], None] | None = None) -> int:
+    """Run ``work`` in ``workers`` forked processes until SIGTERM/SIGINT; restart one that dies.
+
+    ``work`` returns the worker's exit status.  With one worker it runs in this process.
+    """
+    if workers <= 1:
+        return work()
+    stopping = False
+    children: dict[int, float] = {}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def fork() -> int:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if after_fork is not None:
+                after_fork()
+            status = 1
+            try:
+                status = work()
+            finally:
+                os._exit(status)
+        return pid
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for _ in range(workers):
+        children[fork()] = time.monotonic()
+    log.info("%s: %d workers started (pids %s)", name, workers, " ".join(map(str, children)))
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        born = children.pop(pid, None)
+        if born is None or stopping:
+            continue
+        log.error("%s worker %d exited (status %d); starting another", name, pid, code)
+        status = 1
+        if time.monotonic() - born < 1.0:
+            time.sleep(1.0)  # a worker that dies at once would otherwise spin
+        if not stopping:  # a SIGTERM during the pause must not start a worker nobody stops
+            children[fork()] = time.monotonic()
+    return 0 if stopping else status
+
+
+class Idle(Protocol):
+    """A connection the sweeper may close."""
+
+    @property
+    def idle_since(self) -> float | None:
+        """Loop time since which the peer has been silent, or None while we are working for it."""
+        ...
+
+    def drop(self, reason: str) -> None:
+        """Close the connection with one log line."""
+        ...
+
+
+class IdleSweeper:
+    """Closes connections silent for ``timeout`` seconds (checked a few times per timeout)."""
+
+    def __init__(self, connections: Collection[Idle], timeout: float) -> None:
+        self.connections = connections
+        self.timeout = timeout
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start sweeping on the running loop."""
+        self.task = asyncio.get_running_loop().create_task(self._sweep())
+
+    def stop(self) -> None:
+        """Stop sweeping."""
+        if self.task is not None:
+            self.task.cancel()
+
+    def sweep(self, now: float) -> int:
+        """Close the connections idle since before ``now - timeout``; how many."""
+        cutoff = now - self.timeout
+        stale = [c for c in self.connections if (since := c.idle_since) is not None and since < cutoff]
+        for conn in stale:
+            conn.drop(f"peer silent for over {self.timeout:g}s")
+        return len(stale)
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(min(self.timeout / 4, 30.0), 0.05))
+            self.sweep(loop.time())
