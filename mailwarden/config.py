@@ -3,28 +3,38 @@
 Sections are dataclasses; each field carries its one-line description in its
 metadata, so ``mailwarden config show`` and the README reference come from the
 same place as the loader.  Unknown keys are errors.
+
+The core's own sections are fields of :class:`Config`.  A daemon adds its section
+by registering a :class:`Section` in the ``mailwarden.sections`` entry-point group
+of its distribution; the core loads whatever is registered without naming it, and
+the daemon reads its typed section back with ``Config.section(ItsConfig)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from mailwarden import catalogue
 from mailwarden.confbase import setting
 from mailwarden.renderconfig import RenderConfig
-from milters.config import MilterConfig
-from policyd.config import PolicydConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/mailwarden/mailwarden.toml")
 CONFIG_ENV = "MAILWARDEN_CONFIG"
+SECTIONS_GROUP = "mailwarden.sections"
+"""The entry-point group in which daemons register their configuration sections."""
+
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -98,6 +108,18 @@ class LdapConfig:
     max_value_length: int = setting(16384, "longest attribute value accepted (longer is ignored)")
     mapping: LdapMappingConfig = setting(None, "attribute mapping", factory=LdapMappingConfig)
 
+    @property
+    def worst_case(self) -> float:
+        """Seconds one directory lookup may take at worst.
+
+        Every attempt (the first and ``retry_max`` reconnects) runs into both
+        timeouts, with ``retry_delay`` between attempts.  Callers that ask the
+        directory inside someone else's deadline (Postfix's milter and policy
+        timeouts) compare it with that deadline.
+        """
+        attempts = self.retry_max + 1
+        return attempts * (self.network_timeout + self.timeout) + self.retry_max * self.retry_delay
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -147,18 +169,86 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class Section:
+    """A configuration section a daemon registers with the core.
+
+    The daemon's distribution names it in the ``mailwarden.sections`` entry-point
+    group, the entry point's name being the TOML table::
+
+        [project.entry-points."mailwarden.sections"]
+        milter = "milters.config:SECTION"
+
+    ``cls`` is a frozen dataclass declared like the core's sections (every field
+    through ``setting()``), so loading, unknown-key errors, ``config show`` and the
+    reference work for it unchanged.  ``check`` returns its problems as
+    ``table.key: problem``; it gets the whole configuration, so a section can be
+    weighed against the core's (the LDAP worst case, for instance).
+    """
+
+    name: str
+    cls: type[Any]
+    doc: str
+    check: Callable[[Config], list[str]] | None = None
+
+
+@functools.cache
+def registered_sections() -> Mapping[str, Section]:
+    """The sections registered in the ``mailwarden.sections`` entry-point group, by table name."""
+    core = {f.name for f in dataclasses.fields(Config)}
+    found: dict[str, Section] = {}
+    for ep in sorted(entry_points(group=SECTIONS_GROUP), key=lambda e: e.name):
+        section = ep.load()
+        if not isinstance(section, Section) or section.name != ep.name or section.name in core:
+            raise TypeError(f"entry point {SECTIONS_GROUP}: {ep.name} = {ep.value} is not a "
+                            f"Section named {ep.name!r} beside the core's sections")
+        found[section.name] = section
+    return MappingProxyType(found)
+
+
+def _registered_defaults() -> Mapping[str, Any]:
+    return {name: section.cls() for name, section in registered_sections().items()}
+
+
+@dataclass(frozen=True)
 class Config:
-    """The whole configuration."""
+    """The whole configuration: the core's sections, then the registered ones in ``sections``."""
 
     general: GeneralConfig = setting(None, "process-wide settings", factory=GeneralConfig)
     ldap: LdapConfig = setting(None, "directory connection", factory=LdapConfig)
     policy: PolicyConfig = setting(None, "effective policy", factory=PolicyConfig)
     store: StoreConfig = setting(None, "shared state", factory=StoreConfig)
     dns: DnsConfig = setting(None, "DNS resolver for SPF, DKIM and DNSBL", factory=DnsConfig)
-    policyd: PolicydConfig = setting(None, "Postfix policy daemon", factory=PolicydConfig)
-    milter: MilterConfig = setting(None, "content milter", factory=MilterConfig)
     render: RenderConfig = setting(None, "Postfix / Dovecot fragments", factory=RenderConfig)
+    sections: Mapping[str, Any] = field(
+        default_factory=_registered_defaults, metadata={"internal": True}
+    )
+    """The registered sections by table name (``milter``, ``policyd``)."""
     source: str = field(default="<defaults>", compare=False, metadata={"internal": True})
+
+    def section(self, cls: type[T]) -> T:
+        """The registered section of type ``cls`` (``config.section(MilterConfig)``)."""
+        for value in self.sections.values():
+            if isinstance(value, cls):
+                return value
+        raise LookupError(f"no configuration section of type {cls.__name__} is registered "
+                          f"(entry-point group {SECTIONS_GROUP})")
+
+    def with_section(self, value: object) -> Config:
+        """A copy whose registered section of ``value``'s type is ``value``."""
+        for name, current in self.sections.items():
+            if type(current) is type(value):
+                return dataclasses.replace(self, sections={**self.sections, name: value})
+        raise LookupError(f"no configuration section of type {type(value).__name__} is registered")
+
+    if not TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> Any:
+            # ``config.milter`` for templates and callers not yet moved to
+            # ``MilterConfig.of(config)``; typed code must not rely on it.
+            sections = self.__dict__.get("sections")
+            if sections is not None and not name.startswith("_") and name in sections:
+                return sections[name]
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- loading
@@ -231,6 +321,30 @@ def _build(cls: type[Any], table: Mapping[str, Any], prefix: str, problems: list
         else:
             kwargs[key] = _convert(value, tp, where, problems)
     return cls(**kwargs)
+
+
+def _build_config(data: Mapping[str, Any], problems: list[str]) -> Config:
+    """The core's tables into Config's fields, each registered table into its section."""
+    registered = registered_sections()
+    cfg: Config = _build(Config, {k: v for k, v in data.items() if k not in registered}, "", problems)
+    sections = dict(cfg.sections)
+    for name, table in data.items():
+        if name not in registered:
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{name}: expected a table, got {table!r}")
+            continue
+        sections[name] = _build(registered[name].cls, table, f"{name}.", problems)
+    return dataclasses.replace(cfg, sections=sections)
+
+
+def section_problems(cfg: Config) -> list[str]:
+    """What the registered sections' own checks find, as ``table.key: problem``."""
+    problems: list[str] = []
+    for section in registered_sections().values():
+        if section.check is not None:
+            problems += section.check(cfg)
+    return problems
 
 
 def _validate(cfg: Config, problems: list[str]) -> None:
@@ -308,7 +422,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: {exc}"]) from None
     problems: list[str] = []
-    cfg = _build(Config, data, "", problems)
+    cfg = _build_config(data, problems)
     if not problems:
         _validate(cfg, problems)
     if problems:
@@ -386,6 +500,8 @@ def describe(cfg: Config) -> list[Described]:
     defaults = Config()
     _validate(defaults, [])
     walk(cfg, defaults, "")
+    for name, section in cfg.sections.items():
+        walk(section, defaults.sections[name], f"{name}.")
     return out
 
 

@@ -26,6 +26,7 @@ import jinja2
 from mailwarden import catalogue
 from mailwarden.catalogue import Service
 from mailwarden.config import Config, bind_password, site_defaults
+from mailwarden.renderconfig import MILTER_SECTION, POLICYD_SECTION, MilterWiring, PolicydWiring
 
 MIB = 1024 * 1024
 INNER_SIZE_MARGIN = MIB
@@ -266,6 +267,22 @@ def _seconds(value: float) -> int:
     return max(1, math.ceil(value))
 
 
+def milter_wiring(cfg: Config) -> MilterWiring:
+    """The registered milter section, as the Postfix fragments read it."""
+    section = cfg.sections.get(MILTER_SECTION)
+    if not isinstance(section, MilterWiring):
+        raise RenderError([f"{MILTER_SECTION}: no content milter section is registered"])
+    return section
+
+
+def policyd_wiring(cfg: Config) -> PolicydWiring:
+    """The registered policy daemon section, as the Postfix and Dovecot fragments read it."""
+    section = cfg.sections.get(POLICYD_SECTION)
+    if not isinstance(section, PolicydWiring):
+        raise RenderError([f"{POLICYD_SECTION}: no policy daemon section is registered"])
+    return section
+
+
 # ---------------------------------------------------------------- checks
 
 
@@ -281,9 +298,10 @@ def _endpoint_problems(r: Any, keys: Sequence[str]) -> list[str]:
 
 def policy_endpoint(cfg: Config) -> str:
     """Where Postfix reaches the policy daemon (the first ``[policyd] listen`` entry)."""
-    if not cfg.policyd.listen:
+    listen = policyd_wiring(cfg).listen
+    if not listen:
         raise RenderError(["policyd.listen: empty, Postfix has no policy service to ask"])
-    spec = cfg.policyd.listen[0]
+    spec = listen[0]
     if spec.startswith("unix:/"):
         return spec
     if spec.startswith("inet:"):
@@ -298,6 +316,10 @@ def policy_endpoint(cfg: Config) -> str:
 def check(cfg: Config) -> list[str]:
     """Problems that would make the rendered fragments wrong, as ``section.key: problem``."""
     r = cfg.render
+    try:
+        milter, policyd = milter_wiring(cfg), policyd_wiring(cfg)
+    except RenderError as exc:
+        return exc.problems
     problems = _endpoint_problems(
         r, ("route_listen", "mailbox_listen", "outbound_listen")
     )
@@ -305,32 +327,32 @@ def check(cfg: Config) -> list[str]:
         policy_endpoint(cfg)
     except RenderError as exc:
         problems += exc.problems
-    if not (cfg.milter.socket.startswith(("unix:/", "inet:"))):
-        problems.append(f"milter.socket: {cfg.milter.socket!r} is not unix:/path or inet:host:port")
-    if not cfg.milter.reinject.startswith("inet:"):
+    if not (milter.socket.startswith(("unix:/", "inet:"))):
+        problems.append(f"milter.socket: {milter.socket!r} is not unix:/path or inet:host:port")
+    if not milter.reinject.startswith("inet:"):
         problems.append("milter.reinject: Postfix can only offer it as inet:host:port")
     else:
         try:
-            Endpoint.parse(cfg.milter.reinject.removeprefix("inet:"))
+            Endpoint.parse(milter.reinject.removeprefix("inet:"))
         except ValueError as exc:
             problems.append(f"milter.reinject: {exc}")
     listeners = [r.route_listen, r.mailbox_listen, r.outbound_listen]
     if len(set(listeners)) != len(listeners):
         problems.append("render: route_listen, mailbox_listen and outbound_listen must differ")
-    if cfg.milter.reinject.removeprefix("inet:") in (r.mailbox_listen, r.outbound_listen):
+    if milter.reinject.removeprefix("inet:") in (r.mailbox_listen, r.outbound_listen):
         problems.append("milter.reinject: must not be the mailbox or outbound stage")
     # A message the edges accept must fit what the milter hands to clamd, or it
     # would be "unscannable" and tempfailed for ever for virus-scan subscribers.
-    if r.message_size_limit + MILTER_HEADROOM > cfg.milter.clamd_max_size:
+    if r.message_size_limit + MILTER_HEADROOM > milter.clamd_max_size:
         problems.append(
             f"render.message_size_limit: {r.message_size_limit} bytes plus Postfix's headers "
-            f"exceeds milter.clamd_max_size {cfg.milter.clamd_max_size}: such mail could never be scanned"
+            f"exceeds milter.clamd_max_size {milter.clamd_max_size}: such mail could never be scanned"
         )
     site_host = _setting_default(cfg, "mail_host")
     if site_host and r.default_mailbox_host and site_host != r.default_mailbox_host:
         problems.append(f"render.default_mailbox_host: {r.default_mailbox_host!r} differs from "
                         f"policy.defaults.mail_host {site_host!r}; set one of them")
-    if cfg.policyd.idle_timeout <= 30:
+    if policyd.idle_timeout <= 30:
         problems.append("policyd.idle_timeout: must exceed 30s (Postfix keeps idle connections)")
     if "%" in r.sasl_path or " " in r.sasl_path:
         problems.append(f"render.sasl_path: {r.sasl_path!r} contains a space or %")
@@ -389,7 +411,7 @@ def _instance_paths(cfg: Config, role: str) -> dict[str, str]:
 
 def _policy_check(cfg: Config, context: str) -> str:
     """A check_policy_service restriction for the policy daemon, fail-safe (4xx) when it is down."""
-    p = cfg.policyd
+    p = policyd_wiring(cfg)
     timeout = _seconds(p.request_timeout) + POLICY_TIMEOUT_MARGIN
     # Postfix closes idle connections before the daemon does, so it never writes
     # into a connection the daemon is closing.
@@ -431,7 +453,7 @@ def postfix_context(cfg: Config) -> dict[str, Any]:
         _mailbox_nexthop(cfg).replace("%s", default_host) if default_host
         else "retry:4.3.5 no mailbox host for this recipient in the directory"
     )
-    milter = cfg.milter
+    milter = milter_wiring(cfg)
     return {
         "cfg": cfg,
         "r": r,
@@ -618,7 +640,7 @@ def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
     r = cfg.render
     directory = Directory(cfg)
     config_dir = r.dovecot_config_dir.format(role=role)
-    policyd = cfg.policyd
+    policyd = policyd_wiring(cfg)
     report_url = ""
     if policyd.login_report_listen:
         spec = policyd.login_report_listen[0]
@@ -661,6 +683,7 @@ def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
         "report_url": report_url if reports else "",
         "report_protocols": policyd.login_report_protocols,
         "report_header": policyd.login_report_header,
+        "login_domain": policyd.login_domain,
         "sasl_socket": sasl_socket,
         "sasl_inet": Endpoint.parse(r.sasl_path.removeprefix("inet:")) if not sasl_socket else None,
         "recipient_delimiter": cfg.policy.recipient_delimiter,

@@ -3,17 +3,81 @@
 Everything mailwarden itself already knows (LDAP connection and mapping, the
 policy daemon's and the milter's sockets and timeouts, cache TTLs) is read from
 its own section when rendering; this section holds only what Postfix and
-Dovecot need beyond that.
+Dovecot need beyond that.  What rendering reads from the daemons' registered
+sections is spelled out here as :class:`MilterWiring` and :class:`PolicydWiring`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 from mailwarden.confbase import setting
 
 MIB = 1024 * 1024
+
+MILTER_SECTION = "milter"
+"""The registered section Postfix's milter settings come from."""
+POLICYD_SECTION = "policyd"
+"""The registered section Postfix's policy service and Dovecot's login reports come from."""
+
+
+@runtime_checkable
+class MilterWiring(Protocol):
+    """What the Postfix fragments need from the content milter's section."""
+
+    @property
+    def socket(self) -> str:
+        """Where the milter listens (``unix:/path`` or ``inet:host:port``)."""
+
+    @property
+    def reinject(self) -> str:
+        """The smtpd (``inet:host:port``) that receives the milter's re-injections."""
+
+    @property
+    def clamd_max_size(self) -> int:
+        """The largest message the milter scans, in bytes."""
+
+    @property
+    def postfix_command_timeout(self) -> float:
+        """Postfix's milter_command_timeout, in seconds."""
+
+    @property
+    def postfix_content_timeout(self) -> float:
+        """Postfix's milter_content_timeout, in seconds."""
+
+
+@runtime_checkable
+class PolicydWiring(Protocol):
+    """What the Postfix and Dovecot fragments need from the policy daemon's section."""
+
+    @property
+    def listen(self) -> list[str]:
+        """Where the daemon listens; Postfix asks the first entry."""
+
+    @property
+    def request_timeout(self) -> float:
+        """Seconds the daemon takes at most to answer."""
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds the daemon keeps an idle connection."""
+
+    @property
+    def login_report_listen(self) -> list[str]:
+        """Where the Dovecot login-report endpoint listens (``inet:host:port``); empty: off."""
+
+    @property
+    def login_report_protocols(self) -> list[str]:
+        """The protocols whose logins Dovecot reports."""
+
+    @property
+    def login_report_header(self) -> str:
+        """The ``Name: value`` header each login report carries (empty: none)."""
+
+    @property
+    def login_domain(self) -> str:
+        """The domain appended to logins without @ (Dovecot's auth_default_realm)."""
 
 
 @dataclass(frozen=True)

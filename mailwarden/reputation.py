@@ -23,7 +23,7 @@ import ipaddress
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from mailwarden.store import Store
 
@@ -36,6 +36,29 @@ DEFAULT_WEIGHTS: Mapping[str, float] = {
 }
 EPOCH_HALF_LIVES = 6
 _SCALE = 1000
+SETTINGS_SECTION = "policyd"
+"""The registered section whose ``reputation`` table configures the reputation."""
+
+
+@runtime_checkable
+class ReputationSettings(Protocol):
+    """What the reputation reads from ``[policyd.reputation]``."""
+
+    @property
+    def half_life(self) -> float:
+        """Seconds after which a recorded outcome counts half."""
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Score added per outcome."""
+
+    @property
+    def ipv4_prefix(self) -> int:
+        """IPv4 network size for the network score."""
+
+    @property
+    def ipv6_prefix(self) -> int:
+        """IPv6 network size for the network score."""
 
 
 class Reputation:
@@ -68,8 +91,13 @@ class Reputation:
     def from_config(
         cls, store: Store, config: Config, *, clock: Callable[[], float] = time.time
     ) -> Reputation:
-        """The reputation as ``[policyd.reputation]`` configures it (shared by daemon and milter)."""
-        rc = config.policyd.reputation
+        """The reputation as ``[policyd.reputation]`` configures it (shared by daemon and milter).
+
+        Without a registered policy daemon section the built-in defaults apply.
+        """
+        rc = getattr(config.sections.get(SETTINGS_SECTION), "reputation", None)
+        if not isinstance(rc, ReputationSettings):
+            return cls(store, clock=clock)
         return cls(
             store, half_life=rc.half_life, weights=rc.weights,
             ipv4_prefix=rc.ipv4_prefix, ipv6_prefix=rc.ipv6_prefix, clock=clock,

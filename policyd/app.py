@@ -254,6 +254,11 @@ class Services:
     trusted: Callable[[IPAddress], bool]
     clock: Callable[[], float]
 
+    @property
+    def policyd(self) -> PolicydConfig:
+        """The ``[policyd]`` section of ``config``."""
+        return PolicydConfig.of(self.config)
+
 
 def build_services(
     config: Config,
@@ -278,7 +283,7 @@ def build_services(
         async_dns=async_twin(resolver),
         reputation=Reputation.from_config(guarded, config, clock=clock),
         pbs=PopBeforeSmtp(guarded),
-        trusted=TrustedNetworks(config.policyd.trusted_networks),
+        trusted=TrustedNetworks(PolicydConfig.of(config).trusted_networks),
         clock=clock,
     )
 

@@ -8,20 +8,19 @@ import time
 
 import click
 
-from mailwarden.cli import EX_CONFIG, EX_TEMPFAIL, EX_USAGE, App, fail, handle_errors, main, pass_app
+from mailwarden.cli.common import EX_CONFIG, EX_TEMPFAIL, EX_USAGE, App, fail, handle_errors, pass_app
 from mailwarden.log import setup_logging
 from mailwarden.store import Store, StoreUnavailable
+from policyd.config import PolicydConfig, check_section
 
 
-@main.group("policyd")
+@click.group("policyd")
 def policyd_group() -> None:
     """The Postfix policy daemon (check_policy_service)."""
 
 
 def _checked(app: App) -> None:
-    from policyd.app import validate
-
-    problems = validate(app.config.policyd)
+    problems = check_section(app.config)
     if problems:
         fail("configuration error:\n" + "\n".join(f"{app.config.source}:{p}" for p in problems),
              EX_CONFIG)
@@ -67,7 +66,7 @@ def query_command(app: App, where: str | None, timeout: float, attributes: tuple
         if not eq:
             fail(f"{item!r}: expected NAME=VALUE", EX_USAGE)
         attrs[name] = value
-    spec = where or app.config.policyd.listen[0]
+    spec = where or PolicydConfig.of(app.config).listen[0]
     try:
         kind, host, port = parse_listen(spec)
     except ValueError as exc:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from mailwarden import catalogue
 from mailwarden.confbase import setting
+from mailwarden.config import Config, Section
+
+if TYPE_CHECKING:
+    from mailwarden.renderconfig import PolicydWiring
+    from mailwarden.reputation import ReputationSettings
 
 FailureAction = Literal["tempfail", "dunno"]
 
@@ -195,3 +200,25 @@ class PolicydConfig:
     spf: SpfConfig = setting(None, "SPF", factory=SpfConfig)
     reputation: ReputationConfig = setting(None, "IP reputation", factory=ReputationConfig)
     greylist: GreylistConfig = setting(None, "greylisting", factory=GreylistConfig)
+
+    @classmethod
+    def of(cls, config: Config) -> PolicydConfig:
+        """The ``[policyd]`` section of ``config``."""
+        return config.section(cls)
+
+
+def check_section(config: Config) -> list[str]:
+    """Problems in the section, weighed against the rest of ``config``."""
+    from policyd.app import validate
+
+    return validate(PolicydConfig.of(config))
+
+
+SECTION = Section("policyd", PolicydConfig, "Postfix policy daemon", check=check_section)
+"""Registered in the ``mailwarden.sections`` entry-point group (pyproject.toml)."""
+
+if TYPE_CHECKING:
+    # `mailwarden render` and the reputation read the section through these
+    # protocols: mypy keeps them in step.
+    _RENDERED: PolicydWiring = PolicydConfig()
+    _REPUTATION: ReputationSettings = ReputationConfig()

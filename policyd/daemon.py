@@ -25,6 +25,7 @@ from typing import Any
 from mailwarden.config import Config
 from mailwarden.log import setup_logging
 from policyd.app import PolicyApp, parse_listen
+from policyd.config import PolicydConfig
 from policyd.server import PolicyServer, bind_listener
 
 log = logging.getLogger("mailwarden.policyd")
@@ -71,7 +72,7 @@ async def serve(config: Config, sockets: list[socket.socket], login_sockets: lis
     await server.start(sockets, login_sockets)
     log.info("policyd ready: listening on %s; login reports on %s; checks %s; store %s",
              ", ".join(server.addresses) or "-",
-             ", ".join(config.policyd.login_report_listen) or "off",
+             ", ".join(PolicydConfig.of(config).login_report_listen) or "off",
              ", ".join(c.name for c in app.engine.checks) or "none", config.store.backend)
     await stop.wait()
     log.info("policyd stopping: closing %d connection(s)", len(server.connections))
@@ -91,7 +92,7 @@ def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
 
 def _run_worker(config: Config, sockets: list[socket.socket], login: list[socket.socket]) -> int:
     try:
-        run_loop(serve(config, sockets, login), config.policyd.event_loop)
+        run_loop(serve(config, sockets, login), PolicydConfig.of(config).event_loop)
     except Exception as exc:  # noqa: BLE001 - reported as the exit status
         log.error("policyd worker failed: %s: %s", type(exc).__name__, exc)
         return 1
@@ -121,7 +122,7 @@ def _supervise(config: Config, sockets: list[socket.socket], login: list[socket.
     children: dict[int, float] = {}
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    for _ in range(config.policyd.workers):
+    for _ in range(PolicydConfig.of(config).workers):
         children[fork()] = time.monotonic()
     status = 0
     while children:
@@ -146,7 +147,7 @@ def _supervise(config: Config, sockets: list[socket.socket], login: list[socket.
 
 def run(config: Config) -> int:
     """Run the daemon in the foreground; return the process exit status."""
-    cfg = config.policyd
+    cfg = PolicydConfig.of(config)
     created: list[Path] = []
     try:
         sockets = [bind_listener(spec, cfg) for spec in cfg.listen]

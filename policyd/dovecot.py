@@ -25,6 +25,7 @@ from mailwarden.catalogue import Service
 from mailwarden.directory import DirectoryUnavailable
 from mailwarden.policy import AddressKind
 from mailwarden.store import StoreUnavailable
+from policyd.config import PolicydConfig
 
 if TYPE_CHECKING:
     from policyd.app import PolicyApp
@@ -40,7 +41,7 @@ class LoginRecorder:
     """Turns one Dovecot report into a POP-before-SMTP window (or a reason not to)."""
 
     def __init__(self, app: PolicyApp) -> None:
-        cfg = app.config.policyd
+        cfg = PolicydConfig.of(app.config)
         self.services = app.services
         self.protocols = frozenset(p.lower() for p in cfg.login_report_protocols)
         self.login_domain = cfg.login_domain
@@ -84,7 +85,7 @@ class LoginReportServer:
     """A small HTTP/1.1 server (keep-alive, Content-Length bodies) for Dovecot's reports."""
 
     def __init__(self, app: PolicyApp, executor: ThreadPoolExecutor) -> None:
-        cfg = app.config.policyd
+        cfg = PolicydConfig.of(app.config)
         self.recorder = LoginRecorder(app)
         self.executor = executor
         self.idle_timeout = cfg.idle_timeout

@@ -239,7 +239,7 @@ class PolicyServer:
 
     def __init__(self, app: PolicyApp, *, executor: ThreadPoolExecutor | None = None) -> None:
         self.app = app
-        self.cfg: PolicydConfig = app.config.policyd
+        self.cfg: PolicydConfig = PolicydConfig.of(app.config)
         self.limits = Limits(self.cfg.max_line_length, self.cfg.max_request_size,
                              self.cfg.max_attributes)
         self.log_all = self.cfg.log_decisions == "all"

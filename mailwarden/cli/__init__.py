@@ -7,105 +7,68 @@ follow sysexits: 1 no such entry or refused change, 2 usage / bad value,
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, NoReturn, ParamSpec, TypeVar
+from importlib.metadata import entry_points
 
 import click
 
 from mailwarden import catalogue
-from mailwarden.address import InvalidAddress
+from mailwarden.cli.admin import domain_group, ldap_group, user_group
+from mailwarden.cli.common import (
+    EX_CONFIG,
+    EX_TEMPFAIL,
+    App,
+    fail,
+    handle_errors,
+    pass_app,
+    policy_as_dict,
+    print_policy,
+)
+from mailwarden.cli.render import render_group
 from mailwarden.config import (
-    Config,
-    ConfigError,
     config_path,
     describe,
-    load_config,
     reference_markdown,
+    section_problems,
     toml_value,
 )
-from mailwarden.directory import Directory, DirectoryError, DirectoryUnavailable, NoSuchEntry
-from mailwarden.log import setup_logging
-from mailwarden.policy import EffectivePolicy, PolicyResolver
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-EX_NOTFOUND = 1
-EX_USAGE = 2
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
+COMMANDS_GROUP = "mailwarden.commands"
+"""The entry-point group in which daemons register their command groups."""
 
 
-def fail(message: str, code: int) -> NoReturn:
-    """Print ``mailwarden: message`` to stderr and exit."""
-    click.echo(f"mailwarden: {message}", err=True)
-    sys.exit(code)
+class MainGroup(click.Group):
+    """The core's commands, and on first use those registered in ``mailwarden.commands``.
+
+    A daemon's distribution names each of its command groups there, the entry
+    point's name being the command (``milter = "milters.cli:milter_group"``).  They
+    are loaded when the command line is parsed, not when this module is imported,
+    so a daemon's CLI module may import :mod:`mailwarden.cli.common` freely.
+    """
+
+    _registered = False
+
+    def _load_registered(self) -> None:
+        if self._registered:
+            return
+        self._registered = True
+        for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+            command = ep.load()
+            if not isinstance(command, click.Command) or ep.name in self.commands:
+                raise TypeError(f"entry point {COMMANDS_GROUP}: {ep.name} = {ep.value} is not a "
+                                "click command beside the core's commands")
+            self.add_command(command, ep.name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_registered()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load_registered()
+        return super().get_command(ctx, cmd_name)
 
 
-@dataclass
-class App:
-    """Lazily built configuration, directory and resolver for one command."""
-
-    config_file: str | None
-    _config: Config | None = None
-    _directory: Directory | None = None
-    _resolver: PolicyResolver | None = field(default=None, repr=False)
-
-    @property
-    def config(self) -> Config:
-        """The loaded configuration (exits 78 on error)."""
-        if self._config is None:
-            try:
-                self._config = load_config(self.config_file)
-            except ConfigError as exc:
-                fail("configuration error:\n" + str(exc), EX_CONFIG)
-            setup_logging(self._config.general, "cli")
-        return self._config
-
-    @property
-    def directory(self) -> Directory:
-        """The LDAP directory from the configuration."""
-        if self._directory is None:
-            from mailwarden.ldapdir import LdapDirectory
-
-            self._directory = LdapDirectory(self.config.ldap)
-        return self._directory
-
-    @property
-    def resolver(self) -> PolicyResolver:
-        """A resolver without caching (each command asks once)."""
-        if self._resolver is None:
-            self._resolver = PolicyResolver(self.directory, self.config)
-        return self._resolver
-
-
-def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn the core's exceptions into one clear line and a sysexits code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except DirectoryUnavailable as exc:
-            fail(f"directory unavailable: {exc}", EX_TEMPFAIL)
-        except NoSuchEntry as exc:
-            fail(str(exc), EX_NOTFOUND)
-        except DirectoryError as exc:
-            fail(f"directory refused the change: {exc}", EX_NOTFOUND)
-        except (InvalidAddress, catalogue.InvalidValue) as exc:
-            fail(str(exc), EX_USAGE)
-
-    return wrapper
-
-
-pass_app = click.make_pass_decorator(App)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=MainGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config", "-c", "config_file", metavar="PATH", envvar="MAILWARDEN_CONFIG",
     help="Configuration file (default /etc/mailwarden/mailwarden.toml).",
@@ -155,12 +118,8 @@ def config_reference() -> None:
 @handle_errors
 def config_check(app: App, connect: bool) -> None:
     """Validate the configuration; name file:key: problem on error."""
-    from milters.cli import ldap_worst_case
-    from milters.config import check_milter_config
-    from policyd.app import validate as validate_policyd
-
     cfg = app.config
-    problems = validate_policyd(cfg.policyd) + check_milter_config(cfg.milter, ldap_worst_case(app))
+    problems = section_problems(cfg)
     if problems:
         fail("configuration error:\n" + "\n".join(f"{cfg.source}:{p}" for p in problems), EX_CONFIG)
     if connect:
@@ -181,81 +140,6 @@ def config_check(app: App, connect: bool) -> None:
 
 
 # ------------------------------------------------------------------ explain
-
-
-def policy_as_dict(policy: EffectivePolicy) -> dict[str, Any]:
-    """A JSON-ready view of an effective policy."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, catalogue.KeywordRule):
-            return str(value)
-        return value
-
-    return {
-        "address": policy.address,
-        "kind": policy.kind.value,
-        "canonical": policy.canonical,
-        "domain": policy.domain,
-        "active": policy.active,
-        "resolved_via": list(policy.resolved_via),
-        "domain_dn": policy.domain_dn,
-        "user_dn": policy.user_dn,
-        "alternate_addresses": list(policy.alternate_addresses),
-        "domain_aliases": list(policy.domain_aliases),
-        "services": {
-            s.value: {"on": v.value, "source": v.source_text,
-                      "implemented": catalogue.SERVICES[s].implemented}
-            for s, v in policy.services.items()
-        },
-        "settings": {
-            n: {"value": plain(v.value), "source": v.source_text}
-            for n, v in policy.settings.items()
-        },
-        "problems": list(policy.problems),
-    }
-
-
-def _show_value(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ", ".join(str(v) for v in value) if value else "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if value == "":
-        return "-"
-    return str(value)
-
-
-def print_policy(policy: EffectivePolicy) -> None:
-    """Human-readable effective policy with the source of every value."""
-    state = {True: "active", False: "INACTIVE"}[policy.active] if policy.user_dn else ""
-    click.echo(f"{policy.address}: {policy.kind.value}" + (f" ({state})" if state else ""))
-    rows = [
-        ("canonical", policy.canonical),
-        ("domain", f"{policy.domain}  [{policy.domain_dn}]" if policy.domain else None),
-        ("entry", policy.user_dn),
-        ("resolved via", "; ".join(policy.resolved_via) or None),
-        ("aliases", ", ".join(policy.alternate_addresses) or None),
-        ("domain aliases", ", ".join(policy.domain_aliases) or None),
-    ]
-    for label, value in rows:
-        if value:
-            click.echo(f"  {label:<15} {value}")
-    if not policy.is_local:
-        click.echo("  (domain not hosted here: no services apply)")
-        return
-    click.echo("services:")
-    for service, sv in policy.services.items():
-        note = f"  {catalogue.NOT_YET_ACTIVE}" if catalogue.not_yet_active(service) else ""
-        click.echo(f"  {service.value:<22} {'on' if sv.value else 'off':<4} from {sv.source_text}{note}")
-    click.echo("settings:")
-    for name, sv in policy.settings.items():
-        click.echo(f"  {name:<22} {_show_value(sv.value):<30} from {sv.source_text}")
-    if policy.problems:
-        click.echo("problems:")
-        for p in policy.problems:
-            click.echo(f"  {p}")
 
 
 @main.command()
@@ -291,9 +175,5 @@ def services_cmd() -> None:
         )
 
 
-# Command groups living elsewhere register themselves on `main` when imported.
-from mailwarden.cli import admin, render  # noqa: E402
-from milters import cli as milter_cli  # noqa: E402
-from policyd import cli as policyd_cli  # noqa: E402
-
-_ = (admin, render, milter_cli, policyd_cli)
+for _group in (domain_group, user_group, ldap_group, render_group):
+    main.add_command(_group)

@@ -15,7 +15,7 @@ import click
 from mailwarden import catalogue
 from mailwarden.address import normalize_address, normalize_domain
 from mailwarden.catalogue import Service
-from mailwarden.cli import App, handle_errors, main, pass_app, print_policy
+from mailwarden.cli.common import App, handle_errors, pass_app, print_policy
 from mailwarden.directory import Entry, NoSuchEntry
 from mailwarden.policy import AddressKind, EffectivePolicy
 
@@ -123,10 +123,10 @@ def _report(app: App, target: Target, names: list[str]) -> None:
                        f"(from {sv.source_text}){note}")
 
 
-def make_group(name: str, key: str, locate: Callable[[App, str], Target], layer: str) -> None:
-    """Register ``mailwarden NAME show|enable|disable|inherit|set|unset``."""
+def make_group(name: str, key: str, locate: Callable[[App, str], Target], layer: str) -> click.Group:
+    """``mailwarden NAME show|enable|disable|inherit|set|unset``."""
 
-    @main.group(name, help=f"Show and change a {name}'s services and settings in LDAP.")
+    @click.group(name, help=f"Show and change a {name}'s services and settings in LDAP.")
     def group() -> None:
         pass
 
@@ -184,13 +184,14 @@ def make_group(name: str, key: str, locate: Callable[[App, str], Target], layer:
         _report(app, target, [spec.name])
 
     _ = (show, set_, unset)
+    return group
 
 
-make_group("domain", "DOMAIN", _find_domain, "domain")
-make_group("user", "ADDRESS", _find_user, "user")
+domain_group = make_group("domain", "DOMAIN", _find_domain, "domain")
+user_group = make_group("user", "ADDRESS", _find_user, "user")
 
 
-@main.group("ldap")
+@click.group("ldap")
 def ldap_group() -> None:
     """The shipped LDAP schema and synthetic directory data."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mailwarden.cli import EX_CONFIG, App, fail, main, pass_app
+from mailwarden.cli.common import EX_CONFIG, App, fail, pass_app
 from mailwarden.config import Config
 from mailwarden.render import (
     DOVECOT_ROLES,
@@ -21,7 +21,7 @@ from mailwarden.render import (
 EX_CANTCREAT = 73
 
 
-@main.group("render")
+@click.group("render")
 def render_group() -> None:
     """Render Postfix / Dovecot configuration from the mailwarden configuration."""
 

@@ -12,21 +12,22 @@ from policyd.checks.relay import RelayCheck
 from policyd.checks.reputation import ReputationCheck
 from policyd.checks.sender_login import SenderLoginCheck
 from policyd.checks.spf import SpfCheck
+from policyd.config import PolicydConfig
 
 FACTORIES: dict[str, Callable[[Config], Check]] = {
-    "relay": lambda c: RelayCheck(c.policyd),
-    "sender_login": lambda c: SenderLoginCheck(c.policyd),
-    "reputation": lambda c: ReputationCheck(c.policyd),
-    "rate_limit": lambda c: RateLimitCheck(c.policyd),
-    "spf": lambda c: SpfCheck(c.policyd, c.general.node_name),
-    "greylist": lambda c: GreylistCheck(c.policyd),
+    "relay": lambda c: RelayCheck(PolicydConfig.of(c)),
+    "sender_login": lambda c: SenderLoginCheck(PolicydConfig.of(c)),
+    "reputation": lambda c: ReputationCheck(PolicydConfig.of(c)),
+    "rate_limit": lambda c: RateLimitCheck(PolicydConfig.of(c)),
+    "spf": lambda c: SpfCheck(PolicydConfig.of(c), c.general.node_name),
+    "greylist": lambda c: GreylistCheck(PolicydConfig.of(c)),
 }
 
 
 def build_checks(config: Config) -> list[Check]:
     """The configured checks, in the configured order; ValueError for an unknown name."""
     checks = []
-    for name in dict.fromkeys(config.policyd.checks):
+    for name in dict.fromkeys(PolicydConfig.of(config).checks):
         factory = FACTORIES.get(name)
         if factory is None:
             raise ValueError(f"unknown check {name!r} (known: {', '.join(FACTORIES)})")

@@ -231,7 +231,7 @@ class Context:
         if not login:
             return None
         if "@" not in login:
-            domain = self.services.config.policyd.login_domain
+            domain = self.services.policyd.login_domain
             if not domain:
                 return None
             login = f"{login}@{domain}"
@@ -251,7 +251,7 @@ class Context:
     def pop_before_smtp_user(self) -> str | None:
         """The subscriber with a live POP-before-SMTP window for this client IP, or None."""
         ip = self.client_ip
-        if ip is None or not self.services.config.policyd.relay.pop_before_smtp:
+        if ip is None or not self.services.policyd.relay.pop_before_smtp:
             return None
         user: str | None = self.memo("pbs", lambda: self.services.pbs.lookup(str(ip)))
         return user

@@ -1,0 +1,172 @@
+"""What every ``mailwarden`` command shares: the lazily built App, error handling, exit codes
+and the printed effective policy.  Daemons' command groups import from here; nothing
+here imports a command module.
+
+Exit codes follow sysexits: 1 no such entry or refused change, 2 usage / bad value,
+75 (EX_TEMPFAIL) directory or store unavailable, 78 (EX_CONFIG) bad configuration.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, ParamSpec, TypeVar
+
+import click
+
+from mailwarden import catalogue
+from mailwarden.address import InvalidAddress
+from mailwarden.config import Config, ConfigError, load_config
+from mailwarden.directory import Directory, DirectoryError, DirectoryUnavailable, NoSuchEntry
+from mailwarden.log import setup_logging
+from mailwarden.policy import EffectivePolicy, PolicyResolver
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+EX_NOTFOUND = 1
+EX_USAGE = 2
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Print ``mailwarden: message`` to stderr and exit."""
+    click.echo(f"mailwarden: {message}", err=True)
+    sys.exit(code)
+
+
+@dataclass
+class App:
+    """Lazily built configuration, directory and resolver for one command."""
+
+    config_file: str | None
+    _config: Config | None = None
+    _directory: Directory | None = None
+    _resolver: PolicyResolver | None = field(default=None, repr=False)
+
+    @property
+    def config(self) -> Config:
+        """The loaded configuration (exits 78 on error)."""
+        if self._config is None:
+            try:
+                self._config = load_config(self.config_file)
+            except ConfigError as exc:
+                fail("configuration error:\n" + str(exc), EX_CONFIG)
+            setup_logging(self._config.general, "cli")
+        return self._config
+
+    @property
+    def directory(self) -> Directory:
+        """The LDAP directory from the configuration."""
+        if self._directory is None:
+            from mailwarden.ldapdir import LdapDirectory
+
+            self._directory = LdapDirectory(self.config.ldap)
+        return self._directory
+
+    @property
+    def resolver(self) -> PolicyResolver:
+        """A resolver without caching (each command asks once)."""
+        if self._resolver is None:
+            self._resolver = PolicyResolver(self.directory, self.config)
+        return self._resolver
+
+
+def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn the core's exceptions into one clear line and a sysexits code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except DirectoryUnavailable as exc:
+            fail(f"directory unavailable: {exc}", EX_TEMPFAIL)
+        except NoSuchEntry as exc:
+            fail(str(exc), EX_NOTFOUND)
+        except DirectoryError as exc:
+            fail(f"directory refused the change: {exc}", EX_NOTFOUND)
+        except (InvalidAddress, catalogue.InvalidValue) as exc:
+            fail(str(exc), EX_USAGE)
+
+    return wrapper
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def policy_as_dict(policy: EffectivePolicy) -> dict[str, Any]:
+    """A JSON-ready view of an effective policy."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, catalogue.KeywordRule):
+            return str(value)
+        return value
+
+    return {
+        "address": policy.address,
+        "kind": policy.kind.value,
+        "canonical": policy.canonical,
+        "domain": policy.domain,
+        "active": policy.active,
+        "resolved_via": list(policy.resolved_via),
+        "domain_dn": policy.domain_dn,
+        "user_dn": policy.user_dn,
+        "alternate_addresses": list(policy.alternate_addresses),
+        "domain_aliases": list(policy.domain_aliases),
+        "services": {
+            s.value: {"on": v.value, "source": v.source_text,
+                      "implemented": catalogue.SERVICES[s].implemented}
+            for s, v in policy.services.items()
+        },
+        "settings": {
+            n: {"value": plain(v.value), "source": v.source_text}
+            for n, v in policy.settings.items()
+        },
+        "problems": list(policy.problems),
+    }
+
+
+def _show_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value) if value else "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value == "":
+        return "-"
+    return str(value)
+
+
+def print_policy(policy: EffectivePolicy) -> None:
+    """Human-readable effective policy with the source of every value."""
+    state = {True: "active", False: "INACTIVE"}[policy.active] if policy.user_dn else ""
+    click.echo(f"{policy.address}: {policy.kind.value}" + (f" ({state})" if state else ""))
+    rows = [
+        ("canonical", policy.canonical),
+        ("domain", f"{policy.domain}  [{policy.domain_dn}]" if policy.domain else None),
+        ("entry", policy.user_dn),
+        ("resolved via", "; ".join(policy.resolved_via) or None),
+        ("aliases", ", ".join(policy.alternate_addresses) or None),
+        ("domain aliases", ", ".join(policy.domain_aliases) or None),
+    ]
+    for label, value in rows:
+        if value:
+            click.echo(f"  {label:<15} {value}")
+    if not policy.is_local:
+        click.echo("  (domain not hosted here: no services apply)")
+        return
+    click.echo("services:")
+    for service, sv in policy.services.items():
+        note = f"  {catalogue.NOT_YET_ACTIVE}" if catalogue.not_yet_active(service) else ""
+        click.echo(f"  {service.value:<22} {'on' if sv.value else 'off':<4} from {sv.source_text}{note}")
+    click.echo("settings:")
+    for name, sv in policy.settings.items():
+        click.echo(f"  {name:<22} {_show_value(sv.value):<30} from {sv.source_text}")
+    if policy.problems:
+        click.echo("problems:")
+        for p in policy.problems:
+            click.echo(f"  {p}")
