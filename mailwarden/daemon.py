@@ -152,9 +152,10 @@ class Idle(Protocol):
 class IdleSweeper:
     """Closes connections silent for ``timeout`` seconds (checked a few times per timeout)."""
 
-    def __init__(self, connections: Collection[Idle], timeout: float) -> None:
+    def __init__(self, connections: Collection[Idle], timeout: float, peer: str = "peer") -> None:
         self.connections = connections
         self.timeout = timeout
+        self.peer = peer
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -171,7 +172,7 @@ class IdleSweeper:
         cutoff = now - self.timeout
         stale = [c for c in self.connections if (since := c.idle_since) is not None and since < cutoff]
         for conn in stale:
-            conn.drop(f"peer silent for over {self.timeout:g}s")
+            conn.drop(f"{self.peer} silent for over {self.timeout:g}s")
         return len(stale)
 
     async def _sweep(self) -> None:

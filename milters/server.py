@@ -493,7 +493,7 @@ class MilterServer:
         self.sessions: set[MilterSession] = set()
         self.tasks: set[asyncio.Task[bytes]] = set()
         self.servers: list[asyncio.AbstractServer] = []
-        self.sweeper = IdleSweeper(self.sessions, mta_timeout)
+        self.sweeper = IdleSweeper(self.sessions, mta_timeout, peer="MTA")
 
     async def start(self, sockets: Iterable[socket.socket]) -> None:
         """Serve on bound, listening sockets (shared with the other workers)."""

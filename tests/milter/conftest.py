@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mailwarden.testing.clamd import ClamdServer
-from mailwarden.testing.spamd import SpamdServer
+from harness.clamd import ClamdServer
+from harness.spamd import SpamdServer
 
 
 @pytest.fixture(scope="session")
@@ -112,10 +112,6 @@ class MilterProcess:
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)
-        # libmilter notices the stop request when its accept loop wakes up: wake it now
-        # instead of waiting for its 5 s poll.
-        time.sleep(0.05)
-        self.answers()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from mailwarden.testing.clamd import EICAR, ClamdServer
-from mailwarden.testing.postfix import PostfixInstance, SmtpResult, missing_postfix
-from mailwarden.testing.slapd import SlapdServer, mailwarden_database
-from mailwarden.testing.smtpsink import SinkMessage, SmtpSink
-from mailwarden.testing.spamd import GTUBE, SpamdServer
+from harness.clamd import EICAR, ClamdServer
+from harness.postfix import PostfixInstance, SmtpResult, missing_postfix
+from harness.slapd import SlapdServer, mailwarden_database
+from harness.smtpsink import SinkMessage, SmtpSink
+from harness.spamd import GTUBE, SpamdServer
 from tests.milter.conftest import MilterProcess, base_sections
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slapd,
@@ -103,7 +103,7 @@ def stack(directory: SlapdServer, clamd: ClamdServer, spamd: SpamdServer) -> Ite
             f'reinject = "inet:127.0.0.1:{reinject_port}"\nscan_cache_ttl = 0\n'
         ))
         milter.start()
-        milter.wait_for_log("(asyncio server")  # the default
+        milter.wait_for_log("milter listening on")
         mx.start()
         sender = PostfixInstance(main_cf={"relayhost": f"[127.0.0.1]:{mx.smtpd_port}",
                                           "mynetworks": "127.0.0.0/8"},
@@ -258,27 +258,30 @@ def test_clamd_down_defers_and_the_retry_is_delivered(stack: Stack) -> None:
     assert copy.recipients == ("taro@example.jp",) and b"while clamd is down" in copy.data
 
 
-# ---------------------------------------------------------------- the libmilter server
+# ---------------------------------------------------------------- several worker processes
 
 
-def test_libmilter_server_still_filters(stack: Stack) -> None:
-    """The stack runs the default asyncio server; ``server = "libmilter"`` must keep working."""
-    work = stack.milter.dir.parent / "milter-libmilter"
-    legacy = MilterProcess(work, "", "")
+def test_two_workers_share_the_socket_and_filter_alike(stack: Stack) -> None:
+    """``workers = 2``: two processes on one socket, each deciding what it accepts."""
+    work = stack.milter.dir.parent / "milter-workers"
+    pair = MilterProcess(work, "", "")
     config = stack.milter.config_path.read_text().replace(str(stack.milter.dir), str(work))
-    legacy.config_path.write_text(config + 'server = "libmilter"\n')
-    legacy.start()
-    stack.mx.postconf(smtpd_milters=f"unix:{legacy.socket_path}")
+    pair.config_path.write_text(config + "workers = 2\n")
+    pair.start()
+    stack.mx.postconf(smtpd_milters=f"unix:{pair.socket_path}")
     stack.mx.restart()
     try:
-        legacy.wait_for_log("(libmilter server)")
+        started = pair.wait_for_log("2 workers started")
+        pids = started.rsplit("(pids ", 1)[1].rstrip(")").split()
+        assert len(set(pids)) == 2
         refused = stack.send(message(body=EICAR.decode() + "\n"), "bob@example.com")
         assert refused.data[0] == 550 and "virus Custom.Test.EICAR" in refused.data[1]
         tagged = stack.send(message(subject="quarterly report"), "tagged@example.jp")
         assert tagged.accepted
         assert stack.copies(1)[0].header("Subject") == "[迷惑] quarterly report"
-        assert "tagged@example.jp" in legacy.wait_for_log("tagged@example.jp=")
+        line = pair.wait_for_log("tagged@example.jp=")
+        assert any(f"[{pid}]" in line for pid in pids)
     finally:
         stack.mx.postconf(smtpd_milters=f"unix:{stack.milter.socket_path}")
         stack.mx.restart()
-        legacy.stop()
+        pair.stop()

@@ -187,17 +187,27 @@ def _macros(stage: str, **values: str) -> bytes:
     return stage.encode() + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in values.items())
 
 
-def test_session_context_finds_macros_by_either_spelling_latest_stage_first() -> None:
-    from milters.aserver import SessionContext
+def test_macros_are_found_by_either_spelling_latest_stage_first() -> None:
+    from milters.server import Macros
 
-    ctx = SessionContext()
-    ctx.set_macros(_macros("C", j="mx.example", **{"{daemon_name}": "smtpd"}))
-    ctx.set_macros(_macros("M", **{"{i}": "EARLY", "{mail_addr}": "a@remote.example"}))
-    ctx.set_macros(_macros("E", i="4XyZ"))
-    ctx.set_macros(_macros("R", **{"{rcpt_addr}": "bj@example.jp"}))  # a value ending in "j"
-    assert ctx.getsymval("i") == "4XyZ" and ctx.getsymval("{i}") == "4XyZ"
-    assert ctx.getsymval("j") == "mx.example" and ctx.getsymval("{j}") == "mx.example"
-    assert ctx.getsymval("daemon_name") == "smtpd" and ctx.getsymval("{mail_addr}") == "a@remote.example"
-    assert ctx.getsymval("{auth_authen}") is None
-    ctx.drop_message_macros(keep_mail=False)
-    assert ctx.getsymval("i") is None and ctx.getsymval("j") == "mx.example"
+    macros = Macros()
+    macros.keep(_macros("C", j="mx.example", **{"{daemon_name}": "smtpd"}))
+    macros.keep(_macros("M", **{"{i}": "EARLY", "{mail_addr}": "a@remote.example"}))
+    macros.keep(_macros("E", i="4XyZ"))
+    macros.keep(_macros("R", **{"{rcpt_addr}": "bj@example.jp"}))  # a value ending in "j"
+    assert macros.get("i") == "4XyZ" and macros.get("{i}") == "4XyZ"
+    assert macros.get("j") == "mx.example" and macros.get("{j}") == "mx.example"
+    assert macros.get("daemon_name") == "smtpd" and macros.get("{mail_addr}") == "a@remote.example"
+    assert macros.get("{auth_authen}") is None
+    macros.drop_message(keep_mail=False)
+    assert macros.get("i") is None and macros.get("j") == "mx.example"
+
+
+def test_replies_encode_as_the_mta_expects() -> None:
+    from milters.server import CONTINUE, TEMPFAIL, Reply
+
+    assert CONTINUE.encode() == p.encode(p.CONTINUE)
+    assert TEMPFAIL.encode() == p.encode_replycode("451 4.3.0 Temporary content filter problem; try again later")
+    assert Reply.refuse("550", "5.7.1", "no").code == p.REJECT
+    with pytest.raises(ValueError, match="4xx or 5xx"):
+        Reply.refuse("250", "2.0.0", "fine")
