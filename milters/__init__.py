@@ -1,4 +1,6 @@
-"""The content milter (pymilter): per-recipient virus, spam, keyword and attachment filters.
+"""The content milter: per-recipient virus, spam, keyword and attachment filters.
 
-It asks ``mailwarden.policy.PolicyResolver.effective_policy`` for each recipient.
+Its own milter protocol server (:mod:`milters.server`) drives one async application per
+MTA connection (:mod:`milters.app`); each recipient's services come from
+``mailwarden.policy.PolicyResolver``.
 """

@@ -4,8 +4,8 @@
 set -euo pipefail
 
 PACKAGES=(
-  # build dependencies of pymilter and python-ldap
-  gcc libmilter-dev libldap-dev libsasl2-dev
+  # build dependencies of python-ldap
+  gcc libldap-dev libsasl2-dev
   # real daemons used by the tests and the demo
   slapd ldap-utils redis-server
   postfix postfix-ldap swaks
