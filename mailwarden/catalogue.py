@@ -111,6 +111,10 @@ KEYWORD_OPS = ("contains", "regex")
 KEYWORD_ACTIONS = ("junk", "reject", "discard", "quarantine")
 MAX_PATTERN_LENGTH = 512
 
+JUNK_HEADER = "X-Mailwarden-Junk"
+"""The header the milter sets on mail for a recipient's Junk folder (the ``junk`` spam and
+keyword actions); the Dovecot Sieve script files mail that carries it into Junk."""
+
 
 @dataclass(frozen=True)
 class KeywordRule:

@@ -632,8 +632,6 @@ def _bool_words(words: frozenset[str]) -> str:
 
 def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
     """Everything the Dovecot templates use for ``role``."""
-    from milters.filters.spam import JUNK_HEADER
-
     problems = check(cfg)
     if problems:
         raise RenderError(problems)
@@ -671,7 +669,7 @@ def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
         "auth_steps": auth_chain(cfg, role),
         "default_host": default_mailbox_host(cfg),
         "spam_default": Service.SPAM_CHECK in directory.default_services,
-        "junk_header": JUNK_HEADER,
+        "junk_header": catalogue.JUNK_HEADER,
         "true_words": _bool_words(catalogue.TRUE_WORDS),
         "false_words": _bool_words(catalogue.FALSE_WORDS),
         "site_quota": quota,

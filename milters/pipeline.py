@@ -22,8 +22,8 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 
+from mailwarden.catalogue import JUNK_HEADER
 from milters.filters import Context, Envelope, Filter
-from milters.filters.spam import JUNK_HEADER
 from milters.message import Message
 from milters.verdict import Action, Recipient, RecipientOutcome, RemoveHeader, Verdict
 

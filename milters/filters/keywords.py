@@ -21,10 +21,9 @@ import unicodedata
 from functools import lru_cache
 from typing import ClassVar
 
-from mailwarden.catalogue import KeywordRule, Service
+from mailwarden.catalogue import JUNK_HEADER, KeywordRule, Service
 from mailwarden.saferegex import UnsafePattern, check_regex
 from milters.filters import Backends, Context
-from milters.filters.spam import JUNK_HEADER
 from milters.message import Texts
 from milters.text import normalize_for_match
 from milters.verdict import Action, AddHeader, RecipientOutcome

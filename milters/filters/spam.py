@@ -15,13 +15,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from mailwarden.catalogue import Service
+from mailwarden.catalogue import JUNK_HEADER, Service
 from milters.filters import Backends, Context, backend_failed
 from milters.scanners import ScanError, SpamScanner
 from milters.verdict import Action, AddHeader, RecipientOutcome, RemoveHeader, TagSubject
 
-JUNK_HEADER = "X-Mailwarden-Junk"
-"""Set on mail for a recipient's Junk folder; the Sieve script files mail that has it."""
 SPAM_HEADERS = ("X-Spam-Flag", "X-Spam-Status", "X-Spam-Score", "X-Spam-Level")
 
 

@@ -6,7 +6,8 @@ import re
 from email.message import EmailMessage
 
 from mailwarden.testing.containers import MailStack, message_text, read_maildir
-from milters.filters.spam import JUNK_HEADER, SPAM_HEADERS
+from mailwarden.catalogue import JUNK_HEADER
+from milters.filters.spam import SPAM_HEADERS
 from tests.containers.conftest import DirectoryChanges
 
 MX = "mx1.mailwarden.test"

@@ -155,7 +155,7 @@ def test_dovecot_roles_need_their_own_directories(tmp_path: Path) -> None:
 
 
 def test_sieve_script_names_the_milters_junk_header(tmp_path: Path) -> None:
-    from milters.filters.spam import JUNK_HEADER
+    from mailwarden.catalogue import JUNK_HEADER
 
     render_dovecot(cfg(), ["mailbox"], tmp_path)
     script = (tmp_path / "dovecot" / "sieve" / "mailwarden.sieve").read_text()
