@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from mailwarden.config import (
     CONFIG_ENV,
     Config,
     ConfigError,
+    LdapConfig,
     describe,
     load_config,
     parse_config,
@@ -36,9 +38,16 @@ def test_empty_file_gives_documented_defaults() -> None:
 
 def test_ldap_timeouts_stay_below_postfix_timeouts() -> None:
     ldap = Config().ldap
-    worst = (ldap.network_timeout + ldap.timeout + ldap.retry_delay) * (ldap.retry_max + 1)
+    # Three attempts of 2 s + 3 s, and two pauses of 0.5 s between them.
+    assert ldap.worst_case == 16.0
     # Postfix: smtpd_policy_service_timeout 100s, milter_command_timeout 30s.
-    assert worst < 30
+    assert ldap.worst_case < 30
+
+
+def test_ldap_worst_case_counts_every_attempt_and_pause() -> None:
+    ldap = LdapConfig(network_timeout=1.0, timeout=2.0, retry_max=0, retry_delay=5.0)
+    assert ldap.worst_case == 3.0
+    assert dataclasses.replace(ldap, retry_max=3).worst_case == 4 * 3.0 + 3 * 5.0
 
 
 def test_unknown_keys_are_errors_with_file_and_key() -> None:
@@ -125,3 +134,56 @@ def test_shipped_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[1] / "deploy" / "mailwarden.toml.example"
     cfg = load_config(example)
     assert cfg.source == str(example)
+
+
+# ---------------------------------------------------------------- registered sections
+
+
+def test_daemons_register_their_sections() -> None:
+    from mailwarden.config import registered_sections
+    from milters.config import MilterConfig
+    from policyd.config import PolicydConfig
+
+    sections = registered_sections()
+    assert sections["milter"].cls is MilterConfig
+    assert sections["policyd"].cls is PolicydConfig
+    cfg = parse_config("[milter]\nthreads = 3\n[policyd]\nworkers = 2\n", "mw.toml")
+    assert MilterConfig.of(cfg).threads == 3
+    assert PolicydConfig.of(cfg).workers == 2
+    assert MilterConfig.of(Config()) == MilterConfig()
+
+
+def test_registered_sections_keep_unknown_key_errors() -> None:
+    assert problems("[milter]\nthread = 3\n") == ["mw.toml:milter.thread: unknown setting"]
+    assert problems("[policyd.relay]\npop = true\n") == ["mw.toml:policyd.relay.pop: unknown setting"]
+    assert problems("milter = 3\n") == ["mw.toml:milter: expected a table, got 3"]
+    assert problems("[sections]\nmilter = {}\n") == ["mw.toml:sections: unknown setting"]
+
+
+def test_registered_sections_are_described_and_checked() -> None:
+    from mailwarden.config import section_problems
+
+    keys = {item.key for item in describe(Config())}
+    assert {"milter.socket", "policyd.listen", "policyd.relay.pop_before_smtp"} <= keys
+    cfg = parse_config("[ldap]\ntimeout = 20.0\n[policyd]\nlisten = []\n", "mw.toml")
+    found = section_problems(cfg)
+    assert any(p.startswith("milter.postfix_command_timeout: the directory may take") for p in found)
+    assert "policyd.listen: at least one socket is needed" in found
+
+
+def test_a_section_is_replaced_by_type_and_missing_types_are_named() -> None:
+    from milters.config import MilterConfig
+
+    cfg = Config()
+    changed = cfg.with_section(MilterConfig(threads=5))
+    assert MilterConfig.of(changed).threads == 5
+    assert MilterConfig.of(cfg).threads == MilterConfig().threads
+
+    @dataclasses.dataclass(frozen=True)
+    class Unregistered:
+        x: int = 1
+
+    with pytest.raises(LookupError, match="Unregistered"):
+        cfg.section(Unregistered)
+    with pytest.raises(LookupError, match="Unregistered"):
+        cfg.with_section(Unregistered())
