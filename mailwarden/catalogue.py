@@ -359,9 +359,10 @@ SETTINGS: dict[str, SettingSpec] = {
            service=Service.VIRUS_SCAN),
         _S("virus_failure_action", "enum", "tempfail", "clamd down or timing out: tempfail or accept",
            "mwVirusFailureAction", choices=("tempfail", "accept"), service=Service.VIRUS_SCAN),
-        _S("unscannable_action", "enum", "tempfail",
-           "mail that cannot be scanned (too big, archive bomb, encrypted archive)",
-           "mwUnscannableAction", choices=("tempfail", "reject", "accept"),
+        _S("unscannable_action", "enum", "auto",
+           "mail that cannot be scanned (too big, archive bomb, encrypted archive); auto: reject "
+           "what a retry cannot change, tempfail what may pass later (the clamd scan-time limit)",
+           "mwUnscannableAction", choices=("auto", "tempfail", "reject", "accept"),
            service=Service.VIRUS_SCAN),
         _S("notice_recipients", "choices", ("recipient",),
            "who receives virus / banned-attachment notices", "mwNoticeRecipient",

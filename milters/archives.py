@@ -7,8 +7,12 @@ decoded by :mod:`milters.message`), from the declared content type (an
 the first bytes of the content (a PE executable is an ``.exe`` even if named
 ``invoice.pdf``).  Archives are listed without extracting anything but nested
 archives, and every byte unpacked counts against per-message limits on depth,
-member count, total size and compression ratio; beyond them the message is
-unscannable (an archive bomb), never silently passed.
+member count, total size and compression ratio; beyond them the listing is
+incomplete and the extension filter treats the message as unscannable (an archive
+bomb), never silently passed.  These limits are the lister's own: they do not make
+the message unscannable for the virus scan, which sends the whole message to clamd,
+where clamd's own limits decide (``Heuristics.Limits.Exceeded`` when it gives up).
+What clamd cannot read either - an encrypted member - stays unscannable for the scan.
 """
 
 from __future__ import annotations
@@ -144,7 +148,8 @@ def take_inventory(message: Message, *, depth: int = 0, budget: _Budget | None =
         try:
             _part_inventory(message, part, inv, budget, depth)
         except _TooMuch as exc:
-            inv.unscannable.append(Unscannable(str(exc), virus=True, listing=True))
+            # The lister's own limit: clamd, not this lister, decides what the scan can see.
+            inv.unscannable.append(Unscannable(str(exc), virus=False, listing=True))
             break
     return inv
 
@@ -195,7 +200,11 @@ def _forwarded_inventory(message: Message, part: Part, inv: Inventory, budget: _
             where = f"in forwarded message {label}" if a.where == "attachment" else \
                 f"{a.where} in forwarded message {label}"
             inv.attachments.append(Attachment(a.name, part.index, where, a.extensions))
-        inv.unscannable.extend(inner.unscannable)
+        # A limit that stopped the listing of the forwarded message (its parse, its
+        # archives) is the lister's own: clamd parses that message itself.  What was
+        # listed but cannot be read (an encrypted member) stays unscannable for the scan.
+        inv.unscannable.extend(Unscannable(u.reason, virus=u.virus and not u.listing, listing=u.listing)
+                               for u in inner.unscannable)
         inv.archives += found.archives
         inv.members += found.members
     finally:

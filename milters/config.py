@@ -46,12 +46,16 @@ class MilterConfig:
     )
     max_parts: int = setting(1000, "MIME parts looked at; a message with more is unscannable")
     max_depth: int = setting(20, "MIME nesting depth; deeper is unscannable")
-    archive_max_depth: int = setting(4, "archives inside archives looked into; deeper is unscannable")
+    archive_max_depth: int = setting(
+        4, "archives inside archives the extension filter lists; deeper is unscannable for it "
+        "(clamd unpacks within its own limits)"
+    )
     archive_max_members: int = setting(
-        2000, "archive members listed per message; more is unscannable"
+        2000, "archive members listed per message; more is unscannable for the extension filter"
     )
     archive_max_size: int = setting(
-        100 * MIB, "uncompressed bytes unpacked per message; more is unscannable (archive bomb)"
+        100 * MIB, "uncompressed bytes unpacked per message; more is unscannable for the extension filter "
+        "(archive bomb)"
     )
     archive_max_ratio: int = setting(
         100, "uncompressed/compressed ratio above which a member over 1 MiB is an archive bomb"

@@ -100,9 +100,19 @@ def backend_failed(outcome: RecipientOutcome, setting: str, reason: str) -> None
         outcome.block(Action.TEMPFAIL, reason)
 
 
-def unscannable(outcome: RecipientOutcome, reason: str) -> None:
-    """The message cannot be checked: the recipient's ``unscannable_action`` decides."""
+def unscannable(outcome: RecipientOutcome, reason: str, *, lasting: bool) -> None:
+    """The message cannot be checked: the recipient's ``unscannable_action`` decides.
+
+    ``lasting`` says whether a retry of the same message would meet the same
+    condition (its size, its MIME nesting or part count, an archive bomb, an
+    encrypted archive).  The default, ``auto``, refuses those at SMTP time (5xx: the
+    sender learns at once, nothing retries for days and then bounces) and defers
+    only what may pass later (clamd's scan-time limit under load).  ``tempfail``,
+    ``reject`` and ``accept`` are a subscriber's explicit choice for every case.
+    """
     action = outcome.policy.get("unscannable_action")
+    if action == "auto":
+        action = "reject" if lasting else "tempfail"
     if action == "accept":
         outcome.notes.append(f"unscannable ({reason}); accepted (unscannable_action=accept)")
     elif action == "reject":

@@ -51,7 +51,7 @@ class ExtensionFilter:
             hits = [a for a in inventory.attachments if a.extensions & banned]
             if not hits:
                 if incomplete:
-                    unscannable(outcome, incomplete[0])
+                    unscannable(outcome, incomplete[0], lasting=True)
                 continue
             names = tuple(dict.fromkeys(describe(h, banned) for h in hits))
             reason = "banned attachment " + ", ".join(names)

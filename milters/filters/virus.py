@@ -123,7 +123,8 @@ class VirusFilter:
         if message.size > self.max_size:
             ctx.find("virus", "too-big")
             for outcome in outcomes:
-                unscannable(outcome, f"{message.size} bytes, over the scan limit of {self.max_size}")
+                unscannable(outcome, f"{message.size} bytes, over the scan limit of {self.max_size}",
+                            lasting=True)
             return
         try:
             result = await self._result(ctx)
@@ -146,7 +147,9 @@ class VirusFilter:
             problems.insert(0, f"clamd: {result.unscannable}")
         if problems:
             for outcome in outcomes:
-                unscannable(outcome, problems[0])
+                # Only clamd's scan-time limit depends on its load: a retry may pass it.
+                unscannable(outcome, problems[0],
+                            lasting=len(problems) > 1 or not result.unscannable.endswith(".MaxScanTime"))
 
     async def _result(self, ctx: Context) -> VirusResult:
         """The cached answer for this body, else clamd's (remembered unless unscannable)."""

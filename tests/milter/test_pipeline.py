@@ -21,13 +21,26 @@ from typing import Any
 
 import pytest
 
-from harness.clamd import EICAR
+from harness.clamd import EICAR, ClamdServer
 from harness.redisserver import RedisServer
 from harness.spamd import GTUBE
-from mailwarden.store import RedisStore
+from mailwarden.policy import PolicyResolver
+from mailwarden.store import MemoryStore, RedisStore
 from milters import protocol as p
+from milters.scanners import VirusResult
+from milters.scanners.clamd import ClamdScanner
+from milters.service import build_service
 from milters.verdict import Action
-from tests.milter.helpers import Harness, harness, make_message
+from tests.milter.helpers import (
+    FakeSpamScanner,
+    Harness,
+    RecordingInjector,
+    drive,
+    harness,
+    make_message,
+    milter_config,
+    sample_directory,
+)
 from tests.milter.test_message import PE, _encrypted, with_attachment, zip_of
 
 
@@ -193,10 +206,88 @@ def test_spamd_down_defers_only_when_someone_contracted_spam(h: Harness) -> None
     assert h.feed(make_message(), "s@remote.example", "taro@example.jp").rc == p.TEMPFAIL
 
 
-def test_password_protected_zip_defers_by_default(h: Harness) -> None:
+def test_password_protected_zip_is_refused_by_default(h: Harness) -> None:
+    """It stays encrypted on every retry: refused at once (5xx), not deferred for days."""
     raw = with_attachment(_encrypted(zip_of({"doc.txt": b"x" * 50})), "locked.zip")
     ctx = h.feed(raw, "s@remote.example", "taro@example.jp")
-    assert ctx.rc == p.TEMPFAIL and "encrypted" in ctx.reply[2]
+    assert ctx.rc == p.REJECT and ctx.reply[0] == "550" and "encrypted" in ctx.reply[2]
+
+
+def _nested_mime(levels: int) -> bytes:
+    inner = b"Content-Type: text/plain\r\n\r\nhi\r\n"
+    for i in range(levels):
+        inner = (f"Content-Type: multipart/mixed; boundary=b{i}\r\n\r\n--b{i}\r\n".encode() + inner
+                 + f"\r\n--b{i}--\r\n".encode())
+    return b"From: a@remote.example\r\nSubject: deep\r\n" + inner
+
+
+def _zipped(depth: int, name: str, payload: bytes) -> bytes:
+    """``payload`` as ``name`` in a zip, in a zip, ... ``depth`` zips in all."""
+    data = zip_of({name: payload})
+    for level in range(depth - 1, 0, -1):
+        data = zip_of({f"level{level}.zip": data})
+    return data
+
+
+def test_what_a_retry_cannot_change_is_refused_by_default(h: Harness) -> None:
+    ctx = h.feed(_nested_mime(30), "s@remote.example", "taro@example.jp")
+    assert ctx.rc == p.REJECT and ctx.reply[0] == "550"
+    assert "unscannable: MIME nesting deeper than 20" in ctx.reply[2]
+
+
+@pytest.mark.parametrize(("action", "rc"), [("tempfail", p.TEMPFAIL), ("reject", p.REJECT),
+                                            ("accept", p.ACCEPT)])
+def test_an_explicit_unscannable_action_is_the_subscribers_choice(tmp_path: Path, action: str,
+                                                                   rc: str) -> None:
+    h = harness(tmp_path)
+    h.directory.entries["uid=taro,mwDomainName=example.jp,ou=domains"]["unscannable_action"] = [action]
+    assert h.feed(_nested_mime(30), "s@remote.example", "taro@example.jp").rc == rc
+
+
+@pytest.mark.parametrize(("signature", "rc"), [
+    ("Heuristics.Limits.Exceeded.MaxScanTime", p.TEMPFAIL),  # clamd was slow: a retry may pass
+    ("Heuristics.Limits.Exceeded.MaxFileSize", p.REJECT),
+    ("Heuristics.Encrypted.Zip", p.REJECT),
+])
+def test_clamd_unscannable_answers_are_deferred_only_when_a_retry_may_pass(
+    h: Harness, signature: str, rc: str,
+) -> None:
+    async def unscannable(stream: Any, deadline: float) -> VirusResult:
+        return VirusResult(infected=False, signature=signature, upstream="fake", unscannable=signature)
+
+    h.virus.scan = unscannable  # type: ignore[method-assign]
+    ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp")
+    assert ctx.rc == rc and f"clamd: {signature}" in ctx.reply[2]
+
+
+def test_archives_deeper_than_the_lister_looks_are_left_to_clamd(h: Harness) -> None:
+    """The lister stops at archive_max_depth (4): for the virus scan that is no reason to
+    defer, clamd unpacks deeper; for the extension filter a name it cannot see is
+    unscannable, and what a retry cannot change is refused by default."""
+    h.directory.add_user("virusonly@example.jp", disabled_service=["extension-filter"])
+    raw = with_attachment(_zipped(6, "report.txt", b"quarterly figures\n"), "deep.zip")
+    ctx = h.feed(raw, "s@remote.example", "virusonly@example.jp")
+    assert ctx.rc == p.ACCEPT and h.virus.calls == 1
+    ctx = h.feed(raw, "s@remote.example", "taro@example.jp")
+    assert ctx.rc == p.REJECT and "unscannable: archives nested deeper than 4" in ctx.reply[2]
+
+
+def test_eicar_zipped_six_deep_is_found_by_the_real_clamd(tmp_path: Path, clamd: ClamdServer) -> None:
+    directory = sample_directory()
+    directory.add_user("virusonly@example.jp", disabled_service=["extension-filter"])
+    cfg = milter_config(tmp_path)
+    service = build_service(cfg, store=MemoryStore(), virus_scanner=ClamdScanner([clamd.unix_address]),
+                            spam_scanner=FakeSpamScanner(), injector=RecordingInjector(),
+                            resolver=PolicyResolver(directory, cfg))
+    infected = with_attachment(_zipped(6, "eicar.com", EICAR), "deep.zip")
+    fed = asyncio.run(drive(service, infected, "s@remote.example", ["virusonly@example.jp"], "QID6"))
+    assert service.delivery.flush_notices(10)
+    assert fed.rc == p.REJECT and fed.reply[0] == "550"
+    assert "virus" in fed.reply[2] and "EICAR" in fed.reply[2].upper()
+    # The same depth without the virus: clamd says clean, so it is delivered, not deferred.
+    clean = with_attachment(_zipped(6, "report.txt", b"quarterly figures\n"), "deep.zip")
+    fed = asyncio.run(drive(service, clean, "s@remote.example", ["virusonly@example.jp"], "QID7"))
+    assert fed.rc == p.ACCEPT
 
 
 def test_unscannable_is_refused_where_the_domain_says_so(tmp_path: Path) -> None:
