@@ -141,7 +141,7 @@ class Idle(Protocol):
 
     @property
     def idle_since(self) -> float | None:
-        """Loop time since which the peer has been silent, or None while we are working for it."""
+        """Monotonic time since which the peer has been silent, or None while we work for it."""
         ...
 
     def drop(self, reason: str) -> None:
@@ -150,12 +150,18 @@ class Idle(Protocol):
 
 
 class IdleSweeper:
-    """Closes connections silent for ``timeout`` seconds (checked a few times per timeout)."""
+    """Closes connections silent for ``timeout`` seconds (checked a few times per timeout).
 
-    def __init__(self, connections: Collection[Idle], timeout: float, peer: str = "peer") -> None:
+    Connections keep their idle time on the monotonic clock; ``report`` (if given) hears
+    of each sweep that closed something.
+    """
+
+    def __init__(self, connections: Collection[Idle], timeout: float, peer: str = "peer",
+                 report: Callable[[list[Idle]], None] | None = None) -> None:
         self.connections = connections
         self.timeout = timeout
         self.peer = peer
+        self.report = report
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -167,16 +173,17 @@ class IdleSweeper:
         if self.task is not None:
             self.task.cancel()
 
-    def sweep(self, now: float) -> int:
-        """Close the connections idle since before ``now - timeout``; how many."""
+    def sweep(self, now: float) -> list[Idle]:
+        """Close the connections idle since before ``now - timeout``; the ones closed."""
         cutoff = now - self.timeout
         stale = [c for c in self.connections if (since := c.idle_since) is not None and since < cutoff]
+        if stale and self.report is not None:
+            self.report(stale)  # before closing: the report may look at what each one holds
         for conn in stale:
             conn.drop(f"{self.peer} silent for over {self.timeout:g}s")
-        return len(stale)
+        return stale
 
     async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(max(min(self.timeout / 4, 30.0), 0.05))
-            self.sweep(loop.time())
+            self.sweep(time.monotonic())

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -224,7 +225,7 @@ class MilterSession(asyncio.Protocol):
         self.paused = False
         self.in_message = False
         self.failed = False  # a step without reply failed: defer at the next answer
-        self.last = server.loop.time()
+        self.last = time.monotonic()
 
     @property
     def idle_since(self) -> float | None:
@@ -240,7 +241,7 @@ class MilterSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Cut packets and run them (unless a step is still running)."""
-        self.last = self.server.loop.time()
+        self.last = time.monotonic()
         try:
             packets = self.reader.feed(data)
         except p.ProtocolError as exc:
@@ -318,7 +319,7 @@ class MilterSession(asyncio.Protocol):
     def _step_done(self, task: asyncio.Task[bytes]) -> None:
         self.server.tasks.discard(task)
         self.busy = False
-        self.last = self.server.loop.time()
+        self.last = time.monotonic()
         if self.closed:
             self._close_app()
             return

@@ -84,7 +84,7 @@ class LoginRecorder:
 class LoginReportServer:
     """A small HTTP/1.1 server (keep-alive, Content-Length bodies) for Dovecot's reports."""
 
-    def __init__(self, app: PolicyApp, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, app: PolicyApp, executor: ThreadPoolExecutor | None = None) -> None:
         cfg = PolicydConfig.of(app.config)
         self.recorder = LoginRecorder(app)
         self.executor = executor

@@ -10,26 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import logging
-import os
 import socket
-import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, cast
 
+from mailwarden.daemon import Idle, IdleSweeper
+from mailwarden.endpoint import Endpoint
 from mailwarden.linelog import DecisionLog
-from policyd.app import Decision, PolicyApp, parse_listen
+from policyd.app import Decision, PolicyApp
 from policyd.checks.base import NeedDns, Transaction, WouldBlock
 from policyd.config import PolicydConfig
 from policyd.dnslookup import resolve_async
 from policyd.dovecot import LoginReportServer
-from policyd.protocol import Limits, Malformed, PolicyRequest, RequestReader, format_reply, validate
+from policyd.protocol import Malformed, PolicyRequest, RequestLimits, RequestReader, format_reply, validate
 
 log = logging.getLogger("mailwarden.policyd")
 
@@ -141,6 +139,15 @@ class PolicyConnection(asyncio.Protocol):
             log.warning("connection %s: client disconnected in the middle of a request (%d bytes)",
                         self.peer, self.reader.pending)
 
+    @property
+    def idle_since(self) -> float | None:
+        """When the client last sent something, or None while its request is evaluated."""
+        return None if self.busy else self.last_active
+
+    def drop(self, reason: str) -> None:
+        """Close an idle connection (the sweeper logs one line for all it closes)."""
+        self.close()
+
     def close(self) -> None:
         """Close the transport (queued requests and any partial request are dropped)."""
         self.closed = True
@@ -240,18 +247,19 @@ class PolicyServer:
     def __init__(self, app: PolicyApp, *, executor: ThreadPoolExecutor | None = None) -> None:
         self.app = app
         self.cfg: PolicydConfig = PolicydConfig.of(app.config)
-        self.limits = Limits(self.cfg.max_line_length, self.cfg.max_request_size,
+        self.limits = RequestLimits(self.cfg.max_line_length, self.cfg.max_request_size,
                              self.cfg.max_attributes)
         self.log_all = self.cfg.log_decisions == "all"
         self.decisions = DecisionLog(log)
-        self.executor = executor or ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="policyd")
+        self.executor = executor
+        """Where blocking evaluation runs: the event loop's default executor unless given."""
         self.connections: set[PolicyConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.login_reports: LoginReportServer | None = None
         self.refused = 0
         self._refused_logged = 0.0
-        self._sweeper: asyncio.Task[None] | None = None
+        self.sweeper = IdleSweeper(self.connections, self.cfg.idle_timeout, report=_report_idle)
         self.addresses: list[str] = []
 
     # ------------------------------------------------------------ life cycle
@@ -278,7 +286,7 @@ class PolicyServer:
         if login_sockets:
             self.login_reports = LoginReportServer(self.app, self.executor)
             await self.login_reports.start(login_sockets)
-        self._sweeper = loop.create_task(self._sweep_idle())
+        self.sweeper.start()
 
     async def close(self) -> None:
         """Stop listening, close every connection, forget work in progress."""
@@ -286,8 +294,7 @@ class PolicyServer:
             srv.close()
         if self.login_reports is not None:
             await self.login_reports.close()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self.sweeper.stop()
         for conn in list(self.connections):
             conn.close()
         for task in list(self.tasks):
@@ -295,7 +302,8 @@ class PolicyServer:
         for srv in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 1.0)
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
         self.decisions.flush()
 
     # ------------------------------------------------------------ connections
@@ -322,21 +330,6 @@ class PolicyServer:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-    async def _sweep_idle(self) -> None:
-        idle = self.cfg.idle_timeout
-        while True:
-            await asyncio.sleep(max(min(idle / 4, 30.0), 0.05))
-            cutoff = time.monotonic() - idle
-            stale = [c for c in self.connections if not c.busy and c.last_active < cutoff]
-            unfinished = sum(1 for c in stale if c.reader.pending)
-            for conn in stale:
-                conn.close()
-            if unfinished:
-                log.warning("closed %d idle connection(s), %d in the middle of a request "
-                            "(no terminating blank line)", len(stale), unfinished)
-            elif stale:
-                log.debug("closed %d idle connection(s)", len(stale))
 
     # ------------------------------------------------------------ evaluation
 
@@ -390,46 +383,15 @@ def _sock_name(sock: socket.socket) -> str:
     return f"inet:{name[0]}:{name[1]}" if sock.family == socket.AF_INET else f"inet:[{name[0]}]:{name[1]}"
 
 
+def _report_idle(stale: Sequence[Idle]) -> None:
+    unfinished = sum(1 for c in stale if isinstance(c, PolicyConnection) and c.reader.pending)
+    if unfinished:
+        log.warning("closed %d idle connection(s), %d in the middle of a request "
+                    "(no terminating blank line)", len(stale), unfinished)
+    else:
+        log.debug("closed %d idle connection(s)", len(stale))
+
+
 def bind_listener(spec: str, cfg: PolicydConfig) -> socket.socket:
-    """Bind and listen on ``unix:/path`` or ``inet:host:port`` (OSError with the spec on failure)."""
-    kind, where, port = parse_listen(spec)
-    if kind == "unix":
-        return _bind_unix(Path(where), int(cfg.socket_mode, 8), cfg.socket_group)
-    family = socket.AF_INET6 if ":" in where else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((where, port))
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"{spec}: {exc.strerror}") from None
-    sock.setblocking(False)
-    return sock
-
-
-def _bind_unix(path: Path, mode: int, group: str) -> socket.socket:
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise OSError(17, f"unix:{path}: exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale socket of a process that is gone
-        else:
-            raise OSError(98, f"unix:{path}: another process is listening there")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        path.chmod(mode)
-        if group:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
-        sock.listen(1024)
-    except (OSError, KeyError) as exc:
-        sock.close()
-        raise OSError(getattr(exc, "errno", 2), f"unix:{path}: {exc}") from None
-    sock.setblocking(False)
-    return sock
+    """Bind and listen on ``unix:/path`` or ``inet:host:port`` with the configured socket mode."""
+    return Endpoint.parse(spec).bind(mode=int(cfg.socket_mode, 8), group=cfg.socket_group)

@@ -207,7 +207,8 @@ def test_replies_encode_as_the_mta_expects() -> None:
     from milters.server import CONTINUE, TEMPFAIL, Reply
 
     assert CONTINUE.encode() == p.encode(p.CONTINUE)
-    assert TEMPFAIL.encode() == p.encode_replycode("451 4.3.0 Temporary content filter problem; try again later")
+    deferred = "451 4.3.0 Temporary content filter problem; try again later"
+    assert TEMPFAIL.encode() == p.encode_replycode(deferred)
     assert Reply.refuse("550", "5.7.1", "no").code == p.REJECT
     with pytest.raises(ValueError, match="4xx or 5xx"):
         Reply.refuse("250", "2.0.0", "fine")

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from harness.dnsstub import StubDns
+from harness.ports import free_port
+from harness.slapd import SlapdServer
 from mailwarden.cli import main
-from mailwarden.testing.dnsstub import StubDns
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.slapd import SlapdServer
 from tests.policyd.conftest import PolicyClient
 
 OUT = "friend@remote.example"
@@ -190,42 +190,3 @@ def test_root_start_binds_then_runs_as_the_configured_user(
         assert f"switched to user nobody (uid {nobody.pw_uid}" in err
     finally:
         shutil.rmtree(state, ignore_errors=True)
-
-
-def test_sigterm_while_a_crashed_worker_waits_to_be_replaced_starts_no_new_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A worker that died at once is replaced after a pause; SIGTERM in that pause ends it all."""
-    from mailwarden.config import parse_config
-    from policyd import daemon
-
-    handlers: dict[int, object] = {}
-    forked: list[int] = []
-    killed: list[tuple[int, int]] = []
-    exits = iter([(1001, 256), (1002, 0)])
-
-    def fake_fork() -> int:
-        pid = 1001 + len(forked)
-        forked.append(pid)
-        return pid
-
-    def fake_wait() -> tuple[int, int]:
-        try:
-            return next(exits)
-        except StopIteration:
-            raise ChildProcessError from None
-
-    def sigterm_during_pause(_seconds: float) -> None:
-        handler = handlers[signal.SIGTERM]
-        assert callable(handler)
-        handler(signal.SIGTERM, None)
-
-    monkeypatch.setattr("policyd.daemon.os.fork", fake_fork)
-    monkeypatch.setattr("policyd.daemon.os.wait", fake_wait)
-    monkeypatch.setattr("policyd.daemon.os.kill", lambda pid, sig: killed.append((pid, sig)))
-    monkeypatch.setattr("policyd.daemon.signal.signal", handlers.__setitem__)
-    monkeypatch.setattr("policyd.daemon.time.sleep", sigterm_during_pause)
-    config = parse_config("[policyd]\nworkers = 2\n")
-    assert daemon._supervise(config, [], []) == 0
-    assert forked == [1001, 1002], "no worker started after SIGTERM"
-    assert killed == [(1002, signal.SIGTERM)]
