@@ -185,20 +185,26 @@ def mailbox_host(slapd: SlapdServer) -> Iterator[tuple[Site, RenderedDovecot, Sm
                 dovecot.stop()
 
 
-def test_spam_goes_to_junk_only_for_subscribers_with_spam_check(
+def test_mail_marked_junk_goes_to_junk_for_every_subscriber(
     mailbox_host: tuple[Site, RenderedDovecot, SmtpSink],
 ) -> None:
+    """The milter marks mail for Junk for spam_check subscribers (spam_action junk) and
+    for anyone with a keyword rule whose action is junk, and strips the header from
+    outside mail: the mark alone decides, whatever the subscriber's services."""
     site, _, _ = mailbox_host
     recipients = ["taro.yamada@example.ne.jp", "bob@example.com", "prof@lab.example.org", "ghost@example.jp"]
     codes = _lmtp(site.ports["lmtp"], "spammer@outside.test", recipients,
                   _message("spammer@outside.test", "you@example.jp", "cheap pills", junk=True))
     assert codes == {"taro.yamada@example.ne.jp": 250, "bob@example.com": 250, "prof@lab.example.org": 250,
                      "ghost@example.jp": 550}
-    # taro contracted spam checking (alias domain and alternate address resolved by LDAP).
-    assert len(_maildir(site, "taro@example.jp", "Junk")) == 1 and not _maildir(site, "taro@example.jp")
-    # bob switched spam_check off, prof's domain never had it: a Junk header changes nothing.
-    for user in ("bob@example.com", "prof@lab.example.org"):
-        assert len(_maildir(site, user)) == 1 and not _maildir(site, user, "Junk")
+    # taro contracted spam checking (alias domain and alternate address resolved by LDAP);
+    # bob switched spam_check off and prof's domain never had it: a keyword rule's junk.
+    for user in ("taro@example.jp", "bob@example.com", "prof@lab.example.org"):
+        assert len(_maildir(site, user, "Junk")) == 1 and not _maildir(site, user), user
+    # Without the mark, mail stays in the INBOX.
+    assert _lmtp(site.ports["lmtp"], "friend@outside.test", ["bob@example.com"],
+                 _message("friend@outside.test", "bob@example.com", "lunch")) == {"bob@example.com": 250}
+    assert len(_maildir(site, "bob@example.com")) == 1 and len(_maildir(site, "bob@example.com", "Junk")) == 1
 
 
 def test_forwarding_and_vacation_from_ldap(mailbox_host: tuple[Site, RenderedDovecot, SmtpSink]) -> None:
