@@ -30,17 +30,17 @@ lint: deps
 
 ## the whole topology in containers (front, mailbox hosts, slapd, redis, DNS, Internet host)
 demo: deps
-	$(BIN)/python -m mailwarden.demo_stack up
+	$(BIN)/python -m harness.demo_stack up
 
 demo-stop:
-	$(BIN)/python -m mailwarden.demo_stack down
+	$(BIN)/python -m harness.demo_stack down
 
 ## only the directory: slapd with the sample data + redis on loopback (seconds, no Docker)
 demo-directory: deps
-	$(BIN)/python -m mailwarden.demo up
+	$(BIN)/python -m harness.demo up
 
 demo-directory-stop:
-	$(BIN)/python -m mailwarden.demo down
+	$(BIN)/python -m harness.demo down
 
 bench: deps
 	$(BIN)/python bench/bench_policy.py

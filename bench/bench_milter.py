@@ -52,13 +52,13 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 
-from mailwarden.testing.clamd import EICAR, ClamdServer
-from mailwarden.testing.cpumeter import CpuMeter, peak_rss_mb
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.postfix import PostfixInstance
-from mailwarden.testing.slapd import SlapdServer, mailwarden_database
-from mailwarden.testing.smtpsink import SmtpSink
-from mailwarden.testing.spamd import GTUBE, SpamdServer
+from harness.clamd import EICAR, ClamdServer
+from harness.cpumeter import CpuMeter, peak_rss_mb
+from harness.ports import free_port
+from harness.postfix import PostfixInstance
+from harness.slapd import SlapdServer, mailwarden_database
+from harness.smtpsink import SmtpSink
+from harness.spamd import GTUBE, SpamdServer
 
 USERS = 100
 DOMAINS = {  # domain -> (services for every user, services for users with i % 10 < 3)

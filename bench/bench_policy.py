@@ -15,11 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
+# The harness is not installed: it is imported from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.slapd import Database, SlapdServer
 from mailwarden.config import parse_config
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import AddressKind, PolicyResolver
 from mailwarden.sampledata import synthetic_ldif, user_address
-from mailwarden.testing.slapd import Database, SlapdServer
 
 
 def measure(size: int, domains: int, cold_n: int, warm_n: int, workdir: Path) -> dict[str, float]:

@@ -47,12 +47,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from harness.cpumeter import CpuMeter  # noqa: E402
+from harness.ports import free_port  # noqa: E402
+from harness.redisserver import RedisServer  # noqa: E402
+from harness.slapd import Database, SlapdServer  # noqa: E402
 from mailwarden.sampledata import synthetic_ldif, user_address  # noqa: E402
 from mailwarden.store import SQLiteStore  # noqa: E402
-from mailwarden.testing.cpumeter import CpuMeter  # noqa: E402
-from mailwarden.testing.ports import free_port  # noqa: E402
-from mailwarden.testing.redisserver import RedisServer  # noqa: E402
-from mailwarden.testing.slapd import Database, SlapdServer  # noqa: E402
 from policyd.protocol import format_request  # noqa: E402
 
 MAILWARDEN = str(Path(sys.executable).parent / "mailwarden")
@@ -376,7 +376,7 @@ def spf_records() -> dict[str, dict[str, list[str]]]:
 
 def peer_helper(work: Path) -> None:
     """Inside the private namespaces: loopback up, stub DNS on :53, postgrey, policyd-spf spawner."""
-    from mailwarden.testing.dnsstub import StubDns
+    from harness.dnsstub import StubDns
 
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     (work / "resolv.conf").write_text("nameserver 127.0.0.1\n")
@@ -427,7 +427,7 @@ def peer_helper(work: Path) -> None:
 
 def stub_dns_process(port: int) -> None:
     """A stub DNS server with the SPF records, as its own process."""
-    from mailwarden.testing.dnsstub import StubDns
+    from harness.dnsstub import StubDns
 
     StubDns(spf_records(), port=port).start()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

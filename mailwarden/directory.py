@@ -3,7 +3,8 @@
 A directory finds domain and subscriber entries and returns their attributes
 keyed by *concept* name (``spam_threshold``, ``alternate_address`` …), already
 translated from whatever the site's LDAP calls them.  The LDAP adapter lives in
-``mailwarden.ldapdir``; a fake for tests in ``mailwarden.testing.fakes``.
+``mailwarden.ldapdir``; a fake for tests, ``FakeDirectory``, in ``harness/fakes.py``
+(the repository's test harness, which is not installed with the package).
 """
 
 from __future__ import annotations

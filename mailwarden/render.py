@@ -12,10 +12,10 @@ own section, so the fragments cannot drift from the daemons they talk to.
 
 from __future__ import annotations
 
+import importlib.resources
 import ipaddress
 import math
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +63,20 @@ class RenderError(Exception):
 
 
 def template_root() -> Path:
-    """The directory holding postfix-templates/ and dovecot-templates/."""
-    for root in (Path(__file__).resolve().parent.parent, Path(sys.prefix) / "share" / "mailwarden"):
-        if (root / "postfix-templates").is_dir():
+    """The directory holding postfix-templates/ and dovecot-templates/.
+
+    An installed wheel carries them as package data (``mailwarden/postfix-templates/``,
+    built by setup.py from the repository's top-level directories); a checkout (an
+    editable install) has them at the top of the repository, next to the package.
+    """
+    package = importlib.resources.files("mailwarden")
+    checkout = Path(__file__).resolve().parent.parent
+    candidates = [package, checkout] if isinstance(package, Path) else [checkout]
+    for root in candidates:
+        if (root / "postfix-templates").is_dir() and (root / "dovecot-templates").is_dir():
             return root
-    raise RenderError(["templates: postfix-templates/ not found next to the package or in "
-                       f"{sys.prefix}/share/mailwarden"])
+    raise RenderError([f"templates: postfix-templates/ and dovecot-templates/ not found in {package} "
+                       f"(the installed package) or {checkout} (a checkout)"])
 
 
 # ---------------------------------------------------------------- small parts

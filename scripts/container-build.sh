@@ -8,4 +8,4 @@
 #   scripts/container-build.sh --base debian:bookworm-slim # where a registry is reachable
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m mailwarden.testing.containers build "$@"
+exec .venv/bin/python -m harness.containers build "$@"

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.redisserver import RedisServer
+from harness.slapd import Database, SlapdServer, mailwarden_database
 from mailwarden.config import Config, parse_config
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import PolicyResolver
-from mailwarden.testing.redisserver import RedisServer
-from mailwarden.testing.slapd import Database, SlapdServer, mailwarden_database
 
 DATA = Path(__file__).parent / "data"
 ADMIN_DN = "cn=admin,dc=mailwarden,dc=test"

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 import ldap
+from harness.slapd import SlapdServer
 from mailwarden.cli import main
-from mailwarden.testing.slapd import SlapdServer
 from tests.conftest import ADMIN_DN, DATA
 
 USER_DN = "uid=taro,ou=users,mwDomainName=example.jp,ou=domains,dc=mailwarden,dc=test"

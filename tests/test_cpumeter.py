@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailwarden.testing.cpumeter import CpuMeter, peak_rss_mb, process_tree
+from harness.cpumeter import CpuMeter, peak_rss_mb, process_tree
 
 # A parent that burns ~0.3 s of CPU in a child it waits for, then sleeps on.
 _BURNER = """

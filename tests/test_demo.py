@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mailwarden import demo
+from harness import demo
+from harness.ports import free_port
 from mailwarden.cli import main
-from mailwarden.testing.ports import free_port
 
 
 def test_demo_up_answers_explain_and_down_stops_it(

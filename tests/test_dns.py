@@ -7,9 +7,9 @@ import asyncio
 import dns.resolver
 import pytest
 
+from harness.dnsstub import StubDns
 from mailwarden.config import ConfigError, DnsConfig, parse_config
 from mailwarden.dns import async_twin, make_resolver
-from mailwarden.testing.dnsstub import StubDns
 
 
 def test_resolver_uses_the_stub_and_no_search_domains() -> None:

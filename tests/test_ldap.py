@@ -9,12 +9,12 @@ from collections.abc import Callable
 import pytest
 
 import ldap
+from harness.slapd import SlapdServer
 from mailwarden.catalogue import Service
 from mailwarden.config import Config
 from mailwarden.directory import DirectoryUnavailable
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import AddressKind, Layer, PolicyResolver
-from mailwarden.testing.slapd import SlapdServer
 from tests.conftest import ADMIN_DN, compat_config, config_for
 
 Make = Callable[[Config], PolicyResolver]
@@ -159,7 +159,7 @@ def test_wrong_credentials_and_missing_base_are_unavailable(slapd: SlapdServer) 
 
 
 def test_nothing_listening_fails_fast() -> None:
-    from mailwarden.testing.ports import free_port
+    from harness.ports import free_port
 
     cfg = Config().ldap
     cfg = type(cfg)(**{**cfg.__dict__, "uri": f"ldap://127.0.0.1:{free_port()}/",

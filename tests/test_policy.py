@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from harness.fakes import FakeDirectory
 from mailwarden.address import InvalidAddress
 from mailwarden.catalogue import KeywordRule, Service
 from mailwarden.config import parse_config
 from mailwarden.directory import DirectoryUnavailable
 from mailwarden.policy import AddressKind, Layer, PolicyResolver
-from mailwarden.testing.fakes import FakeDirectory
 
 
 class Clock:

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from harness.ports import free_port
+from harness.redisserver import RedisServer
 from mailwarden.resp import RedisAddress, RedisConnection, RedisError, RedisReplyError
 from mailwarden.store import RedisStore, StoreUnavailable
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.redisserver import RedisServer
 
 
 @pytest.mark.parametrize(("url", "expected"), [

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from harness.slapd import Database, SlapdServer
 from mailwarden.catalogue import SERVICES, Service
 from mailwarden.config import parse_config
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import AddressKind, Layer, PolicyResolver
 from mailwarden.sampledata import synthetic_ldif, user_address
-from mailwarden.testing.slapd import Database, SlapdServer
 
 
 def test_generated_subscribers_cover_every_combination(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from harness.ports import free_port
+from harness.redisserver import RedisServer
 from mailwarden.store import (
     MemoryStore,
     RedisStore,
@@ -32,8 +34,6 @@ from mailwarden.store import (
     StoreWrapper,
     open_store,
 )
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.redisserver import RedisServer
 
 T = 0.4
 """TTL used by expiry tests (seconds); Redis tests sleep fractions of it."""

@@ -20,7 +20,7 @@ from types import FrameType
 
 import pytest
 
-from mailwarden.testing.containers import Docker, MailStack, StackRun
+from harness.containers import Docker, MailStack, StackRun
 
 # Directory changes are seen by every daemon of the stack after its caches expire
 # ([policy] cache_ttl and Dovecot's auth cache: 2 s in the stack's configuration).

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mailwarden import demo_stack
-from mailwarden.testing.containers import LABEL, MailStack, stacks
+from harness import demo_stack
+from harness.containers import LABEL, MailStack, stacks
 
 
 def test_demo_up_prints_how_to_send_and_watch_mail_and_down_removes_it(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from email.message import EmailMessage
 
-from mailwarden.testing.containers import MailStack, message_text, read_maildir
+from harness.containers import MailStack, message_text, read_maildir
 from mailwarden.catalogue import JUNK_HEADER
 from milters.filters.spam import SPAM_HEADERS
 from tests.containers.conftest import DirectoryChanges

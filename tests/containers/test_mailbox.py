@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 
-from mailwarden.testing.containers import MailStack, read_maildir
+from harness.containers import MailStack, read_maildir
 from tests.containers.conftest import DirectoryChanges
 
 MX = "mx1.mailwarden.test"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 import time
 
-from mailwarden.testing.containers import SAMPLE_PASSWORD, MailStack, message_text
-from mailwarden.testing.postfix import make_message
+from harness.containers import SAMPLE_PASSWORD, MailStack, message_text
+from harness.postfix import make_message
 from tests.containers.conftest import DirectoryChanges
 
 SUBMISSION, MX, POP_BEFORE_SMTP = 587, 25, 2525

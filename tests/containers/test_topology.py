@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mailwarden.testing.containers import FRONT_INSTANCES, MailStack
+from harness.containers import FRONT_INSTANCES, MailStack
 
 
 def test_front_node_runs_the_rendered_postfix_instances_and_the_dovecot_proxy(stack: MailStack) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from mailwarden.testing.dovecot import DovecotServer, missing_dovecot
-from mailwarden.testing.postfix import missing_postfix
-from mailwarden.testing.process import TestDaemon, log_size, read_log, tail
-from mailwarden.testing.slapd import SlapdServer
-from mailwarden.testing.smtpsink import SmtpSink
+from harness.dovecot import DovecotServer, missing_dovecot
+from harness.postfix import missing_postfix
+from harness.process import TestDaemon, log_size, read_log, tail
+from harness.slapd import SlapdServer
+from harness.smtpsink import SmtpSink
 
 MISSING = missing_postfix() or missing_dovecot()
 MAILWARDEN = Path(sys.executable).parent / "mailwarden"

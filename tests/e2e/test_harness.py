@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from mailwarden.testing.dovecot import DovecotServer
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.postfix import PostfixError, PostfixInstance, make_message, send_mail
-from mailwarden.testing.smtpsink import SmtpSink
+from harness.dovecot import DovecotServer
+from harness.ports import free_port
+from harness.postfix import PostfixError, PostfixInstance, make_message, send_mail
+from harness.smtpsink import SmtpSink
 from tests.e2e.conftest import skip_without_mail_stack
 
 pytestmark = [pytest.mark.slapd, skip_without_mail_stack()]

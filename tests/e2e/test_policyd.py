@@ -36,14 +36,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.dnsstub import StubDns
+from harness.dovecot import DovecotServer
+from harness.ports import free_port
+from harness.postfix import PostfixInstance, SmtpResult
+from harness.redisserver import RedisServer
+from harness.slapd import SlapdServer, mailwarden_database
+from harness.smtpsink import SmtpSink
 from mailwarden.store import Store, open_store
-from mailwarden.testing.dnsstub import StubDns
-from mailwarden.testing.dovecot import DovecotServer
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.postfix import PostfixInstance, SmtpResult
-from mailwarden.testing.redisserver import RedisServer
-from mailwarden.testing.slapd import SlapdServer, mailwarden_database
-from mailwarden.testing.smtpsink import SmtpSink
 from tests.conftest import ADMIN_DN
 from tests.e2e.conftest import HOSTED_DOMAINS, MAILWARDEN, PolicydProcess, skip_without_mail_stack
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from harness.clamd import EICAR, ClamdServer
+from harness.slapd import SlapdServer
+from harness.smtpsink import SmtpSink
+from harness.spamd import SpamdServer
 from mailwarden.cli import main
 from mailwarden.config import parse_config
 from mailwarden.store import SQLiteStore
-from mailwarden.testing.clamd import EICAR, ClamdServer
-from mailwarden.testing.slapd import SlapdServer
-from mailwarden.testing.smtpsink import SmtpSink
-from mailwarden.testing.spamd import SpamdServer
 from milters.config import MilterConfig, check_milter_config
 from milters.quarantine import Quarantine
 from tests.milter.helpers import make_message

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailwarden.testing.clamd import EICAR
+from harness.clamd import EICAR
 from milters.message import BodySpool, Limits, extensions_of
 from milters.text import decode_header_value, guess_decode, normalize_for_match
 from tests.milter.helpers import parse

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
+from harness.dnsstub import StubDns
+from harness.fakes import FakeDirectory
+from harness.ports import free_port
+from harness.redisserver import RedisServer
+from harness.slapd import SlapdServer
 from mailwarden.config import Config, parse_config
 from mailwarden.store import MemoryStore, Store
-from mailwarden.testing.dnsstub import StubDns
-from mailwarden.testing.fakes import FakeDirectory
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.redisserver import RedisServer
-from mailwarden.testing.slapd import SlapdServer
 from policyd.app import Decision, PolicyApp, Services, build_services
 from policyd.checks.base import Transaction
 from policyd.protocol import PolicyRequest, format_request

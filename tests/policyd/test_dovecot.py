@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mailwarden.testing.ports import free_port
+from harness.ports import free_port
 from tests.policyd.conftest import LogLines, PolicyClient, RunningServer
 
 OUT = "friend@remote.example"

@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from harness.dnsstub import StubDns
 from mailwarden.reputation import Reputation
 from mailwarden.store import MemoryStore
-from mailwarden.testing.dnsstub import StubDns
 from policyd.checks.base import TEMPFAIL_REPLY
 from policyd.checks.reputation import dnsbl_name
 from tests.policyd.conftest import Clock, World

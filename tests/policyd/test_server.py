@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.dnsstub import StubDns
+from harness.fakes import FakeDirectory
+from harness.redisserver import RedisServer
+from harness.slapd import SlapdServer
 from mailwarden.ldapdir import LdapDirectory
-from mailwarden.testing.dnsstub import StubDns
-from mailwarden.testing.fakes import FakeDirectory
-from mailwarden.testing.redisserver import RedisServer
-from mailwarden.testing.slapd import SlapdServer
 from policyd.app import Decision, PolicyApp, build_services
 from policyd.protocol import PolicyRequest, format_request
 from policyd.server import MALFORMED_ACTION, TIMEOUT_ACTION, _careful_line, decision_line

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import spf
 
-from mailwarden.testing.dnsstub import StubDns
+from harness.dnsstub import StubDns
 from policyd.checks.spf import ResolverQuery
 from tests.policyd.conftest import World, fake_directory
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.dovecot import missing_dovecot
+from harness.ports import free_port
+from harness.postfix import missing_postfix, run_with_tty
+from harness.slapd import SlapdServer
 from mailwarden.config import Config, parse_config
 from mailwarden.render import Rendered, render_dovecot, render_postfix
-from mailwarden.testing.dovecot import missing_dovecot
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.postfix import missing_postfix, run_with_tty
-from mailwarden.testing.slapd import SlapdServer
 from tests.conftest import DATA
 
 MAILWARDEN = str(Path(sys.executable).with_name("mailwarden"))

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.slapd import SlapdServer
+from harness.smtpsink import SmtpSink
 from mailwarden.catalogue import Service
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import AddressKind, PolicyResolver
-from mailwarden.testing.slapd import SlapdServer
-from mailwarden.testing.smtpsink import SmtpSink
 from tests.render.conftest import (
     RenderedDovecot,
     Site,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.postfix import send_mail
+from harness.slapd import SlapdServer
 from mailwarden.render import POSTFIX_INSTANCES
-from mailwarden.testing.postfix import send_mail
-from mailwarden.testing.slapd import SlapdServer
 from tests.render.conftest import (
     Daemon,
     RenderedDovecot,

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness.fakes import FakeDirectory
 from mailwarden.catalogue import Service
 from mailwarden.cli import main
 from mailwarden.config import Config, parse_config
@@ -27,7 +28,6 @@ from mailwarden.render import (
     render_dovecot,
     render_postfix,
 )
-from mailwarden.testing.fakes import FakeDirectory
 from tests.conftest import DATA
 
 REPO = Path(__file__).resolve().parents[2]

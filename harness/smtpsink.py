@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from types import TracebackType
 
-from mailwarden.testing.ports import free_port
+from harness.ports import free_port
 
 __all__ = ["SinkMessage", "SmtpSink"]
 

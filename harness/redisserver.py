@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.process import file_tail, stop_process
+from harness.ports import free_port
+from harness.process import file_tail, stop_process
 
 __all__ = ["RedisServer", "RedisServerError"]
 

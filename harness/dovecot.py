@@ -29,8 +29,8 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Self
 
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.process import TestDaemon, log_size, read_log, tail
+from harness.ports import free_port
+from harness.process import TestDaemon, log_size, read_log, tail
 
 __all__ = ["DovecotError", "DovecotServer", "login_report_settings", "missing_dovecot"]
 

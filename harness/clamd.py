@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.process import TestDaemon, ThreadedFake, file_tail
+from harness.ports import free_port
+from harness.process import TestDaemon, ThreadedFake, file_tail
 
 __all__ = ["CLAM_EXE", "EICAR", "ClamdServer", "ClamdServerError", "FakeClamd"]
 

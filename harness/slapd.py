@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.process import TestDaemon, file_tail
+from harness.ports import free_port
+from harness.process import TestDaemon, file_tail
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SCHEMA_DIR = Path("/etc/ldap/schema")
 SLAPD = shutil.which("slapd", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))
 SLAPADD = shutil.which("slapadd", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.process import TestDaemon, ThreadedFake
+from harness.ports import free_port
+from harness.process import TestDaemon, ThreadedFake
 
 __all__ = ["GTUBE", "FakeSpamd", "SpamdServer", "SpamdServerError"]
 

@@ -19,7 +19,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from mailwarden.testing.ports import free_port
+from harness.ports import free_port
 
 Records = Mapping[str, Mapping[str, Iterable[str]]]
 

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from mailwarden.testing.redisserver import RedisServer
-from mailwarden.testing.slapd import REPO, SlapdServer, mailwarden_database
+from harness.redisserver import RedisServer
+from harness.slapd import REPO, SlapdServer, mailwarden_database
 
 STATE = Path(os.environ.get("MAILWARDEN_DEMO_DIR", REPO / ".state" / "demo"))
 LDAP_PORT = int(os.environ.get("MAILWARDEN_DEMO_LDAP_PORT", "3389"))
@@ -99,12 +99,12 @@ def down(*, quiet: bool = False) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m mailwarden.demo up|down``."""
+    """``python -m harness.demo up|down``."""
     if argv[1:] == ["up"]:
         return up()
     if argv[1:] == ["down"]:
         return down()
-    print("usage: python -m mailwarden.demo up|down", file=sys.stderr)
+    print("usage: python -m harness.demo up|down", file=sys.stderr)
     return 2
 
 

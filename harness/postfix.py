@@ -31,8 +31,8 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any, Self
 
-from mailwarden.testing.ports import free_port
-from mailwarden.testing.process import TestDaemon, log_size, read_log, tail
+from harness.ports import free_port
+from harness.process import TestDaemon, log_size, read_log, tail
 
 __all__ = [
     "BASE_MASTER_CF",

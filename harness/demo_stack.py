@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from mailwarden.testing.containers import (
+from harness.containers import (
     HOSTS,
     ContainerError,
     Docker,
@@ -24,7 +24,7 @@ from mailwarden.testing.containers import (
     remove_stack,
     stacks,
 )
-from mailwarden.testing.slapd import REPO
+from harness.slapd import REPO
 
 STATE = Path(os.environ.get("MAILWARDEN_DEMO_STACK_DIR", REPO / ".state" / "demo-stack"))
 NAME = "mwdemo"
@@ -61,7 +61,7 @@ def _instructions(stack: MailStack) -> str:
     logs = os.path.relpath(stack.logdir, Path.cwd())
     python = os.path.relpath(sys.executable) if Path(sys.executable).is_relative_to(Path.cwd()) \
         else sys.executable
-    me = f"{python} -m mailwarden.demo_stack"
+    me = f"{python} -m harness.demo_stack"
     return f"""
 mailwarden demo stack '{NAME}' is up: 7 containers on the private network {stack.net}.0/24.
 This machine reaches them at these addresses; nothing inside can reach anything else.
@@ -137,7 +137,7 @@ def mail(address: str, folder: str = "") -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m mailwarden.demo_stack up|down|mail ADDRESS [FOLDER]``."""
+    """``python -m harness.demo_stack up|down|mail ADDRESS [FOLDER]``."""
     args = argv[1:]
     if args == ["up"]:
         return up()
@@ -145,7 +145,7 @@ def main(argv: list[str]) -> int:
         return down()
     if args[:1] == ["mail"] and len(args) in (2, 3):
         return mail(*args[1:])
-    print("usage: python -m mailwarden.demo_stack up | down | mail ADDRESS [FOLDER]", file=sys.stderr)
+    print("usage: python -m harness.demo_stack up | down | mail ADDRESS [FOLDER]", file=sys.stderr)
     return 2
 
 

@@ -1,1 +1,0 @@
-"""Helpers for tests: real service processes started on demand."""
