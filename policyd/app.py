@@ -19,6 +19,7 @@ from mailwarden.address import InvalidAddress, normalize_domain
 from mailwarden.config import Config
 from mailwarden.directory import Directory, DirectoryUnavailable, Entry
 from mailwarden.dns import async_twin, make_resolver
+from mailwarden.endpoint import Endpoint
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import PolicyResolver
 from mailwarden.reputation import OUTCOMES, Reputation
@@ -27,12 +28,12 @@ from policyd.checks import FACTORIES, build_checks
 from policyd.checks.base import (
     TEMPFAIL_REPLY,
     Check,
-    Context,
+    CheckContext,
+    CheckVerdict,
     DnsUnavailable,
     IPAddress,
     Kind,
     Transaction,
-    Verdict,
     WouldBlock,
     defer,
 )
@@ -51,21 +52,12 @@ BACKEND_ERRORS = (DirectoryUnavailable, StoreUnavailable, DnsUnavailable)
 
 
 def parse_listen(spec: str) -> tuple[str, str, int]:
-    """``unix:/path`` -> ("unix", path, 0); ``inet:host:port`` -> ("inet", host, port)."""
-    kind, sep, rest = spec.partition(":")
-    if not sep:
-        raise ValueError(f"{spec!r}: expected unix:/path or inet:host:port")
-    if kind == "unix":
-        if not rest.startswith("/"):
-            raise ValueError(f"{spec!r}: a unix socket path must be absolute")
-        return "unix", rest, 0
-    if kind == "inet":
-        host, _, port = rest.rpartition(":")
-        host = host.strip("[]")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{spec!r}: expected inet:host:port")
-        return "inet", host, int(port)
-    raise ValueError(f"{spec!r}: expected unix:/path or inet:host:port")
+    """``unix:/path`` -> ("unix", path, 0); ``inet:host:port`` -> ("inet", host, port).
+
+    ValueError (:class:`~mailwarden.endpoint.EndpointError`) saying what is expected.
+    """
+    endpoint = Endpoint.parse(spec)
+    return endpoint.kind, endpoint.where, endpoint.port
 
 
 def validate(cfg: PolicydConfig) -> list[str]:
@@ -324,12 +316,12 @@ class Engine:
         checks = self.by_stage.get(request.stage)
         if not checks:
             return DUNNO
-        ctx = Context(request, self.services, txn, inline=inline)
+        ctx = CheckContext(request, self.services, txn, inline=inline)
         bad = self._bad_envelope(ctx)
         if bad is not None:
             return bad
-        permitted: tuple[Verdict, str] | None = None
-        prepended: tuple[Verdict, str] | None = None
+        permitted: tuple[CheckVerdict, str] | None = None
+        prepended: tuple[CheckVerdict, str] | None = None
         for check in checks:
             verdict = self._run(check, ctx)
             if verdict is None:
@@ -349,7 +341,7 @@ class Engine:
             return Decision(prepended[0].action, prepended[1], prepended[0].reason)
         return DUNNO
 
-    def _run(self, check: Check, ctx: Context) -> Verdict | None:
+    def _run(self, check: Check, ctx: CheckContext) -> CheckVerdict | None:
         try:
             return check.evaluate(ctx)
         except WouldBlock:
@@ -362,7 +354,7 @@ class Engine:
             return self._failed(check, f"internal error: {type(exc).__name__}: {exc}")
 
     @staticmethod
-    def _failed(check: Check, why: str) -> Verdict | None:
+    def _failed(check: Check, why: str) -> CheckVerdict | None:
         log.warning("check %s: backend failure (%s): answering %s", check.name, why,
                     check.failure_action)
         if check.failure_action == "tempfail":
@@ -370,7 +362,7 @@ class Engine:
         return None
 
     @staticmethod
-    def _bad_envelope(ctx: Context) -> Decision | None:
+    def _bad_envelope(ctx: CheckContext) -> Decision | None:
         try:
             _ = ctx.sender
         except InvalidAddress as exc:
@@ -382,7 +374,7 @@ class Engine:
                 return Decision("501 5.1.3 Bad recipient address syntax", "envelope", str(exc))
         return None
 
-    def _record_rejection(self, ctx: Context) -> None:
+    def _record_rejection(self, ctx: CheckContext) -> None:
         ip = ctx.client_ip
         if ip is None:
             return
