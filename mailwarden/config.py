@@ -26,7 +26,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from mailwarden import catalogue
-from mailwarden.confbase import setting
+from mailwarden.configfields import setting
 from mailwarden.renderconfig import RenderConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/mailwarden/mailwarden.toml")

@@ -83,14 +83,14 @@ def template_root() -> Path:
 
 
 @dataclass(frozen=True)
-class Endpoint:
+class HostPort:
     """A TCP endpoint written ``host:port`` or ``[v6]:port``."""
 
     host: str
     port: int
 
     @classmethod
-    def parse(cls, text: str) -> Endpoint:
+    def parse(cls, text: str) -> HostPort:
         """Parse ``host:port``; raise ValueError."""
         match = _ENDPOINT.match(text.strip())
         if not match or not 0 < int(match.group(2)) < 65536:
@@ -148,7 +148,7 @@ def _and(*parts: str) -> str:
     return "(&" + "".join(parts) + ")"
 
 
-class Directory:
+class LdapQueries:
     """The LDAP side of the mapping, as lookups Postfix and Dovecot can make.
 
     A lookup table cannot first find a domain entry and then search below it,
@@ -298,7 +298,7 @@ def _endpoint_problems(r: Any, keys: Sequence[str]) -> list[str]:
     problems = []
     for key in keys:
         try:
-            Endpoint.parse(getattr(r, key))
+            HostPort.parse(getattr(r, key))
         except ValueError as exc:
             problems.append(f"render.{key}: {exc}")
     return problems
@@ -314,7 +314,7 @@ def policy_endpoint(cfg: Config) -> str:
         return spec
     if spec.startswith("inet:"):
         try:
-            Endpoint.parse(spec.removeprefix("inet:"))
+            HostPort.parse(spec.removeprefix("inet:"))
         except ValueError as exc:
             raise RenderError([f"policyd.listen[0]: {exc}"]) from None
         return spec
@@ -341,7 +341,7 @@ def check(cfg: Config) -> list[str]:
         problems.append("milter.reinject: Postfix can only offer it as inet:host:port")
     else:
         try:
-            Endpoint.parse(milter.reinject.removeprefix("inet:"))
+            HostPort.parse(milter.reinject.removeprefix("inet:"))
         except ValueError as exc:
             problems.append(f"milter.reinject: {exc}")
     listeners = [r.route_listen, r.mailbox_listen, r.outbound_listen]
@@ -454,7 +454,7 @@ def postfix_context(cfg: Config) -> dict[str, Any]:
     if problems:
         raise RenderError(problems)
     r = cfg.render
-    directory = Directory(cfg)
+    directory = LdapQueries(cfg)
     loopback = ["127.0.0.0/8"] + ([] if r.inet_protocols == "ipv4" else ["[::1]/128"])
     default_host = default_mailbox_host(cfg)
     missing_host = (
@@ -472,10 +472,10 @@ def postfix_context(cfg: Config) -> dict[str, Any]:
         "ldap_timeout": _seconds(cfg.ldap.timeout),
         "maillog_prefix": str(Path(r.maillog_file).parent) if r.maillog_file else "",
         "loopback": loopback,
-        "route": Endpoint.parse(r.route_listen),
-        "mailbox": Endpoint.parse(r.mailbox_listen),
-        "outbound": Endpoint.parse(r.outbound_listen),
-        "reinject": Endpoint.parse(milter.reinject.removeprefix("inet:")),
+        "route": HostPort.parse(r.route_listen),
+        "mailbox": HostPort.parse(r.mailbox_listen),
+        "outbound": HostPort.parse(r.outbound_listen),
+        "reinject": HostPort.parse(milter.reinject.removeprefix("inet:")),
         "inner_size_limit": r.message_size_limit + INNER_SIZE_MARGIN,
         "policy_check": lambda context: _policy_check(cfg, context),
         "quota_check": _quota_check(cfg) if r.quota_status_host else "",
@@ -557,7 +557,7 @@ def auth_chain(cfg: Config, role: str) -> list[AuthStep]:
     domain step also maps a domain alias to its canonical domain, so a login or
     a delivery for ``taro@example.ne.jp`` becomes ``taro@example.jp``.
     """
-    d = Directory(cfg)
+    d = LdapQueries(cfg)
     a = d.attr
     r = cfg.render
     proxy = role == "proxy"
@@ -644,18 +644,18 @@ def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
     if problems:
         raise RenderError(problems)
     r = cfg.render
-    directory = Directory(cfg)
+    directory = LdapQueries(cfg)
     config_dir = r.dovecot_config_dir.format(role=role)
     policyd = policyd_wiring(cfg)
     report_url = ""
     if policyd.login_report_listen:
         spec = policyd.login_report_listen[0]
         try:
-            endpoint = Endpoint.parse(spec.removeprefix("inet:"))
+            endpoint = HostPort.parse(spec.removeprefix("inet:"))
         except ValueError as exc:
             raise RenderError([f"policyd.login_report_listen[0]: {exc}"]) from None
         host = "127.0.0.1" if _unspecified(endpoint.host) else endpoint.host
-        report_url = f"http://{Endpoint(host, endpoint.port).service}/"
+        report_url = f"http://{HostPort(host, endpoint.port).service}/"
     # The login that opens a POP-before-SMTP window must be seen where the
     # client's address is: on the proxy, or on mailbox hosts clients reach directly.
     reports = bool(report_url) and (role == "proxy" or not r.proxy_networks)
@@ -691,7 +691,7 @@ def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
         "report_header": policyd.login_report_header,
         "login_domain": policyd.login_domain,
         "sasl_socket": sasl_socket,
-        "sasl_inet": Endpoint.parse(r.sasl_path.removeprefix("inet:")) if not sasl_socket else None,
+        "sasl_inet": HostPort.parse(r.sasl_path.removeprefix("inet:")) if not sasl_socket else None,
         "recipient_delimiter": cfg.policy.recipient_delimiter,
     }
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from mailwarden.confbase import setting
+from mailwarden.configfields import setting
 
 MIB = 1024 * 1024
 

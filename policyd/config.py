@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from mailwarden import catalogue
-from mailwarden.confbase import setting
 from mailwarden.config import Config, Section
+from mailwarden.configfields import setting
 
 if TYPE_CHECKING:
     from mailwarden.renderconfig import PolicydWiring

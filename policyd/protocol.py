@@ -17,7 +17,7 @@ STAGES = ("CONNECT", "EHLO", "HELO", "MAIL", "RCPT", "DATA", "END-OF-MESSAGE", "
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
+class RequestLimits:
     """Bounds on what one request may hold."""
 
     max_line_length: int = 4096
@@ -102,8 +102,8 @@ class RequestReader:
 
     __slots__ = ("_buf", "_discarding", "_why", "discarded", "limits")
 
-    def __init__(self, limits: Limits | None = None) -> None:
-        self.limits = limits or Limits()
+    def __init__(self, limits: RequestLimits | None = None) -> None:
+        self.limits = limits or RequestLimits()
         self._buf = b""
         self._discarding = False
         self._why = ""

@@ -60,7 +60,7 @@ class Kind(Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Verdict:
+class CheckVerdict:
     """One check's answer: the Postfix action and the reason for the log."""
 
     kind: Kind
@@ -75,24 +75,24 @@ class Verdict:
         return self.kind in (Kind.REJECT, Kind.DEFER)
 
 
-def reject(reply: str, reason: str, *, record: bool = False) -> Verdict:
+def reject(reply: str, reason: str, *, record: bool = False) -> CheckVerdict:
     """A permanent refusal; ``reply`` is ``5xx x.y.z text``."""
-    return Verdict(Kind.REJECT, reply, reason, record)
+    return CheckVerdict(Kind.REJECT, reply, reason, record)
 
 
-def defer(reply: str, reason: str) -> Verdict:
+def defer(reply: str, reason: str) -> CheckVerdict:
     """A temporary refusal; ``reply`` is ``4xx x.y.z text``."""
-    return Verdict(Kind.DEFER, reply, reason)
+    return CheckVerdict(Kind.DEFER, reply, reason)
 
 
-def permit(reason: str) -> Verdict:
+def permit(reason: str) -> CheckVerdict:
     """Relay granted (Postfix ``OK``)."""
-    return Verdict(Kind.PERMIT, "OK", reason)
+    return CheckVerdict(Kind.PERMIT, "OK", reason)
 
 
-def prepend(header: str, reason: str) -> Verdict:
+def prepend(header: str, reason: str) -> CheckVerdict:
     """Add a header to the message (Postfix ``PREPEND``)."""
-    return Verdict(Kind.PREPEND, f"PREPEND {header}", reason)
+    return CheckVerdict(Kind.PREPEND, f"PREPEND {header}", reason)
 
 
 TEMPFAIL_REPLY = "451 4.3.0 Temporary lookup failure, try again later"
@@ -122,7 +122,7 @@ class Transaction:
     """DNS answers (or resolver errors) of this transaction, by (name, type)."""
 
 
-class Context:
+class CheckContext:
     """One request as the checks see it, with memoised lookups.
 
     ``inline`` is true while the request is evaluated on the event-loop thread;
@@ -285,7 +285,7 @@ class Context:
         return Identity.ANONYMOUS, None
 
 
-def recipient_domain(ctx: Context) -> str:
+def recipient_domain(ctx: CheckContext) -> str:
     """The recipient's domain, canonical when hosted here (domain aliases resolved)."""
     policy = ctx.policy(ctx.recipient)
     return policy.domain or split_address(ctx.recipient)[1]
@@ -306,7 +306,7 @@ class Check(Protocol):
     failure_action: FailureAction
     """``tempfail`` or ``dunno`` when a backend fails."""
 
-    def evaluate(self, ctx: Context) -> Verdict | None:
+    def evaluate(self, ctx: CheckContext) -> CheckVerdict | None:
         """This check's verdict for the request."""
         ...
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from mailwarden.address import split_address
 from mailwarden.catalogue import Service
-from policyd.checks.base import Context, Identity, IPAddress, Verdict, defer
+from policyd.checks.base import CheckContext, CheckVerdict, Identity, IPAddress, defer
 from policyd.config import PolicydConfig
 
 PASSED = "p"
@@ -54,7 +54,7 @@ class GreylistCheck:
         self.recipients = frozenset(r.lower() for r in gc.whitelist_recipients)
         self.senders = frozenset(s.lower() for s in gc.whitelist_senders)
 
-    def _whitelisted(self, ctx: Context, ip: IPAddress, recipient: str) -> bool:
+    def _whitelisted(self, ctx: CheckContext, ip: IPAddress, recipient: str) -> bool:
         if any(ip in net for net in self.client_nets):
             return True
         client_name = ctx.request["client_name"].lower()
@@ -77,7 +77,7 @@ class GreylistCheck:
         digest = hashlib.sha256(f"{net}\0{local}@{domain}\0{recipient}".encode()).hexdigest()
         return f"gl:{digest[:32]}"
 
-    def evaluate(self, ctx: Context) -> Verdict | None:
+    def evaluate(self, ctx: CheckContext) -> CheckVerdict | None:
         """450 4.2.0 for a triplet seen less than its delay ago; None when it may pass."""
         recipient = ctx.recipient
         policy = ctx.policy(recipient)
@@ -120,14 +120,14 @@ class GreylistCheck:
         self._pass(ctx, key, awl_key)
         return None
 
-    def _pass(self, ctx: Context, key: str, awl_key: str) -> None:
+    def _pass(self, ctx: CheckContext, key: str, awl_key: str) -> None:
         store = ctx.services.store
         store.set(key, PASSED, ttl=self.max_age)
         if self.auto_whitelist:
             store.incr(awl_key, 1, ttl=self.max_age)
 
     @staticmethod
-    def _greylisted(wait: int, why: str) -> Verdict:
+    def _greylisted(wait: int, why: str) -> CheckVerdict:
         return defer(
             f"450 4.2.0 Greylisted, try again in {wait} seconds",
             f"greylisted ({why})",

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from mailwarden.catalogue import Service
 from mailwarden.store import Store
-from policyd.checks.base import Context, Identity, Verdict, defer
+from policyd.checks.base import CheckContext, CheckVerdict, Identity, defer
 from policyd.config import PolicydConfig, RateScopeConfig
 
 METRICS = (("m", "messages"), ("r", "recipients"), ("b", "bytes"))
@@ -66,7 +66,7 @@ class RateLimitCheck:
         self.client = cfg.rate_limit.client
         self.sender_domain = cfg.rate_limit.sender_domain
 
-    def scopes(self, ctx: Context) -> list[Scope]:
+    def scopes(self, ctx: CheckContext) -> list[Scope]:
         """The scopes this request counts against.
 
         A login or POP-before-SMTP user counts against its own limits (the
@@ -90,7 +90,7 @@ class RateLimitCheck:
             scopes.append(_from_config("client", str(ctx.client_ip), self.client))
         return [s for s in scopes if s.limited]
 
-    def evaluate(self, ctx: Context) -> Verdict | None:
+    def evaluate(self, ctx: CheckContext) -> CheckVerdict | None:
         """RCPT: wait if a limit was reached; END-OF-MESSAGE: count, refuse what goes over."""
         scopes = self.scopes(ctx)
         if not scopes:
@@ -98,12 +98,12 @@ class RateLimitCheck:
         store = ctx.services.store
         if ctx.request.stage == "RCPT":
             # Counters change only at END-OF-MESSAGE: one read serves every RCPT of a message.
-            verdict: Verdict | None = ctx.memo("rate_limit", lambda: self._over(store, scopes))
+            verdict: CheckVerdict | None = ctx.memo("rate_limit", lambda: self._over(store, scopes))
             return verdict
         return self._count(ctx, store, scopes)
 
     @staticmethod
-    def _over(store: Store, scopes: list[Scope]) -> Verdict | None:
+    def _over(store: Store, scopes: list[Scope]) -> CheckVerdict | None:
         flags = store.get_many([scope.key + ":over" for scope in scopes])
         for scope, over in zip(scopes, flags, strict=True):
             if over is not None:
@@ -113,7 +113,7 @@ class RateLimitCheck:
                 )
         return None
 
-    def _count(self, ctx: Context, store: Store, scopes: list[Scope]) -> Verdict | None:
+    def _count(self, ctx: CheckContext, store: Store, scopes: list[Scope]) -> CheckVerdict | None:
         """Add the message to every counter at once; take it back out if any goes over."""
         amounts = {"m": 1, "r": max(ctx.request.number("recipient_count"), 1),
                    "b": ctx.request.number("size")}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from mailwarden.catalogue import Service
-from policyd.checks.base import Context, Identity, Verdict, permit, reject
+from policyd.checks.base import CheckContext, CheckVerdict, Identity, permit, reject
 from policyd.config import PolicydConfig
 
 
@@ -20,7 +20,7 @@ class RelayCheck:
     def __init__(self, cfg: PolicydConfig) -> None:
         self.failure_action = cfg.relay.failure_action
 
-    def evaluate(self, ctx: Context) -> Verdict | None:
+    def evaluate(self, ctx: CheckContext) -> CheckVerdict | None:
         """OK for a permitted relay, 554 5.7.1 for third-party relaying, None for local mail."""
         recipient = ctx.recipient
         if ctx.policy(recipient).is_local:

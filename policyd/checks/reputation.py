@@ -7,11 +7,11 @@ from typing import ClassVar
 
 from mailwarden.catalogue import Service
 from policyd.checks.base import (
-    Context,
+    CheckContext,
+    CheckVerdict,
     DnsUnavailable,
     Identity,
     IPAddress,
-    Verdict,
     defer,
     reject,
 )
@@ -46,16 +46,16 @@ class ReputationCheck:
         self.reject_score = rc.reject_score
         self.network_reject_score = rc.network_reject_score
 
-    def evaluate(self, ctx: Context) -> Verdict | None:
+    def evaluate(self, ctx: CheckContext) -> CheckVerdict | None:
         """One assessment per client and transaction; logins and trusted clients pass."""
         who, _ = ctx.identity()
         ip = ctx.client_ip
         if who is not Identity.ANONYMOUS or ip is None:
             return None
-        verdict: Verdict | None = ctx.memo("reputation", lambda: self._assess(ctx, ip))
+        verdict: CheckVerdict | None = ctx.memo("reputation", lambda: self._assess(ctx, ip))
         return verdict
 
-    def _assess(self, ctx: Context, ip: IPAddress) -> Verdict | None:
+    def _assess(self, ctx: CheckContext, ip: IPAddress) -> CheckVerdict | None:
         score, network = ctx.services.reputation.scores(str(ip))
         if score >= self.reject_score:
             return reject(
@@ -81,7 +81,7 @@ class ReputationCheck:
             )
         return None
 
-    def _dnsbl(self, ctx: Context, ip: IPAddress) -> list[str]:
+    def _dnsbl(self, ctx: CheckContext, ip: IPAddress) -> list[str]:
         """The zones listing ``ip``; DnsUnavailable if a zone could not answer and none listed."""
         names = [(zone, dnsbl_name(ip, zone)) for zone in self.zones]
         ctx.need_dns([(name, "A") for _, name in names])  # all zones at once

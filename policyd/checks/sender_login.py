@@ -7,7 +7,7 @@ from typing import ClassVar
 from mailwarden.address import split_address
 from mailwarden.catalogue import Service
 from mailwarden.policy import AddressKind
-from policyd.checks.base import Context, Verdict, reject
+from policyd.checks.base import CheckContext, CheckVerdict, reject
 from policyd.config import PolicydConfig
 
 
@@ -29,7 +29,7 @@ class SenderLoginCheck:
         self.exempt = frozenset(d.lower().rstrip(".") for d in cfg.sender_login.exempt_login_domains)
         self.allow_null_sender = cfg.sender_login.allow_null_sender
 
-    def evaluate(self, ctx: Context) -> Verdict | None:
+    def evaluate(self, ctx: CheckContext) -> CheckVerdict | None:
         """None when there is no login or the sender is the login's; 553/554 5.7.1 otherwise."""
         login = ctx.request.sasl_username
         if not login:

@@ -20,11 +20,11 @@ import spf
 
 from mailwarden.catalogue import Service
 from policyd.checks.base import (
-    Context,
+    CheckContext,
+    CheckVerdict,
     DnsUnavailable,
     Identity,
     NeedDns,
-    Verdict,
     defer,
     prepend,
     recipient_domain,
@@ -162,7 +162,7 @@ class SpfCheck:
             return per_domain[result]
         return self.actions.get(result, "dunno")
 
-    def evaluate(self, ctx: Context) -> Verdict | None:
+    def evaluate(self, ctx: CheckContext) -> CheckVerdict | None:
         """The SPF verdict for an anonymous client; None for everyone else."""
         who, _ = ctx.identity()
         ip = ctx.client_ip
@@ -190,7 +190,7 @@ class SpfCheck:
             return prepend(found.header, why)
         return None
 
-    def _evaluate(self, ctx: Context, ip: str) -> SpfResult:
+    def _evaluate(self, ctx: CheckContext, ip: str) -> SpfResult:
         request = ctx.request
         missing: list[tuple[str, str]] = []
 

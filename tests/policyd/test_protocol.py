@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policyd.protocol import (
-    Limits,
     Malformed,
     PolicyRequest,
+    RequestLimits,
     RequestReader,
     format_reply,
     format_request,
@@ -54,7 +54,7 @@ def test_no_terminating_blank_line_yields_nothing_yet() -> None:
 
 
 def test_over_long_line_is_malformed_and_the_next_request_still_parses() -> None:
-    reader = RequestReader(Limits(max_line_length=100, max_request_size=4096))
+    reader = RequestReader(RequestLimits(max_line_length=100, max_request_size=4096))
     bad = format_request(request(helo_name="x" * 200))
     got = reader.feed(bad + REQ)
     assert isinstance(got[0], Malformed) and "longer than 100" in got[0].reason
@@ -62,7 +62,7 @@ def test_over_long_line_is_malformed_and_the_next_request_still_parses() -> None
 
 
 def test_over_long_request_is_discarded_with_bounded_memory() -> None:
-    reader = RequestReader(Limits(max_request_size=1000, max_line_length=100))
+    reader = RequestReader(RequestLimits(max_request_size=1000, max_line_length=100))
     junk = b"a=" + b"b" * 99 + b"\n"
     out = []
     for _ in range(500):  # 50 kB of a request that never ends
@@ -139,7 +139,7 @@ def test_fuzz_any_valid_request_in_any_chunking_round_trips(attrs: dict[str, str
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=200), max_size=20))
 def test_fuzz_arbitrary_bytes_never_raise_and_stay_bounded(chunks: list[bytes]) -> None:
-    limits = Limits(max_line_length=64, max_request_size=256, max_attributes=8)
+    limits = RequestLimits(max_line_length=64, max_request_size=256, max_attributes=8)
     reader = RequestReader(limits)
     terminators = 0
     for chunk in chunks:
@@ -161,6 +161,6 @@ def _outcome(got: PolicyRequest | Malformed) -> object:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.one_of(st.sampled_from(ODD_LINES), st.binary(max_size=40)), max_size=12))
 def test_fuzz_fast_parse_agrees_with_the_strict_parse(lines: list[bytes]) -> None:
-    reader = RequestReader(Limits(max_line_length=64, max_request_size=4096, max_attributes=8))
+    reader = RequestReader(RequestLimits(max_line_length=64, max_request_size=4096, max_attributes=8))
     block = b"\n".join(line.replace(b"\n", b"") for line in lines)
     assert _outcome(reader._parse(block)) == _outcome(reader._parse_strict(block))

@@ -22,7 +22,7 @@ from mailwarden.policy import PolicyResolver
 from mailwarden.render import (
     DOVECOT_ROLES,
     POSTFIX_INSTANCES,
-    Directory,
+    LdapQueries,
     RenderError,
     check,
     render_dovecot,
@@ -120,12 +120,12 @@ def test_alternative_mapping_shapes_every_lookup(tmp_path: Path) -> None:
 def test_filter_placeholders_and_percent_signs_are_translated() -> None:
     text = ('[ldap.mapping]\nuser_filter = "(&(objectClass=x)(|(uid={local})(mail={address}))'
             '(note=100%))"\n')
-    d = Directory(cfg(text))
+    d = LdapQueries(cfg(text))
     assert d.postfix_user_filter() == "(&(objectClass=x)(|(uid=%u)(mail=%s))(note=100%%))"
     assert d.dovecot_user_filter() == "(&(objectClass=x)(|(uid=%n)(mail=%u))(note=100%%))"
     bad = cfg('[ldap.mapping]\ndomain_filter = "(&(d={domain})(m={address}))"\n')
     with pytest.raises(RenderError, match="domain_filter"):
-        Directory(bad).postfix_domain_filter("domain")
+        LdapQueries(bad).postfix_domain_filter("domain")
 
 
 def test_login_report_follows_the_policy_daemon(tmp_path: Path) -> None:
@@ -218,7 +218,7 @@ def test_spam_guard_steps_decide_like_the_resolver(
     fake.add_user("u@example.jp", **values["user"])
     expected = PolicyResolver(fake, config).effective_policy("u@example.jp").enabled(Service.SPAM_CHECK)
     state = default
-    for layer, flt, verdict in Directory(config).service_layers(Service.SPAM_CHECK):
+    for layer, flt, verdict in LdapQueries(config).service_layers(Service.SPAM_CHECK):
         if _matches(flt, layers[layer]):
             state = verdict == "on"
     assert state == expected

@@ -1,4 +1,5 @@
-"""The declaration helper every configuration section uses (core, policyd, milters)."""
+"""Declaring configuration fields: every section (the core's and the daemons' registered ones)
+declares each field through :func:`setting`, which gives it a default and a one-line description."""
 
 from __future__ import annotations
 
