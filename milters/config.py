@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,11 +11,11 @@ from mailwarden.configfields import setting
 if TYPE_CHECKING:
     from mailwarden.renderconfig import MilterWiring
 from mailwarden.daemon import EVENT_LOOPS
+from mailwarden.endpoint import Endpoint, EndpointError
 
 KIB = 1024
 MIB = 1024 * 1024
 
-_ENDPOINT = re.compile(r"^(unix:/.+|inet:[^:\s]+:[0-9]{1,5})$")
 
 
 @dataclass(frozen=True)
@@ -131,8 +130,13 @@ class MilterConfig:
 def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
     """Problems with the ``[milter]`` section, each as ``milter.key: problem``."""
     problems: list[str] = []
-    if not cfg.socket.startswith("unix:/") and not cfg.socket.startswith("inet:"):
-        problems.append(f"milter.socket: {cfg.socket!r} must be unix:/path or inet:host:port")
+    for key, addr in [("socket", cfg.socket), ("reinject", cfg.reinject),
+                      *((f"clamd[{i}]", a) for i, a in enumerate(cfg.clamd)),
+                      *((f"spamd[{i}]", a) for i, a in enumerate(cfg.spamd))]:
+        try:
+            Endpoint.parse(addr)
+        except EndpointError as exc:
+            problems.append(f"milter.{key}: {exc}")
     if cfg.event_loop not in EVENT_LOOPS:
         problems.append(f"milter.event_loop: {cfg.event_loop!r} must be one of {', '.join(EVENT_LOOPS)}")
     try:
@@ -142,14 +146,8 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
     except ValueError:
         problems.append(f"milter.socket_mode: {cfg.socket_mode!r} is not an octal mode")
     for key in ("clamd", "spamd"):
-        addrs = getattr(cfg, key)
-        if not addrs:
+        if not getattr(cfg, key):
             problems.append(f"milter.{key}: at least one upstream is needed")
-        for i, addr in enumerate(addrs):
-            if not _ENDPOINT.match(addr):
-                problems.append(f"milter.{key}[{i}]: {addr!r} must be unix:/path or inet:host:port")
-    if not _ENDPOINT.match(cfg.reinject):
-        problems.append(f"milter.reinject: {cfg.reinject!r} must be unix:/path or inet:host:port")
     positive = (
         "memory_limit", "max_parts", "max_depth", "archive_max_members", "archive_max_size",
         "archive_max_ratio", "clamd_timeout", "clamd_max_size", "spamd_timeout", "spamd_max_size",

@@ -51,6 +51,9 @@ def test_shipped_defaults_pass_the_checks() -> None:
     ("memory_limit = 0", "milter.memory_limit"),
     ('socket_mode = "rw"', "milter.socket_mode"),
     ('notice_from = "{user}@x"', "milter.notice_from"),
+    ("workers = 0", "milter.workers"),
+    ('event_loop = "gevent"', "milter.event_loop"),
+    ('spamd = ["inet:[::1]"]', "milter.spamd[0]"),
 ])
 def test_bad_milter_settings_are_named(toml: str, problem: str) -> None:
     cfg = parse_config(f"[milter]\n{toml}\n", "t.toml")
