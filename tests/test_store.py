@@ -6,6 +6,7 @@ against a real redis-server and really sleeps, so TTLs are kept short.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -20,12 +21,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import hiredis
 import pytest
 import redis
 
 from harness.ports import free_port
 from harness.redisserver import RedisServer
 from mailwarden.store import (
+    AsyncRedisStore,
     MemoryStore,
     RedisStore,
     SQLiteStore,
@@ -304,6 +307,23 @@ def test_incr_many_changes_nothing_on_a_wrong_type(backend: Backend) -> None:
     with pytest.raises(ValueError, match="ttl"):
         s.incr_many([("c", 1, None), ("d", 1, -1.0)])
     assert s.get("c") == "1"
+
+
+def test_incr_many_changes_nothing_on_a_bad_value(backend: Backend) -> None:
+    """A counter that cannot be incremented, even after others were, undoes them all."""
+    s = backend.store
+    s.set("c", "1", ttl=60)
+    s.set("plain", "5")
+    s.set("text", "abc")
+    s.set("big", str(2**63 - 2))
+    for bad in ("text", "big"):
+        with pytest.raises(ValueError, match=bad):
+            s.incr_many([("c", 1, None), ("fresh", 1, T), ("plain", 2, T), ("c", 1, None), (bad, 2, None)])
+        assert s.get_many(["c", "fresh", "plain", "text", "big"]) == ["1", None, "5", "abc", str(2**63 - 2)]
+        assert s.ttl("plain") is None, "no expiry was given to a counter without one"
+        remaining = s.ttl("c")
+        assert remaining is not None
+        assert 59 < remaining <= 60, "an expiry is kept"
 
 
 def test_wrong_kind_of_value(backend: Backend) -> None:
@@ -696,7 +716,7 @@ def test_fork_waits_for_a_running_checkpoint(tmp_path: Path, monkeypatch: pytest
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         ended.append(time.monotonic())
 
-    monkeypatch.setattr("mailwarden.store._checkpoint", slow_checkpoint)
+    monkeypatch.setattr("mailwarden.store.sqlite._checkpoint", slow_checkpoint)
     path = tmp_path / "ckpt.sqlite"
     store = SQLiteStore(path, checkpoint_interval=0.01)
     store.incr("parent")
@@ -985,39 +1005,170 @@ def test_redis_restart_while_idle_is_not_an_error() -> None:
         store.close()
 
 
-def _answers_then_silent(replies: int) -> tuple[socket.socket, list[int]]:
-    """A RESP server answering the first ``replies`` commands with nil, then never again."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    connections: list[int] = []
+class FakeRedis:
+    """A RESP server on loopback that records the commands it is sent.
 
-    def run() -> None:
+    CLIENT commands (redis-py's greeting on connect) are answered OK. Any other command
+    gets ``answer(n)`` (n counts them from 1): bytes to send (b"": nothing, a silent
+    server), or None to close the connection without an answer.
+    """
+
+    def __init__(self, answer: Callable[[int], bytes | None], *, close_after_reply: bool = False) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        self.answer = answer
+        self.close_after_reply = close_after_reply
+        self.connections = 0
+        self.commands: list[list[str]] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
         while True:
             try:
-                conn, _ = listener.accept()
+                conn, _ = self.listener.accept()
             except OSError:
                 return
-            connections.append(1)
-            answered = 0
-            while conn.recv(4096):
-                if answered < replies:
-                    conn.sendall(b"$-1\r\n")
-                    answered += 1
+            self.connections += 1
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
 
-    threading.Thread(target=run, daemon=True).start()
-    return listener, connections
+    def _session(self, conn: socket.socket) -> None:
+        reader = hiredis.Reader(encoding="utf-8")
+        with conn, contextlib.suppress(OSError):
+            while data := conn.recv(65536):
+                reader.feed(data)
+                while (command := reader.gets()) is not False:
+                    if command[0].upper() == "CLIENT":
+                        conn.sendall(b"+OK\r\n")
+                        continue
+                    self.commands.append(command)
+                    reply = self.answer(len(self.commands))
+                    if reply is None:
+                        return
+                    conn.sendall(reply)
+                    if self.close_after_reply:
+                        return
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 def test_redis_read_that_times_out_is_not_sent_again() -> None:
-    listener, connections = _answers_then_silent(1)
-    store = RedisStore(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", socket_timeout=0.3)
+    fake = FakeRedis(lambda n: b"$-1\r\n" if n == 1 else b"")
+    store = RedisStore(fake.url, socket_timeout=0.3)
     assert store.get("k") is None
     started = time.monotonic()
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreUnavailable, match=r"(?i)timeout"):
         store.get("k")
     assert time.monotonic() - started < 0.55, "one timeout, not two"
-    assert len(connections) == 1
+    assert len(fake.commands) == 2
+    assert fake.connections == 1
     store.close()
-    listener.close()
+    fake.close()
+
+
+REDIS_CALLS: list[tuple[str, Callable[[Store], object], int]] = [
+    ("get", lambda s: s.get("k"), 2),
+    ("get_many", lambda s: s.get_many(["k", "j"]), 2),
+    ("ttl", lambda s: s.ttl("k"), 2),
+    ("smembers", lambda s: s.smembers("k"), 2),
+    ("scan", lambda s: list(s.scan("k")), 2),
+    ("set", lambda s: s.set("k", "v", ttl=30), 1),
+    ("add", lambda s: s.add("k", "v"), 1),
+    ("delete", lambda s: s.delete("k"), 1),
+    ("incr", lambda s: s.incr("k", ttl=30), 1),
+    ("incr_many", lambda s: s.incr_many([("k", 1, 30.0), ("j", 2, None)]), 1),
+    ("sadd", lambda s: s.sadd("k", "m", ttl=30), 1),
+    ("expire", lambda s: s.expire("k", 30), 1),
+]
+
+
+@pytest.mark.parametrize(("call", "sent"), [pytest.param(c, n, id=name) for name, c, n in REDIS_CALLS])
+def test_redis_dropped_connection_resends_a_read_once_and_a_write_never(
+    call: Callable[[Store], object], sent: int
+) -> None:
+    fake = FakeRedis(lambda n: None)  # every command: the connection closes unanswered
+    store = RedisStore(fake.url, socket_timeout=1.0)
+    with pytest.raises(StoreUnavailable, match="redis store"):
+        call(store)
+    assert len(fake.commands) == sent
+    store.close()
+    fake.close()
+
+
+@pytest.mark.parametrize("reply", [
+    pytest.param(b"$5\r\nab", id="cut-short"),
+    pytest.param(b"?garbage\r\n", id="not-resp"),
+    pytest.param(b"-ERR something odd\r\n", id="unknown-error"),
+    pytest.param(b"-LOADING Redis is loading the dataset in memory\r\n", id="loading"),
+    pytest.param(b"-READONLY You can't write against a read only replica.\r\n", id="replica"),
+])
+def test_redis_broken_answers_are_unavailable(reply: bytes) -> None:
+    fake = FakeRedis(lambda n: reply, close_after_reply=True)
+    store = RedisStore(fake.url, socket_timeout=1.0)
+    for call in (lambda: store.set("k", "v"), lambda: store.incr("n"), lambda: store.get("k")):
+        with pytest.raises(StoreUnavailable, match="redis store"):
+            call()
+    store.close()
+    fake.close()
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[RedisServer]:
+    with RedisServer(password="t0ps3cret", unix_socket=True) as server:
+        yield server
+
+
+@pytest.mark.redis
+def test_redis_urls_select_the_database_and_authenticate(secured: RedisServer) -> None:
+    """The URL forms redis-py reads: password and user (percent-encoded), db in the path or the query."""
+    raw = redis.Redis(port=secured.port, password="t0ps3cret", decode_responses=True)
+    raw.acl_setuser("mw", enabled=True, passwords=["+p@ss/w"], keys=["*"], commands=["+@all"])
+    port, sock = secured.port, secured.socket_path
+    urls = {
+        3: f"redis://:t0ps3cret@127.0.0.1:{port}/3",
+        4: f"redis://127.0.0.1:{port}?db=4&password=t0ps3cret",
+        5: f"redis://mw:p%40ss%2Fw@127.0.0.1:{port}/5",
+        6: f"unix://{sock}?db=6&password=t0ps3cret",
+        7: f"unix://mw:p%40ss%2Fw@{sock}?db=7",
+    }
+    for db, url in urls.items():
+        store = RedisStore(url, key_prefix="url:")
+        store.set("db", "日本語")
+        assert store.get_many(["db"]) == ["日本語"]
+        store.close()
+        raw.execute_command("SELECT", db)
+        assert raw.get("url:db") == "日本語", url
+        raw.execute_command("SELECT", 0)
+    assert raw.get("url:db") is None
+    raw.close()
+
+
+@pytest.mark.redis
+def test_redis_wrong_or_missing_password_is_unavailable(secured: RedisServer) -> None:
+    for url in (f"redis://:wrong@127.0.0.1:{secured.port}/0", f"redis://127.0.0.1:{secured.port}/0"):
+        store = RedisStore(url)
+        with pytest.raises(StoreUnavailable, match="redis store"):
+            store.get("k")
+        with pytest.raises(StoreUnavailable, match="redis store"):
+            store.set("k", "v")
+        store.close()
+
+
+@pytest.mark.parametrize("url", ["http://h/0", "redis://h/x", "unix://", "127.0.0.1:6379"])
+def test_redis_bad_urls(url: str) -> None:
+    with pytest.raises(ValueError, match="redis url"):
+        RedisStore(url)
+    with pytest.raises(ValueError, match="redis url"):
+        AsyncRedisStore(url)
+
+
+def test_redis_password_in_the_query_is_masked() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0?password=hunter2secret")
+    with pytest.raises(StoreUnavailable) as info:
+        store.ping()
+    assert "hunter2secret" not in str(info.value)
+    assert "hunter2secret" not in repr(store)
+    store.close()
 
 
 def test_redis_connections_are_per_thread() -> None:

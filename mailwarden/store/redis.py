@@ -1,0 +1,517 @@
+"""The cluster store in Redis, over redis-py (with hiredis): :class:`RedisStore` for
+threads, :class:`AsyncRedisStore` for an asyncio event loop.
+
+Both keep the :class:`~mailwarden.store.base.Store` semantics exactly, in the same way:
+
+* Every key carries ``key_prefix``.
+* ``incr_many`` (and so ``incr``) and ``sadd`` with a ttl run as Lua scripts
+  (``register_script``: EVALSHA, and SCRIPT LOAD once when the server does not know
+  the script yet), so an existing expiry is never extended and a type or value error
+  in any item leaves every counter unchanged.
+* **Retries.** The connections are made without redis-py's retries
+  (``Retry(NoBackoff(), 0)``), so a write (SET, DEL, a script...) is sent once: a
+  counter is never counted twice. A read (GET, MGET, PTTL, SMEMBERS, SISMEMBER, SCAN,
+  PING) that fails with a ``ConnectionError`` (the connection dropped) is sent once
+  more, on a new connection (redis-py's ``Retry(NoBackoff(), 1)`` limited to
+  ConnectionError); a read that timed out is not sent again. Before any command the
+  pool replaces an idle connection the server has closed (redis-py checks that it is
+  not readable; on the event loop, once the loop has seen the close), so a Redis
+  restart between commands is not an error.
+* **Errors.** Wrong type: ``TypeError``. Not an integer, or an overflow:
+  ``ValueError``. Anything else redis-py raises (refused, reset, timed out, AUTH,
+  LOADING, READONLY...): :class:`StoreUnavailable`, with the URL (password masked).
+
+One ``ConnectionPool`` per store: the blocking one is thread-safe and fork-safe (a
+forked child opens its own connections); the asyncio one belongs to one event loop.
+:func:`pool_options` are the options of both, so a store over a pool made elsewhere
+(:meth:`RedisStore.from_client`, e.g. ``Sentinel(...).master_for(name,
+**pool_options(timeout))``) behaves the same.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import re
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from mailwarden.store.base import Increment, StoreUnavailable, check_ttl, wrong_type
+
+__all__ = ["AsyncRedisStore", "RedisStore", "pool_options", "redact_url"]
+
+INCR_MANY_LUA = """
+-- KEYS: the counters; ARGV: per counter its amount and its ttl in ms ('' for none).
+-- Nothing changes unless every increment can be made: the types are checked first, and
+-- an increment Redis refuses (not an integer, overflow) undoes those made before it.
+for i, key in ipairs(KEYS) do
+    local kind = redis.call('TYPE', key).ok
+    if kind ~= 'none' and kind ~= 'string' then
+        return redis.error_reply('WRONGTYPE ' .. i)
+    end
+end
+local out, before = {}, {}
+for i, key in ipairs(KEYS) do
+    if not before[key] then
+        before[key] = {redis.call('GET', key), redis.call('PTTL', key)}
+    end
+    local value = redis.pcall('INCRBY', key, ARGV[2 * i - 1])
+    if type(value) == 'table' and value.err then
+        for k, old in pairs(before) do
+            if old[1] then
+                redis.call('SET', k, old[1])
+                if old[2] > 0 then
+                    redis.call('PEXPIRE', k, old[2])
+                end
+            else
+                redis.call('DEL', k)
+            end
+        end
+        return redis.error_reply('NOTINT ' .. i .. ' ' .. value.err)
+    end
+    out[i] = value
+    local ttl = ARGV[2 * i]
+    if ttl ~= '' and redis.call('PTTL', key) == -1 then
+        redis.call('PEXPIRE', key, ttl)
+    end
+end
+return out
+"""
+
+SADD_LUA = """
+local added = redis.call('SADD', KEYS[1], unpack(ARGV, 2))
+if ARGV[1] ~= '' and redis.call('PTTL', KEYS[1]) == -1 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+return added
+"""
+
+_SADD_CHUNK = 1000
+_SCAN_COUNT = 500
+_GLOB_SPECIAL_RE = re.compile(r"([*?\[\]\\])")
+
+
+def pool_options(socket_timeout: float, *, asyncio: bool = False) -> dict[str, Any]:
+    """The connection options of every store pool (``from_url`` or Sentinel's ``master_for``).
+
+    RESP2 (the replies the scripts are written for; no HELLO round trip on connect).
+    Replies are decoded as UTF-8 (bytes that are not become U+FFFD), ``socket_timeout``
+    bounds connecting and every reply, and redis-py retries nothing (see the module).
+    """
+    retry = AsyncRetry(NoBackoff(), 0) if asyncio else Retry(NoBackoff(), 0)
+    return {"protocol": 2, "decode_responses": True, "encoding_errors": "replace",
+            "socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout, "retry": retry}
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (in the user part or the query) replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(name == "password" for name, _ in query):
+        masked = [(name, "***" if name == "password" else value) for name, value in query]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
+    return urlunsplit(parts)
+
+
+def _check_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"redis url {redact_url(url)!r}: expected redis://, rediss:// or unix://")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError(f"redis url {redact_url(url)!r}: no socket path")
+    database = parts.path.strip("/")
+    if parts.scheme != "unix" and database and not database.isdigit():
+        # redis-py would quietly use database 0.
+        raise ValueError(f"redis url {redact_url(url)!r}: database {database!r} is not a number")
+
+
+def _millis(ttl: float) -> int:
+    return max(1, math.ceil(ttl * 1000))
+
+
+def _ignore(_error: Exception) -> None:
+    """Retry callback: redis-py has already dropped the failed connection."""
+
+
+class _RedisCommands:
+    """What the blocking and the asyncio store share: keys, arguments, replies, errors."""
+
+    def __init__(self, name: str, key_prefix: str) -> None:
+        self._name = name
+        self._prefix = key_prefix
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._name!r}, key_prefix={self._prefix!r})"
+
+    @property
+    def key_prefix(self) -> str:
+        """The prefix added to every key."""
+        return self._prefix
+
+    def _k(self, key: str) -> str:
+        return self._prefix + key
+
+    def _unavailable(self, detail: object) -> StoreUnavailable:
+        return StoreUnavailable(f"redis store {self._name}: {detail}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._unavailable("store is closed")
+
+    def _error(self, exc: redis.RedisError, key: str, items: Sequence[Increment] = ()) -> Exception:
+        """The Store error for what redis-py raised about ``key`` (or one of ``items``)."""
+        text = str(exc) or type(exc).__name__
+        if not isinstance(exc, redis.ResponseError):
+            return self._unavailable(text)
+        code, _, rest = text.partition(" ")
+        if items and code in ("WRONGTYPE", "NOTINT"):
+            # From the incr_many script: the item's number, then Redis's own message.
+            number, _, detail = rest.partition(" ")
+            if number.isdigit() and 0 < int(number) <= len(items):
+                key = items[int(number) - 1][0]
+            if code == "WRONGTYPE":
+                return wrong_type(key)
+            return ValueError(f"cannot increment {key!r}: {detail}")
+        if "WRONGTYPE" in text:
+            return wrong_type(key)
+        if "not an integer" in text or "overflow" in text:
+            return ValueError(f"cannot increment {key!r}: {text}")
+        return self._unavailable(text)
+
+    def _set_args(self, key: str, value: str, ttl: float | None, *, only_new: bool) -> tuple[Any, ...]:
+        check_ttl(ttl)
+        px = () if ttl is None else ("PX", _millis(ttl))
+        return ("SET", self._k(key), value, *px, *(("NX",) if only_new else ()))
+
+    def _incr_many_args(self, items: Sequence[Increment]) -> tuple[list[str], list[int | str]]:
+        argv: list[int | str] = []
+        for _, amount, ttl in items:
+            check_ttl(ttl)
+            argv += [amount, "" if ttl is None else _millis(ttl)]
+        return [self._k(key) for key, _, _ in items], argv
+
+    def _scan_pattern(self, prefix: str) -> str:
+        return _GLOB_SPECIAL_RE.sub(r"\\\1", self._k(prefix)) + "*"
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _seconds(millis: Any) -> float | None:
+    return None if int(millis) < 0 else int(millis) / 1000.0
+
+
+class RedisStore(_RedisCommands):
+    """Store in Redis, for threads: one redis-py client over one ``ConnectionPool``.
+
+    ``url`` is anything redis-py's ``from_url`` reads: ``redis://[[user]:password@]host
+    [:port][/db]``, ``rediss://...`` (TLS, system trust store), ``unix:///path.sock
+    [?db=N&password=...]``. A URL that is none raises ValueError. Nothing connects
+    before the first command. See the module for retries and errors.
+    """
+
+    def __init__(self, url: str, *, key_prefix: str = "mw:", socket_timeout: float = 1.0) -> None:
+        _check_url(url)
+        try:
+            pool = redis.ConnectionPool.from_url(url, **pool_options(socket_timeout))
+        except ValueError as exc:
+            raise ValueError(f"redis url {redact_url(url)!r}: {exc}") from None
+        self._setup(redis.Redis(connection_pool=pool), redact_url(url), key_prefix)
+
+    @classmethod
+    def from_client(cls, client: redis.Redis, *, name: str, key_prefix: str = "mw:") -> RedisStore:
+        """A store over a client made elsewhere (Sentinel's ``master_for``, say), whose pool
+        was made with :func:`pool_options`; ``name`` (no password) names it in errors."""
+        store = cls.__new__(cls)
+        store._setup(client, name, key_prefix)
+        return store
+
+    def _setup(self, client: redis.Redis, name: str, key_prefix: str) -> None:
+        _RedisCommands.__init__(self, name, key_prefix)
+        self._client = client
+        self._read_retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+        self._incr_many_script = client.register_script(INCR_MANY_LUA)
+        self._sadd_script = client.register_script(SADD_LUA)
+
+    def _command(self, key: str, *args: Any, read: bool = False) -> Any:
+        """Send one command (a read: once more after a dropped connection) and return its reply."""
+        self._check_open()
+        execute: Callable[..., Any] = self._client.execute_command  # redis-py leaves it untyped
+        try:
+            if read:
+                return self._read_retry.call_with_retry(lambda: execute(*args), _ignore)
+            return execute(*args)
+        except redis.RedisError as exc:
+            raise self._error(exc, key) from exc
+
+    def _script(self, script: Any, key: str, keys: list[str], argv: list[int | str],
+                items: Sequence[Increment] = ()) -> Any:
+        self._check_open()
+        try:
+            return script(keys=keys, args=argv)
+        except redis.RedisError as exc:
+            raise self._error(exc, key, items) from exc
+
+    def get(self, key: str) -> str | None:
+        """Return the value of ``key``, or None if absent or expired."""
+        return _text(self._command(key, "GET", self._k(key), read=True))
+
+    def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        """The values of several keys (one MGET), in order (None where absent)."""
+        if not keys:
+            return []
+        values = self._command(keys[0], "MGET", *(self._k(k) for k in keys), read=True)
+        return [_text(v) for v in values]
+
+    def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        """Store ``value`` under ``key``, replacing anything there."""
+        self._command(key, *self._set_args(key, value, ttl, only_new=False))
+
+    def add(self, key: str, value: str, ttl: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` is absent or expired."""
+        return bool(self._command(key, *self._set_args(key, value, ttl, only_new=True)))
+
+    def delete(self, *keys: str) -> int:
+        """Delete keys; return how many live keys were removed."""
+        if not keys:
+            return 0
+        return int(self._command(keys[0], "DEL", *(self._k(k) for k in keys)))
+
+    def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        """Atomically add ``amount``; ttl only applied when the key has no expiry."""
+        return self.incr_many([(key, amount, ttl)])[0]
+
+    def incr_many(self, items: Sequence[Increment]) -> list[int]:
+        """Several increments in one server-side script (nothing changes if one fails)."""
+        if not items:
+            return []
+        keys, argv = self._incr_many_args(items)
+        return [int(v) for v in self._script(self._incr_many_script, items[0][0], keys, argv, items)]
+
+    def ttl(self, key: str) -> float | None:
+        """Remaining lifetime of ``key`` in seconds."""
+        return _seconds(self._command(key, "PTTL", self._k(key), read=True))
+
+    def expire(self, key: str, ttl: float) -> bool:
+        """Set the expiry of an existing key."""
+        check_ttl(ttl)
+        return bool(self._command(key, "PEXPIRE", self._k(key), _millis(ttl)))
+
+    def sadd(self, key: str, *members: str, ttl: float | None = None) -> int:
+        """Add members to a set; ttl only applied when the set has no expiry."""
+        check_ttl(ttl)
+        if not members:
+            return 0
+        if ttl is None:
+            return int(self._command(key, "SADD", self._k(key), *members))
+        added = 0
+        for start in range(0, len(members), _SADD_CHUNK):
+            chunk = list(members[start : start + _SADD_CHUNK])
+            added += int(self._script(self._sadd_script, key, [self._k(key)], [_millis(ttl), *chunk]))
+        return added
+
+    def srem(self, key: str, *members: str) -> int:
+        """Remove members from a set; an emptied set is deleted."""
+        if not members:
+            return 0
+        return int(self._command(key, "SREM", self._k(key), *members))
+
+    def smembers(self, key: str) -> builtins.set[str]:
+        """Return all members of a set."""
+        return {str(m) for m in self._command(key, "SMEMBERS", self._k(key), read=True)}
+
+    def sismember(self, key: str, member: str) -> bool:
+        """Return whether ``member`` is in the set ``key``."""
+        return bool(self._command(key, "SISMEMBER", self._k(key), member, read=True))
+
+    def scan(self, prefix: str = "") -> Iterator[str]:
+        """Yield live keys starting with ``prefix`` (without the store's key prefix)."""
+        pattern = self._scan_pattern(prefix)
+        strip = len(self._prefix)
+        seen: builtins.set[str] = set()
+        cursor: Any = 0
+        while True:
+            cursor, keys = self._command(prefix, "SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT,
+                                         read=True)
+            for full in map(str, keys):
+                if full not in seen:
+                    seen.add(full)
+                    yield full[strip:]
+            if int(cursor) == 0:
+                return
+
+    def ping(self) -> None:
+        """Check the server answers."""
+        self._command("", "PING", read=True)
+
+    def close(self) -> None:
+        """Close the pool's connections (also those in use); later calls raise StoreUnavailable."""
+        self._closed = True
+        self._client.connection_pool.disconnect()
+
+
+class AsyncRedisStore(_RedisCommands):
+    """:class:`~mailwarden.store.base.AsyncStore` in Redis: ``redis.asyncio`` (hiredis) over one
+    ``ConnectionPool`` on the running event loop; concurrent calls use their own connections.
+
+    The same URLs, semantics, retries and errors as :class:`RedisStore`; a Redis that is
+    down or stopped answers StoreUnavailable within ``socket_timeout``. Use it on one
+    event loop, and ``await close()`` on that loop.
+    """
+
+    def __init__(self, url: str, *, key_prefix: str = "mw:", socket_timeout: float = 1.0) -> None:
+        _check_url(url)
+        try:
+            pool = redis.asyncio.ConnectionPool.from_url(url, **pool_options(socket_timeout, asyncio=True))
+        except ValueError as exc:
+            raise ValueError(f"redis url {redact_url(url)!r}: {exc}") from None
+        self._setup(redis.asyncio.Redis(connection_pool=pool), redact_url(url), key_prefix)
+
+    @classmethod
+    def from_client(
+        cls, client: redis.asyncio.Redis, *, name: str, key_prefix: str = "mw:"
+    ) -> AsyncRedisStore:
+        """As :meth:`RedisStore.from_client`, for an asyncio client."""
+        store = cls.__new__(cls)
+        store._setup(client, name, key_prefix)
+        return store
+
+    def _setup(self, client: redis.asyncio.Redis, name: str, key_prefix: str) -> None:
+        _RedisCommands.__init__(self, name, key_prefix)
+        self._client = client
+        self._read_retry = AsyncRetry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+        self._incr_many_script = client.register_script(INCR_MANY_LUA)
+        self._sadd_script = client.register_script(SADD_LUA)
+
+    async def _command(self, key: str, *args: Any, read: bool = False) -> Any:
+        """Send one command (a read: once more after a dropped connection) and return its reply."""
+        self._check_open()
+        execute: Callable[..., Any] = self._client.execute_command  # redis-py leaves it untyped
+        try:
+            if read:
+                return await self._read_retry.call_with_retry(lambda: execute(*args), _async_ignore)
+            return await execute(*args)
+        except redis.RedisError as exc:
+            raise self._error(exc, key) from exc
+
+    async def _script(self, script: Any, key: str, keys: list[str], argv: list[int | str],
+                      items: Sequence[Increment] = ()) -> Any:
+        self._check_open()
+        try:
+            return await script(keys=keys, args=argv)
+        except redis.RedisError as exc:
+            raise self._error(exc, key, items) from exc
+
+    async def get(self, key: str) -> str | None:
+        """See :meth:`RedisStore.get`."""
+        return _text(await self._command(key, "GET", self._k(key), read=True))
+
+    async def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        """See :meth:`RedisStore.get_many`."""
+        if not keys:
+            return []
+        values = await self._command(keys[0], "MGET", *(self._k(k) for k in keys), read=True)
+        return [_text(v) for v in values]
+
+    async def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        """See :meth:`RedisStore.set`."""
+        await self._command(key, *self._set_args(key, value, ttl, only_new=False))
+
+    async def add(self, key: str, value: str, ttl: float | None = None) -> bool:
+        """See :meth:`RedisStore.add`."""
+        return bool(await self._command(key, *self._set_args(key, value, ttl, only_new=True)))
+
+    async def delete(self, *keys: str) -> int:
+        """See :meth:`RedisStore.delete`."""
+        if not keys:
+            return 0
+        return int(await self._command(keys[0], "DEL", *(self._k(k) for k in keys)))
+
+    async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        """See :meth:`RedisStore.incr`."""
+        return (await self.incr_many([(key, amount, ttl)]))[0]
+
+    async def incr_many(self, items: Sequence[Increment]) -> list[int]:
+        """See :meth:`RedisStore.incr_many`."""
+        if not items:
+            return []
+        keys, argv = self._incr_many_args(items)
+        values = await self._script(self._incr_many_script, items[0][0], keys, argv, items)
+        return [int(v) for v in values]
+
+    async def ttl(self, key: str) -> float | None:
+        """See :meth:`RedisStore.ttl`."""
+        return _seconds(await self._command(key, "PTTL", self._k(key), read=True))
+
+    async def expire(self, key: str, ttl: float) -> bool:
+        """See :meth:`RedisStore.expire`."""
+        check_ttl(ttl)
+        return bool(await self._command(key, "PEXPIRE", self._k(key), _millis(ttl)))
+
+    async def sadd(self, key: str, *members: str, ttl: float | None = None) -> int:
+        """See :meth:`RedisStore.sadd`."""
+        check_ttl(ttl)
+        if not members:
+            return 0
+        if ttl is None:
+            return int(await self._command(key, "SADD", self._k(key), *members))
+        added = 0
+        for start in range(0, len(members), _SADD_CHUNK):
+            chunk = list(members[start : start + _SADD_CHUNK])
+            added += int(await self._script(self._sadd_script, key, [self._k(key)], [_millis(ttl), *chunk]))
+        return added
+
+    async def srem(self, key: str, *members: str) -> int:
+        """See :meth:`RedisStore.srem`."""
+        if not members:
+            return 0
+        return int(await self._command(key, "SREM", self._k(key), *members))
+
+    async def smembers(self, key: str) -> builtins.set[str]:
+        """See :meth:`RedisStore.smembers`."""
+        return {str(m) for m in await self._command(key, "SMEMBERS", self._k(key), read=True)}
+
+    async def sismember(self, key: str, member: str) -> bool:
+        """See :meth:`RedisStore.sismember`."""
+        return bool(await self._command(key, "SISMEMBER", self._k(key), member, read=True))
+
+    async def scan(self, prefix: str = "") -> AsyncIterator[str]:
+        """See :meth:`RedisStore.scan`."""
+        pattern = self._scan_pattern(prefix)
+        strip = len(self._prefix)
+        seen: builtins.set[str] = set()
+        cursor: Any = 0
+        while True:
+            cursor, keys = await self._command(prefix, "SCAN", cursor, "MATCH", pattern, "COUNT",
+                                               _SCAN_COUNT, read=True)
+            for full in map(str, keys):
+                if full not in seen:
+                    seen.add(full)
+                    yield full[strip:]
+            if int(cursor) == 0:
+                return
+
+    async def ping(self) -> None:
+        """See :meth:`RedisStore.ping`."""
+        await self._command("", "PING", read=True)
+
+    async def close(self) -> None:
+        """Close the pool's connections; later calls raise StoreUnavailable."""
+        self._closed = True
+        await self._client.connection_pool.disconnect()
+
+
+async def _async_ignore(_error: Exception) -> None:
+    """Retry callback: redis-py has already dropped the failed connection."""
