@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -19,6 +18,7 @@ from typing import Any
 
 from mailwarden import catalogue
 from mailwarden.address import InvalidAddress, normalize_address, split_address
+from mailwarden.cache import TtlLru
 from mailwarden.catalogue import SERVICES, SETTINGS, Service, SettingSpec
 from mailwarden.config import Config, site_defaults
 from mailwarden.directory import Directory, Entry
@@ -144,7 +144,9 @@ class PolicyResolver:
     """Answers ``effective_policy(address)`` from a Directory, with a TTL + LRU cache.
 
     Positive answers are cached for ``policy.cache_ttl``, unknown addresses for
-    ``policy.negative_cache_ttl``, domain entries for ``policy.domain_cache_ttl``.
+    ``policy.negative_cache_ttl``, domain entries for ``policy.domain_cache_ttl``
+    (absent domains for ``negative_cache_ttl``). Addresses and domains are two caches
+    of ``policy.cache_size`` entries each.
     A directory failure is never cached and surfaces as DirectoryUnavailable.
     Thread-safe.
     """
@@ -166,8 +168,9 @@ class PolicyResolver:
             v.lower(): Service(k) for k, v in self.mapping.service_values.items()
         }
         self._active_values = {v.lower() for v in self.mapping.active_status_values}
-        self._cache: OrderedDict[str, tuple[float, EffectivePolicy]] = OrderedDict()
-        self._domains: dict[str, tuple[float, Entry | None]] = {}
+        self._cache: TtlLru[str, EffectivePolicy] = TtlLru(self.cfg.cache_size)
+        # A domain that does not exist is cached too: the value is a 1-tuple.
+        self._domains: TtlLru[str, tuple[Entry | None]] = TtlLru(self.cfg.cache_size)
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -183,20 +186,16 @@ class PolicyResolver:
         key = normalize_address(address)
         now = self.clock()
         with self._lock:
-            found = self._fresh(key, now)
+            found = self._cache.get(key, now)
             if found is not None:
-                self._cache.move_to_end(key)
                 self.hits += 1
                 return found
             self.misses += 1
         policy = self._resolve(key)
         ttl = self.cfg.cache_ttl if policy.kind is AddressKind.SUBSCRIBER else self.cfg.negative_cache_ttl
-        if ttl > 0 and self.cfg.cache_size > 0:
+        if ttl > 0:
             with self._lock:
-                self._cache[key] = (now + ttl, policy)
-                self._cache.move_to_end(key)
-                while len(self._cache) > self.cfg.cache_size:
-                    self._cache.popitem(last=False)
+                self._cache.put(key, policy, now + ttl)
         return policy
 
     def cached(self, address: str) -> EffectivePolicy | None:
@@ -206,12 +205,7 @@ class PolicyResolver:
         """
         key = normalize_address(address)
         with self._lock:
-            return self._fresh(key, self.clock())
-
-    def _fresh(self, key: str, now: float) -> EffectivePolicy | None:
-        """The cached policy of normalised ``key`` unless expired (the caller holds the lock)."""
-        hit = self._cache.get(key)
-        return hit[1] if hit is not None and hit[0] > now else None
+            return self._cache.get(key, self.clock())
 
     def invalidate(self, address: str | None = None) -> None:
         """Forget one cached address, or everything (after a directory write)."""
@@ -220,18 +214,19 @@ class PolicyResolver:
                 self._cache.clear()
                 self._domains.clear()
             else:
-                self._cache.pop(normalize_address(address), None)
+                self._cache.pop(normalize_address(address))
 
     def _domain(self, name: str) -> Entry | None:
         now = self.clock()
-        cached = self._domains.get(name)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        with self._lock:
+            cached = self._domains.get(name, now)
+        if cached is not None:
+            return cached[0]
         entry = self.directory.find_domain(name)
         ttl = self.cfg.domain_cache_ttl if entry is not None else self.cfg.negative_cache_ttl
         if ttl > 0:
             with self._lock:
-                self._domains[name] = (now + ttl, entry)
+                self._domains.put(name, (entry,), now + ttl)
         return entry
 
     # ------------------------------------------------------------ resolution

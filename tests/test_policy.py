@@ -8,7 +8,7 @@ from harness.fakes import FakeDirectory
 from mailwarden.address import InvalidAddress
 from mailwarden.catalogue import KeywordRule, Service
 from mailwarden.config import parse_config
-from mailwarden.directory import DirectoryUnavailable
+from mailwarden.directory import DirectoryUnavailable, Entry
 from mailwarden.policy import AddressKind, Layer, PolicyResolver
 
 
@@ -222,6 +222,41 @@ def test_cache_is_bounded_lru(directory: FakeDirectory, clock: Clock) -> None:
     assert directory.calls == calls
     r.effective_policy("taro@example.jp")  # evicted first
     assert directory.calls == calls + 1
+
+
+class DomainCounting(FakeDirectory):
+    """Records every domain lookup."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.domain_lookups: list[str] = []
+
+    def find_domain(self, domain: str) -> Entry | None:
+        self.domain_lookups.append(domain)
+        return super().find_domain(domain)
+
+
+def test_domain_cache_is_bounded_lru(clock: Clock) -> None:
+    d = DomainCounting()
+    for name in ("a.example", "b.example", "c.example"):
+        d.add_domain(name)
+    r = make(d, clock, "[policy]\ncache_size = 2\n")
+    users = iter(range(100))
+
+    def resolve(domain: str) -> None:
+        r.effective_policy(f"user{next(users)}@{domain}")  # a new address: the domain is needed
+
+    for name in ("a.example", "b.example", "a.example", "nowhere.example"):
+        resolve(name)
+    assert d.domain_lookups == ["a.example", "b.example", "nowhere.example"]
+    resolve("a.example")
+    assert len(d.domain_lookups) == 3, "a.example stayed: used more recently than b.example"
+    resolve("b.example")
+    assert d.domain_lookups[3:] == ["b.example"], "b.example was dropped for nowhere.example"
+    resolve("c.example")
+    resolve("b.example")
+    resolve("nowhere.example")
+    assert d.domain_lookups[4:] == ["c.example", "nowhere.example"]
 
 
 def test_cached_answers_from_the_cache_only(directory: FakeDirectory, clock: Clock) -> None:
