@@ -43,7 +43,7 @@ demo-directory-stop:
 	$(BIN)/python -m harness.demo down
 
 bench: deps
-	$(BIN)/python bench/bench_policy.py
+	$(BIN)/python -m bench.bench_policy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage build *.egg-info

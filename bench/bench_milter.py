@@ -5,6 +5,8 @@
 * the peer stack clamav-milter + spamass-milter (which scans every message with spamd);
 * mailwarden where 30 % of recipients contract spam checking and all contract virus scanning;
 * mailwarden where every recipient contracts both;
+* mailwarden on the virus-only path again with ``milter.workers = 2`` (two processes on
+  one socket);
 * clamav-milter and mailwarden on the virus-only path again, with arrivals spread out at
   the rate the previous variant reached (spamd's pace): CPU per message on a quiet node;
   and what the same small task costs the machine right after an idle pause, against
@@ -24,7 +26,7 @@ sends the same small set through the peer stack and through mailwarden to a reco
 sink and compares refusals and spam flags where the services are the same.
 
 Needs root, postfix, clamav-daemon, spamd, clamav-milter, spamass-milter.
-Usage: python bench/bench_milter.py [--quick] [--sessions 20] [--repeat N]
+Usage: python -m bench.bench_milter [--quick] [--sessions 20] [--repeat N]
 Prints a table and one JSON line.
 """
 
@@ -53,7 +55,7 @@ from email.message import EmailMessage
 from pathlib import Path
 
 from harness.clamd import EICAR, ClamdServer
-from harness.cpumeter import CpuMeter, peak_rss_mb
+from harness.cpumeter import CpuMeter, peak_rss_mb, process_tree
 from harness.ports import free_port
 from harness.postfix import PostfixInstance
 from harness.slapd import SlapdServer, mailwarden_database
@@ -265,14 +267,14 @@ def start_spamass_milter(work: Path, spamd: SpamdServer) -> Daemon:
 
 
 def start_mailwarden(work: Path, slapd: SlapdServer, clamd: ClamdServer, spamd: SpamdServer,
-                     reinject_port: int, server: str = "asyncio") -> Daemon:
-    """``mailwarden milter run`` with the given milter protocol server (asyncio or libmilter)."""
-    sock = work / f"mailwarden-{server}.sock"
-    conf = work / f"mailwarden-{server}.toml"
+                     reinject_port: int, workers: int = 1) -> Daemon:
+    """``mailwarden milter run`` with ``workers`` processes sharing its socket."""
+    sock = work / f"mailwarden-{workers}.sock"
+    conf = work / f"mailwarden-{workers}.toml"
     conf.write_text(
         f'[general]\nnode_name = "bench"\n[ldap]\nuri = "{slapd.uri}"\n'
         f'[store]\nbackend = "sqlite"\nsqlite_path = "{work}/state.sqlite3"\n'
-        f'[milter]\nserver = "{server}"\nsocket = "unix:{sock}"\nsocket_mode = "0666"\n'
+        f'[milter]\nworkers = {workers}\nsocket = "unix:{sock}"\nsocket_mode = "0666"\n'
         f'spool_dir = "{work}/spool"\n'
         f'quarantine_dir = "{work}/quarantine"\ntemplate_dir = "{work}/templates"\n'
         f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.unix_address}"]\n'
@@ -280,9 +282,9 @@ def start_mailwarden(work: Path, slapd: SlapdServer, clamd: ClamdServer, spamd: 
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", "from mailwarden.cli import main; main()", "--config", str(conf),
-         "milter", "run"], stdout=subprocess.DEVNULL, stderr=(work / f"mailwarden-{server}.log").open("wb"))
+         "milter", "run"], stdout=subprocess.DEVNULL, stderr=(work / f"mailwarden-{workers}.log").open("wb"))
     wait_socket(sock, proc, "mailwarden milter")
-    return Daemon(f"mailwarden ({server})", proc, sock)
+    return Daemon(f"mailwarden ({workers} worker{'s' if workers > 1 else ''})", proc, sock)
 
 
 # ---------------------------------------------------------------- one variant
@@ -332,7 +334,8 @@ def run_variant(name: str, postfix: PostfixInstance, milters: list[Daemon], scan
         p50_ms=statistics.median(lat) * 1000 if lat else 0.0,
         p99_ms=lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else 0.0,
         milter_cpu_ms=cpu / n * 1000, clamd_cpu_ms=scan[0] / n * 1000, spamd_cpu_ms=scan[1] / n * 1000,
-        rss_mb=max((peak_rss_mb(d.proc.pid) for d in milters), default=0.0), replies=dict(codes),
+        rss_mb=max((peak_rss_mb(pid) for d in milters for pid in process_tree(d.proc.pid)), default=0.0),
+        replies=dict(codes),
         pace=pace,
     )
 
@@ -410,6 +413,9 @@ def verdict_cases(domain: str, users: list[int]) -> list[tuple[str, bytes, str]]
 # ---------------------------------------------------------------- main
 
 
+TWO_WORKERS = "mailwarden, virus only, workers = 2"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a fifth of the messages")
@@ -444,7 +450,8 @@ def main() -> int:
         clam_milter = start_clamav_milter(work, clamd)
         spamass = start_spamass_milter(work, spamd)
         warden = start_mailwarden(work, slapd, clamd, spamd, reinject_port)
-        daemons += [clam_milter, spamass, warden]
+        warden2 = start_mailwarden(work, slapd, clamd, spamd, reinject_port, workers=2)
+        daemons += [clam_milter, spamass, warden, warden2]
         if clamd.pid is None or spamd.pid is None:
             raise RuntimeError("clamd or spamd is not running")
         scanners += [CpuMeter("clamd", clamd.pid), CpuMeter("spamd", spamd.pid)]
@@ -465,6 +472,7 @@ def main() -> int:
                 ("clamav-milter (virus only)", [clam_milter],
                  workload(sizes["av"], domain_picker("av.example")), ""),
                 ("mailwarden, virus only", [warden], workload(sizes["av"], domain_picker("av.example")), ""),
+                (TWO_WORKERS, [warden2], workload(sizes["av"], domain_picker("av.example")), ""),
                 ("peer: clamav-milter + spamass-milter", [clam_milter, spamass],
                  workload(sizes["spam"], domain_picker("mix.example")), ""),
                 ("mailwarden, 30 % spam contracts", [warden],
@@ -521,6 +529,7 @@ def main() -> int:
         "virus_only_vs_clamav_milter": by["mailwarden, virus only"].e2e_rate
         / by["clamav-milter (virus only)"].e2e_rate,
         "clamav_milter_vs_postfix": by["clamav-milter (virus only)"].e2e_rate / by["postfix alone"].e2e_rate,
+        "virus_only_2_workers_vs_1": by[TWO_WORKERS].e2e_rate / by["mailwarden, virus only"].e2e_rate,
     }
     # CPU per message at the pace spamd sets, ms (a quiet node pays more per message
     # than a busy one: see docs/milter.md).

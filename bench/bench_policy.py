@@ -1,7 +1,7 @@
 """Effective-policy lookups per second, cold (LDAP) and warm (cache), at 1,000 and 100,000
 subscribers, measured side by side in one run against one real slapd per size.
 
-Prints a table and one JSON line.  Usage: python bench/bench_policy.py [--sizes 1000,100000]
+Prints a table and one JSON line.  Usage: python -m bench.bench_policy [--sizes 1000,100000]
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ The load generator is a separate process with C connections, each waiting for it
 answer before sending the next request (as Postfix's smtpd does).  Prints a table,
 the ratios and one JSON line.  Not part of the test suite.
 
-Usage: python bench/bench_policyd.py [--sizes 1000,100000] [--backends sqlite,redis,redis-unix]
+Usage: python -m bench.bench_policyd [--sizes 1000,100000] [--backends sqlite,redis,redis-unix]
 """
 
 from __future__ import annotations
