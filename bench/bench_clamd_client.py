@@ -57,12 +57,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-try:
-    from harness.clamd import EICAR, ClamdServer
-    from harness.cpumeter import CpuMeter
-except ImportError:  # before the harness left the package
-    from mailwarden.testing.clamd import EICAR, ClamdServer  # type: ignore[no-redef]
-    from mailwarden.testing.cpumeter import CpuMeter  # type: ignore[no-redef]
+from harness.clamd import EICAR, ClamdServer  # noqa: E402
+from harness.cpumeter import CpuMeter  # noqa: E402
 from milters.scanners.clamd import ClamdScanner  # noqa: E402
 
 try:
