@@ -34,6 +34,11 @@ INNER_SIZE_MARGIN = MIB
 MILTER_HEADROOM = 64 * 1024
 """What Postfix adds before the milter sees a message (its Received header and more)."""
 POLICY_TIMEOUT_MARGIN = 10
+FORWARD_DOMAIN = "forward.mailwarden.invalid"
+"""Where the Sieve script sends a subscriber's forwarded copy: ``LOCAL=DOMAIN@`` this
+domain (``.invalid`` never resolves).  The route stage turns that one address into every
+``forward_addresses`` value from LDAP (Dovecot reads only the first value of a
+multi-valued attribute; Postfix reads all of them)."""
 """Seconds Postfix waits beyond the policy daemon's own deadline, so its answer arrives."""
 
 POSTFIX_INSTANCES: dict[str, str] = {
@@ -198,6 +203,9 @@ class LdapQueries:
                        "(virtual_alias_maps)", self.user_base,
                        _and(self.postfix_user_filter(), f"({a['alternate_address']}=%s)"),
                        a["mail"], single_value=True),
+            LdapLookup("ldap-forwards", "subscriber -> every forward address (virtual_alias_maps, "
+                       f"for LOCAL=DOMAIN@{FORWARD_DOMAIN})", self.user_base, self.postfix_user_filter(),
+                       a["forward_addresses"]),
             LdapLookup("ldap-mailhost-users", "the subscriber's own mailbox host (transport_maps)",
                        self.user_base, self.postfix_user_filter(), a["mail_host"],
                        mailbox_nexthop, single_value=True),
@@ -485,6 +493,11 @@ def postfix_context(cfg: Config) -> dict[str, Any]:
         "milter_content_timeout": _seconds(milter.postfix_content_timeout),
         "recipient_delimiter": cfg.policy.recipient_delimiter,
         "instance": lambda role: _instance_paths(cfg, role),
+        "forward_domain": FORWARD_DOMAIN,
+        # LOCAL=DOMAIN@forward domain -> LOCAL@DOMAIN, the key of ldap-forwards.cf ($$: a
+        # literal $ in main.cf)
+        "forward_key": ("regexp:{{/^(.+)=([^=@]+)@" + re.escape(FORWARD_DOMAIN) + "$/ ${1}@${2}}}"
+                        ).replace("$", "$$"),
     }
 
 
@@ -626,7 +639,8 @@ def auth_chain(cfg: Config, role: str) -> list[AuthStep]:
     steps += spam_steps("user", "continue-ok")
     steps.append(AuthStep(
         "userdb", "home", "home below mail_root, named after the primary address",
-        driver="static", fields=("allow_all_users=yes", f"home={r.mail_root}/%d/%n"),
+        driver="static", fields=("allow_all_users=yes", f"home={r.mail_root}/%d/%n",
+                                 f"sieve_env_mailwarden_forward_via=%n=%d@{FORWARD_DOMAIN}"),
         chain=(("skip", "notfound"), ("result_success", "continue-ok")),
     ))
     return steps
@@ -678,6 +692,7 @@ def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
         "default_host": default_mailbox_host(cfg),
         "spam_default": Service.SPAM_CHECK in directory.default_services,
         "junk_header": catalogue.JUNK_HEADER,
+        "forward_domain": FORWARD_DOMAIN,
         "true_words": _bool_words(catalogue.TRUE_WORDS),
         "false_words": _bool_words(catalogue.FALSE_WORDS),
         "site_quota": quota,

@@ -12,17 +12,22 @@ from pathlib import Path
 
 import pytest
 
+import ldap
 from harness.slapd import SlapdServer
 from harness.smtpsink import SmtpSink
 from mailwarden.catalogue import Service
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import AddressKind, PolicyResolver
+from mailwarden.render import FORWARD_DOMAIN
+from tests.conftest import ADMIN_DN
 from tests.render.conftest import (
     RenderedDovecot,
+    RenderedPostfix,
     Site,
     compat_ldap_toml,
     ldap_toml,
     need_dovecot,
+    need_postfix,
     pop3_login,
     site_root,
 )
@@ -212,8 +217,11 @@ def test_forwarding_and_vacation_from_ldap(mailbox_host: tuple[Site, RenderedDov
     port = site.ports["lmtp"]
     assert _lmtp(port, "friend@outside.test", ["hanako@example.jp"],
                  _message("friend@outside.test", "hanako@example.jp", "lunch")) == {"hanako@example.jp": 250}
+    # One copy to her forwarding address, which the route stage expands (see below); the
+    # subscriber is the envelope sender (SPF at the target).
     forwarded = relay.wait_for(1)[0]
-    assert forwarded.recipients == ("hanako@example.com",)
+    assert forwarded.recipients == (f"hanako=example.jp@{FORWARD_DOMAIN}",)
+    assert forwarded.envelope_sender == "hanako@example.jp"
     assert len(_maildir(site, "hanako@example.jp")) == 1  # forward_keep_copy TRUE
     relay.clear()
     # alice is on vacation: one answer per sender and period, also for mail to her alias.
@@ -230,6 +238,55 @@ def test_forwarding_and_vacation_from_ldap(mailbox_host: tuple[Site, RenderedDov
     _lmtp(port, "spammer@outside.test", ["hanako@example.jp"],
           _message("spammer@outside.test", "hanako@example.jp", "spam", junk=True))
     assert len(_maildir(site, "hanako@example.jp", "Junk")) == 1 and relay.messages == []
+
+
+HANAKO_DN = "uid=hanako,ou=users,mwDomainName=example.jp,ou=domains,dc=mailwarden,dc=test"
+
+
+def test_every_forward_address_gets_the_message(slapd_rw: SlapdServer, running: list) -> None:
+    """hanako forwards to a hosted address and, now, to one outside too: Dovecot reads only
+    the first value, so Sieve sends one copy to her forwarding address and the rendered
+    route stage (the real Postfix, its LDAP table) turns it into both."""
+    need_dovecot()
+    need_postfix()
+    conn = ldap.initialize(slapd_rw.uri)
+    conn.simple_bind_s(ADMIN_DN, "secret")
+    conn.modify_s(HANAKO_DN, [(ldap.MOD_ADD, "mwForwardAddress", [b"hanako.far@elsewhere.example"])])
+    conn.unbind_s()
+    with site_root() as root:
+        site = Site(root, ldap_toml(slapd_rw))
+        ports = site.ports
+        # Sieve's forwards go straight to the route stage (in production: through a front node's MX).
+        site.text = site.text.replace(f'sieve_relay = "127.0.0.1:{ports["relay"]}"',
+                                      f'sieve_relay = "127.0.0.1:{ports["route"]}"')
+        with SmtpSink(port=ports["mailbox"]) as hosted, SmtpSink(port=ports["outbound"]) as internet:
+            site.postfix("route")
+            route = RenderedPostfix(site, "route")
+            route.set(smtp_dns_support_level="disabled", smtpd_peername_lookup="no")
+            route.start()
+            running.append(route)
+            site.dovecot("mailbox")
+            dovecot = RenderedDovecot(site, "mailbox")
+            dovecot.start(ports["lmtp"])
+            running.append(dovecot)
+            assert _lmtp(ports["lmtp"], "friend@outside.test", ["hanako@example.jp"],
+                         _message("friend@outside.test", "hanako@example.jp", "dinner")) == {
+                "hanako@example.jp": 250}
+            for sink, address in ((hosted, "hanako@example.com"), (internet, "hanako.far@elsewhere.example")):
+                try:
+                    copy = sink.wait_for(1, timeout=30)[0]
+                except TimeoutError:
+                    raise AssertionError(route.log()[-3000:] + dovecot.log()[-2000:]) from None
+                assert copy.recipients == (address,)
+                assert copy.envelope_sender == "hanako@example.jp"
+                assert copy.header("Subject") == "dinner"
+            assert len(_maildir(site, "hanako@example.jp")) == 1  # forward_keep_copy TRUE
+            # A forwarding address nobody has is refused at the route stage, never relayed.
+            with smtplib.SMTP("127.0.0.1", ports["route"], timeout=30) as smtp:
+                code, _ = smtp.docmd("MAIL FROM:<a@outside.test>")
+                assert code == 250
+                code, text = smtp.docmd(f"RCPT TO:<nobody=example.jp@{FORWARD_DOMAIN}>")
+                assert code == 550, text
 
 
 def _quota_status(port: int, recipient: str, size: int) -> str:

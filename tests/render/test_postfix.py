@@ -110,7 +110,10 @@ def test_route_stage_rewrites_aliases_and_picks_the_path(rendered: dict[str, Ren
     instance = rendered["route"]
     s = instance.settings()
     r = instance.site.config.render
-    assert s["virtual_alias_maps"].count("proxy:ldap:") == 2
+    # Domain aliases, alternate addresses, and the forwarding address -> every forward address.
+    assert s["virtual_alias_maps"].count("proxy:ldap:") == 3
+    assert "pipemap:{ regexp:" in s["virtual_alias_maps"]
+    assert s["virtual_alias_domains"] == "forward.mailwarden.invalid"
     assert s["relay_transport"] == f"to-mailbox:[127.0.0.1]:{r.mailbox_listen.split(':')[1]}"
     assert s["default_transport"] == f"to-outbound:[127.0.0.1]:{r.outbound_listen.split(':')[1]}"
     assert s["smtpd_client_restrictions"] == "permit_mynetworks, reject"
@@ -154,6 +157,8 @@ def test_ldap_tables_answer_from_the_directory(rendered: dict[str, RenderedPostf
     assert route.lookup("ldap-alias-domains", "taro@example.jp") is None
     assert route.lookup("ldap-alias-addresses", "taro.yamada@example.jp") == "taro@example.jp"
     assert route.lookup("ldap-alias-addresses", "taro@example.jp") is None
+    assert route.lookup("ldap-forwards", "hanako@example.jp") == "hanako@example.com"
+    assert route.lookup("ldap-forwards", "taro@example.jp") is None
     # The subscriber's own mailbox host, else the domain's.
     lmtp = route.site.ports["lmtp"]
     assert mailbox.lookup("ldap-mailhost-users", "hanako@example.jp") == f"lmtp:inet:mbox2.example.jp:{lmtp}"
