@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
 from typing import TextIO
 
 ROOT = "mailwarden"
-_CONSTANT_FIELDS = re.compile(r"%\((asctime|levelname|name|process|processName)\)s")
-"""Record fields that do not vary between two decision lines of one millisecond."""
+_PROBE = "<decision line>"
 
 
 class DecisionLog:
@@ -45,7 +43,7 @@ class DecisionLog:
         if (not own and not root.propagate and len(handlers) == 1
                 and type(handlers[0]) is logging.StreamHandler):
             self.handler = handlers[0]
-            self._prefix_ok = _prefix_format(self.handler.formatter)
+            self._prefix_ok = _prefix_format(self.handler.formatter, self.logger)
 
     def _line(self, line: str) -> str:
         """``line`` formatted as the handler would (the prefix is computed once per millisecond)."""
@@ -104,10 +102,22 @@ def _between(logger: logging.Logger, root: logging.Logger) -> list[logging.Logge
     return out
 
 
-def _prefix_format(formatter: logging.Formatter | None) -> bool:
-    """Whether a line is ``format(record without message) + message`` for this formatter."""
-    if type(formatter) is not logging.Formatter or not isinstance(formatter._style, logging.PercentStyle):
+def _prefix_format(formatter: logging.Formatter | None, logger: logging.Logger) -> bool:
+    """Whether a line is ``format(record without message) + message`` for this formatter.
+
+    Asked of the formatter itself: two records of the same millisecond, logger and
+    process, one without a message and one with a probe line, that differ in every
+    field that varies between two decision lines (source line, function, thread,
+    time since start).  Only a plain :class:`logging.Formatter` is asked, whose
+    ``format`` depends on nothing but the record.
+    """
+    if type(formatter) is not logging.Formatter:
         return False
-    fmt = formatter._fmt or ""
-    head, sep, tail = fmt.rpartition("%(message)s")
-    return bool(sep) and not tail and "%(" not in _CONSTANT_FIELDS.sub("", head).replace("%%", "")
+    empty = logger.makeRecord(logger.name, logging.INFO, "", 0, "", (), None)
+    line = logger.makeRecord(logger.name, logging.INFO, "probe.py", 1, "%s", (_PROBE,), None,
+                             func="probe")
+    line.created, line.msecs = empty.created, empty.msecs
+    line.relativeCreated = empty.relativeCreated + 1.0
+    line.thread = (empty.thread or 0) + 1
+    line.threadName = f"{empty.threadName}-probe"
+    return formatter.format(line) == formatter.format(empty) + _PROBE

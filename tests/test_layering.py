@@ -48,3 +48,26 @@ def test_registered_command_groups_reach_the_main_group() -> None:
     assert {"milter", "quarantine", "policyd", "config", "render", "domain", "user"} <= set(commands)
     milter = main.get_command(ctx, "milter")
     assert isinstance(milter, click.Group) and "check" in milter.commands
+
+
+def test_no_private_module_of_another_library_is_imported() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for package in ("mailwarden", "policyd")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for name in sorted(_imports(path) | _imported_by_name(path))
+        if name.split(".")[0] not in ("mailwarden", "milters", "policyd", "__future__")
+        and any(part.startswith("_") for part in name.split("."))
+    ]
+    assert offenders == []
+
+
+def _imported_by_name(path: Path) -> set[str]:
+    """Modules named in ``importlib.import_module("...")`` calls."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "import_module" and node.args
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            found.add(node.args[0].value)
+    return found

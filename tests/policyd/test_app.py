@@ -126,9 +126,12 @@ def test_decision_lines_are_formatted_by_the_handler_and_written_once_per_loop_t
 
 @pytest.mark.parametrize(("fmt", "fast"), [
     ("%(asctime)s mailwarden/policyd[1]: node: %(levelname)s %(message)s", True),
-    ("%(name)s %(process)d %(message)s", False),
+    ("%(name)s %(process)d %(message)s", True),
     ("%(levelname)s %(message)s [%(lineno)d]", False),
     ("%(levelname)s %(funcName)s %(message)s", False),
+    ("%(thread)d %(message)s", False),
+    ("%(relativeCreated)d %(message)s", False),
+    ("%(message)s %(message)s", False),
     ("100%% %(levelname)s %(message)s", True),
 ])
 def test_decision_line_prefix_is_reused_only_for_record_independent_formats(fmt: str, fast: bool) -> None:
