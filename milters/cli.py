@@ -58,13 +58,13 @@ def milter_check(app: App, connect: bool) -> None:
     click.echo(f"{app.config.source}: [milter] OK (end-of-message budget {m.eom_budget:g}s)")
     if not connect:
         return
+    from mailwarden.store import store_of
     from milters.scanners import ScanError
     from milters.scanners.clamd import ClamdScanner
     from milters.scanners.spamd import SpamdScanner
-    from milters.service import open_configured_store
 
     def store_ok() -> str:
-        open_configured_store(app.config).ping()
+        store_of(app.config.store).ping()
         return "OK"
 
     def directory_ok() -> str:
@@ -140,10 +140,10 @@ def quarantine_group() -> None:
 
 
 def _quarantine(app: App) -> Quarantine:
-    from milters.service import open_configured_store
+    from mailwarden.store import store_of
 
     m = MilterConfig.of(app.config)
-    return Quarantine(open_configured_store(app.config), m.quarantine_dir,
+    return Quarantine(store_of(app.config.store), m.quarantine_dir,
                       retention_days=m.quarantine_days, node=app.config.general.node_name)
 
 

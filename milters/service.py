@@ -19,7 +19,7 @@ from mailwarden.linelog import DecisionLog
 from mailwarden.notify import NoticeTemplates, Notifier
 from mailwarden.policy import PolicyResolver
 from mailwarden.reputation import Reputation
-from mailwarden.store import Store, open_store
+from mailwarden.store import Store, async_store_of, store_of
 from milters.config import MilterConfig
 from milters.delivery import Delivery, MilterActions, Outcome
 from milters.filters import Backends, Envelope, Filter
@@ -145,13 +145,6 @@ def limits_from(config: Config) -> Limits:
                   memory_limit=m.memory_limit, spool_dir=m.spool_dir)
 
 
-def open_configured_store(config: Config) -> Store:
-    """The shared store from ``[store]``."""
-    s = config.store
-    return open_store(s.backend, sqlite_path=s.sqlite_path, redis_url=s.redis_url,
-                      key_prefix=s.key_prefix, timeout=s.timeout)
-
-
 def _reputation(store: Store, config: Config) -> Reputation | None:
     try:
         return Reputation.from_config(store, config)
@@ -190,7 +183,7 @@ def build_service(
             directory = LdapDirectory(config.ldap)
         resolver = PolicyResolver(directory, config)
     if store is None:
-        store = open_configured_store(config)
+        store = store_of(config.store)
     backends = Backends(
         config=m,
         virus_scanner=virus_scanner or ClamdScanner(m.clamd, timeout=m.clamd_timeout,
@@ -218,11 +211,7 @@ def _scan_cache(config: Config, store: Store) -> ScanCache | None:
     if ttl <= 0:
         return None
     if config.store.backend == "redis":
-        from mailwarden.store import open_async_store
-
-        s = config.store
-        return StoreScanCache(open_async_store(s.backend, sqlite_path=s.sqlite_path, redis_url=s.redis_url,
-                                               key_prefix=s.key_prefix, timeout=s.timeout), ttl)
+        return StoreScanCache(async_store_of(config.store), ttl)
     return LocalScanCache(ttl)
 
 

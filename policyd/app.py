@@ -23,7 +23,7 @@ from mailwarden.endpoint import Endpoint
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import PolicyResolver
 from mailwarden.reputation import OUTCOMES, Reputation
-from mailwarden.store import Store, StoreUnavailable, StoreWrapper, open_store
+from mailwarden.store import Store, StoreUnavailable, StoreWrapper, store_of
 from policyd.checks import FACTORIES, build_checks
 from policyd.checks.base import (
     TEMPFAIL_REPLY,
@@ -213,13 +213,6 @@ class GuardedStore(StoreWrapper):
         return result
 
 
-def open_configured_store(config: Config) -> Store:
-    """The store ``[store]`` names."""
-    sc = config.store
-    return open_store(sc.backend, sqlite_path=sc.sqlite_path, redis_url=sc.redis_url,
-                      key_prefix=sc.key_prefix, timeout=sc.timeout)
-
-
 class TrustedNetworks:
     """Membership test for ``trusted_networks``."""
 
@@ -264,7 +257,7 @@ def build_services(
     if directory is None:
         directory = LdapDirectory(config.ldap)
     guard = InlineGuard(directory)
-    guarded = GuardedStore(store if store is not None else open_configured_store(config))
+    guarded = GuardedStore(store if store is not None else store_of(config.store))
     resolver = dns_resolver if dns_resolver is not None else make_resolver(config.dns)
     return Services(
         config=config,

@@ -94,10 +94,10 @@ def query_command(app: App, where: str | None, timeout: float, attributes: tuple
 
 
 def _store(app: App) -> Store:
-    from policyd.app import open_configured_store
+    from mailwarden.store import store_of
 
     try:
-        return open_configured_store(app.config)
+        return store_of(app.config.store)
     except StoreUnavailable as exc:
         fail(f"store unavailable: {exc}", EX_TEMPFAIL)
 

@@ -246,5 +246,5 @@ def test_config_check_covers_the_daemon_sections(tmp_path: Path) -> None:
     path.write_text("[milter]\nsocket = 'tcp:1234'\n[policyd]\nlisten = ['nowhere']\n")
     result = run(path, "config", "check")
     assert result.exit_code == 78, result.output
-    assert f"{path}:milter.socket: 'tcp:1234' must be unix:/path or inet:host:port" in result.output
+    assert f"{path}:milter.socket: 'tcp:1234': expected unix:/path or inet:host:port" in result.output
     assert f"{path}:policyd.listen" in result.output

@@ -123,15 +123,11 @@ def config_check(app: App, connect: bool) -> None:
     if problems:
         fail("configuration error:\n" + "\n".join(f"{cfg.source}:{p}" for p in problems), EX_CONFIG)
     if connect:
-        from mailwarden.store import StoreUnavailable, open_store
+        from mailwarden.store import StoreUnavailable, store_of
 
         app.directory.ping()
         try:
-            store = open_store(
-                cfg.store.backend, sqlite_path=cfg.store.sqlite_path,
-                redis_url=cfg.store.redis_url, key_prefix=cfg.store.key_prefix,
-                timeout=cfg.store.timeout,
-            )
+            store = store_of(cfg.store)
             store.ping()
             store.close()
         except StoreUnavailable as exc:

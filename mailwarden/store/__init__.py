@@ -23,11 +23,16 @@ a temporary failure. Using a string key as a set (or the reverse) raises
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mailwarden.store.base import AsyncStore, Increment, Store, StoreUnavailable, StoreWrapper
 from mailwarden.store.memory import MemoryStore
 from mailwarden.store.redis import AsyncRedisStore, RedisStore
 from mailwarden.store.sqlite import SQLiteStore
 from mailwarden.store.threaded import ThreadedStore
+
+if TYPE_CHECKING:
+    from mailwarden.config import StoreConfig
 
 __all__ = [
     "AsyncRedisStore",
@@ -40,8 +45,10 @@ __all__ = [
     "StoreUnavailable",
     "StoreWrapper",
     "ThreadedStore",
+    "async_store_of",
     "open_async_store",
     "open_store",
+    "store_of",
 ]
 
 BACKENDS = ("sqlite", "redis", "memory")
@@ -93,3 +100,15 @@ def open_async_store(
         return ThreadedStore(open_store(backend, sqlite_path=sqlite_path, redis_url=redis_url,
                                         key_prefix=key_prefix, timeout=timeout))
     raise _unknown(backend)
+
+
+def store_of(cfg: StoreConfig) -> Store:
+    """The shared store the ``[store]`` section describes (every daemon and the CLI open it here)."""
+    return open_store(cfg.backend, sqlite_path=cfg.sqlite_path, redis_url=cfg.redis_url,
+                      key_prefix=cfg.key_prefix, timeout=cfg.timeout)
+
+
+def async_store_of(cfg: StoreConfig) -> AsyncStore:
+    """:func:`store_of` for code on an event loop."""
+    return open_async_store(cfg.backend, sqlite_path=cfg.sqlite_path, redis_url=cfg.redis_url,
+                            key_prefix=cfg.key_prefix, timeout=cfg.timeout)

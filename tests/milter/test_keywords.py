@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -29,7 +30,7 @@ class Policy:
 def outcome_for(raw: bytes, *rules: str | KeywordRule, flt: KeywordFilter | None = None) -> RecipientOutcome:
     outcome = RecipientOutcome(Recipient("u@example.jp", (), Policy(*rules)))  # type: ignore[arg-type]
     ctx = Context(Envelope("s@x"), parse(raw), Verdict([outcome]), time.monotonic() + 10)
-    (flt or KeywordFilter()).apply(ctx, [outcome])
+    asyncio.run((flt or KeywordFilter()).apply(ctx, [outcome]))
     return outcome
 
 
