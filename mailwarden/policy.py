@@ -8,6 +8,7 @@ the layer(s) it came from.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -206,6 +207,14 @@ class PolicyResolver:
         key = normalize_address(address)
         with self._lock:
             return self._cache.get(key, self.clock())
+
+    async def lookup(self, address: str) -> EffectivePolicy:
+        """:meth:`effective_policy` for code on an event loop: a fresh cached policy at once,
+        else the directory is asked in the loop's executor (the loop never waits on it)."""
+        policy = self.cached(address)
+        if policy is None:
+            policy = await asyncio.get_running_loop().run_in_executor(None, self.effective_policy, address)
+        return policy
 
     def invalidate(self, address: str | None = None) -> None:
         """Forget one cached address, or everything (after a directory write)."""

@@ -310,3 +310,29 @@ def test_malformed_addresses_raise_invalid_address(
     with pytest.raises(InvalidAddress):
         make(directory, clock).effective_policy(bad)
 
+
+
+def test_lookup_on_a_loop_asks_the_directory_in_the_executor_only_on_a_miss(
+        directory: FakeDirectory, clock: Clock) -> None:
+    import asyncio
+    import threading
+
+    resolver = make(directory, clock)
+    threads: list[bool] = []
+    search = directory.find_domain
+
+    def spy(*args: object, **kwargs: object) -> object:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return search(*args, **kwargs)  # type: ignore[arg-type]
+
+    directory.find_domain = spy  # type: ignore[method-assign]
+
+    async def twice() -> tuple[object, object]:
+        return await resolver.lookup("taro@example.jp"), await resolver.lookup("taro@example.jp")
+
+    first, second = asyncio.run(twice())
+    assert first is second, "the second answer comes from the cache"
+    assert threads and not any(threads), "the directory is asked off the loop's thread, once"
+    asked = len(threads)
+    asyncio.run(twice())
+    assert len(threads) == asked
