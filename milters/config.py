@@ -145,6 +145,8 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
             raise ValueError
     except ValueError:
         problems.append(f"milter.socket_mode: {cfg.socket_mode!r} is not an octal mode")
+    if cfg.reinject.startswith("unix:"):
+        problems.append("milter.reinject: the re-injection smtpd is reached as inet:host:port")
     for key in ("clamd", "spamd"):
         if not getattr(cfg, key):
             problems.append(f"milter.{key}: at least one upstream is needed")

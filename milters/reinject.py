@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import smtplib
-import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -65,24 +64,18 @@ def dot_stuff(chunk: bytes, at_line_start: bool) -> bytes:
     return out
 
 
-class _Smtp(smtplib.SMTP):
-    def __init__(self, endpoint: Endpoint, timeout: float, local_hostname: str) -> None:
-        self._endpoint = endpoint
-        super().__init__(local_hostname=local_hostname, timeout=timeout)
-
-    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        return self._endpoint.connect_blocking(timeout)
-
-
 def _params(params: Iterable[str], allowed: tuple[str, ...]) -> list[str]:
     return [p for p in params if p.split("=", 1)[0].upper() in allowed]
 
 
 class SmtpInjector:
-    """The real Injector: SMTP (or SMTP over a unix socket) to the re-injection smtpd."""
+    """The real Injector: SMTP to the re-injection smtpd (``inet:host:port``; Postfix offers
+    an smtpd on TCP)."""
 
     def __init__(self, address: str, *, timeout: float = 30.0, helo: str = "localhost") -> None:
         self.endpoint = Endpoint.parse(address)
+        if self.endpoint.is_unix:
+            raise ValueError(f"{address}: the re-injection smtpd is reached as inet:host:port")
         self.timeout = timeout
         self.helo = helo
 
@@ -100,8 +93,8 @@ class SmtpInjector:
 
     def _send(self, sender: str, recipients: Sequence[tuple[str, tuple[str, ...]]], data: Iterable[bytes],
               *, deadline: float, origin: Origin | None, mail_params: tuple[str, ...]) -> str:
-        with _Smtp(self.endpoint, remaining(deadline, self.timeout), self.helo) as smtp:
-            code, reply = smtp.connect("mailwarden-reinject", 1)
+        with smtplib.SMTP(local_hostname=self.helo, timeout=remaining(deadline, self.timeout)) as smtp:
+            code, reply = smtp.connect(self.endpoint.where, self.endpoint.port)
             if code != 220:
                 raise smtplib.SMTPConnectError(code, reply)
             smtp.ehlo()

@@ -55,7 +55,7 @@ def milter_config(tmp: Path, extra: str = "") -> Config:
     return parse_config(
         f'[milter]\nspool_dir = "{tmp}/spool"\nquarantine_dir = "{tmp}/quarantine"\n'
         f'template_dir = "{tmp}/templates"\nclamd = ["unix:{tmp}/no-clamd.sock"]\n'
-        f'spamd = ["unix:{tmp}/no-spamd.sock"]\nreinject = "unix:{tmp}/no-smtpd.sock"\n{extra}',
+        f'spamd = ["unix:{tmp}/no-spamd.sock"]\nreinject = "inet:127.0.0.1:9"\n{extra}',
         "test.toml",
     )
 

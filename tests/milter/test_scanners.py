@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.clamd import EICAR, ClamdServer, FakeClamd
+from harness.ports import free_port
 from harness.smtpsink import SmtpSink
 from harness.spamd import GTUBE, FakeSpamd, SpamdServer
 from milters.reinject import InjectError, Origin, SmtpInjector, dot_stuff, xtext
@@ -280,7 +281,7 @@ def test_refused_reinjection_raises() -> None:
 
 def test_unreachable_reinjection_raises(tmp_path: Path) -> None:
     with pytest.raises(InjectError):
-        SmtpInjector(f"unix:{tmp_path}/none.sock").send("s@x", [("a@b", ())], [b"x"], deadline=soon())
+        SmtpInjector(f"inet:127.0.0.1:{free_port()}").send("s@x", [("a@b", ())], [b"x"], deadline=soon())
 
 
 def test_dot_stuffing_and_xtext() -> None:
