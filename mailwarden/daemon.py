@@ -1,7 +1,7 @@
 """Running a daemon, shared by the policy daemon and the milter.
 
-The parent binds the listening sockets (as root where it must), drops privileges,
-then serves itself (``workers = 1``) or forks ``workers`` processes that share the
+:func:`run_daemon`: the parent binds the listening sockets (as root where it must), drops
+privileges, then serves itself (``workers = 1``) or forks ``workers`` processes that share the
 sockets, restarts one that dies and forwards SIGTERM/SIGINT to all of them.  Each
 worker runs one event loop with one thread pool as its default executor: the only
 place blocking work (the directory, SQLite, files, SMTP re-injection) runs.
@@ -17,10 +17,16 @@ import logging
 import os
 import pwd
 import signal
+import socket
+import sys
 import time
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
+
+from mailwarden.endpoint import Endpoint
 
 log = logging.getLogger("mailwarden.daemon")
 
@@ -77,6 +83,63 @@ async def until_stopped() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """How a daemon runs: its name in logs, where it listens, as whom, in how many processes."""
+
+    name: str
+    listen: Sequence[str]
+    """``unix:/path`` or ``inet:host:port`` endpoints, bound before privileges are dropped."""
+    socket_mode: str = "0660"
+    socket_group: str = ""
+    user: str = ""
+    group: str = ""
+    workers: int = 1
+    threads: int = 16
+    event_loop: str = "uvloop"
+
+
+def run_daemon(daemon: Daemon, serve: Callable[[list[socket.socket]], Coroutine[Any, Any, None]], *,
+               after_fork: Callable[[], None] | None = None,
+               before_drop: Callable[[], None] | None = None) -> int:
+    """Bind ``daemon.listen``, drop privileges, then ``serve(sockets)`` on an event loop in
+    ``daemon.workers`` processes until SIGTERM/SIGINT; the exit status.
+
+    ``before_drop`` runs while still privileged (e.g. importing what later needs reading);
+    ``after_fork`` in each new worker (e.g. logging set up again).
+    """
+    endpoints = [Endpoint.parse(spec) for spec in daemon.listen]
+    try:
+        sockets = [e.bind(mode=int(daemon.socket_mode, 8), group=daemon.socket_group) for e in endpoints]
+    except OSError as exc:
+        log.error("%s: cannot listen: %s", daemon.name, exc.strerror or exc)
+        return EX_OSERR
+    if before_drop is not None:
+        before_drop()
+    try:
+        drop_privileges(daemon.user, daemon.group, daemon.name)
+    except (KeyError, PermissionError) as exc:
+        log.error("%s: cannot switch to user %r / group %r: %s", daemon.name, daemon.user, daemon.group, exc)
+        return EX_CONFIG
+
+    def work() -> int:
+        try:
+            run_loop(serve(sockets), daemon.event_loop, threads=daemon.threads, name=daemon.name)
+        except Exception:
+            log.exception("%s worker failed", daemon.name)
+            return 1
+        return 0
+
+    try:
+        return supervise(daemon.workers, work, name=daemon.name, after_fork=after_fork)
+    finally:
+        for endpoint in endpoints:
+            if endpoint.is_unix:
+                with contextlib.suppress(OSError):
+                    Path(endpoint.where).unlink()
+        sys.stderr.flush()
 
 
 def supervise(workers: int, work: Callable[[], int], *, name: str,

@@ -13,18 +13,14 @@ in ``milter.workers`` processes that share it (:mod:`mailwarden.daemon`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import socket
-import sys
-from pathlib import Path
 
 from mailwarden.address import InvalidAddress
 from mailwarden.config import Config
-from mailwarden.daemon import EX_CONFIG, EX_OSERR, drop_privileges, run_loop, supervise, until_stopped
+from mailwarden.daemon import Daemon, run_daemon, until_stopped
 from mailwarden.directory import DirectoryUnavailable
-from mailwarden.endpoint import Endpoint
 from mailwarden.log import setup_logging
 from milters.config import MilterConfig
 from milters.delivery import Outcome
@@ -184,33 +180,11 @@ def run(config: Config) -> int:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    endpoint = Endpoint.parse(m.socket)
-    try:
-        sockets = [endpoint.bind(mode=int(m.socket_mode, 8), group=m.socket_group, backlog=128)]
-    except OSError as exc:
-        log.error("cannot listen: %s", exc.strerror or exc)
-        return EX_OSERR
-    try:
-        drop_privileges(m.user, m.group, "milter")
-    except (KeyError, PermissionError) as exc:
-        log.error("cannot switch to user %r / group %r: %s", m.user, m.group, exc)
-        return EX_CONFIG
-
-    def work() -> int:
-        try:
-            run_loop(serve(config, sockets), m.event_loop, threads=m.threads, name="milter")
-        except Exception as exc:
-            log.exception("milter worker failed: %s", exc)
-            return 1
-        return 0
+    daemon = Daemon("milter", [m.socket], socket_mode=m.socket_mode, socket_group=m.socket_group,
+                    user=m.user, group=m.group, workers=m.workers, threads=m.threads,
+                    event_loop=m.event_loop)
 
     def after_fork() -> None:
         setup_logging(config.general, "milter")
 
-    try:
-        return supervise(m.workers, work, name="milter", after_fork=after_fork)
-    finally:
-        if endpoint.is_unix:
-            with contextlib.suppress(OSError):
-                Path(endpoint.where).unlink()
-        sys.stderr.flush()
+    return run_daemon(daemon, lambda sockets: serve(config, sockets), after_fork=after_fork)

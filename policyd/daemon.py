@@ -7,16 +7,12 @@ worker that dies and forwards SIGTERM/SIGINT to all of them.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import socket
-import sys
-from pathlib import Path
 
 from mailwarden.config import Config
-from mailwarden.daemon import EX_CONFIG, EX_OSERR, drop_privileges, run_loop, supervise, until_stopped
-from mailwarden.endpoint import Endpoint
+from mailwarden.daemon import Daemon, run_daemon, until_stopped
 from mailwarden.log import setup_logging
 from policyd.app import PolicyApp
 from policyd.config import PolicydConfig
@@ -56,37 +52,13 @@ async def serve(config: Config, sockets: list[socket.socket], login_sockets: lis
 def run(config: Config) -> int:
     """Run the daemon in the foreground; return the process exit status."""
     cfg = PolicydConfig.of(config)
-    mode = int(cfg.socket_mode, 8)
-    try:
-        sockets = [Endpoint.parse(spec).bind(mode=mode, group=cfg.socket_group) for spec in cfg.listen]
-        login = [Endpoint.parse(spec).bind(mode=mode, group=cfg.socket_group)
-                 for spec in cfg.login_report_listen]
-    except OSError as exc:
-        log.error("cannot listen: %s", exc.strerror or exc)
-        return EX_OSERR
-    created = [Path(e.where) for e in map(Endpoint.parse, cfg.listen) if e.is_unix]
-    preload()
-    try:
-        drop_privileges(cfg.user, cfg.group, "policyd")
-    except (KeyError, PermissionError) as exc:
-        log.error("cannot switch to user %r / group %r: %s", cfg.user, cfg.group, exc)
-        return EX_CONFIG
-
-    def work() -> int:
-        try:
-            run_loop(serve(config, sockets, login), cfg.event_loop, threads=cfg.threads, name="policyd")
-        except Exception as exc:  # noqa: BLE001 - reported as the exit status
-            log.error("policyd worker failed: %s: %s", type(exc).__name__, exc)
-            return 1
-        return 0
+    daemon = Daemon("policyd", [*cfg.listen, *cfg.login_report_listen], socket_mode=cfg.socket_mode,
+                    socket_group=cfg.socket_group, user=cfg.user, group=cfg.group, workers=cfg.workers,
+                    threads=cfg.threads, event_loop=cfg.event_loop)
+    policy = len(cfg.listen)
 
     def after_fork() -> None:
         setup_logging(config.general, "policyd")
 
-    try:
-        return supervise(cfg.workers, work, name="policyd", after_fork=after_fork)
-    finally:
-        for path in created:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        sys.stderr.flush()
+    return run_daemon(daemon, lambda sockets: serve(config, sockets[:policy], sockets[policy:]),
+                      after_fork=after_fork, before_drop=preload)
