@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from mailwarden import catalogue
 from mailwarden.configfields import setting
@@ -239,16 +239,6 @@ class Config:
             if type(current) is type(value):
                 return dataclasses.replace(self, sections={**self.sections, name: value})
         raise LookupError(f"no configuration section of type {type(value).__name__} is registered")
-
-    if not TYPE_CHECKING:
-
-        def __getattr__(self, name: str) -> Any:
-            # ``config.milter`` for templates and callers not yet moved to
-            # ``MilterConfig.of(config)``; typed code must not rely on it.
-            sections = self.__dict__.get("sections")
-            if sections is not None and not name.startswith("_") and name in sections:
-                return sections[name]
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- loading

@@ -25,6 +25,7 @@ from mailwarden.config import Config, parse_config
 from mailwarden.store import MemoryStore, Store
 from policyd.app import Decision, PolicyApp, Services, build_services
 from policyd.checks.base import Transaction
+from policyd.config import PolicydConfig
 from policyd.protocol import PolicyRequest, format_request
 from policyd.server import PolicyServer
 from tests.conftest import config_for
@@ -302,6 +303,6 @@ def start_daemon(
 
 def client(server: RunningServer, which: int = 0) -> PolicyClient:
     """A client on the server's first (unix) or second (TCP) listener."""
-    return PolicyClient(server.app.config.policyd.listen[which])
+    return PolicyClient(PolicydConfig.of(server.app.config).listen[which])
 
 

@@ -12,6 +12,7 @@ from mailwarden.config import parse_config
 from mailwarden.linelog import DecisionLog
 from mailwarden.store import MemoryStore, StoreUnavailable
 from policyd.app import GuardedStore, parse_listen, validate
+from policyd.config import PolicydConfig
 from tests.policyd.conftest import Clock
 
 
@@ -49,7 +50,7 @@ ipv4_prefix = 40
 window = 0
 messages = -1
 """)
-    problems = "\n".join(validate(cfg.policyd))
+    problems = "\n".join(validate(PolicydConfig.of(cfg)))
     for key in ("policyd.listen[0]", "policyd.login_report_listen[0]", "policyd.socket_mode",
                 "policyd.workers", "policyd.request_timeout", "policyd.trusted_networks[0]",
                 "policyd.checks[1]: unknown check 'telepathy'", "policyd.login_report_header",
@@ -59,7 +60,7 @@ messages = -1
                 "policyd.greylist.ipv4_prefix", "policyd.rate_limit.client.window",
                 "policyd.rate_limit.client.messages"):
         assert key in problems, key
-    assert validate(parse_config("").policyd) == []
+    assert validate(PolicydConfig.of(parse_config(""))) == []
 
 
 def test_store_guard_fails_fast_while_the_backend_is_down() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness.ports import free_port
+from policyd.config import PolicydConfig
 from tests.policyd.conftest import LogLines, PolicyClient, RunningServer
 
 OUT = "friend@remote.example"
@@ -47,7 +48,7 @@ REPORT = {"login": "pbs@example.jp", "user": "pbs@example.jp", "remote": "198.51
 
 
 def relay_answer(server: RunningServer, ip: str) -> str:
-    return PolicyClient(server.app.config.policyd.listen[0]).ask(
+    return PolicyClient(PolicydConfig.of(server.app.config).listen[0]).ask(
         recipient=OUT, client_address=ip, sender="pbs@example.jp", instance=f"i{time.monotonic()}")
 
 

@@ -18,6 +18,7 @@ from harness.redisserver import RedisServer
 from harness.slapd import SlapdServer
 from mailwarden.ldapdir import LdapDirectory
 from policyd.app import Decision, PolicyApp, build_services
+from policyd.config import PolicydConfig
 from policyd.protocol import PolicyRequest, format_request
 from policyd.server import MALFORMED_ACTION, TIMEOUT_ACTION, _careful_line, decision_line
 from tests.policyd.conftest import LogLines, RunningServer, client, daemon_config, request
@@ -245,10 +246,10 @@ def test_thousands_of_idle_connections_do_not_slow_an_active_one(
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 6000), hard), hard))
     server = start_daemon('checks = ["relay"]\nmax_connections = 2100\n')
     idle = []
+    port = int(PolicydConfig.of(server.app.config).listen[1].rsplit(":", 1)[1])
     try:
         for _ in range(2000):
-            idle.append(socket.create_connection(("127.0.0.1", int(server.app.config.policyd.listen[1]
-                                                                    .rsplit(":", 1)[1]))))
+            idle.append(socket.create_connection(("127.0.0.1", port)))
         c = client(server)
         c.ask(recipient=OUT)
         t0 = time.perf_counter()

@@ -15,6 +15,8 @@ import pytest
 from harness.postfix import send_mail
 from harness.slapd import SlapdServer
 from mailwarden.render import POSTFIX_INSTANCES
+from milters.config import MilterConfig
+from policyd.config import PolicydConfig
 from tests.render.conftest import (
     Daemon,
     RenderedDovecot,
@@ -56,7 +58,7 @@ def test_every_instance_passes_postfix_check(rendered: dict[str, RenderedPostfix
 
 def test_edges_ask_the_policy_daemon_and_fail_safe(rendered: dict[str, RenderedPostfix]) -> None:
     config = rendered["mx"].site.config
-    endpoint = config.policyd.listen[0]
+    endpoint = PolicydConfig.of(config).listen[0]
     for role in EDGES:
         s = rendered[role].settings()
         relay = s["smtpd_relay_restrictions"]
@@ -65,7 +67,7 @@ def test_edges_ask_the_policy_daemon_and_fail_safe(rendered: dict[str, RenderedP
         assert "{ default_action = 451 4.3.0 mailwarden policy service unavailable }" in relay
         assert f"policy_context={role} }}" in relay
         found = re.search(r"timeout=(\d+)s", relay)
-        assert found and int(found.group(1)) > config.policyd.request_timeout
+        assert found and int(found.group(1)) > PolicydConfig.of(config).request_timeout
         # Rate limits count bytes at the end of DATA: the same service, the same fail-safe.
         assert s["smtpd_end_of_data_restrictions"] == relay.removesuffix(", reject_unauth_destination")
 
@@ -73,7 +75,7 @@ def test_edges_ask_the_policy_daemon_and_fail_safe(rendered: dict[str, RenderedP
 def test_edges_run_the_milter_before_the_queue_and_tempfail_without_it(
     rendered: dict[str, RenderedPostfix],
 ) -> None:
-    milter = rendered["mx"].site.config.milter
+    milter = MilterConfig.of(rendered["mx"].site.config)
     for role in EDGES:
         s = rendered[role].settings()
         assert s["smtpd_milters"] == milter.socket
@@ -121,7 +123,7 @@ def test_route_stage_rewrites_aliases_and_picks_the_path(rendered: dict[str, Ren
     assert int(s["message_size_limit"]) > r.message_size_limit
     services = instance.services()
     # The milter's re-injection port ([milter] reinject) joins the route stage.
-    reinject = instance.site.config.milter.reinject.removeprefix("inet:")
+    reinject = MilterConfig.of(instance.site.config).reinject.removeprefix("inet:")
     assert "syslog_name=postfix-route/reinject" in services[f"{reinject}/inet"]
 
 
