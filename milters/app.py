@@ -26,7 +26,18 @@ from milters.config import MilterConfig
 from milters.delivery import Outcome
 from milters.filters import Envelope
 from milters.message import BodySpool, HeaderList, ensure_dir
-from milters.server import ACCEPT, CONTINUE, DISCARD, TEMPFAIL, Client, Edits, Macros, MilterServer, Reply
+from milters.server import (
+    ACCEPT,
+    CONTINUE,
+    DISCARD,
+    TEMPFAIL,
+    Client,
+    Edits,
+    Macros,
+    MilterServer,
+    Reply,
+    unbracket,
+)
 from milters.service import MilterService, build_service
 from milters.verdict import Disposition, Recipient
 
@@ -34,11 +45,6 @@ log = logging.getLogger("mailwarden.milter")
 
 _POLICY_UNAVAILABLE = Reply.refuse("451", "4.3.0", "Recipient policy unavailable; try again later")
 _BAD_ADDRESS = Reply.refuse("550", "5.1.3", "Bad recipient address syntax")
-
-
-def _unbracket(address: str) -> str:
-    text = address.strip()
-    return text[1:-1].strip() if text.startswith("<") and text.endswith(">") else text
 
 
 def reply_of(outcome: Outcome) -> Reply:
@@ -92,7 +98,7 @@ class ContentMilter:
 
     async def rcpt(self, recipient: str, params: tuple[str, ...]) -> Reply:
         """Look up the recipient's policy now: a directory outage defers only this recipient."""
-        address = _unbracket(recipient)
+        address = unbracket(recipient)
         try:
             policy = await self.service.resolver.lookup(address)
         except DirectoryUnavailable as exc:

@@ -379,24 +379,20 @@ class MilterSession(asyncio.Protocol):
         self._no_reply(p.HELO)
 
     def _mail(self, data: bytes) -> None:
-        args = p.split_strings(data)
-        if not args:
-            raise p.ProtocolError("MAIL without a sender")
+        sender, params = _address_and_params(data, "MAIL without a sender")
         app = self._app()
         self.macros.drop_message(keep_mail=True)
         self.in_message, self.failed = True, False
-        app.mail(_unbracket(_text(args[0])), tuple(_text(a) for a in args[1:]))
+        app.mail(unbracket(sender), params)
         self._no_reply(p.MAIL)
 
     def _rcpt(self, data: bytes) -> None:
-        args = p.split_strings(data)
-        if not args:
-            raise p.ProtocolError("RCPT without a recipient")
+        recipient, params = _address_and_params(data, "RCPT without a recipient")
         app = self._app()
         if self.failed:
             self._answer(TEMPFAIL)
             return
-        self._run(_encoded(app.rcpt(_text(args[0]), tuple(_text(a) for a in args[1:]))))
+        self._run(_encoded(app.rcpt(recipient, params)))
 
     def _data(self, data: bytes) -> None:
         self._no_reply(p.DATA)
@@ -465,7 +461,16 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _unbracket(address: str) -> str:
+def _address_and_params(data: bytes, missing: str) -> tuple[str, tuple[str, ...]]:
+    """MAIL's or RCPT's address (as given) and its ESMTP parameters."""
+    args = p.split_strings(data)
+    if not args:
+        raise p.ProtocolError(missing)
+    return _text(args[0]), tuple(_text(a) for a in args[1:])
+
+
+def unbracket(address: str) -> str:
+    """An address without its angle brackets."""
     text = address.strip()
     return text[1:-1].strip() if text.startswith("<") and text.endswith(">") else text
 
