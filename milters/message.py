@@ -456,7 +456,7 @@ class Message:
     """One message: the header fields as received, the spooled body, and lazy analyses."""
 
     # Lazy values are plain attributes, not functools.cached_property: on Python 3.11
-    # that takes a lock shared by every instance, which libmilter's threads would queue on.
+    # that takes a lock shared by every instance.
     def __init__(self, headers: HeaderList, body: BodySpool, limits: Limits | None = None) -> None:
         self.headers = headers
         self.spool = body

@@ -5,8 +5,8 @@ renamed, so a crash never leaves half a message under a real name) and one store
 key ``quarantine:ID`` holding the envelope and the reason as JSON, with the
 retention time as its TTL.  In a cluster the directory should be shared (NAS)
 or releases run on the node named in the entry.  ``expire()`` removes files
-whose entry has expired (run it daily, e.g. from cron:
-``mailwarden quarantine expire``).
+whose entry has expired (``mailwarden quarantine expire``, daily from the shipped
+systemd timer ``mailwarden-quarantine-expire.timer`` or cron).
 """
 
 from __future__ import annotations

@@ -425,7 +425,6 @@ def start_milter(site: Site) -> Daemon:
     directory.mkdir(exist_ok=True)
     shutil.chown(directory, group="postfix")
     directory.chmod(0o2750)
-    # libmilter takes about 4 s to exit after SIGTERM; nothing here needs a clean exit.
     milter = Daemon(site, "milter", "run", grace=1.0)
     milter.start(socket_path=directory / "milter.sock")
     return milter
