@@ -11,7 +11,8 @@ import click
 from mailwarden.cli.common import EX_CONFIG, EX_TEMPFAIL, EX_USAGE, App, fail, handle_errors, pass_app
 from mailwarden.log import setup_logging
 from mailwarden.store import Store, StoreUnavailable
-from policyd.config import PolicydConfig, check_section
+from policyd.config import PolicydConfig
+from policyd.section import check_section
 
 
 @click.group("policyd")

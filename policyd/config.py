@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from mailwarden import catalogue
-from mailwarden.config import Config, Section
+from mailwarden.config import Config
 from mailwarden.configfields import setting
 
 if TYPE_CHECKING:
@@ -206,16 +206,6 @@ class PolicydConfig:
         """The ``[policyd]`` section of ``config``."""
         return config.section(cls)
 
-
-def check_section(config: Config) -> list[str]:
-    """Problems in the section, weighed against the rest of ``config``."""
-    from policyd.app import validate
-
-    return validate(PolicydConfig.of(config))
-
-
-SECTION = Section("policyd", PolicydConfig, "Postfix policy daemon", check=check_section)
-"""Registered in the ``mailwarden.sections`` entry-point group (pyproject.toml)."""
 
 if TYPE_CHECKING:
     # `mailwarden render` and the reputation read the section through these
