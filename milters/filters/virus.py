@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
+from mailwarden.cache import TtlLru
 from mailwarden.catalogue import Service
 from mailwarden.store import StoreUnavailable
 
@@ -77,27 +77,16 @@ class LocalScanCache:
 
     def __init__(self, ttl: float, size: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
-        self.size = size
         self.clock = clock
-        self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self.entries: TtlLru[str, str] = TtlLru(size)
 
     async def get(self, digest: str) -> VirusResult | None:
         """A result younger than the TTL."""
-        hit = self._entries.get(digest)
-        if hit is None:
-            return None
-        if hit[0] <= self.clock():
-            del self._entries[digest]
-            return None
-        self._entries.move_to_end(digest)
-        return _decode(hit[1])
+        return _decode(self.entries.get(digest, self.clock()))
 
     async def put(self, digest: str, result: VirusResult) -> None:
-        """Remember; the oldest entries go first when full."""
-        self._entries[digest] = (self.clock() + self.ttl, _encode(result))
-        self._entries.move_to_end(digest)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        """Remember; the least recently used entries go first when full."""
+        self.entries.put(digest, _encode(result), self.clock() + self.ttl)
 
 
 class VirusFilter:
