@@ -6,6 +6,7 @@ import re
 import time
 
 from harness.containers import MailStack, read_maildir
+from mailwarden.render import FORWARD_DOMAIN
 from tests.containers.conftest import DirectoryChanges
 
 MX = "mx1.mailwarden.test"
@@ -49,10 +50,12 @@ def test_forwarding_keeps_a_copy_and_sends_one_to_the_forward_address(
     assert any("by mbox2.example.jp with LMTP" in r for r in copy.get_all("Received", []))
     [forwarded] = stack.wait_for_messages(stack.internet_maildir(), match=token, delivered_to=target)
     assert forwarded["Subject"] == f"forward me {token}"
-    # Out through mbox2's own Postfix, then the front node's MX.
-    stack.wait_for_log("mbox2", rf"to=<{re.escape(target)}>, relay=mx1\.mailwarden\.test\[[\d.]+\]:25, "
+    # Sieve redirects once to the subscriber's forwarding address, out through mbox2's own
+    # Postfix to the front node, whose route stage expands it to every forward address.
+    forwarding = f"hanako=example.jp@{FORWARD_DOMAIN}"
+    stack.wait_for_log("mbox2", rf"to=<{re.escape(forwarding)}>, relay=mx1\.mailwarden\.test\[[\d.]+\]:25, "
                        r".*status=sent", after=mbox2_log)
-    stack.wait_for_log("mbox2", rf"redirect action: forwarded to <{re.escape(target)}>", name="dovecot")
+    stack.wait_for_log("mbox2", rf"redirect action: forwarded to <{re.escape(forwarding)}>", name="dovecot")
     stack.wait_queues_empty()
 
 
