@@ -31,7 +31,7 @@ Measured per scan, per client:
 Prints a table, the ratios (aioclamd CPU per scan / mailwarden's over TCP) and one JSON
 line.  Not part of the test suite; needs ``pip install aioclamd`` (the ``bench`` extra).
 
-Usage: python bench/bench_clamd_client.py [--quick] [--small 320] [--large 32]
+Usage: python -m bench.bench_clamd_client [--quick] [--small 320] [--large 32]
        [--concurrency 8] [--loop uvloop|asyncio] [--budget 90]
 """
 

@@ -9,7 +9,7 @@ Why an own client and not aioclamd (the maintained asyncio client): aioclamd 1.1
 TCP only (no unix socket, which the deployment uses), has a fixed per-call timeout but no
 deadline, connects per scan and reads the message in 1 KiB pieces, each through
 ``asyncio.to_thread``.  Measured side by side against one clamd, both over TCP, by
-``python bench/bench_clamd_client.py`` (uvloop, 2 CPUs, see ``docs/benchmarks.md``), the
+``python -m bench.bench_clamd_client`` (uvloop, 2 CPUs, see ``docs/benchmarks.md``), the
 client CPU per scan, aioclamd / this client: 4 KiB 833 / 149 us (5.6x), 1 MiB 106 / 1.1 ms
 (99x), 3 MiB 316 / 1.7 ms (183x) one at a time; with 8 scans in flight 585 / 114 us
 (5.2x), 35 / 0.7 ms (50x), 132 / 1.4 ms (94x).  Its 1 KiB chunks cost clamd 3-4x the CPU
