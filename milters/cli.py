@@ -171,13 +171,13 @@ def quarantine_list(app: App) -> None:
 @pass_app
 def quarantine_show(app: App, entry_id: str, raw: bool) -> None:
     """Show one quarantined message (envelope, reason, headers)."""
-    from milters.quarantine import NoSuchEntry
+    from milters.quarantine import NotQuarantined
 
     q = _quarantine(app)
     try:
         entry = q.get(entry_id)
         data = q.read(entry_id)
-    except NoSuchEntry as exc:
+    except NotQuarantined as exc:
         fail(str(exc), EX_NOTFOUND)
     except StoreUnavailable as exc:
         fail(f"store unavailable: {exc}", EX_TEMPFAIL)
@@ -199,7 +199,7 @@ def quarantine_show(app: App, entry_id: str, raw: bool) -> None:
 @pass_app
 def quarantine_release(app: App, entry_id: str, recipients: tuple[str, ...]) -> None:
     """Deliver a quarantined message through the re-injection smtpd, then delete it."""
-    from milters.quarantine import NoSuchEntry
+    from milters.quarantine import NotQuarantined
     from milters.reinject import InjectError, SmtpInjector
 
     m = MilterConfig.of(app.config)
@@ -208,7 +208,7 @@ def quarantine_release(app: App, entry_id: str, recipients: tuple[str, ...]) -> 
             entry_id, SmtpInjector(m.reinject, timeout=m.reinject_timeout), recipients=recipients,
             deadline=time.monotonic() + m.reinject_timeout,
         )
-    except NoSuchEntry as exc:
+    except NotQuarantined as exc:
         fail(str(exc), EX_NOTFOUND)
     except (InjectError, StoreUnavailable) as exc:
         fail(f"not released: {exc}", EX_TEMPFAIL)
@@ -220,14 +220,14 @@ def quarantine_release(app: App, entry_id: str, recipients: tuple[str, ...]) -> 
 @pass_app
 def quarantine_delete(app: App, entry_ids: tuple[str, ...]) -> None:
     """Delete quarantined messages."""
-    from milters.quarantine import NoSuchEntry
+    from milters.quarantine import NotQuarantined
 
     q = _quarantine(app)
     missing = 0
     for entry_id in entry_ids:
         try:
             removed = q.delete(entry_id)
-        except NoSuchEntry as exc:
+        except NotQuarantined as exc:
             click.echo(f"mailwarden: {exc}", err=True)
             missing += 1
             continue

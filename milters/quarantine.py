@@ -27,7 +27,7 @@ PREFIX = "quarantine:"
 ID_PATTERN = re.compile(r"^[0-9]{14}-[0-9a-f]{10}$")
 
 
-class NoSuchEntry(LookupError):
+class NotQuarantined(LookupError):
     """No quarantine entry with that id."""
 
 
@@ -71,7 +71,7 @@ class Quarantine:
     def path(self, entry_id: str) -> Path:
         """The file of an entry (the id is checked, so no path tricks)."""
         if not ID_PATTERN.match(entry_id):
-            raise NoSuchEntry(f"{entry_id!r} is not a quarantine id")
+            raise NotQuarantined(f"{entry_id!r} is not a quarantine id")
         return self.dir / f"{entry_id}.eml"
 
     def put(self, stream: Iterable[bytes], *, sender: str, recipients: Sequence[str], reason: str,
@@ -108,11 +108,11 @@ class Quarantine:
         return entry
 
     def get(self, entry_id: str) -> QuarantineEntry:
-        """The entry, or NoSuchEntry."""
+        """The entry, or NotQuarantined."""
         self.path(entry_id)
         value = self.store.get(PREFIX + entry_id)
         if value is None:
-            raise NoSuchEntry(f"no quarantine entry {entry_id}")
+            raise NotQuarantined(f"no quarantine entry {entry_id}")
         return QuarantineEntry.from_json(value)
 
     def entries(self) -> list[QuarantineEntry]:
@@ -130,7 +130,7 @@ class Quarantine:
         try:
             return self.path(entry_id).read_bytes()
         except FileNotFoundError:
-            raise NoSuchEntry(f"quarantine entry {entry_id} has no file here ({self.dir})") from None
+            raise NotQuarantined(f"quarantine entry {entry_id} has no file here ({self.dir})") from None
 
     def delete(self, entry_id: str) -> bool:
         """Remove entry and file; True if anything was there."""
