@@ -20,7 +20,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mailwarden.catalogue import JUNK_HEADER
 from mailwarden.store import Store
+from milters.message import render_headers, split_entity
 from milters.reinject import Injector
 
 PREFIX = "quarantine:"
@@ -145,7 +147,7 @@ class Quarantine:
                 deadline: float) -> str:
         """Deliver a quarantined message (to its recipients or ``recipients``), then delete it."""
         entry = self.get(entry_id)
-        data = self.read(entry_id)
+        data = without_junk_mark(self.read(entry_id))
         targets = list(recipients) or entry.recipients
         queue_id = injector.send(
             entry.sender, [(r, tuple(entry.recipient_params.get(r, ()))) for r in targets], [data],
@@ -172,3 +174,16 @@ class Quarantine:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def without_junk_mark(data: bytes) -> bytes:
+    """The message without the junk mark (``X-Mailwarden-Junk``) fields.
+
+    A released copy does not pass the milter again, which removes a mark set outside
+    mailwarden, and the mailbox's Sieve script files marked mail into Junk.
+    """
+    headers, body_start = split_entity(data, 0, len(data))
+    kept = [(name, value) for name, value in headers if name.lower() != JUNK_HEADER.lower()]
+    if len(kept) == len(headers):
+        return data
+    return render_headers(kept) + b"\r\n" + data[body_start:]
