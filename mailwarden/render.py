@@ -232,29 +232,6 @@ class LdapQueries:
         values = "".join(f"({status}={_filter_value(v)})" for v in self.active_values)
         return f"(|(!({status}=*)){values})"
 
-    def service_layers(self, service: Service) -> list[tuple[str, str, str]]:
-        """``(layer, filter, on|off)`` steps that decide ``service`` as the resolver does.
-
-        Applied in order, later steps override earlier ones: domain before user,
-        and within a layer "on" before "off" (a layer that both enables and
-        disables a service disables it).  In ``replace`` mode a layer that lists
-        enabled services switches off every service it does not list.  Only
-        positive assertions are used, so an attribute the directory's schema
-        lacks (an existing tree without mwDisabledService) matches nothing
-        instead of making the whole filter undefined.
-        """
-        value = _filter_value(self.mapping.service_values[service.value])
-        enabled, disabled = self.attr["enabled_service"], self.attr["disabled_service"]
-        replace = self.mapping.service_merge == "replace"
-        steps: list[tuple[str, str, str]] = []
-        for layer, base in (("domain", self.dovecot_domain_filter()),
-                            ("user", self.dovecot_user_filter())):
-            steps.append((layer, _and(base, f"({enabled}={value})"), "on"))
-            if replace:
-                steps.append((layer, _and(base, f"({enabled}=*)", f"(!({enabled}={value}))"), "off"))
-            steps.append((layer, _and(base, f"({disabled}={value})"), "off"))
-        return steps
-
 
 def _unspecified(host: str) -> bool:
     """Whether ``host`` is a wildcard listen address (Dovecot must then use loopback)."""
@@ -615,19 +592,6 @@ def auth_chain(cfg: Config, role: str) -> list[AuthStep]:
         base=d.domain_base, query_filter=d.dovecot_domain_filter(), fields=(canonical, *layered),
         chain=(("result_success", "continue"), ("result_failure", "return-fail"), _STOP_ON_ERROR),
     ))
-    spam = d.service_layers(Service.SPAM_CHECK)
-
-    def spam_steps(layer: str, success: str) -> list[AuthStep]:
-        return [
-            AuthStep("userdb", f"spam-{layer}-{i}-{verdict}",
-                     f"spam_check switched {verdict} by the {layer} entry",
-                     base=d.domain_base if layer == "domain" else d.user_base, query_filter=flt,
-                     fields=(f"=sieve_env_mailwarden_spam_check={'yes' if verdict == 'on' else 'no'}",),
-                     chain=(("result_success", success), ("result_failure", "continue"), _STOP_ON_ERROR))
-            for i, (flt, verdict) in enumerate((f, v) for lay, f, v in spam if lay == layer)
-        ]
-
-    steps += spam_steps("domain", "continue")
     steps.append(AuthStep(
         "userdb", "user", "the subscriber: primary address, home, and their own settings",
         base=d.user_base, query_filter=d.dovecot_user_filter(),
@@ -636,7 +600,6 @@ def auth_chain(cfg: Config, role: str) -> list[AuthStep]:
                 env("vacation_text", "vacation_text")),
         chain=(("result_success", "continue-ok"), ("result_failure", "return-fail"), _STOP_ON_ERROR),
     ))
-    steps += spam_steps("user", "continue-ok")
     steps.append(AuthStep(
         "userdb", "home", "home below mail_root, named after the primary address",
         driver="static", fields=("allow_all_users=yes", f"home={r.mail_root}/%d/%n",
@@ -690,7 +653,6 @@ def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
         "attr": directory.attr,
         "auth_steps": auth_chain(cfg, role),
         "default_host": default_mailbox_host(cfg),
-        "spam_default": Service.SPAM_CHECK in directory.default_services,
         "junk_header": catalogue.JUNK_HEADER,
         "forward_domain": FORWARD_DOMAIN,
         "true_words": _bool_words(catalogue.TRUE_WORDS),

@@ -15,7 +15,6 @@ import pytest
 import ldap
 from harness.slapd import SlapdServer
 from harness.smtpsink import SmtpSink
-from mailwarden.catalogue import Service
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import AddressKind, PolicyResolver
 from mailwarden.render import FORWARD_DOMAIN
@@ -93,7 +92,6 @@ def _expected(found: PolicyResolver, address: str) -> dict[str, str] | None:
     local, domain = (policy.canonical or address).split("@")
     expected = {
         "home": f"/{domain}/{local}",
-        "sieve_env_mailwarden_spam_check": "yes" if policy.enabled(Service.SPAM_CHECK) else "no",
         "quota_rule": f"*:bytes={quota}",
     }
     forwards = policy.get("forward_addresses")
@@ -114,8 +112,6 @@ def _userdb_matches_policy(site: Site, dovecot: RenderedDovecot, users: list[str
         assert fields["home"].endswith(expected.pop("home")), (address, fields)
         # The site default (0 = unlimited) is a plugin setting, not a userdb field.
         fields.setdefault("quota_rule", "*:bytes=0")
-        fields.setdefault("sieve_env_mailwarden_spam_check",
-                          "yes" if Service.SPAM_CHECK.value in site.config.policy.default_services else "no")
         for key, value in expected.items():
             assert fields.get(key) == value, (address, key, fields)
 
@@ -124,7 +120,7 @@ def test_userdb_agrees_with_the_effective_policy(
     mailbox_host: tuple[Site, RenderedDovecot, SmtpSink],
 ) -> None:
     """For every sample subscriber, Dovecot's userdb (LDAP steps merged by the rendered
-    chain) gives the same spam_check service, quota, forward and home as mailwarden."""
+    chain) gives the same quota, forward and home as mailwarden."""
     site, dovecot, _ = mailbox_host
     _userdb_matches_policy(site, dovecot, SAMPLE_USERS)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import stat
 import subprocess
@@ -11,14 +10,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from harness.fakes import FakeDirectory
-from mailwarden.catalogue import Service
 from mailwarden.cli import main
 from mailwarden.config import Config, parse_config
-from mailwarden.policy import PolicyResolver
 from mailwarden.render import (
     DOVECOT_ROLES,
     POSTFIX_INSTANCES,
@@ -160,68 +154,6 @@ def test_sieve_script_names_the_milters_junk_header(tmp_path: Path) -> None:
     render_dovecot(cfg(), ["mailbox"], tmp_path)
     script = (tmp_path / "dovecot" / "sieve" / "mailwarden.sieve").read_text()
     assert f'header :is "{JUNK_HEADER}" "yes"' in script
-
-
-# ---------------------------------------------------------------- the spam guard's logic
-
-
-def _matches(flt: str, entry: dict[str, list[str]]) -> bool:
-    """Evaluate the small LDAP filters the guard uses (&, |, !, =, =*) against an entry."""
-
-    def parse(i: int) -> tuple[bool, int]:
-        assert flt[i] == "("
-        op = flt[i + 1]
-        if op in "&|!":
-            i += 2
-            results = []
-            while flt[i] == "(":
-                value, i = parse(i)
-                results.append(value)
-            result = all(results) if op == "&" else any(results) if op == "|" else not results[0]
-            return result, i + 1
-        end = flt.index(")", i)
-        attr, _, value = flt[i + 1:end].partition("=")
-        values = [v.lower() for v in entry.get(attr.lower(), [])]
-        if value == "*":
-            return bool(values), end + 1
-        return re.sub(r"%[udn]", "", value).lower() in values or value.startswith("%"), end + 1
-
-    return parse(0)[0]
-
-
-# An LDAP attribute has at least one value, or it is absent (None).
-SERVICE_VALUES = st.lists(st.sampled_from(["spam-check", "Spam-Check", "virus-scan", "mail"]), min_size=1,
-                          max_size=3, unique=True)
-
-
-@settings(max_examples=300, deadline=None)
-@given(merge=st.sampled_from(["override", "replace"]), default=st.booleans(),
-       domain_en=st.none() | SERVICE_VALUES, domain_dis=st.none() | SERVICE_VALUES,
-       user_en=st.none() | SERVICE_VALUES, user_dis=st.none() | SERVICE_VALUES)
-def test_spam_guard_steps_decide_like_the_resolver(
-    merge: str, default: bool, domain_en: list[str] | None, domain_dis: list[str] | None,
-    user_en: list[str] | None, user_dis: list[str] | None,
-) -> None:
-    config = cfg(f'[ldap.mapping]\nservice_merge = "{merge}"\n'
-                 f'[policy]\ndefault_services = {["spam_check"] if default else []}\n')
-    fake = FakeDirectory()
-    layers = {"domain": {"objectclass": ["mwdomain"]}, "user": {"objectclass": ["mwsubscriber"]}}
-    values: dict[str, dict[str, list[str]]] = {"domain": {}, "user": {}}
-    for layer, en, dis in (("domain", domain_en, domain_dis), ("user", user_en, user_dis)):
-        if en is not None:
-            values[layer]["enabled_service"] = en
-            layers[layer]["mwenabledservice"] = en
-        if dis is not None:
-            values[layer]["disabled_service"] = dis
-            layers[layer]["mwdisabledservice"] = dis
-    fake.add_domain("example.jp", **values["domain"])
-    fake.add_user("u@example.jp", **values["user"])
-    expected = PolicyResolver(fake, config).effective_policy("u@example.jp").enabled(Service.SPAM_CHECK)
-    state = default
-    for layer, flt, verdict in LdapQueries(config).service_layers(Service.SPAM_CHECK):
-        if _matches(flt, layers[layer]):
-            state = verdict == "on"
-    assert state == expected
 
 
 # ---------------------------------------------------------------- CLI and units
