@@ -433,6 +433,20 @@ def _mailbox_nexthop(cfg: Config) -> str:
     return f"smtp:[%s]:{r.mailbox_port}"
 
 
+def alias_maps(config_directory: str) -> str:
+    """The ``virtual_alias_maps`` entries that recognise (edges) and rewrite (route) aliases.
+
+    A domain alias maps LOCAL@ALIAS to LOCAL@CANONICAL only when a subscriber answers
+    that address (``pipemap`` into ``ldap-recipients``), so an unknown local part at a
+    domain alias is unlisted, and refused at RCPT, exactly as at the canonical domain.
+    Postfix retries without the address extension and keeps it in the result, as the
+    resolver does.
+    """
+    table = f"proxy:ldap:{config_directory}/%s.cf"
+    return (f"pipemap:{{ {table % 'ldap-alias-domains'}, {table % 'ldap-recipients'} }},\n"
+            f"    {table % 'ldap-alias-addresses'}")
+
+
 def postfix_context(cfg: Config) -> dict[str, Any]:
     """Everything the Postfix templates use, derived once."""
     problems = check(cfg)
@@ -470,6 +484,7 @@ def postfix_context(cfg: Config) -> dict[str, Any]:
         "milter_content_timeout": _seconds(milter.postfix_content_timeout),
         "recipient_delimiter": cfg.policy.recipient_delimiter,
         "instance": lambda role: _instance_paths(cfg, role),
+        "alias_maps": alias_maps,
         "forward_domain": FORWARD_DOMAIN,
         # LOCAL=DOMAIN@forward domain -> LOCAL@DOMAIN, the key of ldap-forwards.cf ($$: a
         # literal $ in main.cf)

@@ -166,3 +166,13 @@ def test_mail_for_a_subscriber_on_mailbox_host_b_is_routed_to_b(stack: MailStack
     stack.pop3("prof@lab.example.org").quit()  # the proxy finds the same host in LDAP
     stack.wait_for_log("front", rf"proxy\(prof@lab\.example\.org,{re.escape(stack.ip('mbox2'))}:110\): "
                        "Started proxying", name="dovecot", after=proxy_log)
+
+
+def test_an_unknown_user_at_a_domain_alias_is_refused_at_rcpt(stack: MailStack) -> None:
+    """No backscatter: the MX refuses the address at RCPT, as at the canonical domain."""
+    sent = stack.swaks("internet", "--server", MX, "--from", "alice@outside.test",
+                       "--to", "nosuchuser@example.ne.jp")
+    assert sent.returncode != 0, sent.stdout
+    assert re.search(r"<\*\* 550 5\.1\.1 <nosuchuser@example\.ne\.jp>: Recipient address rejected",
+                     sent.stdout), sent.stdout
+    assert "queued as" not in sent.stdout

@@ -112,8 +112,10 @@ def test_route_stage_rewrites_aliases_and_picks_the_path(rendered: dict[str, Ren
     instance = rendered["route"]
     s = instance.settings()
     r = instance.site.config.render
-    # Domain aliases, alternate addresses, and the forwarding address -> every forward address.
-    assert s["virtual_alias_maps"].count("proxy:ldap:") == 3
+    # Domain aliases (of known subscribers), alternate addresses, and the forwarding
+    # address -> every forward address.
+    assert s["virtual_alias_maps"].count("proxy:ldap:") == 4
+    assert s["virtual_alias_maps"].startswith("pipemap:{ proxy:ldap:")
     assert "pipemap:{ regexp:" in s["virtual_alias_maps"]
     assert s["virtual_alias_domains"] == "forward.mailwarden.invalid"
     assert s["relay_transport"] == f"to-mailbox:[127.0.0.1]:{r.mailbox_listen.split(':')[1]}"
@@ -159,6 +161,13 @@ def test_ldap_tables_answer_from_the_directory(rendered: dict[str, RenderedPostf
     assert route.lookup("ldap-alias-domains", "taro@example.jp") is None
     assert route.lookup("ldap-alias-addresses", "taro.yamada@example.jp") == "taro@example.jp"
     assert route.lookup("ldap-alias-addresses", "taro@example.jp") is None
+    # A domain alias answers only for a subscriber of the canonical domain (pipemap into
+    # ldap-recipients): an unknown local part there is unlisted, as at the canonical domain.
+    for instance in (route, rendered["mx"]):
+        assert instance.alias("taro@example.ne.jp") == "taro@example.jp"
+        assert instance.alias("taro.yamada@example.ne.jp") == "taro@example.jp"
+        assert instance.alias("nosuchuser@example.ne.jp") is None
+        assert instance.alias("taro+news@example.ne.jp") is None  # Postfix retries as taro@
     assert route.lookup("ldap-forwards", "hanako@example.jp") == "hanako@example.com"
     assert route.lookup("ldap-forwards", "taro@example.jp") is None
     # The subscriber's own mailbox host, else the domain's.
@@ -177,6 +186,8 @@ def test_ldap_tables_follow_the_alternative_mapping(tmp_path: Path, slapd: Slapd
     assert route.lookup("ldap-alias-domains", "ken@old-legacy.example") == "ken@legacy.example"
     assert route.lookup("ldap-alias-addresses", "k.tanaka@legacy.example") == "ken@legacy.example"
     assert route.lookup("ldap-recipients", "mika@legacy.example") == "mika@legacy.example"
+    assert route.alias("ken@old-legacy.example") == "ken@legacy.example"
+    assert route.alias("nobody@old-legacy.example") is None
     lmtp = f"lmtp:inet:%s:{site.ports['lmtp']}"
     assert mailbox.lookup("ldap-mailhost-users", "ken@legacy.example") == lmtp % "store2.legacy.example"
     assert mailbox.lookup("ldap-mailhost-domains", "legacy.example") == lmtp % "store1.legacy.example"
@@ -275,6 +286,14 @@ def test_edges_fail_safe_and_grant_relay_rights(rendered: dict[str, RenderedPost
     unknown = send_mail("127.0.0.1", port, "pbs@example.jp", ["no-such-user@example.jp"],
                         source_address="127.0.0.2")
     assert unknown.rcpt["no-such-user@example.jp"][0] == 550
+    # The same at a domain alias: refused at RCPT, never accepted and bounced later.
+    at_alias = send_mail("127.0.0.1", port, "pbs@example.jp",
+                         ["nosuchuser@example.ne.jp", "taro+news@example.ne.jp", "taro.yamada@example.ne.jp"],
+                         source_address="127.0.0.2")
+    assert at_alias.rcpt["nosuchuser@example.ne.jp"][:1] == (550,), at_alias
+    assert at_alias.rcpt["nosuchuser@example.ne.jp"][1].startswith("5.1.1 "), at_alias
+    assert at_alias.rcpt["taro+news@example.ne.jp"][0] == 250, at_alias
+    assert at_alias.rcpt["taro.yamada@example.ne.jp"][0] == 250, at_alias
 
     front = site.as_proxy()
     front.dovecot("proxy")
