@@ -336,6 +336,34 @@ def test_forged_junk_header_is_removed(h: Harness) -> None:
     assert ctx.rc == p.ACCEPT and ctx.msg["X-Mailwarden-Junk"] is None
 
 
+FORGED = {"X-Spam-Flag": "YES", "x-spam-status": "Yes, score=99.0", "X-Spam-Level": "*****",
+          "X-Mailwarden-Notice": "virus", "X-Mailwarden-Junk": "yes"}
+
+
+def test_forged_spam_and_mailwarden_headers_are_removed_for_every_recipient(h: Harness) -> None:
+    """Ham for a spam-check subscriber and for one without the service: one variant,
+    the queued copy, without any field only mailwarden may set."""
+    h.spam.score = 1.0
+    msg = make_message(headers={**FORGED, "X-Spammer-Note": "kept", "X-Mailer": "kept"})
+    ctx = h.feed(msg, "s@remote.example", "taro@example.jp", "nobody@bare.example.net")
+    assert ctx.rc == p.ACCEPT and ctx.delrcpt == [] and h.injector.sent == []
+    assert h.spam.calls == 1
+    for name in FORGED:
+        assert ctx.msg[name] is None, name
+    assert ctx.msg["X-Spammer-Note"] == "kept" and ctx.msg["X-Mailer"] == "kept"
+
+
+def test_spam_headers_on_spam_are_ours_alone(h: Harness) -> None:
+    h.spam.score = 7.0
+    msg = make_message(headers={"X-Spam-Flag": "NO", "X-Spam-Score": "-5.0"})
+    ctx = h.feed(msg, "s@remote.example", "taro@example.jp", "nobody@bare.example.net", "bob@example.com")
+    assert ctx.rc == p.ACCEPT and ctx.delrcpt == ["<taro@example.jp>"]
+    taro = delivered_copy(h, "taro@example.jp")
+    assert taro.get_all("X-Spam-Flag") == ["YES"] and taro.get_all("X-Spam-Score") == ["7.0"]
+    # The queued copy (nobody and bob, no spam service) carries none.
+    assert ctx.msg["X-Spam-Flag"] is None and ctx.msg["X-Spam-Score"] is None
+
+
 def test_no_notice_to_the_sender_of_machine_mail(h: Harness) -> None:
     msg = make_message(body=EICAR.decode(), headers={"Auto-Submitted": "auto-replied"})
     h.feed(msg, "robot@remote.example", "bob@example.com")  # example.com notifies senders
