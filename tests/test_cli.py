@@ -66,6 +66,21 @@ def test_explain_json_and_foreign_address(slapd: SlapdServer, tmp_path: Path) ->
     assert "not-local" in foreign.output and "no services apply" in foreign.output
 
 
+def test_explain_says_where_a_role_address_goes_and_why(slapd: SlapdServer, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, slapd, admin=False, extra='[policy]\nrole_mailbox = "roles@isp.example"\n')
+    out = run(cfg, "explain", "postmaster@lab.example.org").output
+    assert out.startswith("postmaster@lab.example.org: role\n"), out
+    assert "delivered to    admin@lab.example.org" in out
+    assert "role address postmaster@ -> admin_address of lab.example.org" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert lines["virus_scan"].split()[1:] == ["on", "from", "role"]
+    assert lines["greylisting"].split()[1:] == ["off", "from", "role"]
+    data = json.loads(run(cfg, "explain", "--json", "abuse@example.ne.jp").output)
+    assert data["kind"] == "role" and data["canonical"] == "roles@isp.example"
+    assert data["resolved_via"] == ["domain alias example.ne.jp -> example.jp",
+                                    "role address abuse@ -> [policy] role_mailbox"]
+
+
 def test_explain_bad_address_is_a_usage_error(slapd: SlapdServer, tmp_path: Path) -> None:
     result = run(write_config(tmp_path, slapd), "explain", "no-at-sign")
     assert result.exit_code == 2

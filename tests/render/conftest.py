@@ -265,7 +265,8 @@ class RenderedPostfix:
     def alias(self, key: str) -> str | None:
         """What the instance's ``virtual_alias_maps`` answer first for ``key`` (one step,
         the exact key: Postfix itself retries without an address extension)."""
-        for spec in _top_level(self.settings()["virtual_alias_maps"].replace("proxy:", "")):
+        maps = self.settings()["virtual_alias_maps"].replace("proxy:", "").replace("$$", "$")
+        for spec in _top_level(maps):
             answer = self.query(spec, key)
             if answer is not None:
                 return answer
