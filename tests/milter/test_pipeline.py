@@ -535,3 +535,34 @@ def test_filters_run_on_the_loop_and_only_blocking_delivery_in_a_thread(tmp_path
     h.service.resolver.invalidate()
     ctx = h.feed(make_message(body=EICAR.decode() + " "), "s@remote.example", "bob@example.com")
     assert ctx.rc == p.DISCARD and scans == [True, True] and puts == [False]
+
+
+# ---------------------------------------------------------------- role addresses
+
+ROLE_MAILBOX = '[policy]\nrole_mailbox = "roles@isp.example"\n'
+
+
+def test_role_addresses_are_virus_scanned_even_where_the_domain_scans_nothing(tmp_path: Path) -> None:
+    h = harness(tmp_path, ROLE_MAILBOX)
+    ctx = h.feed(make_message(body=EICAR.decode()), "s@remote.example", "postmaster@bare.example.net")
+    assert ctx.rc == p.REJECT and "virus" in ctx.reply[2]
+    # The domain's own unknown users and subscribers get what the domain says: nothing.
+    h.feed(make_message(body=EICAR.decode() + " "), "s@remote.example", "nobody@bare.example.net")
+    assert h.virus.calls == 1
+
+
+def test_role_addresses_are_extension_filtered_by_their_domain_settings(h: Harness) -> None:
+    # abuse@example.com goes to example.com's admin_address; example.com strips banned parts.
+    raw = with_attachment(b"MZ not really", "setup.exe")
+    ctx = h.feed(raw, "s@remote.example", "abuse@example.com")
+    assert ctx.rc == p.ACCEPT and ctx.body_replaced
+    assert "setup.exe" not in {part.get_filename() for part in ctx.msg.walk()}
+
+
+def test_spam_and_keyword_rules_never_refuse_a_complaint(h: Harness) -> None:
+    h.spam.score = 50.0  # over example.com's reject score
+    msg = make_message(subject="Fwd: cheap pills", body="Your customer sent: Buy cheap pills\n")
+    ctx = h.feed(msg, "s@remote.example", "abuse@example.com", "carol@example.com")
+    # carol (a subscriber of the same domain) refuses it; the role address takes it as sent.
+    assert ctx.rc == p.ACCEPT and ctx.delrcpt == ["<carol@example.com>"]
+    assert ctx.msg["X-Spam-Flag"] is None and ctx.msg["X-Mailwarden-Junk"] is None
