@@ -244,6 +244,24 @@ class PolicyResolver:
             else:
                 self._cache.pop(normalize_address(address))
 
+    def resolves_nowhere(self, address: str) -> str | None:
+        """Why mail to ``address`` would find nowhere to go here, or None.
+
+        A subscriber, or a role address whose target is one, is somewhere; so is an address
+        at a domain not hosted here (the directory cannot judge it).  Raises InvalidAddress
+        and DirectoryUnavailable as :meth:`effective_policy` does.
+        """
+        seen = [normalize_address(address)]
+        while True:
+            policy = self.effective_policy(seen[-1])
+            if policy.kind is AddressKind.UNKNOWN_USER:
+                return f"{policy.domain} has no subscriber, alias or role address {seen[-1]}"
+            if policy.kind is not AddressKind.ROLE or policy.canonical is None:
+                return None
+            if policy.canonical in seen:
+                return "role addresses going round in a circle: " + " -> ".join([*seen, policy.canonical])
+            seen.append(policy.canonical)
+
     def _domain(self, name: str) -> Entry | None:
         now = self.clock()
         with self._lock:

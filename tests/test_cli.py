@@ -246,6 +246,40 @@ def test_config_check_connect_reaches_directory_and_store(slapd: SlapdServer, tm
     assert result.exit_code == 75 and "store unavailable" in result.output
 
 
+def test_config_check_connect_reports_admin_addresses_that_resolve_nowhere(
+    slapd: SlapdServer, tmp_path: Path
+) -> None:
+    store = f"[store]\nsqlite_path = '{tmp_path}/s.db'\n"
+    result = CliRunner().invoke(main, ["--config", str(write_config(tmp_path, slapd, extra=store)),
+                                       "config", "check", "--connect"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    warnings = sorted(line for line in result.stderr.splitlines() if line.startswith("warning: "))
+    # example.jp's admin is its own postmaster (a role address with nowhere to go without
+    # role_mailbox); those of example.com and lab.example.org have no entry.
+    assert warnings == [
+        "warning: mwDomainName=example.com,ou=domains,dc=mailwarden,dc=test: admin_address "
+        "it@example.com cannot receive mail: example.com has no subscriber, alias or role "
+        "address it@example.com",
+        "warning: mwDomainName=example.jp,ou=domains,dc=mailwarden,dc=test: admin_address "
+        "postmaster@example.jp cannot receive mail: example.jp has no subscriber, alias or role "
+        "address postmaster@example.jp",
+        "warning: mwDomainName=lab.example.org,ou=domains,dc=mailwarden,dc=test: admin_address "
+        "admin@lab.example.org cannot receive mail: lab.example.org has no subscriber, alias or "
+        "role address admin@lab.example.org",
+    ], result.stderr
+    # A role mailbox gives example.jp's postmaster somewhere to go; one that is unknown is named.
+    roles = store + '[policy]\nrole_mailbox = "nobody-here@example.com"\n'
+    result = CliRunner().invoke(main, ["--config", str(write_config(tmp_path, slapd, extra=roles)),
+                                       "config", "check", "--connect"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    warnings = sorted(line for line in result.stderr.splitlines() if line.startswith("warning: "))
+    assert len(warnings) == 4 and "example.jp has no subscriber" not in result.stderr
+    assert ("warning: policy.role_mailbox nobody-here@example.com cannot receive mail: example.com "
+            "has no subscriber, alias or role address nobody-here@example.com") in warnings
+    assert ("postmaster@example.jp cannot receive mail: example.com has no subscriber, alias or role "
+            "address nobody-here@example.com") in result.stderr
+
+
 def test_services_and_schema_and_generate(tmp_path: Path) -> None:
     out = run(None, "services").output
     assert "virus_scan         virus-scan" in out and "mwSpamThreshold" in out

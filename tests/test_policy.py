@@ -396,3 +396,16 @@ def test_role_configuration_is_checked() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config('[policy]\nrole_addresses = ["Post Master"]\nrole_mailbox = "nobody"\n', "t.toml")
     assert "policy.role_addresses[0]" in str(err.value) and "policy.role_mailbox" in str(err.value)
+
+
+def test_resolves_nowhere_follows_role_addresses(directory: FakeDirectory, clock: Clock) -> None:
+    directory.add_domain("example.com", admin_address="it@example.com")
+    r = make(directory, clock, '[policy]\nrole_mailbox = "abuse@example.jp"\n')
+    assert r.resolves_nowhere("taro@example.jp") is None
+    assert r.resolves_nowhere("someone@elsewhere.example") is None  # not ours to judge
+    unknown = "example.com has no subscriber, alias or role address it@example.com"
+    assert r.resolves_nowhere("it@example.com") == unknown
+    assert r.resolves_nowhere("postmaster@example.com") == unknown
+    assert r.resolves_nowhere("postmaster@example.jp") == ("role addresses going round in a circle: "
+                                                           "postmaster@example.jp -> abuse@example.jp "
+                                                           "-> abuse@example.jp")
