@@ -229,6 +229,21 @@ def test_two_local_recipients_get_exactly_what_their_flags_say(stack: Stack) -> 
     assert [h for h in bob.message if h.lower().startswith(("x-spam", "x-mailwarden"))] == []
 
 
+def test_forged_spam_and_mailwarden_headers_leave_ham_for_everyone(stack: Stack) -> None:
+    """A forged ``X-Spam-Flag: YES`` does not stay on ham for a spam-check subscriber
+    (taro) nor for one without the service (bob): one copy, without any such field."""
+    msg = message(subject="lunch")
+    for name, value in (("X-Spam-Flag", "YES"), ("X-Spam-Status", "Yes, score=50.0"),
+                        ("X-Mailwarden-Junk", "yes"), ("X-Mailwarden-Notice", "virus")):
+        msg[name] = value
+    result = stack.send(msg, "taro@example.jp", "bob@example.com")
+    assert result.accepted, stack.milter.log()[-3000:]
+    (copy,) = stack.copies(1)
+    assert sorted(copy.recipients) == ["bob@example.com", "taro@example.jp"]
+    assert [h for h in copy.message if h.lower().startswith(("x-spam", "x-mailwarden"))] == []
+    assert copy.header("Subject") == "lunch"
+
+
 # ---------------------------------------------------------------- keywords
 
 
