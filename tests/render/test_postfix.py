@@ -193,10 +193,8 @@ def test_role_addresses_route_as_the_resolver_says(rendered: dict[str, RenderedP
     config = route.site.config
     resolver = PolicyResolver(LdapDirectory(config.ldap), config)
     expected = {
-        "postmaster@lab.example.org": "admin@lab.example.org",  # the domain's admin_address
-        # Through a domain alias; example.jp's admin_address is its own postmaster, a role
-        # address, which would go round in a circle: the site's role mailbox instead.
-        "abuse@example.ne.jp": "roles@isp.example",
+        "postmaster@lab.example.org": "prof@lab.example.org",   # the domain's admin_address
+        "abuse@example.ne.jp": "hanako@example.jp",             # through a domain alias
         "hostmaster@bare.example.net": "roles@isp.example",     # no admin_address: the site's
         "pbs@example.jp": "pbs@example.jp",                     # a subscriber: itself, expansion ends
         "webmaster@example.jp": None,                           # not a role address
