@@ -194,3 +194,18 @@ def test_a_role_address_at_a_domain_alias_reaches_the_domain_admin(
     [message] = stack.wait_for_messages(stack.internet_maildir(), match=token, delivered_to=admin)
     assert message["Subject"] == f"complaint {token}"
     stack.wait_queues_empty()
+
+
+def test_postmaster_and_abuse_of_a_hosted_domain_reach_its_admins_mailbox(
+    stack: MailStack, token: str
+) -> None:
+    """The sample domain example.com names alice as its admin: its role addresses, in any
+    case, are delivered to her mailbox without an entry of their own."""
+    roles = ("postmaster@example.com", "ABUSE@example.com")
+    for rcpt in roles:
+        sent = stack.swaks("internet", "--server", MX, "--from", "reporter@outside.test", "--to", rcpt,
+                           "--header", f"Subject: report to {rcpt} {token}")
+        assert sent.returncode == 0, sent.stdout
+    delivered = stack.wait_for_messages(stack.maildir("alice@example.com"), 2, match=token)
+    assert sorted(str(m["Subject"]) for m in delivered) == sorted(f"report to {r} {token}" for r in roles)
+    stack.wait_queues_empty()

@@ -159,9 +159,9 @@ def zipped(members: dict[str, bytes]) -> bytes:
 def test_eicar_is_refused_at_smtp_time(stack: Stack, build: object) -> None:
     result = stack.send(build(), "taro@example.jp")  # type: ignore[operator]
     assert result.data[0] == 550 and "virus Custom.Test.EICAR" in result.data[1]
-    # example.jp tells the recipient and its postmaster, in Japanese, with the null sender.
+    # example.jp tells the recipient and its admin (hanako), in Japanese, with the null sender.
     notices = stack.mailbox.wait_for(2, timeout=20)
-    assert sorted(r for n in notices for r in n.recipients) == ["postmaster@example.jp", "taro@example.jp"]
+    assert sorted(r for n in notices for r in n.recipients) == ["hanako@example.jp", "taro@example.jp"]
     assert all(n.envelope_sender == "" and n.header("Auto-Submitted") == "auto-generated" for n in notices)
     assert "ウイルス" in (notices[0].header("Subject") or "")
     assert stack.mail() == []
