@@ -276,7 +276,8 @@ def test_config_check_connect_reports_admin_addresses_that_resolve_nowhere(
         "address postmaster@example.jp",
     ]
     # A role mailbox gives example.jp's postmaster somewhere to go; one that is unknown is named.
-    roles = write_config(tmp_path, slapd_rw, extra=store + '[policy]\nrole_mailbox = "nobody-here@example.com"\n')
+    mailbox = '[policy]\nrole_mailbox = "nobody-here@example.com"\n'
+    roles = write_config(tmp_path, slapd_rw, extra=store + mailbox)
     named = warnings(roles)
     assert ("warning: policy.role_mailbox nobody-here@example.com cannot receive mail: example.com "
             "has no subscriber, alias or role address nobody-here@example.com") in named
