@@ -84,6 +84,13 @@ class MilterConfig:
     spam_headers_on_ham: bool = setting(
         False, "add X-Spam-Status/Score under the threshold too (a separate copy when recipients differ)"
     )
+    sender_auth: bool = setting(
+        True, "verify DKIM and SPF of mail to hosted recipients and add one "
+        "Authentication-Results header (DNS through [dns])"
+    )
+    authserv_id: str = setting(
+        "", "authserv-id of the Authentication-Results header (empty: general.node_name)"
+    )
     upstream_retry: float = setting(
         30.0, "seconds a clamd/spamd upstream that failed is skipped while others remain"
     )

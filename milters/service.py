@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from mailwarden.config import Config
 from mailwarden.directory import Directory
+from mailwarden.dns import make_resolver
 from mailwarden.linelog import DecisionLog
 from mailwarden.notify import NoticeTemplates, Notifier
 from mailwarden.policy import PolicyResolver
@@ -25,6 +26,7 @@ from milters.delivery import Delivery, MilterActions, Outcome
 from milters.filters import Backends, Envelope, Filter
 from milters.filters.extensions import ExtensionFilter
 from milters.filters.keywords import KeywordFilter
+from milters.filters.sender_auth import SenderAuthFilter
 from milters.filters.spam import SpamFilter
 from milters.filters.virus import LocalScanCache, StoreScanCache, VirusFilter
 from milters.message import BodySpool, HeaderList, Limits, Message, ensure_dir
@@ -155,12 +157,19 @@ def _reputation(store: Store, config: Config) -> Reputation | None:
 
 #: The filters in the order they run (cheapest and most decisive first; see
 #: :mod:`milters.pipeline`): a new filter is a file in ``milters/filters/`` and a line here.
-FILTERS: tuple[Callable[[Backends], Filter], ...] = (
+#: A ``build`` that returns None leaves its filter out (switched off in the configuration).
+FILTERS: tuple[Callable[[Backends], Filter | None], ...] = (
     ExtensionFilter.build,
     VirusFilter.build,
+    SenderAuthFilter.build,
     KeywordFilter.build,
     SpamFilter.build,
 )
+
+
+def built_filters(backends: Backends) -> list[Filter]:
+    """The filters of :data:`FILTERS` that the configuration switches on, in order."""
+    return [f for f in (build(backends) for build in FILTERS) if f is not None]
 
 
 def build_service(
@@ -191,6 +200,8 @@ def build_service(
         spam_scanner=spam_scanner or SpamdScanner(m.spamd, timeout=m.spamd_timeout,
                                                   retry_after=m.upstream_retry, user=m.spamd_user),
         scan_cache=_scan_cache(config, store),
+        resolver=make_resolver(config.dns),
+        node_name=config.general.node_name,
     )
     injector = injector or SmtpInjector(m.reinject, timeout=m.reinject_timeout, helo=socket.getfqdn())
     node = config.general.node_name
@@ -200,7 +211,7 @@ def build_service(
         store=store, limit=m.notice_limit, window=m.notice_window, from_pattern=m.notice_from,
     )
     quarantine = Quarantine(store, m.quarantine_dir, retention_days=m.quarantine_days, node=node)
-    return MilterService(config=config, resolver=resolver, pipeline=Pipeline([f(backends) for f in FILTERS]),
+    return MilterService(config=config, resolver=resolver, pipeline=Pipeline(built_filters(backends)),
                          delivery=Delivery(injector, quarantine, notifier),
                          limits=limits_from(config), reputation=_reputation(store, config))
 
