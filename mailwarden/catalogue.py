@@ -417,6 +417,11 @@ SETTINGS: dict[str, SettingSpec] = {
            "what mail to this domain gets per SPF result of an unauthenticated sender, "
            "'RESULT=ACTION' (softfail=reject); unlisted results follow [policyd.spf]",
            "mwSpfAction", scope="domain", max_values=len(SPF_RESULTS)),
+        _S("dmarc_action", "enum", "honour",
+           "mail to this domain failing the sender domain's DMARC p=reject / p=quarantine: honour "
+           "(refuse / file as junk), tag (delivered; Authentication-Results says dmarc=fail and "
+           "the log notes it) or ignore",
+           "mwDmarcAction", choices=("honour", "tag", "ignore"), scope="domain"),
         _S("dkim_selector", "text", "", "DKIM selector used when signing for this domain",
            "mwDkimSelector", scope="domain", max_length=63, service=Service.DKIM_SIGNING),
     )

@@ -1,4 +1,4 @@
-"""Sender authentication of one message: DKIM signatures (dkimpy) and SPF (pyspf).
+"""Sender authentication of one message: DKIM signatures (dkimpy), SPF (pyspf) and DMARC.
 
 Every DNS question goes to mailwarden's resolver (``[dns]``), never /etc/resolv.conf:
 
@@ -13,6 +13,17 @@ Every DNS question goes to mailwarden's resolver (``[dns]``), never /etc/resolv.
   through :class:`mailwarden.spfquery.ResolverQuery`, whose lookups are the
   configured resolver's blocking ones, so the evaluation runs in the loop's executor.
 
+* **DMARC** (RFC 7489, with ``np`` of RFC 9091).  The policy record of the From
+  domain, else of its organizational domain, comes from the configured resolver.  The
+  organizational domain is found with the Public Suffix List that the
+  ``publicsuffixlist`` package ships (updated with each release of it; nothing is
+  downloaded at run time).  Records are parsed by the ``dmarc`` package
+  (``dmarc.Policy.parse_record``: the ``v``/``p`` order, tag values, defaults, ``t=y``),
+  chosen over ``authheaders`` because that one resolves with its own DNS and its own
+  copy of the list, synchronously.  Alignment and the choice of ``p``/``sp``/``np`` are
+  done here: the ``dmarc`` package counts any parent or child domain as aligned in
+  relaxed mode (RFC 7489 asks for the same organizational domain) and has no ``np``.
+
 Results use the names of RFC 8601 (``pass``, ``fail``, ``neutral``, ``none``,
 ``temperror``, ``permerror``).
 """
@@ -21,13 +32,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from email.utils import getaddresses
 from typing import Any
 
 import dkim
+import dmarc
+import dns.exception
 import dns.resolver
 import spf
+from publicsuffixlist import PublicSuffixList
 
 from mailwarden.dns import async_twin
 from mailwarden.dnslookup import resolve_async, resolve_sync
@@ -61,6 +78,18 @@ class AuthDns:
         if isinstance(found, Exception):
             raise DnsTempError(f"{name}: {type(found).__name__}")
         return [b"".join(r.strings).decode("utf-8", "replace") for r in found]
+
+    async def exists(self, name: str) -> bool:
+        """Whether ``name`` exists in DNS at all (RFC 9091: not NXDOMAIN for A, AAAA and MX)."""
+        for rdtype in ("A", "AAAA", "MX"):
+            try:
+                await self.aio.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+            except dns.resolver.NXDOMAIN:
+                continue
+            except dns.exception.DNSException as exc:
+                raise DnsTempError(f"{name}: {type(exc).__name__}") from None
+            return True
+        return False
 
     def spf_lookup(self, name: str, qtype: str) -> list[Any]:
         """One blocking lookup in pyspf's shape (worker threads only)."""
@@ -160,3 +189,100 @@ async def check_spf_async(dns_: AuthDns, envelope: Envelope, receiver: str, time
     """:func:`check_spf` in the loop's executor."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, check_spf, dns_, envelope, receiver, timeout)
+
+
+# ---------------------------------------------------------------- DMARC
+
+_DMARC_RECORD = re.compile(r"^\s*v\s*=\s*DMARC1\s*(?:;|$)")
+_NP = re.compile(r"(?:^|;)\s*np\s*=\s*(none|quarantine|reject)\s*(?:;|$)", re.IGNORECASE)
+_WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+
+
+@dataclass(frozen=True)
+class DmarcResult:
+    """DMARC of the RFC5322.From domain."""
+
+    result: str
+    """``pass``, ``fail``, ``none`` (no policy), ``temperror`` or ``permerror``."""
+    domain: str = ""
+    policy: str = ""
+    """The published policy that applies (``p``, ``sp`` or ``np``): none, quarantine, reject."""
+    applied: str = ""
+    """``policy`` after ``pct`` sampling (a message not sampled gets the next weaker one)."""
+    reason: str = ""
+
+
+def from_domain(values: list[bytes]) -> str | None:
+    """The one domain of the From field(s); None when there is not exactly one."""
+    if len(values) != 1:
+        return None
+    addresses = [a for _, a in getaddresses([values[0].decode("utf-8", "replace")]) if "@" in a]
+    domains = {a.rpartition("@")[2].strip().rstrip(".").lower() for a in addresses}
+    return domains.pop() if len(domains) == 1 and "" not in domains else None
+
+
+class Dmarc:
+    """Policy discovery and evaluation for one process (the Public Suffix List is loaded once)."""
+
+    def __init__(self, dns_: AuthDns, *, psl: PublicSuffixList | None = None,
+                 sample: Callable[[int], int] = random.randrange) -> None:
+        self.dns = dns_
+        self.psl = psl or PublicSuffixList()
+        self.sample = sample
+
+    def organizational(self, domain: str) -> str:
+        """The organizational domain (the public suffix plus one label)."""
+        return str(self.psl.privatesuffix(domain) or domain)
+
+    def aligned(self, identifier: str, domain: str, mode: str) -> bool:
+        """``s``: the same domain; ``r``: the same organizational domain."""
+        if not identifier:
+            return False
+        identifier = identifier.lower().rstrip(".")
+        if identifier == domain:
+            return True
+        return mode != "s" and self.organizational(identifier) == self.organizational(domain)
+
+    async def _record(self, domain: str) -> str | None:
+        found = [r for r in await self.dns.txt(f"_dmarc.{domain}") if _DMARC_RECORD.match(r)]
+        return found[0] if len(found) == 1 else None
+
+    async def evaluate(self, domain: str | None, spf_result: SpfResult | None,
+                       dkim_results: list[DkimResult]) -> DmarcResult:
+        """DMARC of ``domain`` given the SPF and DKIM results of the message."""
+        if not domain:
+            return DmarcResult("permerror", reason="not exactly one From domain")
+        organizational = self.organizational(domain)
+        try:
+            record = await self._record(domain)
+            at_org = record is None and organizational != domain
+            if at_org:
+                record = await self._record(organizational)
+            if record is None:
+                return DmarcResult("none", domain)
+            policy = dmarc.Policy("DMARC1", domain, organizational if at_org else None)
+            try:
+                policy.parse_record(record, strict=False)
+            except dmarc.Error as exc:
+                return DmarcResult("permerror", domain, reason=str(exc))
+            if self._passes(domain, policy, spf_result, dkim_results):
+                return DmarcResult("pass", domain, policy.p.value, "none")
+            chosen = policy.p.value
+            if at_org:
+                np = _NP.search(record)
+                if np and not await self.dns.exists(domain):
+                    chosen = np.group(1).lower()
+                elif policy.sp is not dmarc.DMARCDisposition.UNSPECIFIED:
+                    chosen = policy.sp.value
+        except DnsTempError as exc:
+            return DmarcResult("temperror", domain, reason=str(exc))
+        applied = chosen if policy.pct >= 100 or self.sample(100) < policy.pct else _WEAKER[chosen]
+        return DmarcResult("fail", domain, chosen, applied)
+
+    def _passes(self, domain: str, policy: Any, spf_result: SpfResult | None,
+                dkim_results: list[DkimResult]) -> bool:
+        if any(r.result == "pass" and self.aligned(r.domain, domain, policy.adkim.value)
+               for r in dkim_results):
+            return True
+        return (spf_result is not None and spf_result.result == "pass"
+                and self.aligned(spf_result.domain, domain, policy.aspf.value))

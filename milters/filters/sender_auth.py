@@ -1,4 +1,4 @@
-"""Sender authentication: DKIM and SPF of inbound mail, one Authentication-Results header.
+"""Sender authentication: DKIM, SPF and DMARC of inbound mail, one Authentication-Results header.
 
 This is not a catalogue service.  Who signed a message and whether its client may
 send for the sender's domain are facts about the message, the same for every
@@ -15,8 +15,15 @@ node with ``milter.sender_auth`` (on by default).
   computed here with pyspf through the configured resolver.  The policy daemon's SPF
   verdict does not reach the milter in a form it could trust, so SPF is evaluated
   again; the configured resolver's cache makes the second evaluation cheap.
+* DMARC of the From domain is evaluated once (``milters.authentication.Dmarc``).
+  A ``fail`` under ``p=reject`` or ``p=quarantine`` (after ``pct``) is acted on per
+  recipient, by the recipient domain's ``dmarc_action`` (catalogue, in LDAP):
+  ``honour`` refuses that recipient (reject) or files the mail as junk (quarantine,
+  the catalogue's ``JUNK_HEADER``); ``tag`` delivers it, the header saying
+  ``dmarc=fail`` and the log line noting the policy not applied; ``ignore`` delivers
+  it without a note.  ``temperror`` and ``permerror`` are recorded, never acted on.
 * Mail submitted with SMTP AUTH is not checked against SPF (its client is a
-  subscriber's, not the domain's mail server); ``auth=pass`` records the login.
+  subscriber's, not the domain's mail server) nor DMARC; ``auth=pass`` records the login.
 * Recipients of other domains (a subscriber's outgoing mail) get nothing added.
 """
 
@@ -33,12 +40,22 @@ from authres.core import (
     SMTPAUTHAuthenticationResult,
     SPFAuthenticationResult,
 )
+from authres.dmarc import DMARCAuthenticationResult
 
-from mailwarden.catalogue import Service
-from milters.authentication import AuthDns, DkimResult, SpfResult, check_spf_async, verify_dkim
+from mailwarden.catalogue import JUNK_HEADER, Service
+from milters.authentication import (
+    AuthDns,
+    DkimResult,
+    Dmarc,
+    DmarcResult,
+    SpfResult,
+    check_spf_async,
+    from_domain,
+    verify_dkim,
+)
 from milters.filters import Backends, Context
 from milters.message import HeaderList
-from milters.verdict import AddHeader, RecipientOutcome, RemoveHeader
+from milters.verdict import Action, AddHeader, RecipientOutcome, RemoveHeader
 
 AR_HEADER = "Authentication-Results"
 _AUTHSERV = re.compile(rb"^\s*(?:\([^)]*\)\s*)*([^\s;()]+)")
@@ -73,6 +90,29 @@ def spf_clause(result: SpfResult, sender: str, helo: str) -> AuthenticationResul
     return SPFAuthenticationResult(result=result.result, smtp_mailfrom=sender or None)
 
 
+def dmarc_clause(result: DmarcResult) -> AuthenticationResult:
+    """``dmarc=RESULT (p=POLICY) header.from=DOMAIN``."""
+    comment = f"p={result.policy}" + (f" dis={result.applied}" if result.applied != result.policy else "")
+    return DMARCAuthenticationResult(result=result.result, reason=result.reason or None,
+                                     result_comment=comment if result.policy else None,
+                                     header_from=result.domain or None)
+
+
+def act_on_dmarc(result: DmarcResult, outcome: RecipientOutcome) -> None:
+    """What a DMARC fail under p=reject / p=quarantine does to one recipient (``dmarc_action``)."""
+    if result.result != "fail" or result.applied not in ("reject", "quarantine"):
+        return
+    action = outcome.policy.get("dmarc_action")
+    if action == "honour" and result.applied == "reject":
+        outcome.block(Action.REJECT, f"DMARC policy of {result.domain}: reject")
+    elif action == "honour":
+        outcome.edit(AddHeader(JUNK_HEADER, "yes"))
+        outcome.notes.append(f"DMARC policy of {result.domain}: quarantine (junk)")
+    elif action == "tag":
+        outcome.notes.append(f"DMARC policy of {result.domain}: {result.applied}, "
+                             "not applied (dmarc_action=tag)")
+
+
 def header_value(authserv_id: str, clauses: list[AuthenticationResult]) -> str:
     """The field's value, one result per folded line."""
     header = AuthenticationResultsHeader(authserv_id=authserv_id, results=clauses)
@@ -85,8 +125,10 @@ class SenderAuthFilter:
     name: ClassVar[str] = "sender_auth"
     service: ClassVar[Service | None] = None
 
-    def __init__(self, dns_: AuthDns, authserv_id: str, *, spf_timeout: float = 20.0) -> None:
+    def __init__(self, dns_: AuthDns, authserv_id: str, *, spf_timeout: float = 20.0,
+                 dmarc_: Dmarc | None = None) -> None:
         self.dns = dns_
+        self.dmarc = dmarc_ or Dmarc(dns_)
         self.authserv_id = authserv_id.lower()
         self.spf_timeout = spf_timeout
 
@@ -100,31 +142,45 @@ class SenderAuthFilter:
                    spf_timeout=backends.resolver.lifetime * 5)
 
     async def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
-        """Remove forged fields for everyone; add ours for hosted recipients."""
-        message, envelope = ctx.message, ctx.envelope
-        forged = claimed_by(message.headers, self.authserv_id)
+        """Remove forged fields for everyone; add ours for hosted recipients, and act on DMARC."""
+        forged = claimed_by(ctx.message.headers, self.authserv_id)
         if forged:
             for outcome in ctx.verdict.outcomes:
                 outcome.edit(RemoveHeader(AR_HEADER, forged))
         hosted = [o for o in outcomes if o.policy.is_local]
         if not hosted:
             return
-        count = sum(1 for name, _ in message.headers if name.lower() == "dkim-signature")
-        clauses: list[AuthenticationResult] = []
-        spf: SpfResult | None = None
-        if envelope.auth_login:
-            found = await verify_dkim(message.raw(), count, self.dns)
-            clauses.append(SMTPAUTHAuthenticationResult(result="pass", smtp_auth=envelope.auth_login))
-        else:
-            found, checked = await asyncio.gather(
-                verify_dkim(message.raw(), count, self.dns),
-                check_spf_async(self.dns, envelope, self.authserv_id, self.spf_timeout))
-            clauses.append(spf_clause(checked, envelope.sender, envelope.helo))
-            spf = checked
-        clauses[:0] = [dkim_clause(r) for r in found] or [DKIMAuthenticationResult(result="none")]
-        ctx.find("dkim", ",".join(f"{r.result}:{r.domain}" for r in found) or "none")
-        if spf is not None:
-            ctx.find("spf", spf.result)
+        clauses, dmarc_result = await self._authenticate(ctx)
         value = header_value(self.authserv_id, clauses)
         for outcome in hosted:
             outcome.edit(AddHeader(AR_HEADER, value))
+            if dmarc_result is not None:
+                act_on_dmarc(dmarc_result, outcome)
+
+    async def _authenticate(self, ctx: Context) -> tuple[list[AuthenticationResult], DmarcResult | None]:
+        """The header's results, and DMARC's (None for an authenticated submission)."""
+        message, envelope = ctx.message, ctx.envelope
+        count = sum(1 for name, _ in message.headers if name.lower() == "dkim-signature")
+        if envelope.auth_login:
+            found = await verify_dkim(message.raw(), count, self.dns)
+            ctx.find("dkim", _summary(found))
+            login = SMTPAUTHAuthenticationResult(result="pass", smtp_auth=envelope.auth_login)
+            return [*_dkim_clauses(found), login], None
+        found, spf = await asyncio.gather(
+            verify_dkim(message.raw(), count, self.dns),
+            check_spf_async(self.dns, envelope, self.authserv_id, self.spf_timeout))
+        froms = [v for n, v in message.headers if n.lower() == "from"]
+        result = await self.dmarc.evaluate(from_domain(froms), spf, found)
+        ctx.find("dkim", _summary(found))
+        ctx.find("spf", spf.result)
+        ctx.find("dmarc", result.result + (f"({result.applied})" if result.policy else ""))
+        return [*_dkim_clauses(found), spf_clause(spf, envelope.sender, envelope.helo),
+                dmarc_clause(result)], result
+
+
+def _dkim_clauses(found: list[DkimResult]) -> list[AuthenticationResult]:
+    return [dkim_clause(r) for r in found] or [DKIMAuthenticationResult(result="none")]
+
+
+def _summary(found: list[DkimResult]) -> str:
+    return ",".join(f"{r.result}:{r.domain}" for r in found) or "none"

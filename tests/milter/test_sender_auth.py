@@ -1,8 +1,9 @@
 """Sender authentication in the milter against a zone served by the stub DNS.
 
 DKIM (RSA and ed25519; broken body, changed header, missing and revoked key, DNS
-timeout), SPF of the envelope sender, the one Authentication-Results field under the
-node's authserv-id, and forged copies of it removed for every recipient.
+timeout), SPF of the envelope sender, DMARC of the From domain (alignment, sp, np,
+pct, p=none, each recipient domain's dmarc_action), the one Authentication-Results
+field under the node's authserv-id, and forged copies of it removed for every recipient.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import pytest
 
 from harness.dnsstub import StubDns
 from milters import protocol as p
-from tests.milter.helpers import Fed, Harness, harness, make_message
+from milters.authentication import AuthDns, Dmarc
+from tests.milter.helpers import Fed, Harness, harness, make_message, sample_directory
 
 CLIENT = "192.0.2.10"  # what tests.milter.helpers.drive connects from
 
@@ -63,8 +65,18 @@ def zone(keys: Keys) -> dict[str, dict[str, list[str]]]:
         "rsa._domainkey.signer.example": {"TXT": [txt(f"v=DKIM1; k=rsa; p={keys.rsa_public}")]},
         "ed._domainkey.signer.example": {"TXT": [txt(f"v=DKIM1; k=ed25519; p={keys.ed_public}")]},
         "revoked._domainkey.signer.example": {"TXT": [txt("v=DKIM1; k=rsa; p=")]},
+        "rsa._domainkey.other.example": {"TXT": [txt(f"v=DKIM1; k=rsa; p={keys.rsa_public}")]},
+        "rsa._domainkey.sub.orgpolicy.example": {"TXT": [txt(f"v=DKIM1; k=rsa; p={keys.rsa_public}")]},
         "signer.example": {"TXT": [txt("v=spf1 ip4:192.0.2.0/24 -all")]},
+        "mail.signer.example": {"TXT": [txt("v=spf1 ip4:192.0.2.0/24 -all")]},
+        "mail.strict.example": {"TXT": [txt("v=spf1 ip4:192.0.2.0/24 -all")]},
         "elsewhere.example": {"TXT": [txt("v=spf1 ip4:198.51.100.0/24 -all")]},
+        "_dmarc.signer.example": {"TXT": [txt("v=DMARC1; p=reject")]},
+        "_dmarc.strict.example": {"TXT": [txt("v=DMARC1; p=reject; aspf=s; adkim=s")]},
+        "_dmarc.orgpolicy.example": {"TXT": [txt("v=DMARC1; p=reject; sp=quarantine; np=reject")]},
+        "sub.orgpolicy.example": {"A": ["192.0.2.1"]},
+        "_dmarc.lenient.example": {"TXT": [txt("v=DMARC1; p=none")]},
+        "_dmarc.sampled.example": {"TXT": [txt("v=DMARC1; p=reject; pct=0")]},
     }
 
 
@@ -84,12 +96,12 @@ def h(tmp_path: Path, stub: StubDns) -> Harness:
 
 
 def signed(keys: Keys, selector: str = "rsa", *, ed25519: bool = False, body: str = "hello\n",
-           sender: str = "news@signer.example") -> bytes:
-    """A message signed by signer.example (CRLF, as the milter sees it)."""
+           sender: str = "news@signer.example", domain: str = "signer.example") -> bytes:
+    """A message from ``sender`` signed by ``domain`` (CRLF, as the milter sees it)."""
     raw = make_message(body=body, sender=sender).as_bytes().replace(b"\n", b"\r\n")
     key = keys.ed_private if ed25519 else keys.rsa_private
     algorithm = b"ed25519-sha256" if ed25519 else b"rsa-sha256"
-    signature = dkim.sign(raw, selector.encode(), b"signer.example", key, signature_algorithm=algorithm,
+    signature = dkim.sign(raw, selector.encode(), domain.encode(), key, signature_algorithm=algorithm,
                           include_headers=[b"from", b"to", b"subject", b"message-id"])
     return signature.replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n") + raw
 
@@ -200,3 +212,108 @@ def test_switched_off_adds_nothing(tmp_path: Path, stub: StubDns, keys: Keys) ->
     off = harness(tmp_path, dns_section(stub))
     fed = off.feed(signed(keys), "news@signer.example", "taro@example.jp")
     assert results(fed) == [] and not fed.headers_changed
+
+
+# ---------------------------------------------------------------- DMARC
+
+
+def test_dmarc_passes_by_dkim_alone(h: Harness, keys: Keys) -> None:
+    fed = h.feed(signed(keys), "bounce@elsewhere.example", "taro@example.jp")
+    header = ours(fed)
+    assert "spf=fail" in header and "dkim=pass" in header
+    assert "dmarc=pass (p=reject dis=none) header.from=signer.example" in header
+    assert fed.rc == p.ACCEPT and fed.delrcpt == []
+
+
+def test_dmarc_passes_by_relaxed_spf_alone(h: Harness) -> None:
+    fed = h.feed(make_message(sender="news@signer.example"), "bounce@mail.signer.example", "taro@example.jp")
+    header = ours(fed)
+    assert "dkim=none" in header and "spf=pass smtp.mailfrom=bounce@mail.signer.example" in header
+    assert "dmarc=pass" in header and fed.rc == p.ACCEPT
+
+
+def test_unaligned_signature_and_spf_fail_and_p_reject_refuses(h: Harness, keys: Keys) -> None:
+    raw = signed(keys, sender="ceo@signer.example", domain="other.example")
+    fed = h.feed(raw, "x@elsewhere.example", "taro@example.jp")
+    assert fed.rc == p.REJECT and fed.reply[0] == "550"
+    assert "DMARC policy of signer.example: reject" in fed.reply[2]
+
+
+def test_strict_alignment_needs_the_same_domain(h: Harness) -> None:
+    fed = h.feed(make_message(sender="news@strict.example"), "bounce@mail.strict.example", "taro@example.jp")
+    assert fed.rc == p.REJECT
+
+
+def test_subdomain_policy_files_as_junk(h: Harness) -> None:
+    fed = h.feed(make_message(sender="a@sub.orgpolicy.example"), "x@elsewhere.example", "taro@example.jp")
+    assert fed.rc == p.ACCEPT
+    assert ("X-Mailwarden-Junk", "yes") in fed.headers
+    assert "dmarc=fail (p=quarantine) header.from=sub.orgpolicy.example" in ours(fed)
+
+
+def test_subdomain_that_does_not_exist_gets_np(h: Harness) -> None:
+    fed = h.feed(make_message(sender="a@ghost.orgpolicy.example"), "x@elsewhere.example", "taro@example.jp")
+    assert fed.rc == p.REJECT
+
+
+def test_aligned_subdomain_signature_passes_for_the_subdomain(h: Harness, keys: Keys) -> None:
+    raw = signed(keys, sender="a@sub.orgpolicy.example", domain="sub.orgpolicy.example")
+    fed = h.feed(raw, "x@elsewhere.example", "taro@example.jp")
+    assert fed.rc == p.ACCEPT and "dmarc=pass" in ours(fed)
+
+
+def test_p_none_is_recorded_only(h: Harness) -> None:
+    fed = h.feed(make_message(sender="a@lenient.example"), "x@elsewhere.example", "taro@example.jp")
+    assert fed.rc == p.ACCEPT and "X-Mailwarden-Junk" not in dict(fed.headers)
+    assert "dmarc=fail (p=none) header.from=lenient.example" in ours(fed)
+
+
+def test_pct_zero_applies_the_next_weaker_policy(h: Harness) -> None:
+    fed = h.feed(make_message(sender="a@sampled.example"), "x@elsewhere.example", "taro@example.jp")
+    assert fed.rc == p.ACCEPT and ("X-Mailwarden-Junk", "yes") in fed.headers
+    assert "dmarc=fail (p=reject dis=quarantine)" in ours(fed)
+
+
+def test_no_policy_is_none(h: Harness) -> None:
+    fed = h.feed(make_message(sender="a@elsewhere.example"), "a@elsewhere.example", "taro@example.jp")
+    assert "dmarc=none header.from=elsewhere.example" in ours(fed)
+
+
+def test_two_recipients_whose_domains_honour_and_tag(tmp_path: Path, stub: StubDns) -> None:
+    directory = sample_directory()
+    directory.add_domain("tagging.example", dmarc_action="tag")
+    directory.add_user("u@tagging.example")
+    both = harness(tmp_path, 'authserv_id = "mx.isp.test"\n' + dns_section(stub), directory, sender_auth=True)
+    fed = both.feed(make_message(sender="ceo@signer.example"), "x@elsewhere.example",
+                    "taro@example.jp", "u@tagging.example")
+    assert fed.rc == p.ACCEPT
+    assert fed.delrcpt == ["<taro@example.jp>"]
+    assert "dmarc=fail (p=reject) header.from=signer.example" in ours(fed)
+
+
+def test_authenticated_submission_is_not_held_to_dmarc(h: Harness) -> None:
+    fed = h.feed(make_message(sender="ceo@signer.example"), "ceo@signer.example", "taro@example.jp",
+                 login="ceo")
+    assert fed.rc == p.ACCEPT and "dmarc=" not in ours(fed)
+
+
+def test_temporary_dns_failure_is_recorded_not_acted_on(tmp_path: Path, keys: Keys) -> None:
+    with StubDns(zone(keys), servfail=["_dmarc.signer.example"]) as failing:
+        h = harness(tmp_path, 'authserv_id = "mx.isp.test"\n' + dns_section(failing), sender_auth=True)
+        fed = h.feed(make_message(sender="ceo@signer.example"), "x@elsewhere.example", "taro@example.jp")
+    assert fed.rc == p.ACCEPT and "dmarc=temperror" in ours(fed)
+
+
+@pytest.mark.parametrize(("identifier", "domain", "mode", "aligned"), [
+    ("mail.example.co.uk", "news.example.co.uk", "r", True),
+    ("other.co.uk", "example.co.uk", "r", False),
+    ("co.uk", "example.co.uk", "r", False),
+    ("mail.example.com", "example.com", "s", False),
+    ("EXAMPLE.com.", "example.com", "s", True),
+])
+def test_alignment_uses_the_public_suffix_list(identifier: str, domain: str, mode: str,
+                                              aligned: bool) -> None:
+    import dns.resolver
+
+    checker = Dmarc(AuthDns(dns.resolver.Resolver(configure=False)))
+    assert checker.aligned(identifier, domain, mode) is aligned
