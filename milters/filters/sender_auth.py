@@ -160,14 +160,13 @@ class SenderAuthFilter:
     async def _authenticate(self, ctx: Context) -> tuple[list[AuthenticationResult], DmarcResult | None]:
         """The header's results, and DMARC's (None for an authenticated submission)."""
         message, envelope = ctx.message, ctx.envelope
-        count = sum(1 for name, _ in message.headers if name.lower() == "dkim-signature")
         if envelope.auth_login:
-            found = await verify_dkim(message.raw(), count, self.dns)
+            found = await verify_dkim(message, self.dns)
             ctx.find("dkim", _summary(found))
             login = SMTPAUTHAuthenticationResult(result="pass", smtp_auth=envelope.auth_login)
             return [*_dkim_clauses(found), login], None
         found, spf = await asyncio.gather(
-            verify_dkim(message.raw(), count, self.dns),
+            verify_dkim(message, self.dns),
             check_spf_async(self.dns, envelope, self.authserv_id, self.spf_timeout))
         froms = [v for n, v in message.headers if n.lower() == "from"]
         result = await self.dmarc.evaluate(from_domain(froms), spf, found)

@@ -18,11 +18,15 @@ import dkim
 import nacl.encoding
 import nacl.signing
 import pytest
+from miltertest import constants as c
 
 from harness.dnsstub import StubDns
+from harness.slapd import SlapdServer
 from milters import protocol as p
 from milters.authentication import AuthDns, Dmarc
+from tests.milter.conftest import MilterProcess, base_sections
 from tests.milter.helpers import Fed, Harness, harness, make_message, sample_directory
+from tests.milter.mta import EomResult, MtaSession
 
 CLIENT = "192.0.2.10"  # what tests.milter.helpers.drive connects from
 
@@ -317,3 +321,32 @@ def test_alignment_uses_the_public_suffix_list(identifier: str, domain: str, mod
 
     checker = Dmarc(AuthDns(dns.resolver.Resolver(configure=False)))
     assert checker.aligned(identifier, domain, mode) is aligned
+
+
+@pytest.mark.slapd
+def test_the_daemon_adds_ours_and_removes_a_forged_one(slapd: SlapdServer, stub: StubDns, keys: Keys,
+                                                      tmp_path: Path) -> None:
+    """``mailwarden milter run`` with the sample directory: the resolver and the authserv-id
+    come from the configuration, the changes go to the MTA as header edits."""
+    sections = base_sections(ldap_uri=slapd.uri, store_path=tmp_path / "state.sqlite3") + dns_section(stub)
+    milter = MilterProcess(tmp_path / "milter", sections,
+                           'sender_auth = true\nauthserv_id = "mx.isp.test"\nmta_timeout = 3\n').start()
+    try:
+        milter.wait_for_log("(1 worker(s)")
+        session = MtaSession(milter.socket_path)
+        session.connect()
+        session.helo()
+        forged = b"Authentication-Results: MX.isp.test; dkim=pass header.d=bank.example\r\n"
+        result = session.message("news@signer.example", ["nobody@bare.example.net"], forged + signed(keys))
+        session.close()
+        line = milter.wait_for_log("TESTQ1: accept")
+    finally:
+        milter.stop()
+    assert isinstance(result, EomResult) and result.final == c.SMFIR_ACCEPT
+    assert result.of(c.SMFIR_CHGHEADER) == [{"name": "Authentication-Results", "index": 1, "value": ""}]
+    added = result.of(c.SMFIR_ADDHEADER)
+    assert len(added) == 1 and added[0]["name"] == "Authentication-Results"
+    value = " ".join(str(added[0]["value"]).split())
+    assert value.startswith("mx.isp.test; dkim=pass header.d=signer.example")
+    assert "spf=pass" in value and "dmarc=pass" in value
+    assert "dkim=pass:signer.example" in line and "spf=pass" in line and "dmarc=pass(none)" in line
