@@ -56,9 +56,10 @@ from milters.message import Message
 MIN_KEY_BITS = 1024
 """RSA keys shorter than this do not verify (RFC 8301)."""
 
-_QUIET = logging.getLogger("mailwarden.milter.dkimpy")
-_QUIET.addHandler(logging.NullHandler())
-_QUIET.propagate = False
+DKIMPY_LOG = logging.getLogger("mailwarden.milter.dkimpy")
+"""Where dkimpy's own messages go: nowhere (the milter logs one line per message)."""
+DKIMPY_LOG.addHandler(logging.NullHandler())
+DKIMPY_LOG.propagate = False
 _EMPTY_P = re.compile(r"(?:^|;)\s*p\s*=\s*(?:;|$)")
 
 
@@ -127,7 +128,7 @@ async def verify_dkim(message: Message, dns_: AuthDns) -> list[DkimResult]:
     if count == 0:
         return []
     loop = asyncio.get_running_loop()
-    verifier = await loop.run_in_executor(None, partial(dkim.DKIM, message.raw(), logger=_QUIET,
+    verifier = await loop.run_in_executor(None, partial(dkim.DKIM, message.raw(), logger=DKIMPY_LOG,
                                                         minkey=MIN_KEY_BITS))
     return [await _verify_one(verifier, idx, dns_) for idx in range(count)]
 

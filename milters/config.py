@@ -91,6 +91,11 @@ class MilterConfig:
     authserv_id: str = setting(
         "", "authserv-id of the Authentication-Results header (empty: general.node_name)"
     )
+    dkim_key_path: str = setting(
+        "/etc/mailwarden/dkim/{domain}.{selector}.key",
+        "DKIM private key of a domain and selector (RSA PEM; the ed25519 key is the one of "
+        "selector SELECTOR-ed25519)"
+    )
     upstream_retry: float = setting(
         30.0, "seconds a clamd/spamd upstream that failed is skipped while others remain"
     )
