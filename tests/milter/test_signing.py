@@ -9,12 +9,14 @@ the stub DNS would publish.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import dkim
 import pytest
 from click.testing import CliRunner, Result
 
+from harness import netns
 from harness.dnsstub import StubDns
 from harness.fakes import FakeDirectory
 from mailwarden.cli.common import App
@@ -181,3 +183,23 @@ def test_a_generated_key_signs_what_its_record_verifies(tmp_path: Path) -> None:
     data = make_message(sender=FROM).as_bytes().replace(b"\n", b"\r\n")
     signed = dkim.sign(data, b"mw1", b"signing.example", private) + data
     assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: record.encode())
+
+
+# ---------------------------------------------------------------- interoperability
+
+
+@pytest.mark.skipif(not netns.available() or shutil.which("opendkim-testmsg") is None,
+                    reason="needs root, unshare and OpenDKIM's opendkim-testmsg (opendkim-tools)")
+@pytest.mark.parametrize("ed25519", [False, True], ids=["rsa", "rsa+ed25519"])
+def test_opendkim_verifies_what_mailwarden_signs(tmp_path: Path, keys: Keys, ed25519: bool) -> None:
+    h = rig(tmp_path, keys, ed25519=ed25519)
+    # OpenDKIM refuses a message without the fields RFC 5322 requires (Date) as a syntax error.
+    msg = make_message(sender=FROM, body="hello from the milter\n",
+                       headers={"Date": "Sun, 06 Dec 2026 20:00:00 +0000"})
+    fed = h.feed(msg, FROM, "friend@remote.example", login=FROM)
+    records = {name.rstrip("."): {"TXT": [txt(value.decode())]} for name, value in published(keys).items()}
+    data = queued(fed).replace(b"\r\n", b"\n")
+    good = netns.run_with_stub_dns(records, ["opendkim-testmsg"], data)
+    assert good.returncode == 0, good.stderr
+    bad = netns.run_with_stub_dns(records, ["opendkim-testmsg"], data.replace(b"hello from", b"HELLO FROM"))
+    assert bad.returncode != 0 and b"Bad signature" in bad.stderr
