@@ -1,4 +1,4 @@
-"""Sender authentication of one message: DKIM signatures (dkimpy), SPF (pyspf) and DMARC.
+"""Sender authentication of one message: DKIM signatures (dkimpy), SPF (pyspf), DMARC and ARC.
 
 Every DNS question goes to mailwarden's resolver (``[dns]``), never /etc/resolv.conf:
 
@@ -24,6 +24,11 @@ Every DNS question goes to mailwarden's resolver (``[dns]``), never /etc/resolv.
   done here: the ``dmarc`` package counts any parent or child domain as aligned in
   relaxed mode (RFC 7489 asks for the same organizational domain) and has no ``np``.
 
+* **ARC** (RFC 8617).  dkimpy validates the chain of ARC sets.  Like a DKIM
+  verification, every key its seals and message signatures name is resolved first, on
+  the event loop, and dkimpy's ``dnsfunc`` answers from those records.  The result is
+  recorded only: no sealer is trusted to override DMARC.
+
 Results use the names of RFC 8601 (``pass``, ``fail``, ``neutral``, ``none``,
 ``temperror``, ``permerror``).
 """
@@ -45,6 +50,7 @@ import dmarc
 import dns.exception
 import dns.resolver
 import spf
+from dkim.util import InvalidTagValueList, parse_tag_value
 from publicsuffixlist import PublicSuffixList
 
 from mailwarden.dns import async_twin
@@ -298,3 +304,62 @@ class Dmarc:
             return True
         return (spf_result is not None and spf_result.result == "pass"
                 and self.aligned(spf_result.domain, domain, policy.aspf.value))
+
+
+# ---------------------------------------------------------------- ARC
+
+_ARC_FIELDS = ("arc-seal", "arc-message-signature")
+
+
+@dataclass(frozen=True)
+class ArcResult:
+    """The ARC chain of a message: ``none``, ``pass``, ``fail`` or ``temperror``."""
+
+    result: str
+    sets: int = 0
+    """ARC sets validated (the chain's length when it passes)."""
+    reason: str = ""
+
+
+def _arc_key_names(message: Message) -> set[str]:
+    names: set[str] = set()
+    for name, value in message.headers:
+        if name.lower() not in _ARC_FIELDS:
+            continue
+        try:
+            tags = parse_tag_value(value)
+        except InvalidTagValueList:
+            continue  # dkimpy reports the broken set
+        selector, domain = _text(tags.get(b"s")), _text(tags.get(b"d")).lower()
+        if selector and domain:
+            names.add(f"{selector}._domainkey.{domain}")
+    return names
+
+
+async def verify_arc(message: Message, dns_: AuthDns) -> ArcResult:
+    """Validate the message's ARC chain (dkimpy), keys resolved through ``dns_`` first."""
+    names = _arc_key_names(message)
+    if not names:
+        return ArcResult("none")
+    records: dict[str, bytes] = {}
+    try:
+        for name in sorted(names):
+            found = await dns_.txt(name)
+            records[name] = found[0].encode("utf-8", "replace") if found else b""
+    except DnsTempError as exc:
+        return ArcResult("temperror", reason=f"key lookup: {exc}")
+
+    def lookup(name: bytes, timeout: float = 5) -> bytes:
+        return records.get(name.decode("ascii", "replace").rstrip(".").lower(), b"")
+
+    def validate() -> tuple[bytes | None, int, str]:
+        chain = dkim.ARC(message.raw(), logger=DKIMPY_LOG, minkey=MIN_KEY_BITS)
+        cv, results, reason = chain.verify(dnsfunc=lookup)
+        return cv, len(results), str(reason)
+
+    cv, sets, reason = await asyncio.get_running_loop().run_in_executor(None, validate)
+    if cv == dkim.CV_Pass:
+        return ArcResult("pass", sets)
+    if cv == dkim.CV_None:
+        return ArcResult("none", reason=reason)
+    return ArcResult("fail", sets, reason)

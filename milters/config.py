@@ -85,7 +85,7 @@ class MilterConfig:
         False, "add X-Spam-Status/Score under the threshold too (a separate copy when recipients differ)"
     )
     sender_auth: bool = setting(
-        True, "verify DKIM, SPF and DMARC of mail to hosted recipients and add one "
+        True, "verify DKIM, SPF, DMARC and ARC of mail to hosted recipients and add one "
         "Authentication-Results header (DNS through [dns])"
     )
     authserv_id: str = setting(

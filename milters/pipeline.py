@@ -4,7 +4,7 @@ Order (cheapest and most decisive first):
 
 1. extensions - names and archive listings, no outside call;
 2. virus      - one clamd scan (or a cache hit) for every recipient who has it;
-3. sender auth - DKIM, SPF and DMARC (DNS, mostly cached), for every recipient;
+3. sender auth - DKIM, SPF, DMARC and ARC (DNS, mostly cached), for every recipient;
 4. keywords   - regexes over decoded text, well under a millisecond;
 5. spam       - spamd, the most expensive step (tens to hundreds of ms).
 

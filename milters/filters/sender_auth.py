@@ -1,4 +1,4 @@
-"""Sender authentication: DKIM, SPF and DMARC of inbound mail, one Authentication-Results header.
+"""Sender authentication: DKIM, SPF, DMARC and ARC of inbound mail, one Authentication-Results header.
 
 This is not a catalogue service.  Who signed a message and whether its client may
 send for the sender's domain are facts about the message, the same for every
@@ -22,6 +22,8 @@ node with ``milter.sender_auth`` (on by default).
   the catalogue's ``JUNK_HEADER``); ``tag`` delivers it, the header saying
   ``dmarc=fail`` and the log line noting the policy not applied; ``ignore`` delivers
   it without a note.  ``temperror`` and ``permerror`` are recorded, never acted on.
+* ARC (RFC 8617): the chain is validated and recorded (``arc=pass (i=N)``, ``fail``,
+  ``none``); it changes nothing, no sealer being trusted to vouch for forwarded mail.
 * Mail submitted with SMTP AUTH is not checked against SPF (its client is a
   subscriber's, not the domain's mail server) nor DMARC; ``auth=pass`` records the login.
 * Recipients of other domains (a subscriber's outgoing mail) get nothing added.
@@ -34,6 +36,7 @@ import re
 from typing import ClassVar
 
 from authres import AuthenticationResultsHeader
+from authres.arc import ARCAuthenticationResult
 from authres.core import (
     AuthenticationResult,
     DKIMAuthenticationResult,
@@ -44,6 +47,7 @@ from authres.dmarc import DMARCAuthenticationResult
 
 from mailwarden.catalogue import JUNK_HEADER, Service
 from milters.authentication import (
+    ArcResult,
     AuthDns,
     DkimResult,
     Dmarc,
@@ -51,6 +55,7 @@ from milters.authentication import (
     SpfResult,
     check_spf_async,
     from_domain,
+    verify_arc,
     verify_dkim,
 )
 from milters.filters import Backends, Context
@@ -96,6 +101,12 @@ def dmarc_clause(result: DmarcResult) -> AuthenticationResult:
     return DMARCAuthenticationResult(result=result.result, reason=result.reason or None,
                                      result_comment=comment if result.policy else None,
                                      header_from=result.domain or None)
+
+
+def arc_clause(result: ArcResult) -> AuthenticationResult:
+    """``arc=RESULT`` with the number of ARC sets."""
+    return ARCAuthenticationResult(result=result.result, reason=result.reason or None,
+                                   result_comment=f"i={result.sets}" if result.sets else None)
 
 
 def act_on_dmarc(result: DmarcResult, outcome: RecipientOutcome) -> None:
@@ -165,16 +176,19 @@ class SenderAuthFilter:
             ctx.find("dkim", _summary(found))
             login = SMTPAUTHAuthenticationResult(result="pass", smtp_auth=envelope.auth_login)
             return [*_dkim_clauses(found), login], None
-        found, spf = await asyncio.gather(
+        found, spf, arc = await asyncio.gather(
             verify_dkim(message, self.dns),
-            check_spf_async(self.dns, envelope, self.authserv_id, self.spf_timeout))
+            check_spf_async(self.dns, envelope, self.authserv_id, self.spf_timeout),
+            verify_arc(message, self.dns))
         froms = [v for n, v in message.headers if n.lower() == "from"]
         result = await self.dmarc.evaluate(from_domain(froms), spf, found)
         ctx.find("dkim", _summary(found))
         ctx.find("spf", spf.result)
         ctx.find("dmarc", result.result + (f"({result.applied})" if result.policy else ""))
+        if arc.result != "none":
+            ctx.find("arc", arc.result)
         return [*_dkim_clauses(found), spf_clause(spf, envelope.sender, envelope.helo),
-                dmarc_clause(result)], result
+                dmarc_clause(result), arc_clause(arc)], result
 
 
 def _dkim_clauses(found: list[DkimResult]) -> list[AuthenticationResult]:

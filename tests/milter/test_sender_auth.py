@@ -70,6 +70,7 @@ def zone(keys: Keys) -> dict[str, dict[str, list[str]]]:
         "ed._domainkey.signer.example": {"TXT": [txt(f"v=DKIM1; k=ed25519; p={keys.ed_public}")]},
         "revoked._domainkey.signer.example": {"TXT": [txt("v=DKIM1; k=rsa; p=")]},
         "rsa._domainkey.other.example": {"TXT": [txt(f"v=DKIM1; k=rsa; p={keys.rsa_public}")]},
+        "rsa._domainkey.fwd.example": {"TXT": [txt(f"v=DKIM1; k=rsa; p={keys.rsa_public}")]},
         "rsa._domainkey.sub.orgpolicy.example": {"TXT": [txt(f"v=DKIM1; k=rsa; p={keys.rsa_public}")]},
         "signer.example": {"TXT": [txt("v=spf1 ip4:192.0.2.0/24 -all")]},
         "mail.signer.example": {"TXT": [txt("v=spf1 ip4:192.0.2.0/24 -all")]},
@@ -350,3 +351,29 @@ def test_the_daemon_adds_ours_and_removes_a_forged_one(slapd: SlapdServer, stub:
     assert value.startswith("mx.isp.test; dkim=pass header.d=signer.example")
     assert "spf=pass" in value and "dmarc=pass" in value
     assert "dkim=pass:signer.example" in line and "spf=pass" in line and "dmarc=pass(none)" in line
+
+
+# ---------------------------------------------------------------- ARC
+
+
+def arc_sealed(keys: Keys, raw: bytes) -> bytes:
+    """``raw`` as a forwarder (fwd.example) passes it on: its Authentication-Results and ARC set."""
+    raw = b"Authentication-Results: fwd.example; dkim=pass header.d=signer.example\r\n" + raw
+    sealed = dkim.arc_sign(raw, b"rsa", b"fwd.example", keys.rsa_private, b"fwd.example")
+    return b"".join(h if h.endswith(b"\r\n") else h + b"\r\n" for h in sealed) + raw
+
+
+def test_a_valid_arc_chain_is_recorded(h: Harness, keys: Keys) -> None:
+    header = ours(h.feed(arc_sealed(keys, signed(keys)), "fwd@fwd.example", "taro@example.jp"))
+    assert "arc=pass (i=1)" in header
+
+
+def test_a_broken_arc_chain_fails(h: Harness, keys: Keys) -> None:
+    raw = arc_sealed(keys, signed(keys)).replace(b"hello", b"HELLO")
+    # SPF passes for signer.example's own bounce domain, so DMARC lets it through.
+    header = ours(h.feed(raw, "bounce@mail.signer.example", "taro@example.jp"))
+    assert "arc=fail" in header and "dkim=fail" in header
+
+
+def test_mail_without_arc_says_none(h: Harness) -> None:
+    assert "arc=none" in ours(h.feed(make_message(), "s@remote.example", "taro@example.jp"))
