@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -176,6 +177,12 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
             problems.append(f"milter.{key}: must not be negative")
     if "{" in cfg.notice_from.replace("{domain}", ""):
         problems.append("milter.notice_from: only {domain} may be substituted")
+    key_path = cfg.dkim_key_path.replace("{domain}", "").replace("{selector}", "")
+    if "{" in key_path or "}" in key_path or "{domain}" not in cfg.dkim_key_path:
+        problems.append("milter.dkim_key_path: {domain} is needed, and only {domain} and {selector} "
+                        "may be substituted")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", cfg.authserv_id or "x"):
+        problems.append(f"milter.authserv_id: {cfg.authserv_id!r} is not a host name")
     # The directory is asked at RCPT time, inside Postfix's milter_command_timeout.
     if ldap_worst_case >= cfg.postfix_command_timeout:
         problems.append(

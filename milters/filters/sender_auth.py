@@ -131,7 +131,8 @@ def header_value(authserv_id: str, clauses: list[AuthenticationResult]) -> str:
 
 
 class SenderAuthFilter:
-    """Verifies DKIM and SPF once per message and adds the Authentication-Results field."""
+    """Verifies DKIM, SPF, DMARC and ARC once per message, adds the Authentication-Results
+    field and acts on DMARC per recipient."""
 
     name: ClassVar[str] = "sender_auth"
     service: ClassVar[Service | None] = None
