@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import socket
 import tomllib
 import typing
@@ -26,6 +27,7 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
 from mailwarden import catalogue
+from mailwarden.address import InvalidAddress, normalize_address
 from mailwarden.configfields import setting
 from mailwarden.renderconfig import RenderConfig
 
@@ -137,6 +139,15 @@ class PolicyConfig:
     )
     default_services: list[str] = setting(
         None, "services on for every domain unless it says otherwise", factory=list
+    )
+    role_addresses: list[str] = setting(
+        None, "local parts that exist at every hosted domain and domain alias without a directory "
+        "entry (RFC 2142); routed to the domain's admin_address, else to role_mailbox",
+        factory=lambda: ["postmaster", "abuse"],
+    )
+    role_mailbox: str = setting(
+        "", "where role addresses of a domain without admin_address go (empty: nowhere, so they "
+        "are unknown there like any other address)"
     )
 
 
@@ -337,6 +348,10 @@ def section_problems(cfg: Config) -> list[str]:
     return problems
 
 
+ROLE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+"""A role address's local part: plain enough for every table that names it."""
+
+
 def _validate(cfg: Config, problems: list[str]) -> None:
     mapping = cfg.ldap.mapping
     known = set(catalogue.concept_names())
@@ -371,6 +386,15 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             catalogue.Service.parse(name)
         except ValueError as exc:
             problems.append(f"policy.default_services[{i}]: {exc}")
+    for i, role in enumerate(cfg.policy.role_addresses):
+        if not ROLE_NAME.fullmatch(role):
+            problems.append(f"policy.role_addresses[{i}]: {role!r} is not a lower-case local part "
+                            "(letters, digits, '.', '_', '-')")
+    if cfg.policy.role_mailbox:
+        try:
+            normalize_address(cfg.policy.role_mailbox)
+        except InvalidAddress as exc:
+            problems.append(f"policy.role_mailbox: {exc}")
     for key in ("network_timeout", "timeout", "retry_delay"):
         if getattr(cfg.ldap, key) <= 0:
             problems.append(f"ldap.{key}: must be greater than 0")

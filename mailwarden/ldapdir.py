@@ -132,12 +132,12 @@ class LdapDirectory:
                     problems.append(f"{dn}: {attr} value is not UTF-8, ignored")
         return Entry(dn=dn, values=values, problems=tuple(problems))
 
-    def _search(self, what: str, base: str, filterstr: str) -> list[Entry]:
+    def _search(self, what: str, base: str, filterstr: str, sizelimit: int = 2) -> list[Entry]:
         def run(conn: ReconnectLDAPObject) -> list[tuple[str, dict[str, list[bytes]]]]:
             try:
                 result: list[Any] = conn.search_ext_s(
                     base, ldap.SCOPE_SUBTREE, filterstr, self._attrlist,
-                    timeout=self.cfg.timeout, sizelimit=2,
+                    timeout=self.cfg.timeout, sizelimit=sizelimit,
                 )
             except ldap.NO_SUCH_OBJECT:
                 raise DirectoryUnavailable(
@@ -162,6 +162,11 @@ class LdapDirectory:
         esc = ldap.filter.escape_filter_chars(domain)
         flt = self.mapping.domain_filter.format(domain=esc)
         return self._unique(f"domain {domain}", self._search(f"domain {domain}", self.domain_base, flt))
+
+    def domains_with(self, concept: str) -> list[Entry]:
+        """Every domain entry with a value for ``concept`` (``mailwarden config check --connect``)."""
+        flt = f"(&{self.mapping.domain_filter.format(domain='*')}({self._attr_of[concept]}=*))"
+        return self._search(f"domains with {concept}", self.domain_base, flt, sizelimit=0)
 
     def find_user(self, address: str, domain: Entry) -> Entry | None:
         """The subscriber entry for ``address`` below the domain's user base."""

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -34,6 +34,8 @@ class Layer(StrEnum):
     CONFIG = "config"
     DOMAIN = "domain"
     USER = "user"
+    ROLE = "role"
+    """What a role address is given whatever its domain says (``ROLE_SERVICES``)."""
 
 
 class AddressKind(StrEnum):
@@ -46,6 +48,21 @@ class AddressKind(StrEnum):
     """The domain is not hosted here."""
     DOMAIN = "domain"
     """A hosted domain's own defaults (what ``mailwarden domain show`` prints)."""
+    ROLE = "role"
+    """A role address (``policy.role_addresses``, e.g. postmaster@) of a hosted domain
+    without a directory entry of its own: ``canonical`` is where it goes."""
+
+
+ROLE_SERVICES: Mapping[Service, bool] = {
+    Service.VIRUS_SCAN: True,
+    Service.EXTENSION_FILTER: True,
+    Service.SPAM_CHECK: False,
+    Service.KEYWORD_FILTER: False,
+    Service.GREYLISTING: False,
+    Service.RATE_LIMITS: False,
+}
+"""A role address's services, whatever its domain's: malware is kept out, but nothing
+refuses or files away a complaint (spam reports quote spam) or holds it up."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +86,8 @@ class EffectivePolicy:
     """The address as asked, normalised."""
     kind: AddressKind
     canonical: str | None = None
-    """The subscriber's primary address, when the address is a subscriber's."""
+    """The subscriber's primary address, when the address is a subscriber's; for a role
+    address, the address its mail goes to."""
     domain: str | None = None
     """The canonical hosted domain (after domain-alias resolution)."""
     resolved_via: tuple[str, ...] = ()
@@ -193,7 +211,8 @@ class PolicyResolver:
                 return found
             self.misses += 1
         policy = self._resolve(key)
-        ttl = self.cfg.cache_ttl if policy.kind is AddressKind.SUBSCRIBER else self.cfg.negative_cache_ttl
+        known = policy.kind in (AddressKind.SUBSCRIBER, AddressKind.ROLE)
+        ttl = self.cfg.cache_ttl if known else self.cfg.negative_cache_ttl
         if ttl > 0:
             with self._lock:
                 self._cache.put(key, policy, now + ttl)
@@ -225,6 +244,24 @@ class PolicyResolver:
             else:
                 self._cache.pop(normalize_address(address))
 
+    def resolves_nowhere(self, address: str) -> str | None:
+        """Why mail to ``address`` would find nowhere to go here, or None.
+
+        A subscriber, or a role address whose target is one, is somewhere; so is an address
+        at a domain not hosted here (the directory cannot judge it).  Raises InvalidAddress
+        and DirectoryUnavailable as :meth:`effective_policy` does.
+        """
+        seen = [normalize_address(address)]
+        while True:
+            policy = self.effective_policy(seen[-1])
+            if policy.kind is AddressKind.UNKNOWN_USER:
+                return f"{policy.domain} has no subscriber, alias or role address {seen[-1]}"
+            if policy.kind is not AddressKind.ROLE or policy.canonical is None:
+                return None
+            if policy.canonical in seen:
+                return "role addresses going round in a circle: " + " -> ".join([*seen, policy.canonical])
+            seen.append(policy.canonical)
+
     def _domain(self, name: str) -> Entry | None:
         now = self.clock()
         with self._lock:
@@ -250,7 +287,33 @@ class PolicyResolver:
         if canonical_domain != domain_name:
             via.append(f"domain alias {domain_name} -> {canonical_domain}")
         user = self._find_user(address, canonical_domain, domain, via)
-        return self.build(address, domain, user, via)
+        policy = self.build(address, domain, user, via)
+        if user is None:
+            return self._role(policy) or policy
+        return policy
+
+    def _role(self, policy: EffectivePolicy) -> EffectivePolicy | None:
+        """``policy`` (an unknown user) as a role address, when its local part (without an
+        extension) is one and it has somewhere to go: the domain's ``admin_address`` (the
+        domain's own, and not a role address itself, which would go round in a circle),
+        else ``policy.role_mailbox``.  A directory entry with that name wins (the caller
+        asks only for unknown users)."""
+        roles = self.cfg.role_addresses
+        local = self._strip_extension(split_address(policy.address)[0])
+        if local not in roles:
+            return None
+        admin = policy.settings["admin_address"]
+        if admin.value and Layer.DOMAIN in admin.source and split_address(admin.value)[0] not in roles:
+            target, why = str(admin.value), f"admin_address of {policy.domain}"
+        elif self.cfg.role_mailbox:
+            target, why = normalize_address(self.cfg.role_mailbox), "[policy] role_mailbox"
+        else:
+            return None
+        services = {**policy.services, **{s: Sourced(on, (Layer.ROLE,)) for s, on in ROLE_SERVICES.items()}}
+        return replace(
+            policy, kind=AddressKind.ROLE, canonical=target.lower(), active=True, services=services,
+            resolved_via=(*policy.resolved_via, f"role address {local}@ -> {why}"),
+        )
 
     def _find_user(
         self, address: str, canonical_domain: str, domain: Entry, via: list[str]

@@ -24,6 +24,7 @@ from typing import Any
 import jinja2
 
 from mailwarden import catalogue
+from mailwarden.address import normalize_address
 from mailwarden.catalogue import Service
 from mailwarden.config import Config, bind_password, site_defaults
 from mailwarden.renderconfig import MILTER_SECTION, POLICYD_SECTION, MilterWiring, PolicydWiring
@@ -174,6 +175,7 @@ class LdapQueries:
             self.user_base = mapping.user_base.format(base_dn=cfg.ldap.base_dn)
         self.active_values = list(mapping.active_status_values)
         self.default_services = {Service.parse(s) for s in cfg.policy.default_services}
+        self.roles = list(cfg.policy.role_addresses)
 
     # Postfix ----------------------------------------------------------------
 
@@ -185,6 +187,12 @@ class LdapQueries:
         """The domain filter for a lookup keyed by a domain (%s) or an address (%d)."""
         values = POSTFIX_DOMAIN_KEY if key == "domain" else {"domain": "%d"}
         return _expand(self.mapping.domain_filter, values, "domain_filter")
+
+    def not_a_role(self, attribute: str) -> str:
+        """Matches entries whose ``attribute`` is no role address (``ROLE@anything``): such
+        an admin_address would send role addresses round in a circle."""
+        roles = "".join(f"({attribute}={_filter_value(r)}@*)" for r in self.roles)
+        return f"(!(|{roles}))" if roles else f"({attribute}=*)"
 
     def postfix_tables(self, mailbox_nexthop: str) -> dict[str, LdapLookup]:
         """Every LDAP table the Postfix instances use, by name."""
@@ -203,6 +211,14 @@ class LdapQueries:
                        "(virtual_alias_maps)", self.user_base,
                        _and(self.postfix_user_filter(), f"({a['alternate_address']}=%s)"),
                        a["mail"], single_value=True),
+            LdapLookup("ldap-role-admins", "role address -> its domain's admin_address, unless that "
+                       "is a role address itself (virtual_alias_maps, keys filtered to "
+                       "policy.role_addresses)", self.domain_base,
+                       _and(self.postfix_domain_filter("address"), self.not_a_role(a["admin_address"])),
+                       a["admin_address"], single_value=True),
+            LdapLookup("ldap-role-domains", "role address -> its hosted domain, then policy.role_mailbox "
+                       "(virtual_alias_maps, keys filtered to policy.role_addresses)", self.domain_base,
+                       self.postfix_domain_filter("address"), a["domain_name"], single_value=True),
             LdapLookup("ldap-forwards", "subscriber -> every forward address (virtual_alias_maps, "
                        f"for LOCAL=DOMAIN@{FORWARD_DOMAIN})", self.user_base, self.postfix_user_filter(),
                        a["forward_addresses"]),
@@ -433,6 +449,55 @@ def _mailbox_nexthop(cfg: Config) -> str:
     return f"smtp:[%s]:{r.mailbox_port}"
 
 
+def _inline_regexp(pattern: str, result: str) -> str:
+    """A one-rule inline ``regexp:`` table as main.cf must spell it (``$$``: a literal $)."""
+    return f"regexp:{{{{/{pattern}/ {result}}}}}".replace("$", "$$")
+
+
+def role_files(cfg: Config) -> dict[str, str]:
+    """The regexp tables of the role addresses, as files: a ``$`` in main.cf would be
+    expanded once more by proxymap (``proxy_read_maps`` names ``$virtual_alias_maps``)."""
+    roles = cfg.policy.role_addresses
+    if not roles:
+        return {}
+    names = "|".join(r.replace(".", "\\.") for r in roles)
+    header = "# Rendered by `mailwarden render postfix` from [policy] role_addresses / role_mailbox.\n"
+    files = {"role-addresses.regexp": f"{header}/^(({names})@.+)$/ ${{1}}\n"}
+    if cfg.policy.role_mailbox:
+        files["role-mailbox.regexp"] = f"{header}/./ {normalize_address(cfg.policy.role_mailbox)}\n"
+    return files
+
+
+def alias_maps(cfg: Config, config_directory: str) -> str:
+    """The ``virtual_alias_maps`` entries that recognise (edges) and rewrite (route) aliases,
+    in the resolver's order.
+
+    * A domain alias maps LOCAL@ALIAS to LOCAL@CANONICAL only when a subscriber answers
+      that address (``pipemap`` into ``ldap-recipients``), so an unknown local part at a
+      domain alias is unlisted, and refused at RCPT, exactly as at the canonical domain.
+    * An alternate address maps to the primary one.
+    * A role address (``[policy] role_addresses``, the key passed on unchanged by
+      ``role-addresses.regexp``) at any hosted domain or domain alias: a subscriber by
+      that name wins (mapped to itself, which ends the expansion), else the domain's
+      ``admin_address``, else ``[policy] role_mailbox`` (``role-mailbox.regexp``).
+
+    Postfix retries each lookup without the address extension and keeps it in the
+    result, as the resolver strips it.
+    """
+    table = f"proxy:ldap:{config_directory}/%s.cf"
+    maps = [f"pipemap:{{ {table % 'ldap-alias-domains'}, {table % 'ldap-recipients'} }}",
+            table % "ldap-alias-addresses"]
+    files = role_files(cfg)
+    if files:
+        only_roles = f"regexp:{config_directory}/role-addresses.regexp"
+        maps += [f"pipemap:{{ {only_roles}, {table % 'ldap-recipients'} }}",
+                 f"pipemap:{{ {only_roles}, {table % 'ldap-role-admins'} }}"]
+        if "role-mailbox.regexp" in files:
+            site = f"regexp:{config_directory}/role-mailbox.regexp"
+            maps.append(f"pipemap:{{ {only_roles}, {table % 'ldap-role-domains'}, {site} }}")
+    return ",\n    ".join(maps)
+
+
 def postfix_context(cfg: Config) -> dict[str, Any]:
     """Everything the Postfix templates use, derived once."""
     problems = check(cfg)
@@ -470,11 +535,11 @@ def postfix_context(cfg: Config) -> dict[str, Any]:
         "milter_content_timeout": _seconds(milter.postfix_content_timeout),
         "recipient_delimiter": cfg.policy.recipient_delimiter,
         "instance": lambda role: _instance_paths(cfg, role),
+        "alias_maps": lambda config_directory: alias_maps(cfg, config_directory),
         "forward_domain": FORWARD_DOMAIN,
         # LOCAL=DOMAIN@forward domain -> LOCAL@DOMAIN, the key of ldap-forwards.cf ($$: a
         # literal $ in main.cf)
-        "forward_key": ("regexp:{{/^(.+)=([^=@]+)@" + re.escape(FORWARD_DOMAIN) + "$/ ${1}@${2}}}"
-                        ).replace("$", "$$"),
+        "forward_key": _inline_regexp("^(.+)=([^=@]+)@" + re.escape(FORWARD_DOMAIN) + "$", "${1}@${2}"),
     }
 
 
@@ -498,6 +563,7 @@ def render_postfix(cfg: Config, roles: Sequence[str], out: Path) -> list[Rendere
         for name in _tables_named(files["main.cf"], context["tables"]):
             table = context["tables"][name]
             files[f"{name}.cf"] = env.get_template("ldap.cf.j2").render({**local, "table": table})
+        files.update({name: text for name, text in role_files(cfg).items() if f"/{name}" in files["main.cf"]})
         for name, text in files.items():
             _write(target / name, text, secret=secret and name.startswith("ldap-"))
         written.append(Rendered(paths["name"], target, tuple(files)))

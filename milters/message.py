@@ -150,6 +150,21 @@ def parse_header_block(block: bytes) -> HeaderList:
     return headers
 
 
+RESERVED_HEADER_PREFIXES = ("x-spam-", "x-mailwarden-")
+"""Header fields only mailwarden may set: the spam filter's ``X-Spam-*`` and its own
+``X-Mailwarden-*`` (the junk mark Sieve files by among them).  Copies arriving from
+outside are removed for every recipient."""
+
+
+def reserved_header_names(headers: HeaderList) -> list[str]:
+    """The names of the fields in ``headers`` that only mailwarden may set, each once."""
+    names: dict[str, str] = {}
+    for name, _ in headers:
+        if name.lower().startswith(RESERVED_HEADER_PREFIXES):
+            names.setdefault(name.lower(), name)
+    return list(names.values())
+
+
 def header_value(headers: HeaderList, name: str) -> bytes | None:
     """The raw value of the first header called ``name`` (case-insensitive)."""
     wanted = name.lower()

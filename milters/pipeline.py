@@ -23,9 +23,8 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 
-from mailwarden.catalogue import JUNK_HEADER
 from milters.filters import Context, Envelope, Filter
-from milters.message import Message
+from milters.message import Message, reserved_header_names
 from milters.verdict import Action, Recipient, RecipientOutcome, RemoveHeader, Verdict
 
 log = logging.getLogger("mailwarden.milter")
@@ -57,10 +56,12 @@ def _context(envelope: Envelope, message: Message, recipients: Sequence[Recipien
              deadline: float) -> Context:
     verdict = Verdict([RecipientOutcome(r) for r in recipients])
     ctx = Context(envelope, message, verdict, deadline)
-    if message.header(JUNK_HEADER) is not None:
-        # Sieve trusts this header: a copy from outside must not steer anyone's mail.
+    # Fields only mailwarden may set (X-Spam-*, X-Mailwarden-*, the junk mark Sieve
+    # trusts among them): a copy from outside must not steer or mislabel anyone's mail.
+    # Removed for every recipient alike, so the removal makes no extra variant.
+    for name in reserved_header_names(message.headers):
         for outcome in verdict.outcomes:
-            outcome.edit(RemoveHeader(JUNK_HEADER))
+            outcome.edit(RemoveHeader(name))
     for problem in message.problems[:3]:
         ctx.find("mime", problem)
     return ctx

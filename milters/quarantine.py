@@ -20,9 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mailwarden.catalogue import JUNK_HEADER
 from mailwarden.store import Store
-from milters.message import render_headers, split_entity
+from milters.message import render_headers, reserved_header_names, split_entity
 from milters.reinject import Injector
 
 PREFIX = "quarantine:"
@@ -147,7 +146,7 @@ class Quarantine:
                 deadline: float) -> str:
         """Deliver a quarantined message (to its recipients or ``recipients``), then delete it."""
         entry = self.get(entry_id)
-        data = without_junk_mark(self.read(entry_id))
+        data = without_reserved_headers(self.read(entry_id))
         targets = list(recipients) or entry.recipients
         queue_id = injector.send(
             entry.sender, [(r, tuple(entry.recipient_params.get(r, ()))) for r in targets], [data],
@@ -176,14 +175,17 @@ class Quarantine:
         return removed
 
 
-def without_junk_mark(data: bytes) -> bytes:
-    """The message without the junk mark (``X-Mailwarden-Junk``) fields.
+def without_reserved_headers(data: bytes) -> bytes:
+    """The message without the fields only mailwarden may set (``X-Spam-*``,
+    ``X-Mailwarden-*``, the junk mark among them).
 
-    A released copy does not pass the milter again, which removes a mark set outside
-    mailwarden, and the mailbox's Sieve script files marked mail into Junk.
+    The quarantine keeps the message as received, and a released copy does not pass
+    the milter again, which removes such fields set outside mailwarden for everyone;
+    the mailbox's Sieve script files mail with the junk mark into Junk.
     """
     headers, body_start = split_entity(data, 0, len(data))
-    kept = [(name, value) for name, value in headers if name.lower() != JUNK_HEADER.lower()]
+    reserved = {name.lower() for name in reserved_header_names(headers)}
+    kept = [(name, value) for name, value in headers if name.lower() not in reserved]
     if len(kept) == len(headers):
         return data
     return render_headers(kept) + b"\r\n" + data[body_start:]

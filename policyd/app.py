@@ -21,7 +21,7 @@ from mailwarden.directory import Directory, DirectoryUnavailable, Entry
 from mailwarden.dns import async_twin, make_resolver
 from mailwarden.endpoint import Endpoint
 from mailwarden.ldapdir import LdapDirectory
-from mailwarden.policy import PolicyResolver
+from mailwarden.policy import AddressKind, PolicyResolver
 from mailwarden.reputation import OUTCOMES, Reputation
 from mailwarden.store import Store, StoreUnavailable, StoreWrapper, store_of
 from policyd.checks import FACTORIES, build_checks
@@ -315,7 +315,10 @@ class Engine:
             return bad
         permitted: tuple[CheckVerdict, str] | None = None
         prepended: tuple[CheckVerdict, str] | None = None
+        spared = self._to_role_addresses(ctx)
         for check in checks:
+            if spared and check.spares_role_addresses:
+                continue
             verdict = self._run(check, ctx)
             if verdict is None:
                 continue
@@ -366,6 +369,23 @@ class Engine:
             except InvalidAddress as exc:
                 return Decision("501 5.1.3 Bad recipient address syntax", "envelope", str(exc))
         return None
+
+    @staticmethod
+    def _to_role_addresses(ctx: CheckContext) -> bool:
+        """Whether the request is about mail to role addresses only: at RCPT the
+        recipient is one; at END-OF-MESSAGE every recipient of the transaction was.
+        When the directory cannot answer, the checks run as for anyone else."""
+        values = ctx.txn.values
+        if ctx.request.stage == "END-OF-MESSAGE":
+            return bool(values.get("role_recipients")) and not values.get("other_recipients")
+        if ctx.request.stage != "RCPT":
+            return False
+        try:
+            role = ctx.policy(ctx.recipient).kind is AddressKind.ROLE
+        except BACKEND_ERRORS:
+            role = False
+        values["role_recipients" if role else "other_recipients"] = True
+        return role
 
     def _record_rejection(self, ctx: CheckContext) -> None:
         ip = ctx.client_ip

@@ -66,6 +66,24 @@ def test_explain_json_and_foreign_address(slapd: SlapdServer, tmp_path: Path) ->
     assert "not-local" in foreign.output and "no services apply" in foreign.output
 
 
+def test_explain_says_where_a_role_address_goes_and_why(slapd: SlapdServer, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, slapd, admin=False, extra='[policy]\nrole_mailbox = "roles@isp.example"\n')
+    out = run(cfg, "explain", "postmaster@lab.example.org").output
+    assert out.startswith("postmaster@lab.example.org: role\n"), out
+    assert "delivered to    prof@lab.example.org" in out
+    assert "role address postmaster@ -> admin_address of lab.example.org" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert lines["virus_scan"].split()[1:] == ["on", "from", "role"]
+    assert lines["greylisting"].split()[1:] == ["off", "from", "role"]
+    data = json.loads(run(cfg, "explain", "--json", "abuse@example.ne.jp").output)
+    assert data["kind"] == "role" and data["canonical"] == "hanako@example.jp"
+    assert data["resolved_via"] == ["domain alias example.ne.jp -> example.jp",
+                                    "role address abuse@ -> admin_address of example.jp"]
+    data = json.loads(run(cfg, "explain", "--json", "abuse@bare.example.net").output)
+    assert data["kind"] == "role" and data["canonical"] == "roles@isp.example"
+    assert data["resolved_via"] == ["role address abuse@ -> [policy] role_mailbox"]
+
+
 def test_explain_bad_address_is_a_usage_error(slapd: SlapdServer, tmp_path: Path) -> None:
     result = run(write_config(tmp_path, slapd), "explain", "no-at-sign")
     assert result.exit_code == 2
@@ -230,6 +248,41 @@ def test_config_check_connect_reaches_directory_and_store(slapd: SlapdServer, tm
     bad = write_config(tmp_path, slapd, extra="[store]\nsqlite_path = '/proc/nope/s.db'\n")
     result = run(bad, "config", "check", "--connect")
     assert result.exit_code == 75 and "store unavailable" in result.output
+
+
+def test_config_check_connect_reports_admin_addresses_that_resolve_nowhere(
+    slapd_rw: SlapdServer, tmp_path: Path
+) -> None:
+    store = f"[store]\nsqlite_path = '{tmp_path}/s.db'\n"
+    config = write_config(tmp_path, slapd_rw, extra=store)
+
+    def warnings(path: Path) -> list[str]:
+        result = CliRunner().invoke(main, ["--config", str(path), "config", "check", "--connect"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return sorted(line for line in result.stderr.splitlines() if line.startswith("warning: "))
+
+    # The sample domains name subscribers as their admins: nothing to report.
+    assert warnings(config) == []
+    # An admin with no entry, and an admin that is the domain's own postmaster (a role
+    # address with nowhere to go without role_mailbox), are named.
+    assert run(config, "domain", "set", "example.com", "admin_address", "it@example.com").exit_code == 0
+    assert run(config, "domain", "set", "example.jp", "admin_address", "postmaster@example.jp").exit_code == 0
+    assert warnings(config) == [
+        "warning: mwDomainName=example.com,ou=domains,dc=mailwarden,dc=test: admin_address "
+        "it@example.com cannot receive mail: example.com has no subscriber, alias or role "
+        "address it@example.com",
+        "warning: mwDomainName=example.jp,ou=domains,dc=mailwarden,dc=test: admin_address "
+        "postmaster@example.jp cannot receive mail: example.jp has no subscriber, alias or role "
+        "address postmaster@example.jp",
+    ]
+    # A role mailbox gives example.jp's postmaster somewhere to go; one that is unknown is named.
+    roles = write_config(tmp_path, slapd_rw,
+                         extra=store + '[policy]\nrole_mailbox = "nobody-here@example.com"\n')
+    named = warnings(roles)
+    assert ("warning: policy.role_mailbox nobody-here@example.com cannot receive mail: example.com "
+            "has no subscriber, alias or role address nobody-here@example.com") in named
+    assert not any("example.jp has no subscriber" in w for w in named)
 
 
 def test_services_and_schema_and_generate(tmp_path: Path) -> None:

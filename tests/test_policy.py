@@ -336,3 +336,76 @@ def test_lookup_on_a_loop_asks_the_directory_in_the_executor_only_on_a_miss(
     asked = len(threads)
     asyncio.run(twice())
     assert len(threads) == asked
+
+
+def test_role_addresses_go_to_the_domain_admin_else_the_site_role_mailbox(
+    directory: FakeDirectory, clock: Clock
+) -> None:
+    directory.add_domain("example.com", admin_address="it@example.com", enabled_service=["spam-check"])
+    r = make(directory, clock, '[policy]\nrole_mailbox = "Roles@ISP.example"\n')
+    admin = r.effective_policy("postmaster@example.com")
+    assert admin.kind is AddressKind.ROLE and admin.canonical == "it@example.com"
+    assert admin.resolved_via == ("role address postmaster@ -> admin_address of example.com",)
+    # Malware is kept out, nothing refuses or files away a complaint or holds it up.
+    assert admin.enabled(Service.VIRUS_SCAN) and admin.enabled(Service.EXTENSION_FILTER)
+    assert not admin.enabled(Service.SPAM_CHECK) and not admin.enabled(Service.GREYLISTING)
+    assert admin.services[Service.SPAM_CHECK].source == (Layer.ROLE,)
+    # No admin_address: the site's role mailbox; through a domain alias, with an extension.
+    site = r.effective_policy("Abuse+report@example.ne.jp")
+    assert site.kind is AddressKind.ROLE and site.canonical == "roles@isp.example"
+    assert site.domain == "example.jp"
+    assert site.resolved_via == ("domain alias example.ne.jp -> example.jp",
+                                 "role address abuse@ -> [policy] role_mailbox")
+    assert site.get("notice_language") == "ja"  # the domain's settings apply
+    # Not a role name, or a domain not hosted here: nothing changes.
+    assert r.effective_policy("hostmaster@example.jp").kind is AddressKind.UNKNOWN_USER
+    assert r.effective_policy("postmaster@elsewhere.example").kind is AddressKind.NOT_LOCAL
+
+
+def test_a_directory_entry_with_a_role_name_wins(directory: FakeDirectory, clock: Clock) -> None:
+    directory.add_user("abuse@example.jp", enabled_service=["spam-check"])
+    directory.add_user("noc@example.jp", alternate_address=["postmaster@example.jp"])
+    r = make(directory, clock, '[policy]\nrole_mailbox = "roles@isp.example"\n'
+             'role_addresses = ["postmaster", "abuse", "hostmaster"]\n')
+    assert r.effective_policy("abuse@example.jp").kind is AddressKind.SUBSCRIBER
+    alias = r.effective_policy("postmaster@example.ne.jp")
+    assert alias.kind is AddressKind.SUBSCRIBER and alias.canonical == "noc@example.jp"
+    assert r.effective_policy("hostmaster@example.jp").kind is AddressKind.ROLE
+
+
+def test_an_admin_address_that_is_a_role_address_is_no_target(
+    directory: FakeDirectory, clock: Clock
+) -> None:
+    directory.add_domain("example.com", admin_address="postmaster@example.com")
+    assert make(directory, clock).effective_policy("abuse@example.com").kind is AddressKind.UNKNOWN_USER
+    site = make(directory, clock, '[policy]\nrole_mailbox = "roles@isp.example"\n')
+    assert site.effective_policy("postmaster@example.com").canonical == "roles@isp.example"
+
+
+def test_a_role_address_with_nowhere_to_go_is_an_unknown_user(
+    directory: FakeDirectory, clock: Clock
+) -> None:
+    r = make(directory, clock, '[policy.defaults]\nadmin_address = "boss@example.org"\n')
+    # A site-wide admin_address is no domain's own: role addresses need role_mailbox then.
+    assert r.effective_policy("postmaster@example.jp").kind is AddressKind.UNKNOWN_USER
+
+
+def test_role_configuration_is_checked() -> None:
+    from mailwarden.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        parse_config('[policy]\nrole_addresses = ["Post Master"]\nrole_mailbox = "nobody"\n', "t.toml")
+    assert "policy.role_addresses[0]" in str(err.value) and "policy.role_mailbox" in str(err.value)
+
+
+def test_resolves_nowhere_follows_role_addresses(directory: FakeDirectory, clock: Clock) -> None:
+    directory.add_domain("example.com", admin_address="it@example.com")
+    r = make(directory, clock, '[policy]\nrole_mailbox = "abuse@example.jp"\n')
+    assert r.resolves_nowhere("taro@example.jp") is None
+    assert r.resolves_nowhere("someone@elsewhere.example") is None  # not ours to judge
+    unknown = "example.com has no subscriber, alias or role address it@example.com"
+    assert r.resolves_nowhere("it@example.com") == unknown
+    assert r.resolves_nowhere("postmaster@example.com") == unknown
+    assert r.resolves_nowhere("postmaster@example.jp") == ("role addresses going round in a circle: "
+                                                           "postmaster@example.jp -> abuse@example.jp "
+                                                           "-> abuse@example.jp")

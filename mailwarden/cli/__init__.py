@@ -13,6 +13,7 @@ from importlib.metadata import entry_points
 import click
 
 from mailwarden import catalogue
+from mailwarden.address import InvalidAddress
 from mailwarden.cli.admin import domain_group, ldap_group, user_group
 from mailwarden.cli.common import (
     EX_CONFIG,
@@ -132,7 +133,31 @@ def config_check(app: App, connect: bool) -> None:
             store.close()
         except StoreUnavailable as exc:
             fail(f"store unavailable: {exc}", EX_TEMPFAIL)
+        for warning in undeliverable_admins(app):
+            click.echo(f"warning: {warning}", err=True)
     click.echo(f"{cfg.source}: OK" + (" (directory and store reachable)" if connect else ""))
+
+
+def undeliverable_admins(app: App) -> list[str]:
+    """Each domain ``admin_address`` (and ``[policy] role_mailbox``) that the directory
+    shows resolving nowhere: notices and role addresses sent there would bounce."""
+    from mailwarden.ldapdir import LdapDirectory
+
+    targets: list[tuple[str, str]] = []
+    if isinstance(app.directory, LdapDirectory):
+        targets += [(f"{e.dn}: admin_address", e.first("admin_address") or "")
+                    for e in app.directory.domains_with("admin_address")]
+    if app.config.policy.role_mailbox:
+        targets.append(("policy.role_mailbox", app.config.policy.role_mailbox))
+    found = []
+    for where, address in targets:
+        try:
+            why = app.resolver.resolves_nowhere(address)
+        except InvalidAddress as exc:
+            why = str(exc)
+        if why:
+            found.append(f"{where} {address} cannot receive mail: {why}")
+    return found
 
 
 # ------------------------------------------------------------------ explain

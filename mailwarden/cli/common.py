@@ -21,7 +21,7 @@ from mailwarden.address import InvalidAddress
 from mailwarden.config import Config, ConfigError, load_config
 from mailwarden.directory import Directory, DirectoryError, DirectoryUnavailable, NoSuchEntry
 from mailwarden.log import setup_logging
-from mailwarden.policy import EffectivePolicy, PolicyResolver
+from mailwarden.policy import AddressKind, EffectivePolicy, PolicyResolver
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -146,7 +146,7 @@ def print_policy(policy: EffectivePolicy) -> None:
     state = {True: "active", False: "INACTIVE"}[policy.active] if policy.user_dn else ""
     click.echo(f"{policy.address}: {policy.kind.value}" + (f" ({state})" if state else ""))
     rows = [
-        ("canonical", policy.canonical),
+        ("delivered to" if policy.kind is AddressKind.ROLE else "canonical", policy.canonical),
         ("domain", f"{policy.domain}  [{policy.domain_dn}]" if policy.domain else None),
         ("entry", policy.user_dn),
         ("resolved via", "; ".join(policy.resolved_via) or None),

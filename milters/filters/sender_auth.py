@@ -21,7 +21,9 @@ node with ``milter.sender_auth`` (on by default).
   ``honour`` refuses that recipient (reject) or files the mail as junk (quarantine,
   the catalogue's ``JUNK_HEADER``); ``tag`` delivers it, the header saying
   ``dmarc=fail`` and the log line noting the policy not applied; ``ignore`` delivers
-  it without a note.  ``temperror`` and ``permerror`` are recorded, never acted on.
+  it without a note.  Role addresses (``postmaster@``, ``abuse@``) are spared, as
+  they are every check that judges the sender.  ``temperror`` and ``permerror`` are
+  recorded, never acted on.
 * ARC (RFC 8617): the chain is validated and recorded (``arc=pass (i=N)``, ``fail``,
   ``none``); it changes nothing, no sealer being trusted to vouch for forwarded mail.
 * Mail submitted with SMTP AUTH is not checked against SPF (its client is a
@@ -46,6 +48,7 @@ from authres.core import (
 from authres.dmarc import DMARCAuthenticationResult
 
 from mailwarden.catalogue import JUNK_HEADER, Service
+from mailwarden.policy import AddressKind
 from milters.authentication import (
     ArcResult,
     AuthDns,
@@ -112,6 +115,10 @@ def arc_clause(result: ArcResult) -> AuthenticationResult:
 def act_on_dmarc(result: DmarcResult, outcome: RecipientOutcome) -> None:
     """What a DMARC fail under p=reject / p=quarantine does to one recipient (``dmarc_action``)."""
     if result.result != "fail" or result.applied not in ("reject", "quarantine"):
+        return
+    if outcome.policy.kind is AddressKind.ROLE:
+        # Role addresses (postmaster@, abuse@) are spared every check that judges the sender.
+        outcome.notes.append(f"DMARC policy of {result.domain}: {result.applied}, not applied (role address)")
         return
     action = outcome.policy.get("dmarc_action")
     if action == "honour" and result.applied == "reject":

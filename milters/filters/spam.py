@@ -7,8 +7,9 @@ separate copy when recipients differ), and their own action: ``tag``
 (headers only), ``subject`` (tag the Subject), ``junk`` (a header the Dovecot
 Sieve script files into Junk), ``reject``; at or above ``spam_reject_score`` the
 message is refused for them whatever the action.  Recipients without the service
-get none of this.  Forged spam headers are removed for contracted recipients, so
-that what they see is ours.
+get none of this.  Copies of these headers from outside are removed for every
+recipient before any filter runs (:func:`milters.message.reserved_header_names`),
+so what anyone sees is ours.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import ClassVar
 from mailwarden.catalogue import JUNK_HEADER, Service
 from milters.filters import Backends, Context, backend_failed
 from milters.scanners import ScanError, SpamScanner
-from milters.verdict import Action, AddHeader, RecipientOutcome, RemoveHeader, TagSubject
+from milters.verdict import Action, AddHeader, RecipientOutcome, TagSubject
 
 SPAM_HEADERS = ("X-Spam-Flag", "X-Spam-Status", "X-Spam-Score", "X-Spam-Level")
 
@@ -75,15 +76,12 @@ class SpamFilter:
         score = result.score
         ctx.find("spam", f"{score:.1f}" + ("(spam)" if any(
             score >= float(o.policy.get("spam_threshold")) for o in outcomes) else ""))
-        forged = [h for h in (*SPAM_HEADERS, JUNK_HEADER) if message.header(h) is not None]
         for outcome in outcomes:
             policy = outcome.policy
             threshold = float(policy.get("spam_threshold"))
             is_spam = score >= threshold
             if not is_spam and not self.ham_headers:
                 continue  # ham stays as sent: no extra copy when recipients differ
-            for name in forged:
-                outcome.edit(RemoveHeader(name))
             tests = fold_list(result.symbols) if result.symbols else "none"
             outcome.edit(AddHeader("X-Spam-Status", f"{'Yes' if is_spam else 'No'}, score={score:.1f} "
                                                     f"required={threshold:.1f} tests={tests}"))

@@ -303,6 +303,9 @@ class Check(Protocol):
     stages: ClassVar[frozenset[str]]
     services: ClassVar[tuple[Service, ...]]
     """The subscriber services the check concerns (documentation and logs)."""
+    spares_role_addresses: ClassVar[bool]
+    """Not run for mail to role addresses (postmaster@, abuse@): a complaint about a
+    poor sender must reach the domain even from that sender."""
     failure_action: FailureAction
     """``tempfail`` or ``dunno`` when a backend fails."""
 

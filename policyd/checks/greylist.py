@@ -42,6 +42,7 @@ class GreylistCheck:
     name: ClassVar[str] = "greylist"
     stages: ClassVar[frozenset[str]] = frozenset({"RCPT"})
     services: ClassVar[tuple[Service, ...]] = (Service.GREYLISTING,)
+    spares_role_addresses: ClassVar[bool] = True
 
     def __init__(self, cfg: PolicydConfig) -> None:
         gc = cfg.greylist

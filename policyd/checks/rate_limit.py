@@ -60,6 +60,7 @@ class RateLimitCheck:
     name: ClassVar[str] = "rate_limit"
     stages: ClassVar[frozenset[str]] = frozenset({"RCPT", "END-OF-MESSAGE"})
     services: ClassVar[tuple[Service, ...]] = (Service.RATE_LIMITS,)
+    spares_role_addresses: ClassVar[bool] = True
 
     def __init__(self, cfg: PolicydConfig) -> None:
         self.failure_action = cfg.rate_limit.failure_action

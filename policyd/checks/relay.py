@@ -16,6 +16,7 @@ class RelayCheck:
     name: ClassVar[str] = "relay"
     stages: ClassVar[frozenset[str]] = frozenset({"RCPT"})
     services: ClassVar[tuple[Service, ...]] = (Service.SMTP_AUTH, Service.POP_BEFORE_SMTP)
+    spares_role_addresses: ClassVar[bool] = False
 
     def __init__(self, cfg: PolicydConfig) -> None:
         self.failure_action = cfg.relay.failure_action

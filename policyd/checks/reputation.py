@@ -36,6 +36,7 @@ class ReputationCheck:
     name: ClassVar[str] = "reputation"
     stages: ClassVar[frozenset[str]] = frozenset({"RCPT"})
     services: ClassVar[tuple[Service, ...]] = ()
+    spares_role_addresses: ClassVar[bool] = True
 
     def __init__(self, cfg: PolicydConfig) -> None:
         rc = cfg.reputation

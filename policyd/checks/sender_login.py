@@ -23,6 +23,7 @@ class SenderLoginCheck:
     name: ClassVar[str] = "sender_login"
     stages: ClassVar[frozenset[str]] = frozenset({"MAIL", "RCPT"})
     services: ClassVar[tuple[Service, ...]] = (Service.SMTP_AUTH,)
+    spares_role_addresses: ClassVar[bool] = False
 
     def __init__(self, cfg: PolicydConfig) -> None:
         self.failure_action = cfg.sender_login.failure_action

@@ -47,6 +47,7 @@ class SpfCheck:
     name: ClassVar[str] = "spf"
     stages: ClassVar[frozenset[str]] = frozenset({"RCPT"})
     services: ClassVar[tuple[Service, ...]] = ()
+    spares_role_addresses: ClassVar[bool] = True
 
     def __init__(self, cfg: PolicydConfig, node_name: str = "localhost") -> None:
         self.failure_action = cfg.spf.failure_action

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from email.message import EmailMessage
 
@@ -166,3 +167,45 @@ def test_mail_for_a_subscriber_on_mailbox_host_b_is_routed_to_b(stack: MailStack
     stack.pop3("prof@lab.example.org").quit()  # the proxy finds the same host in LDAP
     stack.wait_for_log("front", rf"proxy\(prof@lab\.example\.org,{re.escape(stack.ip('mbox2'))}:110\): "
                        "Started proxying", name="dovecot", after=proxy_log)
+
+
+def test_an_unknown_user_at_a_domain_alias_is_refused_at_rcpt(stack: MailStack) -> None:
+    """No backscatter: the MX refuses the address at RCPT, as at the canonical domain."""
+    sent = stack.swaks("internet", "--server", MX, "--from", "alice@outside.test",
+                       "--to", "nosuchuser@example.ne.jp")
+    assert sent.returncode != 0, sent.stdout
+    assert re.search(r"<\*\* 550 5\.1\.1 <nosuchuser@example\.ne\.jp>: Recipient address rejected",
+                     sent.stdout), sent.stdout
+    assert "queued as" not in sent.stdout
+
+
+def test_a_role_address_at_a_domain_alias_reaches_the_domain_admin(
+    stack: MailStack, token: str, directory: DirectoryChanges
+) -> None:
+    """abuse@ has no entry: the MX accepts it and the route stage sends it to the
+    domain's admin_address, where ``mailwarden explain`` says it goes."""
+    admin = f"admin-{token}@outside.test"
+    directory.set("domain", "example.jp", "admin_address", admin)
+    explained = json.loads(stack.mailwarden("explain", "--json", "abuse@example.ne.jp").stdout)
+    assert explained["kind"] == "role" and explained["canonical"] == admin
+    sent = stack.swaks("internet", "--server", MX, "--from", "alice@outside.test",
+                       "--to", "abuse@example.ne.jp", "--header", f"Subject: complaint {token}")
+    assert sent.returncode == 0, sent.stdout
+    [message] = stack.wait_for_messages(stack.internet_maildir(), match=token, delivered_to=admin)
+    assert message["Subject"] == f"complaint {token}"
+    stack.wait_queues_empty()
+
+
+def test_postmaster_and_abuse_of_a_hosted_domain_reach_its_admins_mailbox(
+    stack: MailStack, token: str
+) -> None:
+    """The sample domain example.com names alice as its admin: its role addresses, in any
+    case, are delivered to her mailbox without an entry of their own."""
+    roles = ("postmaster@example.com", "ABUSE@example.com")
+    for rcpt in roles:
+        sent = stack.swaks("internet", "--server", MX, "--from", "reporter@outside.test", "--to", rcpt,
+                           "--header", f"Subject: report to {rcpt} {token}")
+        assert sent.returncode == 0, sent.stdout
+    delivered = stack.wait_for_messages(stack.maildir("alice@example.com"), 2, match=token)
+    assert sorted(str(m["Subject"]) for m in delivered) == sorted(f"report to {r} {token}" for r in roles)
+    stack.wait_queues_empty()

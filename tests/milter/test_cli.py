@@ -137,17 +137,19 @@ def test_quarantine_release_delivers_and_removes(quarantined: tuple[Path, str], 
     assert list((tmp_path / "q").iterdir()) == []
 
 
-def test_quarantine_release_drops_a_junk_mark_set_outside(tmp_path: Path) -> None:
+def test_quarantine_release_drops_fields_set_outside_that_only_mailwarden_may_set(tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
     q = Quarantine(SQLiteStore(str(tmp_path / "state.sqlite3")), tmp_path / "q", retention_days=30)
-    forged = make_message(subject="held", headers={"X-Mailwarden-Junk": "yes"}).as_bytes()
+    forged = make_message(subject="held", headers={"X-Mailwarden-Junk": "yes", "X-Spam-Flag": "YES",
+                                                   "X-Mailer": "kept"}).as_bytes()
     entry = q.put([forged], sender="s@remote.example", recipients=["taro@example.jp"], reason="keyword rule")
     with SmtpSink() as sink:
         cfg.write_text(cfg.read_text() + f'reinject = "inet:127.0.0.1:{sink.port}"\n')
         code, out = run(cfg, "quarantine", "release", entry.id)
         assert code == 0, out
         (msg,) = sink.wait_for(1)
-    assert b"X-Mailwarden-Junk" not in msg.data and b"Subject: held" in msg.data
+    assert b"X-Mailwarden-Junk" not in msg.data and b"X-Spam-Flag" not in msg.data
+    assert b"Subject: held" in msg.data and b"X-Mailer: kept" in msg.data
     assert msg.data.rstrip().endswith(b"hello")
 
 

@@ -159,9 +159,9 @@ def zipped(members: dict[str, bytes]) -> bytes:
 def test_eicar_is_refused_at_smtp_time(stack: Stack, build: object) -> None:
     result = stack.send(build(), "taro@example.jp")  # type: ignore[operator]
     assert result.data[0] == 550 and "virus Custom.Test.EICAR" in result.data[1]
-    # example.jp tells the recipient and its postmaster, in Japanese, with the null sender.
+    # example.jp tells the recipient and its admin (hanako), in Japanese, with the null sender.
     notices = stack.mailbox.wait_for(2, timeout=20)
-    assert sorted(r for n in notices for r in n.recipients) == ["postmaster@example.jp", "taro@example.jp"]
+    assert sorted(r for n in notices for r in n.recipients) == ["hanako@example.jp", "taro@example.jp"]
     assert all(n.envelope_sender == "" and n.header("Auto-Submitted") == "auto-generated" for n in notices)
     assert "ウイルス" in (notices[0].header("Subject") or "")
     assert stack.mail() == []
@@ -227,6 +227,21 @@ def test_two_local_recipients_get_exactly_what_their_flags_say(stack: Stack) -> 
     assert tagged.header("X-Mailwarden-Junk") is None
     assert bob.header("Subject") == "quarterly report"
     assert [h for h in bob.message if h.lower().startswith(("x-spam", "x-mailwarden"))] == []
+
+
+def test_forged_spam_and_mailwarden_headers_leave_ham_for_everyone(stack: Stack) -> None:
+    """A forged ``X-Spam-Flag: YES`` does not stay on ham for a spam-check subscriber
+    (taro) nor for one without the service (bob): one copy, without any such field."""
+    msg = message(subject="lunch")
+    for name, value in (("X-Spam-Flag", "YES"), ("X-Spam-Status", "Yes, score=50.0"),
+                        ("X-Mailwarden-Junk", "yes"), ("X-Mailwarden-Notice", "virus")):
+        msg[name] = value
+    result = stack.send(msg, "taro@example.jp", "bob@example.com")
+    assert result.accepted, stack.milter.log()[-3000:]
+    (copy,) = stack.copies(1)
+    assert sorted(copy.recipients) == ["bob@example.com", "taro@example.jp"]
+    assert [h for h in copy.message if h.lower().startswith(("x-spam", "x-mailwarden"))] == []
+    assert copy.header("Subject") == "lunch"
 
 
 # ---------------------------------------------------------------- keywords

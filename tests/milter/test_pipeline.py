@@ -336,6 +336,34 @@ def test_forged_junk_header_is_removed(h: Harness) -> None:
     assert ctx.rc == p.ACCEPT and ctx.msg["X-Mailwarden-Junk"] is None
 
 
+FORGED = {"X-Spam-Flag": "YES", "x-spam-status": "Yes, score=99.0", "X-Spam-Level": "*****",
+          "X-Mailwarden-Notice": "virus", "X-Mailwarden-Junk": "yes"}
+
+
+def test_forged_spam_and_mailwarden_headers_are_removed_for_every_recipient(h: Harness) -> None:
+    """Ham for a spam-check subscriber and for one without the service: one variant,
+    the queued copy, without any field only mailwarden may set."""
+    h.spam.score = 1.0
+    msg = make_message(headers={**FORGED, "X-Spammer-Note": "kept", "X-Mailer": "kept"})
+    ctx = h.feed(msg, "s@remote.example", "taro@example.jp", "nobody@bare.example.net")
+    assert ctx.rc == p.ACCEPT and ctx.delrcpt == [] and h.injector.sent == []
+    assert h.spam.calls == 1
+    for name in FORGED:
+        assert ctx.msg[name] is None, name
+    assert ctx.msg["X-Spammer-Note"] == "kept" and ctx.msg["X-Mailer"] == "kept"
+
+
+def test_spam_headers_on_spam_are_ours_alone(h: Harness) -> None:
+    h.spam.score = 7.0
+    msg = make_message(headers={"X-Spam-Flag": "NO", "X-Spam-Score": "-5.0"})
+    ctx = h.feed(msg, "s@remote.example", "taro@example.jp", "nobody@bare.example.net", "bob@example.com")
+    assert ctx.rc == p.ACCEPT and ctx.delrcpt == ["<taro@example.jp>"]
+    taro = delivered_copy(h, "taro@example.jp")
+    assert taro.get_all("X-Spam-Flag") == ["YES"] and taro.get_all("X-Spam-Score") == ["7.0"]
+    # The queued copy (nobody and bob, no spam service) carries none.
+    assert ctx.msg["X-Spam-Flag"] is None and ctx.msg["X-Spam-Score"] is None
+
+
 def test_no_notice_to_the_sender_of_machine_mail(h: Harness) -> None:
     msg = make_message(body=EICAR.decode(), headers={"Auto-Submitted": "auto-replied"})
     h.feed(msg, "robot@remote.example", "bob@example.com")  # example.com notifies senders
@@ -507,3 +535,34 @@ def test_filters_run_on_the_loop_and_only_blocking_delivery_in_a_thread(tmp_path
     h.service.resolver.invalidate()
     ctx = h.feed(make_message(body=EICAR.decode() + " "), "s@remote.example", "bob@example.com")
     assert ctx.rc == p.DISCARD and scans == [True, True] and puts == [False]
+
+
+# ---------------------------------------------------------------- role addresses
+
+ROLE_MAILBOX = '[policy]\nrole_mailbox = "roles@isp.example"\n'
+
+
+def test_role_addresses_are_virus_scanned_even_where_the_domain_scans_nothing(tmp_path: Path) -> None:
+    h = harness(tmp_path, ROLE_MAILBOX)
+    ctx = h.feed(make_message(body=EICAR.decode()), "s@remote.example", "postmaster@bare.example.net")
+    assert ctx.rc == p.REJECT and "virus" in ctx.reply[2]
+    # The domain's own unknown users and subscribers get what the domain says: nothing.
+    h.feed(make_message(body=EICAR.decode() + " "), "s@remote.example", "nobody@bare.example.net")
+    assert h.virus.calls == 1
+
+
+def test_role_addresses_are_extension_filtered_by_their_domain_settings(h: Harness) -> None:
+    # abuse@example.com goes to example.com's admin_address; example.com strips banned parts.
+    raw = with_attachment(b"MZ not really", "setup.exe")
+    ctx = h.feed(raw, "s@remote.example", "abuse@example.com")
+    assert ctx.rc == p.ACCEPT and ctx.body_replaced
+    assert "setup.exe" not in {part.get_filename() for part in ctx.msg.walk()}
+
+
+def test_spam_and_keyword_rules_never_refuse_a_complaint(h: Harness) -> None:
+    h.spam.score = 50.0  # over example.com's reject score
+    msg = make_message(subject="Fwd: cheap pills", body="Your customer sent: Buy cheap pills\n")
+    ctx = h.feed(msg, "s@remote.example", "abuse@example.com", "carol@example.com")
+    # carol (a subscriber of the same domain) refuses it; the role address takes it as sent.
+    assert ctx.rc == p.ACCEPT and ctx.delrcpt == ["<carol@example.com>"]
+    assert ctx.msg["X-Spam-Flag"] is None and ctx.msg["X-Mailwarden-Junk"] is None

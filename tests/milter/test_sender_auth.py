@@ -377,3 +377,10 @@ def test_a_broken_arc_chain_fails(h: Harness, keys: Keys) -> None:
 
 def test_mail_without_arc_says_none(h: Harness) -> None:
     assert "arc=none" in ours(h.feed(make_message(), "s@remote.example", "taro@example.jp"))
+
+
+def test_role_addresses_are_spared_dmarc_refusal(h: Harness) -> None:
+    fed = h.feed(make_message(sender="ceo@signer.example"), "x@elsewhere.example",
+                 "taro@example.jp", "abuse@example.com")
+    assert fed.rc == p.ACCEPT and fed.delrcpt == ["<taro@example.jp>"]
+    assert "dmarc=fail (p=reject) header.from=signer.example" in ours(fed)

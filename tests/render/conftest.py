@@ -195,6 +195,19 @@ def site(slapd: SlapdServer) -> Iterator[Site]:
 # ---------------------------------------------------------------- Postfix
 
 
+def _top_level(value: str) -> list[str]:
+    """A main.cf list split at the commas outside ``{ }`` (pipemap:{ a, b } stays whole)."""
+    parts, depth, current = [], 0, ""
+    for char in value:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [p for p in [*parts, current.strip()] if p]
+
+
 class RenderedPostfix:
     """One rendered instance run with the real Postfix (``postfix -c DIR``)."""
 
@@ -247,7 +260,21 @@ class RenderedPostfix:
 
     def lookup(self, table: str, key: str) -> str | None:
         """``postmap -q KEY ldap:TABLE`` against the directory; None when not found."""
-        res = subprocess.run(["postmap", "-c", str(self.etc), "-q", key, f"ldap:{self.etc}/{table}.cf"],
+        return self.query(f"ldap:{self.etc}/{table}.cf", key)
+
+    def alias(self, key: str) -> str | None:
+        """What the instance's ``virtual_alias_maps`` answer first for ``key`` (one step,
+        the exact key: Postfix itself retries without an address extension)."""
+        maps = self.settings()["virtual_alias_maps"].replace("proxy:", "").replace("$$", "$")
+        for spec in _top_level(maps):
+            answer = self.query(spec, key)
+            if answer is not None:
+                return answer
+        return None
+
+    def query(self, spec: str, key: str) -> str | None:
+        """``postmap -q KEY SPEC`` (any table type); None when not found."""
+        res = subprocess.run(["postmap", "-c", str(self.etc), "-q", key, spec],
                              capture_output=True, text=True, check=False, timeout=30)
         if res.returncode == 1 and not res.stderr:
             return None

@@ -14,6 +14,8 @@ import pytest
 
 from harness.postfix import send_mail
 from harness.slapd import SlapdServer
+from mailwarden.ldapdir import LdapDirectory
+from mailwarden.policy import AddressKind, PolicyResolver
 from mailwarden.render import POSTFIX_INSTANCES
 from milters.config import MilterConfig
 from policyd.config import PolicydConfig
@@ -42,9 +44,15 @@ def rendered(slapd: SlapdServer) -> Iterator[dict[str, RenderedPostfix]]:
     """All five instances of one site, rendered once for the module."""
     need_postfix()
     with site_root() as root:
-        site = Site(root, ldap_toml(slapd))
+        site = Site(root, ldap_toml(slapd) + ROLES)
         site.postfix()
         yield {role: RenderedPostfix(site, role) for role in POSTFIX_INSTANCES}
+
+
+# [policy] role addresses (before the [render] table, which Site.as_proxy extends).
+# pbs@example.jp is a subscriber: a role name with a directory entry of its own wins.
+ROLES = '[policy]\nrole_addresses = ["postmaster", "abuse", "hostmaster", "pbs"]\n' \
+        'role_mailbox = "roles@isp.example"\n'
 
 
 def test_every_instance_passes_postfix_check(rendered: dict[str, RenderedPostfix]) -> None:
@@ -112,8 +120,11 @@ def test_route_stage_rewrites_aliases_and_picks_the_path(rendered: dict[str, Ren
     instance = rendered["route"]
     s = instance.settings()
     r = instance.site.config.render
-    # Domain aliases, alternate addresses, and the forwarding address -> every forward address.
-    assert s["virtual_alias_maps"].count("proxy:ldap:") == 3
+    # Domain aliases (of known subscribers), alternate addresses, role addresses (a
+    # subscriber, the domain's admin, the site's mailbox), and the forwarding address
+    # -> every forward address.
+    assert s["virtual_alias_maps"].count("proxy:ldap:") == 7
+    assert s["virtual_alias_maps"].startswith("pipemap:{ proxy:ldap:")
     assert "pipemap:{ regexp:" in s["virtual_alias_maps"]
     assert s["virtual_alias_domains"] == "forward.mailwarden.invalid"
     assert s["relay_transport"] == f"to-mailbox:[127.0.0.1]:{r.mailbox_listen.split(':')[1]}"
@@ -159,6 +170,13 @@ def test_ldap_tables_answer_from_the_directory(rendered: dict[str, RenderedPostf
     assert route.lookup("ldap-alias-domains", "taro@example.jp") is None
     assert route.lookup("ldap-alias-addresses", "taro.yamada@example.jp") == "taro@example.jp"
     assert route.lookup("ldap-alias-addresses", "taro@example.jp") is None
+    # A domain alias answers only for a subscriber of the canonical domain (pipemap into
+    # ldap-recipients): an unknown local part there is unlisted, as at the canonical domain.
+    for instance in (route, rendered["mx"]):
+        assert instance.alias("taro@example.ne.jp") == "taro@example.jp"
+        assert instance.alias("taro.yamada@example.ne.jp") == "taro@example.jp"
+        assert instance.alias("nosuchuser@example.ne.jp") is None
+        assert instance.alias("taro+news@example.ne.jp") is None  # Postfix retries as taro@
     assert route.lookup("ldap-forwards", "hanako@example.jp") == "hanako@example.com"
     assert route.lookup("ldap-forwards", "taro@example.jp") is None
     # The subscriber's own mailbox host, else the domain's.
@@ -166,6 +184,33 @@ def test_ldap_tables_answer_from_the_directory(rendered: dict[str, RenderedPostf
     assert mailbox.lookup("ldap-mailhost-users", "hanako@example.jp") == f"lmtp:inet:mbox2.example.jp:{lmtp}"
     assert mailbox.lookup("ldap-mailhost-users", "taro@example.jp") is None
     assert mailbox.lookup("ldap-mailhost-domains", "example.jp") == f"lmtp:inet:mbox1.example.jp:{lmtp}"
+
+
+def test_role_addresses_route_as_the_resolver_says(rendered: dict[str, RenderedPostfix]) -> None:
+    """Postfix's alias tables and the effective-policy core agree on every role address:
+    the domain's admin_address, else the site's role mailbox, and a directory entry wins."""
+    route = rendered["route"]
+    config = route.site.config
+    resolver = PolicyResolver(LdapDirectory(config.ldap), config)
+    expected = {
+        "postmaster@lab.example.org": "prof@lab.example.org",   # the domain's admin_address
+        "abuse@example.ne.jp": "hanako@example.jp",             # through a domain alias
+        "hostmaster@bare.example.net": "roles@isp.example",     # no admin_address: the site's
+        "pbs@example.jp": "pbs@example.jp",                     # a subscriber: itself, expansion ends
+        "webmaster@example.jp": None,                           # not a role address
+        "postmaster@elsewhere.example": None,                   # not hosted here
+    }
+    for address, target in expected.items():
+        assert route.alias(address) == target, address
+        policy = resolver.effective_policy(address)
+        if target is None:
+            assert policy.kind in (AddressKind.UNKNOWN_USER, AddressKind.NOT_LOCAL), address
+        else:
+            assert policy.canonical == target, address
+    assert resolver.effective_policy("abuse@example.ne.jp").kind is AddressKind.ROLE
+    assert resolver.effective_policy("pbs@example.jp").kind is AddressKind.SUBSCRIBER
+    assert rendered["mx"].alias("abuse+x@bare.example.net") is None  # Postfix retries as abuse@
+    assert rendered["mx"].alias("abuse@bare.example.net") == "roles@isp.example"
 
 
 def test_ldap_tables_follow_the_alternative_mapping(tmp_path: Path, slapd: SlapdServer) -> None:
@@ -177,6 +222,8 @@ def test_ldap_tables_follow_the_alternative_mapping(tmp_path: Path, slapd: Slapd
     assert route.lookup("ldap-alias-domains", "ken@old-legacy.example") == "ken@legacy.example"
     assert route.lookup("ldap-alias-addresses", "k.tanaka@legacy.example") == "ken@legacy.example"
     assert route.lookup("ldap-recipients", "mika@legacy.example") == "mika@legacy.example"
+    assert route.alias("ken@old-legacy.example") == "ken@legacy.example"
+    assert route.alias("nobody@old-legacy.example") is None
     lmtp = f"lmtp:inet:%s:{site.ports['lmtp']}"
     assert mailbox.lookup("ldap-mailhost-users", "ken@legacy.example") == lmtp % "store2.legacy.example"
     assert mailbox.lookup("ldap-mailhost-domains", "legacy.example") == lmtp % "store1.legacy.example"
@@ -275,6 +322,20 @@ def test_edges_fail_safe_and_grant_relay_rights(rendered: dict[str, RenderedPost
     unknown = send_mail("127.0.0.1", port, "pbs@example.jp", ["no-such-user@example.jp"],
                         source_address="127.0.0.2")
     assert unknown.rcpt["no-such-user@example.jp"][0] == 550
+    # The same at a domain alias: refused at RCPT, never accepted and bounced later.
+    at_alias = send_mail("127.0.0.1", port, "pbs@example.jp",
+                         ["nosuchuser@example.ne.jp", "taro+news@example.ne.jp", "taro.yamada@example.ne.jp"],
+                         source_address="127.0.0.2")
+    assert at_alias.rcpt["nosuchuser@example.ne.jp"][:1] == (550,), at_alias
+    assert at_alias.rcpt["nosuchuser@example.ne.jp"][1].startswith("5.1.1 "), at_alias
+    assert at_alias.rcpt["taro+news@example.ne.jp"][0] == 250, at_alias
+    assert at_alias.rcpt["taro.yamada@example.ne.jp"][0] == 250, at_alias
+    # Role addresses exist at every hosted domain and domain alias.
+    roles = send_mail("127.0.0.1", port, "someone@outside.test", ["postmaster@example.ne.jp",
+                      "abuse@bare.example.net", "webmaster@bare.example.net"], source_address="127.0.0.3")
+    assert roles.rcpt["postmaster@example.ne.jp"][0] == 250, roles
+    assert roles.rcpt["abuse@bare.example.net"][0] == 250, roles
+    assert roles.rcpt["webmaster@bare.example.net"][0] == 550, roles
 
     front = site.as_proxy()
     front.dovecot("proxy")
