@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from email import message_from_bytes
@@ -281,7 +282,9 @@ IMAGE_PYTHON = "3.11.2"
 def runtime_requirements() -> list[str]:
     """What the image's ``pip`` installs: ``name==version`` of every distribution this
     environment has and mailwarden needs at run time, plus the plain requirement of any
-    that only the image's Python needs."""
+    that only the image's Python needs.  mailwarden's own requirements are read from the
+    checkout's pyproject.toml, not from the installed metadata, which an editable install
+    leaves as it was when it was made."""
     # Imported here: the image (which runs this module's DNS stub) has no packaging.
     from packaging.markers import default_environment
     from packaging.requirements import Requirement
@@ -291,7 +294,8 @@ def runtime_requirements() -> list[str]:
     image.update(python_full_version=IMAGE_PYTHON, python_version=IMAGE_PYTHON.rsplit(".", 1)[0],
                  extra="")
     pins: dict[str, str] = {}
-    todo = [Requirement("mailwarden")]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(r) for r in project["dependencies"]]
     while todo:
         req = todo.pop()
         if req.marker and not (req.marker.evaluate({"extra": ""}) or req.marker.evaluate(image)):
@@ -306,7 +310,6 @@ def runtime_requirements() -> list[str]:
             continue
         pins[key] = f"{key}=={dist.version}"
         todo.extend(Requirement(r) for r in dist.requires or [])
-    del pins["mailwarden"]
     return sorted(pins.values())
 
 

@@ -81,8 +81,8 @@ SERVICES: dict[Service, ServiceSpec] = {
         ServiceSpec(Service.SMTP_AUTH, "smtp-auth", "relay after SMTP AUTH", paid=False),
         ServiceSpec(Service.ARCHIVE, "archive", "keep a copy of all passing mail", paid=True,
                     implemented=False),
-        ServiceSpec(Service.DKIM_SIGNING, "dkim-signing", "DKIM-sign outgoing mail", paid=False,
-                    implemented=False),
+        ServiceSpec(Service.DKIM_SIGNING, "dkim-signing",
+                    "DKIM-sign mail subscribers submit with SMTP AUTH", paid=False),
         ServiceSpec(Service.GREYLISTING, "greylisting", "greylist unknown senders", paid=False),
         ServiceSpec(
             Service.RATE_LIMITS, "rate-limits", "limit messages/recipients/bytes", paid=False
@@ -417,7 +417,13 @@ SETTINGS: dict[str, SettingSpec] = {
            "what mail to this domain gets per SPF result of an unauthenticated sender, "
            "'RESULT=ACTION' (softfail=reject); unlisted results follow [policyd.spf]",
            "mwSpfAction", scope="domain", max_values=len(SPF_RESULTS)),
-        _S("dkim_selector", "text", "", "DKIM selector used when signing for this domain",
+        _S("dmarc_action", "enum", "honour",
+           "mail to this domain failing the sender domain's DMARC p=reject / p=quarantine: honour "
+           "(refuse / file as junk), tag (delivered; Authentication-Results says dmarc=fail and "
+           "the log notes it) or ignore",
+           "mwDmarcAction", choices=("honour", "tag", "ignore"), scope="domain"),
+        _S("dkim_selector", "text", "",
+           "DKIM selector used when signing for this domain (ed25519: SELECTOR-ed25519)",
            "mwDkimSelector", scope="domain", max_length=63, service=Service.DKIM_SIGNING),
     )
 }

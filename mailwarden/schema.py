@@ -51,6 +51,7 @@ ATTRIBUTE_NUMBERS: dict[str, int] = {
     "mwGreylistDelay": 56,
     "mwDkimSelector": 57,
     "mwSpfAction": 58,
+    "mwDmarcAction": 59,
 }
 CLASS_NUMBERS = {"mwDomain": 1, "mwSubscriber": 2}
 

@@ -129,7 +129,8 @@ class ContentMilter:
         return Envelope(sender=self.sender or "", queue_id=self.macros.get("i") or "",
                         client_address=self.client.address, client_name=self.client.hostname,
                         helo=self.helo_name, mail_params=self.mail_params,
-                        receiver=self.macros.get("j") or "")
+                        receiver=self.macros.get("j") or "",
+                        auth_login=self.macros.get("{auth_authen}") or "")
 
     async def end_of_message(self, edits: Edits) -> Reply:
         """Decide and carry out; always answer."""

@@ -1,4 +1,5 @@
-"""``mailwarden milter ...`` (run, check, dry-run a message) and ``mailwarden quarantine ...``."""
+"""``mailwarden milter ...`` (run, check, dry-run a message), ``mailwarden quarantine ...`` and
+``mailwarden dkim ...`` (signing keys)."""
 
 from __future__ import annotations
 
@@ -248,3 +249,97 @@ def quarantine_expire(app: App) -> None:
     except StoreUnavailable as exc:
         fail(f"store unavailable: {exc}", EX_TEMPFAIL)
     click.echo(f"{count} expired message(s) deleted")
+
+
+# ------------------------------------------------------------------ dkim
+
+
+@click.group("dkim")
+def dkim_group() -> None:
+    """DKIM signing keys (milter.dkim_key_path) and the DNS records that publish them."""
+
+
+KEY_TYPES = {"rsa": "rsa-sha256", "ed25519": "ed25519-sha256"}
+
+
+def _selector_of(kind: str, selector: str) -> str:
+    from milters.signing import ED25519_SUFFIX
+
+    if kind == "ed25519" and not selector.endswith(ED25519_SUFFIX):
+        return selector + ED25519_SUFFIX
+    return selector
+
+
+@dkim_group.command("keygen")
+@click.argument("domain")
+@click.argument("selector")
+@click.option("--type", "kind", type=click.Choice(sorted(KEY_TYPES)), default="rsa", show_default=True,
+              help="RSA-2048, or ed25519 (kept and published under selector SELECTOR-ed25519).")
+@pass_app
+def dkim_keygen(app: App, domain: str, selector: str, kind: str) -> None:
+    """Write a new private key (mode 0600, never over an existing one); print its TXT record."""
+    from milters.signing import SigningUnavailable, generate_key, key_path, public_record, write_new_key
+
+    domain = domain.lower().rstrip(".")
+    selector = _selector_of(kind, selector)
+    path = key_path(MilterConfig.of(app.config).dkim_key_path, domain, selector)
+    try:
+        private, algorithm = generate_key(kind)
+        write_new_key(path, private)
+    except FileExistsError:
+        fail(f"{path} exists; remove it first to replace the key", EX_USAGE)
+    except (OSError, SigningUnavailable) as exc:
+        fail(f"{path}: {exc}", EX_CONFIG)
+    click.echo(f"; key written to {path}", err=True)
+    click.echo(f'{selector}._domainkey.{domain}. IN TXT "{public_record(private, algorithm)}"')
+
+
+@dkim_group.command("check")
+@click.argument("domain")
+@click.option("--selector", help="The selector (default: the domain's dkim_selector in the directory).")
+@pass_app
+def dkim_check(app: App, domain: str, selector: str | None) -> None:
+    """Compare each key of DOMAIN with the record published in DNS (through [dns]).
+
+    Exit 0 when every key's record matches, 1 when one is missing or differs, 75 when
+    DNS or the directory cannot answer.
+    """
+    from mailwarden.dns import make_resolver
+    from mailwarden.dnslookup import resolve_sync
+    from milters.signing import (
+        SigningUnavailable,
+        load_keys,
+        public_record,
+        published_key,
+    )
+
+    domain = domain.lower().rstrip(".")
+    if not selector:
+        try:  # any address of the domain carries the domain's settings
+            policy = app.resolver.effective_policy(f"postmaster@{domain}")
+        except DirectoryUnavailable as exc:
+            fail(f"directory unavailable: {exc}", EX_TEMPFAIL)
+        selector = str(policy.settings["dkim_selector"].value) if "dkim_selector" in policy.settings else ""
+        if not selector:
+            fail(f"{domain} has no dkim_selector", EX_NOTFOUND)
+    try:
+        keys = load_keys(MilterConfig.of(app.config).dkim_key_path, domain, selector)
+    except SigningUnavailable as exc:
+        fail(str(exc), EX_NOTFOUND)
+    resolver = make_resolver(app.config.dns)
+    ok = True
+    for key in keys:
+        name = f"{key.selector}._domainkey.{domain}"
+        found = resolve_sync(resolver, name, "TXT")
+        if isinstance(found, Exception):
+            fail(f"{name}: DNS did not answer ({type(found).__name__})", EX_TEMPFAIL)
+        records = [b"".join(r.strings).decode("utf-8", "replace") for r in found]
+        wanted = published_key(public_record(key.key, key.algorithm))
+        if any(published_key(r) == wanted for r in records):
+            click.echo(f"{name}: {key.algorithm} key published")
+        else:
+            ok = False
+            click.echo(f"{name}: {'no record' if not records else 'published key differs'}; "
+                       f"publish: \"{public_record(key.key, key.algorithm)}\"")
+    if not ok:
+        sys.exit(EX_NOTFOUND)

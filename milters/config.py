@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -84,6 +85,18 @@ class MilterConfig:
     spam_headers_on_ham: bool = setting(
         False, "add X-Spam-Status/Score under the threshold too (a separate copy when recipients differ)"
     )
+    sender_auth: bool = setting(
+        True, "verify DKIM, SPF, DMARC and ARC of mail to hosted recipients and add one "
+        "Authentication-Results header (DNS through [dns])"
+    )
+    authserv_id: str = setting(
+        "", "authserv-id of the Authentication-Results header (empty: general.node_name)"
+    )
+    dkim_key_path: str = setting(
+        "/etc/mailwarden/dkim/{domain}.{selector}.key",
+        "DKIM private key of a domain and selector (RSA PEM; the ed25519 key is the one of "
+        "selector SELECTOR-ed25519)"
+    )
     upstream_retry: float = setting(
         30.0, "seconds a clamd/spamd upstream that failed is skipped while others remain"
     )
@@ -164,6 +177,12 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
             problems.append(f"milter.{key}: must not be negative")
     if "{" in cfg.notice_from.replace("{domain}", ""):
         problems.append("milter.notice_from: only {domain} may be substituted")
+    key_path = cfg.dkim_key_path.replace("{domain}", "").replace("{selector}", "")
+    if "{" in key_path or "}" in key_path or "{domain}" not in cfg.dkim_key_path:
+        problems.append("milter.dkim_key_path: {domain} is needed, and only {domain} and {selector} "
+                        "may be substituted")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", cfg.authserv_id or "x"):
+        problems.append(f"milter.authserv_id: {cfg.authserv_id!r} is not a host name")
     # The directory is asked at RCPT time, inside Postfix's milter_command_timeout.
     if ldap_worst_case >= cfg.postfix_command_timeout:
         problems.append(

@@ -32,6 +32,7 @@ from milters.filters import Envelope
 from milters.message import Message, Part
 from milters.quarantine import Quarantine
 from milters.reinject import InjectError, Injector, Origin
+from milters.signing import Signer
 from milters.text import decode_header_value
 from milters.variants import Rendition, render, variant_stream
 from milters.verdict import Action, Disposition, RecipientOutcome, StripParts, Verdict
@@ -91,6 +92,17 @@ def facts_of(message: Message, envelope: Envelope, recipients: tuple[str, ...] =
     )
 
 
+async def _signatures(signer: Signer | None, message: Message, rendition: Rendition) -> list[str]:
+    """The DKIM-Signature values of a variant as it will leave (none without a signer)."""
+    if signer is None:
+        return []
+
+    def sign() -> list[str]:
+        return signer.header_fields(b"".join(variant_stream(message, rendition)))
+
+    return await asyncio.get_running_loop().run_in_executor(None, sign)
+
+
 def _tempfail(reason: str) -> Outcome:
     text = smtp_text(reason)
     return Outcome(Disposition.TEMPFAIL, f"451 4.7.1 Message deferred: {text}; try again later", 0)
@@ -116,11 +128,12 @@ class Delivery:
             self.outbox.stop(grace)
 
     async def carry_out(self, verdict: Verdict, message: Message, envelope: Envelope,
-                        actions: MilterActions, *, deadline: float) -> Outcome:
+                        actions: MilterActions, *, deadline: float, signer: Signer | None = None) -> Outcome:
         """Make the MTA do what the verdict says; returns what was done (and the SMTP reply).
 
-        Quarantine and re-injection block (files, the store, SMTP): they run in the
-        event loop's executor; everything else here is quick.
+        Quarantine, re-injection and DKIM signing block (files, the store, SMTP, hashing):
+        they run in the event loop's executor; everything else here is quick.  With a
+        ``signer``, every copy is signed as it leaves, after all of mailwarden's changes.
         """
         disposition = verdict.disposition
         if disposition is Disposition.TEMPFAIL:
@@ -149,7 +162,10 @@ class Delivery:
         origin = Origin(envelope.client_address, envelope.client_name, envelope.helo, envelope.queue_id)
         for edits, members in others:
             rendition = render(message, edits, strip_text)
-            data = variant_stream(message, rendition, envelope.trace_header())
+            head = envelope.trace_header() + b"".join(
+                ("DKIM-Signature: " + v.replace("\n", "\r\n") + "\r\n").encode()
+                for v in await _signatures(signer, message, rendition))
+            data = variant_stream(message, rendition, head)
             rcpts = [(m.address, m.recipient.params) for m in members]
             try:
                 reinjected.append(await loop.run_in_executor(None, functools.partial(
@@ -164,7 +180,11 @@ class Delivery:
         for outcome in verdict.outcomes:
             if id(outcome) not in keep:
                 actions.delrcpt(outcome.recipient.raw or f"<{outcome.address}>")
-        self._edit_in_place(actions, render(message, inline_edits, strip_text))
+        inline = render(message, inline_edits, strip_text)
+        signatures = await _signatures(signer, message, inline)
+        self._edit_in_place(actions, inline)
+        for value in signatures:
+            actions.addheader("DKIM-Signature", value)
         return Outcome(disposition, "", len(groups), tuple(reinjected), quarantine_id,
                        self._notify(verdict, message, envelope))
 

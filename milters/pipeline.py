@@ -4,8 +4,9 @@ Order (cheapest and most decisive first):
 
 1. extensions - names and archive listings, no outside call;
 2. virus      - one clamd scan (or a cache hit) for every recipient who has it;
-3. keywords   - regexes over decoded text, well under a millisecond;
-4. spam       - spamd, the most expensive step (tens to hundreds of ms).
+3. sender auth - DKIM, SPF, DMARC and ARC (DNS, mostly cached), for every recipient;
+4. keywords   - regexes over decoded text, well under a millisecond;
+5. spam       - spamd, the most expensive step (tens to hundreds of ms).
 
 A filter runs only if some recipient still in play has its service, and only
 for those recipients: a recipient already refused by the extension filter costs
@@ -71,7 +72,8 @@ def _stages(filters: Sequence[Filter], ctx: Context) -> Iterator[tuple[Filter, l
     after a temporary failure (the whole message is deferred)."""
     outcomes = ctx.verdict.outcomes
     for flt in filters:
-        targets = [o for o in outcomes if o.in_play and o.policy.enabled(flt.service)]
+        targets = [o for o in outcomes
+                   if o.in_play and (flt.service is None or o.policy.enabled(flt.service))]
         if not targets:
             continue
         yield flt, targets

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from mailwarden.config import Config
 from mailwarden.directory import Directory
+from mailwarden.dns import make_resolver
 from mailwarden.linelog import DecisionLog
 from mailwarden.notify import NoticeTemplates, Notifier
 from mailwarden.policy import PolicyResolver
@@ -25,6 +26,7 @@ from milters.delivery import Delivery, MilterActions, Outcome
 from milters.filters import Backends, Envelope, Filter
 from milters.filters.extensions import ExtensionFilter
 from milters.filters.keywords import KeywordFilter
+from milters.filters.sender_auth import SenderAuthFilter
 from milters.filters.spam import SpamFilter
 from milters.filters.virus import LocalScanCache, StoreScanCache, VirusFilter
 from milters.message import BodySpool, HeaderList, Limits, Message, ensure_dir
@@ -34,7 +36,8 @@ from milters.reinject import Injector, SmtpInjector
 from milters.scanners import ScanCache, SpamScanner, VirusScanner
 from milters.scanners.clamd import ClamdScanner
 from milters.scanners.spamd import SpamdScanner
-from milters.verdict import Disposition, Recipient, Verdict
+from milters.signing import Signer, Signing, SigningUnavailable
+from milters.verdict import Action, Disposition, Recipient, Verdict
 
 log = logging.getLogger("mailwarden.milter")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -50,6 +53,8 @@ class MilterService:
     delivery: Delivery
     limits: Limits
     reputation: Reputation | None = None
+    signing: Signing | None = None
+    """DKIM signing of subscribers' mail (None: off)."""
     lines: DecisionLog = field(default_factory=lambda: DecisionLog(log))
     """The one-line-per-message log (batched on the event loop)."""
     settings: MilterConfig = field(init=False)
@@ -69,13 +74,28 @@ class MilterService:
         deadline = started + self.settings.eom_budget
         message = Message(headers, spool, self.limits)
         verdict = await self.pipeline.run(envelope, message, recipients, deadline)
-        outcome = await self.delivery.carry_out(verdict, message, envelope, actions, deadline=deadline)
+        signer = await self._signer(envelope, message, verdict)
+        outcome = await self.delivery.carry_out(verdict, message, envelope, actions, deadline=deadline,
+                                                signer=signer)
         self._log(envelope, message, verdict, outcome, started)
         kind = self.reputation_kind(envelope, verdict, outcome)
         if kind is not None and self.reputation is not None:
             # A store write nobody waits for: the reply goes out now.
             asyncio.get_running_loop().run_in_executor(None, self.record, envelope.client_address, kind)
         return outcome
+
+    async def _signer(self, envelope: Envelope, message: Message, verdict: Verdict) -> Signer | None:
+        """Who signs the message (None: nobody); a message that cannot be signed as it must
+        is deferred, for everyone."""
+        if self.signing is None or verdict.disposition is not Disposition.ACCEPT:
+            return None
+        try:
+            return await self.signing.signer_for(envelope, message)
+        except SigningUnavailable as exc:
+            log.error("%s: DKIM signing: %s", envelope.queue_id or "NOQUEUE", exc)
+            for outcome in verdict.outcomes:
+                outcome.block(Action.TEMPFAIL, "DKIM signing unavailable")
+            return None
 
     def close(self) -> None:
         """Before the process ends: send the notices still waiting."""
@@ -155,12 +175,19 @@ def _reputation(store: Store, config: Config) -> Reputation | None:
 
 #: The filters in the order they run (cheapest and most decisive first; see
 #: :mod:`milters.pipeline`): a new filter is a file in ``milters/filters/`` and a line here.
-FILTERS: tuple[Callable[[Backends], Filter], ...] = (
+#: A ``build`` that returns None leaves its filter out (switched off in the configuration).
+FILTERS: tuple[Callable[[Backends], Filter | None], ...] = (
     ExtensionFilter.build,
     VirusFilter.build,
+    SenderAuthFilter.build,
     KeywordFilter.build,
     SpamFilter.build,
 )
+
+
+def built_filters(backends: Backends) -> list[Filter]:
+    """The filters of :data:`FILTERS` that the configuration switches on, in order."""
+    return [f for f in (build(backends) for build in FILTERS) if f is not None]
 
 
 def build_service(
@@ -191,6 +218,8 @@ def build_service(
         spam_scanner=spam_scanner or SpamdScanner(m.spamd, timeout=m.spamd_timeout,
                                                   retry_after=m.upstream_retry, user=m.spamd_user),
         scan_cache=_scan_cache(config, store),
+        resolver=make_resolver(config.dns),
+        node_name=config.general.node_name,
     )
     injector = injector or SmtpInjector(m.reinject, timeout=m.reinject_timeout, helo=socket.getfqdn())
     node = config.general.node_name
@@ -200,9 +229,10 @@ def build_service(
         store=store, limit=m.notice_limit, window=m.notice_window, from_pattern=m.notice_from,
     )
     quarantine = Quarantine(store, m.quarantine_dir, retention_days=m.quarantine_days, node=node)
-    return MilterService(config=config, resolver=resolver, pipeline=Pipeline([f(backends) for f in FILTERS]),
+    return MilterService(config=config, resolver=resolver, pipeline=Pipeline(built_filters(backends)),
                          delivery=Delivery(injector, quarantine, notifier),
-                         limits=limits_from(config), reputation=_reputation(store, config))
+                         limits=limits_from(config), reputation=_reputation(store, config),
+                         signing=Signing(resolver, m.dkim_key_path))
 
 
 def _scan_cache(config: Config, store: Store) -> ScanCache | None:

@@ -62,7 +62,8 @@ def render(message: Message, edits: tuple[Edit, ...], strip_text: StripText) -> 
     body: Callable[[], Iterator[bytes]] | None = None
     for edit in edits:
         if isinstance(edit, RemoveHeader):
-            for index in range(_count(message.headers, edit.name), 0, -1):
+            indexes = edit.indexes or range(1, _count(message.headers, edit.name) + 1)
+            for index in sorted(indexes, reverse=True):
                 removals.append(HeaderChange("change", edit.name, "", index))
         elif isinstance(edit, TagSubject):
             tag = edit.tag if edit.tag.isascii() else Header(edit.tag, "utf-8").encode()

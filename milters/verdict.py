@@ -57,9 +57,11 @@ class AddHeader:
 
 @dataclass(frozen=True)
 class RemoveHeader:
-    """Remove every field called ``name`` (a forged copy of one we set)."""
+    """Remove every field called ``name`` (a forged copy of one we set), or only the
+    ``indexes``-th ones (1-based among the fields of that name, as received)."""
 
     name: str
+    indexes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from mailwarden.daemon import Idle, IdleSweeper
+from mailwarden.dnslookup import resolve_async
 from mailwarden.endpoint import Endpoint
 from mailwarden.linelog import DecisionLog
 from policyd.app import Decision, PolicyApp
 from policyd.checks.base import NeedDns, Transaction, WouldBlock
 from policyd.config import PolicydConfig
-from policyd.dnslookup import resolve_async
 from policyd.dovecot import LoginReportServer
 from policyd.protocol import Malformed, PolicyRequest, RequestLimits, RequestReader, format_reply, validate
 

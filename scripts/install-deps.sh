@@ -11,6 +11,9 @@ PACKAGES=(
   postfix postfix-ldap swaks
   dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-ldap dovecot-sieve
   clamav-daemon clamav-testfiles spamassassin spamc spamd
+  # DKIM: openssl makes RSA keys (mailwarden dkim keygen); OpenDKIM's opendkim-testmsg
+  # checks that what the milter signs verifies elsewhere (tests/milter/test_signing.py)
+  openssl opendkim-tools
   # peers measured side by side in bench/
   postgrey postfix-policyd-spf-python clamav-milter spamass-milter
   iproute2

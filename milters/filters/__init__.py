@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import ClassVar, Protocol
 
+import dns.resolver
+
 from mailwarden.catalogue import Service
 from mailwarden.notify import Notice
 from milters.config import MilterConfig
@@ -36,6 +38,8 @@ class Envelope:
     mail_params: tuple[str, ...] = ()
     receiver: str = ""
     """The MTA's own name (milter macro ``j``)."""
+    auth_login: str = ""
+    """The SMTP AUTH login name (milter macro ``{auth_authen}``); empty for anonymous clients."""
     received_at: float = field(default_factory=time.time)
 
     def trace_header(self) -> bytes:
@@ -62,6 +66,9 @@ class Backends:
     virus_scanner: VirusScanner
     spam_scanner: SpamScanner
     scan_cache: ScanCache | None = None
+    resolver: dns.resolver.Resolver | None = None
+    """The configured resolver (``[dns]``); None leaves out the filters that need DNS."""
+    node_name: str = "localhost"
 
 
 @dataclass
@@ -85,7 +92,9 @@ class Filter(Protocol):
     (its ``build(backends)`` classmethod)."""
 
     name: ClassVar[str]
-    service: ClassVar[Service]
+    service: ClassVar[Service | None]
+    """The service whose recipients the filter acts for; None: every recipient (work that
+    does not depend on the recipient, such as sender authentication)."""
 
     async def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
         """Set the outcomes of ``outcomes`` (recipients with the service, still in play)."""

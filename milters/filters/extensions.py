@@ -34,7 +34,7 @@ class ExtensionFilter:
     """Refuses or strips attachments with banned extensions, per recipient."""
 
     name: ClassVar[str] = "extensions"
-    service: ClassVar[Service] = Service.EXTENSION_FILTER
+    service: ClassVar[Service | None] = Service.EXTENSION_FILTER
 
     @classmethod
     def build(cls, backends: Backends) -> ExtensionFilter:

@@ -103,7 +103,7 @@ class KeywordFilter:
     """Applies each recipient's keyword rules to the decoded message."""
 
     name: ClassVar[str] = "keywords"
-    service: ClassVar[Service] = Service.KEYWORD_FILTER
+    service: ClassVar[Service | None] = Service.KEYWORD_FILTER
 
     def __init__(self, *, text_limit: int = 1024 * 1024, regex_budget: float = 0.5) -> None:
         self.text_limit = text_limit

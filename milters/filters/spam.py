@@ -39,7 +39,7 @@ class SpamFilter:
     """Scores with a SpamScanner and applies each recipient's spam settings."""
 
     name: ClassVar[str] = "spam"
-    service: ClassVar[Service] = Service.SPAM_CHECK
+    service: ClassVar[Service | None] = Service.SPAM_CHECK
 
     def __init__(self, scanner: SpamScanner, *, max_size: int = 512 * 1024,
                  ham_headers: bool = False) -> None:

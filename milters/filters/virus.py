@@ -93,7 +93,7 @@ class VirusFilter:
     """Scans with a VirusScanner and applies each recipient's virus settings."""
 
     name: ClassVar[str] = "virus"
-    service: ClassVar[Service] = Service.VIRUS_SCAN
+    service: ClassVar[Service | None] = Service.VIRUS_SCAN
 
     def __init__(self, scanner: VirusScanner, cache: ScanCache | None = None, *,
                  max_size: int = 25 * 1024 * 1024) -> None:

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from mailwarden.address import InvalidAddress, normalize_address, split_address
 from mailwarden.catalogue import Service
+from mailwarden.dnslookup import DnsRecords, resolve_sync
 from mailwarden.policy import AddressKind, EffectivePolicy
 from policyd.config import FailureAction
-from policyd.dnslookup import DnsRecords, resolve_sync
 from policyd.protocol import PolicyRequest
 
 if TYPE_CHECKING:

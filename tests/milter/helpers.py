@@ -50,12 +50,18 @@ def sample_directory() -> FakeDirectory:
     return d
 
 
-def milter_config(tmp: Path, extra: str = "") -> Config:
-    """A config whose [milter] paths live under ``tmp``."""
+def milter_config(tmp: Path, extra: str = "", *, sender_auth: bool = False) -> Config:
+    """A config whose [milter] paths live under ``tmp``.
+
+    Sender authentication (DNS lookups and an Authentication-Results field on every
+    message) is off unless a test asks for it: ``tests/milter/test_sender_auth.py`` runs
+    it against a stub DNS.
+    """
     return parse_config(
         f'[milter]\nspool_dir = "{tmp}/spool"\nquarantine_dir = "{tmp}/quarantine"\n'
         f'template_dir = "{tmp}/templates"\nclamd = ["unix:{tmp}/no-clamd.sock"]\n'
-        f'spamd = ["unix:{tmp}/no-spamd.sock"]\nreinject = "inet:127.0.0.1:9"\n{extra}',
+        f'spamd = ["unix:{tmp}/no-spamd.sock"]\nreinject = "inet:127.0.0.1:9"\n'
+        f'sender_auth = {str(sender_auth).lower()}\n{extra}',
         "test.toml",
     )
 
@@ -201,9 +207,11 @@ def macros(**values: str) -> Macros:
 
 
 async def drive(service: MilterService, data: bytes, sender: str, recipients: Sequence[str],
-                queue_id: str = "QID1", client: Client | None = None) -> Fed:
-    """One SMTP transaction through a ContentMilter, step by step as the server drives it."""
-    app = ContentMilter(service, macros(i=queue_id, j="mx.test"))
+                queue_id: str = "QID1", client: Client | None = None, login: str = "") -> Fed:
+    """One SMTP transaction through a ContentMilter, step by step as the server drives it
+    (``login``: the SMTP AUTH login, the ``{auth_authen}`` macro)."""
+    values = {"i": queue_id, "j": "mx.test"} | ({"{auth_authen}": login} if login else {})
+    app = ContentMilter(service, macros(**values))
     app.connect(client or Client("client.example", "192.0.2.10", 40000))
     app.helo("client.example")
     app.mail(sender, ())
@@ -237,22 +245,23 @@ class Harness:
     directory: FakeDirectory
 
     def feed(self, message: bytes | EmailMessage, sender: str, *recipients: str,
-             queue_id: str = "QID1", notices: bool = True) -> Fed:
+             queue_id: str = "QID1", notices: bool = True, login: str = "") -> Fed:
         """One message through the milter on an event loop; what it answered and changed.
 
         With ``notices``, also wait until the notices the message caused are handled
         (they leave from the outbox thread after the reply).
         """
         data = message.as_bytes() if isinstance(message, EmailMessage) else message
-        fed = asyncio.run(drive(self.service, data, sender, recipients, queue_id))
+        fed = asyncio.run(drive(self.service, data, sender, recipients, queue_id, login=login))
         if notices:
             assert self.service.delivery.flush_notices(10), "notices still waiting after 10 s"
         return fed
 
 
-def harness(tmp: Path, extra: str = "", directory: FakeDirectory | None = None) -> Harness:
+def harness(tmp: Path, extra: str = "", directory: FakeDirectory | None = None, *,
+            sender_auth: bool = False) -> Harness:
     """A milter service over a fake directory, memory store and fake scanners."""
-    cfg = milter_config(tmp, extra)
+    cfg = milter_config(tmp, extra, sender_auth=sender_auth)
     directory = directory or sample_directory()
     store = MemoryStore()
     virus, spam, injector = FakeVirusScanner(), FakeSpamScanner(), RecordingInjector()

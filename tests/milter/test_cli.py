@@ -56,6 +56,9 @@ def test_shipped_defaults_pass_the_checks() -> None:
     ("workers = 0", "milter.workers"),
     ('event_loop = "gevent"', "milter.event_loop"),
     ('spamd = ["inet:[::1]"]', "milter.spamd[0]"),
+    ('dkim_key_path = "/etc/dkim/{selector}.key"', "milter.dkim_key_path"),
+    ('dkim_key_path = "/etc/dkim/{domain}.{user}.key"', "milter.dkim_key_path"),
+    ('authserv_id = "mx1; dkim=pass"', "milter.authserv_id"),
 ])
 def test_bad_milter_settings_are_named(toml: str, problem: str) -> None:
     cfg = parse_config(f"[milter]\n{toml}\n", "t.toml")

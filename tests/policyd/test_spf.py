@@ -10,7 +10,7 @@ import pytest
 import spf
 
 from harness.dnsstub import StubDns
-from policyd.checks.spf import ResolverQuery
+from mailwarden.spfquery import ResolverQuery
 from tests.policyd.conftest import World, fake_directory
 
 CHECKS = '[policyd]\nchecks = ["relay", "spf"]\n'

@@ -1,4 +1,4 @@
-"""DNS lookups for the checks: one function each for worker threads and the event loop.
+"""DNS lookups for the checks of both daemons: one function each for worker threads and the event loop.
 
 Both use the resolver built from ``[dns]`` (never /etc/resolv.conf) and return the
 records, ``[]`` for NXDOMAIN or no data, or the resolver's error as a value, so that

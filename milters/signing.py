@@ -1,0 +1,190 @@
+"""DKIM signing of mail that subscribers submit with SMTP AUTH, for domains with ``dkim_signing``.
+
+Who is signed for: the message's one From domain, when the envelope sender's effective
+policy has ``dkim_signing`` on and the From domain is that domain or one of its
+aliases (the policy daemon has already checked that the login may use the envelope
+sender, so a subscriber cannot have another domain's mail signed).  The selector is the
+domain's ``dkim_selector``.
+
+Keys: ``milter.dkim_key_path`` with ``{domain}`` and ``{selector}`` names the RSA key
+(PEM).  The ed25519 key (base64 seed, as ``mailwarden dkim keygen --type ed25519``
+writes) belongs to the companion selector ``SELECTOR-ed25519``, since one DNS name
+holds one key.  Whatever exists of the two is used, both signatures when both exist.
+A message to be signed whose keys are missing or unreadable is deferred (451), with one
+log line naming the file: mail a domain wants signed never leaves unsigned.
+
+When: last, on each content variant as it leaves (the queued copy after the milter's
+own header and body changes, each re-injected copy as sent), so the signature covers
+every change mailwarden makes.  Hashing runs in the loop's executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import dkim
+import nacl.encoding
+import nacl.signing
+
+from mailwarden.catalogue import Service
+from mailwarden.directory import DirectoryUnavailable
+from mailwarden.policy import PolicyResolver
+from milters.authentication import DKIMPY_LOG, from_domain
+from milters.filters import Envelope
+from milters.message import Message
+
+ED25519_SUFFIX = "-ed25519"
+"""The ed25519 key of selector S is published and kept under selector ``S-ed25519``."""
+SIGNED_HEADERS = (b"from", b"sender", b"reply-to", b"subject", b"date", b"message-id", b"to", b"cc",
+                  b"mime-version", b"content-type", b"content-transfer-encoding", b"in-reply-to",
+                  b"references", b"list-id", b"list-unsubscribe")
+
+
+class SigningUnavailable(Exception):
+    """The message must be signed and cannot be (a key is missing, the directory is down)."""
+
+
+def key_path(template: str, domain: str, selector: str) -> Path:
+    """Where the key of ``domain`` and ``selector`` is kept."""
+    return Path(template.format(domain=domain, selector=selector))
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """One private key and the selector and algorithm it signs with."""
+
+    selector: str
+    algorithm: str
+    """``rsa-sha256`` or ``ed25519-sha256``."""
+    key: bytes
+
+
+@dataclass(frozen=True)
+class Signer:
+    """What signs one message: the domain and its keys."""
+
+    domain: str
+    keys: tuple[SigningKey, ...]
+
+    def header_fields(self, data: bytes) -> list[str]:
+        """``DKIM-Signature`` values (folded with LF) for the complete message ``data``."""
+        values = []
+        for key in self.keys:
+            field = dkim.sign(data, key.selector.encode(), self.domain.encode(), key.key,
+                              canonicalize=(b"relaxed", b"relaxed"), include_headers=list(SIGNED_HEADERS),
+                              signature_algorithm=key.algorithm.encode(), logger=DKIMPY_LOG)
+            name, _, value = field.decode("ascii").partition(":")
+            assert name.lower() == "dkim-signature"
+            values.append(value.strip().replace("\r\n", "\n"))
+        return values
+
+
+
+def load_keys(template: str, domain: str, selector: str) -> tuple[SigningKey, ...]:
+    """The RSA and ed25519 keys that exist for ``domain``/``selector`` (blocking: files).
+
+    Raises SigningUnavailable naming the file when neither exists or one cannot be read.
+    """
+    found: list[SigningKey] = []
+    rsa = key_path(template, domain, selector)
+    ed = key_path(template, domain, selector + ED25519_SUFFIX)
+    for path, sel, algorithm in ((rsa, selector, "rsa-sha256"), (ed, selector + ED25519_SUFFIX,
+                                                                 "ed25519-sha256")):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise SigningUnavailable(f"DKIM key {path} unreadable: {exc.strerror}") from None
+        found.append(SigningKey(sel, algorithm, data.strip() if algorithm.startswith("ed") else data))
+    if not found:
+        raise SigningUnavailable(f"DKIM key {rsa} missing")
+    return tuple(found)
+
+
+class Signing:
+    """Decides, per message, whether and with which keys it is signed."""
+
+    def __init__(self, resolver: PolicyResolver, key_template: str) -> None:
+        self.resolver = resolver
+        self.key_template = key_template
+
+    async def signer_for(self, envelope: Envelope, message: Message) -> Signer | None:
+        """The signer of this message, or None when it is not signed.
+
+        Raises SigningUnavailable when it must be signed and cannot be.
+        """
+        if not envelope.auth_login or not envelope.sender:
+            return None
+        domain = from_domain([v for n, v in message.headers if n.lower() == "from"])
+        if domain is None:
+            return None
+        try:
+            policy = await self.resolver.lookup(envelope.sender)
+        except DirectoryUnavailable as exc:
+            raise SigningUnavailable(f"directory unavailable: {exc}") from None
+        except ValueError:
+            return None
+        if not policy.is_local or not policy.enabled(Service.DKIM_SIGNING):
+            return None
+        if domain != policy.domain and domain not in policy.domain_aliases:
+            return None
+        selector = str(policy.get("dkim_selector")) if "dkim_selector" in policy.settings else ""
+        if not selector:
+            raise SigningUnavailable(f"no dkim_selector for {policy.domain}")
+        loop = asyncio.get_running_loop()
+        keys = await loop.run_in_executor(None, load_keys, self.key_template, domain, selector)
+        return Signer(domain, keys)
+
+
+# ---------------------------------------------------------------- keys and their records
+
+RSA_BITS = 2048
+
+
+def _openssl(*args: str, data: bytes | None = None) -> bytes:
+    try:
+        done = subprocess.run(["openssl", *args], input=data, capture_output=True, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SigningUnavailable(f"openssl {args[0]} failed: {exc}") from None
+    return done.stdout
+
+
+def public_record(private: bytes, algorithm: str) -> str:
+    """The DNS TXT record (``v=DKIM1; k=...; p=...``) that publishes ``private``'s public key."""
+    if algorithm.startswith("ed25519"):
+        seed = nacl.signing.SigningKey(private.strip(), encoder=nacl.encoding.Base64Encoder)
+        public = seed.verify_key.encode(encoder=nacl.encoding.Base64Encoder).decode()
+        return f"v=DKIM1; k=ed25519; p={public}"
+    der = _openssl("pkey", "-pubout", "-outform", "DER", data=private)
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+def generate_key(kind: str) -> tuple[bytes, str]:
+    """A new private key (RSA-2048 PEM or an ed25519 base64 seed) and its algorithm."""
+    if kind == "ed25519":
+        seed = nacl.signing.SigningKey.generate()
+        return seed.encode(encoder=nacl.encoding.Base64Encoder), "ed25519-sha256"
+    return _openssl("genrsa", str(RSA_BITS)), "rsa-sha256"
+
+
+def write_new_key(path: Path, private: bytes) -> None:
+    """Write a key file readable by its owner only; an existing file is never replaced."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(private)
+
+
+def published_key(record: str) -> str:
+    """The ``p=`` value of a DKIM key record, whitespace removed (empty when there is none)."""
+    for tag in record.split(";"):
+        name, _, value = tag.partition("=")
+        if name.strip() == "p":
+            return "".join(value.split())
+    return ""

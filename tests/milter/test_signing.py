@@ -1,0 +1,205 @@
+"""DKIM signing of subscribers' mail: RSA and ed25519, after every change mailwarden makes.
+
+signing.example has ``dkim_signing`` with selector ``mw1``; its keys live under the
+test's ``milter.dkim_key_path``.  Each signed copy (the queued one after the milter's
+header changes, a re-injected one as sent) is verified with dkimpy against the keys
+the stub DNS would publish.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import dkim
+import pytest
+from click.testing import CliRunner, Result
+
+from harness import netns
+from harness.dnsstub import StubDns
+from harness.fakes import FakeDirectory
+from mailwarden.cli.common import App
+from milters import protocol as p
+from milters.cli import dkim_group
+from tests.milter.helpers import Fed, Harness, harness, make_message, sample_directory
+from tests.milter.test_message import PE
+from tests.milter.test_sender_auth import Keys, dns_section, make_keys, txt
+
+FROM = "alice@signing.example"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return make_keys(tmp_path_factory.mktemp("signing-keys"))
+
+
+def published(keys: Keys) -> dict[str, bytes]:
+    """The TXT records a verifier finds, by name."""
+    return {"mw1._domainkey.signing.example.": f"v=DKIM1; k=rsa; p={keys.rsa_public}".encode(),
+            "mw1-ed25519._domainkey.signing.example.": f"v=DKIM1; k=ed25519; p={keys.ed_public}".encode()}
+
+
+def directory() -> FakeDirectory:
+    d = sample_directory()
+    d.add_domain("signing.example", enabled_service=["dkim-signing", "extension-filter"], dkim_selector="mw1",
+                 extension_action="strip")
+    d.add_user(FROM)
+    d.add_user("bob@signing.example", disabled_service=["dkim-signing"])
+    d.add_domain("unsigned.example")
+    d.add_user("carl@unsigned.example")
+    return d
+
+
+def rig(tmp: Path, keys: Keys, *, rsa: bool = True, ed25519: bool = True) -> Harness:
+    keydir = tmp / "dkim"
+    keydir.mkdir()
+    if rsa:
+        (keydir / "signing.example.mw1.key").write_bytes(keys.rsa_private)
+    if ed25519:
+        (keydir / "signing.example.mw1-ed25519.key").write_bytes(keys.ed_private)
+    return harness(tmp, f'dkim_key_path = "{keydir}/{{domain}}.{{selector}}.key"\n', directory())
+
+
+def verified(data: bytes, keys: Keys) -> list[tuple[str, bool]]:
+    """(selector, verifies) of every DKIM-Signature in ``data``."""
+    records = published(keys)
+    verifier = dkim.DKIM(data)
+    out = []
+    head = data.split(b"\r\n\r\n")[0].split(b"\r\n")
+    count = sum(1 for line in head if line.lower().startswith(b"dkim-signature:"))
+    for idx in range(count):
+        ok = verifier.verify(idx, dnsfunc=lambda name, timeout=5: records.get(name.decode(), b""))
+        out.append((verifier.selector.decode(), ok))
+    return out
+
+
+def queued(fed: Fed) -> bytes:
+    """The queued copy after the milter's changes, as it leaves."""
+    head = "".join(f"{n}: {v.replace(chr(10), chr(13) + chr(10))}\r\n" for n, v in fed.headers)
+    return head.encode("utf-8", "surrogateescape") + b"\r\n" + fed.body
+
+
+def test_subscriber_mail_is_signed_with_both_keys(tmp_path: Path, keys: Keys) -> None:
+    h = rig(tmp_path, keys)
+    fed = h.feed(make_message(sender=FROM, to="friend@remote.example"), FROM, "friend@remote.example",
+                 login=FROM)
+    assert fed.rc == p.ACCEPT
+    assert sorted(verified(queued(fed), keys)) == [("mw1", True), ("mw1-ed25519", True)]
+    sigs = [v for n, v in fed.headers if n == "DKIM-Signature"]
+    assert all("d=signing.example" in v and "c=relaxed/relaxed" in v for v in sigs)
+
+
+def test_only_the_rsa_key_gives_one_signature(tmp_path: Path, keys: Keys) -> None:
+    h = rig(tmp_path, keys, ed25519=False)
+    fed = h.feed(make_message(sender=FROM), FROM, "friend@remote.example", login=FROM)
+    assert verified(queued(fed), keys) == [("mw1", True)]
+
+
+def test_every_variant_is_signed_after_the_milters_changes(tmp_path: Path, keys: Keys) -> None:
+    h = rig(tmp_path, keys)
+    msg = make_message(sender=FROM, body="see attached")
+    msg.add_attachment(PE, maintype="application", subtype="octet-stream", filename="setup.exe")
+    fed = h.feed(msg, FROM, "friend@remote.example", "bob@signing.example", login=FROM)
+    assert fed.rc == p.ACCEPT
+    # The queued copy (friend) keeps the attachment; bob's copy is stripped and re-injected.
+    assert sorted(verified(queued(fed), keys)) == [("mw1", True), ("mw1-ed25519", True)]
+    (copy,) = h.injector.to("bob@signing.example")
+    assert b"TVqQ" not in copy.data and b"TVqQ" in queued(fed)  # the PE part gave way to a note
+    assert sorted(verified(copy.data, keys)) == [("mw1", True), ("mw1-ed25519", True)]
+
+
+def test_a_missing_key_defers_with_one_line_naming_the_file(tmp_path: Path, keys: Keys,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    h = rig(tmp_path, keys, rsa=False, ed25519=False)
+    with caplog.at_level(logging.ERROR, logger="mailwarden.milter"):
+        fed = h.feed(make_message(sender=FROM), FROM, "friend@remote.example", login=FROM)
+    assert fed.rc == p.TEMPFAIL or fed.reply[0] == "451"
+    lines = [r.getMessage() for r in caplog.records if "DKIM" in r.getMessage()]
+    assert len(lines) == 1 and str(tmp_path / "dkim" / "signing.example.mw1.key") in lines[0]
+
+
+@pytest.mark.parametrize(("sender", "from_", "login"), [
+    (FROM, FROM, ""),                                        # not submitted with SMTP AUTH
+    ("bob@signing.example", "bob@signing.example", "bob"),   # the subscriber switched it off
+    ("carl@unsigned.example", "carl@unsigned.example", "carl"),  # the domain has no signing
+    (FROM, "ceo@unsigned.example", FROM),                    # From is another domain
+])
+def test_not_signed(tmp_path: Path, keys: Keys, sender: str, from_: str, login: str) -> None:
+    h = rig(tmp_path, keys)
+    fed = h.feed(make_message(sender=from_), sender, "friend@remote.example", login=login)
+    assert fed.rc == p.ACCEPT and not any(n == "DKIM-Signature" for n, _ in fed.headers)
+
+
+# ---------------------------------------------------------------- mailwarden dkim keygen / check
+
+
+def cli(tmp: Path, stub: StubDns, *args: str) -> Result:
+    config = tmp / "mailwarden.toml"
+    config.write_text(f'[milter]\ndkim_key_path = "{tmp}/keys/{{domain}}.{{selector}}.key"\n'
+                      + dns_section(stub))
+    return CliRunner().invoke(dkim_group, list(args), obj=App(str(config)))
+
+
+def record_of(output: str) -> tuple[str, str]:
+    name, _, rest = output.strip().partition(" IN TXT ")
+    return name.rstrip("."), rest.strip('"')
+
+
+def test_keygen_writes_private_keys_and_check_compares_them(tmp_path: Path) -> None:
+    with StubDns() as stub:
+        rsa = cli(tmp_path, stub, "keygen", "Example.COM", "mw9")
+        assert rsa.exit_code == 0, rsa.output
+        name, record = record_of(rsa.stdout)
+        assert name == "mw9._domainkey.example.com" and record.startswith("v=DKIM1; k=rsa; p=MII")
+        key = tmp_path / "keys" / "example.com.mw9.key"
+        assert key.stat().st_mode & 0o777 == 0o600 and b"PRIVATE KEY" in key.read_bytes()
+        ed = cli(tmp_path, stub, "keygen", "example.com", "mw9", "--type", "ed25519")
+        ed_name, ed_record = record_of(ed.stdout)
+        assert ed_name == "mw9-ed25519._domainkey.example.com" and ed_record.startswith("v=DKIM1; k=ed25519;")
+        assert (tmp_path / "keys" / "example.com.mw9-ed25519.key").stat().st_mode & 0o777 == 0o600
+        again = cli(tmp_path, stub, "keygen", "example.com", "mw9")
+        assert again.exit_code == 2 and "exists" in again.output
+
+        missing = cli(tmp_path, stub, "check", "example.com", "--selector", "mw9")
+        assert missing.exit_code == 1 and "no record" in missing.output
+        stub.add(name, "TXT", txt(record))
+        stub.add(ed_name, "TXT", txt(ed_record.replace("p=", "p=AAAA")))
+        differs = cli(tmp_path, stub, "check", "example.com", "--selector", "mw9")
+        assert differs.exit_code == 1 and "published key differs" in differs.output
+        stub.records[ed_name]["TXT"] = [txt(ed_record)]
+        fine = cli(tmp_path, stub, "check", "example.com", "--selector", "mw9")
+        assert fine.exit_code == 0, fine.output
+        assert "rsa-sha256 key published" in fine.output and "ed25519-sha256 key published" in fine.output
+        stub.silent.add(name)
+        assert cli(tmp_path, stub, "check", "example.com", "--selector", "mw9").exit_code == 75
+
+
+def test_a_generated_key_signs_what_its_record_verifies(tmp_path: Path) -> None:
+    with StubDns() as stub:
+        out = cli(tmp_path, stub, "keygen", "signing.example", "mw1").stdout
+    _, record = record_of(out)
+    private = (tmp_path / "keys" / "signing.example.mw1.key").read_bytes()
+    data = make_message(sender=FROM).as_bytes().replace(b"\n", b"\r\n")
+    signed = dkim.sign(data, b"mw1", b"signing.example", private) + data
+    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: record.encode())
+
+
+# ---------------------------------------------------------------- interoperability
+
+
+@pytest.mark.skipif(not netns.available() or shutil.which("opendkim-testmsg") is None,
+                    reason="needs root, unshare and OpenDKIM's opendkim-testmsg (opendkim-tools)")
+@pytest.mark.parametrize("ed25519", [False, True], ids=["rsa", "rsa+ed25519"])
+def test_opendkim_verifies_what_mailwarden_signs(tmp_path: Path, keys: Keys, ed25519: bool) -> None:
+    h = rig(tmp_path, keys, ed25519=ed25519)
+    # OpenDKIM refuses a message without the fields RFC 5322 requires (Date) as a syntax error.
+    msg = make_message(sender=FROM, body="hello from the milter\n",
+                       headers={"Date": "Sun, 06 Dec 2026 20:00:00 +0000"})
+    fed = h.feed(msg, FROM, "friend@remote.example", login=FROM)
+    records = {name.rstrip("."): {"TXT": [txt(value.decode())]} for name, value in published(keys).items()}
+    data = queued(fed).replace(b"\r\n", b"\n")
+    good = netns.run_with_stub_dns(records, ["opendkim-testmsg"], data)
+    assert good.returncode == 0, good.stderr
+    bad = netns.run_with_stub_dns(records, ["opendkim-testmsg"], data.replace(b"hello from", b"HELLO FROM"))
+    assert bad.returncode != 0 and b"Bad signature" in bad.stderr
