@@ -239,7 +239,7 @@ def test_forwarding_and_vacation_from_ldap(mailbox_host: tuple[Site, RenderedDov
 HANAKO_DN = "uid=hanako,ou=users,mwDomainName=example.jp,ou=domains,dc=mailwarden,dc=test"
 
 
-def test_every_forward_address_gets_the_message(slapd_rw: SlapdServer, running: list) -> None:
+def test_every_forward_address_gets_the_message(slapd_rw: SlapdServer) -> None:
     """hanako forwards to a hosted address and, now, to one outside too: Dovecot reads only
     the first value, so Sieve sends one copy to her forwarding address and the rendered
     route stage (the real Postfix, its LDAP table) turns it into both."""
@@ -259,30 +259,34 @@ def test_every_forward_address_gets_the_message(slapd_rw: SlapdServer, running: 
             site.postfix("route")
             route = RenderedPostfix(site, "route")
             route.set(smtp_dns_support_level="disabled", smtpd_peername_lookup="no")
-            route.start()
-            running.append(route)
             site.dovecot("mailbox")
             dovecot = RenderedDovecot(site, "mailbox")
-            dovecot.start(ports["lmtp"])
-            running.append(dovecot)
-            assert _lmtp(ports["lmtp"], "friend@outside.test", ["hanako@example.jp"],
-                         _message("friend@outside.test", "hanako@example.jp", "dinner")) == {
-                "hanako@example.jp": 250}
-            for sink, address in ((hosted, "hanako@example.com"), (internet, "hanako.far@elsewhere.example")):
-                try:
-                    copy = sink.wait_for(1, timeout=30)[0]
-                except TimeoutError:
-                    raise AssertionError(route.log()[-3000:] + dovecot.log()[-2000:]) from None
-                assert copy.recipients == (address,)
-                assert copy.envelope_sender == "hanako@example.jp"
-                assert copy.header("Subject") == "dinner"
-            assert len(_maildir(site, "hanako@example.jp")) == 1  # forward_keep_copy TRUE
-            # A forwarding address nobody has is refused at the route stage, never relayed.
-            with smtplib.SMTP("127.0.0.1", ports["route"], timeout=30) as smtp:
-                code, _ = smtp.docmd("MAIL FROM:<a@outside.test>")
-                assert code == 250
-                code, text = smtp.docmd(f"RCPT TO:<nobody=example.jp@{FORWARD_DOMAIN}>")
-                assert code == 550, text
+            # Both stop before the site's directory goes (Postfix is stopped through it).
+            try:
+                route.start()
+                dovecot.start(ports["lmtp"])
+                assert _lmtp(ports["lmtp"], "friend@outside.test", ["hanako@example.jp"],
+                             _message("friend@outside.test", "hanako@example.jp", "dinner")) == {
+                    "hanako@example.jp": 250}
+                copies = ((hosted, "hanako@example.com"), (internet, "hanako.far@elsewhere.example"))
+                for sink, address in copies:
+                    try:
+                        copy = sink.wait_for(1, timeout=30)[0]
+                    except TimeoutError:
+                        raise AssertionError(route.log()[-3000:] + dovecot.log()[-2000:]) from None
+                    assert copy.recipients == (address,)
+                    assert copy.envelope_sender == "hanako@example.jp"
+                    assert copy.header("Subject") == "dinner"
+                assert len(_maildir(site, "hanako@example.jp")) == 1  # forward_keep_copy TRUE
+                # A forwarding address nobody has is refused at the route stage, never relayed.
+                with smtplib.SMTP("127.0.0.1", ports["route"], timeout=30) as smtp:
+                    code, _ = smtp.docmd("MAIL FROM:<a@outside.test>")
+                    assert code == 250
+                    code, text = smtp.docmd(f"RCPT TO:<nobody=example.jp@{FORWARD_DOMAIN}>")
+                    assert code == 550, text
+            finally:
+                dovecot.stop()
+                route.stop()
 
 
 def _quota_status(port: int, recipient: str, size: int) -> str:
