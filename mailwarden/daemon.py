@@ -30,8 +30,6 @@ from mailwarden.endpoint import Endpoint
 
 log = logging.getLogger("mailwarden.daemon")
 
-EX_OSERR = 71
-EX_CONFIG = 78
 EVENT_LOOPS = ("uvloop", "asyncio")
 
 
@@ -115,14 +113,14 @@ def run_daemon(daemon: Daemon, serve: Callable[[list[socket.socket]], Coroutine[
         sockets = [e.bind(mode=int(daemon.socket_mode, 8), group=daemon.socket_group) for e in endpoints]
     except OSError as exc:
         log.error("%s: cannot listen: %s", daemon.name, exc.strerror or exc)
-        return EX_OSERR
+        return os.EX_OSERR
     if before_drop is not None:
         before_drop()
     try:
         drop_privileges(daemon.user, daemon.group, daemon.name)
     except (KeyError, PermissionError) as exc:
         log.error("%s: cannot switch to user %r / group %r: %s", daemon.name, daemon.user, daemon.group, exc)
-        return EX_CONFIG
+        return os.EX_CONFIG
 
     def work() -> int:
         try:

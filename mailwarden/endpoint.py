@@ -77,19 +77,6 @@ class Endpoint:
             _, protocol = await loop.create_connection(factory, self.where, self.port)
         return protocol
 
-    def connect_blocking(self, timeout: float) -> socket.socket:
-        """A connected blocking socket whose operations time out after ``timeout`` (OSError)."""
-        if self.is_unix:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(timeout)
-                sock.connect(self.where)
-            except OSError:
-                sock.close()
-                raise
-            return sock
-        return socket.create_connection((self.where, self.port), timeout=timeout)
-
     def bind(self, *, mode: int = 0o660, group: str = "", backlog: int = 1024) -> socket.socket:
         """A listening, non-blocking socket (OSError naming the endpoint on failure).
 
