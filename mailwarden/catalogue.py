@@ -163,8 +163,10 @@ class KeywordRule:
 
 Kind = Literal[
     "int", "float", "bool", "enum", "choices", "text", "address", "addresses", "extensions",
-    "keyword_rules", "host", "result_actions",
+    "keyword_rules", "host", "result_actions", "domains",
 ]
+MULTI_KINDS = frozenset({"choices", "addresses", "extensions", "keyword_rules", "result_actions", "domains"})
+"""Kinds that hold several values (a multi-valued attribute)."""
 Merge = Literal["override", "union"]
 Scope = Literal["both", "domain", "user"]
 
@@ -194,7 +196,7 @@ class SettingSpec:
     @property
     def multi(self) -> bool:
         """Whether the setting holds several values (a multi-valued attribute)."""
-        return self.kind in {"choices", "addresses", "extensions", "keyword_rules", "result_actions"}
+        return self.kind in MULTI_KINDS
 
     def parse(self, raw: Sequence[str]) -> Any:
         """Turn stored string values into the typed value; raise InvalidValue."""
@@ -297,6 +299,13 @@ def _parse_host(spec: SettingSpec, text: str) -> str:
     return value
 
 
+def _parse_domain(spec: SettingSpec, text: str) -> str:
+    value = text.strip().lower().rstrip(".")
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+", value):
+        raise InvalidValue(f"{spec.name}: {text!r} is not a domain name")
+    return value
+
+
 def _parse_keyword(spec: SettingSpec, text: str) -> KeywordRule:
     return KeywordRule.parse(text)
 
@@ -331,6 +340,7 @@ _ITEM_PARSERS: dict[str, Callable[[SettingSpec, str], Any]] = {
     "keyword_rules": _parse_keyword,
     "host": _parse_host,
     "result_actions": _parse_result_action,
+    "domains": _parse_domain,
 }
 
 DEFAULT_BANNED_EXTENSIONS = (
@@ -422,9 +432,21 @@ SETTINGS: dict[str, SettingSpec] = {
            "(refuse / file as junk), tag (delivered; Authentication-Results says dmarc=fail and "
            "the log notes it) or ignore",
            "mwDmarcAction", choices=("honour", "tag", "ignore"), scope="domain"),
+        _S("dmarc_temperror_action", "enum", "auto",
+           "mail to this domain whose sender's DNS could not answer for DMARC (temperror): tempfail "
+           "(451, the sender retries), accept (delivered, recorded), or auto: tempfail when the "
+           "sender domain publishes p=reject, accept otherwise",
+           "mwDmarcTempErrorAction", choices=("auto", "tempfail", "accept"), scope="domain"),
+        _S("arc_trusted_sealers", "domains", (),
+           "ARC sealers (mailing lists, forwarders) whose valid chain and recorded dmarc=pass "
+           "override a DMARC fail for mail to this domain",
+           "mwArcTrustedSealer", scope="domain", max_values=100),
         _S("dkim_selector", "text", "",
            "DKIM selector used when signing for this domain (ed25519: SELECTOR-ed25519)",
            "mwDkimSelector", scope="domain", max_length=63, service=Service.DKIM_SIGNING),
+        _S("arc_seal_forwards", "bool", False,
+           "ARC-seal mail this domain's subscribers forward elsewhere (with the dkim_selector key)",
+           "mwArcSealForwards", scope="domain", service=Service.DKIM_SIGNING),
     )
 }
 

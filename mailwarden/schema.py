@@ -52,6 +52,9 @@ ATTRIBUTE_NUMBERS: dict[str, int] = {
     "mwDkimSelector": 57,
     "mwSpfAction": 58,
     "mwDmarcAction": 59,
+    "mwDmarcTempErrorAction": 60,
+    "mwArcTrustedSealer": 61,
+    "mwArcSealForwards": 62,
 }
 CLASS_NUMBERS = {"mwDomain": 1, "mwSubscriber": 2}
 
@@ -67,7 +70,8 @@ def _syntax(spec: SettingSpec) -> str:
         return _INT
     if spec.kind == "bool":
         return _BOOL
-    if spec.kind in ("address", "addresses", "host", "extensions", "enum", "choices", "result_actions"):
+    if spec.kind in ("address", "addresses", "host", "extensions", "enum", "choices", "result_actions",
+                     "domains"):
         return _IA5
     if spec.kind == "keyword_rules":
         return _EXACT_TEXT

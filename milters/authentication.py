@@ -26,8 +26,10 @@ Every DNS question goes to mailwarden's resolver (``[dns]``), never /etc/resolv.
 
 * **ARC** (RFC 8617).  dkimpy validates the chain of ARC sets.  Like a DKIM
   verification, every key its seals and message signatures name is resolved first, on
-  the event loop, and dkimpy's ``dnsfunc`` answers from those records.  The result is
-  recorded only: no sealer is trusted to override DMARC.
+  the event loop, and dkimpy's ``dnsfunc`` answers from those records.  The latest
+  set's sealer and the ``dmarc=`` result it recorded are kept, so a recipient domain
+  that trusts that sealer (``arc_trusted_sealers``) can let its chain override a DMARC
+  fail (a mailing list that rewrote the message after a genuine pass).
 
 Results use the names of RFC 8601 (``pass``, ``fail``, ``neutral``, ``none``,
 ``temperror``, ``permerror``).
@@ -45,6 +47,7 @@ from email.utils import getaddresses
 from functools import partial
 from typing import Any
 
+import authres
 import dkim
 import dmarc
 import dns.exception
@@ -294,6 +297,10 @@ class Dmarc:
                     chosen = policy.sp.value
         except DnsTempError as exc:
             return DmarcResult("temperror", domain, reason=str(exc))
+        unknown = self._unknown(domain, policy, spf_result, dkim_results)
+        if unknown:
+            # An aligned identifier that DNS could not check might have passed.
+            return DmarcResult("temperror", domain, chosen, chosen, reason=unknown)
         applied = chosen if policy.pct >= 100 or self.sample(100) < policy.pct else _WEAKER[chosen]
         return DmarcResult("fail", domain, chosen, applied)
 
@@ -304,6 +311,17 @@ class Dmarc:
             return True
         return (spf_result is not None and spf_result.result == "pass"
                 and self.aligned(spf_result.domain, domain, policy.aspf.value))
+
+    def _unknown(self, domain: str, policy: Any, spf_result: SpfResult | None,
+                 dkim_results: list[DkimResult]) -> str:
+        """Why an aligned identifier is undecided (a DNS temporary error), or ``""``."""
+        for r in dkim_results:
+            if r.result == "temperror" and self.aligned(r.domain, domain, policy.adkim.value):
+                return f"dkim temperror for {r.domain}"
+        if (spf_result is not None and spf_result.result == "temperror"
+                and self.aligned(spf_result.domain, domain, policy.aspf.value)):
+            return f"spf temperror for {spf_result.domain}"
+        return ""
 
 
 # ---------------------------------------------------------------- ARC
@@ -319,6 +337,37 @@ class ArcResult:
     sets: int = 0
     """ARC sets validated (the chain's length when it passes)."""
     reason: str = ""
+    sealer: str = ""
+    """The domain that sealed the latest set (``d=`` of its ARC-Seal), when the chain passes."""
+    sealer_dmarc: str = ""
+    """The DMARC result the latest sealer recorded in its ARC-Authentication-Results."""
+
+    def vouches(self, trusted: tuple[str, ...]) -> bool:
+        """A valid chain whose latest sealer is in ``trusted`` and recorded ``dmarc=pass``.
+
+        Only the latest set counts: its ARC-Message-Signature is the one that must
+        verify, so the message is as that sealer passed it on.
+        """
+        return self.result == "pass" and self.sealer in trusted and self.sealer_dmarc == "pass"
+
+
+_AAR_INSTANCE = re.compile(r"^\s*i\s*=\s*([0-9]+)\s*;(.*)$", re.DOTALL)
+
+
+def recorded_dmarc(message: Message, instance: int) -> str:
+    """The ``dmarc=`` result in the ARC-Authentication-Results of set ``instance`` (``""``: none)."""
+    for name, value in message.headers:
+        if name.lower() != "arc-authentication-results":
+            continue
+        match = _AAR_INSTANCE.match(value.decode("utf-8", "replace"))
+        if not match or int(match.group(1)) != instance:
+            continue
+        try:
+            parsed = authres.all_features().parse_value(match.group(2))
+        except authres.AuthResError:
+            return ""
+        return next((str(r.result).lower() for r in parsed.results if r.method == "dmarc"), "")
+    return ""
 
 
 def _arc_key_names(message: Message) -> set[str]:
@@ -352,14 +401,17 @@ async def verify_arc(message: Message, dns_: AuthDns) -> ArcResult:
     def lookup(name: bytes, timeout: float = 5) -> bytes:
         return records.get(name.decode("ascii", "replace").rstrip(".").lower(), b"")
 
-    def validate() -> tuple[bytes | None, int, str]:
+    def validate() -> tuple[bytes | None, list[dict[str, Any]], str]:
         chain = dkim.ARC(message.raw(), logger=DKIMPY_LOG, minkey=MIN_KEY_BITS)
         cv, results, reason = chain.verify(dnsfunc=lookup)
-        return cv, len(results), str(reason)
+        return cv, results, str(reason)
 
-    cv, sets, reason = await asyncio.get_running_loop().run_in_executor(None, validate)
+    cv, results, reason = await asyncio.get_running_loop().run_in_executor(None, validate)
+    sets = len(results)
     if cv == dkim.CV_Pass:
-        return ArcResult("pass", sets)
+        latest = results[0]
+        return ArcResult("pass", sets, sealer=_text(latest.get("as-domain")).lower(),
+                         sealer_dmarc=recorded_dmarc(message, int(latest["instance"])))
     if cv == dkim.CV_None:
         return ArcResult("none", reason=reason)
     return ArcResult("fail", sets, reason)

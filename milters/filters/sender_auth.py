@@ -22,10 +22,17 @@ node with ``milter.sender_auth`` (on by default).
   the catalogue's ``JUNK_HEADER``); ``tag`` delivers it, the header saying
   ``dmarc=fail`` and the log line noting the policy not applied; ``ignore`` delivers
   it without a note.  Role addresses (``postmaster@``, ``abuse@``) are spared, as
-  they are every check that judges the sender.  ``temperror`` and ``permerror`` are
-  recorded, never acted on.
+  they are every check that judges the sender.  ``permerror`` is recorded only.
+* ``temperror`` (DNS could not answer for the policy record, or for an aligned
+  identifier that might have passed) follows the recipient domain's
+  ``dmarc_temperror_action``: ``tempfail`` (451 for the whole message: the sender
+  retries), ``accept``, or ``auto`` (the default): tempfail when the sender domain
+  publishes ``p=reject``, accept otherwise.
 * ARC (RFC 8617): the chain is validated and recorded (``arc=pass (i=N)``, ``fail``,
-  ``none``); it changes nothing, no sealer being trusted to vouch for forwarded mail.
+  ``none``).  A recipient domain may name sealers it trusts (``arc_trusted_sealers``,
+  mailing lists that rewrite the subject or footer): when the chain passes and its
+  latest set was sealed by one of them recording ``dmarc=pass``, a DMARC fail is not
+  acted on for that domain, and the log line says which sealer vouched.
 * Mail submitted with SMTP AUTH is not checked against SPF (its client is a
   subscriber's, not the domain's mail server) nor DMARC; ``auth=pass`` records the login.
 * Recipients of other domains (a subscriber's outgoing mail) get nothing added.
@@ -112,13 +119,21 @@ def arc_clause(result: ArcResult) -> AuthenticationResult:
                                    result_comment=f"i={result.sets}" if result.sets else None)
 
 
-def act_on_dmarc(result: DmarcResult, outcome: RecipientOutcome) -> None:
-    """What a DMARC fail under p=reject / p=quarantine does to one recipient (``dmarc_action``)."""
+def act_on_dmarc(result: DmarcResult, arc: ArcResult, outcome: RecipientOutcome) -> None:
+    """What DMARC does to one recipient: a fail under p=reject / p=quarantine by the
+    domain's ``dmarc_action`` (unless a trusted ARC sealer vouches), a temperror by its
+    ``dmarc_temperror_action``."""
+    if result.result == "temperror":
+        _act_on_temperror(result, outcome)
+        return
     if result.result != "fail" or result.applied not in ("reject", "quarantine"):
         return
-    if outcome.policy.kind is AddressKind.ROLE:
-        # Role addresses (postmaster@, abuse@) are spared every check that judges the sender.
-        outcome.notes.append(f"DMARC policy of {result.domain}: {result.applied}, not applied (role address)")
+    if _spared(result, outcome):
+        return
+    trusted = outcome.policy.get("arc_trusted_sealers")
+    if arc.vouches(tuple(trusted)):
+        outcome.notes.append(f"DMARC policy of {result.domain}: {result.applied}, not applied "
+                             f"(trusted ARC sealer {arc.sealer} recorded dmarc=pass)")
         return
     action = outcome.policy.get("dmarc_action")
     if action == "honour" and result.applied == "reject":
@@ -129,6 +144,24 @@ def act_on_dmarc(result: DmarcResult, outcome: RecipientOutcome) -> None:
     elif action == "tag":
         outcome.notes.append(f"DMARC policy of {result.domain}: {result.applied}, "
                              "not applied (dmarc_action=tag)")
+
+
+def _act_on_temperror(result: DmarcResult, outcome: RecipientOutcome) -> None:
+    """``dmarc_temperror_action``: tempfail, accept, or auto (tempfail under p=reject)."""
+    action = outcome.policy.get("dmarc_temperror_action")
+    if action == "auto":
+        action = "tempfail" if result.policy == "reject" else "accept"
+    if action != "tempfail" or _spared(result, outcome):
+        return
+    outcome.block(Action.TEMPFAIL, f"DMARC of {result.domain}: DNS temporary error ({result.reason})")
+
+
+def _spared(result: DmarcResult, outcome: RecipientOutcome) -> bool:
+    """Role addresses (postmaster@, abuse@) are spared every check that judges the sender."""
+    if outcome.policy.kind is not AddressKind.ROLE:
+        return False
+    outcome.notes.append(f"DMARC of {result.domain}: {result.result}, not applied (role address)")
+    return True
 
 
 def header_value(authserv_id: str, clauses: list[AuthenticationResult]) -> str:
@@ -169,15 +202,16 @@ class SenderAuthFilter:
         hosted = [o for o in outcomes if o.policy.is_local]
         if not hosted:
             return
-        clauses, dmarc_result = await self._authenticate(ctx)
+        clauses, judged = await self._authenticate(ctx)
         value = header_value(self.authserv_id, clauses)
         for outcome in hosted:
             outcome.edit(AddHeader(AR_HEADER, value))
-            if dmarc_result is not None:
-                act_on_dmarc(dmarc_result, outcome)
+            if judged is not None:
+                act_on_dmarc(*judged, outcome)
 
-    async def _authenticate(self, ctx: Context) -> tuple[list[AuthenticationResult], DmarcResult | None]:
-        """The header's results, and DMARC's (None for an authenticated submission)."""
+    async def _authenticate(self, ctx: Context) -> tuple[list[AuthenticationResult],
+                                                         tuple[DmarcResult, ArcResult] | None]:
+        """The header's results, and DMARC's and ARC's (None for an authenticated submission)."""
         message, envelope = ctx.message, ctx.envelope
         if envelope.auth_login:
             found = await verify_dkim(message, self.dns)
@@ -196,7 +230,7 @@ class SenderAuthFilter:
         if arc.result != "none":
             ctx.find("arc", arc.result)
         return [*_dkim_clauses(found), spf_clause(spf, envelope.sender, envelope.helo),
-                dmarc_clause(result), arc_clause(arc)], result
+                dmarc_clause(result), arc_clause(arc)], (result, arc)
 
 
 def _dkim_clauses(found: list[DkimResult]) -> list[AuthenticationResult]:

@@ -9,6 +9,7 @@ field under the node's authserv-id, and forged copies of it removed for every re
 from __future__ import annotations
 
 import base64
+import logging
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,7 +88,8 @@ def zone(keys: Keys) -> dict[str, dict[str, list[str]]]:
 
 @pytest.fixture(scope="module")
 def stub(keys: Keys) -> Iterator[StubDns]:
-    with StubDns(zone(keys), silent=["slow._domainkey.signer.example"]) as server:
+    with StubDns(zone(keys), silent=["slow._domainkey.signer.example",
+                                         "slow._domainkey.sub.orgpolicy.example"]) as server:
         yield server
 
 
@@ -302,11 +304,37 @@ def test_authenticated_submission_is_not_held_to_dmarc(h: Harness) -> None:
     assert fed.rc == p.ACCEPT and "dmarc=" not in ours(fed)
 
 
-def test_temporary_dns_failure_is_recorded_not_acted_on(tmp_path: Path, keys: Keys) -> None:
+def test_policy_record_that_dns_cannot_answer_is_accepted_by_default(tmp_path: Path, keys: Keys) -> None:
+    """No policy known: ``auto`` accepts (only a known p=reject defers)."""
     with StubDns(zone(keys), servfail=["_dmarc.signer.example"]) as failing:
         h = harness(tmp_path, 'authserv_id = "mx.isp.test"\n' + dns_section(failing), sender_auth=True)
         fed = h.feed(make_message(sender="ceo@signer.example"), "x@elsewhere.example", "taro@example.jp")
     assert fed.rc == p.ACCEPT and "dmarc=temperror" in ours(fed)
+
+
+def forged_with_slow_key(keys: Keys) -> bytes:
+    """From p=reject signer.example, signed with a key DNS does not answer for; SPF fails."""
+    return signed(keys, "slow", sender="ceo@signer.example")
+
+
+def test_aligned_key_dns_cannot_answer_defers_a_p_reject_sender(h: Harness, keys: Keys) -> None:
+    fed = h.feed(forged_with_slow_key(keys), "x@elsewhere.example", "taro@example.jp")
+    assert fed.rc == p.TEMPFAIL and fed.reply[0] == "451"
+    assert "DMARC of signer.example: DNS temporary error (dkim temperror for signer.example)" in fed.reply[2]
+
+
+def test_temperror_action_accept_and_p_quarantine_deliver(tmp_path: Path, stub: StubDns, keys: Keys) -> None:
+    directory = sample_directory()
+    directory.add_domain("patient.example", dmarc_temperror_action="accept")
+    directory.add_user("u@patient.example")
+    h = harness(tmp_path, 'authserv_id = "mx.isp.test"\n' + dns_section(stub), directory, sender_auth=True)
+    fed = h.feed(forged_with_slow_key(keys), "x@elsewhere.example", "u@patient.example")
+    assert fed.rc == p.ACCEPT and fed.delrcpt == []
+    assert "dmarc=temperror (p=reject) reason=\"dkim temperror for signer.example\"" in ours(fed)
+    raw = signed(keys, "slow", sender="a@sub.orgpolicy.example", domain="sub.orgpolicy.example")
+    fed = h.feed(raw, "x@elsewhere.example", "taro@example.jp")
+    assert fed.rc == p.ACCEPT and "dmarc=temperror (p=quarantine)" in ours(fed)
+    assert ("X-Mailwarden-Junk", "yes") not in fed.headers
 
 
 @pytest.mark.parametrize(("identifier", "domain", "mode", "aligned"), [
@@ -356,9 +384,9 @@ def test_the_daemon_adds_ours_and_removes_a_forged_one(slapd: SlapdServer, stub:
 # ---------------------------------------------------------------- ARC
 
 
-def arc_sealed(keys: Keys, raw: bytes) -> bytes:
+def arc_sealed(keys: Keys, raw: bytes, results: bytes = b"dkim=pass header.d=signer.example") -> bytes:
     """``raw`` as a forwarder (fwd.example) passes it on: its Authentication-Results and ARC set."""
-    raw = b"Authentication-Results: fwd.example; dkim=pass header.d=signer.example\r\n" + raw
+    raw = b"Authentication-Results: fwd.example; " + results + b"\r\n" + raw
     sealed = dkim.arc_sign(raw, b"rsa", b"fwd.example", keys.rsa_private, b"fwd.example")
     return b"".join(h if h.endswith(b"\r\n") else h + b"\r\n" for h in sealed) + raw
 
@@ -384,3 +412,28 @@ def test_role_addresses_are_spared_dmarc_refusal(h: Harness) -> None:
                  "taro@example.jp", "abuse@example.com")
     assert fed.rc == p.ACCEPT and fed.delrcpt == ["<taro@example.jp>"]
     assert "dmarc=fail (p=reject) header.from=signer.example" in ours(fed)
+
+
+def listed(keys: Keys, recorded: bytes) -> bytes:
+    """ceo@signer.example's signed mail as a mailing list (fwd.example) passes it on: the
+    subject rewritten after the list recorded ``recorded``, then sealed."""
+    raw = signed(keys, sender="ceo@signer.example").replace(b"Subject: hi", b"Subject: [list] hi")
+    return arc_sealed(keys, raw, recorded + b" header.from=signer.example")
+
+
+def test_a_trusted_sealer_vouching_overrides_dmarc_for_its_domain_only(
+        tmp_path: Path, stub: StubDns, keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    directory = sample_directory()
+    directory.add_domain("listreader.example", arc_trusted_sealers=["lists.other.example", "FWD.example."])
+    directory.add_user("u@listreader.example")
+    h = harness(tmp_path, 'authserv_id = "mx.isp.test"\n' + dns_section(stub), directory, sender_auth=True)
+    fed = h.feed(listed(keys, b"dmarc=pass"), "list-bounce@elsewhere.example", "taro@example.jp",
+                 "u@listreader.example")
+    assert fed.rc == p.ACCEPT and fed.delrcpt == ["<taro@example.jp>"]
+    header = ours(fed)
+    assert "dkim=fail" in header and "dmarc=fail (p=reject)" in header and "arc=pass (i=1)" in header
+    assert "trusted ARC sealer fwd.example recorded dmarc=pass" in caplog.text
+    # The same sealer recording a failure vouches for nothing.
+    fed = h.feed(listed(keys, b"dmarc=fail"), "list-bounce@elsewhere.example", "u@listreader.example")
+    assert fed.rc == p.REJECT
