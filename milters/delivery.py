@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,7 +32,7 @@ from milters.filters import Envelope
 from milters.message import Message, Part
 from milters.quarantine import Quarantine
 from milters.reinject import InjectError, Injector, Origin
-from milters.signing import Signer
+from milters.signing import Sealer, Signer
 from milters.text import decode_header_value
 from milters.variants import Rendition, render, variant_stream
 from milters.verdict import Action, Disposition, RecipientOutcome, StripParts, Verdict
@@ -45,6 +45,10 @@ class MilterActions(Protocol):
 
     def addheader(self, name: str, value: str) -> None:
         """Append a header field."""
+        ...
+
+    def insheader(self, index: int, name: str, value: str) -> None:
+        """Insert a header field at ``index`` (0: above every other)."""
         ...
 
     def chgheader(self, name: str, index: int, value: str) -> None:
@@ -92,15 +96,27 @@ def facts_of(message: Message, envelope: Envelope, recipients: tuple[str, ...] =
     )
 
 
-async def _signatures(signer: Signer | None, message: Message, rendition: Rendition) -> list[str]:
-    """The DKIM-Signature values of a variant as it will leave (none without a signer)."""
-    if signer is None:
+async def _stamps(signer: Signer | None, sealer: Sealer | None, message: Message,
+                  rendition: Rendition) -> list[tuple[str, str]]:
+    """The DKIM-Signature and ARC fields of a variant as it will leave (name, value).
+
+    Both are computed over the same copy: the seal's message signature does not cover
+    our own DKIM-Signature, so neither depends on the other.
+    """
+    if signer is None and sealer is None:
         return []
 
-    def sign() -> list[str]:
-        return signer.header_fields(b"".join(variant_stream(message, rendition)))
+    def stamp() -> list[tuple[str, str]]:
+        data = b"".join(variant_stream(message, rendition))
+        fields = [("DKIM-Signature", v) for v in signer.header_fields(data)] if signer else []
+        return fields + (sealer.header_fields(data) if sealer else [])
 
-    return await asyncio.get_running_loop().run_in_executor(None, sign)
+    return await asyncio.get_running_loop().run_in_executor(None, stamp)
+
+
+def _sealer(sealers: Mapping[str, Sealer], members: list[RecipientOutcome]) -> Sealer | None:
+    """The seal of a copy: its first member's that is sealed (those who share a copy share it)."""
+    return next((sealers[m.address] for m in members if m.address in sealers), None)
 
 
 def _tempfail(reason: str) -> Outcome:
@@ -128,13 +144,16 @@ class Delivery:
             self.outbox.stop(grace)
 
     async def carry_out(self, verdict: Verdict, message: Message, envelope: Envelope,
-                        actions: MilterActions, *, deadline: float, signer: Signer | None = None) -> Outcome:
+                        actions: MilterActions, *, deadline: float, signer: Signer | None = None,
+                        sealers: Mapping[str, Sealer] | None = None) -> Outcome:
         """Make the MTA do what the verdict says; returns what was done (and the SMTP reply).
 
         Quarantine, re-injection and DKIM signing block (files, the store, SMTP, hashing):
         they run in the event loop's executor; everything else here is quick.  With a
-        ``signer``, every copy is signed as it leaves, after all of mailwarden's changes.
+        ``signer``, every copy is signed as it leaves, after all of mailwarden's changes;
+        a copy with a recipient in ``sealers`` gets that recipient's ARC seal as well.
         """
+        sealers = sealers or {}
         disposition = verdict.disposition
         if disposition is Disposition.TEMPFAIL:
             return _tempfail(verdict.first_reason(Action.TEMPFAIL))
@@ -163,8 +182,8 @@ class Delivery:
         for edits, members in others:
             rendition = render(message, edits, strip_text)
             head = envelope.trace_header() + b"".join(
-                ("DKIM-Signature: " + v.replace("\n", "\r\n") + "\r\n").encode()
-                for v in await _signatures(signer, message, rendition))
+                f"{name}: {value}\r\n".replace("\n", "\r\n").replace("\r\r", "\r").encode()
+                for name, value in await _stamps(signer, _sealer(sealers, members), message, rendition))
             data = variant_stream(message, rendition, head)
             rcpts = [(m.address, m.recipient.params) for m in members]
             try:
@@ -181,10 +200,12 @@ class Delivery:
             if id(outcome) not in keep:
                 actions.delrcpt(outcome.recipient.raw or f"<{outcome.address}>")
         inline = render(message, inline_edits, strip_text)
-        signatures = await _signatures(signer, message, inline)
+        stamps = await _stamps(signer, _sealer(sealers, inline_members), message, inline)
         self._edit_in_place(actions, inline)
-        for value in signatures:
-            actions.addheader("DKIM-Signature", value)
+        # On top, in order, as on a re-injected copy: an ARC set goes above the sets before
+        # it (verifiers such as dkimpy read the sets in the order they appear).
+        for name, value in reversed(stamps):
+            actions.insheader(0, name, value)
         return Outcome(disposition, "", len(groups), tuple(reinjected), quarantine_id,
                        self._notify(verdict, message, envelope))
 

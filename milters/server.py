@@ -139,6 +139,10 @@ class Edits:
         """Append a header field."""
         self.packets.append(p.encode_addheader(name, value))
 
+    def insheader(self, index: int, name: str, value: str) -> None:
+        """Insert a header field at ``index`` (0: above every other)."""
+        self.packets.append(p.encode_insheader(index, name, value))
+
     def chgheader(self, name: str, index: int, value: str) -> None:
         """Change the index-th (from 1) field called ``name``; an empty value deletes it."""
         self.packets.append(p.encode_chgheader(index, name, value))

@@ -36,7 +36,7 @@ from milters.reinject import Injector, SmtpInjector
 from milters.scanners import ScanCache, SpamScanner, VirusScanner
 from milters.scanners.clamd import ClamdScanner
 from milters.scanners.spamd import SpamdScanner
-from milters.signing import Signer, Signing, SigningUnavailable
+from milters.signing import Sealer, Signer, Signing, SigningUnavailable
 from milters.verdict import Action, Disposition, Recipient, Verdict
 
 log = logging.getLogger("mailwarden.milter")
@@ -75,8 +75,9 @@ class MilterService:
         message = Message(headers, spool, self.limits)
         verdict = await self.pipeline.run(envelope, message, recipients, deadline)
         signer = await self._signer(envelope, message, verdict)
+        sealers = await self._sealers(envelope, verdict)
         outcome = await self.delivery.carry_out(verdict, message, envelope, actions, deadline=deadline,
-                                                signer=signer)
+                                                signer=signer, sealers=sealers)
         self._log(envelope, message, verdict, outcome, started)
         kind = self.reputation_kind(envelope, verdict, outcome)
         if kind is not None and self.reputation is not None:
@@ -96,6 +97,18 @@ class MilterService:
             for outcome in verdict.outcomes:
                 outcome.block(Action.TEMPFAIL, "DKIM signing unavailable")
             return None
+
+    async def _sealers(self, envelope: Envelope, verdict: Verdict) -> dict[str, Sealer]:
+        """The ARC seals of forwarding recipients' copies (none when the chain could not be
+        checked: a seal must state pass, fail or none)."""
+        if self.signing is None or verdict.disposition is not Disposition.ACCEPT:
+            return {}
+        if verdict.findings.get("arc") == "temperror":
+            return {}
+        sealers = await self.signing.sealers_for(verdict.outcomes, envelope.queue_id)
+        if sealers:
+            verdict.findings["arc_seal"] = ",".join(sorted({s.domain for s in sealers.values()}))
+        return sealers
 
     def close(self) -> None:
         """Before the process ends: send the notices still waiting."""
@@ -232,7 +245,8 @@ def build_service(
     return MilterService(config=config, resolver=resolver, pipeline=Pipeline(built_filters(backends)),
                          delivery=Delivery(injector, quarantine, notifier),
                          limits=limits_from(config), reputation=_reputation(store, config),
-                         signing=Signing(resolver, m.dkim_key_path))
+                         signing=Signing(resolver, m.dkim_key_path,
+                                         (m.authserv_id or node).lower() if m.sender_auth else ""))
 
 
 def _scan_cache(config: Config, store: Store) -> ScanCache | None:

@@ -1,4 +1,5 @@
-"""DKIM signing of mail that subscribers submit with SMTP AUTH, for domains with ``dkim_signing``.
+"""DKIM signing of mail that subscribers submit with SMTP AUTH, for domains with ``dkim_signing``,
+and ARC sealing of mail their subscribers forward.
 
 Who is signed for: the message's one From domain, when the envelope sender's effective
 policy has ``dkim_signing`` on and the From domain is that domain or one of its
@@ -13,6 +14,19 @@ holds one key.  Whatever exists of the two is used, both signatures when both ex
 A message to be signed whose keys are missing or unreadable is deferred (451), with one
 log line naming the file: mail a domain wants signed never leaves unsigned.
 
+ARC sealing (RFC 8617): a delivered recipient whose effective policy forwards
+(``forward_addresses``) and whose domain has ``dkim_signing`` and ``arc_seal_forwards``
+on gets its copy sealed by that domain, with the RSA key of its ``dkim_selector``
+(dkimpy seals with RSA only).  The seal is added where the message arrives, not where
+the mailbox host's Sieve script sends the copy on: only here are the results of the
+original hop known first-hand (the copy the mailbox host hands back is mail from our
+own network, judged again it would fail SPF).  The ARC-Authentication-Results field
+repeats our Authentication-Results field; the chain status (``cv``) is its ``arc=``.
+The recipients who share a copy share its seal (the ARC set on a copy that stays in a
+mailbox harms nothing), so sealing never splits a message into more copies.  A
+forwarding domain whose key is missing gets its copy unsealed, with a warning: a seal
+helps the copy along, its absence loses nothing.
+
 When: last, on each content variant as it leaves (the queued copy after the milter's
 own header and body changes, each re-injected copy as sent), so the signature covers
 every change mailwarden makes.  Hashing runs in the loop's executor.
@@ -22,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import subprocess
 from dataclasses import dataclass
@@ -33,10 +48,13 @@ import nacl.signing
 
 from mailwarden.catalogue import Service
 from mailwarden.directory import DirectoryUnavailable
-from mailwarden.policy import PolicyResolver
+from mailwarden.policy import AddressKind, PolicyResolver
 from milters.authentication import DKIMPY_LOG, from_domain
 from milters.filters import Envelope
 from milters.message import Message
+from milters.verdict import Action, RecipientOutcome
+
+log = logging.getLogger("mailwarden.milter")
 
 ED25519_SUFFIX = "-ed25519"
 """The ed25519 key of selector S is published and kept under selector ``S-ed25519``."""
@@ -85,6 +103,37 @@ class Signer:
 
 
 
+
+@dataclass(frozen=True)
+class Sealer:
+    """What seals one copy: the forwarding domain, its RSA key and our authserv-id."""
+
+    domain: str
+    key: SigningKey
+    authserv_id: str
+
+    def header_fields(self, data: bytes) -> list[tuple[str, str]]:
+        """The ARC set (name, value folded with LF) for the complete message ``data``; empty
+        when ``data`` has no Authentication-Results field of ours (nothing to attest)."""
+        # Only the fields present: a hop of ours may add a missing one (Postfix adds Date to
+        # mail Sieve hands it), which an oversigned absence would turn into a broken seal.
+        head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        present = {line.partition(b":")[0].strip().lower() for line in head if line[:1] not in (b" ", b"\t")}
+        try:
+            fields = dkim.arc_sign(data, self.key.selector.encode(), self.domain.encode(), self.key.key,
+                                   self.authserv_id.encode(),
+                                   include_headers=[h for h in SIGNED_HEADERS if h in present],
+                                   logger=DKIMPY_LOG)
+        except dkim.DKIMException as exc:
+            log.warning("ARC seal of %s skipped: %s", self.domain, exc)
+            return []
+        found = []
+        for line in fields:
+            name, _, value = line.decode("ascii").partition(":")
+            found.append((name.strip(), value.strip().replace("\r\n", "\n")))
+        return found
+
+
 def load_keys(template: str, domain: str, selector: str) -> tuple[SigningKey, ...]:
     """The RSA and ed25519 keys that exist for ``domain``/``selector`` (blocking: files).
 
@@ -108,11 +157,37 @@ def load_keys(template: str, domain: str, selector: str) -> tuple[SigningKey, ..
 
 
 class Signing:
-    """Decides, per message, whether and with which keys it is signed."""
+    """Decides, per message, whether and with which keys it is signed, and which
+    recipients' copies are sealed (with ``authserv_id``: whose results a seal attests)."""
 
-    def __init__(self, resolver: PolicyResolver, key_template: str) -> None:
+    def __init__(self, resolver: PolicyResolver, key_template: str, authserv_id: str = "") -> None:
         self.resolver = resolver
         self.key_template = key_template
+        self.authserv_id = authserv_id
+
+    async def sealers_for(self, outcomes: list[RecipientOutcome], queue_id: str) -> dict[str, Sealer]:
+        """The sealer of each delivered recipient whose copy is sealed, by address."""
+        found: dict[str, Sealer] = {}
+        if not self.authserv_id:
+            return found
+        loop = asyncio.get_running_loop()
+        for outcome in outcomes:
+            policy = outcome.policy
+            if (outcome.action is not Action.DELIVER or policy.kind is not AddressKind.SUBSCRIBER
+                    or not policy.enabled(Service.DKIM_SIGNING) or not policy.get("arc_seal_forwards")
+                    or not policy.get("forward_addresses")):
+                continue
+            domain, selector = policy.domain or "", str(policy.get("dkim_selector"))
+            try:
+                keys = await loop.run_in_executor(None, load_keys, self.key_template, domain, selector)
+                rsa = next(k for k in keys if k.algorithm == "rsa-sha256")
+            except (SigningUnavailable, StopIteration):
+                log.warning("%s: ARC seal of %s for %s skipped: no RSA key %s", queue_id or "NOQUEUE",
+                            domain, outcome.address,
+                            key_path(self.key_template, domain, selector or "(no dkim_selector)"))
+                continue
+            found[outcome.address] = Sealer(domain, rsa, self.authserv_id)
+        return found
 
     async def signer_for(self, envelope: Envelope, message: Message) -> Signer | None:
         """The signer of this message, or None when it is not signed.

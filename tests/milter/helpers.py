@@ -174,6 +174,11 @@ class RecordingEdits(Edits):
         self.fed.headers.append((name, value))
         self.fed.headers_changed = True
 
+    def insheader(self, index: int, name: str, value: str) -> None:
+        super().insheader(index, name, value)
+        self.fed.headers.insert(index, (name, value))
+        self.fed.headers_changed = True
+
     def chgheader(self, name: str, index: int, value: str) -> None:
         super().chgheader(name, index, value)
         self.fed.headers_changed = True

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import dkim
 import pytest
@@ -203,3 +206,95 @@ def test_opendkim_verifies_what_mailwarden_signs(tmp_path: Path, keys: Keys, ed2
     assert good.returncode == 0, good.stderr
     bad = netns.run_with_stub_dns(records, ["opendkim-testmsg"], data.replace(b"hello from", b"HELLO FROM"))
     assert bad.returncode != 0 and b"Bad signature" in bad.stderr
+
+
+# ---------------------------------------------------------------- ARC sealing of forwarded mail
+
+SEALING_ZONE_EXTRA = 'authserv_id = "mx.isp.test"\n'
+
+
+def sealing_rig(tmp: Path, keys: Keys, stub: StubDns, *, seal: bool = True, rsa: bool = True) -> Harness:
+    """signing.example seals what alice forwards; bob forwards too, his domain does not seal."""
+    keydir = tmp / "dkim"
+    keydir.mkdir(parents=True)
+    if rsa:
+        (keydir / "signing.example.mw1.key").write_bytes(keys.rsa_private)
+    d = directory()
+    d.entries["mwDomainName=signing.example,ou=domains"]["arc_seal_forwards"] = ["TRUE" if seal else "FALSE"]
+    d.entries[d.add_user(FROM)]["forward_addresses"] = ["alice@far.example"]
+    d.entries[d.add_user("dan@unsigned.example")]["forward_addresses"] = ["dan@far.example"]
+    return harness(tmp, f'dkim_key_path = "{keydir}/{{domain}}.{{selector}}.key"\n'
+                   + SEALING_ZONE_EXTRA + dns_section(stub), d, sender_auth=True)
+
+
+@pytest.fixture(scope="module")
+def stub(keys: Keys) -> Iterator[StubDns]:
+    records = {name.rstrip("."): {"TXT": [txt(value.decode())]} for name, value in published(keys).items()}
+    records["_dmarc.news.example"] = {"TXT": [txt("v=DMARC1; p=reject")]}
+    records["news.example"] = {"TXT": [txt("v=spf1 ip4:192.0.2.0/24 -all")]}
+    with StubDns(records) as server:
+        yield server
+
+
+def arc_verified(data: bytes, keys: Keys) -> tuple[bytes | None, list[dict[str, Any]]]:
+    """dkimpy's verdict on the ARC chain of ``data`` against the published keys."""
+    records = published(keys)
+    cv, results, _ = dkim.ARC(data).verify(dnsfunc=lambda name, timeout=5: records.get(name.decode(), b""))
+    return cv, results
+
+
+def inbound() -> EmailMessage:
+    return make_message(sender="editor@news.example", to=FROM, body="the news\n",
+                        headers={"Date": "Sun, 06 Dec 2026 20:00:00 +0000"})
+
+
+def test_mail_a_subscriber_forwards_is_sealed_by_their_domain(tmp_path: Path, keys: Keys,
+                                                              stub: StubDns) -> None:
+    h = sealing_rig(tmp_path, keys, stub)
+    fed = h.feed(inbound(), "editor@news.example", FROM, "carl@unsigned.example")
+    # One copy for both: those who share a copy share its seal.
+    assert fed.rc == p.ACCEPT and h.injector.sent == []
+    names = [n for n, _ in fed.headers]
+    assert names.count("ARC-Seal") == 1 and names.count("ARC-Message-Signature") == 1
+    (aar,) = [v for n, v in fed.headers if n == "ARC-Authentication-Results"]
+    assert " ".join(aar.split()).startswith("i=1; mx.isp.test; dkim=none; spf=pass")
+    assert "dmarc=pass" in aar
+    cv, results = arc_verified(queued(fed), keys)
+    assert cv == dkim.CV_Pass and results[0]["as-domain"] == b"signing.example"
+    # On its way out (Received and Delivered-To on top, our own Authentication-Results
+    # removed as a forgery at the next hop of ours) the chain still holds; changed, it breaks.
+    onward = (b"Received: from mbox1 by mx1; Sun, 06 Dec 2026 20:00:01 +0000\r\n"
+              b"Delivered-To: alice@signing.example\r\n" + queued(fed))
+    assert arc_verified(onward, keys)[0] == dkim.CV_Pass
+    assert arc_verified(onward.replace(b"the news", b"THE NEWS"), keys)[0] == dkim.CV_Fail
+
+
+def test_an_existing_chain_is_extended(tmp_path: Path, keys: Keys, stub: StubDns) -> None:
+    h = sealing_rig(tmp_path, keys, stub)
+    first = h.feed(inbound(), "editor@news.example", FROM)
+    again = sealing_rig(tmp_path / "second", keys, stub).feed(queued(first), "editor@news.example", FROM)
+    (seal,) = [v for n, v in again.headers if n == "ARC-Seal" and "i=2" in v]
+    assert "cv=pass" in seal
+    cv, results = arc_verified(queued(again), keys)
+    assert cv == dkim.CV_Pass and len(results) == 2
+
+
+@pytest.mark.parametrize("case", ["domain does not seal", "does not forward", "sender_auth off"])
+def test_not_sealed(tmp_path: Path, keys: Keys, stub: StubDns, case: str) -> None:
+    h = sealing_rig(tmp_path, keys, stub, seal=case != "domain does not seal")
+    if case == "sender_auth off":
+        h.service.signing.authserv_id = ""  # type: ignore[union-attr]
+    recipient = "bob@signing.example" if case == "does not forward" else FROM
+    fed = h.feed(inbound(), "editor@news.example", recipient, "dan@unsigned.example")
+    assert fed.rc == p.ACCEPT and not any(n.startswith("ARC-") for n, _ in fed.headers)
+
+
+def test_a_missing_key_delivers_unsealed_with_a_warning(tmp_path: Path, keys: Keys, stub: StubDns,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    h = sealing_rig(tmp_path, keys, stub, rsa=False)
+    with caplog.at_level(logging.WARNING, logger="mailwarden.milter"):
+        fed = h.feed(inbound(), "editor@news.example", FROM)
+    assert fed.rc == p.ACCEPT and not any(n.startswith("ARC-") for n, _ in fed.headers)
+    key = str(tmp_path / "dkim" / "signing.example.mw1.key")
+    assert any("ARC seal of signing.example" in r.getMessage() and key in r.getMessage()
+               for r in caplog.records)

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import smtplib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
+import dkim
 import pytest
 
 import ldap
@@ -18,6 +19,7 @@ from harness.smtpsink import SmtpSink
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import AddressKind, PolicyResolver
 from mailwarden.render import FORWARD_DOMAIN
+from milters.signing import Sealer, SigningKey, generate_key, public_record
 from tests.conftest import ADMIN_DN
 from tests.render.conftest import (
     RenderedDovecot,
@@ -236,6 +238,26 @@ def test_forwarding_and_vacation_from_ldap(mailbox_host: tuple[Site, RenderedDov
     assert len(_maildir(site, "hanako@example.jp", "Junk")) == 1 and relay.messages == []
 
 
+def _sealed_by_example_jp(data: bytes) -> tuple[bytes, Callable[[bytes], bytes | None]]:
+    """``data`` with our Authentication-Results and an ARC set by example.jp (as the milter
+    seals mail a subscriber forwards, Date absent as Postfix may add it on the way), and
+    a check of a copy's chain against its key."""
+    private, algorithm = generate_key("rsa")
+    record = public_record(private, algorithm).encode()
+    data = b"Authentication-Results: mx.isp.test; spf=pass smtp.mailfrom=a@outside.test; arc=none\n" + data
+    data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    sealer = Sealer("example.jp", SigningKey("mw1", algorithm, private), "mx.isp.test")
+    head = b"".join(f"{n}: {v}\r\n".replace("\n", "\r\n").replace("\r\r", "\r").encode()
+                    for n, v in sealer.header_fields(data))
+
+    def verify_arc(copy: bytes) -> bytes | None:
+        found: bytes | None = dkim.ARC(copy).verify(
+            dnsfunc=lambda name, timeout=5: record if name == b"mw1._domainkey.example.jp." else b"")[0]
+        return found
+
+    return head + data, verify_arc
+
+
 HANAKO_DN = "uid=hanako,ou=users,mwDomainName=example.jp,ou=domains,dc=mailwarden,dc=test"
 
 
@@ -265,8 +287,9 @@ def test_every_forward_address_gets_the_message(slapd_rw: SlapdServer) -> None:
             try:
                 route.start()
                 dovecot.start(ports["lmtp"])
-                assert _lmtp(ports["lmtp"], "friend@outside.test", ["hanako@example.jp"],
-                             _message("friend@outside.test", "hanako@example.jp", "dinner")) == {
+                message = _message("friend@outside.test", "hanako@example.jp", "dinner")
+                sealed, verify_arc = _sealed_by_example_jp(message)
+                assert _lmtp(ports["lmtp"], "friend@outside.test", ["hanako@example.jp"], sealed) == {
                     "hanako@example.jp": 250}
                 copies = ((hosted, "hanako@example.com"), (internet, "hanako.far@elsewhere.example"))
                 for sink, address in copies:
@@ -277,6 +300,10 @@ def test_every_forward_address_gets_the_message(slapd_rw: SlapdServer) -> None:
                     assert copy.recipients == (address,)
                     assert copy.envelope_sender == "hanako@example.jp"
                     assert copy.header("Subject") == "dinner"
+                    # The ARC set the milter added where the message arrived survives
+                    # Dovecot's delivery, the Sieve redirect and the route stage.
+                    assert verify_arc(copy.data) == dkim.CV_Pass
+                assert verify_arc(copy.data.replace(b"hello", b"HELLO")) == dkim.CV_Fail
                 assert len(_maildir(site, "hanako@example.jp")) == 1  # forward_keep_copy TRUE
                 # A forwarding address nobody has is refused at the route stage, never relayed.
                 with smtplib.SMTP("127.0.0.1", ports["route"], timeout=30) as smtp:
