@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -92,6 +93,15 @@ class MilterConfig:
     authserv_id: str = setting(
         "", "authserv-id of the Authentication-Results header (empty: general.node_name)"
     )
+    internal_networks: list[str] = setting(
+        None, "clients whose mail counts as a subscriber's without SMTP AUTH (OpenDKIM's InternalHosts, "
+        "e.g. Postfix's mynetworks): signed for dkim_signing domains, not held to SPF or DMARC",
+        factory=list,
+    )
+    pop_before_smtp: bool = setting(
+        True, "a client with an open POP-before-SMTP window (shared store) sends as that subscriber: "
+        "signed for a dkim_signing domain the subscriber may send for, not held to SPF or DMARC"
+    )
     dkim_key_path: str = setting(
         "/etc/mailwarden/dkim/{domain}.{selector}.key",
         "DKIM private key of a domain and selector (RSA PEM; the ed25519 key is the one of "
@@ -181,6 +191,11 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
     if "{" in key_path or "}" in key_path or "{domain}" not in cfg.dkim_key_path:
         problems.append("milter.dkim_key_path: {domain} is needed, and only {domain} and {selector} "
                         "may be substituted")
+    for i, net in enumerate(cfg.internal_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problems.append(f"milter.internal_networks[{i}]: {net!r} is not a network")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", cfg.authserv_id or "x"):
         problems.append(f"milter.authserv_id: {cfg.authserv_id!r} is not a host name")
     # The directory is asked at RCPT time, inside Postfix's milter_command_timeout.

@@ -11,19 +11,21 @@ import re
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mailwarden.config import Config
 from mailwarden.directory import Directory
 from mailwarden.dns import make_resolver
 from mailwarden.linelog import DecisionLog
+from mailwarden.networks import Networks
 from mailwarden.notify import NoticeTemplates, Notifier
+from mailwarden.pbs import PopBeforeSmtp
 from mailwarden.policy import PolicyResolver
 from mailwarden.reputation import Reputation
-from mailwarden.store import Store, async_store_of, store_of
+from mailwarden.store import Store, StoreUnavailable, async_store_of, store_of
 from milters.config import MilterConfig
 from milters.delivery import Delivery, MilterActions, Outcome
-from milters.filters import Backends, Envelope, Filter
+from milters.filters import INTERNAL, Backends, Envelope, Filter
 from milters.filters.extensions import ExtensionFilter
 from milters.filters.keywords import KeywordFilter
 from milters.filters.sender_auth import SenderAuthFilter
@@ -55,6 +57,10 @@ class MilterService:
     reputation: Reputation | None = None
     signing: Signing | None = None
     """DKIM signing of subscribers' mail (None: off)."""
+    pbs: PopBeforeSmtp | None = None
+    """POP-before-SMTP windows (None: not looked at)."""
+    internal: Callable[[str], bool] = field(default_factory=lambda: Networks([]).contains)
+    """Whether a client address is in ``milter.internal_networks``."""
     lines: DecisionLog = field(default_factory=lambda: DecisionLog(log))
     """The one-line-per-message log (batched on the event loop)."""
     settings: MilterConfig = field(init=False)
@@ -73,6 +79,7 @@ class MilterService:
         started = time.monotonic()
         deadline = started + self.settings.eom_budget
         message = Message(headers, spool, self.limits)
+        envelope = await self._identify(envelope)
         verdict = await self.pipeline.run(envelope, message, recipients, deadline)
         signer = await self._signer(envelope, message, verdict)
         sealers = await self._sealers(envelope, verdict)
@@ -84,6 +91,26 @@ class MilterService:
             # A store write nobody waits for: the reply goes out now.
             asyncio.get_running_loop().run_in_executor(None, self.record, envelope.client_address, kind)
         return outcome
+
+    async def _identify(self, envelope: Envelope) -> Envelope:
+        """The envelope with its ``submitter``: a client without SMTP AUTH in
+        ``internal_networks``, or one with an open POP-before-SMTP window (a store read in
+        the executor; a store that does not answer leaves the client anonymous, which
+        signs nothing and judges it as inbound mail)."""
+        if envelope.auth_login or not envelope.client_address:
+            return envelope
+        if self.internal(envelope.client_address):
+            return replace(envelope, submitter=INTERNAL)
+        if self.pbs is None:
+            return envelope
+        loop = asyncio.get_running_loop()
+        try:
+            user = await loop.run_in_executor(None, self.pbs.lookup, envelope.client_address)
+        except (StoreUnavailable, ValueError) as exc:
+            log.warning("%s: POP-before-SMTP window of %s not read: %s", envelope.queue_id or "NOQUEUE",
+                        envelope.client_address, exc)
+            return envelope
+        return replace(envelope, submitter=user) if user else envelope
 
     async def _signer(self, envelope: Envelope, message: Message, verdict: Verdict) -> Signer | None:
         """Who signs the message (None: nobody); a message that cannot be signed as it must
@@ -246,7 +273,9 @@ def build_service(
                          delivery=Delivery(injector, quarantine, notifier),
                          limits=limits_from(config), reputation=_reputation(store, config),
                          signing=Signing(resolver, m.dkim_key_path,
-                                         (m.authserv_id or node).lower() if m.sender_auth else ""))
+                                         (m.authserv_id or node).lower() if m.sender_auth else ""),
+                         pbs=PopBeforeSmtp(store) if m.pop_before_smtp else None,
+                         internal=Networks(m.internal_networks).contains)
 
 
 def _scan_cache(config: Config, store: Store) -> ScanCache | None:

@@ -1,11 +1,13 @@
-"""DKIM signing of mail that subscribers submit with SMTP AUTH, for domains with ``dkim_signing``,
-and ARC sealing of mail their subscribers forward.
+"""DKIM signing of mail that subscribers submit, for domains with ``dkim_signing``, and ARC
+sealing of mail their subscribers forward.
 
-Who is signed for: the message's one From domain, when the envelope sender's effective
-policy has ``dkim_signing`` on and the From domain is that domain or one of its
-aliases (the policy daemon has already checked that the login may use the envelope
-sender, so a subscriber cannot have another domain's mail signed).  The selector is the
-domain's ``dkim_selector``.
+Submitted means: with SMTP AUTH, from a client with an open POP-before-SMTP window
+(``milter.pop_before_smtp``), or from ``milter.internal_networks``.  Who is signed for:
+the message's one From domain, when the envelope sender's effective policy has
+``dkim_signing`` on and the From domain is that domain or one of its aliases.  The
+policy daemon has already checked that an SMTP AUTH login may use the envelope sender;
+for a POP-before-SMTP window the window's subscriber must own it here.  So a subscriber
+cannot have another domain's mail signed.  The selector is the domain's ``dkim_selector``.
 
 Keys: ``milter.dkim_key_path`` with ``{domain}`` and ``{selector}`` names the RSA key
 (PEM).  The ed25519 key (base64 seed, as ``mailwarden dkim keygen --type ed25519``
@@ -50,7 +52,7 @@ from mailwarden.catalogue import Service
 from mailwarden.directory import DirectoryUnavailable
 from mailwarden.policy import AddressKind, PolicyResolver
 from milters.authentication import DKIMPY_LOG, from_domain
-from milters.filters import Envelope
+from milters.filters import INTERNAL, Envelope
 from milters.message import Message
 from milters.verdict import Action, RecipientOutcome
 
@@ -194,13 +196,19 @@ class Signing:
 
         Raises SigningUnavailable when it must be signed and cannot be.
         """
-        if not envelope.auth_login or not envelope.sender:
+        if not envelope.submitted or not envelope.sender:
             return None
         domain = from_domain([v for n, v in message.headers if n.lower() == "from"])
         if domain is None:
             return None
         try:
             policy = await self.resolver.lookup(envelope.sender)
+            if envelope.submitter not in ("", INTERNAL):
+                # POP-before-SMTP: the window's subscriber must own the sender, as an SMTP
+                # AUTH login must (the policy daemon checks logins, not windows).
+                owner = await self.resolver.lookup(envelope.submitter)
+                if not owner.owns_sender(envelope.sender):
+                    return None
         except DirectoryUnavailable as exc:
             raise SigningUnavailable(f"directory unavailable: {exc}") from None
         except ValueError:

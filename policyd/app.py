@@ -21,6 +21,8 @@ from mailwarden.directory import Directory, DirectoryUnavailable, Entry
 from mailwarden.dns import async_twin, make_resolver
 from mailwarden.endpoint import Endpoint
 from mailwarden.ldapdir import LdapDirectory
+from mailwarden.networks import Networks
+from mailwarden.pbs import PopBeforeSmtp
 from mailwarden.policy import AddressKind, PolicyResolver
 from mailwarden.reputation import OUTCOMES, Reputation
 from mailwarden.store import Store, StoreUnavailable, StoreWrapper, store_of
@@ -38,7 +40,6 @@ from policyd.checks.base import (
     defer,
 )
 from policyd.config import SPF_ACTIONS, SPF_RESULTS, PolicydConfig
-from policyd.pbs import PopBeforeSmtp
 from policyd.protocol import PolicyRequest
 
 log = logging.getLogger("mailwarden.policyd")
@@ -213,16 +214,6 @@ class GuardedStore(StoreWrapper):
         return result
 
 
-class TrustedNetworks:
-    """Membership test for ``trusted_networks``."""
-
-    def __init__(self, networks: list[str]) -> None:
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in networks]
-
-    def __call__(self, ip: IPAddress) -> bool:
-        return any(ip in net for net in self.networks)
-
-
 @dataclass
 class Services:
     """What the checks may use; handed in, so tests pass fakes."""
@@ -268,7 +259,7 @@ def build_services(
         async_dns=async_twin(resolver),
         reputation=Reputation.from_config(guarded, config, clock=clock),
         pbs=PopBeforeSmtp(guarded),
-        trusted=TrustedNetworks(PolicydConfig.of(config).trusted_networks),
+        trusted=Networks(PolicydConfig.of(config).trusted_networks),
         clock=clock,
     )
 

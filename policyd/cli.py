@@ -112,7 +112,7 @@ def pbs_group() -> None:
 @pass_app
 def pbs_list(app: App) -> None:
     """Print open windows: IP, subscriber, seconds left."""
-    from policyd.pbs import PopBeforeSmtp
+    from mailwarden.pbs import PopBeforeSmtp
 
     try:
         for ip, user, left in sorted(PopBeforeSmtp(_store(app)).windows()):
@@ -129,8 +129,8 @@ def pbs_list(app: App) -> None:
 @handle_errors
 def pbs_add(app: App, ip: str, subscriber: str, ttl: int | None) -> None:
     """Open a window for IP as SUBSCRIBER (as a Dovecot login would)."""
+    from mailwarden.pbs import PopBeforeSmtp
     from mailwarden.policy import AddressKind
-    from policyd.pbs import PopBeforeSmtp
 
     policy = app.resolver.effective_policy(subscriber)
     if policy.kind is not AddressKind.SUBSCRIBER:
@@ -150,7 +150,7 @@ def pbs_add(app: App, ip: str, subscriber: str, ttl: int | None) -> None:
 @pass_app
 def pbs_remove(app: App, ip: str) -> None:
     """Close the window of IP."""
-    from policyd.pbs import PopBeforeSmtp
+    from mailwarden.pbs import PopBeforeSmtp
 
     try:
         found = PopBeforeSmtp(_store(app)).close(ip)

@@ -40,7 +40,15 @@ class Envelope:
     """The MTA's own name (milter macro ``j``)."""
     auth_login: str = ""
     """The SMTP AUTH login name (milter macro ``{auth_authen}``); empty for anonymous clients."""
+    submitter: str = ""
+    """A client of ours without SMTP AUTH: the subscriber whose POP-before-SMTP window is
+    open for its address, or ``INTERNAL`` for ``milter.internal_networks``."""
     received_at: float = field(default_factory=time.time)
+
+    @property
+    def submitted(self) -> bool:
+        """A subscriber's own mail (SMTP AUTH, POP-before-SMTP or an internal host), not inbound."""
+        return bool(self.auth_login or self.submitter)
 
     def trace_header(self) -> bytes:
         """The ``Received:`` field Postfix put on the queued copy (milters do not see it).
@@ -55,6 +63,10 @@ class Envelope:
         return (f"Received: from {helo} ({name} [{self.client_address or 'unknown'}])\r\n"
                 f"\tby {by} (Postfix) with ESMTP{qid};\r\n\t{formatdate(self.received_at)}\r\n").encode(
                     "utf-8", "replace")
+
+
+INTERNAL = "(internal network)"
+"""``Envelope.submitter`` of a client in ``milter.internal_networks``."""
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,12 @@ node with ``milter.sender_auth`` (on by default).
   mailing lists that rewrite the subject or footer): when the chain passes and its
   latest set was sealed by one of them recording ``dmarc=pass``, a DMARC fail is not
   acted on for that domain, and the log line says which sealer vouched.
-* Mail submitted with SMTP AUTH is not checked against SPF (its client is a
-  subscriber's, not the domain's mail server) nor DMARC; ``auth=pass`` records the login.
+* A subscriber's own mail (SMTP AUTH, an open POP-before-SMTP window, a client in
+  ``milter.internal_networks``) is not checked against SPF (its client is a
+  subscriber's, not the domain's mail server) nor DMARC (it is signed after this
+  filter); ``auth=pass smtp.auth=LOGIN`` records the login, with a
+  ``(POP-before-SMTP)`` comment for a window, and ``auth=none (internal network)``
+  an internal host.
 * Recipients of other domains (a subscriber's outgoing mail) get nothing added.
 """
 
@@ -68,7 +72,7 @@ from milters.authentication import (
     verify_arc,
     verify_dkim,
 )
-from milters.filters import Backends, Context
+from milters.filters import INTERNAL, Backends, Context, Envelope
 from milters.message import HeaderList
 from milters.verdict import Action, AddHeader, RecipientOutcome, RemoveHeader
 
@@ -117,6 +121,18 @@ def arc_clause(result: ArcResult) -> AuthenticationResult:
     """``arc=RESULT`` with the number of ARC sets."""
     return ARCAuthenticationResult(result=result.result, reason=result.reason or None,
                                    result_comment=f"i={result.sets}" if result.sets else None)
+
+
+def submission_clause(envelope: Envelope) -> AuthenticationResult:
+    """How a subscriber's client was let in: ``auth=pass smtp.auth=LOGIN``, the same with a
+    ``(POP-before-SMTP)`` comment naming the window's subscriber, or ``auth=none
+    (internal network)``."""
+    if envelope.auth_login:
+        return SMTPAUTHAuthenticationResult(result="pass", smtp_auth=envelope.auth_login)
+    if envelope.submitter == INTERNAL:
+        return SMTPAUTHAuthenticationResult(result="none", result_comment="internal network")
+    return SMTPAUTHAuthenticationResult(result="pass", result_comment="POP-before-SMTP",
+                                        smtp_auth=envelope.submitter)
 
 
 def act_on_dmarc(result: DmarcResult, arc: ArcResult, outcome: RecipientOutcome) -> None:
@@ -213,11 +229,10 @@ class SenderAuthFilter:
                                                          tuple[DmarcResult, ArcResult] | None]:
         """The header's results, and DMARC's and ARC's (None for an authenticated submission)."""
         message, envelope = ctx.message, ctx.envelope
-        if envelope.auth_login:
+        if envelope.submitted:
             found = await verify_dkim(message, self.dns)
             ctx.find("dkim", _summary(found))
-            login = SMTPAUTHAuthenticationResult(result="pass", smtp_auth=envelope.auth_login)
-            return [*_dkim_clauses(found), login], None
+            return [*_dkim_clauses(found), submission_clause(envelope)], None
         found, spf, arc = await asyncio.gather(
             verify_dkim(message, self.dns),
             check_spf_async(self.dns, envelope, self.authserv_id, self.spf_timeout),

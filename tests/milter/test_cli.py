@@ -58,6 +58,7 @@ def test_shipped_defaults_pass_the_checks() -> None:
     ('spamd = ["inet:[::1]"]', "milter.spamd[0]"),
     ('dkim_key_path = "/etc/dkim/{selector}.key"', "milter.dkim_key_path"),
     ('dkim_key_path = "/etc/dkim/{domain}.{user}.key"', "milter.dkim_key_path"),
+    ('internal_networks = ["10.0.0.0/8", "mynetworks"]', "milter.internal_networks[1]"),
     ('authserv_id = "mx1; dkim=pass"', "milter.authserv_id"),
 ])
 def test_bad_milter_settings_are_named(toml: str, problem: str) -> None:

@@ -23,6 +23,7 @@ from miltertest import constants as c
 
 from harness.dnsstub import StubDns
 from harness.slapd import SlapdServer
+from mailwarden.pbs import PopBeforeSmtp
 from milters import protocol as p
 from milters.authentication import AuthDns, Dmarc
 from tests.milter.conftest import MilterProcess, base_sections
@@ -302,6 +303,21 @@ def test_authenticated_submission_is_not_held_to_dmarc(h: Harness) -> None:
     fed = h.feed(make_message(sender="ceo@signer.example"), "ceo@signer.example", "taro@example.jp",
                  login="ceo")
     assert fed.rc == p.ACCEPT and "dmarc=" not in ours(fed)
+
+
+def test_pop_before_smtp_and_internal_clients_are_not_held_to_spf_or_dmarc(tmp_path: Path, stub: StubDns,
+                                                                           h: Harness) -> None:
+    forged = make_message(sender="ceo@signer.example")
+    assert h.feed(forged, "x@elsewhere.example", "taro@example.jp").rc == p.REJECT
+    PopBeforeSmtp(h.store).open(CLIENT, "hanako@example.jp", 60)
+    fed = h.feed(forged, "x@elsewhere.example", "taro@example.jp")
+    assert fed.rc == p.ACCEPT
+    assert "auth=pass (POP-before-SMTP) smtp.auth=hanako@example.jp" in ours(fed)
+    assert "spf=" not in ours(fed) and "dmarc=" not in ours(fed)
+    internal = harness(tmp_path, 'authserv_id = "mx.isp.test"\ninternal_networks = ["192.0.2.0/24"]\n'
+                       + dns_section(stub), sender_auth=True)
+    fed = internal.feed(forged, "x@elsewhere.example", "taro@example.jp")
+    assert fed.rc == p.ACCEPT and "auth=none (internal network)" in ours(fed)
 
 
 def test_policy_record_that_dns_cannot_answer_is_accepted_by_default(tmp_path: Path, keys: Keys) -> None:

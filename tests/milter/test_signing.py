@@ -23,11 +23,12 @@ from harness import netns
 from harness.dnsstub import StubDns
 from harness.fakes import FakeDirectory
 from mailwarden.cli.common import App
+from mailwarden.pbs import PopBeforeSmtp
 from milters import protocol as p
 from milters.cli import dkim_group
 from tests.milter.helpers import Fed, Harness, harness, make_message, sample_directory
 from tests.milter.test_message import PE
-from tests.milter.test_sender_auth import Keys, dns_section, make_keys, txt
+from tests.milter.test_sender_auth import CLIENT, Keys, dns_section, make_keys, txt
 
 FROM = "alice@signing.example"
 
@@ -298,3 +299,27 @@ def test_a_missing_key_delivers_unsealed_with_a_warning(tmp_path: Path, keys: Ke
     key = str(tmp_path / "dkim" / "signing.example.mw1.key")
     assert any("ARC seal of signing.example" in r.getMessage() and key in r.getMessage()
                for r in caplog.records)
+
+
+# ---------------------------------------------------------------- clients of ours without SMTP AUTH
+
+
+def test_a_pop_before_smtp_client_is_signed_for_its_subscriber(tmp_path: Path, keys: Keys) -> None:
+    h = rig(tmp_path, keys, ed25519=False)
+    PopBeforeSmtp(h.store).open(CLIENT, FROM, 60)
+    fed = h.feed(make_message(sender=FROM), FROM, "friend@remote.example")
+    assert fed.rc == p.ACCEPT and verified(queued(fed), keys) == [("mw1", True)]
+    # The window's subscriber must own the sender: carl's window does not sign alice's mail.
+    PopBeforeSmtp(h.store).open(CLIENT, "carl@unsigned.example", 60)
+    fed = h.feed(make_message(sender=FROM), FROM, "friend@remote.example")
+    assert fed.rc == p.ACCEPT and not any(n == "DKIM-Signature" for n, _ in fed.headers)
+
+
+def test_an_internal_network_client_is_signed(tmp_path: Path, keys: Keys) -> None:
+    keydir = tmp_path / "dkim"
+    keydir.mkdir()
+    (keydir / "signing.example.mw1.key").write_bytes(keys.rsa_private)
+    h = harness(tmp_path, f'dkim_key_path = "{keydir}/{{domain}}.{{selector}}.key"\n'
+                f'internal_networks = ["192.0.2.0/28", "2001:db8::/32"]\n', directory())
+    fed = h.feed(make_message(sender=FROM), FROM, "friend@remote.example")
+    assert fed.rc == p.ACCEPT and verified(queued(fed), keys) == [("mw1", True)]
