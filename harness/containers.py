@@ -465,16 +465,20 @@ class Host:
 MAIL_ROOT = "/srv/mail"
 SAMPLE_PASSWORD = "secret"  # every subscriber's in ldap/sample.ldif
 INTERNET_MAIL = "/srv/internet-mail"
+# Records the front node publishes at start (its DKIM keys' TXT records), as *.zone
+# files the dns host serves besides its zone.
+PUBLISHED_ZONES = "/var/lib/mailwarden-stack/published"
 
 # In start order: what a host needs is up before it starts.  The two mailbox hosts
 # share one Maildir volume, as mailbox hosts share an NFS export in production.
 TOPOLOGY: tuple[Host, ...] = (
-    Host("dns", "dns", 53, "dns.mailwarden.test"),
+    Host("dns", "dns", 53, "dns.mailwarden.test", (("published", PUBLISHED_ZONES),)),
     Host("ldap", "ldap", 30, "ldap.mailwarden.test", ready_ports=(389,)),
     Host("redis", "redis", 31, "redis.mailwarden.test", ready_ports=(6379,)),
     Host("mbox1", "mailbox", 21, "mbox1.example.jp", (("mail", MAIL_ROOT),), (24, 110, 143, 12340)),
     Host("mbox2", "mailbox", 22, "mbox2.example.jp", (("mail", MAIL_ROOT),), (24, 110, 143, 12340)),
-    Host("front", "front", 10, "mx1.mailwarden.test", ready_ports=(25, 587, 2525, 110, 143)),
+    Host("front", "front", 10, "mx1.mailwarden.test", (("published", PUBLISHED_ZONES),),
+         (25, 587, 2525, 110, 143)),
     Host("internet", "internet", 100, "mx.outside.test", (("internet-mail", INTERNET_MAIL),), (25,)),
 )
 HOSTS = {h.name: h for h in TOPOLOGY}
@@ -1037,32 +1041,91 @@ def compose_file(image: str = f"{IMAGE_REPO}/stack:latest") -> str:
 # --------------------------------------------------------------------------- DNS stub
 
 
+_TXT_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
 def read_zone(text: str) -> dict[str, dict[str, list[str]]]:
-    """``NAME TYPE VALUE`` lines (``;`` starts a comment line) as :class:`StubDns` records."""
+    """``NAME [IN] TYPE VALUE`` lines (``;`` starts a comment line) as :class:`StubDns` records.
+
+    Names are compared without case or the final dot.  A TXT character string longer
+    than DNS allows (255) is cut into several, as a DKIM key's record must be: the line
+    ``mailwarden dkim keygen`` prints can be added as it is.
+    """
     records: dict[str, dict[str, list[str]]] = {}
     for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith(";"):
             continue
-        name, rtype, value = line.split(None, 2)
-        records.setdefault(name, {}).setdefault(rtype.upper(), []).append(value.strip())
+        name, rest = line.split(None, 1)
+        if rest.split(None, 1)[0].upper() == "IN":
+            rest = rest.split(None, 1)[1]
+        rtype, value = rest.split(None, 1)
+        value = value.strip()
+        if rtype.upper() == "TXT" and _TXT_STRING.search(value):
+            value = " ".join(f'"{s[i:i + 255]}"' for s in _TXT_STRING.findall(value)
+                             for i in range(0, max(len(s), 1), 255))
+        records.setdefault(name.rstrip(".").lower(), {}).setdefault(rtype.upper(), []).append(value)
     return records
 
 
+class ZoneFiles:
+    """The stack's zone file plus every ``*.zone`` file in a directory (records the hosts
+    publish while the stack runs: the front node's DKIM keys), read again when any changes."""
+
+    def __init__(self, zone: Path, published: Path | None = None) -> None:
+        self.zone = zone
+        self.published = published
+        self._seen: tuple[tuple[str, int, int], ...] | None = None
+        self._records: dict[str, dict[str, list[str]]] = {}
+
+    def files(self) -> list[Path]:
+        """The zone file, then the published ones in name order."""
+        extra = sorted(self.published.glob("*.zone")) if self.published and self.published.is_dir() else []
+        return [self.zone, *extra]
+
+    def records(self) -> dict[str, dict[str, list[str]]]:
+        """All records, the files read again if one was added, removed or changed."""
+        stats = []
+        for path in self.files():
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                stats.append((str(path), st.st_mtime_ns, st.st_size))
+        if tuple(stats) != self._seen:
+            text = "\n".join(Path(p).read_text(encoding="utf-8") for p, _, _ in stats)
+            self._records, self._seen = read_zone(text), tuple(stats)
+        return self._records
+
+
+class _ZoneStub(StubDns):
+    """A StubDns whose records are the zone files' current ones."""
+
+    def __init__(self, zones: ZoneFiles, port: int) -> None:
+        super().__init__(zones.records(), port=port)
+        self.zones = zones
+        self._lock = threading.Lock()
+
+    def answer(self, wire: bytes) -> bytes | None:
+        with self._lock:
+            self.records = self.zones.records()
+            self.queries.clear()  # a long-running server keeps no query log
+        return super().answer(wire)
+
+
 def dns_servers(
-    records: dict[str, dict[str, list[str]]], listen: str, port: int,
+    records: dict[str, dict[str, list[str]]] | ZoneFiles, listen: str, port: int,
 ) -> tuple[socketserver.BaseServer, socketserver.BaseServer]:
     """UDP and TCP servers answering from ``records`` (not yet serving), as StubDns does
     on loopback, but on any address: inside the dns container they serve the network."""
-    return StubDns(records, port=port).servers(listen)
+    stub = _ZoneStub(records, port) if isinstance(records, ZoneFiles) else StubDns(records, port=port)
+    return stub.servers(listen)
 
 
-def serve_dns(zone: Path, listen: str, port: int) -> None:
-    """Answer DNS on ``listen:port`` (UDP and TCP) from a zone file, until killed."""
-    records = read_zone(zone.read_text(encoding="utf-8"))
-    udp, tcp = dns_servers(records, listen, port)
+def serve_dns(zones: ZoneFiles, listen: str, port: int) -> None:
+    """Answer DNS on ``listen:port`` (UDP and TCP) from the zone files, until killed."""
+    udp, tcp = dns_servers(zones, listen, port)
     threading.Thread(target=tcp.serve_forever, daemon=True).start()
-    count = sum(len(values) for rrs in records.values() for values in rrs.values())
-    print(f"dns stub: {count} records on {listen}:{port}", flush=True)
+    count = sum(len(values) for rrs in zones.records().values() for values in rrs.values())
+    print(f"dns stub: {count} records on {listen}:{port}"
+          + (f", and those published in {zones.published}" if zones.published else ""), flush=True)
     udp.serve_forever()
 
 
@@ -1077,13 +1140,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     build_cmd.add_argument("--base", help="a Debian 12 image to build on (default: debootstrap + import)")
     dns_cmd = sub.add_parser("serve-dns", help="the stack's stub DNS (run inside the dns container)")
     dns_cmd.add_argument("--zone", type=Path, required=True)
+    dns_cmd.add_argument("--published", type=Path, help="a directory of further *.zone files, "
+                         "read again when they change")
     dns_cmd.add_argument("--listen", default="127.0.0.1")
     dns_cmd.add_argument("--port", type=int, default=53)
     sub.add_parser("cleanup", help="remove stacks whose owner process is gone")
     sub.add_parser("compose", help="print deploy/container/compose.yaml")
     args = parser.parse_args(argv)
     if args.command == "serve-dns":
-        serve_dns(args.zone, args.listen, args.port)
+        serve_dns(ZoneFiles(args.zone, args.published), args.listen, args.port)
         return 0
     if args.command == "compose":
         sys.stdout.write(compose_file())

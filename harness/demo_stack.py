@@ -16,6 +16,7 @@ from pathlib import Path
 
 from harness.containers import (
     HOSTS,
+    INTERNET_MAIL,
     ContainerError,
     Docker,
     Images,
@@ -83,6 +84,17 @@ Send mail (passwords of the sample subscribers: secret):
         --from taro@example.jp --to friend@outside.test
   docker exec {stack.container('internet')} swaks --server mx1.mailwarden.test \\
         --from alice@outside.test --to prof@lab.example.org
+
+Sender authentication (example.com signs: its DKIM key was made at start, and the stub DNS
+publishes it; bank.test, on the Internet, has DMARC p=reject):
+  swaks --server {ip('front')} --port 587 --tls --auth-user alice@example.com --auth-password secret \\
+        --from alice@example.com --to friend@outside.test --header 'Subject: signed'
+  docker exec {stack.container('internet')} sh -c \\
+        'dkimverify < "$(ls -t {INTERNET_MAIL}/outside.test/new/* | head -n 1)"'
+  docker exec {stack.container('internet')} swaks --server mx1.mailwarden.test --from mailer@outside.test \\
+        --to taro@example.jp,prof@lab.example.org --header 'From: security@bank.test'
+        (refused for taro: example.jp honours DMARC; delivered with dmarc=fail to prof:
+         lab.example.org only tags)
 
 Read it:
   {me} mail taro@example.jp          (INBOX; add Junk for the Junk folder)

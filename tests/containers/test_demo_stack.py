@@ -13,6 +13,18 @@ from harness import demo_stack
 from harness.containers import LABEL, MailStack, stacks
 
 
+def run_printed(printed: str, start: str, docker: str) -> subprocess.CompletedProcess[str]:
+    """Run the printed command that begins with ``start`` (a regex), with its continuation
+    lines, on this machine (``docker`` as the Docker client)."""
+    found = re.search(rf"^  ({start}.*(?:\\\n.*)*?)$(?<!\\)", printed, re.MULTILINE)
+    assert found, printed
+    args = shlex.split(found.group(1).replace("\\\n", " "))
+    if args[0] == "docker":
+        args[0] = docker
+    return subprocess.run([*args, *(["--timeout", "30"] if args[0] == "swaks" else [])],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
 def test_demo_up_prints_how_to_send_and_watch_mail_and_down_removes_it(
     stack: MailStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -28,15 +40,19 @@ def test_demo_up_prints_how_to_send_and_watch_mail_and_down_removes_it(
         assert f"swaks --server {net}.10 --from you@elsewhere.test --to taro@example.jp" in printed
         assert "make demo-stop" in printed
         # The first printed swaks line, run as printed on this machine.
-        line = re.search(r"^  (swaks --server .*--header 'Subject: hello')$", printed, re.MULTILINE)
-        assert line, printed
-        sent = subprocess.run([*shlex.split(line.group(1)), "--timeout", "30"], capture_output=True,
-                              text=True, timeout=60, check=False)
+        sent = run_printed(printed, r"swaks --server .*--header 'Subject: hello'", stack.docker.cli)
         assert sent.returncode == 0, sent.stdout + sent.stderr
         demo = MailStack.attach(stack.docker, "mwdemotest")
         demo.wait_for_messages(demo.maildir("taro@example.jp"), match="Subject: hello")
         assert demo_stack.main(["demo", "mail", "taro@example.jp"]) == 0
         assert "1 message(s) for taro@example.jp" in capsys.readouterr().out
+        # The signed submission, then the check on the Internet host, as printed: the demo's
+        # front node made example.com's key at start and its DNS publishes it.
+        signed = run_printed(printed, r"swaks --server .*--auth-user alice@example\.com", stack.docker.cli)
+        assert signed.returncode == 0, signed.stdout + signed.stderr
+        demo.wait_for_messages(demo.internet_maildir(), match="Subject: signed")
+        verified = run_printed(printed, r"docker exec mwdemotest-internet sh -c", stack.docker.cli)
+        assert verified.stdout.strip() == "signature ok", verified.stdout + verified.stderr
     finally:
         assert demo_stack.main(["demo", "down"]) == 0
     assert "stopped: stack mwdemotest" in capsys.readouterr().out

@@ -9,15 +9,18 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import dkim
 import dns.message
 import dns.query
 import pytest
+from click.testing import CliRunner
 
 from harness import containers
 from harness.containers import (
     COMPOSE_FILE,
     DEPLOY,
     TOPOLOGY,
+    ZoneFiles,
     compose_file,
     dns_servers,
     docker_leftovers,
@@ -26,8 +29,10 @@ from harness.containers import (
     runtime_requirements,
 )
 from harness.ports import free_port
+from mailwarden.cli.common import App
 from mailwarden.config import parse_config
 from mailwarden.render import render_dovecot, render_postfix
+from milters.cli import dkim_group
 
 STACK_ETC = DEPLOY / "rootfs" / "etc" / "mailwarden-stack"
 NET = "10.231.7"
@@ -77,10 +82,19 @@ def test_the_stack_configuration_is_valid_and_renders(role: str, tmp_path: Path)
 
 
 @pytest.fixture
-def dns_stub() -> Iterator[int]:
-    records = read_zone((STACK_ETC / "zone").read_text().replace("@NET@", NET))
+def published(tmp_path: Path) -> Path:
+    """The directory of zones the front node publishes (a volume shared with the dns host)."""
+    path = tmp_path / "published"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def dns_stub(tmp_path: Path, published: Path) -> Iterator[int]:
+    zone = tmp_path / "zone"
+    zone.write_text((STACK_ETC / "zone").read_text().replace("@NET@", NET))
     port = free_port()
-    servers = dns_servers(records, "127.0.0.1", port)
+    servers = dns_servers(ZoneFiles(zone, published), "127.0.0.1", port)
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     yield port
@@ -94,9 +108,40 @@ def test_the_dns_container_answers_from_the_zone_over_udp_and_tcp(dns_stub: int)
     assert [r.to_text() for r in mx.answer[0]] == ["10 mx1.mailwarden.test."]
     spf = dns.query.tcp(dns.message.make_query("outside.test", "TXT"), "127.0.0.1", port=dns_stub, timeout=2)
     assert spf.answer[0][0].to_text() == f'"v=spf1 ip4:{NET}.100 -all"'
+    dmarc = dns.query.udp(dns.message.make_query("_dmarc.bank.test", "TXT"), "127.0.0.1", port=dns_stub,
+                          timeout=2)
+    assert dmarc.answer[0][0].to_text() == '"v=DMARC1; p=reject"'
     missing = dns.query.udp(dns.message.make_query("deb.debian.org", "A"), "127.0.0.1", port=dns_stub,
                             timeout=2)
     assert missing.rcode() == dns.rcode.NXDOMAIN
+
+
+def test_a_dkim_record_keygen_prints_is_served_once_published(
+    dns_stub: int, published: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "mailwarden.toml"
+    config.write_text(f'[milter]\ndkim_key_path = "{tmp_path}/keys/{{domain}}.{{selector}}.key"\n')
+    printed = CliRunner().invoke(dkim_group, ["keygen", "example.com", "mw2026"], obj=App(str(config)))
+    assert printed.exit_code == 0, printed.output
+    name = "mw2026._domainkey.example.com"
+
+    def served() -> dns.message.Message:
+        query = dns.message.make_query(name, "TXT")
+        return dns.query.udp(query, "127.0.0.1", port=dns_stub, timeout=2)
+
+    assert served().rcode() == dns.rcode.NXDOMAIN
+    # As mw-init publishes it: the line keygen printed, in a *.zone file (read again at once).
+    (published / "dkim-example.com-mw2026.zone").write_text(printed.stdout)
+    [rdata] = served().answer[0]
+    strings = [s.decode() for s in rdata.strings]
+    assert len(strings) > 1 and all(len(s) <= 255 for s in strings)
+    record = "".join(strings)
+    assert printed.stdout.strip().endswith(f'"{record}"') and record.startswith("v=DKIM1; k=rsa; p=MII")
+    # A message signed with the key verifies against what is served.
+    key = (tmp_path / "keys" / "example.com.mw2026.key").read_bytes()
+    data = b"From: alice@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
+    signed = dkim.sign(data, b"mw2026", b"example.com", key) + data
+    assert dkim.verify(signed, dnsfunc=lambda _name, timeout=5: record.encode())
 
 
 def test_runtime_requirements_pin_this_environment_and_add_what_only_the_image_needs(
