@@ -278,7 +278,14 @@ def _selector_of(kind: str, selector: str) -> str:
 @pass_app
 def dkim_keygen(app: App, domain: str, selector: str, kind: str) -> None:
     """Write a new private key (mode 0600, never over an existing one); print its TXT record."""
-    from milters.signing import SigningUnavailable, generate_key, key_path, public_record, write_new_key
+    from milters.signing import (
+        SigningUnavailable,
+        generate_key,
+        key_path,
+        public_record,
+        write_new_key,
+        zone_txt,
+    )
 
     domain = domain.lower().rstrip(".")
     selector = _selector_of(kind, selector)
@@ -291,7 +298,7 @@ def dkim_keygen(app: App, domain: str, selector: str, kind: str) -> None:
     except (OSError, SigningUnavailable) as exc:
         fail(f"{path}: {exc}", EX_CONFIG)
     click.echo(f"; key written to {path}", err=True)
-    click.echo(f'{selector}._domainkey.{domain}. IN TXT "{public_record(private, algorithm)}"')
+    click.echo(f"{selector}._domainkey.{domain}. IN TXT {zone_txt(public_record(private, algorithm))}")
 
 
 @dkim_group.command("check")

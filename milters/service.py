@@ -82,6 +82,8 @@ class MilterService:
         envelope = await self._identify(envelope)
         verdict = await self.pipeline.run(envelope, message, recipients, deadline)
         signer = await self._signer(envelope, message, verdict)
+        if signer is not None:
+            verdict.findings["signed"] = signer.domain + ":" + "+".join(k.selector for k in signer.keys)
         sealers = await self._sealers(envelope, verdict)
         outcome = await self.delivery.carry_out(verdict, message, envelope, actions, deadline=deadline,
                                                 signer=signer, sealers=sealers)

@@ -264,6 +264,12 @@ def write_new_key(path: Path, private: bytes) -> None:
         out.write(private)
 
 
+def zone_txt(value: str) -> str:
+    """A TXT value in zone-file form: quoted strings of at most 255 characters each (an
+    RSA-2048 key's record is about 400), which DNS servers join back into one record."""
+    return " ".join(f'"{value[i:i + 255]}"' for i in range(0, max(len(value), 1), 255))
+
+
 def published_key(record: str) -> str:
     """The ``p=`` value of a DKIM key record, whitespace removed (empty when there is none)."""
     for tag in record.split(";"):

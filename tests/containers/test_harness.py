@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import ipaddress
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,7 +137,7 @@ def test_a_dkim_record_keygen_prints_is_served_once_published(
     strings = [s.decode() for s in rdata.strings]
     assert len(strings) > 1 and all(len(s) <= 255 for s in strings)
     record = "".join(strings)
-    assert printed.stdout.strip().endswith(f'"{record}"') and record.startswith("v=DKIM1; k=rsa; p=MII")
+    assert re.findall(r'"([^"]*)"', printed.stdout) == strings and record.startswith("v=DKIM1; k=rsa; p=MII")
     # A message signed with the key verifies against what is served.
     key = (tmp_path / "keys" / "example.com.mw2026.key").read_bytes()
     data = b"From: alice@example.com\r\nSubject: hi\r\n\r\nhello\r\n"

@@ -26,6 +26,7 @@ from harness.slapd import SlapdServer
 from mailwarden.pbs import PopBeforeSmtp
 from milters import protocol as p
 from milters.authentication import AuthDns, Dmarc
+from milters.signing import zone_txt
 from tests.milter.conftest import MilterProcess, base_sections
 from tests.milter.helpers import Fed, Harness, harness, make_message, sample_directory
 from tests.milter.mta import EomResult, MtaSession
@@ -43,9 +44,7 @@ class Keys:
     ed_public: str
 
 
-def txt(value: str) -> str:
-    """A TXT record in zone-file form, cut into strings of at most 255 characters."""
-    return " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+txt = zone_txt
 
 
 def make_keys(tmp: Path) -> Keys:

@@ -9,6 +9,7 @@ the stub DNS would publish.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -84,10 +85,13 @@ def queued(fed: Fed) -> bytes:
     return head.encode("utf-8", "surrogateescape") + b"\r\n" + fed.body
 
 
-def test_subscriber_mail_is_signed_with_both_keys(tmp_path: Path, keys: Keys) -> None:
+def test_subscriber_mail_is_signed_with_both_keys(tmp_path: Path, keys: Keys,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
     h = rig(tmp_path, keys)
-    fed = h.feed(make_message(sender=FROM, to="friend@remote.example"), FROM, "friend@remote.example",
-                 login=FROM)
+    with caplog.at_level(logging.INFO, logger="mailwarden.milter"):
+        fed = h.feed(make_message(sender=FROM, to="friend@remote.example"), FROM, "friend@remote.example",
+                     login=FROM)
+    assert "signed=signing.example:mw1+mw1-ed25519" in caplog.text
     assert fed.rc == p.ACCEPT
     assert sorted(verified(queued(fed), keys)) == [("mw1", True), ("mw1-ed25519", True)]
     sigs = [v for n, v in fed.headers if n == "DKIM-Signature"]
@@ -146,8 +150,11 @@ def cli(tmp: Path, stub: StubDns, *args: str) -> Result:
 
 
 def record_of(output: str) -> tuple[str, str]:
+    """The name and the record of ``keygen``'s zone-file line (strings of at most 255)."""
     name, _, rest = output.strip().partition(" IN TXT ")
-    return name.rstrip("."), rest.strip('"')
+    strings = re.findall(r'"([^"]*)"', rest)
+    assert strings and all(len(s) <= 255 for s in strings)
+    return name.rstrip("."), "".join(strings)
 
 
 def test_keygen_writes_private_keys_and_check_compares_them(tmp_path: Path) -> None:
