@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
+import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ import pytest
 from miltertest import constants as c
 
 from harness.dnsstub import StubDns
+from harness.process import stop_process
 from harness.slapd import SlapdServer
 from mailwarden.pbs import PopBeforeSmtp
 from milters import protocol as p
@@ -452,3 +456,62 @@ def test_a_trusted_sealer_vouching_overrides_dmarc_for_its_domain_only(
     # The same sealer recording a failure vouches for nothing.
     fed = h.feed(listed(keys, b"dmarc=fail"), "list-bounce@elsewhere.example", "u@listreader.example")
     assert fed.rc == p.REJECT
+
+
+# ---------------------------------------------------------------- OpenDKIM's keys and signatures
+
+
+def opendkim_key(tmp: Path, selector: str) -> tuple[Path, str]:
+    """A key made by OpenDKIM's ``opendkim-genkey``, and the record from its zone fragment."""
+    subprocess.run(["opendkim-genkey", "-b", "2048", "-D", str(tmp), "-d", "signer.example", "-s", selector],
+                   check=True, capture_output=True, timeout=60)
+    fragment = (tmp / f"{selector}.txt").read_text()
+    return tmp / f"{selector}.private", "".join(re.findall(r'"([^"]*)"', fragment))
+
+
+def opendkim_signature(tmp: Path, key: Path, selector: str, raw: bytes) -> bytes:
+    """The DKIM-Signature field OpenDKIM's milter (signing mode) adds to ``raw``."""
+    socket_path = tmp / "opendkim.sock"
+    conf = tmp / "opendkim.conf"
+    conf.write_text(f"Syslog no\nMode s\nDomain signer.example\nSelector {selector}\nKeyFile {key}\n"
+                    f"Socket local:{socket_path}\nInternalHosts 192.0.2.0/24\nSignatureAlgorithm rsa-sha256\n"
+                    "Canonicalization relaxed/relaxed\nRequireSafeKeys false\n")
+    proc = subprocess.Popen(["opendkim", "-f", "-x", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.05)
+        session = MtaSession(socket_path)
+        session.connect()
+        session.helo()
+        result = session.message("news@signer.example", ["taro@example.jp"], raw)
+        session.close()
+    finally:
+        stop_process(proc, 10)
+    assert isinstance(result, EomResult) and result.final == c.SMFIR_ACCEPT
+    (added,) = result.of(c.SMFIR_INSHEADER)
+    assert added["name"] == "DKIM-Signature"
+    return b"DKIM-Signature:" + str(added["value"]).replace("\n", "\r\n").encode() + b"\r\n"
+
+
+@pytest.mark.skipif(shutil.which("opendkim") is None or shutil.which("opendkim-genkey") is None,
+                    reason="needs OpenDKIM (opendkim, opendkim-tools)")
+def test_mail_opendkim_signs_with_its_own_keys_verifies(h: Harness, stub: StubDns, tmp_path: Path) -> None:
+    key, record = opendkim_key(tmp_path, "od")
+    assert "h=sha256" in record
+    stub.add("od._domainkey.signer.example", "TXT", txt(record))
+    raw = make_message(sender="news@signer.example", body="hello from opendkim\n",
+                       headers={"Date": "Sun, 06 Dec 2026 20:00:00 +0000"}).as_bytes()
+    raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    signed_by_opendkim = opendkim_signature(tmp_path, key, "od", raw) + raw
+    # SPF fails (another envelope domain): DMARC passes on OpenDKIM's signature alone.
+    fed = h.feed(signed_by_opendkim, "bounce@elsewhere.example", "taro@example.jp")
+    header = ours(fed)
+    assert fed.rc == p.ACCEPT
+    assert "dkim=pass header.d=signer.example header.a=rsa-sha256 header.s=od" in header
+    assert "spf=fail" in header and "dmarc=pass" in header
+    changed = h.feed(signed_by_opendkim.replace(b"hello from", b"HELLO FROM"), "bounce@elsewhere.example",
+                     "taro@example.jp")
+    assert changed.rc == p.REJECT and "DMARC policy of signer.example: reject" in changed.reply[2]
