@@ -52,10 +52,6 @@ class ServiceSpec:
     description: str
     paid: bool
     """A check a subscriber pays for: a dead backend means tempfail, never a silent pass."""
-    implemented: bool = True
-    """Whether anything in this version acts on the service.  A service that is not
-    implemented yet can be stored (it takes effect once built), but ``explain`` and
-    ``enable`` say that nothing happens, so a paid service is never shown as working."""
 
 
 SERVICES: dict[Service, ServiceSpec] = {
@@ -79,8 +75,8 @@ SERVICES: dict[Service, ServiceSpec] = {
             paid=False,
         ),
         ServiceSpec(Service.SMTP_AUTH, "smtp-auth", "relay after SMTP AUTH", paid=False),
-        ServiceSpec(Service.ARCHIVE, "archive", "keep a copy of all passing mail", paid=True,
-                    implemented=False),
+        ServiceSpec(Service.ARCHIVE, "archive", "keep a copy of all passing mail with its envelope",
+                    paid=True),
         ServiceSpec(Service.DKIM_SIGNING, "dkim-signing",
                     "DKIM-sign mail subscribers submit with SMTP AUTH", paid=False),
         ServiceSpec(Service.GREYLISTING, "greylisting", "greylist unknown senders", paid=False),
@@ -89,15 +85,6 @@ SERVICES: dict[Service, ServiceSpec] = {
         ),
     )
 }
-
-
-NOT_YET_ACTIVE = "not yet active (nothing acts on it in this version)"
-"""What the CLI says next to a service that is not implemented yet."""
-
-
-def not_yet_active(service: Service) -> bool:
-    """Whether ``service`` may be switched on but nothing acts on it in this version."""
-    return not SERVICES[service].implemented
 
 
 class InvalidValue(ValueError):
@@ -406,8 +393,21 @@ SETTINGS: dict[str, SettingSpec] = {
            scope="user", max_length=8000),
         _S("vacation_period_days", "int", 7, "answer one sender at most once per this many days",
            "mwVacationPeriod", minimum=1, maximum=365),
-        _S("archive_address", "address", "", "where copies of passing mail are kept",
+        _S("archive_address", "address", "",
+           "the archive mailbox copies of passing mail go to: an account with mwAccountStatus "
+           "archive (delivered over LMTP, never reachable by SMTP)",
            "mwArchiveAddress", service=Service.ARCHIVE),
+        _S("archive_direction", "enum", "both",
+           "what is archived: inbound (mail to this address or domain), outbound (mail its "
+           "subscribers submit) or both", "mwArchiveDirection", choices=("inbound", "outbound", "both"),
+           service=Service.ARCHIVE),
+        _S("archive_retention_days", "int", 2557,
+           "days an archived message is kept (mailwarden archive expire removes older ones)",
+           "mwArchiveRetention", minimum=1, maximum=36500, scope="domain", service=Service.ARCHIVE),
+        _S("archive_failure_action", "enum", "tempfail",
+           "the archive mailbox does not accept a copy: tempfail (451; nothing is delivered "
+           "unarchived) or accept (delivered without the copy, logged)", "mwArchiveFailureAction",
+           choices=("tempfail", "accept"), service=Service.ARCHIVE),
         _S("rate_limit_window", "int", 3600, "rate-limit window in seconds",
            "mwRateLimitWindow", minimum=1, maximum=86400 * 7, service=Service.RATE_LIMITS),
         _S("rate_limit_messages", "int", 300, "messages per window (0 = unlimited)",

@@ -90,6 +90,10 @@ class LdapMappingConfig:
         None, "account status values that mean the account works (missing = active)",
         factory=lambda: ["active"],
     )
+    archive_status_value: str = setting(
+        "archive", "account status of archive mailboxes: the milter delivers to them over LMTP, "
+        "Postfix never routes to them and nobody logs in"
+    )
 
 
 @dataclass(frozen=True)

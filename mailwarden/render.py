@@ -27,7 +27,8 @@ from mailwarden import catalogue
 from mailwarden.address import normalize_address
 from mailwarden.catalogue import Service
 from mailwarden.config import Config, bind_password, site_defaults
-from mailwarden.renderconfig import MILTER_SECTION, POLICYD_SECTION, MilterWiring, PolicydWiring
+from mailwarden.doveadm import DoveadmError, read_api_key
+from mailwarden.renderconfig import MILTER_SECTION, POLICYD_SECTION, MilterWiring, PolicydWiring, RenderConfig
 
 MIB = 1024 * 1024
 INNER_SIZE_MARGIN = MIB
@@ -180,8 +181,10 @@ class LdapQueries:
     # Postfix ----------------------------------------------------------------
 
     def postfix_user_filter(self) -> str:
-        """The subscriber filter with Postfix's %s/%u/%d."""
-        return _expand(self.mapping.user_filter, POSTFIX_ADDRESS_KEY, "user_filter")
+        """The subscriber filter with Postfix's %s/%u/%d, archive mailboxes left out (only
+        the milter delivers to them, over LMTP: SMTP cannot put anything in an archive)."""
+        status = f"({self.attr['account_status']}={_filter_value(self.mapping.archive_status_value)})"
+        return _and(_expand(self.mapping.user_filter, POSTFIX_ADDRESS_KEY, "user_filter"), f"(!{status})")
 
     def postfix_domain_filter(self, key: str) -> str:
         """The domain filter for a lookup keyed by a domain (%s) or an address (%d)."""
@@ -736,7 +739,16 @@ def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
         "sasl_socket": sasl_socket,
         "sasl_inet": HostPort.parse(r.sasl_path.removeprefix("inet:")) if not sasl_socket else None,
         "recipient_delimiter": cfg.policy.recipient_delimiter,
+        "doveadm_api_key": _doveadm_key(r) if role == "mailbox" and r.doveadm_http_port else "",
     }
+
+
+def _doveadm_key(r: RenderConfig) -> str:
+    """The doveadm API key from its file (a rendered file must not depend on a newline)."""
+    try:
+        return read_api_key(r.doveadm_api_key_file)
+    except DoveadmError as exc:
+        raise RenderError([f"render.doveadm_api_key_file: {exc}"]) from None
 
 
 def render_dovecot(cfg: Config, roles: Sequence[str], out: Path) -> list[Rendered]:
@@ -766,6 +778,7 @@ def render_dovecot(cfg: Config, roles: Sequence[str], out: Path) -> list[Rendere
             if step.driver == "ldap":
                 files[step.args_file] = args.render({**context, "step": step})
         for name, text in files.items():
-            _write(targets[role] / name, text, secret=secret and name.endswith(".conf.ext"))
+            keyed = name.endswith("mailwarden-doveadm.conf.ext")
+            _write(targets[role] / name, text, secret=keyed or (secret and name.endswith(".conf.ext")))
         written.append(Rendered(f"dovecot-{role}", targets[role], tuple(sorted(files))))
     return written

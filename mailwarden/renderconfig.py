@@ -154,6 +154,14 @@ class RenderConfig:
     imaps_port: int = setting(993, "IMAPS port (0: off)")
     pop3_port: int = setting(110, "POP3 port (STARTTLS)")
     pop3s_port: int = setting(995, "POP3S port (0: off)")
+    doveadm_http_port: int = setting(
+        0, "port of Dovecot's doveadm HTTP API on the mailbox hosts (mailwarden archive search, "
+        "export and expire use it; 0: off)"
+    )
+    doveadm_api_key_file: str = setting(
+        "/etc/dovecot/mailwarden-doveadm.key",
+        "file holding the doveadm API key (read by Dovecot and by the mailwarden CLI; keep it secret)",
+    )
     backend_imap_port: int = setting(143, "IMAP port of the mailbox hosts the proxy forwards to")
     backend_pop3_port: int = setting(110, "POP3 port of the mailbox hosts the proxy forwards to")
     dovecot_ssl: Literal["required", "yes", "no"] = setting(

@@ -55,6 +55,9 @@ ATTRIBUTE_NUMBERS: dict[str, int] = {
     "mwDmarcTempErrorAction": 60,
     "mwArcTrustedSealer": 61,
     "mwArcSealForwards": 62,
+    "mwArchiveDirection": 63,
+    "mwArchiveRetention": 64,
+    "mwArchiveFailureAction": 65,
 }
 CLASS_NUMBERS = {"mwDomain": 1, "mwSubscriber": 2}
 

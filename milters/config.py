@@ -121,6 +121,9 @@ class MilterConfig:
         "Postfix smtpd (without milters) that receives content variants, notices and releases",
     )
     reinject_timeout: float = setting(30.0, "seconds one re-injection or notice may take")
+    archive_timeout: float = setting(
+        30.0, "seconds handing one archive copy to its mailbox host's LMTP may take"
+    )
     notice_from: str = setting(
         "postmaster@{domain}", "From: of notices; {domain} is the affected recipient's domain"
     )
@@ -177,6 +180,7 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
         "memory_limit", "max_parts", "max_depth", "archive_max_members", "archive_max_size",
         "archive_max_ratio", "clamd_timeout", "clamd_max_size", "spamd_timeout", "spamd_max_size",
         "keyword_text_limit", "keyword_regex_budget", "reinject_timeout", "notice_window", "quarantine_days",
+        "archive_timeout",
         "mta_timeout", "postfix_command_timeout", "threads", "workers", "postfix_content_timeout",
     )
     for key in positive:
@@ -207,7 +211,7 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
     # One scan per upstream in the worst case, then spamd, then one re-injection:
     # each call is also cut to what is left of eom_budget, this only flags a config
     # whose single steps could never fit.
-    for key in ("clamd_timeout", "spamd_timeout", "reinject_timeout"):
+    for key in ("clamd_timeout", "spamd_timeout", "reinject_timeout", "archive_timeout"):
         if getattr(cfg, key) >= cfg.eom_budget:
             problems.append(
                 f"milter.{key}: {getattr(cfg, key):g}s does not fit in the end-of-message "

@@ -21,8 +21,10 @@ from mailwarden.networks import Networks
 from mailwarden.notify import NoticeTemplates, Notifier
 from mailwarden.pbs import PopBeforeSmtp
 from mailwarden.policy import PolicyResolver
+from mailwarden.render import default_mailbox_host
 from mailwarden.reputation import Reputation
 from mailwarden.store import Store, StoreUnavailable, async_store_of, store_of
+from milters.archive import Archiver
 from milters.config import MilterConfig
 from milters.delivery import Delivery, MilterActions, Outcome
 from milters.filters import INTERNAL, Backends, Envelope, Filter
@@ -57,6 +59,8 @@ class MilterService:
     reputation: Reputation | None = None
     signing: Signing | None = None
     """DKIM signing of subscribers' mail (None: off)."""
+    archiver: Archiver | None = None
+    """The archive of passing mail (None: off)."""
     pbs: PopBeforeSmtp | None = None
     """POP-before-SMTP windows (None: not looked at)."""
     internal: Callable[[str], bool] = field(default_factory=lambda: Networks([]).contains)
@@ -85,6 +89,10 @@ class MilterService:
         if signer is not None:
             verdict.findings["signed"] = signer.domain + ":" + "+".join(k.selector for k in signer.keys)
         sealers = await self._sealers(envelope, verdict)
+        if self.archiver is not None and verdict.disposition is Disposition.ACCEPT:
+            archived = await self.archiver.archive(envelope, verdict, message, deadline)
+            if archived:
+                verdict.findings["archive"] = ",".join(archived)
         outcome = await self.delivery.carry_out(verdict, message, envelope, actions, deadline=deadline,
                                                 signer=signer, sealers=sealers)
         self._log(envelope, message, verdict, outcome, started)
@@ -277,6 +285,9 @@ def build_service(
                          signing=Signing(resolver, m.dkim_key_path,
                                          (m.authserv_id or node).lower() if m.sender_auth else ""),
                          pbs=PopBeforeSmtp(store) if m.pop_before_smtp else None,
+                         archiver=Archiver(resolver, default_host=default_mailbox_host(config),
+                                           lmtp_port=config.render.mailbox_port, timeout=m.archive_timeout,
+                                           node=node),
                          internal=Networks(m.internal_networks).contains)
 
 

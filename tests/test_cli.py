@@ -58,7 +58,7 @@ def test_explain_shows_every_value_with_its_source(slapd: SlapdServer, tmp_path:
 def test_explain_json_and_foreign_address(slapd: SlapdServer, tmp_path: Path) -> None:
     cfg = write_config(tmp_path, slapd, admin=False)
     data = json.loads(run(cfg, "explain", "--json", "alice@example.com").output)
-    assert data["services"]["spam_check"] == {"on": True, "source": "domain", "implemented": True}
+    assert data["services"]["spam_check"] == {"on": True, "source": "domain"}
     assert data["settings"]["banned_extensions"]["source"] == "default+domain+user"
     assert "js" not in data["settings"]["banned_extensions"]["value"]
     foreign = run(cfg, "explain", "x@elsewhere.example")
@@ -106,43 +106,27 @@ def test_domain_enable_disable_inherit_write_ldap(slapd_rw: SlapdServer, tmp_pat
     assert ldap_values(slapd_rw, DOMAIN_DN, "mwDisabledService") == []
 
 
-def test_explain_says_which_services_nothing_acts_on_yet(slapd: SlapdServer, tmp_path: Path) -> None:
-    """example.com switches archive and DKIM signing on: explain must not show archive as
-    working while nothing in this version archives; DKIM signing works."""
+def test_explain_shows_each_service_with_its_source(slapd: SlapdServer, tmp_path: Path) -> None:
+    """example.com switches archive and DKIM signing on; bob switched spam checking off."""
     cfg = write_config(tmp_path, slapd, admin=False)
-    out = run(cfg, "explain", "alice@example.com").output
-    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
-    for service in ("archive", "dkim_signing"):
-        assert lines[service].split()[1:4] == ["on", "from", "domain"]
-    assert lines["archive"].endswith("not yet active (nothing acts on it in this version)")
-    assert "not yet active" not in lines["dkim_signing"]
-    assert "not yet active" not in lines["spam_check"] and "not yet active" not in lines["virus_scan"]
-    data = json.loads(run(cfg, "explain", "--json", "alice@example.com").output)
-    assert data["services"]["archive"] == {"on": True, "source": "domain", "implemented": False}
-    assert data["services"]["dkim_signing"]["implemented"] is True
-    assert data["services"]["virus_scan"]["implemented"] is True
+    out = run(cfg, "explain", "bob@example.com").output
+    lines = {line.split()[0]: line.split()[1:4] for line in out.splitlines() if line.startswith("  ")}
+    assert lines["archive"] == lines["dkim_signing"] == ["on", "from", "domain"]
+    assert lines["spam_check"] == ["off", "from", "user"]
+    data = json.loads(run(cfg, "explain", "--json", "bob@example.com").output)
+    assert data["services"]["archive"] == {"on": True, "source": "domain"}
     listing = {line.split()[0]: line for line in run(None, "services").output.splitlines()
                if line.startswith("  ")}
-    assert listing["archive"].endswith("not yet active (nothing acts on it in this version)")
-    assert "not yet active" not in listing["spam_check"]
+    assert "keep a copy of all passing mail with its envelope" in listing["archive"]
 
 
-def test_enabling_a_service_nothing_acts_on_yet_warns_and_stores_it(
-    slapd_rw: SlapdServer, tmp_path: Path,
-) -> None:
+def test_enabling_services_stores_them(slapd_rw: SlapdServer, tmp_path: Path) -> None:
     cfg = write_config(tmp_path, slapd_rw)
     result = run(cfg, "user", "enable", "taro@example.jp", "archive", "greylisting")
-    assert result.exit_code == 0, result.output
-    assert result.stderr == ("mailwarden: warning: archive is switched on, but it is "
-                             "not yet active (nothing acts on it in this version)\n")
-    assert f"{USER_DN}: archive on (from user) - not yet active" in result.stdout
+    assert result.exit_code == 0 and result.stderr == "", result.output
+    assert f"{USER_DN}: archive on (from user)\n" in result.stdout
     assert f"{USER_DN}: greylisting on (from user)\n" in result.stdout
-    # Stored all the same: it takes effect once the service is built.
     assert {"archive", "greylisting"} <= set(ldap_values(slapd_rw, USER_DN, "mwEnabledService"))
-    result = run(cfg, "domain", "enable", "example.jp", "dkim-signing")
-    assert result.exit_code == 0 and result.stderr == ""
-    # Switching it off or inheriting needs no warning.
-    assert run(cfg, "user", "disable", "taro@example.jp", "archive").stderr == ""
 
 
 def test_user_set_and_unset_settings(slapd_rw: SlapdServer, tmp_path: Path) -> None:

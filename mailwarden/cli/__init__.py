@@ -186,8 +186,7 @@ def services_cmd() -> None:
     click.echo("services (stored as values of mwEnabledService / mwDisabledService):")
     for spec in catalogue.SERVICES.values():
         paid = "paid" if spec.paid else "    "
-        note = "" if spec.implemented else f" - {catalogue.NOT_YET_ACTIVE}"
-        click.echo(f"  {spec.service.value:<18} {spec.ldap_value:<18} {paid}  {spec.description}{note}")
+        click.echo(f"  {spec.service.value:<18} {spec.ldap_value:<18} {paid}  {spec.description}")
     click.echo("settings:")
     for s in catalogue.SETTINGS.values():
         allowed = f" ({'|'.join(s.choices)})" if s.choices else ""

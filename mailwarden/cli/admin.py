@@ -118,9 +118,7 @@ def _report(app: App, target: Target, names: list[str]) -> None:
             click.echo(f"{target.entry.dn}: {name} = {value} (from {sv.source_text})")
         else:
             sv = policy.services[Service(name)]
-            note = f" - {catalogue.NOT_YET_ACTIVE}" if catalogue.not_yet_active(Service(name)) else ""
-            click.echo(f"{target.entry.dn}: {name} {'on' if sv.value else 'off'} "
-                       f"(from {sv.source_text}){note}")
+            click.echo(f"{target.entry.dn}: {name} {'on' if sv.value else 'off'} (from {sv.source_text})")
 
 
 def make_group(name: str, key: str, locate: Callable[[App, str], Target], layer: str) -> click.Group:
@@ -152,11 +150,6 @@ def make_group(name: str, key: str, locate: Callable[[App, str], Target], layer:
             target = locate(app, kw[key.lower()])
             parsed = _parse_services(services)
             _service_change(app, target, parsed, _action)
-            if _action == "enable":
-                # Stored all the same: the flag takes effect once the service is built.
-                for service in filter(catalogue.not_yet_active, parsed):
-                    click.echo(f"mailwarden: warning: {service.value} is switched on, but it is "
-                               f"{catalogue.NOT_YET_ACTIVE}", err=True)
             _report(app, target, [s.value for s in parsed])
 
     @group.command("set", help="Set a setting (several VALUEs for a list setting).")

@@ -119,8 +119,7 @@ def policy_as_dict(policy: EffectivePolicy) -> dict[str, Any]:
         "alternate_addresses": list(policy.alternate_addresses),
         "domain_aliases": list(policy.domain_aliases),
         "services": {
-            s.value: {"on": v.value, "source": v.source_text,
-                      "implemented": catalogue.SERVICES[s].implemented}
+            s.value: {"on": v.value, "source": v.source_text}
             for s, v in policy.services.items()
         },
         "settings": {
@@ -161,8 +160,7 @@ def print_policy(policy: EffectivePolicy) -> None:
         return
     click.echo("services:")
     for service, sv in policy.services.items():
-        note = f"  {catalogue.NOT_YET_ACTIVE}" if catalogue.not_yet_active(service) else ""
-        click.echo(f"  {service.value:<22} {'on' if sv.value else 'off':<4} from {sv.source_text}{note}")
+        click.echo(f"  {service.value:<22} {'on' if sv.value else 'off':<4} from {sv.source_text}")
     click.echo("settings:")
     for name, sv in policy.settings.items():
         click.echo(f"  {name:<22} {_show_value(sv.value):<30} from {sv.source_text}")

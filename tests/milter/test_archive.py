@@ -1,0 +1,65 @@
+"""The archive's plan and failure actions, over the fake directory (the real Dovecot
+archive is in tests/render/test_archive.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from harness.ports import free_port
+from milters import protocol as p
+from milters.archive import ArchiveCopy
+from milters.filters import Envelope
+from milters.verdict import Recipient, RecipientOutcome, Verdict
+from tests.milter.helpers import Harness, harness, make_message, sample_directory
+
+
+def rig(tmp: Path, failure_action: str = "tempfail") -> Harness:
+    """example.com archives both ways into archive@example.com, whose LMTP is down."""
+    d = sample_directory()
+    d.entries["mwDomainName=example.com,ou=domains"].update(
+        enabled_service=["virus-scan", "archive"], archive_address=["archive@example.com"],
+        archive_failure_action=[failure_action])
+    d.add_user("archive@example.com", account_status="archive", mail_host=f"127.0.0.1:{free_port()}")
+    return harness(tmp, "archive_timeout = 2\n", d)
+
+
+def plan(h: Harness, sender: str, login: str, *recipients: str) -> list[ArchiveCopy]:
+    async def run() -> list[ArchiveCopy]:
+        resolver = h.service.resolver
+        outcomes = [RecipientOutcome(Recipient(r, (), await resolver.lookup(r))) for r in recipients]
+        envelope = Envelope(sender=sender, auth_login=login)
+        assert h.service.archiver is not None
+        return await h.service.archiver.plan(envelope, Verdict(outcomes))
+
+    return asyncio.run(run())
+
+
+def test_a_colleague_s_mail_is_one_copy_both_ways(tmp_path: Path) -> None:
+    h = rig(tmp_path)
+    [copy] = plan(h, "alice@example.com", "alice@example.com", "bob@example.com", "friend@remote.example")
+    assert copy.address == "archive@example.com" and copy.direction == "inbound+outbound"
+    assert copy.recipients == ["bob@example.com", "friend@remote.example"]
+    # Inbound only: the other domain's recipient is not listed in example.com's archive.
+    [inbound] = plan(h, "x@outside.test", "", "bob@example.com", "taro@example.jp")
+    assert inbound.recipients == ["bob@example.com"] and inbound.direction == "inbound"
+    assert plan(h, "x@outside.test", "", "taro@example.jp") == []
+
+
+def test_archive_down_tempfails_by_default(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    h = rig(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="mailwarden.milter"):
+        fed = h.feed(make_message(to="bob@example.com"), "x@outside.test", "bob@example.com", "taro@example.jp")
+    assert fed.rc == p.TEMPFAIL and fed.reply[0] == "451"
+    assert any("archive copy for archive@example.com failed (tempfail)" in r.getMessage() for r in caplog.records)
+
+
+def test_archive_down_with_accept_delivers_and_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    h = rig(tmp_path, "accept")
+    with caplog.at_level(logging.INFO, logger="mailwarden.milter"):
+        fed = h.feed(make_message(to="bob@example.com"), "x@outside.test", "bob@example.com")
+    assert fed.rc == p.ACCEPT
+    assert "archive=archive@example.com:failed" in caplog.text

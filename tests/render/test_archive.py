@@ -1,0 +1,230 @@
+"""The archive against the real Dovecot of a rendered mailbox host and the sample directory.
+
+The milter (its real LDAP resolver, fake scanners) hands each copy to Dovecot's LMTP;
+``mailwarden archive search / export / expire`` ask Dovecot through its doveadm HTTP
+API.  example.com archives both ways into archive@example.com (sample data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import mailbox
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+import ldap
+from harness.ports import free_port
+from harness.slapd import SlapdServer
+from mailwarden.cli.common import App
+from mailwarden.config import Config
+from mailwarden.ldapdir import LdapDirectory
+from mailwarden.policy import PolicyResolver
+from mailwarden.store import MemoryStore
+from milters import protocol as p
+from milters.archive_cli import archive_group
+from milters.service import MilterService, build_service
+from milters.signing import generate_key, write_new_key
+from tests.conftest import ADMIN_DN
+from tests.milter.helpers import (
+    FakeSpamScanner,
+    FakeVirusScanner,
+    Fed,
+    RecordingInjector,
+    drive,
+    make_message,
+)
+from tests.render.conftest import (
+    RenderedDovecot,
+    RenderedPostfix,
+    Site,
+    ldap_toml,
+    need_dovecot,
+    need_postfix,
+    site_root,
+)
+
+EXAMPLE_COM = "mwDomainName=example.com,ou=domains,dc=mailwarden,dc=test"
+
+
+@pytest.fixture(scope="module")
+def directory() -> Iterator[SlapdServer]:
+    """A slapd of the module's own: example.com keeps its archive for 5 days here."""
+    from tests.conftest import new_slapd
+
+    server = new_slapd()
+    conn = ldap.initialize(server.uri)
+    conn.simple_bind_s(ADMIN_DN, "secret")
+    conn.modify_s(EXAMPLE_COM, [(ldap.MOD_ADD, "mwArchiveRetention", [b"5"])])
+    conn.unbind_s()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def archive_host(directory: SlapdServer) -> Iterator[tuple[Site, RenderedDovecot]]:
+    """The rendered mailbox role with the doveadm HTTP API on; subscribers without a
+    mailbox host (the archive mailbox among them) live on it."""
+    need_dovecot()
+    with site_root() as root:
+        key = root / "doveadm.key"
+        key.write_text("archive-test-key\n")
+        port = free_port()
+        site = Site(root, ldap_toml(directory), extra=(
+            f'doveadm_http_port = {port}\ndoveadm_api_key_file = "{key}"\n'
+            'default_mailbox_host = "127.0.0.1"\n'))
+        site.ports["doveadm"] = port
+        # example.com signs what alice sends: its key.
+        private, _ = generate_key("rsa")
+        write_new_key(root / "dkim" / "example.com.mw2026.key", private)
+        site.text = site.text.replace("[milter]\n", f'[milter]\nsender_auth = false\n'
+                                      f'dkim_key_path = "{root}/dkim/{{domain}}.{{selector}}.key"\n', 1)
+        site.dovecot("mailbox")
+        dovecot = RenderedDovecot(site, "mailbox")
+        dovecot.start(site.ports["lmtp"], port)
+        try:
+            yield site, dovecot
+        finally:
+            dovecot.stop()
+
+
+def service(config: Config) -> MilterService:
+    return build_service(config, store=MemoryStore(), virus_scanner=FakeVirusScanner(),
+                         spam_scanner=FakeSpamScanner(), injector=RecordingInjector(),
+                         resolver=PolicyResolver(LdapDirectory(config.ldap), config))
+
+
+def send(svc: MilterService, data: bytes, sender: str, *recipients: str, login: str = "",
+         queue_id: str = "QA1") -> Fed:
+    return asyncio.run(drive(svc, data, sender, recipients, queue_id, login=login))
+
+
+def archive(site: Site, *args: str) -> Result:
+    return CliRunner().invoke(archive_group, list(args), obj=App(str(site.write())))
+
+
+def found(site: Site, *args: str) -> list[dict[str, object]]:
+    result = archive(site, "search", "example.com", "--json", *args)
+    assert result.exit_code in (0, 1), result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_inbound_mail_is_archived_once_with_every_envelope_recipient(
+        archive_host: tuple[Site, RenderedDovecot]) -> None:
+    site, _ = archive_host
+    svc = service(site.config)
+    # alice is a Bcc recipient: no header names her.
+    forged = {"X-Mailwarden-Archive-Recipient": "forged@example.com"}
+    msg = make_message(sender="news@outside.test", to="bob@example.com", subject="quarterly figures",
+                       headers={"Cc": "carol@example.com", **forged})
+    fed = send(svc, msg.as_bytes(), "news@outside.test", "bob@example.com", "carol@example.com",
+               "alice@example.com", "taro@example.jp")
+    assert fed.rc == p.ACCEPT
+    [hit] = found(site, "--to", "alice@example.com")
+    assert hit["recipients"] == ["alice@example.com", "bob@example.com", "carol@example.com"]
+    assert hit["sender"] == "news@outside.test" and hit["subject"] == "quarterly figures"
+    assert hit["direction"] == "inbound"
+    # Exact addresses: a substring of one is not a match, nor a forged field.
+    assert found(site, "--to", "lice@example.com") == []
+    assert found(site, "--to", "forged@example.com") == []
+    # taro's domain does not archive: example.jp's recipient is not listed.
+    assert found(site, "--to", "taro@example.jp") == []
+
+
+def test_outbound_mail_of_an_archiving_subscriber_is_archived(archive_host: tuple[Site, RenderedDovecot],
+                                                              tmp_path: Path) -> None:
+    site, _ = archive_host
+    msg = make_message(sender="alice@example.com", to="friend@remote.example", subject="offer")
+    fed = send(service(site.config), msg.as_bytes(), "alice@example.com", "friend@remote.example",
+               "hidden@remote.example", login="alice@example.com", queue_id="QA2")
+    assert fed.rc == p.ACCEPT
+    [hit] = found(site, "--from", "alice@example.com", "--to", "hidden@remote.example")
+    assert hit["direction"] == "outbound"
+    assert hit["recipients"] == ["friend@remote.example", "hidden@remote.example"]
+    # Export as mbox and as .eml: the message with its envelope fields.
+    out = tmp_path / "export.mbox"
+    exported = archive(site, "export", "example.com", "--from", "alice@example.com", "--out", str(out))
+    assert exported.exit_code == 0, exported.output
+    [kept] = list(mailbox.mbox(out))
+    assert kept["Subject"] == "offer"
+    assert kept.get_all("X-Mailwarden-Archive-Recipient") == hit["recipients"]
+    assert kept["X-Mailwarden-Archive-Login"] == "alice@example.com"
+    assert kept["X-Mailwarden-Archive-Queue-Id"] == "QA2"
+    emls = tmp_path / "eml"
+    assert archive(site, "export", "example.com", "--to", "hidden@remote.example", "--format", "eml",
+                   "--out", str(emls)).exit_code == 0
+    [eml] = list(emls.iterdir())
+    assert b"Subject: offer" in eml.read_bytes()
+
+
+def test_archive_down_defers_the_message_until_it_is_back(archive_host: tuple[Site, RenderedDovecot]) -> None:
+    site, _ = archive_host
+    dead = dataclasses.replace(site.config, render=dataclasses.replace(site.config.render,
+                                                                      mailbox_port=free_port()))
+    msg = make_message(sender="boss@outside.test", to="bob@example.com", subject="retry me")
+    deferred = send(service(dead), msg.as_bytes(), "boss@outside.test", "bob@example.com", queue_id="QA3")
+    assert deferred.rc == p.TEMPFAIL and deferred.reply[0] == "451"
+    assert "archive unavailable" in deferred.reply[2]
+    assert found(site, "--from", "boss@outside.test") == []
+    # The sender retries once the archive is back: delivered and archived, once.
+    again = send(service(site.config), msg.as_bytes(), "boss@outside.test", "bob@example.com", queue_id="QA4")
+    assert again.rc == p.ACCEPT
+    assert len(found(site, "--from", "boss@outside.test")) == 1
+
+
+def test_a_domain_without_archiving_keeps_nothing(archive_host: tuple[Site, RenderedDovecot]) -> None:
+    site, _ = archive_host
+    before = found(site)
+    msg = make_message(sender="x@outside.test", to="taro@example.jp", subject="not kept")
+    assert send(service(site.config), msg.as_bytes(), "x@outside.test", "taro@example.jp").rc == p.ACCEPT
+    assert found(site) == before
+    assert archive(site, "search", "example.jp").exit_code != 0  # no archive_address there
+
+
+def test_smtp_cannot_reach_the_archive_mailbox(archive_host: tuple[Site, RenderedDovecot]) -> None:
+    """Postfix's recipient and routing tables leave archive accounts out (mail to one is
+    refused as an unknown user); Dovecot's userdb, which LMTP uses, still has the user."""
+    need_postfix()
+    site, dovecot = archive_host
+    site.postfix("route", "mailbox")
+    route, mailbox_stage = RenderedPostfix(site, "route"), RenderedPostfix(site, "mailbox")
+    assert route.lookup("ldap-recipients", "alice@example.com") == "alice@example.com"
+    assert route.lookup("ldap-recipients", "archive@example.com") is None
+    assert mailbox_stage.lookup("ldap-mailhost-users", "archive@example.com") is None
+    assert dovecot.userdb("archive@example.com") is not None
+
+
+def test_expire_removes_what_is_older_than_the_retention(archive_host: tuple[Site, RenderedDovecot]) -> None:
+    site, _ = archive_host
+    msg = make_message(sender="old@outside.test", to="bob@example.com", subject="ancient")
+    assert send(service(site.config), msg.as_bytes(), "old@outside.test", "bob@example.com").rc == p.ACCEPT
+    assert len(found(site, "--from", "old@outside.test")) == 1
+    # The archive received it a week ago (maildir: the file's time is the received date).
+    maildir = site.root / "mail" / "example.com" / "archive" / "Maildir"
+    week_ago = time.time() - 7 * 86400
+    for path in [*(maildir / "new").iterdir(), *(maildir / "cur").iterdir()]:
+        if b"ancient" in path.read_bytes():
+            os.utime(path, (week_ago, week_ago))
+    expired = archive(site, "expire", "example.com")
+    assert expired.exit_code == 0, expired.output
+    assert "1 message(s) older than 5 days removed" in expired.output
+    assert found(site, "--from", "old@outside.test") == []
+    assert found(site, "--from", "boss@outside.test")  # younger mail stays
+
+
+def test_a_domain_the_caller_cannot_see_is_refused(archive_host: tuple[Site, RenderedDovecot]) -> None:
+    site, _ = archive_host
+    unknown = archive(site, "search", "not-hosted.example")
+    assert unknown.exit_code == 1 and "no such domain not-hosted.example" in unknown.output
+    malformed = archive(site, "search", "bad domain")
+    assert malformed.exit_code == 2 and "@" not in malformed.output
+    # Another domain's mailbox, or a subscriber's own, is not this domain's archive.
+    for mailbox_ in ("taro@example.jp", "bob@example.com"):
+        borrowed = archive(site, "search", "example.com", "--archive", mailbox_)
+        assert borrowed.exit_code == 1 and "is not an archive mailbox of example.com" in borrowed.output
