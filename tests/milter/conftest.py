@@ -122,6 +122,12 @@ class MilterProcess:
             proc.wait()
 
 
+def archive_section(lmtp_port: int) -> str:
+    """[render] sending archive copies to an LMTP service on loopback (the sample data's
+    example.com archives into archive@example.com, which names no mailbox host)."""
+    return f'[render]\ndefault_mailbox_host = "127.0.0.1"\nmailbox_port = {lmtp_port}\n'
+
+
 def base_sections(*, ldap_uri: str, store_path: Path) -> str:
     """[ldap] and [store] for a milter process."""
     return (

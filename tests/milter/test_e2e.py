@@ -25,7 +25,7 @@ from harness.postfix import PostfixInstance, SmtpResult, missing_postfix
 from harness.slapd import SlapdServer, mailwarden_database
 from harness.smtpsink import SinkMessage, SmtpSink
 from harness.spamd import GTUBE, SpamdServer
-from tests.milter.conftest import MilterProcess, base_sections
+from tests.milter.conftest import MilterProcess, archive_section, base_sections
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slapd,
               pytest.mark.skipif(missing_postfix() is not None, reason=str(missing_postfix()))]
@@ -47,8 +47,10 @@ REINJECT_OPTIONS = {
 
 class Stack:
     def __init__(self, sender: PostfixInstance, mx: PostfixInstance, milter: MilterProcess,
-                 mailbox: SmtpSink, clamd: ClamdServer) -> None:
+                 mailbox: SmtpSink, clamd: ClamdServer, archive: SmtpSink) -> None:
         self.sender, self.mx, self.milter, self.mailbox, self.clamd = sender, mx, milter, mailbox, clamd
+        self.archive = archive
+        """The LMTP service archive@example.com's copies go to (example.com archives)."""
 
     def send(self, message: EmailMessage, *recipients: str, sender: str = "someone@remote.example"
              ) -> SmtpResult:
@@ -89,9 +91,10 @@ def directory() -> Iterator[SlapdServer]:
 def stack(directory: SlapdServer, clamd: ClamdServer, spamd: SpamdServer) -> Iterator[Stack]:
     work = Path(tempfile.mkdtemp(prefix="mw-e2e-"))
     work.chmod(0o755)  # Postfix's smtpd (user postfix) connects to the milter socket here
-    with SmtpSink() as mailbox:
-        milter = MilterProcess(work / "milter", base_sections(ldap_uri=directory.uri,
-                                                              store_path=work / "state.sqlite3"), "")
+    with SmtpSink() as mailbox, SmtpSink(lmtp=True) as archive:
+        sections = (base_sections(ldap_uri=directory.uri, store_path=work / "state.sqlite3")
+                    + archive_section(archive.port))
+        milter = MilterProcess(work / "milter", sections, "")
         mx = PostfixInstance(main_cf={
             "relay_domains": LOCAL_DOMAINS, "relayhost": mailbox.relayhost,
             "smtpd_milters": f"unix:{milter.socket_path}", "milter_protocol": "6",
@@ -109,7 +112,7 @@ def stack(directory: SlapdServer, clamd: ClamdServer, spamd: SpamdServer) -> Ite
                                           "mynetworks": "127.0.0.0/8"},
                                  myhostname="out.remote.example", syslog_name="postfix-sender").start()
         try:
-            yield Stack(sender, mx, milter, mailbox, clamd)
+            yield Stack(sender, mx, milter, mailbox, clamd, archive)
         finally:
             sender.cleanup()
             mx.cleanup()
@@ -120,6 +123,7 @@ def stack(directory: SlapdServer, clamd: ClamdServer, spamd: SpamdServer) -> Ite
 @pytest.fixture(autouse=True)
 def _fresh(stack: Stack) -> Iterator[None]:
     stack.mailbox.clear()
+    stack.archive.clear()
     yield
     if stack.clamd.pid is None:
         stack.clamd.start()
@@ -300,3 +304,25 @@ def test_two_workers_share_the_socket_and_filter_alike(stack: Stack) -> None:
         stack.mx.postconf(smtpd_milters=f"unix:{stack.milter.socket_path}")
         stack.mx.restart()
         pair.stop()
+
+
+# ---------------------------------------------------------------- archive
+
+
+def test_an_archiving_domain_keeps_one_copy_with_its_bcc_recipients(stack: Stack) -> None:
+    """Through the real Postfix: example.com archives into archive@example.com, whose
+    LMTP (a sink here) took the copy before the MX answered; alice is a Bcc recipient."""
+    result = stack.send(message(subject="board minutes"), "bob@example.com", "carol@example.com",
+                        "alice@example.com", "taro@example.jp")
+    assert result.accepted
+    [kept] = stack.archive.messages
+    assert kept.recipients == ("archive@example.com",) and kept.envelope_sender == "someone@remote.example"
+    fields = kept.message
+    assert fields.get_all("X-Mailwarden-Archive-Recipient") == [
+        "bob@example.com", "carol@example.com", "alice@example.com"]
+    assert fields["X-Mailwarden-Archive-Direction"] == "inbound" and fields["Subject"] == "board minutes"
+    assert fields["X-Mailwarden-Archive-Queue-Id"] != "NOQUEUE"
+    [delivered] = stack.copies(1)  # after it was archived; the archive's fields are not in it
+    assert set(delivered.recipients) == {"alice@example.com", "bob@example.com", "carol@example.com",
+                                         "taro@example.jp"}
+    assert "X-Mailwarden-Archive-Recipient" not in delivered.message

@@ -22,7 +22,7 @@ from harness.ports import free_port
 from harness.slapd import SlapdServer
 from harness.smtpsink import SmtpSink
 from harness.spamd import GTUBE, FakeSpamd
-from tests.milter.conftest import MilterProcess, base_sections
+from tests.milter.conftest import MilterProcess, archive_section, base_sections
 from tests.milter.helpers import make_message
 from tests.milter.mta import EomResult, MtaSession, reply_text
 
@@ -57,9 +57,11 @@ def rig(request: pytest.FixtureRequest, slapd: SlapdServer, tmp_path_factory: py
         ) -> Iterator[Rig]:
     workers = request.param
     work = tmp_path_factory.mktemp(f"milter-proto-{workers}")
-    with FakeClamd() as clamd, FakeSpamd(score=1.0) as spamd, SmtpSink() as sink:
+    with (FakeClamd() as clamd, FakeSpamd(score=1.0) as spamd, SmtpSink() as sink,
+          SmtpSink(lmtp=True) as archive):
+        sections = base_sections(ldap_uri=slapd.uri, store_path=work / "state.sqlite3")
         milter = MilterProcess(
-            work, base_sections(ldap_uri=slapd.uri, store_path=work / "state.sqlite3"),
+            work, sections + archive_section(archive.port),
             f'workers = {workers}\nmta_timeout = 3\n'
             f'clamd = ["unix:{work}/dead-clamd.sock", "{clamd.address}"]\nclamd_timeout = 1.0\n'
             f'spamd = ["{spamd.address}"]\nspamd_timeout = 1.0\nupstream_retry = 60\n'

@@ -115,7 +115,8 @@ def test_filter_placeholders_and_percent_signs_are_translated() -> None:
     text = ('[ldap.mapping]\nuser_filter = "(&(objectClass=x)(|(uid={local})(mail={address}))'
             '(note=100%))"\n')
     d = LdapQueries(cfg(text))
-    assert d.postfix_user_filter() == "(&(objectClass=x)(|(uid=%u)(mail=%s))(note=100%%))"
+    assert d.postfix_user_filter() == ("(&(&(objectClass=x)(|(uid=%u)(mail=%s))(note=100%%))"
+                                       "(!(mwAccountStatus=archive)))")
     assert d.dovecot_user_filter() == "(&(objectClass=x)(|(uid=%n)(mail=%u))(note=100%%))"
     bad = cfg('[ldap.mapping]\ndomain_filter = "(&(d={domain})(m={address}))"\n')
     with pytest.raises(RenderError, match="domain_filter"):
