@@ -222,7 +222,10 @@ class Quarantine:
         oldest_kept = time.strftime("%Y%m%d", time.gmtime(now - 2 * 86400))
         for day in sorted(self.dir.iterdir()):
             if DAY_PATTERN.match(day.name) and day.is_dir():
-                removed += self._expire_in(day, now)
+                try:
+                    removed += self._expire_in(day, now)
+                except FileNotFoundError:  # another node's expire removed it
+                    continue
                 if day.name < oldest_kept:
                     with contextlib.suppress(OSError):  # not empty, or gone already
                         day.rmdir()
