@@ -470,14 +470,15 @@ INTERNET_MAIL = "/srv/internet-mail"
 PUBLISHED_ZONES = "/var/lib/mailwarden-stack/published"
 
 # In start order: what a host needs is up before it starts.  The two mailbox hosts
-# share one Maildir volume, as mailbox hosts share an NFS export in production.
+# share one Maildir volume, as mailbox hosts share an NFS export in production; the
+# front node keeps its quarantine there (milter.quarantine_dir in front.toml).
 TOPOLOGY: tuple[Host, ...] = (
     Host("dns", "dns", 53, "dns.mailwarden.test", (("published", PUBLISHED_ZONES),)),
     Host("ldap", "ldap", 30, "ldap.mailwarden.test", ready_ports=(389,)),
     Host("redis", "redis", 31, "redis.mailwarden.test", ready_ports=(6379,)),
     Host("mbox1", "mailbox", 21, "mbox1.example.jp", (("mail", MAIL_ROOT),), (24, 110, 143, 12340)),
     Host("mbox2", "mailbox", 22, "mbox2.example.jp", (("mail", MAIL_ROOT),), (24, 110, 143, 12340)),
-    Host("front", "front", 10, "mx1.mailwarden.test", (("published", PUBLISHED_ZONES),),
+    Host("front", "front", 10, "mx1.mailwarden.test", (("published", PUBLISHED_ZONES), ("mail", MAIL_ROOT)),
          (25, 587, 2525, 110, 143)),
     Host("internet", "internet", 100, "mx.outside.test", (("internet-mail", INTERNET_MAIL),), (25,)),
 )

@@ -18,7 +18,7 @@ from mailwarden.directory import DirectoryUnavailable
 from mailwarden.log import setup_logging
 from mailwarden.store import StoreUnavailable
 from milters.config import MilterConfig, check_section
-from milters.quarantine import Quarantine
+from milters.quarantine import Quarantine, QuarantineEntry
 
 
 @click.group("milter")
@@ -156,14 +156,22 @@ def _when(ts: float) -> str:
 @pass_app
 def quarantine_list(app: App) -> None:
     """One line per quarantined message, oldest first."""
+    q = _quarantine(app)
     try:
-        entries = _quarantine(app).entries()
+        entries = q.entries()
     except StoreUnavailable as exc:
         fail(f"store unavailable: {exc}", EX_TEMPFAIL)
+    missing = 0
     for e in entries:
+        mark = ""
+        if q.file(e.id) is None:
+            mark, missing = "  [file missing]", missing + 1
         click.echo(f"{e.id}  {_when(e.created)}  <{e.sender}> -> {','.join(e.recipients)}  "
-                   f"{e.size}B  {e.reason}")
+                   f"{e.size}B  {e.reason}{mark}")
     click.echo(f"{len(entries)} message(s)", err=True)
+    if missing:
+        click.echo(f"{missing} of them without their file in {q.dir} "
+                   "(is the shared quarantine volume mounted on this node?)", err=True)
 
 
 @quarantine_group.command("show")
@@ -172,12 +180,16 @@ def quarantine_list(app: App) -> None:
 @pass_app
 def quarantine_show(app: App, entry_id: str, raw: bool) -> None:
     """Show one quarantined message (envelope, reason, headers)."""
-    from milters.quarantine import NotQuarantined
+    from milters.quarantine import FileMissing, NotQuarantined
 
     q = _quarantine(app)
     try:
         entry = q.get(entry_id)
         data = q.read(entry_id)
+    except FileMissing as exc:
+        if not raw:
+            _show_entry(entry)
+        fail(str(exc), EX_NOTFOUND)
     except NotQuarantined as exc:
         fail(str(exc), EX_NOTFOUND)
     except StoreUnavailable as exc:
@@ -185,13 +197,17 @@ def quarantine_show(app: App, entry_id: str, raw: bool) -> None:
     if raw:
         sys.stdout.buffer.write(data)
         return
+    _show_entry(entry)
+    head = data.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    click.echo("\n" + head.decode("utf-8", "replace"))
+
+
+def _show_entry(entry: QuarantineEntry) -> None:
     for label, value in (("id", entry.id), ("created", _when(entry.created)), ("queue id", entry.queue_id),
                          ("sender", f"<{entry.sender}>"), ("recipients", ", ".join(entry.recipients)),
                          ("reason", entry.reason), ("size", str(entry.size)), ("node", entry.node),
                          ("from", entry.from_header), ("subject", entry.subject)):
         click.echo(f"{label:<11} {value}")
-    head = data.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-    click.echo("\n" + head.decode("utf-8", "replace"))
 
 
 @quarantine_group.command("release")
@@ -200,7 +216,7 @@ def quarantine_show(app: App, entry_id: str, raw: bool) -> None:
 @pass_app
 def quarantine_release(app: App, entry_id: str, recipients: tuple[str, ...]) -> None:
     """Deliver a quarantined message through the re-injection smtpd, then delete it."""
-    from milters.quarantine import NotQuarantined
+    from milters.quarantine import FileMissing, NotQuarantined, ReleaseUnderWay
     from milters.reinject import InjectError, SmtpInjector
 
     m = MilterConfig.of(app.config)
@@ -209,10 +225,10 @@ def quarantine_release(app: App, entry_id: str, recipients: tuple[str, ...]) -> 
             entry_id, SmtpInjector(m.reinject, timeout=m.reinject_timeout), recipients=recipients,
             deadline=time.monotonic() + m.reinject_timeout,
         )
+    except (FileMissing, ReleaseUnderWay, InjectError, StoreUnavailable) as exc:
+        fail(f"not released: {exc}", EX_TEMPFAIL)
     except NotQuarantined as exc:
         fail(str(exc), EX_NOTFOUND)
-    except (InjectError, StoreUnavailable) as exc:
-        fail(f"not released: {exc}", EX_TEMPFAIL)
     click.echo(f"{entry_id}: released, queued as {queue_id}")
 
 

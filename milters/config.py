@@ -132,7 +132,10 @@ class MilterConfig:
     template_dir: str = setting(
         "/etc/mailwarden/templates", "site notice templates, searched before the shipped ones"
     )
-    quarantine_dir: str = setting("/var/lib/mailwarden/quarantine", "where quarantined mail is kept")
+    quarantine_dir: str = setting(
+        "/var/lib/mailwarden/quarantine",
+        "where quarantined mail is kept (in a cluster: on the volume every node shares)",
+    )
     quarantine_days: int = setting(30, "days quarantined mail is kept before it expires")
     mta_timeout: float = setting(600.0, "seconds the milter waits for the MTA before dropping it")
     postfix_command_timeout: float = setting(

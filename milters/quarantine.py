@@ -1,16 +1,23 @@
 """Quarantined mail: the message on disk, its index entry in the shared store.
 
-Each entry is one file ``ID.eml`` (mode 0600, written to a temporary name and
-renamed, so a crash never leaves half a message under a real name) and one store
-key ``quarantine:ID`` holding the envelope and the reason as JSON, with the
-retention time as its TTL.  In a cluster the directory should be shared (NAS)
-or releases run on the node named in the entry.  ``expire()`` removes files
-whose entry has expired (``mailwarden quarantine expire``, daily from the shipped
-systemd timer ``mailwarden-quarantine-expire.timer`` or cron).
+Each entry is one file ``DIR/YYYYMMDD/ID.eml`` (by the day it was quarantined, so no
+directory holds more than a day's worth; entries written before that layout are read
+from ``DIR/ID.eml``) and one store key ``quarantine:ID`` holding the envelope and the
+reason as JSON, with the retention time as its TTL.  In a cluster ``DIR`` is on the
+shared volume (NAS), so every node lists, shows and releases the same entries.
+
+A message is never lost while its entry exists: ``put`` writes the file under a
+temporary name, fsyncs it, renames it and fsyncs the directory before the entry is
+written; ``delete`` and ``release`` remove the entry before the file.  A crash between
+the two steps leaves a file without an entry, which ``expire()`` removes (``mailwarden
+quarantine expire``, daily from the shipped systemd timer
+``mailwarden-quarantine-expire.timer`` or cron).  Ids carry the second and 64 random
+bits, so nodes writing the same directory do not collide.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,11 +32,26 @@ from milters.message import render_headers, reserved_header_names, split_entity
 from milters.reinject import Injector
 
 PREFIX = "quarantine:"
-ID_PATTERN = re.compile(r"^[0-9]{14}-[0-9a-f]{10}$")
+RELEASE_PREFIX = "quarantine-release:"
+# 16 random hex digits; entries written before had 10.
+ID_PATTERN = re.compile(r"^[0-9]{14}-[0-9a-f]{10}(?:[0-9a-f]{6})?$")
+DAY_PATTERN = re.compile(r"^[0-9]{8}$")
+# A file younger than this without its entry may be a put between its rename and the
+# entry (on another node, whose clock may differ): expire leaves it alone.
+GRACE = 3600.0
+_LOOKUP_BATCH = 500
 
 
 class NotQuarantined(LookupError):
     """No quarantine entry with that id."""
+
+
+class FileMissing(NotQuarantined):
+    """The index has the entry, but its file is not in the quarantine directory."""
+
+
+class ReleaseUnderWay(RuntimeError):
+    """Another release of the entry (on this or another node) has not finished."""
 
 
 @dataclass
@@ -59,6 +81,14 @@ class QuarantineEntry:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Quarantine:
     """Put, list, show, release, delete and expire quarantined mail."""
 
@@ -70,18 +100,28 @@ class Quarantine:
         self.node = node
 
     def path(self, entry_id: str) -> Path:
-        """The file of an entry (the id is checked, so no path tricks)."""
+        """Where an entry's file is written (the id is checked, so no path tricks)."""
         if not ID_PATTERN.match(entry_id):
             raise NotQuarantined(f"{entry_id!r} is not a quarantine id")
-        return self.dir / f"{entry_id}.eml"
+        return self.dir / entry_id[:8] / f"{entry_id}.eml"
+
+    def file(self, entry_id: str) -> Path | None:
+        """The entry's file as it is on disk now (day directory, or flat for older entries)."""
+        for candidate in (self.path(entry_id), self.dir / f"{entry_id}.eml"):
+            if candidate.is_file():
+                return candidate
+        return None
 
     def put(self, stream: Iterable[bytes], *, sender: str, recipients: Sequence[str], reason: str,
             queue_id: str = "", subject: str = "", from_header: str = "",
             recipient_params: dict[str, list[str]] | None = None) -> QuarantineEntry:
         """Store a message; raises OSError or StoreUnavailable (the caller tempfails)."""
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        entry_id = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + secrets.token_hex(5)
+        entry_id = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + secrets.token_hex(8)
         final = self.path(entry_id)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            final.parent.mkdir(mode=0o700)
+            _fsync_dir(self.dir)
         tmp = final.with_suffix(".tmp")
         size = 0
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -93,8 +133,10 @@ class Quarantine:
                 fh.flush()
                 os.fsync(fh.fileno())
             tmp.rename(final)
+            _fsync_dir(final.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
             raise
         entry = QuarantineEntry(
             id=entry_id, created=time.time(), sender=sender, recipients=list(recipients), reason=reason,
@@ -126,52 +168,96 @@ class Quarantine:
         return sorted(out, key=lambda e: e.created)
 
     def read(self, entry_id: str) -> bytes:
-        """The quarantined message."""
+        """The quarantined message; FileMissing when the entry has no file here."""
         self.get(entry_id)
+        path = self.file(entry_id)
         try:
-            return self.path(entry_id).read_bytes()
+            if path is not None:
+                return path.read_bytes()
         except FileNotFoundError:
-            raise NotQuarantined(f"quarantine entry {entry_id} has no file here ({self.dir})") from None
+            pass
+        raise FileMissing(f"quarantine entry {entry_id}: its file is missing from {self.dir} "
+                          "(is the shared quarantine volume mounted on this node?)")
 
     def delete(self, entry_id: str) -> bool:
-        """Remove entry and file; True if anything was there."""
-        path = self.path(entry_id)
+        """Remove the entry, then its file; True if anything was there."""
+        self.path(entry_id)
         removed = self.store.delete(PREFIX + entry_id) > 0
-        if path.exists():
-            path.unlink()
+        path = self.file(entry_id)
+        if path is not None:
+            path.unlink(missing_ok=True)
             removed = True
         return removed
 
     def release(self, entry_id: str, injector: Injector, *, recipients: Sequence[str] = (),
                 deadline: float) -> str:
-        """Deliver a quarantined message (to its recipients or ``recipients``), then delete it."""
+        """Deliver a quarantined message (to its recipients or ``recipients``), then delete it.
+
+        One release at a time per entry, cluster-wide (a store key held while it runs).
+        """
         entry = self.get(entry_id)
         data = without_reserved_headers(self.read(entry_id))
         targets = list(recipients) or entry.recipients
-        queue_id = injector.send(
-            entry.sender, [(r, tuple(entry.recipient_params.get(r, ()))) for r in targets], [data],
-            deadline=deadline,
-        )
-        self.delete(entry_id)
+        claim = RELEASE_PREFIX + entry_id
+        if not self.store.add(claim, self.node or "-", ttl=max(deadline - time.monotonic(), 0.0) + 60.0):
+            holder = self.store.get(claim) or "another node"
+            raise ReleaseUnderWay(f"{entry_id} is being released by {holder}")
+        try:
+            queue_id = injector.send(
+                entry.sender, [(r, tuple(entry.recipient_params.get(r, ()))) for r in targets], [data],
+                deadline=deadline,
+            )
+            self.delete(entry_id)
+        finally:
+            self.store.delete(claim)
         return queue_id
 
     def expire(self, now: float | None = None) -> int:
-        """Delete files whose entry expired (or that are older than the retention)."""
+        """Delete files past the retention (and their entries), files whose entry is gone,
+        stale temporary files and empty directories of past days; return how many messages."""
         if not self.dir.is_dir():
             return 0
         now = time.time() if now is None else now
+        removed = self._expire_in(self.dir, now)
+        oldest_kept = time.strftime("%Y%m%d", time.gmtime(now - 2 * 86400))
+        for day in sorted(self.dir.iterdir()):
+            if DAY_PATTERN.match(day.name) and day.is_dir():
+                try:
+                    removed += self._expire_in(day, now)
+                except FileNotFoundError:  # another node's expire removed it
+                    continue
+                if day.name < oldest_kept:
+                    with contextlib.suppress(OSError):  # not empty, or gone already
+                        day.rmdir()
+        return removed
+
+    def _expire_in(self, directory: Path, now: float) -> int:
         removed = 0
-        for path in self.dir.iterdir():
-            if path.suffix == ".tmp" and path.stat().st_mtime < now - 3600:
-                path.unlink(missing_ok=True)
+        orphans: list[Path] = []
+        for path in directory.iterdir():
+            try:
+                mtime = path.lstat().st_mtime
+            except FileNotFoundError:  # released, deleted or expired meanwhile
                 continue
-            if path.suffix != ".eml" or not ID_PATTERN.match(path.stem):
+            if path.suffix == ".tmp":
+                if mtime < now - GRACE:
+                    path.unlink(missing_ok=True)
                 continue
-            too_old = path.stat().st_mtime < now - self.retention
-            if too_old or self.store.get(PREFIX + path.stem) is None:
-                self.store.delete(PREFIX + path.stem)
+            if path.suffix != ".eml" or not ID_PATTERN.match(path.stem) or not path.is_file():
+                continue
+            if mtime < now - self.retention:
+                self.store.delete(PREFIX + path.stem)  # the entry first, then the file
                 path.unlink(missing_ok=True)
                 removed += 1
+            elif mtime < now - GRACE:
+                orphans.append(path)
+        for start in range(0, len(orphans), _LOOKUP_BATCH):
+            batch = orphans[start:start + _LOOKUP_BATCH]
+            values = self.store.get_many([PREFIX + p.stem for p in batch])
+            for path, value in zip(batch, values, strict=True):
+                if value is None:
+                    path.unlink(missing_ok=True)
+                    removed += 1
         return removed
 
 

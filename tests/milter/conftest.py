@@ -36,7 +36,8 @@ def spamd() -> Iterator[SpamdServer]:
 class MilterProcess:
     """``mailwarden milter run`` as a child process on a unix socket in ``workdir``."""
 
-    def __init__(self, workdir: Path, sections: str, milter_keys: str) -> None:
+    def __init__(self, workdir: Path, sections: str, milter_keys: str, *, node_name: str = "test-node",
+                 quarantine_dir: Path | None = None) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o755)
@@ -47,9 +48,10 @@ class MilterProcess:
             # No DNS here: sender authentication has its own tests against a stub DNS.
             milter_keys += "\nsender_auth = false"
         self.config_path.write_text(
-            f'[general]\nnode_name = "test-node"\n{sections}\n'
+            f'[general]\nnode_name = "{node_name}"\n{sections}\n'
             f'[milter]\nsocket = "unix:{self.socket_path}"\nspool_dir = "{self.dir}/spool"\n'
-            f'quarantine_dir = "{self.dir}/quarantine"\ntemplate_dir = "{self.dir}/templates"\n'
+            f'quarantine_dir = "{quarantine_dir or self.dir / "quarantine"}"\n'
+            f'template_dir = "{self.dir}/templates"\n'
             f"{milter_keys}\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
@@ -128,9 +130,11 @@ def archive_section(lmtp_port: int) -> str:
     return f'[render]\ndefault_mailbox_host = "127.0.0.1"\nmailbox_port = {lmtp_port}\n'
 
 
-def base_sections(*, ldap_uri: str, store_path: Path) -> str:
-    """[ldap] and [store] for a milter process."""
+def base_sections(*, ldap_uri: str, store_path: Path | None = None, store: str = "") -> str:
+    """[ldap] and [store] for a milter process: the SQLite file ``store_path``, or the
+    [store] keys ``store``."""
+    store = store or f'backend = "sqlite"\nsqlite_path = "{store_path}"\n'
     return (
         f'[ldap]\nuri = "{ldap_uri}"\nretry_max = 1\nretry_delay = 0.2\nnetwork_timeout = 1.0\n'
-        f'timeout = 2.0\n[store]\nbackend = "sqlite"\nsqlite_path = "{store_path}"\n'
+        f'timeout = 2.0\n[store]\n{store}'
     )

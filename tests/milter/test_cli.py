@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -135,7 +137,7 @@ def test_quarantine_release_delivers_and_removes(quarantined: tuple[Path, str], 
         (msg,) = sink.wait_for(1)
     assert msg.recipients == ("taro@example.jp",) and msg.envelope_sender == "s@remote.example"
     assert run(cfg, "quarantine", "show", entry_id)[0] == 1
-    assert list((tmp_path / "q").iterdir()) == []
+    assert [p for p in (tmp_path / "q").rglob("*") if p.is_file()] == []
 
 
 def test_quarantine_release_drops_fields_set_outside_that_only_mailwarden_may_set(tmp_path: Path) -> None:
@@ -184,6 +186,9 @@ def test_quarantine_expire_removes_files_whose_entry_expired(quarantined: tuple[
     cfg, entry_id = quarantined
     SQLiteStore(str(tmp_path / "state.sqlite3")).delete(f"quarantine:{entry_id}")  # as if its TTL ran out
     (tmp_path / "q" / "20260101000000-0123456789.eml").write_bytes(b"orphan")
+    hour_ago = time.time() - 3700  # past the grace a put between file and entry gets
+    for path in (tmp_path / "q").rglob("*.eml"):
+        os.utime(path, (hour_ago, hour_ago))
     code, out = run(cfg, "quarantine", "expire")
     assert code == 0 and "2 expired" in out
-    assert list((tmp_path / "q").iterdir()) == []
+    assert [p for p in (tmp_path / "q").rglob("*") if p.is_file()] == []
