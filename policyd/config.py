@@ -174,7 +174,8 @@ class PolicydConfig:
     checks: list[str] = setting(
         None,
         "checks to run, in this order",
-        factory=lambda: ["relay", "sender_login", "reputation", "rate_limit", "spf", "greylist"],
+        factory=lambda: ["relay", "sender_login", "sender_lists", "reputation", "rate_limit", "spf",
+                         "greylist"],
     )
     log_decisions: Literal["all", "actions"] = setting(
         "all", "log one line per request (all) or only for non-DUNNO answers (actions)"
