@@ -19,7 +19,7 @@ FACTORIES: dict[str, Callable[[Config], Check]] = {
     "relay": lambda c: RelayCheck(PolicydConfig.of(c)),
     "sender_login": lambda c: SenderLoginCheck(PolicydConfig.of(c)),
     "sender_lists": lambda c: SenderListsCheck(PolicydConfig.of(c)),
-    "reputation": lambda c: ReputationCheck(PolicydConfig.of(c)),
+    "reputation": lambda c: ReputationCheck(PolicydConfig.of(c), c.general.node_name),
     "rate_limit": lambda c: RateLimitCheck(PolicydConfig.of(c)),
     "spf": lambda c: SpfCheck(PolicydConfig.of(c), c.general.node_name),
     "greylist": lambda c: GreylistCheck(PolicydConfig.of(c)),
