@@ -166,6 +166,12 @@ class StoreConfig:
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL (redis:// or unix://)")
     key_prefix: str = setting("mw:", "prefix of every Redis key")
     timeout: float = setting(1.0, "seconds to wait for the store")
+    sentinels: list[str] = setting(
+        None, "Redis Sentinels (host:port); when set, the store uses the primary they name and follows "
+        "a failover, and redis_url gives only the password and database", factory=list,
+    )
+    sentinel_service: str = setting("mymaster", "the primary's name in the Sentinels (sentinel monitor NAME)")
+    sentinel_password_file: str = setting("", "file holding the Sentinels' own password (empty: none)")
 
 
 @dataclass(frozen=True)
@@ -416,6 +422,30 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             problems.append(f"dns.{key}: must be greater than 0")
     if cfg.ldap.bind_password_file and not Path(cfg.ldap.bind_password_file).is_file():
         problems.append(f"ldap.bind_password_file: {cfg.ldap.bind_password_file} is not a file")
+    _validate_sentinels(cfg.store, problems)
+
+
+def _validate_sentinels(store: StoreConfig, problems: list[str]) -> None:
+    if not store.sentinels:
+        return
+    from mailwarden.store.redis import SentinelSettings, parse_sentinel
+
+    if store.backend != "redis":
+        problems.append("store.sentinels: only with backend = \"redis\"")
+    for i, entry in enumerate(store.sentinels):
+        try:
+            parse_sentinel(entry)
+        except ValueError as exc:
+            problems.append(f"store.sentinels[{i}]: {exc}")
+    if not store.sentinel_service:
+        problems.append("store.sentinel_service: must not be empty")
+    if store.backend == "redis":
+        try:
+            SentinelSettings(tuple(store.sentinels)).primary_options(store.redis_url)
+        except ValueError as exc:
+            problems.append(f"store.redis_url: {exc}")
+    if store.sentinel_password_file and not Path(store.sentinel_password_file).is_file():
+        problems.append(f"store.sentinel_password_file: {store.sentinel_password_file} is not a file")
 
 
 def _toml_scalar(value: Any) -> str:
