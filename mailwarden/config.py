@@ -100,7 +100,14 @@ class LdapMappingConfig:
 class LdapConfig:
     """The directory connection."""
 
-    uri: str = setting("ldap://127.0.0.1/", "LDAP URI(s), space separated, tried in order")
+    uri: str = setting(
+        "ldap://127.0.0.1/",
+        "LDAP URI(s) lookups use, space separated, tried in order (provider and consumers)",
+    )
+    write_uri: str = setting(
+        "", "the one LDAP URI changes (mailwarden domain/user ...) go to: the provider "
+        "(empty: the first of uri)",
+    )
     base_dn: str = setting("dc=mailwarden,dc=test", "base DN of the mail tree")
     bind_dn: str = setting("", "DN to bind as (empty: anonymous)")
     bind_password: str = setting("", "bind password (prefer bind_password_file)")
@@ -125,6 +132,11 @@ class LdapConfig:
         """
         attempts = self.retry_max + 1
         return attempts * (self.network_timeout + self.timeout) + self.retry_max * self.retry_delay
+
+    @property
+    def writer(self) -> str:
+        """The URI changes go to: ``write_uri``, else the first of ``uri``."""
+        return self.write_uri or (self.uri.split() or [""])[0]
 
 
 @dataclass(frozen=True)
@@ -422,10 +434,14 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             problems.append(f"dns.{key}: must be greater than 0")
     if cfg.ldap.bind_password_file and not Path(cfg.ldap.bind_password_file).is_file():
         problems.append(f"ldap.bind_password_file: {cfg.ldap.bind_password_file} is not a file")
-    _validate_sentinels(cfg.store, problems)
+    _validate_cluster(cfg, problems)
 
 
-def _validate_sentinels(store: StoreConfig, problems: list[str]) -> None:
+def _validate_cluster(cfg: Config, problems: list[str]) -> None:
+    """The settings of a cluster: the LDAP provider, the Redis Sentinels."""
+    if len(cfg.ldap.write_uri.split()) > 1:
+        problems.append("ldap.write_uri: one URI only (the provider)")
+    store = cfg.store
     if not store.sentinels:
         return
     from mailwarden.store.redis import SentinelSettings, parse_sentinel
