@@ -25,10 +25,8 @@ from mailwarden.store import (
     store_of,
 )
 
-pytestmark = [
-    pytest.mark.redis,
-    pytest.mark.skipif(missing_sentinel() is not None, reason=str(missing_sentinel())),
-]
+# The failover tests run real servers; the settings tests below are unit tests.
+needs_servers = pytest.mark.skipif(missing_sentinel() is not None, reason=str(missing_sentinel()))
 
 
 @pytest.fixture
@@ -64,6 +62,8 @@ def _until(call: Callable[[], object], timeout: float) -> object:
             time.sleep(0.1)
 
 
+@pytest.mark.redis
+@needs_servers
 def test_configured_store_follows_the_primary_through_a_failover(cluster: SentinelCluster) -> None:
     store = store_of(parse_config(_store_config(cluster, "fo:")).store)
     assert isinstance(store, RedisStore)
@@ -83,6 +83,8 @@ def test_configured_store_follows_the_primary_through_a_failover(cluster: Sentin
     store.close()
 
 
+@pytest.mark.redis
+@needs_servers
 def test_a_write_whose_reply_was_lost_is_not_sent_again(cluster: SentinelCluster) -> None:
     """The primary applies an INCR and passes it to the replica, the reply never reaches the
     store, then the primary dies. The counter ends at 1: sending the INCR again (to the old
@@ -103,6 +105,8 @@ def test_a_write_whose_reply_was_lost_is_not_sent_again(cluster: SentinelCluster
     store.close()
 
 
+@pytest.mark.redis
+@needs_servers
 def test_async_store_follows_the_primary_through_a_failover(cluster: SentinelCluster) -> None:
     async def scenario() -> None:
         store = async_store_of(parse_config(_store_config(cluster, "afo:")).store)
