@@ -8,6 +8,7 @@ ldapi socket.  It is stopped by its own PID only.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -40,16 +41,48 @@ class Database:
         "mail,mwAlternateAddress,mwDomainName,mwDomainAlias eq",
     )
     extra_config: list[str] = field(default_factory=list)
+    syncprov: bool = False
+    """A syncrepl provider: the syncprov overlay on this database."""
+    provider_uri: str = ""
+    """A syncrepl consumer (refreshAndPersist) of this URI, bound as the root DN; writes
+    are referred there (``olcUpdateRef``)."""
 
     @property
     def rootdn(self) -> str:
         """The database's root (manager) DN."""
         return f"cn=admin,{self.suffix}"
 
+    def replication_config(self) -> list[str]:
+        """The database entry's lines for replication (the consumer's syncrepl and referral)."""
+        if not self.provider_uri:
+            return []
+        return [
+            f"olcSyncrepl: {{0}}rid=001 provider={self.provider_uri} bindmethod=simple "
+            f'binddn="{self.rootdn}" credentials={self.rootpw} searchbase="{self.suffix}" '
+            'type=refreshAndPersist retry="1 +" timeout=1 network-timeout=1',
+            f"olcUpdateRef: {self.provider_uri}",
+        ]
+
 
 def mailwarden_database(*extra_ldif: Path) -> Database:
     """The shipped sample tree (ldap/sample.ldif) plus any extra LDIF."""
     return Database("dc=mailwarden,dc=test", [REPO / "ldap" / "sample.ldif", *extra_ldif])
+
+
+REPLICATION_INDEXES = ("entryCSN eq", "entryUUID eq")
+
+
+def provider_database() -> Database:
+    """The sample tree as a syncrepl provider (syncprov overlay)."""
+    db = mailwarden_database()
+    return dataclasses.replace(db, syncprov=True, indexes=(*db.indexes, *REPLICATION_INDEXES))
+
+
+def consumer_database(provider: SlapdServer) -> Database:
+    """An empty copy of the sample tree that replicates ``provider`` (a read-only consumer)."""
+    db = mailwarden_database()
+    return dataclasses.replace(db, ldif=(), provider_uri=provider.uri,
+                               indexes=(*db.indexes, *REPLICATION_INDEXES))
 
 
 class SlapdServer(TestDaemon):
@@ -88,6 +121,7 @@ class SlapdServer(TestDaemon):
 
     def _config_ldif(self) -> str:
         includes = "\n".join(f"include: file://{p}" for p in self.schemas)
+        modules = "olcModuleLoad: syncprov\n" if any(db.syncprov for db in self.databases) else ""
         peercred = f"gidNumber={os.getgid()}+uidNumber={os.getuid()},cn=peercred,cn=external,cn=auth"
         parts = [
             f"""dn: cn=config
@@ -101,7 +135,7 @@ objectClass: olcModuleList
 cn: module{{0}}
 olcModulePath: {MODULE_PATH}
 olcModuleLoad: back_mdb
-
+{modules}
 dn: cn=schema,cn=config
 objectClass: olcSchemaConfig
 cn: schema
@@ -122,7 +156,7 @@ olcAccess: {{0}}to * by dn.exact={peercred} manage by * break
         ]
         for i, db in enumerate(self.databases, start=1):
             idx = "\n".join(f"olcDbIndex: {x}" for x in db.indexes)
-            extra = "\n".join(db.extra_config)
+            extra = "\n".join([*db.replication_config(), *db.extra_config])
             parts.append(
                 f"""dn: olcDatabase={{{i}}}mdb,cn=config
 objectClass: olcDatabaseConfig
@@ -139,6 +173,14 @@ olcAccess: {{1}}to * by * read
 {extra}
 """
             )
+            if db.syncprov:
+                parts.append(
+                    f"""dn: olcOverlay={{0}}syncprov,olcDatabase={{{i}}}mdb,cn=config
+objectClass: olcOverlayConfig
+objectClass: olcSyncProvConfig
+olcOverlay: {{0}}syncprov
+"""
+                )
         return "\n".join(p.rstrip("\n") + "\n" for p in parts)
 
     def configure(self) -> None:
@@ -198,3 +240,63 @@ olcAccess: {{1}}to * by * read
     def log_tail(self, lines: int = 30) -> str:
         """The end of slapd's log, for error messages."""
         return file_tail(self.dir / "slapd.log", lines)
+
+
+class ReplicatedSlapd:
+    """A syncrepl provider with the sample data and one consumer replicating it; a context
+    manager. ``uris`` lists both, the provider first, as ``[ldap] uri`` would."""
+
+    def __init__(self) -> None:
+        self.provider = SlapdServer([provider_database()])
+        self.consumer: SlapdServer | None = None
+
+    @property
+    def uris(self) -> str:
+        """``PROVIDER CONSUMER``."""
+        assert self.consumer is not None
+        return f"{self.provider.uri} {self.consumer.uri}"
+
+    def start(self) -> ReplicatedSlapd:
+        """Start both and wait until the consumer holds the sample tree."""
+        self.provider.start()
+        self.consumer = SlapdServer([consumer_database(self.provider)]).start()
+        self.wait_replicated("uid=taro,ou=users,mwDomainName=example.jp,ou=domains,dc=mailwarden,dc=test",
+                             "(mail=taro@example.jp)")
+        return self
+
+    def wait_replicated(self, dn: str, filterstr: str, timeout: float = 10.0) -> None:
+        """Wait until the consumer finds ``dn`` matching ``filterstr``."""
+        import ldap
+
+        assert self.consumer is not None
+        conn = ldap.initialize(self.consumer.uri)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    if conn.search_s(dn, ldap.SCOPE_BASE, filterstr, ["1.1"]):
+                        return
+                except ldap.NO_SUCH_OBJECT:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{dn} {filterstr} not on the consumer within {timeout:g} s:\n"
+                                       + self.consumer.log_tail())
+                time.sleep(0.02)
+        finally:
+            conn.unbind_s()
+
+    def cleanup(self) -> None:
+        """Stop both (by PID) and remove their directories."""
+        if self.consumer is not None:
+            self.consumer.cleanup()
+        self.provider.cleanup()
+
+    def __enter__(self) -> ReplicatedSlapd:
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

@@ -100,7 +100,14 @@ class LdapMappingConfig:
 class LdapConfig:
     """The directory connection."""
 
-    uri: str = setting("ldap://127.0.0.1/", "LDAP URI(s), space separated, tried in order")
+    uri: str = setting(
+        "ldap://127.0.0.1/",
+        "LDAP URI(s) lookups use, space separated, tried in order (provider and consumers)",
+    )
+    write_uri: str = setting(
+        "", "the one LDAP URI changes (mailwarden domain/user ...) go to: the provider "
+        "(empty: the first of uri)",
+    )
     base_dn: str = setting("dc=mailwarden,dc=test", "base DN of the mail tree")
     bind_dn: str = setting("", "DN to bind as (empty: anonymous)")
     bind_password: str = setting("", "bind password (prefer bind_password_file)")
@@ -125,6 +132,11 @@ class LdapConfig:
         """
         attempts = self.retry_max + 1
         return attempts * (self.network_timeout + self.timeout) + self.retry_max * self.retry_delay
+
+    @property
+    def writer(self) -> str:
+        """The URI changes go to: ``write_uri``, else the first of ``uri``."""
+        return self.write_uri or (self.uri.split() or [""])[0]
 
 
 @dataclass(frozen=True)
@@ -166,6 +178,12 @@ class StoreConfig:
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL (redis:// or unix://)")
     key_prefix: str = setting("mw:", "prefix of every Redis key")
     timeout: float = setting(1.0, "seconds to wait for the store")
+    sentinels: list[str] = setting(
+        None, "Redis Sentinels (host:port); when set, the store uses the primary they name and follows "
+        "a failover, and redis_url gives only the password and database", factory=list,
+    )
+    sentinel_service: str = setting("mymaster", "the primary's name in the Sentinels (sentinel monitor NAME)")
+    sentinel_password_file: str = setting("", "file holding the Sentinels' own password (empty: none)")
 
 
 @dataclass(frozen=True)
@@ -416,6 +434,34 @@ def _validate(cfg: Config, problems: list[str]) -> None:
             problems.append(f"dns.{key}: must be greater than 0")
     if cfg.ldap.bind_password_file and not Path(cfg.ldap.bind_password_file).is_file():
         problems.append(f"ldap.bind_password_file: {cfg.ldap.bind_password_file} is not a file")
+    _validate_cluster(cfg, problems)
+
+
+def _validate_cluster(cfg: Config, problems: list[str]) -> None:
+    """The settings of a cluster: the LDAP provider, the Redis Sentinels."""
+    if len(cfg.ldap.write_uri.split()) > 1:
+        problems.append("ldap.write_uri: one URI only (the provider)")
+    store = cfg.store
+    if not store.sentinels:
+        return
+    from mailwarden.store.redis import SentinelSettings, parse_sentinel
+
+    if store.backend != "redis":
+        problems.append("store.sentinels: only with backend = \"redis\"")
+    for i, entry in enumerate(store.sentinels):
+        try:
+            parse_sentinel(entry)
+        except ValueError as exc:
+            problems.append(f"store.sentinels[{i}]: {exc}")
+    if not store.sentinel_service:
+        problems.append("store.sentinel_service: must not be empty")
+    if store.backend == "redis":
+        try:
+            SentinelSettings(tuple(store.sentinels)).primary_options(store.redis_url)
+        except ValueError as exc:
+            problems.append(f"store.redis_url: {exc}")
+    if store.sentinel_password_file and not Path(store.sentinel_password_file).is_file():
+        problems.append(f"store.sentinel_password_file: {store.sentinel_password_file} is not a file")
 
 
 def _toml_scalar(value: Any) -> str:

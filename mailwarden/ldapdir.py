@@ -47,8 +47,14 @@ def _describe(exc: Exception) -> str:
 class LdapDirectory:
     """Directory backed by an LDAP server (OpenLDAP or any RFC 4511 server).
 
-    One ReconnectLDAPObject per process, guarded by a lock: python-ldap
-    serialises calls on a connection anyway, and a lookup takes ~0.15 ms.
+    One ReconnectLDAPObject per process for lookups, guarded by a lock: python-ldap
+    serialises calls on a connection anyway, and a lookup takes ~0.15 ms. ``uri`` may
+    list several servers (a provider and its syncrepl consumers): libldap connects to
+    the first that answers, and after a failure the reconnect tries them again in order.
+    The lookup connection stays on the server it reached until that one fails.
+    Changes (:meth:`modify`) have a connection of their own to ``write_uri`` (else the
+    first of ``uri``) alone, so they never land on a read-only consumer. While that
+    server is down, they fail with DirectoryUnavailable.
     """
 
     def __init__(self, cfg: LdapConfig) -> None:
@@ -59,14 +65,15 @@ class LdapDirectory:
         self._attrlist = sorted(set(self._attr_of.values()))
         self._lock = threading.Lock()
         self._conn: ReconnectLDAPObject | None = None
+        self._write_conn: ReconnectLDAPObject | None = None
         self.domain_base = cfg.mapping.domain_base.format(base_dn=cfg.base_dn)
 
     # ------------------------------------------------------------ connection
 
-    def _connect(self) -> ReconnectLDAPObject:
+    def _connect(self, uri: str) -> ReconnectLDAPObject:
         cfg = self.cfg
         conn = ReconnectLDAPObject(
-            cfg.uri, retry_max=max(cfg.retry_max, 1), retry_delay=cfg.retry_delay
+            uri, retry_max=max(cfg.retry_max, 1), retry_delay=cfg.retry_delay
         )
         conn.set_option(ldap.OPT_PROTOCOL_VERSION, ldap.VERSION3)
         conn.set_option(ldap.OPT_REFERRALS, 0)
@@ -80,33 +87,44 @@ class LdapDirectory:
         conn.simple_bind_s(cfg.bind_dn, bind_password(cfg) if cfg.bind_dn else "")
         return conn
 
-    def _call(self, what: str, fn: Callable[[ReconnectLDAPObject], T]) -> T:
+    def _call(self, what: str, fn: Callable[[ReconnectLDAPObject], T], *, write: bool = False) -> T:
+        """``fn`` on the lookup connection (``uri``, each server in turn), or with ``write``
+        on the connection to ``writer`` alone: a change never goes to a consumer."""
+        uri = self.cfg.writer if write else self.cfg.uri
         with self._lock:
             try:
-                if self._conn is None:
-                    self._conn = self._connect()
-                return fn(self._conn)
+                conn = self._write_conn if write else self._conn
+                if conn is None:
+                    conn = self._connect(uri)
+                    if write:
+                        self._write_conn = conn
+                    else:
+                        self._conn = conn
+                return fn(conn)
             except _UNAVAILABLE as exc:
-                self._drop()
-                raise DirectoryUnavailable(
-                    f"LDAP {self.cfg.uri}: {what}: {_describe(exc)}"
-                ) from None
+                self._drop(write=write)
+                raise DirectoryUnavailable(f"LDAP {uri}: {what}: {_describe(exc)}") from None
             except OSError as exc:
-                self._drop()
-                raise DirectoryUnavailable(f"LDAP {self.cfg.uri}: {what}: {exc}") from None
+                self._drop(write=write)
+                raise DirectoryUnavailable(f"LDAP {uri}: {what}: {exc}") from None
 
-    def _drop(self) -> None:
-        if self._conn is not None:
+    def _drop(self, *, write: bool = False) -> None:
+        conn = self._write_conn if write else self._conn
+        if write:
+            self._write_conn = None
+        else:
+            self._conn = None
+        if conn is not None:
             try:
-                self._conn.unbind_s()
+                conn.unbind_s()
             except Exception:
                 log.debug("unbind after error failed", exc_info=True)
-            self._conn = None
 
     def close(self) -> None:
-        """Unbind the connection."""
+        """Unbind the connections."""
         with self._lock:
             self._drop()
+            self._drop(write=True)
 
     def ping(self) -> None:
         """Read the root DSE; raise DirectoryUnavailable if the server does not answer."""
@@ -190,6 +208,11 @@ class LdapDirectory:
                 conn.modify_s(dn, mods)
             except ldap.NO_SUCH_OBJECT:
                 raise NoSuchEntry(f"{dn}: no such entry") from None
+            except ldap.REFERRAL:
+                raise DirectoryError(
+                    f"{dn}: {self.cfg.writer} is a read-only replica and refers changes elsewhere "
+                    "(set ldap.write_uri to the provider)"
+                ) from None
             except (ldap.INSUFFICIENT_ACCESS, ldap.STRONG_AUTH_REQUIRED):
                 raise DirectoryError(
                     f"{dn}: insufficient access for {self.cfg.bind_dn or 'anonymous'} "
@@ -201,4 +224,4 @@ class LdapDirectory:
             ) as exc:
                 raise DirectoryError(f"{dn}: {_describe(exc)}") from None
 
-        self._call(f"modify {dn}", run)
+        self._call(f"modify {dn}", run, write=True)

@@ -366,6 +366,11 @@ def check(cfg: Config) -> list[str]:
                         f"policy.defaults.mail_host {site_host!r}; set one of them")
     if policyd.idle_timeout <= 30:
         problems.append("policyd.idle_timeout: must exceed 30s (Postfix keeps idle connections)")
+    for i, network in enumerate(r.balancer_networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            problems.append(f"render.balancer_networks[{i}]: {network!r} is not an address or network")
     if "%" in r.sasl_path or " " in r.sasl_path:
         problems.append(f"render.sasl_path: {r.sasl_path!r} contains a space or %")
     for key in ("mailbox_concurrency", "recipient_limit", "message_size_limit",
@@ -704,7 +709,8 @@ def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
         report_url = f"http://{HostPort(host, endpoint.port).service}/"
     # The login that opens a POP-before-SMTP window must be seen where the
     # client's address is: on the proxy, or on mailbox hosts clients reach directly.
-    reports = bool(report_url) and (role == "proxy" or not r.proxy_networks)
+    clients_here = role == "proxy" or not r.proxy_networks
+    reports = bool(report_url) and clients_here
     submission_queue = _instance_paths(cfg, "submission")["queue_directory"]
     sasl_socket = "" if r.sasl_path.startswith("inet:") else str(Path(submission_queue) / r.sasl_path)
     quota = int(_setting_default(cfg, "quota"))
@@ -713,6 +719,8 @@ def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
         "r": r,
         "role": role,
         "roles": DOVECOT_ROLES,
+        # The balancer is in front of the listeners clients reach.
+        "haproxy": bool(r.balancer_networks) and clients_here,
         "config_dir": config_dir,
         "base_dir": r.dovecot_base_dir.format(role=role),
         "state_dir": r.dovecot_state_dir.format(role=role),

@@ -140,6 +140,13 @@ class RenderConfig:
     quota_status_timeout: int = setting(
         5, "seconds the MX waits for quota-status (then it accepts: quota is checked again at delivery)"
     )
+    balancer_networks: list[str] = setting(
+        None,
+        "networks of the load balancers (HAProxy send-proxy/send-proxy-v2) in front of this node; "
+        "set: the client-facing smtpd services and the proxy role's POP3/IMAP listeners expect "
+        "a PROXY protocol header with the client's address (empty: no balancer)",
+        factory=list,
+    )
     # ---------------------------------------------------------------- Dovecot
     dovecot_config_dir: str = setting(
         "/etc/dovecot", "where the Dovecot files are installed ({role} = mailbox or proxy)"

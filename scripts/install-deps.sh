@@ -7,7 +7,7 @@ PACKAGES=(
   # build dependencies of python-ldap
   gcc libldap-dev libsasl2-dev
   # real daemons used by the tests and the demo
-  slapd ldap-utils redis-server
+  slapd ldap-utils redis-server redis-sentinel haproxy
   postfix postfix-ldap swaks
   dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-ldap dovecot-sieve
   clamav-daemon clamav-testfiles spamassassin spamc spamd

@@ -23,11 +23,12 @@ a temporary failure. Using a string key as a set (or the reverse) raises
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailwarden.store.base import AsyncStore, Increment, Store, StoreUnavailable, StoreWrapper
 from mailwarden.store.memory import MemoryStore
-from mailwarden.store.redis import AsyncRedisStore, RedisStore
+from mailwarden.store.redis import AsyncRedisStore, RedisStore, SentinelSettings
 from mailwarden.store.sqlite import SQLiteStore
 from mailwarden.store.threaded import ThreadedStore
 
@@ -41,6 +42,7 @@ __all__ = [
     "MemoryStore",
     "RedisStore",
     "SQLiteStore",
+    "SentinelSettings",
     "Store",
     "StoreUnavailable",
     "StoreWrapper",
@@ -48,6 +50,7 @@ __all__ = [
     "async_store_of",
     "open_async_store",
     "open_store",
+    "sentinel_of",
     "store_of",
 ]
 
@@ -65,14 +68,19 @@ def open_store(
     redis_url: str = "",
     key_prefix: str = "mw:",
     timeout: float = 1.0,
+    sentinel: SentinelSettings | None = None,
 ) -> Store:
     """Open the configured backend: ``"sqlite"``, ``"redis"`` or ``"memory"``.
 
     ``timeout`` is the Redis socket timeout or the SQLite busy timeout, in seconds.
-    Only the chosen backend's location is needed; ``key_prefix`` is Redis's.
+    Only the chosen backend's location is needed; ``key_prefix`` is Redis's. With
+    ``sentinel``, Redis is the primary the Sentinels name (``redis_url`` gives its
+    password and database).
     """
     if backend == "sqlite":
         return SQLiteStore(sqlite_path, busy_timeout=timeout)
+    if backend == "redis" and sentinel is not None:
+        return RedisStore.from_sentinel(sentinel, redis_url, key_prefix=key_prefix, socket_timeout=timeout)
     if backend == "redis":
         return RedisStore(redis_url, key_prefix=key_prefix, socket_timeout=timeout)
     if backend == "memory":
@@ -87,6 +95,7 @@ def open_async_store(
     redis_url: str = "",
     key_prefix: str = "mw:",
     timeout: float = 1.0,
+    sentinel: SentinelSettings | None = None,
 ) -> AsyncStore:
     """The :class:`AsyncStore` of the configured backend, chosen as :func:`open_store` does.
 
@@ -94,6 +103,9 @@ def open_async_store(
     the blocking store, opened now, in a :class:`ThreadedStore` (the running loop's
     default executor).
     """
+    if backend == "redis" and sentinel is not None:
+        return AsyncRedisStore.from_sentinel(sentinel, redis_url, key_prefix=key_prefix,
+                                             socket_timeout=timeout)
     if backend == "redis":
         return AsyncRedisStore(redis_url, key_prefix=key_prefix, socket_timeout=timeout)
     if backend in BACKENDS:
@@ -102,13 +114,23 @@ def open_async_store(
     raise _unknown(backend)
 
 
+def sentinel_of(cfg: StoreConfig) -> SentinelSettings | None:
+    """The ``[store]`` section's Sentinel settings (None without ``sentinels``)."""
+    if not cfg.sentinels:
+        return None
+    password = ""
+    if cfg.sentinel_password_file:
+        password = Path(cfg.sentinel_password_file).read_text(encoding="utf-8").strip()
+    return SentinelSettings(tuple(cfg.sentinels), cfg.sentinel_service, password)
+
+
 def store_of(cfg: StoreConfig) -> Store:
     """The shared store the ``[store]`` section describes (every daemon and the CLI open it here)."""
     return open_store(cfg.backend, sqlite_path=cfg.sqlite_path, redis_url=cfg.redis_url,
-                      key_prefix=cfg.key_prefix, timeout=cfg.timeout)
+                      key_prefix=cfg.key_prefix, timeout=cfg.timeout, sentinel=sentinel_of(cfg))
 
 
 def async_store_of(cfg: StoreConfig) -> AsyncStore:
     """:func:`store_of` for code on an event loop."""
     return open_async_store(cfg.backend, sqlite_path=cfg.sqlite_path, redis_url=cfg.redis_url,
-                            key_prefix=cfg.key_prefix, timeout=cfg.timeout)
+                            key_prefix=cfg.key_prefix, timeout=cfg.timeout, sentinel=sentinel_of(cfg))

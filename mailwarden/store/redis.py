@@ -21,6 +21,18 @@ Both keep the :class:`~mailwarden.store.base.Store` semantics exactly, in the sa
   ``ValueError``. Anything else redis-py raises (refused, reset, timed out, AUTH,
   LOADING, READONLY...): :class:`StoreUnavailable`, with the URL (password masked).
 
+**Sentinel.** :meth:`RedisStore.from_sentinel` (and the asyncio one) follow the
+primary that Redis Sentinel names: each new connection asks the Sentinels for its
+address, and redis-py drops a connection whose server answers READONLY (a demoted
+primary). The same retry rule then covers a failover. A read that failed because the
+old primary went away is sent once more, on a new connection to the primary the
+Sentinels name now. A write that may have reached the old primary is not sent again,
+because the old primary may have applied it and passed it to the replica that is now
+primary before it died. The caller gets StoreUnavailable (a temporary failure) and
+decides for itself. Redis replicates asynchronously, so the failover can still lose a
+write that was acknowledged just before the primary died. A counter can then come out
+one short, but never one too many.
+
 One ``ConnectionPool`` per store: the blocking one is thread-safe and fork-safe (a
 forked child opens its own connections); the asyncio one belongs to one event loop.
 :func:`pool_options` are the options of both, so a store over a pool made elsewhere
@@ -34,18 +46,28 @@ import builtins
 import math
 import re
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from mailwarden.store.base import Increment, StoreUnavailable, check_ttl, wrong_type
 
-__all__ = ["AsyncRedisStore", "RedisStore", "pool_options", "redact_url"]
+__all__ = [
+    "AsyncRedisStore",
+    "RedisStore",
+    "SentinelSettings",
+    "parse_sentinel",
+    "pool_options",
+    "redact_url",
+]
 
 INCR_MANY_LUA = """
 -- KEYS: the counters; ARGV: per counter its amount and its ttl in ms ('' for none).
@@ -133,6 +155,57 @@ def _check_url(url: str) -> None:
     if parts.scheme != "unix" and database and not database.isdigit():
         # redis-py would quietly use database 0.
         raise ValueError(f"redis url {redact_url(url)!r}: database {database!r} is not a number")
+
+
+def parse_sentinel(entry: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) of one Sentinel; ValueError when it is none."""
+    host, sep, port = entry.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"sentinel {entry!r}: expected host:port")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class SentinelSettings:
+    """Where the store asks for the current primary: Redis Sentinel.
+
+    ``sentinels`` are ``host:port`` entries, asked in turn; ``service`` is the primary's
+    name there (``sentinel monitor NAME ...``); ``password`` is the Sentinels' own (empty:
+    none). The store's URL (``redis://[[user]:password@]host[:port]/db``) then gives only
+    the primary's username, password and database: its host and port are the Sentinels'
+    answer.
+    """
+
+    sentinels: tuple[str, ...]
+    service: str = "mymaster"
+    password: str = ""
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """The Sentinels as (host, port); ValueError for an entry that is not host:port."""
+        if not self.sentinels:
+            raise ValueError("no sentinels")
+        return [parse_sentinel(entry) for entry in self.sentinels]
+
+    def name(self) -> str:
+        """How errors name the store: the service and its Sentinels (no password)."""
+        return f"sentinel {self.service} via {','.join(self.sentinels)}"
+
+    def primary_options(self, url: str) -> dict[str, Any]:
+        """The primary's credentials and database from ``url`` (a ``redis://`` URL)."""
+        _check_url(url)
+        parts = urlsplit(url)
+        if parts.scheme != "redis":
+            raise ValueError(f"redis url {redact_url(url)!r}: with sentinels only redis:// is supported")
+        database = parts.path.strip("/")
+        return {"db": int(database or 0), "username": parts.username or None,
+                "password": parts.password or None}
+
+    def sentinel_options(self, socket_timeout: float, *, asyncio: bool = False) -> dict[str, Any]:
+        """The options of the connections to the Sentinels (each asked once per lookup)."""
+        retry = AsyncRetry(NoBackoff(), 0) if asyncio else Retry(NoBackoff(), 0)
+        return {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
+                "retry": retry, "password": self.password or None}
 
 
 def _millis(ttl: float) -> int:
@@ -237,6 +310,21 @@ class RedisStore(_RedisCommands):
         store = cls.__new__(cls)
         store._setup(client, name, key_prefix)
         return store
+
+    @classmethod
+    def from_sentinel(cls, settings: SentinelSettings, url: str, *, key_prefix: str = "mw:",
+                      socket_timeout: float = 1.0) -> RedisStore:
+        """A store on the primary the Sentinels name now, and on the next one after a failover.
+
+        Each new connection asks the Sentinels for the primary's address; a connection
+        to a demoted primary (READONLY) is dropped. Retries as in the module: a write
+        is sent once, so one that may have reached the old primary is never sent again.
+        """
+        sentinel = redis.sentinel.Sentinel(
+            settings.addresses(), sentinel_kwargs=settings.sentinel_options(socket_timeout))
+        client = sentinel.master_for(settings.service, redis_class=redis.Redis,
+                                     **pool_options(socket_timeout), **settings.primary_options(url))
+        return cls.from_client(client, name=settings.name(), key_prefix=key_prefix)
 
     def _setup(self, client: redis.Redis, name: str, key_prefix: str) -> None:
         _RedisCommands.__init__(self, name, key_prefix)
@@ -387,6 +475,17 @@ class AsyncRedisStore(_RedisCommands):
         store = cls.__new__(cls)
         store._setup(client, name, key_prefix)
         return store
+
+    @classmethod
+    def from_sentinel(cls, settings: SentinelSettings, url: str, *, key_prefix: str = "mw:",
+                      socket_timeout: float = 1.0) -> AsyncRedisStore:
+        """As :meth:`RedisStore.from_sentinel`, on the running event loop."""
+        sentinel = redis.asyncio.sentinel.Sentinel(
+            settings.addresses(), sentinel_kwargs=settings.sentinel_options(socket_timeout, asyncio=True))
+        client = sentinel.master_for(settings.service, redis_class=redis.asyncio.Redis,
+                                     **pool_options(socket_timeout, asyncio=True),
+                                     **settings.primary_options(url))
+        return cls.from_client(client, name=settings.name(), key_prefix=key_prefix)
 
     def _setup(self, client: redis.asyncio.Redis, name: str, key_prefix: str) -> None:
         _RedisCommands.__init__(self, name, key_prefix)
