@@ -165,13 +165,22 @@ async def _reply(reader: asyncio.StreamReader) -> tuple[int, str]:
             return int(line[:3]), " ".join(lines)
 
 
-async def _one(port: int, rcpt: str, data: bytes) -> tuple[int, float]:
+async def _one(port: int, rcpt: str, data: bytes, sender: str = "bench@remote.example",
+               xclient: str = "") -> tuple[int, float]:
+    """One session: ``xclient`` (``ADDR=192.0.2.25 LOGIN=...``) is sent after EHLO when given."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         await _reply(reader)
         writer.write(b"EHLO load.remote.example\r\n")
         await _reply(reader)
-        writer.write(f"MAIL FROM:<bench@remote.example>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
+        if xclient:
+            writer.write(f"XCLIENT {xclient}\r\n".encode())
+            code, text = await _reply(reader)
+            if code != 220:
+                raise RuntimeError(f"XCLIENT refused: {text}")
+            writer.write(b"EHLO load.remote.example\r\n")
+            await _reply(reader)
+        writer.write(f"MAIL FROM:<{sender}>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n".encode())
         await _reply(reader)
         rc, _ = await _reply(reader)
         dc, _ = await _reply(reader)
@@ -190,9 +199,11 @@ async def _one(port: int, rcpt: str, data: bytes) -> tuple[int, float]:
 
 
 async def _inject(port: int, jobs: list[tuple[str, bytes, str]], sessions: int,
-                  pace: float = 0.0) -> list[tuple[int, float]]:
+                  pace: float = 0.0, sender: str = "bench@remote.example",
+                  xclient: str = "") -> list[tuple[int, float]]:
     """Send every job, ``sessions`` at a time; with ``pace``, message i starts no
-    earlier than i / pace seconds in (arrivals spread out as spamd spreads them)."""
+    earlier than i / pace seconds in (arrivals spread out as spamd spreads them).
+    ``sender`` and ``xclient`` as :func:`_one` takes them."""
     gate = asyncio.Semaphore(sessions)
     start = time.perf_counter()
 
@@ -201,7 +212,7 @@ async def _inject(port: int, jobs: list[tuple[str, bytes, str]], sessions: int,
             await asyncio.sleep(max(0.0, start + i / pace - time.perf_counter()))
         async with gate:
             try:
-                return await _one(port, rcpt, data)
+                return await _one(port, rcpt, data, sender, xclient)
             except OSError:
                 return 0, 0.0
 
@@ -216,10 +227,12 @@ class Daemon:
     name: str
     proc: subprocess.Popen[bytes]
     socket: Path
+    measured: int = 0
+    """The PID whose process tree's CPU is counted (0: ``proc``'s)."""
     cpu: CpuMeter = field(init=False)
 
     def __post_init__(self) -> None:
-        self.cpu = CpuMeter(self.socket.stem, self.proc.pid)
+        self.cpu = CpuMeter(self.socket.stem, self.measured or self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -266,25 +279,32 @@ def start_spamass_milter(work: Path, spamd: SpamdServer) -> Daemon:
     return Daemon("spamass-milter", proc, sock)
 
 
-def start_mailwarden(work: Path, slapd: SlapdServer, clamd: ClamdServer, spamd: SpamdServer,
-                     reinject_port: int, workers: int = 1) -> Daemon:
-    """``mailwarden milter run`` with ``workers`` processes sharing its socket."""
-    sock = work / f"mailwarden-{workers}.sock"
-    conf = work / f"mailwarden-{workers}.toml"
+def launch_mailwarden(work: Path, slapd: SlapdServer, tag: str, milter: str, sections: str = "",
+                      workers: int = 1) -> Daemon:
+    """``mailwarden milter run`` with ``workers`` processes sharing its socket; ``milter``
+    adds lines to the ``[milter]`` table, ``sections`` whole tables."""
+    sock = work / f"{tag}.sock"
+    conf = work / f"{tag}.toml"
     conf.write_text(
         f'[general]\nnode_name = "bench"\n[ldap]\nuri = "{slapd.uri}"\n'
         f'[store]\nbackend = "sqlite"\nsqlite_path = "{work}/state.sqlite3"\n'
         f'[milter]\nworkers = {workers}\nsocket = "unix:{sock}"\nsocket_mode = "0666"\n'
         f'spool_dir = "{work}/spool"\n'
-        f'quarantine_dir = "{work}/quarantine"\ntemplate_dir = "{work}/templates"\n'
-        f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.unix_address}"]\n'
-        f'reinject = "inet:127.0.0.1:{reinject_port}"\n'
+        f'quarantine_dir = "{work}/quarantine"\ntemplate_dir = "{work}/templates"\n{milter}{sections}'
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", "from mailwarden.cli import main; main()", "--config", str(conf),
-         "milter", "run"], stdout=subprocess.DEVNULL, stderr=(work / f"mailwarden-{workers}.log").open("wb"))
+         "milter", "run"], stdout=subprocess.DEVNULL, stderr=(work / f"{tag}.log").open("wb"))
     wait_socket(sock, proc, "mailwarden milter")
     return Daemon(f"mailwarden ({workers} worker{'s' if workers > 1 else ''})", proc, sock)
+
+
+def start_mailwarden(work: Path, slapd: SlapdServer, clamd: ClamdServer, spamd: SpamdServer,
+                     reinject_port: int, workers: int = 1) -> Daemon:
+    """The milter with clamd and spamd, ``workers`` processes sharing its socket."""
+    return launch_mailwarden(work, slapd, f"mailwarden-{workers}",
+                             f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.unix_address}"]\n'
+                             f'reinject = "inet:127.0.0.1:{reinject_port}"\n', workers=workers)
 
 
 # ---------------------------------------------------------------- one variant
