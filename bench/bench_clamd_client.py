@@ -149,8 +149,8 @@ async def measure_cell(clients: dict[str, Scan], size: int, mode: str, count: in
     per_round = max(math.ceil(count / rounds), width)
     msgs = messages(size, count, eicar_every)
     names = list(clients)
-    stats = {name: {"cpu": 0.0, "wall": 0.0, "clamd": 0.0, "lat": [], "verdicts": {}, "n": 0}
-             for name in names}
+    stats: dict[str, dict[str, Any]] = {
+        name: {"cpu": 0.0, "wall": 0.0, "clamd": 0.0, "lat": [], "verdicts": {}, "n": 0} for name in names}
     warm = [(-1 - i, msgs[i % len(msgs)]) for i in range(width)]
     for name in names:  # unmeasured: opens our sessions, starts aioclamd's worker threads
         await run_round(clients[name], warm, width, [], {})

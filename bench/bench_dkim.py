@@ -432,8 +432,8 @@ def main() -> int:
                 checks[f"{label} verify"] = written(postfix, rec, milters, sample_in, f"news@{SENDER_DOMAIN}",
                                                     INBOUND_XCLIENT, keys)
             for label, milters in (("opendkim", [opendkim.alive()]), ("mailwarden", [warden])):
-                checks[f"{label} sign"] = written(postfix, rec, milters, sample_out, SUBMITTER, SUBMIT_XCLIENT,
-                                                  keys)
+                checks[f"{label} sign"] = written(postfix, rec, milters, sample_out, SUBMITTER,
+                                                  SUBMIT_XCLIENT, keys)
     finally:
         for d in (opendkim, opendmarc):
             d.stop()
@@ -448,7 +448,7 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     by = {r.name: r for r in results}
-    print(f"OpenDKIM concurrency probes: " + ", ".join(
+    print("OpenDKIM concurrency probes: " + ", ".join(
         f"{p['work']}@{p['sessions']}: {'CRASHED' if p['crashed'] else 'ok'} {p['replies']}" for p in probes))
     print(f"peers measured at {peer_c} sessions; OpenDKIM deaths: {len(opendkim.crashes)} "
           f"{opendkim.crashes}, OpenDMARC deaths: {len(opendmarc.crashes)} {opendmarc.crashes}")
@@ -464,7 +464,8 @@ def main() -> int:
         / by["OpenDKIM (verify)"].e2e_rate,
         "verify_dmarc_vs_opendkim_opendmarc": by[f"mailwarden sender_auth @{peer_c}"].e2e_rate
         / by["OpenDKIM + OpenDMARC"].e2e_rate,
-        "sign_vs_opendkim_sign": by[f"mailwarden signing @{peer_c}"].e2e_rate / by["OpenDKIM (sign)"].e2e_rate,
+        "sign_vs_opendkim_sign": by[f"mailwarden signing @{peer_c}"].e2e_rate
+        / by["OpenDKIM (sign)"].e2e_rate,
         "verify_cpu_vs_opendkim_opendmarc": by[f"mailwarden sender_auth @{peer_c}"].milter_cpu_ms
         / by["OpenDKIM + OpenDMARC"].milter_cpu_ms,
         "sign_cpu_vs_opendkim": by[f"mailwarden signing @{peer_c}"].milter_cpu_ms

@@ -415,8 +415,9 @@ def peer_helper(work: Path) -> None:
             conn, _ = listener.accept()
         except OSError:
             break
+        fd = conn.fileno()
         children.append(subprocess.Popen(["/usr/bin/policyd-spf", str(work / "policyd-spf.conf")],
-                                         stdin=conn, stdout=conn, stderr=subprocess.DEVNULL))
+                                         stdin=fd, stdout=fd, stderr=subprocess.DEVNULL))
         conn.close()
     for child in children:
         child.terminate()

@@ -15,7 +15,7 @@ PACKAGES=(
   # checks that what the milter signs verifies elsewhere (tests/milter/test_signing.py)
   openssl opendkim-tools
   # peers measured side by side in bench/
-  postgrey postfix-policyd-spf-python clamav-milter spamass-milter
+  postgrey postfix-policyd-spf-python clamav-milter spamass-milter opendkim opendmarc
   iproute2
   # the containerized end-to-end suite (dockerd started by the harness)
   docker.io debootstrap iptables docker-compose
@@ -36,5 +36,7 @@ echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 echo "slapd slapd/no_configuration boolean true" | debconf-set-selections
 echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+# OpenDMARC runs here only as a milter: no reporting database (dbconfig would look for MySQL)
+echo "opendmarc opendmarc/dbconfig-install boolean false" | debconf-set-selections
 apt-get -o DPkg::Lock::Timeout=600 -qq update
 apt-get -o DPkg::Lock::Timeout=600 -qq install -y --no-install-recommends "${missing[@]}" >/dev/null
