@@ -18,7 +18,8 @@ network namespace whose 127.0.0.1:53 is a stub serving the same zone
 
 OpenDKIM's concurrency is probed first: 50 parallel SMTP sessions, then 10, 5 and 1,
 until a round leaves it running with every message accepted.  The peers are measured
-at the concurrency they survive; mailwarden at that one and at 50.  Reported per
+at the concurrency they survive and at lower ones (``--lower``, 10 by default);
+mailwarden at the same and at 50.  Reported per
 variant: injection and end-to-end msg/s (until Postfix's queue is empty), end-of-data
 latency p50/p99, the CPU time per message of the milter processes (OpenDKIM's and
 OpenDMARC's own, without the stub beside them; each in a cgroup of its own where the
@@ -26,7 +27,7 @@ kernel offers one), peak RSS and milter crashes.  A check then sends a few messa
 through each stack to a recording sink and shows what each wrote.
 
 Needs root, postfix, slapd, opendkim, opendmarc, unshare and ip.
-Usage: python -m bench.bench_dkim [--quick] [--messages 300] [--repeat 3]
+Usage: python -m bench.bench_dkim [--quick] [--messages 300] [--repeat 3] [--lower 10]
 Prints a table and one JSON line.
 """
 
@@ -319,6 +320,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a fifth of the messages")
     ap.add_argument("--messages", type=int, default=300, help="messages per measured run")
+    ap.add_argument("--lower", type=lambda v: [int(n) for n in v.split(",") if n], default=[10],
+                    help="lower session counts everyone is also measured at (comma-separated)")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds of all variants (the median "
                     "is shown)")
     args = ap.parse_args()
@@ -384,30 +387,35 @@ def main() -> int:
             raise RuntimeError(f"OpenDKIM survived no concurrency: {probes}")
         peer_c = survived
 
-        def plan() -> list[tuple[str, str, list[Daemon], int]]:
-            """(variant, work, milters, sessions); daemons looked up afresh (a dead one restarted)."""
-            return [
-                ("postfix alone", "verify", [], peer_c),
-                ("OpenDKIM (verify)", "verify", [opendkim.alive()], peer_c),
-                ("OpenDKIM + OpenDMARC", "verify", [opendkim.alive(), opendmarc.alive()], peer_c),
-                (f"mailwarden sender_auth @{peer_c}", "verify", [warden], peer_c),
-                ("mailwarden sender_auth @50", "verify", [warden], 50),
-                ("OpenDKIM (sign)", "sign", [opendkim.alive()], peer_c),
-                (f"mailwarden signing @{peer_c}", "sign", [warden], peer_c),
-                ("mailwarden signing @50", "sign", [warden], 50),
-            ]
+        levels = [peer_c, *(n for n in args.lower if n < peer_c)]
+
+        def plan() -> list[tuple[str, str, list[Peer | Daemon], int]]:
+            """(variant, work, milters, sessions): the peers at ``levels``, mailwarden there and at 50."""
+            out: list[tuple[str, str, list[Peer | Daemon], int]] = [
+                (f"postfix alone @{peer_c}", "verify", [], peer_c)]
+            for n in levels:
+                out += [(f"OpenDKIM verify @{n}", "verify", [opendkim], n),
+                        (f"OpenDKIM + OpenDMARC @{n}", "verify", [opendkim, opendmarc], n),
+                        (f"mailwarden sender_auth @{n}", "verify", [warden], n)]
+            out.append(("mailwarden sender_auth @50", "verify", [warden], 50))
+            for n in levels:
+                out += [(f"OpenDKIM sign @{n}", "sign", [opendkim], n),
+                        (f"mailwarden signing @{n}", "sign", [warden], n)]
+            out.append(("mailwarden signing @50", "sign", [warden], 50))
+            return out
 
         runs: dict[str, list[Result]] = {}
         for round_ in range(args.repeat):
             seen: set[str] = set()
-            for name, work_name, milters, sessions in plan():
+            for name, work_name, stack, sessions in plan():
                 if name in seen:  # mailwarden at 50 when the peers ran at 50 too
                     continue
                 seen.add(name)
+                # A peer that died is restarted (its death recorded) before each variant.
+                milters = [m.alive() if isinstance(m, Peer) else m for m in stack]
                 verify = work_name == "verify"
                 jobs = inbound(count, keys, seed=100 + round_) if verify else submissions(count, 200 + round_)
-                print(f"... round {round_ + 1}: {name}: {len(jobs)} messages, {sessions} sessions",
-                      file=sys.stderr, flush=True)
+                print(f"... round {round_ + 1}: {name}: {len(jobs)} messages", file=sys.stderr, flush=True)
                 runs.setdefault(name, []).append(run_variant(
                     name, work_name, postfix, milters, jobs, sessions,
                     f"news@{SENDER_DOMAIN}" if verify else SUBMITTER,
@@ -451,18 +459,18 @@ def main() -> int:
         print(f"{r.name:<32} {r.work:<6} {r.sessions:>4} {r.messages:>5} {r.inject_rate:>9.1f} "
               f"{r.e2e_rate:>7.1f} {r.p50_ms:>7.1f} {r.p99_ms:>8.1f} {r.milter_cpu_ms:>17.2f} "
               f"{r.rss_mb:>7.1f} {r.crashes:>5}  {r.replies}")
-    ratios = {
-        "verify_dmarc_vs_opendkim_verify": by[f"mailwarden sender_auth @{peer_c}"].e2e_rate
-        / by["OpenDKIM (verify)"].e2e_rate,
-        "verify_dmarc_vs_opendkim_opendmarc": by[f"mailwarden sender_auth @{peer_c}"].e2e_rate
-        / by["OpenDKIM + OpenDMARC"].e2e_rate,
-        "sign_vs_opendkim_sign": by[f"mailwarden signing @{peer_c}"].e2e_rate
-        / by["OpenDKIM (sign)"].e2e_rate,
-        "verify_cpu_vs_opendkim_opendmarc": by[f"mailwarden sender_auth @{peer_c}"].milter_cpu_ms
-        / by["OpenDKIM + OpenDMARC"].milter_cpu_ms,
-        "sign_cpu_vs_opendkim": by[f"mailwarden signing @{peer_c}"].milter_cpu_ms
-        / by["OpenDKIM (sign)"].milter_cpu_ms,
-    }
+    ratios: dict[str, float] = {}
+    for n in levels:
+        ours_v, ours_s = by[f"mailwarden sender_auth @{n}"], by[f"mailwarden signing @{n}"]
+        ratios |= {
+            f"verify_dmarc_vs_opendkim_verify@{n}": ours_v.e2e_rate / by[f"OpenDKIM verify @{n}"].e2e_rate,
+            f"verify_dmarc_vs_opendkim_opendmarc@{n}": ours_v.e2e_rate
+            / by[f"OpenDKIM + OpenDMARC @{n}"].e2e_rate,
+            f"sign_vs_opendkim_sign@{n}": ours_s.e2e_rate / by[f"OpenDKIM sign @{n}"].e2e_rate,
+            f"verify_cpu_vs_opendkim_opendmarc@{n}": ours_v.milter_cpu_ms
+            / by[f"OpenDKIM + OpenDMARC @{n}"].milter_cpu_ms,
+            f"sign_cpu_vs_opendkim@{n}": ours_s.milter_cpu_ms / by[f"OpenDKIM sign @{n}"].milter_cpu_ms,
+        }
     print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print(f"questions mailwarden asked the stub DNS in the whole run: {len(stub.queries)} (answers cached)")
     for label, lines in checks.items():
