@@ -19,7 +19,7 @@ network namespace whose 127.0.0.1:53 is a stub serving the same zone
 OpenDKIM's concurrency is probed first: 50 parallel SMTP sessions, then 10, 5 and 1,
 until a round leaves it running with every message accepted.  The peers are measured
 at the concurrency they survive and at lower ones (``--lower``, 10 by default);
-mailwarden at the same and at 50.  Reported per
+mailwarden at the same and at 50, and at 50 with ``milter.workers = 2``.  Reported per
 variant: injection and end-to-end msg/s (until Postfix's queue is empty), end-of-data
 latency p50/p99, the CPU time per message of the milter processes (OpenDKIM's and
 OpenDMARC's own, without the stub beside them; each in a cgroup of its own where the
@@ -81,6 +81,8 @@ SUBMITTER = f"u007@{SIGNING}"
 PROBES = (50, 10, 5, 1)
 INBOUND_XCLIENT = f"ADDR={CLIENT} NAME=mail.{SENDER_DOMAIN} HELO=mail.{SENDER_DOMAIN}"
 SUBMIT_XCLIENT = f"LOGIN={SUBMITTER}"
+TWO_WORKERS_VERIFY = "mailwarden sender_auth, 2 workers @50"
+TWO_WORKERS_SIGN = "mailwarden signing, 2 workers @50"
 
 Job = tuple[str, bytes, str]
 
@@ -350,17 +352,19 @@ def main() -> int:
     }, syslog_name="postfix-bench")
     opendkim = Peer("opendkim", ["opendkim", "-f", "-x", str(opendkim_conf(work, keys))], records, work)
     opendmarc = Peer("opendmarc", ["opendmarc", "-f", "-c", str(opendmarc_conf(work))], records, work)
-    warden: Daemon | None = None
+    wardens: list[Daemon] = []
     results: list[Result] = []
     probes: list[dict[str, object]] = []
     checks: dict[str, list[str]] = {}
     try:
         postfix.start()
-        warden = launch_mailwarden(
-            work, slapd, "mailwarden",
-            f'sender_auth = true\nauthserv_id = "{AUTHSERV}"\n'
-            f'dkim_key_path = "{work}/keys/{{domain}}.{{selector}}.key"\n',
-            f'[dns]\nnameservers = ["127.0.0.1"]\nport = {stub.port}\n')
+        for workers in (1, 2):
+            wardens.append(launch_mailwarden(
+                work, slapd, f"mailwarden-{workers}",
+                f'sender_auth = true\nauthserv_id = "{AUTHSERV}"\n'
+                f'dkim_key_path = "{work}/keys/{{domain}}.{{selector}}.key"\n',
+                f'[dns]\nnameservers = ["127.0.0.1"]\nport = {stub.port}\n', workers=workers))
+        warden, warden2 = wardens
         opendkim.start()
         opendmarc.start()
         warm_in = inbound(USERS, keys, seed=3)
@@ -397,11 +401,13 @@ def main() -> int:
                 out += [(f"OpenDKIM verify @{n}", "verify", [opendkim], n),
                         (f"OpenDKIM + OpenDMARC @{n}", "verify", [opendkim, opendmarc], n),
                         (f"mailwarden sender_auth @{n}", "verify", [warden], n)]
-            out.append(("mailwarden sender_auth @50", "verify", [warden], 50))
+            out += [("mailwarden sender_auth @50", "verify", [warden], 50),
+                    (TWO_WORKERS_VERIFY, "verify", [warden2], 50)]
             for n in levels:
                 out += [(f"OpenDKIM sign @{n}", "sign", [opendkim], n),
                         (f"mailwarden signing @{n}", "sign", [warden], n)]
-            out.append(("mailwarden signing @50", "sign", [warden], 50))
+            out += [("mailwarden signing @50", "sign", [warden], 50),
+                    (TWO_WORKERS_SIGN, "sign", [warden2], 50)]
             return out
 
         runs: dict[str, list[Result]] = {}
@@ -435,10 +441,9 @@ def main() -> int:
                 checks[f"{label} sign"] = written(postfix, rec, milters, sample_out, SUBMITTER,
                                                   SUBMIT_XCLIENT, keys)
     finally:
-        for d in (opendkim, opendmarc):
-            d.stop()
-        if warden is not None:
-            warden.stop()
+        running: list[Peer | Daemon] = [opendkim, opendmarc, *wardens]
+        for daemon in running:
+            daemon.stop()
         postfix.cleanup()
         sink_proc.terminate()
         sink_proc.wait()
@@ -452,11 +457,11 @@ def main() -> int:
         f"{p['work']}@{p['sessions']}: {'CRASHED' if p['crashed'] else 'ok'} {p['replies']}" for p in probes))
     print(f"peers measured at {peer_c} sessions; OpenDKIM deaths: {len(opendkim.crashes)} "
           f"{opendkim.crashes}, OpenDMARC deaths: {len(opendmarc.crashes)} {opendmarc.crashes}")
-    header = (f"{'variant':<32} {'work':<6} {'sess':>4} {'msgs':>5} {'inject/s':>9} {'e2e/s':>7} "
+    header = (f"{'variant':<38} {'work':<6} {'sess':>4} {'msgs':>5} {'inject/s':>9} {'e2e/s':>7} "
               f"{'p50 ms':>7} {'p99 ms':>8} {'milter CPU ms/msg':>17} {'RSS MB':>7} {'crash':>5}  replies")
     print(header)
     for r in results:
-        print(f"{r.name:<32} {r.work:<6} {r.sessions:>4} {r.messages:>5} {r.inject_rate:>9.1f} "
+        print(f"{r.name:<38} {r.work:<6} {r.sessions:>4} {r.messages:>5} {r.inject_rate:>9.1f} "
               f"{r.e2e_rate:>7.1f} {r.p50_ms:>7.1f} {r.p99_ms:>8.1f} {r.milter_cpu_ms:>17.2f} "
               f"{r.rss_mb:>7.1f} {r.crashes:>5}  {r.replies}")
     ratios: dict[str, float] = {}
@@ -471,6 +476,9 @@ def main() -> int:
             / by[f"OpenDKIM + OpenDMARC @{n}"].milter_cpu_ms,
             f"sign_cpu_vs_opendkim@{n}": ours_s.milter_cpu_ms / by[f"OpenDKIM sign @{n}"].milter_cpu_ms,
         }
+    ratios["verify_2_workers_vs_1@50"] = (by[TWO_WORKERS_VERIFY].e2e_rate
+                                          / by["mailwarden sender_auth @50"].e2e_rate)
+    ratios["sign_2_workers_vs_1@50"] = by[TWO_WORKERS_SIGN].e2e_rate / by["mailwarden signing @50"].e2e_rate
     print("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print(f"questions mailwarden asked the stub DNS in the whole run: {len(stub.queries)} (answers cached)")
     for label, lines in checks.items():
