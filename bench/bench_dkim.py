@@ -217,7 +217,8 @@ class Peer:
 
 
 def opendkim_conf(work: Path, keys: Keys) -> Path:
-    """Sign for signing.example (mail from internal hosts or with SMTP AUTH), verify the rest."""
+    """Sign for signing.example what internal hosts send (submissions come from 127.0.0.1),
+    verify the rest."""
     key = work / "opendkim-keys" / f"{SIGNING}.{SIGNING_SELECTOR}.key"
     key.parent.mkdir(mode=0o700)
     key.write_bytes(keys.signing_rsa)
