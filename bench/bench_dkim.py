@@ -62,6 +62,7 @@ from harness.cpumeter import peak_rss_mb, process_tree
 from harness.dnsstub import Records, StubDns
 from harness.ports import free_port
 from harness.postfix import PostfixInstance
+from harness.process import stop_process
 from harness.slapd import SlapdServer, mailwarden_database
 from harness.smtpsink import SmtpSink
 from milters.signing import generate_key, public_record, zone_txt
@@ -199,7 +200,12 @@ class Peer:
         log = (self.work / f"{self.name}.log").open("ab")
         keeper = netns.spawn_with_stub_dns(self.records, self.argv, log)
         wait_socket(self.socket, keeper, self.name)
-        self.daemon = Daemon(self.name, keeper, self.socket, measured=netns.daemon_pid(keeper, self.argv[0]))
+        try:
+            pid = netns.daemon_pid(keeper, self.argv[0])
+        except RuntimeError:
+            stop_process(keeper, 10)
+            raise
+        self.daemon = Daemon(self.name, keeper, self.socket, measured=pid)
         return self.daemon
 
     def alive(self) -> Daemon:

@@ -58,6 +58,7 @@ from harness.clamd import EICAR, ClamdServer
 from harness.cpumeter import CpuMeter, peak_rss_mb, process_tree
 from harness.ports import free_port
 from harness.postfix import PostfixInstance
+from harness.process import stop_process
 from harness.slapd import SlapdServer, mailwarden_database
 from harness.smtpsink import SmtpSink
 from harness.spamd import GTUBE, SpamdServer
@@ -252,9 +253,11 @@ class Daemon:
 
 
 def wait_socket(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    """Wait for ``proc`` to make its socket; one that does not is stopped and an error raised."""
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc, 10)
             raise RuntimeError(f"{what} did not start (exit {proc.poll()})")
         time.sleep(0.05)
     path.chmod(0o666)
@@ -488,11 +491,11 @@ def main() -> int:
     checks: dict[str, object] = {}
     try:
         postfix.start()
-        clam_milter = start_clamav_milter(work, clamd)
-        spamass = start_spamass_milter(work, spamd)
-        warden = start_mailwarden(work, slapd, clamd, spamd, reinject_port)
-        warden2 = start_mailwarden(work, slapd, clamd, spamd, reinject_port, workers=2)
-        daemons += [clam_milter, spamass, warden, warden2]
+        # Each is stopped at the end even when a later one does not start.
+        daemons.append(clam_milter := start_clamav_milter(work, clamd))
+        daemons.append(spamass := start_spamass_milter(work, spamd))
+        daemons.append(warden := start_mailwarden(work, slapd, clamd, spamd, reinject_port))
+        daemons.append(warden2 := start_mailwarden(work, slapd, clamd, spamd, reinject_port, workers=2))
         if clamd.pid is None or spamd.pid is None:
             raise RuntimeError("clamd or spamd is not running")
         scanners += [CpuMeter("clamd", clamd.pid), CpuMeter("spamd", spamd.pid)]

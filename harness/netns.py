@@ -75,9 +75,9 @@ def daemon_pid(keeper: subprocess.Popen[bytes], name: str, timeout: float = 10.0
     raise RuntimeError(f"no daemon under namespace keeper {keeper.pid} (exit {keeper.poll()})")
 
 
-def _enter() -> None:
+def _enter(scratch: Path) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    resolv = Path(tempfile.mkdtemp(prefix="mw-netns-")) / "resolv.conf"
+    resolv = scratch / "resolv.conf"
     resolv.write_text("nameserver 127.0.0.1\n")
     subprocess.run(["mount", "--bind", str(resolv), "/etc/resolv.conf"], check=True)
 
@@ -93,15 +93,21 @@ def _keep(records: Records, argv: Sequence[str]) -> int:
 
 def _inside(spec: str) -> int:
     wanted = json.loads(spec)
-    _enter()
-    if wanted["daemon"]:
-        return _keep(wanted["records"], wanted["argv"])
+    with tempfile.TemporaryDirectory(prefix="mw-netns-") as scratch:
+        _enter(Path(scratch))
+        if wanted["daemon"]:
+            return _keep(wanted["records"], wanted["argv"])
+        return _run(wanted["records"], wanted["argv"])
+
+
+def _run(records: Records, argv: Sequence[str]) -> int:
+    """Run ``argv`` on this process's stdin while the stub serves; pass its output on."""
     # A regular file, not the pipe: opendkim-testmsg cannot parse a message from a pipe.
     with tempfile.TemporaryFile() as data:
         shutil.copyfileobj(sys.stdin.buffer, data)
         data.seek(0)
-        with StubDns(wanted["records"], port=53):
-            done = subprocess.run(wanted["argv"], stdin=data, capture_output=True, check=False, timeout=50)
+        with StubDns(records, port=53):
+            done = subprocess.run(list(argv), stdin=data, capture_output=True, check=False, timeout=50)
     sys.stdout.buffer.write(done.stdout)
     sys.stderr.buffer.write(done.stderr)
     return done.returncode
