@@ -56,6 +56,9 @@ class GeneralConfig:
     log_target: Literal["stderr", "syslog"] = setting(
         "stderr", "where logs go (syslog uses /dev/log, facility mail)"
     )
+    log_format: Literal["text", "json"] = setting(
+        "text", "text: mail-log lines like Postfix's; json: one JSON object per line (for log shippers)"
+    )
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from mailwarden.logfields import ID_HEADER
 from mailwarden.notify import MessageFacts, Notice, NoticeOutbox, Notifier
 from mailwarden.store import StoreUnavailable
 from milters.filters import Envelope
@@ -119,6 +120,11 @@ def _sealer(sealers: Mapping[str, Sealer], members: list[RecipientOutcome]) -> S
     return next((sealers[m.address] for m in members if m.address in sealers), None)
 
 
+def _id_field(envelope: Envelope) -> bytes:
+    """The ``X-Mailwarden-Id`` field of a re-injected copy (none without an id)."""
+    return f"{ID_HEADER}: {envelope.mwid}\r\n".encode("ascii") if envelope.mwid else b""
+
+
 def _tempfail(reason: str) -> Outcome:
     text = smtp_text(reason)
     return Outcome(Disposition.TEMPFAIL, f"451 4.7.1 Message deferred: {text}; try again later", 0)
@@ -181,7 +187,7 @@ class Delivery:
         origin = Origin(envelope.client_address, envelope.client_name, envelope.helo, envelope.queue_id)
         for edits, members in others:
             rendition = render(message, edits, strip_text)
-            head = envelope.trace_header() + b"".join(
+            head = envelope.trace_header() + _id_field(envelope) + b"".join(
                 f"{name}: {value}\r\n".replace("\n", "\r\n").replace("\r\r", "\r").encode()
                 for name, value in await _stamps(signer, _sealer(sealers, members), message, rendition))
             data = variant_stream(message, rendition, head)
@@ -202,6 +208,8 @@ class Delivery:
         inline = render(message, inline_edits, strip_text)
         stamps = await _stamps(signer, _sealer(sealers, inline_members), message, inline)
         self._edit_in_place(actions, inline)
+        if envelope.mwid:
+            actions.addheader(ID_HEADER, envelope.mwid)
         # On top, in order, as on a re-injected copy: an ARC set goes above the sets before
         # it (verifiers such as dkimpy read the sets in the order they appear).
         for name, value in reversed(stamps):

@@ -17,6 +17,7 @@ from mailwarden.config import Config
 from mailwarden.directory import Directory
 from mailwarden.dns import make_resolver
 from mailwarden.linelog import DecisionLog
+from mailwarden.logfields import NOQUEUE, new_mwid
 from mailwarden.networks import Networks
 from mailwarden.notify import NoticeTemplates, Notifier
 from mailwarden.pbs import PopBeforeSmtp
@@ -83,7 +84,7 @@ class MilterService:
         started = time.monotonic()
         deadline = started + self.settings.eom_budget
         message = Message(headers, spool, self.limits)
-        envelope = await self._identify(envelope)
+        envelope = await self._identify(replace(envelope, mwid=envelope.mwid or new_mwid()))
         verdict = await self.pipeline.run(envelope, message, recipients, deadline)
         signer = await self._signer(envelope, message, verdict)
         if signer is not None:
@@ -154,7 +155,8 @@ class MilterService:
     def _log(self, envelope: Envelope, message: Message, verdict: Verdict, outcome: Outcome,
              started: float) -> None:
         parts = [
-            f"{envelope.queue_id or 'NOQUEUE'}: {outcome.disposition.value}",
+            f"{envelope.queue_id or NOQUEUE}: {outcome.disposition.value}",
+            f"mwid={envelope.mwid}",
             f"from=<{envelope.sender}>",
             f"client={envelope.client_address or '-'}",
             f"size={message.size}",

@@ -44,6 +44,8 @@ class Envelope:
     """A client of ours without SMTP AUTH: the subscriber whose POP-before-SMTP window is
     open for its address, or ``INTERNAL`` for ``milter.internal_networks``."""
     received_at: float = field(default_factory=time.time)
+    mwid: str = ""
+    """The message's mailwarden id (:mod:`mailwarden.logfields`), given at end of message."""
 
     @property
     def submitted(self) -> bool:
