@@ -179,7 +179,7 @@ def trace(events: list[Event], wanted: str) -> Trace:
             taken[i] = event
             changed = True
             _follow(event, qids, mwids, instances)
-    found = sorted(taken.values(), key=lambda e: (_utc(e.time), e.order))
+    found = sorted(taken.values(), key=_sort_key)
     seen_qids = dict.fromkeys(e.queue_id for e in found if e.queue_id)
     return Trace(found, list(seen_qids),
                  list(dict.fromkeys(e.fields["mwid"] for e in found if e.fields.get("mwid"))),
@@ -221,6 +221,29 @@ def _instance_key(event: Event) -> str:
     client it names one SMTP transaction."""
     client = event.fields.get("client", "")
     return f"{event.node}\0{event.fields.get('instance', '')}\0{client}"
+
+
+_BEFORE_QUEUE = ("CONNECT", "EHLO", "HELO", "MAIL", "RCPT", "VRFY", "ETRN")
+_DELIVERY = ("qmgr", "smtp", "lmtp", "local", "virtual", "pipe", "bounce", "error", "discard")
+
+
+def _phase(event: Event) -> int:
+    """Where a line falls in a message's life: 0 the SMTP dialogue, 1 queueing and
+    filtering, 2 delivery."""
+    program = event.program.rpartition("/")[2]
+    if program == "policyd":
+        return 0 if event.fields.get("stage") in _BEFORE_QUEUE else 1
+    if program in ("smtpd", "postscreen", "pickup"):
+        return 1 if "orig_queue_id" in event.fields else 0
+    return 2 if program in _DELIVERY else 1
+
+
+def _sort_key(event: Event) -> tuple[datetime, int, datetime, int]:
+    """Time order.  Postfix's ``maillog_file`` and traditional syslog write whole seconds:
+    within one second, lines go in the order of a message's life (:func:`_phase`), then
+    by the finer times where a log has them, then as read."""
+    when = _utc(event.time)
+    return when.replace(microsecond=0), _phase(event), when, event.order
 
 
 def _utc(when: datetime) -> datetime:
