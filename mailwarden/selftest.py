@@ -79,7 +79,7 @@ def _directory(config: Config) -> str:
             return f"bound to {where} (no [general] selftest_address to look up)"
         policy = PolicyResolver(directory, config).effective_policy(address)
     except DirectoryUnavailable as exc:
-        raise ProbeFailed(f"{where}: {exc}", "is slapd running and reachable? check [ldap] uri, "
+        raise ProbeFailed(str(exc), "is slapd running and reachable? check [ldap] uri, "
                           "bind_dn and bind_password") from None
     if not policy.user_dn:
         raise ProbeFailed(f"{address}: no subscriber entry ({policy.kind.value})",

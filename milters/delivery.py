@@ -171,7 +171,7 @@ class Delivery:
                 quarantine_id = await loop.run_in_executor(
                     None, self._quarantine, held, message, envelope)
             except (OSError, StoreUnavailable) as exc:
-                log.error("%s: quarantine failed: %s", envelope.queue_id or "NOQUEUE", exc)
+                log.error("%s quarantine failed: %s", envelope.tag, exc)
                 return _tempfail("quarantine unavailable")
         if disposition is Disposition.REJECT:
             reason = smtp_text(verdict.first_reason(Action.REJECT))
@@ -197,7 +197,7 @@ class Delivery:
                     self.injector.send, envelope.sender, rcpts, data, deadline=deadline, origin=origin,
                     mail_params=envelope.mail_params)))
             except InjectError as exc:
-                log.error("%s: re-injection of a variant failed: %s", envelope.queue_id or "NOQUEUE", exc)
+                log.error("%s re-injection of a variant failed: %s", envelope.tag, exc)
                 if quarantine_id and self.quarantine is not None:
                     await loop.run_in_executor(None, self._drop_quarantine, quarantine_id)
                 return _tempfail("content variant could not be queued")

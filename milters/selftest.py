@@ -46,7 +46,7 @@ def _clamd(config: Config) -> str:
     try:
         result = asyncio.run(scan())
     except ScanError as exc:
-        raise ProbeFailed(f"{where}: {exc}", "is clamd running? check [milter] clamd (and for a unix "
+        raise ProbeFailed(str(exc) or where, "is clamd running? check [milter] clamd (and for a unix "
                           "socket, that the milter's user may open it)") from None
     if not result.infected:
         raise ProbeFailed(f"{result.upstream}: EICAR not found", "clamd has no usable signatures: "
@@ -64,8 +64,8 @@ def _spamd(config: Config) -> str:
     try:
         result = asyncio.run(scanner.check(_GTUBE_MESSAGE, time.monotonic() + m.spamd_timeout))
     except ScanError as exc:
-        raise ProbeFailed(f"{where}: {exc}", "is spamd running? check [milter] spamd and spamd's "
-                          "--allowed-ips") from None
+        raise ProbeFailed(str(exc).rstrip(": ") or where,
+                          "is spamd running? check [milter] spamd and spamd's --allowed-ips") from None
     if result.score < GTUBE_SCORE:
         raise ProbeFailed(f"{result.upstream}: GTUBE scored {result.score:g}", "spamd's rules are missing "
                           "or GTUBE is switched off: run sa-update and check local.cf", Status.MISCONFIGURED)

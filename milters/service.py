@@ -118,7 +118,7 @@ class MilterService:
         try:
             user = await loop.run_in_executor(None, self.pbs.lookup, envelope.client_address)
         except (StoreUnavailable, ValueError) as exc:
-            log.warning("%s: POP-before-SMTP window of %s not read: %s", envelope.queue_id or "NOQUEUE",
+            log.warning("%s POP-before-SMTP window of %s not read: %s", envelope.tag,
                         envelope.client_address, exc)
             return envelope
         return replace(envelope, submitter=user) if user else envelope
@@ -131,7 +131,7 @@ class MilterService:
         try:
             return await self.signing.signer_for(envelope, message)
         except SigningUnavailable as exc:
-            log.error("%s: DKIM signing: %s", envelope.queue_id or "NOQUEUE", exc)
+            log.error("%s DKIM signing: %s", envelope.tag, exc)
             for outcome in verdict.outcomes:
                 outcome.block(Action.TEMPFAIL, "DKIM signing unavailable")
             return None
