@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,3 +92,20 @@ def test_lines_of_no_known_form_are_skipped() -> None:
     assert parse_line('{"time": "yesterday"}') is None
     event = parse_line("Dec 06 22:49:31 mx postfix-mw/smtpd[638]: 90AA120EA81: client=unknown[127.0.0.2]")
     assert event is not None and event.queue_id == "90AA120EA81" and event.program == "postfix-mw/smtpd"
+
+
+def test_the_journal_is_read_through_journalctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 utc: None) -> None:
+    """``--logs journal`` runs journalctl (a stand-in here that records its arguments)."""
+    fake = tmp_path / "bin" / "journalctl"
+    fake.parent.mkdir()
+    lines = tmp_path / "journal.txt"
+    lines.write_text(MX1.read_text())
+    fake.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\ncat {lines}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    result = CliRunner().invoke(trace_cmd, ["4QBBB2", "--logs", "journal", "--since", "today"])
+    assert result.exit_code == 0, result.output
+    assert "4QAAA1: accept mwid=0cnmp4c0a5cdd1f8" in result.output and "4QZZZ9" not in result.output
+    assert (tmp_path / "args").read_text().split() == ["--no-pager", "--quiet", "--output=short-iso",
+                                                       "--since=today"]
