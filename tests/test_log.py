@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import logging.handlers
@@ -10,6 +11,7 @@ from datetime import datetime
 import pytest
 
 from mailwarden.config import GeneralConfig
+from mailwarden.linelog import DecisionLog
 from mailwarden.log import setup_logging
 from mailwarden.logfields import is_mwid, line_fields, new_mwid
 
@@ -65,3 +67,20 @@ def test_fields_of_postfix_and_policyd_lines() -> None:
     assert line_fields(postfix) == {"queue_id": "4Q2b7x1Xyz", "to": "<bob@example.com>",
                                     "relay": "127.0.0.1[127.0.0.1]:2525", "delay": "0.1", "status": "sent"}
     assert line_fields('NOQUEUE: reason="a \\"b\\" c" x=') == {"reason": 'a "b" c', "x": ""}
+
+
+def test_batched_decision_lines_are_whole_json_objects(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging(GeneralConfig(node_name="front1", log_format="json"), "policyd")
+    lines = DecisionLog(logging.getLogger("mailwarden.policyd"))
+    loop = asyncio.new_event_loop()
+    try:
+        lines.start(loop)
+        assert lines.handler is not None  # batched, one object per line all the same
+        lines.info("queue_id=4Q1 instance=1.2.3.0 stage=RCPT action=DUNNO")
+        lines.info("queue_id=4Q2 instance=1.2.4.0 stage=END-OF-MESSAGE action=DUNNO")
+        lines.flush()
+    finally:
+        loop.close()
+    objects = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(o["queue_id"], o["stage"], o["program"]) for o in objects] == [
+        ("4Q1", "RCPT", "mailwarden/policyd"), ("4Q2", "END-OF-MESSAGE", "mailwarden/policyd")]
