@@ -30,7 +30,7 @@ import re
 import subprocess
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mailwarden.logfields import line_fields
@@ -72,16 +72,22 @@ class Event:
                 "pid": self.pid, "message": self.message, **self.fields}
 
 
-def _syslog_time(text: str, year: int) -> datetime:
+def _syslog_time(text: str, year: int | None) -> datetime:
+    """An RFC 3339 time, or a traditional one without a year: this year's (last year's
+    when that would lie in the future, a December log read in January)."""
     if text[0].isdigit():
         return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return datetime.strptime(f"{year} {text.split('.', maxsplit=1)[0]}", "%Y %b %d %H:%M:%S")
+    stamp = text.split(".", maxsplit=1)[0]
+    if year is not None:
+        return datetime.strptime(f"{year} {stamp}", "%Y %b %d %H:%M:%S")
+    now = datetime.now()
+    when = datetime.strptime(f"{now.year} {stamp}", "%Y %b %d %H:%M:%S")
+    return when.replace(year=now.year - 1) if when > now + timedelta(days=1) else when
 
 
 def parse_line(line: str, *, year: int | None = None, order: int = 0) -> Event | None:
     """An event from one log line; None for a line in none of the known forms."""
     line = line.rstrip("\r\n")
-    year = year or datetime.now().year
     if line.startswith("{"):
         return _json_event(line, order)
     found = _STDERR.match(line)
@@ -94,7 +100,10 @@ def parse_line(line: str, *, year: int | None = None, order: int = 0) -> Event |
     inner = parse_line(found["message"], year=year, order=order)
     if inner is not None:  # mailwarden's stderr line, as journald or a container runtime keeps it
         return inner
-    when = _syslog_time(found["time"], year)
+    try:
+        when = _syslog_time(found["time"], year)
+    except ValueError:  # 29 February read in another year, a 61st second
+        return None
     if found["program"].startswith("mailwarden/"):
         return _ours(when, found["program"], found["pid"] or "", found["message"], order)
     return Event(when, found["host"], found["program"], found["pid"] or "", found["message"],

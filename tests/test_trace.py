@@ -8,6 +8,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,12 @@ def test_the_journal_is_read_through_journalctl(tmp_path: Path, monkeypatch: pyt
     assert "4QAAA1: accept mwid=0cnmp4c0a5cdd1f8" in result.output and "4QZZZ9" not in result.output
     assert (tmp_path / "args").read_text().split() == ["--no-pager", "--quiet", "--output=short-iso",
                                                        "--since=today"]
+
+
+def test_a_time_without_a_year_is_never_in_the_future() -> None:
+    tomorrow = datetime.now() + timedelta(days=2)
+    event = parse_line(f"{tomorrow:%b %d %H:%M:%S} mx postfix/qmgr[1]: 4QAAA1: removed")
+    assert event is not None and event.time.year == tomorrow.year - 1
+    given = parse_line(f"{tomorrow:%b %d} 00:00:00 mx postfix/qmgr[1]: x", year=2030)
+    assert given is not None and given.time.year == 2030
+    assert parse_line("Feb 29 00:00:00 mx postfix/qmgr[1]: x", year=2027) is None
