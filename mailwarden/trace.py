@@ -238,13 +238,15 @@ _DELIVERY = ("qmgr", "smtp", "lmtp", "local", "virtual", "pipe", "bounce", "erro
 
 def _phase(event: Event) -> int:
     """Where a line falls in a message's life: 0 the SMTP dialogue, 1 queueing and
-    filtering, 2 delivery."""
+    filtering, 2 the milter's answer as Postfix logs it (``milter-reject``), 3 delivery."""
     program = event.program.rpartition("/")[2]
     if program == "policyd":
         return 0 if event.fields.get("stage") in _BEFORE_QUEUE else 1
     if program in ("smtpd", "postscreen", "pickup"):
         return 1 if "orig_queue_id" in event.fields else 0
-    return 2 if program in _DELIVERY else 1
+    if program == "cleanup" and ": milter-" in event.message:
+        return 2
+    return 3 if program in _DELIVERY else 1
 
 
 def _sort_key(event: Event) -> tuple[datetime, int, datetime, int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.clamd import ClamdServer
+from harness.clamd import EICAR, ClamdServer
 from harness.dnsstub import StubDns
 from harness.ports import free_port
 from harness.redisserver import RedisServer
@@ -122,6 +122,29 @@ def test_trace_follows_a_message_through_policyd_milter_reinjection_and_delivery
 
     as_json = mailwarden(None, "trace", result.queue_id, "--json", *logs)
     assert as_json.returncode == 0 and f'"mwid": "{mwid}"' in as_json.stdout
+
+
+def test_trace_of_a_refused_message_shows_the_reply_the_client_saw(
+        stack: Stack, policyd: PolicydProcess) -> None:
+    """Refused at the end of DATA: the sender only knows its Message-ID, which finds it."""
+    msg = message(body=EICAR.decode() + "\n")
+    msg["Message-ID"] = "<eicar-for-trace@remote.example>"
+    result = stack.send(msg, "taro@example.jp")
+    assert result.data[0] == 550
+    stack.mx.wait_for_log(r"milter-reject: END-OF-MESSAGE")
+    stack.milter.wait_for_notices()
+    logs = [a for path in (stack.mx.log_path, stack.milter.log_path, policyd.log_path)
+            for a in ("--logs", str(path))]
+    traced = mailwarden(None, "trace", "<eicar-for-trace@remote.example>", *logs)
+    assert traced.returncode == 0, traced.stderr
+    summary, *events = traced.stdout.splitlines()
+    assert "message-id: <eicar-for-trace@remote.example>" in summary
+    [milter] = [e for e in events if " mailwarden/milter[" in e and ": reject mwid=" in e]
+    assert 'reply="550 5.7.1 Message refused: virus Custom.Test.EICAR' in milter
+    [refused] = [e for e in events if "milter-reject: END-OF-MESSAGE" in e]
+    assert "5.7.1 Message refused: virus Custom.Test.EICAR" in refused
+    assert events.index(milter) < events.index(refused)
+    assert any("stage=RCPT" in e and "to=<taro@example.jp>" in e for e in events)
 
 
 # ---------------------------------------------------------------- selftest
