@@ -19,7 +19,7 @@ import re
 import socket
 import tomllib
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -55,6 +55,12 @@ class GeneralConfig:
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", "log level")
     log_target: Literal["stderr", "syslog"] = setting(
         "stderr", "where logs go (syslog uses /dev/log, facility mail)"
+    )
+    selftest_address: str = setting(
+        "", "a subscriber's address mailwarden selftest looks up in the directory (empty: bind only)"
+    )
+    log_format: Literal["text", "json"] = setting(
+        "text", "text: mail-log lines like Postfix's; json: one JSON object per line (for log shippers)"
     )
 
 
@@ -215,13 +221,17 @@ class Section:
     through ``setting()``), so loading, unknown-key errors, ``config show`` and the
     reference work for it unchanged.  ``check`` returns its problems as
     ``table.key: problem``; it gets the whole configuration, so a section can be
-    weighed against the core's (the LDAP worst case, for instance).
+    weighed against the core's (the LDAP worst case, for instance).  ``selftest``
+    returns the daemon's probes for ``mailwarden selftest`` as (name, probe) pairs
+    (:mod:`mailwarden.selftest`); it is called only by that command, so it may import
+    the daemon's backends.
     """
 
     name: str
     cls: type[Any]
     doc: str
     check: Callable[[Config], list[str]] | None = None
+    selftest: Callable[[], Sequence[tuple[str, Callable[[Config], str]]]] | None = None
 
 
 @functools.cache

@@ -208,7 +208,7 @@ class Archiver:
                 await loop.run_in_executor(None, self.send, copy, host, data, envelope.sender, deadline)
             except ArchiveUnavailable as exc:
                 action = "tempfail" if copy.tempfail else "accept"
-                log.error("%s: archive copy for %s failed (%s): %s", envelope.queue_id or "NOQUEUE",
+                log.error("%s archive copy for %s failed (%s): %s", envelope.tag,
                           copy.address, action, exc)
                 results.append(f"{copy.address}:failed")
                 if copy.tempfail:

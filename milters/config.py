@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -228,7 +229,13 @@ def check_section(config: Config) -> list[str]:
     return check_milter_config(MilterConfig.of(config), config.ldap.worst_case)
 
 
-SECTION = Section("milter", MilterConfig, "content milter", check=check_section)
+def _selftest() -> list[tuple[str, Callable[[Config], str]]]:
+    from milters.selftest import probes
+
+    return probes()
+
+
+SECTION = Section("milter", MilterConfig, "content milter", check=check_section, selftest=_selftest)
 """Registered in the ``mailwarden.sections`` entry-point group (pyproject.toml)."""
 
 if TYPE_CHECKING:

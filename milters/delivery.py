@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from mailwarden.logfields import ID_HEADER
 from mailwarden.notify import MessageFacts, Notice, NoticeOutbox, Notifier
 from mailwarden.store import StoreUnavailable
 from milters.filters import Envelope
@@ -119,6 +120,11 @@ def _sealer(sealers: Mapping[str, Sealer], members: list[RecipientOutcome]) -> S
     return next((sealers[m.address] for m in members if m.address in sealers), None)
 
 
+def _id_field(envelope: Envelope) -> bytes:
+    """The ``X-Mailwarden-Id`` field of a re-injected copy (none without an id)."""
+    return f"{ID_HEADER}: {envelope.mwid}\r\n".encode("ascii") if envelope.mwid else b""
+
+
 def _tempfail(reason: str) -> Outcome:
     text = smtp_text(reason)
     return Outcome(Disposition.TEMPFAIL, f"451 4.7.1 Message deferred: {text}; try again later", 0)
@@ -165,7 +171,7 @@ class Delivery:
                 quarantine_id = await loop.run_in_executor(
                     None, self._quarantine, held, message, envelope)
             except (OSError, StoreUnavailable) as exc:
-                log.error("%s: quarantine failed: %s", envelope.queue_id or "NOQUEUE", exc)
+                log.error("%s quarantine failed: %s", envelope.tag, exc)
                 return _tempfail("quarantine unavailable")
         if disposition is Disposition.REJECT:
             reason = smtp_text(verdict.first_reason(Action.REJECT))
@@ -181,7 +187,7 @@ class Delivery:
         origin = Origin(envelope.client_address, envelope.client_name, envelope.helo, envelope.queue_id)
         for edits, members in others:
             rendition = render(message, edits, strip_text)
-            head = envelope.trace_header() + b"".join(
+            head = envelope.trace_header() + _id_field(envelope) + b"".join(
                 f"{name}: {value}\r\n".replace("\n", "\r\n").replace("\r\r", "\r").encode()
                 for name, value in await _stamps(signer, _sealer(sealers, members), message, rendition))
             data = variant_stream(message, rendition, head)
@@ -191,7 +197,7 @@ class Delivery:
                     self.injector.send, envelope.sender, rcpts, data, deadline=deadline, origin=origin,
                     mail_params=envelope.mail_params)))
             except InjectError as exc:
-                log.error("%s: re-injection of a variant failed: %s", envelope.queue_id or "NOQUEUE", exc)
+                log.error("%s re-injection of a variant failed: %s", envelope.tag, exc)
                 if quarantine_id and self.quarantine is not None:
                     await loop.run_in_executor(None, self._drop_quarantine, quarantine_id)
                 return _tempfail("content variant could not be queued")
@@ -202,6 +208,8 @@ class Delivery:
         inline = render(message, inline_edits, strip_text)
         stamps = await _stamps(signer, _sealer(sealers, inline_members), message, inline)
         self._edit_in_place(actions, inline)
+        if envelope.mwid:
+            actions.addheader(ID_HEADER, envelope.mwid)
         # On top, in order, as on a re-injected copy: an ARC set goes above the sets before
         # it (verifiers such as dkimpy read the sets in the order they appear).
         for name, value in reversed(stamps):

@@ -46,7 +46,7 @@ class Pipeline:
             try:
                 await flt.apply(ctx, targets)
             except Exception:
-                log.exception("%s: %s filter failed", ctx.envelope.queue_id or "NOQUEUE", flt.name)
+                log.exception("%s %s filter failed", ctx.envelope.tag, flt.name)
                 for outcome in targets:
                     outcome.block(Action.TEMPFAIL, f"internal error in the {flt.name} filter")
             ctx.verdict.findings[f"{flt.name}_ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"

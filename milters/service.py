@@ -17,6 +17,7 @@ from mailwarden.config import Config
 from mailwarden.directory import Directory
 from mailwarden.dns import make_resolver
 from mailwarden.linelog import DecisionLog
+from mailwarden.logfields import NOQUEUE, new_mwid
 from mailwarden.networks import Networks
 from mailwarden.notify import NoticeTemplates, Notifier
 from mailwarden.pbs import PopBeforeSmtp
@@ -83,7 +84,7 @@ class MilterService:
         started = time.monotonic()
         deadline = started + self.settings.eom_budget
         message = Message(headers, spool, self.limits)
-        envelope = await self._identify(envelope)
+        envelope = await self._identify(replace(envelope, mwid=envelope.mwid or new_mwid()))
         verdict = await self.pipeline.run(envelope, message, recipients, deadline)
         signer = await self._signer(envelope, message, verdict)
         if signer is not None:
@@ -117,7 +118,7 @@ class MilterService:
         try:
             user = await loop.run_in_executor(None, self.pbs.lookup, envelope.client_address)
         except (StoreUnavailable, ValueError) as exc:
-            log.warning("%s: POP-before-SMTP window of %s not read: %s", envelope.queue_id or "NOQUEUE",
+            log.warning("%s POP-before-SMTP window of %s not read: %s", envelope.tag,
                         envelope.client_address, exc)
             return envelope
         return replace(envelope, submitter=user) if user else envelope
@@ -130,7 +131,7 @@ class MilterService:
         try:
             return await self.signing.signer_for(envelope, message)
         except SigningUnavailable as exc:
-            log.error("%s: DKIM signing: %s", envelope.queue_id or "NOQUEUE", exc)
+            log.error("%s DKIM signing: %s", envelope.tag, exc)
             for outcome in verdict.outcomes:
                 outcome.block(Action.TEMPFAIL, "DKIM signing unavailable")
             return None
@@ -154,7 +155,8 @@ class MilterService:
     def _log(self, envelope: Envelope, message: Message, verdict: Verdict, outcome: Outcome,
              started: float) -> None:
         parts = [
-            f"{envelope.queue_id or 'NOQUEUE'}: {outcome.disposition.value}",
+            f"{envelope.queue_id or NOQUEUE}: {outcome.disposition.value}",
+            f"mwid={envelope.mwid}",
             f"from=<{envelope.sender}>",
             f"client={envelope.client_address or '-'}",
             f"size={message.size}",

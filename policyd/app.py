@@ -289,6 +289,15 @@ class Decision:
 DUNNO = Decision("DUNNO", "", "")
 
 
+def request_tag(request: PolicyRequest) -> str:
+    """How a line about a request starts: the queue id (``NOQUEUE`` before Postfix has one)
+    and Postfix's ``instance`` (one SMTP transaction), as in the decision line."""
+    ids = request["queue_id"] + request.instance
+    if not ids.isprintable() or " " in ids or len(ids) > 200:
+        return "queue_id=? instance=?"  # junk from the client: left out of the line
+    return f"queue_id={request['queue_id'] or 'NOQUEUE'} instance={request.instance or '-'}"
+
+
 class Engine:
     """Runs the checks of a request's stage in order and combines their verdicts.
 
@@ -344,16 +353,16 @@ class Engine:
         except WouldBlock:
             raise
         except BACKEND_ERRORS as exc:
-            return self._failed(check, f"{type(exc).__name__}: {exc}")
+            return self._failed(check, ctx.request, f"{type(exc).__name__}: {exc}")
         except Exception as exc:
-            log.error("check %s failed on %s: %s: %s", check.name, ctx.request.stage,
-                      type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-            return self._failed(check, f"internal error: {type(exc).__name__}: {exc}")
+            log.error("%s check %s failed on %s: %s: %s", request_tag(ctx.request), check.name,
+                      ctx.request.stage, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            return self._failed(check, ctx.request, f"internal error: {type(exc).__name__}: {exc}")
 
     @staticmethod
-    def _failed(check: Check, why: str) -> CheckVerdict | None:
-        log.warning("check %s: backend failure (%s): answering %s", check.name, why,
-                    check.failure_action)
+    def _failed(check: Check, request: PolicyRequest, why: str) -> CheckVerdict | None:
+        log.warning("%s check %s: backend failure (%s): answering %s", request_tag(request), check.name,
+                    why, check.failure_action)
         if check.failure_action == "tempfail":
             return defer(TEMPFAIL_REPLY, f"backend failure: {why}")
         return None

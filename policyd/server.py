@@ -62,10 +62,12 @@ def decision_line(request: PolicyRequest, decision: Decision, ms: float) -> str:
     sasl, sender, rcpt = request.sasl_username, request.sender, request.recipient
     action, reason = decision.action, decision.reason
     # The common case: short printable values, nothing to quote or escape.
-    plain = queue_id + name + ip + sasl + sender + rcpt + request.stage + reason
-    if (plain.isprintable() and max(map(len, (queue_id, name, ip, sasl, sender, rcpt))) <= 200
-            and action and " " not in action):
-        return (f"queue_id={queue_id or 'NOQUEUE'} stage={request.stage} client={name or 'unknown'}[{ip}] "
+    instance = request.instance
+    plain = queue_id + instance + name + ip + sasl + sender + rcpt + request.stage + reason
+    if (plain.isprintable() and max(map(len, (queue_id, instance, name, ip, sasl, sender, rcpt))) <= 200
+            and action and " " not in action and " " not in instance):
+        return (f"queue_id={queue_id or 'NOQUEUE'} instance={instance or '-'} stage={request.stage} "
+                f"client={name or 'unknown'}[{ip}] "
                 f"sasl={sasl or '-'} from=<{sender}> to=<{rcpt}> action={action} "
                 f"check={decision.check or '-'} reason={_quoted(reason)} ms={ms:.2f}")
     return _careful_line(request, decision, ms)
@@ -74,7 +76,8 @@ def decision_line(request: PolicyRequest, decision: Decision, ms: float) -> str:
 def _careful_line(request: PolicyRequest, decision: Decision, ms: float) -> str:
     name = request["client_name"] or "unknown"
     return (
-        f"queue_id={_safe(request['queue_id']) or 'NOQUEUE'} stage={_safe(request.stage)} "
+        f"queue_id={_safe(request['queue_id']) or 'NOQUEUE'} instance={_quoted(request.instance or '-')} "
+        f"stage={_safe(request.stage)} "
         f"client={_safe(name)}[{_safe(request.client_address)}] "
         f"sasl={_safe(request.sasl_username) or '-'} from=<{_safe(request.sender)}> "
         f"to=<{_safe(request.recipient)}> action={_quoted(decision.action)} "

@@ -26,6 +26,8 @@ from mailwarden.cli.common import (
     print_policy,
 )
 from mailwarden.cli.render import render_group
+from mailwarden.cli.selftest import selftest_cmd
+from mailwarden.cli.trace import trace_cmd
 from mailwarden.config import (
     config_path,
     describe,
@@ -195,5 +197,5 @@ def services_cmd() -> None:
         )
 
 
-for _group in (domain_group, user_group, ldap_group, render_group):
+for _group in (domain_group, user_group, ldap_group, render_group, trace_cmd, selftest_cmd):
     main.add_command(_group)

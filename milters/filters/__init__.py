@@ -18,6 +18,7 @@ from typing import ClassVar, Protocol
 import dns.resolver
 
 from mailwarden.catalogue import Service
+from mailwarden.logfields import NOQUEUE
 from mailwarden.notify import Notice
 from milters.config import MilterConfig
 from milters.message import Message
@@ -44,6 +45,14 @@ class Envelope:
     """A client of ours without SMTP AUTH: the subscriber whose POP-before-SMTP window is
     open for its address, or ``INTERNAL`` for ``milter.internal_networks``."""
     received_at: float = field(default_factory=time.time)
+    mwid: str = ""
+    """The message's mailwarden id (:mod:`mailwarden.logfields`), given at end of message."""
+
+    @property
+    def tag(self) -> str:
+        """How a log line about this message starts: ``QUEUEID: mwid=ID`` (``NOQUEUE``
+        without a queue id, no ``mwid=`` before end of message)."""
+        return f"{self.queue_id or NOQUEUE}:" + (f" mwid={self.mwid}" if self.mwid else "")
 
     @property
     def submitted(self) -> bool:

@@ -16,6 +16,7 @@ from harness.clamd import EICAR
 from harness.fakes import FakeDirectory
 from harness.spamd import GTUBE
 from mailwarden.config import Config, parse_config
+from mailwarden.logfields import ID_HEADER
 from mailwarden.policy import PolicyResolver
 from mailwarden.store import MemoryStore, Store
 from milters.app import ContentMilter
@@ -153,7 +154,10 @@ class Fed:
     delrcpt: list[str] = field(default_factory=list)
     rcpt_replies: list[Reply] = field(default_factory=list)
     headers_changed: bool = False
+    """Whether a header other than ``X-Mailwarden-Id`` (see ``mwid``) was added or changed."""
     body_replaced: bool = False
+    mwid: str = ""
+    """The ``X-Mailwarden-Id`` the milter added to the queued copy."""
 
     @property
     def msg(self) -> email.message.Message:
@@ -172,7 +176,10 @@ class RecordingEdits(Edits):
     def addheader(self, name: str, value: str) -> None:
         super().addheader(name, value)
         self.fed.headers.append((name, value))
-        self.fed.headers_changed = True
+        if name == ID_HEADER:
+            self.fed.mwid = value
+        else:
+            self.fed.headers_changed = True
 
     def insheader(self, index: int, name: str, value: str) -> None:
         super().insheader(index, name, value)

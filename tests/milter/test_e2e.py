@@ -25,6 +25,7 @@ from harness.postfix import PostfixInstance, SmtpResult, missing_postfix
 from harness.slapd import SlapdServer, mailwarden_database
 from harness.smtpsink import SinkMessage, SmtpSink
 from harness.spamd import GTUBE, SpamdServer
+from mailwarden.logfields import is_mwid
 from tests.milter.conftest import MilterProcess, archive_section, base_sections
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slapd,
@@ -230,7 +231,9 @@ def test_two_local_recipients_get_exactly_what_their_flags_say(stack: Stack) -> 
     assert tagged.header("Subject") == "[迷惑] quarterly report"
     assert tagged.header("X-Mailwarden-Junk") is None
     assert bob.header("Subject") == "quarterly report"
-    assert [h for h in bob.message if h.lower().startswith(("x-spam", "x-mailwarden"))] == []
+    ours = [h for h in bob.message if h.lower().startswith(("x-spam", "x-mailwarden"))]
+    assert ours == ["X-Mailwarden-Id"]
+    assert junky.header("X-Mailwarden-Id") == bob.header("X-Mailwarden-Id")  # one message, one id
 
 
 def test_forged_spam_and_mailwarden_headers_leave_ham_for_everyone(stack: Stack) -> None:
@@ -244,7 +247,9 @@ def test_forged_spam_and_mailwarden_headers_leave_ham_for_everyone(stack: Stack)
     assert result.accepted, stack.milter.log()[-3000:]
     (copy,) = stack.copies(1)
     assert sorted(copy.recipients) == ["bob@example.com", "taro@example.jp"]
-    assert [h for h in copy.message if h.lower().startswith(("x-spam", "x-mailwarden"))] == []
+    ours = [h for h in copy.message if h.lower().startswith(("x-spam", "x-mailwarden"))]
+    assert ours == ["X-Mailwarden-Id"]
+    assert is_mwid(copy.header("X-Mailwarden-Id") or "")
     assert copy.header("Subject") == "lunch"
 
 

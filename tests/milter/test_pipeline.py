@@ -24,6 +24,7 @@ import pytest
 from harness.clamd import EICAR, ClamdServer
 from harness.redisserver import RedisServer
 from harness.spamd import GTUBE
+from mailwarden.logfields import is_mwid
 from mailwarden.policy import PolicyResolver
 from mailwarden.store import MemoryStore, RedisStore
 from milters import protocol as p
@@ -61,6 +62,7 @@ def test_clean_mail_is_accepted_unchanged(h: Harness) -> None:
     ctx = h.feed(make_message(), "s@remote.example", "taro@example.jp", "nobody@bare.example.net")
     assert ctx.rc == p.ACCEPT
     assert ctx.delrcpt == [] and not ctx.headers_changed and not ctx.body_replaced
+    assert is_mwid(ctx.mwid)  # the only field added: the mailwarden id
     assert h.injector.sent == []
     assert h.virus.calls == 1 and h.spam.calls == 1
 

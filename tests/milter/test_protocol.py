@@ -102,8 +102,12 @@ def test_asks_the_mta_to_skip_the_steps_it_does_not_use(rig: Rig) -> None:
 
 def test_clean_mail_is_accepted_without_changes(rig: Rig) -> None:
     result = rig.send(make_message().as_bytes(), "s@remote.example", "taro@example.jp")
-    assert result.final == c.SMFIR_ACCEPT and result.actions == []
+    assert result.final == c.SMFIR_ACCEPT
+    # The only change: the mailwarden id, which the log line names too.
+    [(_, added)] = result.actions
+    assert added == {"name": "X-Mailwarden-Id", "value": added["value"]}
     line = rig.milter.wait_for_log("TESTQ1: accept")
+    assert f"mwid={added['value']} " in line
     assert "taro@example.jp=deliver" in line and "virus=clean" in line and "spam=1.0" in line
 
 
@@ -118,9 +122,11 @@ def test_variant_goes_out_through_reinjection_and_the_recipient_is_removed(rig: 
     result = rig.send(make_message().as_bytes(), "s@remote.example", "taro@example.jp", "bob@example.com")
     assert result.final == c.SMFIR_ACCEPT
     assert result.of(c.SMFIR_DELRCPT) == [{"rcpt": "<taro@example.jp>"}]
-    assert result.of(c.SMFIR_ADDHEADER) == []  # bob's queued copy is untouched
+    [bob_id] = result.of(c.SMFIR_ADDHEADER)  # bob's queued copy: only the mailwarden id
+    assert bob_id["name"] == "X-Mailwarden-Id"
     (copy,) = rig.sink.wait_for(1)
     assert copy.recipients == ("taro@example.jp",) and copy.envelope_sender == "s@remote.example"
+    assert copy.header("X-Mailwarden-Id") == bob_id["value"]  # one message, one id, every copy
     assert copy.header("X-Mailwarden-Junk") == "yes" and copy.header("X-Spam-Flag") == "YES"
 
 
@@ -220,7 +226,8 @@ def test_gtube_with_contracted_and_uncontracted_recipients(rig: Rig) -> None:
     result = rig.send(raw, "s@remote.example", "taro@example.jp", "bob@example.com")
     assert result.final == c.SMFIR_ACCEPT
     assert result.of(c.SMFIR_DELRCPT) == [{"rcpt": "<taro@example.jp>"}]
-    assert result.of(c.SMFIR_ADDHEADER) == [] and rig.sink.messages == []
+    assert [a["name"] for a in result.of(c.SMFIR_ADDHEADER)] == ["X-Mailwarden-Id"]
+    assert rig.sink.messages == []
 
 
 def test_8bit_junk_in_headers_gets_a_verdict(rig: Rig) -> None:

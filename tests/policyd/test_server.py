@@ -316,7 +316,7 @@ def test_redis_down_tempfails_pop_before_smtp_and_recovers(
         c2 = client(server)
         assert c2.ask(recipient=OUT, client_address="198.51.100.7", sender="pbs@example.jp",
                       instance="x") == "451 4.3.0 Temporary lookup failure, try again later"
-        daemon_log.wait_for("check relay: backend failure (StoreUnavailable")
+        daemon_log.wait_for("queue_id=NOQUEUE instance=x check relay: backend failure (StoreUnavailable")
         # a login's relay does not need the store; its rate limit (optional) passes
         assert c2.ask(recipient=OUT, sasl_username="taro@example.jp", sender="taro@example.jp",
                       instance="y") == "OK"
