@@ -26,7 +26,8 @@ The copy is the message as it arrived (before mailwarden's changes, which may di
 per recipient; fields only mailwarden may set are removed), under trusted fields that
 carry the envelope: ``X-Mailwarden-Archive-Sender``, one
 ``X-Mailwarden-Archive-Recipient`` per recipient, ``-Client``, ``-Login``,
-``-Queue-Id``, ``-Direction``, ``-Node``, ``-Time`` and one ``-Verdict`` per recipient
+``-Queue-Id``, ``-Id`` (the mailwarden id ``mailwarden trace`` follows), ``-Direction``,
+``-Node``, ``-Time`` and one ``-Verdict`` per recipient
 (what mailwarden did for each).  Fields named ``X-Mailwarden-*`` arriving from outside
 are removed by the milter at every edge, so none of these can be forged.
 
@@ -161,6 +162,7 @@ class Archiver:
             ("Client", client),
             *((("Login", envelope.auth_login or envelope.submitter),) if envelope.submitted else ()),
             ("Queue-Id", envelope.queue_id or "NOQUEUE"),
+            *((("Id", envelope.mwid),) if envelope.mwid else ()),
             ("Direction", copy.direction),
             ("Node", self.node),
             ("Time", formatdate(envelope.received_at)),

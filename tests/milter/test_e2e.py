@@ -327,6 +327,7 @@ def test_an_archiving_domain_keeps_one_copy_with_its_bcc_recipients(stack: Stack
         "bob@example.com", "carol@example.com", "alice@example.com"]
     assert fields["X-Mailwarden-Archive-Direction"] == "inbound" and fields["Subject"] == "board minutes"
     assert fields["X-Mailwarden-Archive-Queue-Id"] != "NOQUEUE"
+    assert fields["X-Mailwarden-Archive-Id"] and fields["X-Mailwarden-Archive-Id"] in stack.milter.log()
     [delivered] = stack.copies(1)  # after it was archived; the archive's fields are not in it
     assert set(delivered.recipients) == {"alice@example.com", "bob@example.com", "carol@example.com",
                                          "taro@example.jp"}
