@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 
 MAX_ADDRESS_LENGTH = 320
 MAX_LOCAL_LENGTH = 64
@@ -61,3 +62,9 @@ def split_address(address: str) -> tuple[str, str]:
     """Split a normalised address into local part and domain."""
     local, _, domain = address.rpartition("@")
     return local, domain
+
+
+def matching_pattern(address: str, patterns: Iterable[str]) -> str | None:
+    """The first ``user@dom`` or ``@dom`` pattern that the normalised ``address`` matches."""
+    domain = "@" + split_address(address)[1]
+    return next((p for p in patterns if p in (address, domain)), None)

@@ -421,6 +421,13 @@ SETTINGS: dict[str, SettingSpec] = {
         _S("allowed_senders", "addresses", (),
            "extra envelope senders ('user@dom' or '@dom') an SMTP-AUTH login may use",
            "mwAllowedSender", merge="union", service=Service.SMTP_AUTH),
+        _S("sender_allowlist", "addresses", (),
+           "senders ('user@dom' or '@dom') whose mail skips spam and keyword filtering (never virus "
+           "scanning) and greylisting; matched on an authenticated envelope sender or From",
+           "mwSenderAllow", merge="union", max_values=500),
+        _S("sender_blocklist", "addresses", (),
+           "envelope senders ('user@dom' or '@dom') refused at RCPT", "mwSenderBlock", merge="union",
+           max_values=500),
         _S("greylist_delay", "int", 300, "seconds before a greylisted triplet is accepted",
            "mwGreylistDelay", minimum=0, maximum=86400, service=Service.GREYLISTING),
         _S("spf_actions", "result_actions", (),

@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from mailwarden import catalogue
-from mailwarden.address import InvalidAddress, normalize_address, split_address
+from mailwarden.address import InvalidAddress, matching_pattern, normalize_address, split_address
 from mailwarden.cache import TtlLru
 from mailwarden.catalogue import SERVICES, SETTINGS, Service, SettingSpec
 from mailwarden.config import Config, site_defaults
@@ -135,11 +135,19 @@ class EffectivePolicy:
                 a_local, a_dom = split_address(a)
                 if a_local == local and a_dom in {self.domain, *self.domain_aliases}:
                     return True
-        allowed = self.settings.get("allowed_senders")
-        for pattern in allowed.value if allowed else ():
-            if pattern == addr or (pattern.startswith("@") and pattern[1:] == dom):
-                return True
-        return False
+        return self.sender_listed("allowed_senders", addr) is not None
+
+    def sender_listed(self, name: str, sender: str) -> str | None:
+        """The pattern of the address-list setting ``name`` (``allowed_senders``,
+        ``sender_allowlist``, ``sender_blocklist``) that ``sender`` matches, or None."""
+        listed = self.settings.get(name)
+        if not listed or not sender:
+            return None
+        try:
+            address = normalize_address(sender)
+        except InvalidAddress:
+            return None
+        return matching_pattern(address, listed.value)
 
 
 def _merge_union(spec: SettingSpec, layers: list[tuple[Layer, tuple[str, ...]]]) -> Sourced:

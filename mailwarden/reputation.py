@@ -15,15 +15,26 @@ Store keys (values are integers, milli-points):
 
 * ``rep:ip:<address>:<epoch>``
 * ``rep:net:<network>/<prefix>:<epoch>``
+
+An operator steers it with lists (``mailwarden reputation allow|deny|unlist``), kept
+in the same store so every node honours a change at once:
+
+* ``rep:list:allow:<network>`` / ``rep:list:deny:<network>``: the reason, optionally
+  with a TTL;
+* ``rep:list:version``: bumped by every change.  The version is read with the scores
+  (one store round trip), and a process reloads the lists only when it moved.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
+import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from mailwarden.store import Store
 
@@ -129,12 +140,13 @@ class Reputation:
         ttl = 2 * self.epoch_length
         self.store.incr_many([(f"{base}:{epoch}", amount, ttl) for base in self._keys(client_ip)])
 
-    def _scores(self, bases: tuple[str, ...]) -> list[float]:
-        """The decayed scores of ``bases`` (this and the previous epoch each), in one store read."""
+    def _read(self, bases: tuple[str, ...], *extra: str) -> tuple[list[float], list[str | None]]:
+        """The decayed scores of ``bases`` (this and the previous epoch each) and the values
+        of the ``extra`` keys, in one store read."""
         now = self.clock()
         epoch = math.floor(now / self.epoch_length)
         epochs = (epoch, epoch - 1)
-        raw = self.store.get_many([f"{base}:{e}" for base in bases for e in epochs])
+        raw = self.store.get_many([f"{base}:{e}" for base in bases for e in epochs] + list(extra))
         scores = []
         for i in range(len(bases)):
             total = 0.0
@@ -143,7 +155,10 @@ class Reputation:
                 if value:
                     total += int(value) / _SCALE * 2.0 ** (-(now - e * self.epoch_length) / self.half_life)
             scores.append(max(0.0, total))
-        return scores
+        return scores, raw[2 * len(bases):]
+
+    def _scores(self, bases: tuple[str, ...]) -> list[float]:
+        return self._read(bases)[0]
 
     def score(self, client_ip: str) -> float:
         """The decayed score of one IP (0 = nothing bad known)."""
@@ -157,3 +172,123 @@ class Reputation:
         """(IP score, network score), read together."""
         ip, net = self._scores(self._keys(client_ip))
         return ip, net
+
+    def assess(self, client_ip: str, lists: ReputationLists) -> tuple[float, float, Listing | None]:
+        """(IP score, network score, the operator's entry for the IP), in one store read."""
+        (ip, net), (version,) = self._read(self._keys(client_ip), LIST_VERSION)
+        lists.refresh(version)
+        return ip, net, lists.lookup(client_ip)
+
+    def reset(self, target: str) -> int:
+        """Forget the scores of an IP, or of a network and every IP in it; the keys removed."""
+        net = ipaddress.ip_network(target.strip(), strict=False)
+        keys = [k for k in self.store.scan("rep:ip:")
+                if _in(k.removeprefix("rep:ip:").rpartition(":")[0], net)]
+        if net.num_addresses > 1:
+            keys += [k for k in self.store.scan("rep:net:")
+                     if _overlaps(k.removeprefix("rep:net:").rpartition(":")[0], net)]
+        return self.store.delete(*keys) if keys else 0
+
+
+def _in(address: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        return ipaddress.ip_address(address) in net
+    except ValueError:
+        return False
+
+
+def _overlaps(network: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        return ipaddress.ip_network(network).overlaps(net)
+    except (ValueError, TypeError):
+        return False
+
+
+ListKind = Literal["allow", "deny"]
+LIST_PREFIX = "rep:list:"
+LIST_VERSION = "rep:list:version"
+
+
+@dataclass(frozen=True)
+class Listing:
+    """An operator's allow or deny entry."""
+
+    kind: ListKind
+    network: str
+    reason: str = ""
+    source: str = "store"
+    """``store`` (``mailwarden reputation``) or ``config`` (``[policyd.reputation]``)."""
+
+
+class ReputationLists:
+    """The operator's allow and deny lists: the shared store's and the configuration's.
+
+    A lookup costs one store read of the version key; the entries are read again only
+    after a change (a scan of ``rep:list:``), so a change is honoured by every process
+    on every node from its next lookup.
+    """
+
+    def __init__(self, store: Store, *, allow: Sequence[str] = (), deny: Sequence[str] = ()) -> None:
+        self.store = store
+        kinds: tuple[tuple[ListKind, Sequence[str]], ...] = (("allow", allow), ("deny", deny))
+        self.static = [Listing(kind, str(ipaddress.ip_network(n, strict=False)), "", "config")
+                       for kind, networks in kinds for n in networks]
+        self._lock = threading.Lock()
+        self._version: str | None = "never read"
+        self._entries: list[Listing] = []
+
+    def put(self, kind: ListKind, target: str, reason: str = "", ttl: float | None = None) -> Listing:
+        """Add (or replace) an entry; the other kind's entry for the same network goes."""
+        net = str(ipaddress.ip_network(target.strip(), strict=False))
+        other = "deny" if kind == "allow" else "allow"
+        self.store.delete(f"{LIST_PREFIX}{other}:{net}")
+        value = json.dumps({"reason": reason, "at": time.time()})
+        self.store.set(f"{LIST_PREFIX}{kind}:{net}", value, ttl=ttl)
+        self.store.incr(LIST_VERSION)
+        return Listing(kind, net, reason)
+
+    def remove(self, target: str) -> int:
+        """Drop both kinds of entry for a network; how many there were."""
+        net = str(ipaddress.ip_network(target.strip(), strict=False))
+        removed = self.store.delete(f"{LIST_PREFIX}allow:{net}", f"{LIST_PREFIX}deny:{net}")
+        self.store.incr(LIST_VERSION)
+        return removed
+
+    def entries(self) -> list[Listing]:
+        """Every entry, the configuration's first."""
+        found = []
+        for key in self.store.scan(LIST_PREFIX):
+            kind, _, network = key.removeprefix(LIST_PREFIX).partition(":")
+            if kind not in ("allow", "deny") or not network:
+                continue
+            value = self.store.get(key)
+            if value is None:
+                continue
+            try:
+                reason = str(json.loads(value).get("reason", ""))
+            except (ValueError, AttributeError):
+                reason = ""
+            found.append(Listing("allow" if kind == "allow" else "deny", network, reason))
+        return [*self.static, *found]
+
+    def refresh(self, version: str | None) -> None:
+        """Read the entries again if ``version`` (as read with the scores) moved."""
+        with self._lock:
+            if version == self._version:
+                return
+            self._entries = self.entries()
+            self._version = version
+
+    def lookup(self, client_ip: str) -> Listing | None:
+        """The most specific entry covering ``client_ip`` (deny wins a tie)."""
+        ip = ipaddress.ip_address(client_ip.strip())
+        best: Listing | None = None
+        best_len = -1
+        with self._lock:
+            entries = self._entries or self.static
+        for entry in entries:
+            net = ipaddress.ip_network(entry.network)
+            if ip.version == net.version and ip in net and (
+                    net.prefixlen > best_len or (net.prefixlen == best_len and entry.kind == "deny")):
+                best, best_len = entry, net.prefixlen
+        return best

@@ -58,6 +58,8 @@ ATTRIBUTE_NUMBERS: dict[str, int] = {
     "mwArchiveDirection": 63,
     "mwArchiveRetention": 64,
     "mwArchiveFailureAction": 65,
+    "mwSenderAllow": 66,
+    "mwSenderBlock": 67,
 }
 CLASS_NUMBERS = {"mwDomain": 1, "mwSubscriber": 2}
 

@@ -22,6 +22,7 @@ from mailwarden.config import Config
 from mailwarden.daemon import Daemon, run_daemon, until_stopped
 from mailwarden.directory import DirectoryUnavailable
 from mailwarden.log import setup_logging
+from mailwarden.policy import AddressKind
 from milters.config import MilterConfig
 from milters.delivery import Outcome
 from milters.filters import Envelope
@@ -45,6 +46,7 @@ log = logging.getLogger("mailwarden.milter")
 
 _POLICY_UNAVAILABLE = Reply.refuse("451", "4.3.0", "Recipient policy unavailable; try again later")
 _BAD_ADDRESS = Reply.refuse("550", "5.1.3", "Bad recipient address syntax")
+_BLOCKED = Reply.refuse("550", "5.7.1", "Sender address rejected: blocked by the recipient")
 
 
 def reply_of(outcome: Outcome) -> Reply:
@@ -107,6 +109,11 @@ class ContentMilter:
         except InvalidAddress as exc:
             log.info("NOQUEUE: reject rcpt <%s>: %s", address, exc)
             return _BAD_ADDRESS
+        blocked = policy.sender_listed("sender_blocklist", self.sender or "")
+        if blocked is not None and policy.kind is not AddressKind.ROLE:
+            log.info("NOQUEUE: reject rcpt <%s>: sender <%s> in its sender_blocklist (%s)", address,
+                     self.sender, blocked)
+            return _BLOCKED
         self.recipients.append(Recipient(address, params, policy, raw=recipient))
         return CONTINUE
 

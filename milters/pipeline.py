@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from email.utils import getaddresses
 
 from milters.filters import Context, Envelope, Filter
 from milters.message import Message, reserved_header_names
@@ -52,6 +53,33 @@ class Pipeline:
         return ctx.verdict
 
 
+def _allowed(ctx: Context, outcome: RecipientOutcome, filter_name: str) -> bool:
+    """Whether the recipient's ``sender_allowlist`` names the sender, as far as it is known
+    to be genuine: the envelope sender when SPF passed (or the mail is a subscriber's own),
+    the From address when DMARC passed.  Without sender authentication (``milter.sender_auth``
+    off) the addresses alone are matched, as SpamAssassin's ``whitelist_from`` does."""
+    findings, envelope = ctx.verdict.findings, ctx.envelope
+    checked = "spf" in findings or "dmarc" in findings
+    candidates: list[str] = []
+    if envelope.sender and (not checked or envelope.submitted or findings.get("spf") == "pass"):
+        candidates.append(envelope.sender)
+    if not checked or findings.get("dmarc", "").startswith("pass"):
+        candidates.extend(_from_addresses(ctx.message))
+    for address in candidates:
+        pattern = outcome.policy.sender_listed("sender_allowlist", address)
+        if pattern is not None:
+            outcome.notes.append(f"{filter_name} skipped: sender {address} in sender_allowlist ({pattern})")
+            return True
+    return False
+
+
+def _from_addresses(message: Message) -> list[str]:
+    raw = message.header("From")
+    if raw is None:
+        return []
+    return [a for _, a in getaddresses([raw.decode("utf-8", "replace")]) if "@" in a]
+
+
 def _context(envelope: Envelope, message: Message, recipients: Sequence[Recipient],
              deadline: float) -> Context:
     verdict = Verdict([RecipientOutcome(r) for r in recipients])
@@ -73,7 +101,8 @@ def _stages(filters: Sequence[Filter], ctx: Context) -> Iterator[tuple[Filter, l
     outcomes = ctx.verdict.outcomes
     for flt in filters:
         targets = [o for o in outcomes
-                   if o.in_play and (flt.service is None or o.policy.enabled(flt.service))]
+                   if o.in_play and (flt.service is None or o.policy.enabled(flt.service))
+                   and not (flt.skipped_for_allowed_senders and _allowed(ctx, o, flt.name))]
         if not targets:
             continue
         yield flt, targets

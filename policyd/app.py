@@ -24,7 +24,7 @@ from mailwarden.ldapdir import LdapDirectory
 from mailwarden.networks import Networks
 from mailwarden.pbs import PopBeforeSmtp
 from mailwarden.policy import AddressKind, PolicyResolver
-from mailwarden.reputation import OUTCOMES, Reputation
+from mailwarden.reputation import OUTCOMES, Reputation, ReputationLists
 from mailwarden.store import Store, StoreUnavailable, StoreWrapper, store_of
 from policyd.checks import FACTORIES, build_checks
 from policyd.checks.base import (
@@ -100,11 +100,16 @@ def _validate_service(cfg: PolicydConfig, problems: list[str]) -> None:
                         "smtpd_policy_service_timeout (100 s)")
     if cfg.idle_timeout <= 0:
         problems.append("idle_timeout: must be greater than 0")
-    for i, net in enumerate(cfg.trusted_networks):
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError:
-            problems.append(f"trusted_networks[{i}]: {net!r} is not a network")
+    for key, networks in (("trusted_networks", cfg.trusted_networks),
+                          ("reputation.allow_networks", cfg.reputation.allow_networks),
+                          ("reputation.deny_networks", cfg.reputation.deny_networks)):
+        for i, net in enumerate(networks):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                problems.append(f"{key}[{i}]: {net!r} is not a network")
+    if not 0 <= cfg.reputation.dnswl_min_trust <= 3:
+        problems.append("reputation.dnswl_min_trust: must be 0 to 3")
     if cfg.login_report_header and ":" not in cfg.login_report_header:
         problems.append("login_report_header: expected 'Name: value'")
     if cfg.login_domain:
@@ -226,6 +231,8 @@ class Services:
     async_dns: AsyncResolver
     """The same resolver for the event loop."""
     reputation: Reputation
+    reputation_lists: ReputationLists
+    """The operator's allow and deny lists (the store's and ``[policyd.reputation]``'s)."""
     pbs: PopBeforeSmtp
     trusted: Callable[[IPAddress], bool]
     clock: Callable[[], float]
@@ -250,6 +257,7 @@ def build_services(
     guard = InlineGuard(directory)
     guarded = GuardedStore(store if store is not None else store_of(config.store))
     resolver = dns_resolver if dns_resolver is not None else make_resolver(config.dns)
+    reputation = PolicydConfig.of(config).reputation
     return Services(
         config=config,
         resolver=PolicyResolver(guard, config),
@@ -258,6 +266,8 @@ def build_services(
         dns=resolver,
         async_dns=async_twin(resolver),
         reputation=Reputation.from_config(guarded, config, clock=clock),
+        reputation_lists=ReputationLists(guarded, allow=reputation.allow_networks,
+                                         deny=reputation.deny_networks),
         pbs=PopBeforeSmtp(guarded),
         trusted=Networks(PolicydConfig.of(config).trusted_networks),
         clock=clock,

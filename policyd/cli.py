@@ -5,11 +5,13 @@ from __future__ import annotations
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 import click
 
 from mailwarden.cli.common import EX_CONFIG, EX_TEMPFAIL, EX_USAGE, App, fail, handle_errors, pass_app
 from mailwarden.log import setup_logging
+from mailwarden.reputation import ListKind, Reputation, ReputationLists
 from mailwarden.store import Store, StoreUnavailable
 from policyd.config import PolicydConfig
 from policyd.section import check_section
@@ -163,23 +165,124 @@ def pbs_remove(app: App, ip: str) -> None:
     click.echo(f"{ip}: closed")
 
 
-@policyd_group.command("reputation")
+@click.group("reputation")
+def reputation_group() -> None:
+    """Client reputation: scores, and the operator's allow and deny lists (every node at once)."""
+
+
+def _reputation(app: App) -> tuple[Reputation, ReputationLists]:
+    store = _store(app)
+    rc = PolicydConfig.of(app.config).reputation
+    return (Reputation.from_config(store, app.config),
+            ReputationLists(store, allow=rc.allow_networks, deny=rc.deny_networks))
+
+
+def _steer(action: Callable[[], str], what: str) -> None:
+    try:
+        click.echo(action())
+    except ValueError as exc:
+        fail(f"{what}: {exc}", EX_USAGE)
+    except StoreUnavailable as exc:
+        fail(f"store unavailable: {exc}", EX_TEMPFAIL)
+
+
+@reputation_group.command("show")
 @click.argument("ip")
 @click.option("--record", "outcome", type=click.Choice(["rejected", "virus", "spam", "clean"]),
               help="Record one outcome first.")
 @pass_app
-def reputation_command(app: App, ip: str, outcome: str | None) -> None:
-    """Print the own reputation score of IP and of its network."""
-    from mailwarden.reputation import Reputation
+def reputation_show(app: App, ip: str, outcome: str | None) -> None:
+    """The scores of IP and its network, the list entry that covers it, and what the
+    reputation check does with it now."""
+    reputation, lists = _reputation(app)
+    rc = PolicydConfig.of(app.config).reputation
 
-    reputation = Reputation.from_config(_store(app), app.config)
-    try:
+    def show() -> str:
         if outcome:
             reputation.record(ip, outcome)
-        score, network = reputation.scores(ip)
-        click.echo(f"{ip}\tscore {score:.2f}\tnetwork {network:.2f}"
-                   f"\t(at {time.strftime('%Y-%m-%d %H:%M:%S')})")
-    except ValueError as exc:
-        fail(f"{ip}: {exc}", EX_USAGE)
-    except StoreUnavailable as exc:
-        fail(f"store unavailable: {exc}", EX_TEMPFAIL)
+        score, network, listed = reputation.assess(ip, lists)
+        if listed is not None:
+            why = f": {listed.reason}" if listed.reason else ""
+            done = "allowed" if listed.kind == "allow" else "denied"
+            verdict = f"{done} by {listed.network} ({listed.source}{why})"
+        elif score >= rc.reject_score:
+            verdict = f"refused (554): score >= reject_score {rc.reject_score:g}"
+        elif network >= rc.network_reject_score:
+            verdict = (f"refused (554): network score >= network_reject_score {rc.network_reject_score:g}, "
+                       "unless a DNS allow list or a provider's SPF vouches")
+        elif score >= rc.tempfail_score:
+            verdict = f"deferred (450): score >= tempfail_score {rc.tempfail_score:g}"
+        else:
+            verdict = "not refused for its reputation (DNSBL zones are asked per message)"
+        return (f"{ip}\tscore {score:.2f}\tnetwork {network:.2f}\t(at {time.strftime('%Y-%m-%d %H:%M:%S')})\n"
+                f"  {verdict}")
+
+    _steer(show, ip)
+
+
+@reputation_group.command("reset")
+@click.argument("target", metavar="IP|NETWORK")
+@pass_app
+def reputation_reset(app: App, target: str) -> None:
+    """Forget the scores of an IP, or of a network and every IP in it."""
+    reputation, _ = _reputation(app)
+    _steer(lambda: f"{target}: {reputation.reset(target)} score key(s) removed", target)
+
+
+def _ttl(value: str | None) -> float | None:
+    if not value:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = value[:-1], value[-1:]
+    if unit not in units or not number.isdigit() or int(number) == 0:
+        raise click.BadParameter(f"{value!r}: a duration such as 30m, 12h or 7d")
+    return int(number) * units[unit]
+
+
+_LIST_HELP = {"allow": "never refused for its reputation", "deny": "554 5.7.1 always"}
+
+
+def _list_command(kind: ListKind) -> None:
+    @reputation_group.command(kind, help=f"{kind.capitalize()} IP|NETWORK on every node at once "
+                              f"({_LIST_HELP[kind]}).")
+    @click.argument("target", metavar="IP|NETWORK")
+    @click.option("--reason", default="", help="Why (shown by list and show, and in the log).")
+    @click.option("--for", "duration", help="How long (30m, 12h, 7d; default: until unlisted).")
+    @pass_app
+    def command(app: App, target: str, reason: str, duration: str | None) -> None:
+        _, lists = _reputation(app)
+        ttl = _ttl(duration)
+
+        def put() -> str:
+            entry = lists.put(kind, target, reason, ttl)
+            return f"{entry.network}\t{entry.kind}\t{entry.reason}"
+
+        _steer(put, target)
+
+
+_list_command("allow")
+_list_command("deny")
+
+
+@reputation_group.command("unlist")
+@click.argument("target", metavar="IP|NETWORK")
+@pass_app
+def reputation_unlist(app: App, target: str) -> None:
+    """Remove the store's allow or deny entry for IP|NETWORK (the configuration's stay)."""
+    _, lists = _reputation(app)
+
+    def unlist() -> str:
+        if not lists.remove(target):
+            fail(f"{target}: no entry in the store", 1)
+        return f"{target}: unlisted"
+
+    _steer(unlist, target)
+
+
+@reputation_group.command("list")
+@pass_app
+def reputation_list(app: App) -> None:
+    """Every allow and deny entry: network, kind, source, reason."""
+    _, lists = _reputation(app)
+    _steer(lambda: "\n".join(f"{e.network}\t{e.kind}\t{e.source}\t{e.reason}" for e in lists.entries())
+           or "(no entries)", "list")

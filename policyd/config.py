@@ -114,6 +114,27 @@ class ReputationConfig:
     )
     ipv4_prefix: int = setting(24, "IPv4 network size for the network score")
     ipv6_prefix: int = setting(64, "IPv6 network size for the network score")
+    allow_networks: list[str] = setting(
+        None, "clients (IPs or CIDRs) the reputation check never refuses (besides the store's "
+        "list: mailwarden reputation allow)", factory=list,
+    )
+    deny_networks: list[str] = setting(
+        None, "clients (IPs or CIDRs) always refused with 554 5.7.1 (besides mailwarden reputation deny)",
+        factory=list,
+    )
+    dnswl_zones: list[str] = setting(
+        None, "DNS allow lists (DNSWL-style, A 127.0.X.TRUST): a listed client is not refused for "
+        "its network's score or DNSBL listings", factory=list,
+    )
+    dnswl_min_trust: int = setting(1, "lowest DNSWL trust level (0 none .. 3 high) that counts")
+    provider_domains: list[str] = setting(
+        None, "large mailbox providers: a client passing SPF for one of them as envelope sender is "
+        "not refused for its network's score",
+        factory=lambda: ["gmail.com", "googlemail.com", "outlook.com", "hotmail.com", "live.com",
+                         "yahoo.com", "yahoo.co.jp", "icloud.com", "me.com", "aol.com", "gmx.net",
+                         "gmx.de", "web.de", "mail.ru", "yandex.ru", "qq.com", "163.com",
+                         "docomo.ne.jp", "ezweb.ne.jp", "au.com", "softbank.ne.jp", "i.softbank.jp"],
+    )
 
 
 @dataclass(frozen=True)
@@ -174,7 +195,8 @@ class PolicydConfig:
     checks: list[str] = setting(
         None,
         "checks to run, in this order",
-        factory=lambda: ["relay", "sender_login", "reputation", "rate_limit", "spf", "greylist"],
+        factory=lambda: ["relay", "sender_login", "sender_lists", "reputation", "rate_limit", "spf",
+                         "greylist"],
     )
     log_decisions: Literal["all", "actions"] = setting(
         "all", "log one line per request (all) or only for non-DUNNO answers (actions)"

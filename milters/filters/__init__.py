@@ -107,6 +107,9 @@ class Filter(Protocol):
     service: ClassVar[Service | None]
     """The service whose recipients the filter acts for; None: every recipient (work that
     does not depend on the recipient, such as sender authentication)."""
+    skipped_for_allowed_senders: ClassVar[bool]
+    """Recipients whose ``sender_allowlist`` names the (authenticated) sender are not
+    given to this filter (spam and keywords; never the virus scan)."""
 
     async def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
         """Set the outcomes of ``outcomes`` (recipients with the service, still in play)."""

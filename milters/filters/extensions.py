@@ -35,6 +35,7 @@ class ExtensionFilter:
 
     name: ClassVar[str] = "extensions"
     service: ClassVar[Service | None] = Service.EXTENSION_FILTER
+    skipped_for_allowed_senders: ClassVar[bool] = False
 
     @classmethod
     def build(cls, backends: Backends) -> ExtensionFilter:

@@ -104,6 +104,7 @@ class KeywordFilter:
 
     name: ClassVar[str] = "keywords"
     service: ClassVar[Service | None] = Service.KEYWORD_FILTER
+    skipped_for_allowed_senders: ClassVar[bool] = True
 
     def __init__(self, *, text_limit: int = 1024 * 1024, regex_budget: float = 0.5) -> None:
         self.text_limit = text_limit

@@ -192,6 +192,7 @@ class SenderAuthFilter:
 
     name: ClassVar[str] = "sender_auth"
     service: ClassVar[Service | None] = None
+    skipped_for_allowed_senders: ClassVar[bool] = False
 
     def __init__(self, dns_: AuthDns, authserv_id: str, *, spf_timeout: float = 20.0,
                  dmarc_: Dmarc | None = None) -> None:

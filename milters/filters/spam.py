@@ -40,6 +40,7 @@ class SpamFilter:
 
     name: ClassVar[str] = "spam"
     service: ClassVar[Service | None] = Service.SPAM_CHECK
+    skipped_for_allowed_senders: ClassVar[bool] = True
 
     def __init__(self, scanner: SpamScanner, *, max_size: int = 512 * 1024,
                  ham_headers: bool = False) -> None:

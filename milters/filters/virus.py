@@ -94,6 +94,7 @@ class VirusFilter:
 
     name: ClassVar[str] = "virus"
     service: ClassVar[Service | None] = Service.VIRUS_SCAN
+    skipped_for_allowed_senders: ClassVar[bool] = False
 
     def __init__(self, scanner: VirusScanner, cache: ScanCache | None = None, *,
                  max_size: int = 25 * 1024 * 1024) -> None:

@@ -10,6 +10,7 @@ from policyd.checks.greylist import GreylistCheck
 from policyd.checks.rate_limit import RateLimitCheck
 from policyd.checks.relay import RelayCheck
 from policyd.checks.reputation import ReputationCheck
+from policyd.checks.sender_lists import SenderListsCheck
 from policyd.checks.sender_login import SenderLoginCheck
 from policyd.checks.spf import SpfCheck
 from policyd.config import PolicydConfig
@@ -17,7 +18,8 @@ from policyd.config import PolicydConfig
 FACTORIES: dict[str, Callable[[Config], Check]] = {
     "relay": lambda c: RelayCheck(PolicydConfig.of(c)),
     "sender_login": lambda c: SenderLoginCheck(PolicydConfig.of(c)),
-    "reputation": lambda c: ReputationCheck(PolicydConfig.of(c)),
+    "sender_lists": lambda c: SenderListsCheck(PolicydConfig.of(c)),
+    "reputation": lambda c: ReputationCheck(PolicydConfig.of(c), c.general.node_name),
     "rate_limit": lambda c: RateLimitCheck(PolicydConfig.of(c)),
     "spf": lambda c: SpfCheck(PolicydConfig.of(c), c.general.node_name),
     "greylist": lambda c: GreylistCheck(PolicydConfig.of(c)),

@@ -13,7 +13,7 @@ import hashlib
 import ipaddress
 from typing import ClassVar
 
-from mailwarden.address import split_address
+from mailwarden.address import matching_pattern
 from mailwarden.catalogue import Service
 from policyd.checks.base import CheckContext, CheckVerdict, Identity, IPAddress, defer
 from policyd.config import PolicydConfig
@@ -29,11 +29,6 @@ def _networks(items: list[str]) -> tuple[list[ipaddress.IPv4Network | ipaddress.
         except ValueError:
             names.append(item.lower().lstrip("*"))
     return nets, names
-
-
-def _matches(address: str, patterns: frozenset[str]) -> bool:
-    """``user@dom`` or ``@dom`` patterns against a normalised address."""
-    return address in patterns or "@" + split_address(address)[1] in patterns
 
 
 class GreylistCheck:
@@ -64,10 +59,14 @@ class GreylistCheck:
             for n in self.client_names
         ):
             return True
-        if _matches(recipient, self.recipients):
+        if matching_pattern(recipient, self.recipients) is not None:
             return True
         sender = ctx.sender
-        return bool(sender) and _matches(sender, self.senders)
+        if not sender:
+            return False
+        # The recipient's own allow list (catalogue: sender_allowlist) as well as the site's.
+        return (matching_pattern(sender, self.senders) is not None
+                or ctx.policy(recipient).sender_listed("sender_allowlist", sender) is not None)
 
     def triplet_key(self, ip: IPAddress, sender: str, recipient: str) -> str:
         """``gl:<hash>`` of (client network, sender without extension, recipient)."""

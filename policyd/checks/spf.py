@@ -78,7 +78,7 @@ class SpfCheck:
         if who is not Identity.ANONYMOUS or ip is None:
             return None
         domain = recipient_domain(ctx)
-        found: SpfResult = ctx.memo("spf", lambda: self._evaluate(ctx, str(ip)))
+        found = spf_of(ctx, str(ip), receiver=self.receiver, timeout=self.timeout)
         if found.result == "temperror":
             if self.failure_action == "tempfail":
                 return defer(
@@ -99,25 +99,34 @@ class SpfCheck:
             return prepend(found.header, why)
         return None
 
-    def _evaluate(self, ctx: CheckContext, ip: str) -> SpfResult:
-        request = ctx.request
-        missing: list[tuple[str, str]] = []
 
-        def lookup(name: str, qtype: str) -> list[Any]:
-            try:
-                return pyspf_records(name, qtype, ctx.dns(name, qtype))
-            except NeedDns as need:
-                missing.extend(need.queries)  # pyspf swallows errors around exp=
-                raise
-            except DnsUnavailable as exc:
-                raise spf.TempError(f"DNS {exc}") from None
 
-        query = ResolverQuery(
-            i=ip, s=ctx.sender, h=request["helo_name"], receiver=self.receiver,
-            timeout=self.timeout, querytime=self.timeout, lookup=lookup,
-        )
-        result, _code, explanation = query.check()
-        if missing:
-            raise NeedDns(missing)
-        header = "Received-SPF: " + query.get_header(result)
-        return SpfResult(str(result), str(explanation), header)
+def spf_of(ctx: CheckContext, ip: str, *, receiver: str, timeout: float) -> SpfResult:
+    """The transaction's SPF result (evaluated once, whichever check asks first)."""
+    found: SpfResult = ctx.memo("spf", lambda: evaluate_spf(ctx, ip, receiver=receiver, timeout=timeout))
+    return found
+
+
+def evaluate_spf(ctx: CheckContext, ip: str, *, receiver: str, timeout: float) -> SpfResult:
+    """pyspf over the transaction's DNS answers (NeedDns on the event loop for a new one)."""
+    request = ctx.request
+    missing: list[tuple[str, str]] = []
+
+    def lookup(name: str, qtype: str) -> list[Any]:
+        try:
+            return pyspf_records(name, qtype, ctx.dns(name, qtype))
+        except NeedDns as need:
+            missing.extend(need.queries)  # pyspf swallows errors around exp=
+            raise
+        except DnsUnavailable as exc:
+            raise spf.TempError(f"DNS {exc}") from None
+
+    query = ResolverQuery(
+        i=ip, s=ctx.sender, h=request["helo_name"], receiver=receiver,
+        timeout=timeout, querytime=timeout, lookup=lookup,
+    )
+    result, _code, explanation = query.check()
+    if missing:
+        raise NeedDns(missing)
+    header = "Received-SPF: " + query.get_header(result)
+    return SpfResult(str(result), str(explanation), header)

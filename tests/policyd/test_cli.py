@@ -134,8 +134,10 @@ def test_pbs_reputation_and_query_commands(slapd: SlapdServer, tmp_path: Path, e
     assert run("pbs", "add", "not-an-ip", "pbs@example.jp")[0] == 2
     assert run("pbs", "remove", "198.51.100.7") == (0, "198.51.100.7: closed\n")
     assert run("pbs", "remove", "198.51.100.7")[0] == 1
-    code, out = run("reputation", "192.0.2.1", "--record", "virus")
-    assert code == 0 and "score 5.00" in out and "network 5.00" in out
+    shown = runner.invoke(main, ["--config", str(path), "reputation", "show", "192.0.2.1",
+                                 "--record", "virus"])
+    assert shown.exit_code == 0 and "score 5.00" in shown.output
+    assert "network 5.00" in shown.output
     assert run("check") == (0, f"{path}: [policyd] OK\n")
     proc = subprocess.Popen([*MAILWARDEN, "--config", str(path), "policyd", "run"],
                             stderr=subprocess.DEVNULL, text=True)

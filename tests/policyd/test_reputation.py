@@ -171,3 +171,66 @@ def test_dnsbl_failure_passes_by_default_and_tempfails_when_configured(
     w = world_with(CHECKS + '[policyd.reputation]\ndnsbl_zones = ["bl.example"]\n'
                    'failure_action = "tempfail"\n', dns_port=dnsbl.port)
     assert w.action(client_address="192.0.2.6") == TEMPFAIL_REPLY
+
+
+# ---------------------------------------------------------------- steering
+
+
+def test_operator_lists_win_over_scores_most_specific_first(world_with: Callable[..., World]) -> None:
+    w = world_with(CHECKS + '[policyd.reputation]\ndeny_networks = ["203.0.113.0/24"]\n')
+    lists = w.services.reputation_lists
+    for _ in range(10):
+        w.services.reputation.record("198.51.100.20", "virus")  # 50: refused
+    assert w.action(client_address="198.51.100.20").startswith("554 5.7.1")
+    lists.put("allow", "198.51.100.20", "customer's relay, fixed")
+    assert w.action(client_address="198.51.100.20") == "DUNNO"
+    # The configuration's /24 denies; the store's /32 inside it allows.
+    denied = w.decide(client_address="203.0.113.5")
+    assert denied.action == "554 5.7.1 Service unavailable; Client host [203.0.113.5] is blocked here"
+    assert "203.0.113.0/24, config" in denied.reason
+    lists.put("allow", "203.0.113.5/32")
+    assert w.action(client_address="203.0.113.5") == "DUNNO"
+    lists.put("deny", "192.0.2.0/25", "abuse reports")
+    assert w.decide(client_address="192.0.2.1").reason.endswith("192.0.2.0/25, store: abuse reports)")
+    assert lists.remove("192.0.2.0/25") == 1 and w.action(client_address="192.0.2.1") == "DUNNO"
+
+
+def test_reset_forgets_an_ip_and_a_network(world_with: Callable[..., World]) -> None:
+    w = world_with(CHECKS)
+    rep = w.services.reputation
+    for i in range(20):
+        rep.record(f"198.51.100.{i}", "virus")
+    rep.record("198.51.101.1", "virus")
+    assert rep.reset("198.51.100.3") == 1  # its own key; the network keeps what it sent
+    assert rep.score("198.51.100.3") == 0 and rep.score("198.51.100.4") > 0
+    assert rep.reset("198.51.100.0/24") > 0
+    assert rep.scores("198.51.100.250") == (0, 0) and rep.score("198.51.101.1") > 0
+
+
+@pytest.fixture(scope="module")
+def allow_dns() -> Iterator[StubDns]:
+    records = {
+        "250.100.51.198.wl.example": {"A": ["127.0.15.2"]},   # trust 2 (medium)
+        "251.100.51.198.wl.example": {"A": ["127.0.15.0"]},   # trust 0 (none)
+        "gmail.com": {"TXT": ['"v=spf1 ip4:198.51.100.0/24 -all"']},
+        "bigmail.example": {"TXT": ['"v=spf1 ip4:198.51.100.0/24 -all"']},
+    }
+    with StubDns(records) as dns:
+        yield dns
+
+
+def test_allow_lists_and_providers_lift_the_network_rule_only(
+        world_with: Callable[..., World], allow_dns: StubDns) -> None:
+    w = world_with(CHECKS + '[policyd.reputation]\ndnswl_zones = ["wl.example"]\n', dns_port=allow_dns.port)
+    for i in range(20):
+        w.services.reputation.record(f"198.51.100.{i}", "virus")  # the /24 is at 100
+    assert w.action(client_address="198.51.100.250", sender="a@other.example") == "DUNNO"  # trust 2
+    assert w.action(client_address="198.51.100.251", sender="a@other.example").startswith("554")  # trust 0
+    # A large provider's pool passing SPF for it is not blocked; the same pool for a
+    # domain not on the list is, and so is a forged provider sender SPF refuses.
+    assert w.action(client_address="198.51.100.252", sender="a@gmail.com") == "DUNNO"
+    assert w.action(client_address="198.51.100.252", sender="a@bigmail.example").startswith("554")
+    # Its own score still counts: a pool IP that itself sent viruses is refused.
+    for _ in range(5):
+        w.services.reputation.record("198.51.100.3", "virus")
+    assert w.action(client_address="198.51.100.3", sender="a@gmail.com").startswith("554 5.7.1")
