@@ -21,8 +21,7 @@ before it accepts the message, so nothing reaches an archiving recipient without
 copy in the store.  Dovecot indexes it, enforces the account's quota, and keeps it
 on the NAS with every other mailbox; ``mailwarden archive search`` / ``export`` /
 ``expire`` use doveadm's HTTP API.  LMTP sessions stay open for the next copy to the
-same host (:class:`LmtpSessions`): a new session costs Dovecot a new lmtp process, whose
-start is most of what a delivery costs it.
+same host (:class:`LmtpSessions`).
 
 The copy is the message as it arrived (before mailwarden's changes, which may differ
 per recipient; fields only mailwarden may set are removed), under trusted fields that
@@ -103,10 +102,10 @@ def _archives(policy: EffectivePolicy, direction: str) -> str:
 class LmtpSessions:
     """Idle LMTP sessions per archive host, taken by one copy at a time (executor threads).
 
-    Dovecot starts an lmtp process for each session (its plugins, Sieve, the userdb),
-    which costs it about 20 times what saving one small message does; the milter saves
-    a connect, LHLO and QUIT.  A session the server ended while idle (closed, or a 421)
-    is noticed at the next copy's first command, and that copy is sent again on a new one.
+    A copy on an open session saves the milter a connect, LHLO and QUIT (about half its
+    CPU per copy: 0.29 against 0.53 ms for a 2 KB message) and Dovecot the start of an
+    lmtp process.  A session the server ended while idle (closed, or a 421) is noticed at
+    the next copy's first command, and that copy is sent again on a new one.
     """
 
     def __init__(self, idle: int = IDLE_SESSIONS) -> None:
