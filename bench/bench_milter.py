@@ -563,7 +563,7 @@ def main() -> int:
             results.append(sorted(found, key=lambda r: r.e2e_rate)[len(found) // 2])
         # Every message delivered to arch.example (the warm-up's too) has its one copy.
         delivered = sum(r.replies.get("2xx", 0) + USERS for r in runs[ARCHIVED])
-        checks["archive_copies"] = {"kept": maildir_count(archive_dir), "delivered": delivered}
+        copies = {"kept": maildir_count(archive_dir), "delivered": delivered}
         with SmtpSink() as rec:
             peer = verdicts(postfix, rec, [clam_milter, spamass], verdict_cases("all.example", [1, 2]))
             ours_all = verdicts(postfix, rec, [warden], verdict_cases("all.example", [1, 2]))
@@ -573,6 +573,7 @@ def main() -> int:
             "peer": peer, "mailwarden_all": ours_all, "mailwarden_mix_contracted": ours_mix,
             "mailwarden_mix_uncontracted": ours_mix_off,
             "identical_where_services_match": peer == ours_all == ours_mix,
+            "archive_copies": copies,
         }
     finally:
         for d in daemons:
@@ -626,7 +627,7 @@ def main() -> int:
     print(f"archive: {ratios['archived_vs_virus_only']:.2f}x the virus-only path's e2e msg/s "
           f"(target at least 0.85x); milter CPU {kept.milter_cpu_ms:.2f} against "
           f"{plain.milter_cpu_ms:.2f} ms/msg; the archive's Dovecot {kept.dovecot_cpu_ms:.2f} ms/msg; "
-          f"copies {checks['archive_copies']}")
+          f"copies {checks.get('archive_copies')}")
     print(f"verdicts identical where services match: {checks.get('identical_where_services_match')}")
     for key in ("peer", "mailwarden_all", "mailwarden_mix_contracted", "mailwarden_mix_uncontracted"):
         print(f"  {key:<30} {checks.get(key)}")
