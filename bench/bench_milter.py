@@ -7,25 +7,31 @@
 * mailwarden where every recipient contracts both;
 * mailwarden on the virus-only path again with ``milter.workers = 2`` (two processes on
   one socket);
+* mailwarden on the virus-only path again where every recipient's domain archives: each
+  message is handed to the archive mailbox's Dovecot over LMTP before it is accepted
+  (the mailbox role as ``mailwarden render dovecot`` writes it, run here);
 * clamav-milter and mailwarden on the virus-only path again, with arrivals spread out at
   the rate the previous variant reached (spamd's pace): CPU per message on a quiet node;
   and what the same small task costs the machine right after an idle pause, against
   back to back, in Python and in C.
 
 Same clamd (unix socket, local signatures) and same spamd (unix socket, 2 children,
-network tests off) for everyone; Postfix relays to Postfix's own ``smtp-sink``.  The load is one
-message per SMTP session, ``--sessions`` in parallel, each body unique (no scan-cache
-hits), 3 % carrying EICAR and 3 % GTUBE, after one warm-up message per recipient (a warm
-policy cache).  The virus-only domain sends no virus notices, as clamav-milter here
-does not; the others keep the default (a notice to the recipient).  Reported per
-variant: injection and end-to-end msg/s (until Postfix's queue is empty), end-of-data
-latency p50/p99 (from the final dot to the reply), the CPU time per message of the
-milters, clamd and spamd (each in a cgroup of its own where the kernel offers one, to
-the microsecond), and peak RSS.  A verdict check then
-sends the same small set through the peer stack and through mailwarden to a recording
-sink and compares refusals and spam flags where the services are the same.
+network tests off) for everyone; mailwarden's sender authentication asks a stub DNS on
+loopback (remote.example's SPF record passes the load generator); Postfix relays to
+Postfix's own ``smtp-sink``. The load is one message per SMTP session, ``--sessions`` in
+parallel, each body unique (no scan-cache hits), 3 % carrying EICAR and 3 % GTUBE, after
+one warm-up message per recipient (a warm policy cache). The virus-only domain sends no
+virus notices, as clamav-milter here does not; the others keep the default (a notice to
+the recipient). Reported per variant: injection and end-to-end msg/s (until Postfix's
+queue is empty), end-of-data latency p50/p99 (from the final dot to the reply), the CPU
+time per message of the milters, clamd, spamd and the archive's Dovecot (each in a
+cgroup of its own where the kernel offers one, to the microsecond), and peak RSS. A
+verdict check then sends the same small set through the peer stack and through
+mailwarden to a recording sink and compares refusals and spam flags where the services
+are the same.
 
-Needs root, postfix, clamav-daemon, spamd, clamav-milter, spamass-milter.
+Needs root, postfix, clamav-daemon, spamd, clamav-milter, spamass-milter, dovecot (core,
+lmtpd, ldap, sieve).
 Usage: python -m bench.bench_milter [--quick] [--sessions 20] [--repeat N]
 Prints a table and one JSON line.
 """
@@ -41,6 +47,7 @@ import json
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -62,12 +69,14 @@ from harness.process import stop_process
 from harness.slapd import SlapdServer, mailwarden_database
 from harness.smtpsink import SmtpSink
 from harness.spamd import GTUBE, SpamdServer
+from tests.render.conftest import RenderedDovecot, Site, ldap_toml
 
 USERS = 100
 DOMAINS = {  # domain -> (services for every user, services for users with i % 10 < 3)
     "mix.example": (["virus-scan"], ["spam-check"]),
     "all.example": (["virus-scan", "spam-check"], []),
     "av.example": (["virus-scan"], []),
+    "arch.example": (["virus-scan", "archive"], []),
     "none.example": ([], []),
 }
 DOMAIN_SETTINGS = {
@@ -75,7 +84,10 @@ DOMAIN_SETTINGS = {
     # no one, so this domain chooses no notices either (each would be one more message
     # through Postfix).
     "av.example": ["mwNoticeRecipient: none"],
+    # The same path, archived: every message is kept in the domain's archive mailbox.
+    "arch.example": ["mwNoticeRecipient: none", "mwArchiveAddress: archive@arch.example"],
 }
+ARCHIVED = "mailwarden, virus only, archived"
 ALL = "mailwarden, everyone contracts all"
 PACED_CLAM = "clamav-milter (virus only), paced"
 PACED_WARDEN = "mailwarden, virus only, paced"
@@ -105,6 +117,10 @@ def bench_ldif(path: Path) -> Path:
             if i % 10 < 3:
                 out += [f"mwEnabledService: {s}" for s in some]
             out.append("")
+        if "archive" in everyone:
+            out += [f"dn: uid=archive,ou=users,{ddn}", "objectClass: inetOrgPerson",
+                    "objectClass: mwSubscriber", "uid: archive", "cn: Archive", "sn: Archive",
+                    f"mail: archive@{domain}", "mwAccountStatus: archive", ""]
     path.write_text("\n".join(out) + "\n")
     return path
 
@@ -288,6 +304,29 @@ def start_spamass_milter(work: Path, spamd: SpamdServer) -> Daemon:
     return Daemon("spamass-milter", proc, sock)
 
 
+def start_dns(work: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The resolver mailwarden's sender authentication asks (SPF and DMARC of every
+    sender): the stack's stub DNS in a process of its own on loopback, so it takes no
+    time from the load generator.  remote.example's SPF passes 127.0.0.0/8; anything
+    else is NXDOMAIN.  (Without it, each lookup waits for the resolver's timeout.)"""
+    zone = work / "zone"
+    zone.write_text('remote.example TXT "v=spf1 ip4:127.0.0.0/8 -all"\n')
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.containers", "serve-dns", "--zone", str(zone), "--listen",
+         "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=(work / "dns.log").open("wb"))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, port
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"stub DNS did not start (exit {proc.poll()})") from None
+            time.sleep(0.05)
+
+
 def launch_mailwarden(work: Path, slapd: SlapdServer, tag: str, milter: str, sections: str = "",
                       workers: int = 1) -> Daemon:
     """``mailwarden milter run`` with ``workers`` processes sharing its socket; ``milter``
@@ -309,13 +348,15 @@ def launch_mailwarden(work: Path, slapd: SlapdServer, tag: str, milter: str, sec
 
 
 def start_mailwarden(work: Path, slapd: SlapdServer, clamd: ClamdServer, spamd: SpamdServer,
-                     reinject_port: int, workers: int = 1) -> Daemon:
-    """The milter with clamd and spamd, ``workers`` processes sharing its socket."""
-    # No sender authentication, as in the peer stack (and no resolver to ask here: every
-    # lookup would wait for its timeout).
+                     reinject_port: int, lmtp_port: int, dns_port: int, workers: int = 1) -> Daemon:
+    """The milter as configured by default (sender authentication on, asking the stub DNS
+    at 127.0.0.1:``dns_port``) with clamd and spamd, ``workers`` processes sharing its
+    socket; archive mailboxes are on the Dovecot whose LMTP is at 127.0.0.1:``lmtp_port``."""
     return launch_mailwarden(work, slapd, f"mailwarden-{workers}",
                              f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.unix_address}"]\n'
-                             f'reinject = "inet:127.0.0.1:{reinject_port}"\nsender_auth = false\n',
+                             f'reinject = "inet:127.0.0.1:{reinject_port}"\n',
+                             f'[render]\ndefault_mailbox_host = "127.0.0.1"\nmailbox_port = {lmtp_port}\n'
+                             f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\n',
                              workers=workers)
 
 
@@ -352,6 +393,7 @@ class Result(Throughput):
     clamd_cpu_ms: float
     spamd_cpu_ms: float
     rss_mb: float
+    dovecot_cpu_ms: float = 0.0
     pace: float = 0.0
 
 
@@ -379,6 +421,7 @@ def run_variant(name: str, postfix: PostfixInstance, milters: list[Daemon], scan
     return Result(
         **throughput(name, results, injected, total).__dict__,
         milter_cpu_ms=cpu / n * 1000, clamd_cpu_ms=scan[0] / n * 1000, spamd_cpu_ms=scan[1] / n * 1000,
+        dovecot_cpu_ms=scan[2] / n * 1000 if len(scan) > 2 else 0.0,
         rss_mb=max((peak_rss_mb(pid) for d in milters for pid in process_tree(d.proc.pid)), default=0.0),
         pace=pace,
     )
@@ -409,6 +452,25 @@ def verdicts(postfix: PostfixInstance, sink: SmtpSink, milters: list[Daemon],
                 if str(msg.get("X-Spam-Flag", "")).upper() == "YES":
                     out[label] += " spam-flag"
     return out
+
+
+def maildir_count(path: Path) -> int:
+    """Messages in a Maildir folder (new/ and cur/)."""
+    return sum(1 for sub in ("new", "cur") if (path / sub).is_dir() for _ in (path / sub).iterdir())
+
+
+def archive_mailbox(work: Path, slapd: SlapdServer) -> tuple[RenderedDovecot, Site]:
+    """The mailbox role as ``mailwarden render dovecot`` writes it (LDAP userdb, LMTP,
+    Sieve, quota, NFS-safe fsync), over the bench directory, started: it holds the
+    archive mailboxes (accounts with the archive status, which its userdb finds)."""
+    root = work / "mailbox"
+    root.mkdir()
+    root.chmod(0o755)
+    site = Site(root, ldap_toml(slapd))
+    site.dovecot("mailbox")
+    dovecot = RenderedDovecot(site, "mailbox")
+    dovecot.start(site.ports["lmtp"])
+    return dovecot, site
 
 
 def cold_penalty(gap: float = 0.05, rounds: int = 100) -> dict[str, float]:
@@ -489,16 +551,24 @@ def main() -> int:
                                        "smtpd_authorized_xforward_hosts": "127.0.0.0/8"})
     results: list[Result] = []
     checks: dict[str, object] = {}
+    mailbox: RenderedDovecot | None = None
+    dns_proc: subprocess.Popen[bytes] | None = None
     try:
         postfix.start()
         # Each is stopped at the end even when a later one does not start.
+        dns_proc, dns_port = start_dns(work)
+        mailbox, site = archive_mailbox(work, slapd)
+        archive_dir = site.root / "mail" / "arch.example" / "archive" / "Maildir"
+        lmtp = site.ports["lmtp"]
         daemons.append(clam_milter := start_clamav_milter(work, clamd))
         daemons.append(spamass := start_spamass_milter(work, spamd))
-        daemons.append(warden := start_mailwarden(work, slapd, clamd, spamd, reinject_port))
-        daemons.append(warden2 := start_mailwarden(work, slapd, clamd, spamd, reinject_port, workers=2))
-        if clamd.pid is None or spamd.pid is None:
-            raise RuntimeError("clamd or spamd is not running")
-        scanners += [CpuMeter("clamd", clamd.pid), CpuMeter("spamd", spamd.pid)]
+        daemons.append(warden := start_mailwarden(work, slapd, clamd, spamd, reinject_port, lmtp, dns_port))
+        daemons.append(warden2 := start_mailwarden(work, slapd, clamd, spamd, reinject_port, lmtp,
+                                                   dns_port, workers=2))
+        if clamd.pid is None or spamd.pid is None or mailbox.proc is None:
+            raise RuntimeError("clamd, spamd or Dovecot is not running")
+        scanners += [CpuMeter("clamd", clamd.pid), CpuMeter("spamd", spamd.pid),
+                     CpuMeter("dovecot", mailbox.proc.pid)]
         if not all(d.cpu.exact for d in daemons):
             print("... CPU in clock ticks (no cgroup to count in)", file=sys.stderr)
         s = args.sessions
@@ -516,6 +586,7 @@ def main() -> int:
                 ("clamav-milter (virus only)", [clam_milter],
                  workload(sizes["av"], domain_picker("av.example")), ""),
                 ("mailwarden, virus only", [warden], workload(sizes["av"], domain_picker("av.example")), ""),
+                (ARCHIVED, [warden], workload(sizes["av"], domain_picker("arch.example")), ""),
                 (TWO_WORKERS, [warden2], workload(sizes["av"], domain_picker("av.example")), ""),
                 ("peer: clamav-milter + spamass-milter", [clam_milter, spamass],
                  workload(sizes["spam"], domain_picker("mix.example")), ""),
@@ -535,6 +606,9 @@ def main() -> int:
                 runs.setdefault(name, []).append(run_variant(name, postfix, milters, scanners, jobs, s, pace))
         for found in runs.values():
             results.append(sorted(found, key=lambda r: r.e2e_rate)[len(found) // 2])
+        # Every message delivered to arch.example (the warm-up's too) has its one copy.
+        delivered = sum(r.replies.get("2xx", 0) + USERS for r in runs[ARCHIVED])
+        copies = {"kept": maildir_count(archive_dir), "delivered": delivered}
         with SmtpSink() as rec:
             peer = verdicts(postfix, rec, [clam_milter, spamass], verdict_cases("all.example", [1, 2]))
             ours_all = verdicts(postfix, rec, [warden], verdict_cases("all.example", [1, 2]))
@@ -544,10 +618,16 @@ def main() -> int:
             "peer": peer, "mailwarden_all": ours_all, "mailwarden_mix_contracted": ours_mix,
             "mailwarden_mix_uncontracted": ours_mix_off,
             "identical_where_services_match": peer == ours_all == ours_mix,
+            "archive_copies": copies,
         }
     finally:
         for d in daemons:
             d.stop()
+        if mailbox is not None:
+            mailbox.stop()
+        if dns_proc is not None:
+            dns_proc.terminate()
+            dns_proc.wait()
         postfix.cleanup()
         sink_proc.terminate()
         sink_proc.wait()
@@ -574,6 +654,7 @@ def main() -> int:
         / by["clamav-milter (virus only)"].e2e_rate,
         "clamav_milter_vs_postfix": by["clamav-milter (virus only)"].e2e_rate / by["postfix alone"].e2e_rate,
         "virus_only_2_workers_vs_1": by[TWO_WORKERS].e2e_rate / by["mailwarden, virus only"].e2e_rate,
+        "archived_vs_virus_only": by[ARCHIVED].e2e_rate / by["mailwarden, virus only"].e2e_rate,
     }
     # CPU per message at the pace spamd sets, ms (a quiet node pays more per message
     # than a busy one: see docs/milter.md).
@@ -588,6 +669,11 @@ def main() -> int:
     print(f"the same work right after {idle_gap * 1000:.0f} ms idle costs this machine "
           f"{cold['python_penalty']:.1f}x (Python) and {cold['c_penalty']:.1f}x (C) "
           "its CPU time back to back")
+    plain, kept = by["mailwarden, virus only"], by[ARCHIVED]
+    print(f"archive: {ratios['archived_vs_virus_only']:.2f}x the virus-only path's e2e msg/s "
+          f"(target at least 0.85x); milter CPU {kept.milter_cpu_ms:.2f} against "
+          f"{plain.milter_cpu_ms:.2f} ms/msg; the archive's Dovecot {kept.dovecot_cpu_ms:.2f} ms/msg; "
+          f"copies {checks.get('archive_copies')}")
     print(f"verdicts identical where services match: {checks.get('identical_where_services_match')}")
     for key in ("peer", "mailwarden_all", "mailwarden_mix_contracted", "mailwarden_mix_uncontracted"):
         print(f"  {key:<30} {checks.get(key)}")

@@ -468,6 +468,11 @@ INTERNET_MAIL = "/srv/internet-mail"
 # Records the front node publishes at start (its DKIM keys' TXT records), as *.zone
 # files the dns host serves besides its zone.
 PUBLISHED_ZONES = "/var/lib/mailwarden-stack/published"
+# The mailbox hosts' doveadm HTTP API ([render] doveadm_http_port in mailbox.toml and
+# front.toml), which `mailwarden archive` on the front node asks.
+DOVEADM_PORT = 8080
+# What a mailbox host answers on once up: LMTP, POP3, IMAP, quota-status, doveadm HTTP.
+MAILBOX_PORTS = (24, 110, 143, 12340, DOVEADM_PORT)
 
 # In start order: what a host needs is up before it starts.  The two mailbox hosts
 # share one Maildir volume, as mailbox hosts share an NFS export in production; the
@@ -476,8 +481,8 @@ TOPOLOGY: tuple[Host, ...] = (
     Host("dns", "dns", 53, "dns.mailwarden.test", (("published", PUBLISHED_ZONES),)),
     Host("ldap", "ldap", 30, "ldap.mailwarden.test", ready_ports=(389,)),
     Host("redis", "redis", 31, "redis.mailwarden.test", ready_ports=(6379,)),
-    Host("mbox1", "mailbox", 21, "mbox1.example.jp", (("mail", MAIL_ROOT),), (24, 110, 143, 12340)),
-    Host("mbox2", "mailbox", 22, "mbox2.example.jp", (("mail", MAIL_ROOT),), (24, 110, 143, 12340)),
+    Host("mbox1", "mailbox", 21, "mbox1.example.jp", (("mail", MAIL_ROOT),), MAILBOX_PORTS),
+    Host("mbox2", "mailbox", 22, "mbox2.example.jp", (("mail", MAIL_ROOT),), MAILBOX_PORTS),
     Host("front", "front", 10, "mx1.mailwarden.test", (("published", PUBLISHED_ZONES), ("mail", MAIL_ROOT)),
          (25, 587, 2525, 110, 143)),
     Host("internet", "internet", 100, "mx.outside.test", (("internet-mail", INTERNET_MAIL),), (25,)),
@@ -623,6 +628,10 @@ class MailStack:
             while not _dns_answers(self.ip(host)):
                 self._give_up_if(host, deadline, "DNS")
                 time.sleep(0.2)
+
+    def answers(self, host: str, port: int) -> bool:
+        """Whether ``host`` accepts a TCP connection on ``port`` now."""
+        return _tcp_answers(self.ip(host), port)
 
     def _give_up_if(self, host: str, deadline: float, what: str) -> None:
         state = self.docker("inspect", "-f", "{{.State.Status}}", self.container(host), check=False)

@@ -96,6 +96,11 @@ publishes it; bank.test, on the Internet, has DMARC p=reject):
         (refused for taro: example.jp honours DMARC; delivered with dmarc=fail to prof:
          lab.example.org only tags)
 
+The archive (example.com keeps every message to or from it, with its envelope, in the
+mailbox archive@example.com on mbox1, before the front node accepts it):
+  docker exec {stack.container('front')} mailwarden archive search example.com --from alice@example.com
+  docker exec {stack.container('front')} mailwarden archive search example.com --to bob@example.com --json
+
 Read it:
   {me} mail taro@example.jp          (INBOX; add Junk for the Junk folder)
   {me} mail friend@outside.test      (what reached the Internet host)

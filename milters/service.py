@@ -149,8 +149,10 @@ class MilterService:
         return sealers
 
     def close(self) -> None:
-        """Before the process ends: send the notices still waiting."""
+        """Before the process ends: send the notices still waiting, end the archive's sessions."""
         self.delivery.close(self.settings.reinject_timeout)
+        if self.archiver is not None:
+            self.archiver.sessions.close()
 
     def _log(self, envelope: Envelope, message: Message, verdict: Verdict, outcome: Outcome,
              started: float) -> None:

@@ -53,6 +53,12 @@ def test_demo_up_prints_how_to_send_and_watch_mail_and_down_removes_it(
         demo.wait_for_messages(demo.internet_maildir(), match="Subject: signed")
         verified = run_printed(printed, r"docker exec mwdemotest-internet sh -c", stack.docker.cli)
         assert verified.stdout.strip() == "signature ok", verified.stdout + verified.stderr
+        # example.com archives: the signed submission is in its archive, as the printed search finds.
+        archived = run_printed(printed, r"docker exec mwdemotest-front mailwarden archive search "
+                               r"example\.com --from", stack.docker.cli)
+        assert archived.returncode == 0, archived.stdout + archived.stderr
+        assert re.search(r"alice@example\.com -> friend@outside\.test\s+signed$", archived.stdout, re.M), \
+            archived.stdout
     finally:
         assert demo_stack.main(["demo", "down"]) == 0
     assert "stopped: stack mwdemotest" in capsys.readouterr().out

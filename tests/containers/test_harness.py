@@ -71,6 +71,11 @@ def test_hosts_file_zone_and_topology_agree() -> None:
 def test_the_stack_configuration_is_valid_and_renders(role: str, tmp_path: Path) -> None:
     cfg = parse_config(stack_config(role), f"{role}.toml")
     assert cfg.dns.nameservers == [f"{NET}.53"]
+    # Both ask (front) or serve (mailbox) the doveadm HTTP API with the key mw-init makes.
+    assert cfg.render.doveadm_http_port == containers.DOVEADM_PORT
+    key = tmp_path / "doveadm.key"
+    key.write_text("stack-test-key\n")
+    cfg = parse_config(stack_config(role).replace(cfg.render.doveadm_api_key_file, str(key)), f"{role}.toml")
     if role == "front":
         written = render_postfix(cfg, [], tmp_path)
         assert {w.name for w in written} == {f"postfix-{r}" for r in containers.FRONT_INSTANCES}
@@ -80,6 +85,9 @@ def test_the_stack_configuration_is_valid_and_renders(role: str, tmp_path: Path)
     written = render_dovecot(cfg, ["proxy" if role == "front" else "mailbox"], tmp_path)
     conf = (written[0].directory / "dovecot.conf").read_text()
     assert "log_path = /var/log/mailwarden/dovecot.log" in conf
+    if role == "mailbox":
+        keyed = (written[0].directory / "conf.d" / "mailwarden-doveadm.conf.ext").read_text()
+        assert "doveadm_api_key = stack-test-key" in keyed
 
 
 @pytest.fixture

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import smtplib
+import socket
 from pathlib import Path
 
 import pytest
 
 from harness.ports import free_port
+from harness.smtpsink import SmtpSink
 from milters import protocol as p
 from milters.archive import ArchiveCopy
 from milters.filters import Envelope
@@ -17,13 +20,15 @@ from milters.verdict import Recipient, RecipientOutcome, Verdict
 from tests.milter.helpers import Harness, harness, make_message, sample_directory
 
 
-def rig(tmp: Path, failure_action: str = "tempfail") -> Harness:
-    """example.com archives both ways into archive@example.com, whose LMTP is down."""
+def rig(tmp: Path, failure_action: str = "tempfail", lmtp_port: int = 0) -> Harness:
+    """example.com archives both ways into archive@example.com, whose LMTP is at
+    ``lmtp_port`` (default: down)."""
     d = sample_directory()
     d.entries["mwDomainName=example.com,ou=domains"].update(
         enabled_service=["virus-scan", "archive"], archive_address=["archive@example.com"],
         archive_failure_action=[failure_action])
-    d.add_user("archive@example.com", account_status="archive", mail_host=f"127.0.0.1:{free_port()}")
+    d.add_user("archive@example.com", account_status="archive",
+               mail_host=f"127.0.0.1:{lmtp_port or free_port()}")
     return harness(tmp, "archive_timeout = 2\n", d)
 
 
@@ -64,3 +69,39 @@ def test_archive_down_with_accept_delivers_and_logs(tmp_path: Path, caplog: pyte
         fed = h.feed(make_message(to="bob@example.com"), "x@outside.test", "bob@example.com")
     assert fed.rc == p.ACCEPT
     assert "archive=archive@example.com:failed" in caplog.text
+
+
+def test_copies_share_one_lmtp_session_and_one_the_server_ended_is_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    connects: list[object] = []
+    connect = smtplib.LMTP.connect
+
+    def counted(self: smtplib.LMTP, *args: object, **kwargs: object) -> object:
+        connects.append(args)
+        return connect(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(smtplib.LMTP, "connect", counted)
+    with SmtpSink(lmtp=True) as sink:
+        h = rig(tmp_path, lmtp_port=sink.port)
+        assert h.service.archiver is not None
+        sessions = h.service.archiver.sessions
+        def archived(n: int) -> None:
+            fed = h.feed(make_message(to="bob@example.com", subject=f"copy {n}"), "x@outside.test",
+                         "bob@example.com")
+            assert fed.rc == p.ACCEPT
+
+        for n in range(3):
+            archived(n)
+        assert len(sink.wait_for(3)) == 3 and len(connects) == 1
+        # The server ends the idle session (it reads end of file and closes): the next
+        # copy notices at its first command and goes out on a new session.
+        idle = sessions.take(("127.0.0.1", sink.port))
+        assert idle is not None and idle.sock is not None
+        idle.sock.shutdown(socket.SHUT_WR)
+        sessions.give_back(("127.0.0.1", sink.port), idle)
+        archived(3)
+        copies = sink.wait_for(4)
+        assert [m.message["Subject"] for m in copies] == [f"copy {n}" for n in range(4)]
+        assert len(connects) == 2
+        h.service.close()
+        assert sessions.take(("127.0.0.1", sink.port)) is None
