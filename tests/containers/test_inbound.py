@@ -57,7 +57,7 @@ def test_clean_mail_lands_in_inbox_and_is_read_over_pop3_and_imap_through_the_pr
     stack.wait_for_log("front", rf"postfix-mx/smtpd/smtpd\[\d+\]: {queue_id}: "
                        rf"client=mx\.outside\.test\[{re.escape(stack.ip('internet'))}\]", after=front_log)
     stack.wait_for_log("front", lmtp_delivered("taro@example.jp", "mbox1", stack), after=front_log)
-    stack.wait_for_log("front", rf"{queue_id}: accept from=<alice@outside\.test> .*"
+    stack.wait_for_log("front", rf"{queue_id}: accept mwid=\w+ from=<alice@outside\.test> .*"
                        r"taro@example\.jp=deliver .*virus=clean", name="milter")
     stack.wait_queues_empty()
 
