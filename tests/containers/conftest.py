@@ -16,6 +16,7 @@ import shutil
 import signal
 import time
 from collections.abc import Generator, Iterator
+from pathlib import Path
 from types import FrameType
 
 import pytest
@@ -127,7 +128,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that use the stack are marked ``containers`` (``-m "not containers"`` skips them)."""
+    """The tests of this directory that use the stack are marked ``containers`` (``-m "not
+    containers"`` skips them).  The hook sees every collected item, and other suites have
+    fixtures called ``stack`` of their own (the milter's real-Postfix rig): only this
+    directory's are the container stack."""
+    here = Path(__file__).parent
     for item in items:
-        if "stack" in getattr(item, "fixturenames", ()):
+        if "stack" in getattr(item, "fixturenames", ()) and here in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.containers)
