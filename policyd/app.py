@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from dns.asyncresolver import Resolver as AsyncResolver
@@ -21,6 +21,7 @@ from mailwarden.directory import Directory, DirectoryUnavailable, Entry
 from mailwarden.dns import async_twin, make_resolver
 from mailwarden.endpoint import Endpoint
 from mailwarden.ldapdir import LdapDirectory
+from mailwarden.metrics import Backend, TimedDirectory, TimedStore, check_listen, dns_cache
 from mailwarden.networks import Networks
 from mailwarden.pbs import PopBeforeSmtp
 from mailwarden.policy import AddressKind, PolicyResolver
@@ -40,6 +41,7 @@ from policyd.checks.base import (
     defer,
 )
 from policyd.config import SPF_ACTIONS, SPF_RESULTS, PolicydConfig
+from policyd.metrics import PolicydMetrics
 from policyd.protocol import PolicyRequest
 
 log = logging.getLogger("mailwarden.policyd")
@@ -84,6 +86,7 @@ def _validate_service(cfg: PolicydConfig, problems: list[str]) -> None:
             problems.append(f"login_report_listen[{i}]: {exc}")
     if not cfg.listen:
         problems.append("listen: at least one socket is needed")
+    problems += [p.removeprefix("policyd.") for p in check_listen("policyd", cfg.metrics_listen)]
     if cfg.event_loop not in ("uvloop", "asyncio"):
         problems.append(f"event_loop: {cfg.event_loop!r} is not uvloop or asyncio")
     try:
@@ -229,6 +232,10 @@ class Services:
     pbs: PopBeforeSmtp
     trusted: Callable[[IPAddress], bool]
     clock: Callable[[], float]
+    metrics: PolicydMetrics = field(default_factory=PolicydMetrics)
+    """Prometheus metrics (recording nothing unless ``policyd.metrics_listen`` is set)."""
+    dns_backend: Backend | None = None
+    """Times DNS lookups (metrics on), else None."""
 
     @property
     def policyd(self) -> PolicydConfig:
@@ -243,16 +250,33 @@ def build_services(
     store: Store | None = None,
     dns_resolver: Resolver | None = None,
     clock: Callable[[], float] = time.time,
+    metrics: PolicydMetrics | None = None,
 ) -> Services:
-    """Services from the configuration; any of the backends may be passed in instead."""
+    """Services from the configuration; any of the backends may be passed in instead.
+
+    With ``metrics`` on, the directory, the store and DNS are timed."""
+    metrics = metrics or PolicydMetrics()
     if directory is None:
         directory = LdapDirectory(config.ldap)
+    if store is None:
+        store = store_of(config.store)
+    if metrics.on:
+        directory = TimedDirectory(directory, metrics.backend("ldap"))
+        store = TimedStore(store, metrics.backend("store"))
     guard = InlineGuard(directory)
-    guarded = GuardedStore(store if store is not None else store_of(config.store))
+    guarded = GuardedStore(store)
     resolver = dns_resolver if dns_resolver is not None else make_resolver(config.dns)
+    policies = PolicyResolver(guard, config)
+    if metrics.on:
+        poller, cache = metrics.poller, metrics.cache
+        poller.add(lambda: policies.hits, cache.labels("policy", "hit"))
+        poller.add(lambda: policies.misses, cache.labels("policy", "miss"))
+        if (readers := dns_cache(resolver)) is not None:
+            poller.add(readers[0], cache.labels("dns", "hit"))
+            poller.add(readers[1], cache.labels("dns", "miss"))
     return Services(
         config=config,
-        resolver=PolicyResolver(guard, config),
+        resolver=policies,
         directory=guard,
         store=guarded,
         dns=resolver,
@@ -261,6 +285,8 @@ def build_services(
         pbs=PopBeforeSmtp(guarded),
         trusted=Networks(PolicydConfig.of(config).trusted_networks),
         clock=clock,
+        metrics=metrics,
+        dns_backend=metrics.backend("dns") if metrics.on else None,
     )
 
 
@@ -290,6 +316,8 @@ class Engine:
     def __init__(self, checks: list[Check], services: Services) -> None:
         self.services = services
         self.checks = checks
+        self.failures: dict[str, int] = {c.name: 0 for c in checks}
+        """Backend failures per check so far (metrics)."""
         self.by_stage: dict[str, list[Check]] = {}
         for check in checks:
             for stage in check.stages:
@@ -334,6 +362,7 @@ class Engine:
         except WouldBlock:
             raise
         except BACKEND_ERRORS as exc:
+            self.failures[check.name] = self.failures.get(check.name, 0) + 1
             return self._failed(check, f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             log.error("check %s failed on %s: %s: %s", check.name, ctx.request.stage,
@@ -391,10 +420,17 @@ class Engine:
 class PolicyApp:
     """Services and engine for one process."""
 
-    def __init__(self, config: Config, services: Services | None = None) -> None:
+    def __init__(self, config: Config, services: Services | None = None, *,
+                 metrics: PolicydMetrics | None = None) -> None:
         self.config = config
-        self.services = services if services is not None else build_services(config)
+        self.services = services if services is not None else build_services(config, metrics=metrics)
         self.engine = Engine(build_checks(config), self.services)
+        m = self.services.metrics
+        if m.on:
+            m.known_checks |= {c.name for c in self.engine.checks}
+            for name in self.engine.failures:
+                m.poller.add(lambda n=name: self.engine.failures[n],  # type: ignore[misc]
+                             m.check_failures.labels(name))
 
     def close(self) -> None:
         """Release the store."""

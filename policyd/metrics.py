@@ -1,0 +1,78 @@
+"""The policy daemon's Prometheus metrics: what it defines and where each is recorded.
+
+One counter and one histogram per request on the hot path (the label children are kept,
+so recording is a dictionary lookup and two increments); everything else is polled
+from plain totals once a second.  Labels are bounded: stages, check names and action
+classes, never an address or an IP.
+"""
+
+from __future__ import annotations
+
+from mailwarden.metrics import Backend, CounterLike, Metrics, Poller
+from policyd.protocol import STAGES
+
+ACTIONS = ("ok", "dunno", "prepend", "defer", "reject", "other")
+
+
+def action_class(action: str) -> str:
+    """A Postfix access(5) action reduced to a bounded class."""
+    word = action.partition(" ")[0].upper()
+    if word == "DUNNO":
+        return "dunno"
+    if word == "OK":
+        return "ok"
+    if word == "PREPEND":
+        return "prepend"
+    if word[:1] == "4" or word.startswith("DEFER"):
+        return "defer"
+    if word[:1] == "5" or word == "REJECT":
+        return "reject"
+    return "other"
+
+
+class PolicydMetrics:
+    """Every metric of one policy daemon worker."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = m = metrics if metrics is not None else Metrics(on=False)
+        self.on = m.on
+        self.decisions = m.counter(
+            "mailwarden_policyd_decisions_total",
+            "answers by stage, the check that decided (none: no check did) and action class "
+            "(ok/dunno/prepend/defer/reject)", ["stage", "check", "action"])
+        self.request_seconds = m.histogram("mailwarden_policyd_request_seconds",
+                                           "time from reading a request to answering it")
+        self.check_failures = m.counter("mailwarden_policyd_check_failures_total",
+                                        "checks whose backend failed (answered with their failure_action)",
+                                        ["check"])
+        self.backend_seconds = m.histogram("mailwarden_policyd_backend_seconds",
+                                           "latency of calls to a backend", ["backend"])
+        self.backend_errors = m.counter("mailwarden_policyd_backend_errors_total",
+                                        "failed calls to a backend", ["backend"])
+        self.cache = m.counter("mailwarden_policyd_cache_requests_total",
+                               "cache lookups by cache (policy, dns) and result (hit/miss)",
+                               ["cache", "result"])
+        self.connections = m.gauge("mailwarden_policyd_connections", "Postfix connections open")
+        self.refused = m.counter("mailwarden_policyd_connections_refused_total",
+                                 "connections closed at once (max_connections reached)")
+        self.poller = Poller()
+        self.known_checks = {"envelope", "deadline", "internal", "malformed"}
+        """Values of the ``check`` label besides ``none``: these and the configured checks."""
+        self._children: dict[tuple[str, str, str], CounterLike] = {}
+
+    def backend(self, name: str) -> Backend:
+        """The latency histogram and error counter of one backend."""
+        return Backend(self.backend_seconds.labels(name), self.backend_errors.labels(name))
+
+    def decided(self, stage: str, check: str, action: str, seconds: float) -> None:
+        """Count one answer and its time."""
+        if not self.on:
+            return
+        key = (stage, check, action_class(action))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.decisions.labels(
+                stage if stage in STAGES else "other",
+                check if check in self.known_checks else "none", key[2])
+        child.inc()
+        self.request_seconds.observe(seconds)
