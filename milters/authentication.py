@@ -59,7 +59,7 @@ from publicsuffixlist import PublicSuffixList
 
 from mailwarden.dns import async_twin
 from mailwarden.dnslookup import resolve_async, resolve_sync
-from mailwarden.metrics import Backend
+from mailwarden.metrics import Backend, Timer
 from mailwarden.spfquery import ResolverQuery, pyspf_records
 from milters.filters import Envelope
 from milters.message import Message
@@ -88,7 +88,7 @@ class AuthDns:
         self.backend = backend
         """Times the lookups (metrics on), else None."""
 
-    def _timed(self) -> contextlib.AbstractContextManager[None]:
+    def _timed(self) -> Timer | contextlib.nullcontext[None]:
         return self.backend.timed() if self.backend is not None else contextlib.nullcontext()
 
     async def txt(self, name: str) -> list[str]:

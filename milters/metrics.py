@@ -93,9 +93,9 @@ class MilterMetrics:
                                  "notices by result (sent, limited, failed, dropped)", ["result"])
         self.quarantined = m.counter("mailwarden_milter_quarantined_total", "messages put in quarantine")
         self.quarantine_messages = m.gauge("mailwarden_milter_quarantine_messages",
-                                           "messages in the quarantine directory", mode="mostrecent")
+                                           "messages in the quarantine directory", mode="livemax")
         self.quarantine_bytes = m.gauge("mailwarden_milter_quarantine_bytes",
-                                        "bytes in the quarantine directory", mode="mostrecent")
+                                        "bytes in the quarantine directory", mode="livemax")
         self.poller = Poller()
 
     def backend(self, name: str) -> Backend:

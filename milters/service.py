@@ -156,8 +156,9 @@ class MilterService:
 
     async def watch(self, sessions: Callable[[], int], every: float = 1.0,
                     usage_every: float = 60.0) -> None:
-        """With metrics on: each second the open sessions and the polled totals, each
-        minute the quarantine's size (in the executor), until cancelled."""
+        """With metrics on: each second the open sessions and the polled totals, then the
+        values written for the exporter; each minute the quarantine's size (in the
+        executor); until cancelled."""
         metrics = self.metrics
         if not metrics.metrics.on:
             return
@@ -168,6 +169,7 @@ class MilterService:
             while True:
                 metrics.sessions.set(sessions())
                 metrics.poller.flush()
+                metrics.metrics.publish()
                 if quarantine is not None and time.monotonic() >= usage_due:
                     usage_due = time.monotonic() + usage_every
                     count, size = await loop.run_in_executor(None, quarantine.usage)
@@ -175,7 +177,9 @@ class MilterService:
                     metrics.quarantine_bytes.set(size)
                 await asyncio.sleep(every)
         finally:
+            metrics.sessions.set(0)
             metrics.poller.flush()
+            metrics.metrics.publish()
 
     def close(self) -> None:
         """Before the process ends: send the notices still waiting."""

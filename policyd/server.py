@@ -301,14 +301,19 @@ class PolicyServer:
             self.watcher = loop.create_task(self.watch())
 
     async def watch(self, every: float = 1.0) -> None:
-        """Each second: the open connections and the polled totals into the metrics."""
+        """Each second: the open connections and the polled totals into the metrics, then
+        the values written for the exporter."""
+        metrics = self.metrics
         try:
             while True:
-                self.metrics.connections.set(len(self.connections))
-                self.metrics.poller.flush()
+                metrics.connections.set(len(self.connections))
+                metrics.poller.flush()
+                metrics.metrics.publish()
                 await asyncio.sleep(every)
         finally:
-            self.metrics.poller.flush()
+            metrics.connections.set(0)
+            metrics.poller.flush()
+            metrics.metrics.publish()
 
     async def close(self) -> None:
         """Stop listening, close every connection, forget work in progress."""

@@ -28,7 +28,7 @@ def test_metrics_off_hand_out_objects_that_record_nothing() -> None:
 
 
 def test_metrics_on_record_in_their_own_registry() -> None:
-    m = Metrics()
+    m = Metrics(directory="")
     m.counter("mw_things_total", "doc", ["kind"]).labels("a").inc(2)
     m.histogram("mw_call_seconds", "doc").observe(0.003)
     assert m.registry is not None
@@ -99,15 +99,16 @@ EXPORTER = textwrap.dedent("""
         if pid == 0:
             exporter.after_fork()
             m = Metrics()
-            m.counter("mw_work_total", "doc").inc(worker + 1)
+            m.counter("mw_work_total", "doc", ["kind"]).labels("a").inc(worker + 1)
             m.gauge("mw_busy", "doc").set(1)
+            m.histogram("mw_call_seconds", "doc", buckets=(0.1, 1.0)).observe(0.5 * (worker + 1))
+            m.publish()
             os._exit(0)
         pids.append(pid)
     for pid in pids:
         os.waitpid(pid, 0)
     before = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics").read().decode()
-    for pid in pids:
-        exporter.worker_died(pid)
+    exporter.worker_died(pids[0])
     after = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics").read().decode()
     directory = exporter.directory
     exporter.stop()
@@ -115,7 +116,7 @@ EXPORTER = textwrap.dedent("""
 """)
 
 
-def test_the_exporter_adds_up_every_worker_and_forgets_dead_ones_live_gauges(tmp_path: Path) -> None:
+def test_the_exporter_adds_up_every_worker_and_forgets_dead_ones_gauges(tmp_path: Path) -> None:
     listen = f"127.0.0.1:{free_port()}"
     script = tmp_path / "exporter.py"
     script.write_text(EXPORTER)
@@ -124,9 +125,34 @@ def test_the_exporter_adds_up_every_worker_and_forgets_dead_ones_live_gauges(tmp
                                               "PYTHONPATH": ":".join(sys.path)})
     assert result.returncode == 0, result.stderr
     before, after, tail = result.stdout.split("----")
-    assert "mw_work_total 3.0" in before and "mw_busy 2.0" in before
-    assert "mw_work_total 3.0" in after and "mw_busy" not in after  # counters stay, live gauges go
+    assert 'mw_work_total{kind="a"} 3.0' in before and "mw_busy 2.0" in before
+    assert 'mw_call_seconds_bucket{le="0.1"} 0.0' in before
+    assert 'mw_call_seconds_bucket{le="1.0"} 2.0' in before  # 0.5 and 1.0
+    assert 'mw_call_seconds_bucket{le="+Inf"} 2.0' in before and "mw_call_seconds_sum 1.5" in before
+    assert "# TYPE mw_call_seconds histogram" in before and "# TYPE mw_work_total counter" in before
+    # The dead worker's counter and histogram stay in the sums; its gauge goes.
+    assert 'mw_work_total{kind="a"} 3.0' in after and "mw_busy 1.0" in after
+    assert "mw_call_seconds_count 2.0" in after
     assert tail.split() == ["False", "False"]  # the directory and the variable are gone
+
+
+def test_gauges_add_up_by_their_mode() -> None:
+    from mailwarden.metrics import SnapshotCollector
+
+    workers = []
+    for size in (3, 5):
+        m = Metrics(directory="")
+        m.gauge("mw_open", "doc").set(size)
+        m.gauge("mw_queue", "doc", mode="livemax").set(size * 10)
+        workers.append(m.snapshot())
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(lambda: workers))
+    assert registry.get_sample_value("mw_open") == 8
+    assert registry.get_sample_value("mw_queue") == 50
+    with pytest.raises(ValueError, match="mode"):
+        Metrics().gauge("mw_x", "doc", mode="mostrecent")
 
 
 TEXT = """\

@@ -51,8 +51,8 @@ def test_decisions_add_up_over_both_workers(slapd: SlapdServer, tmp_path: Path, 
         assert total(s, "mailwarden_policyd_backend_seconds_count", backend="ldap") >= 1
         assert total(s, "mailwarden_policyd_cache_requests_total", cache="policy", result="hit") >= 1
         assert not any(any("@" in v or v.startswith("127.") for _, v in labels) for _, labels in s)
-        # Both workers write their own files; the scrape adds them up.
-        assert len(list(directory.glob("counter_*.db"))) == 2
+        # Both workers write their own file; the scrape adds them up.
+        assert len(list(directory.glob("*.json"))) == 2
         client.close()
         held.close()
         s = wait_for(url, lambda s: total(s, "mailwarden_policyd_connections") == 0)
