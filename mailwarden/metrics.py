@@ -251,7 +251,7 @@ class Metrics:
             from prometheus_client import CollectorRegistry
 
             self.registry = CollectorRegistry()
-            self.registry.register(SnapshotCollector(lambda: [self.snapshot()]))
+            self.registry.register(SnapshotCollector(lambda: [(self.snapshot(), True)]))
 
     def exported(self) -> dict[str, tuple[str, ...]]:
         """The sample names ``/metrics`` shows (``_bucket``, ``_sum`` and ``_count`` of a
@@ -314,14 +314,13 @@ class Metrics:
 class SnapshotCollector:
     """A prometheus-client collector adding up snapshots (of several workers).
 
-    Counters and histograms are summed over every snapshot; gauges over those that
-    ``live(i)`` says are of running workers (by their mode: sum or largest).
+    ``snapshots()`` gives each worker's values and whether the worker is running.
+    Counters and histograms are summed over every snapshot; gauges over the running
+    workers' (by their mode: sum or largest).
     """
 
-    def __init__(self, snapshots: Callable[[], Iterable[dict[str, Any]]],
-                 live: Callable[[int], bool] = lambda _i: True) -> None:
+    def __init__(self, snapshots: Callable[[], Iterable[tuple[dict[str, Any], bool]]]) -> None:
         self.snapshots = snapshots
-        self.live = live
 
     def collect(self) -> Iterator[Metric]:
         """The merged families."""
@@ -332,10 +331,10 @@ class SnapshotCollector:
         )
 
         merged: dict[str, dict[str, Any]] = {}
-        for i, snapshot in enumerate(self.snapshots()):
+        for snapshot, live in self.snapshots():
             for name, family in snapshot.items():
                 kind = family["kind"]
-                if kind == "gauge" and not self.live(i):
+                if kind == "gauge" and not live:
                     continue
                 into = merged.setdefault(name, {**family, "series": {}})
                 for values, value in family["series"]:
@@ -557,27 +556,19 @@ class Exporter:
             from prometheus_client import CollectorRegistry, start_http_server
 
             registry = CollectorRegistry()
-            registry.register(SnapshotCollector(self.snapshots, self.live))
+            registry.register(SnapshotCollector(self.snapshots))
             self.server, self.thread = start_http_server(self.port, self.host, registry=registry)
         except BaseException:
             self.stop()
             raise
         log.info("%s: metrics on http://%s:%d/metrics", self.name, *self.address)
 
-    def files(self) -> list[Path]:
-        """The workers' files, live ones (``PID.json``) and dead ones' (``PID.dead.json``)."""
-        return sorted(Path(self.directory).glob("*.json"))
-
-    def snapshots(self) -> Iterator[dict[str, Any]]:
-        """Every worker's last values (a file that cannot be read is skipped)."""
-        for path in self.files():
+    def snapshots(self) -> Iterator[tuple[dict[str, Any], bool]]:
+        """Every worker's last values, and whether it runs: ``PID.json`` of a running
+        worker, ``PID.dead.json`` of a dead one (a file that cannot be read is skipped)."""
+        for path in sorted(Path(self.directory).glob("*.json")):
             with contextlib.suppress(OSError, ValueError):
-                yield json.loads(path.read_text(encoding="utf-8"))
-
-    def live(self, index: int) -> bool:
-        """Whether the ``index``-th file of :meth:`files` is a running worker's."""
-        files = self.files()
-        return index < len(files) and not files[index].name.endswith(".dead.json")
+                yield json.loads(path.read_text(encoding="utf-8")), not path.name.endswith(".dead.json")
 
     def worker_died(self, pid: int) -> None:
         """Keep a dead worker's counters and histograms in the sums, drop its gauges."""

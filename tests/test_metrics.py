@@ -148,7 +148,7 @@ def test_gauges_add_up_by_their_mode() -> None:
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry()
-    registry.register(SnapshotCollector(lambda: workers))
+    registry.register(SnapshotCollector(lambda: [(w, True) for w in workers]))
     assert registry.get_sample_value("mw_open") == 8
     assert registry.get_sample_value("mw_queue") == 50
     with pytest.raises(ValueError, match="mode"):
