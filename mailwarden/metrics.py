@@ -413,6 +413,33 @@ class Backend:
             self.errors.inc()
 
 
+class DaemonMetrics:
+    """What every daemon's metrics have: ``PREFIX_backend_seconds`` and
+    ``PREFIX_backend_errors_total`` by backend, ``PREFIX_cache_requests_total`` by cache and
+    result, and a :class:`Poller`; a daemon's own class adds its metrics."""
+
+    def __init__(self, metrics: Metrics | None, prefix: str, caches: str) -> None:
+        self.metrics = m = metrics if metrics is not None else Metrics(on=False)
+        self.on = m.on
+        self.backend_seconds = m.histogram(f"{prefix}_backend_seconds", "latency of calls to a backend",
+                                           ["backend"])
+        self.backend_errors = m.counter(f"{prefix}_backend_errors_total", "failed calls to a backend",
+                                        ["backend"])
+        self.cache = m.counter(f"{prefix}_cache_requests_total",
+                               f"cache lookups by cache ({caches}) and result (hit/miss)",
+                               ["cache", "result"])
+        self.poller = Poller()
+
+    def backend(self, name: str) -> Backend:
+        """The latency histogram and error counter of one backend."""
+        return Backend(self.backend_seconds.labels(name), self.backend_errors.labels(name))
+
+    def publish(self) -> None:
+        """Move the polled totals into their counters and write the values for the exporter."""
+        self.poller.flush()
+        self.metrics.publish()
+
+
 class TimedDirectory:
     """A Directory whose calls are timed and whose failures are counted."""
 

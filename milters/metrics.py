@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from mailwarden.metrics import Backend, Metrics, Poller
+from mailwarden.metrics import Backend, DaemonMetrics, Metrics
 from milters.reinject import Injector, Origin
 from milters.scanners import SpamResult, SpamScanner, VirusResult, VirusScanner
 from milters.verdict import Disposition, Verdict
@@ -56,11 +56,12 @@ FINDINGS: dict[str, Callable[[str], str]] = {
 }
 
 
-class MilterMetrics:
+class MilterMetrics(DaemonMetrics):
     """Every metric of one milter worker."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
-        self.metrics = m = metrics if metrics is not None else Metrics(on=False)
+        super().__init__(metrics, "mailwarden_milter", "policy, scan, dns")
+        m = self.metrics
         self.messages = m.counter("mailwarden_milter_messages_total",
                                   "messages answered, by verdict (accept/reject/discard/tempfail)",
                                   ["verdict"])
@@ -79,15 +80,8 @@ class MilterMetrics:
                                       "recipients refused at RCPT (directory down, bad address)", ["cause"])
         self.message_seconds = m.histogram("mailwarden_milter_message_seconds",
                                            "end-of-message work per message")
-        self.backend_seconds = m.histogram("mailwarden_milter_backend_seconds",
-                                           "latency of calls to a backend", ["backend"])
-        self.backend_errors = m.counter("mailwarden_milter_backend_errors_total",
-                                        "failed calls to a backend", ["backend"])
         self.failovers = m.counter("mailwarden_milter_backend_failovers_total",
                                    "upstreams put aside after a failure (the next one is tried)", ["backend"])
-        self.cache = m.counter("mailwarden_milter_cache_requests_total",
-                               "cache lookups by cache (policy, scan, dns) and result (hit/miss)",
-                               ["cache", "result"])
         self.sessions = m.gauge("mailwarden_milter_sessions", "MTA connections open")
         self.notices = m.counter("mailwarden_milter_notices_total",
                                  "notices by result (sent, limited, failed, dropped)", ["result"])
@@ -96,11 +90,6 @@ class MilterMetrics:
                                            "messages in the quarantine directory", mode="livemax")
         self.quarantine_bytes = m.gauge("mailwarden_milter_quarantine_bytes",
                                         "bytes in the quarantine directory", mode="livemax")
-        self.poller = Poller()
-
-    def backend(self, name: str) -> Backend:
-        """The latency histogram and error counter of one backend."""
-        return Backend(self.backend_seconds.labels(name), self.backend_errors.labels(name))
 
     def message(self, verdict: Verdict, outcome: Outcome, seconds: float) -> None:
         """Count one answered message, its recipients and its findings."""

@@ -168,8 +168,7 @@ class MilterService:
         try:
             while True:
                 metrics.sessions.set(sessions())
-                metrics.poller.flush()
-                metrics.metrics.publish()
+                metrics.publish()
                 if quarantine is not None and time.monotonic() >= usage_due:
                     usage_due = time.monotonic() + usage_every
                     count, size = await loop.run_in_executor(None, quarantine.usage)
@@ -178,8 +177,7 @@ class MilterService:
                 await asyncio.sleep(every)
         finally:
             metrics.sessions.set(0)
-            metrics.poller.flush()
-            metrics.metrics.publish()
+            metrics.publish()
 
     def close(self) -> None:
         """Before the process ends: send the notices still waiting."""

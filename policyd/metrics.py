@@ -8,7 +8,7 @@ classes, never an address or an IP.
 
 from __future__ import annotations
 
-from mailwarden.metrics import Backend, CounterLike, Metrics, Poller
+from mailwarden.metrics import CounterLike, DaemonMetrics, Metrics
 from policyd.protocol import STAGES
 
 ACTIONS = ("ok", "dunno", "prepend", "defer", "reject", "other")
@@ -30,12 +30,12 @@ def action_class(action: str) -> str:
     return "other"
 
 
-class PolicydMetrics:
+class PolicydMetrics(DaemonMetrics):
     """Every metric of one policy daemon worker."""
 
     def __init__(self, metrics: Metrics | None = None) -> None:
-        self.metrics = m = metrics if metrics is not None else Metrics(on=False)
-        self.on = m.on
+        super().__init__(metrics, "mailwarden_policyd", "policy, dns")
+        m = self.metrics
         self.decisions = m.counter(
             "mailwarden_policyd_decisions_total",
             "answers by stage, the check that decided (none: no check did) and action class "
@@ -45,24 +45,12 @@ class PolicydMetrics:
         self.check_failures = m.counter("mailwarden_policyd_check_failures_total",
                                         "checks whose backend failed (answered with their failure_action)",
                                         ["check"])
-        self.backend_seconds = m.histogram("mailwarden_policyd_backend_seconds",
-                                           "latency of calls to a backend", ["backend"])
-        self.backend_errors = m.counter("mailwarden_policyd_backend_errors_total",
-                                        "failed calls to a backend", ["backend"])
-        self.cache = m.counter("mailwarden_policyd_cache_requests_total",
-                               "cache lookups by cache (policy, dns) and result (hit/miss)",
-                               ["cache", "result"])
         self.connections = m.gauge("mailwarden_policyd_connections", "Postfix connections open")
         self.refused = m.counter("mailwarden_policyd_connections_refused_total",
                                  "connections closed at once (max_connections reached)")
-        self.poller = Poller()
         self.known_checks = {"envelope", "deadline", "internal", "malformed"}
         """Values of the ``check`` label besides ``none``: these and the configured checks."""
         self._children: dict[tuple[str, str, str], CounterLike] = {}
-
-    def backend(self, name: str) -> Backend:
-        """The latency histogram and error counter of one backend."""
-        return Backend(self.backend_seconds.labels(name), self.backend_errors.labels(name))
 
     def decided(self, stage: str, check: str, action: str, seconds: float) -> None:
         """Count one answer and its time."""

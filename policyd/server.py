@@ -307,13 +307,11 @@ class PolicyServer:
         try:
             while True:
                 metrics.connections.set(len(self.connections))
-                metrics.poller.flush()
-                metrics.metrics.publish()
+                metrics.publish()
                 await asyncio.sleep(every)
         finally:
             metrics.connections.set(0)
-            metrics.poller.flush()
-            metrics.metrics.publish()
+            metrics.publish()
 
     async def close(self) -> None:
         """Stop listening, close every connection, forget work in progress."""
