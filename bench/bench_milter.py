@@ -58,6 +58,7 @@ from harness.clamd import EICAR, ClamdServer
 from harness.cpumeter import CpuMeter, peak_rss_mb, process_tree
 from harness.ports import free_port
 from harness.postfix import PostfixInstance
+from harness.scrape import Scraper
 from harness.slapd import SlapdServer, mailwarden_database
 from harness.smtpsink import SmtpSink
 from harness.spamd import GTUBE, SpamdServer
@@ -267,10 +268,13 @@ def start_spamass_milter(work: Path, spamd: SpamdServer) -> Daemon:
 
 
 def start_mailwarden(work: Path, slapd: SlapdServer, clamd: ClamdServer, spamd: SpamdServer,
-                     reinject_port: int, workers: int = 1) -> Daemon:
-    """``mailwarden milter run`` with ``workers`` processes sharing its socket."""
-    sock = work / f"mailwarden-{workers}.sock"
-    conf = work / f"mailwarden-{workers}.toml"
+                     reinject_port: int, workers: int = 1, metrics_port: int = 0) -> Daemon:
+    """``mailwarden milter run`` with ``workers`` processes sharing its socket (and /metrics
+    on ``metrics_port`` when given)."""
+    tag = f"{workers}-metrics" if metrics_port else f"{workers}"
+    sock = work / f"mailwarden-{tag}.sock"
+    conf = work / f"mailwarden-{tag}.toml"
+    metrics = f'metrics_listen = "127.0.0.1:{metrics_port}"\n' if metrics_port else ""
     conf.write_text(
         f'[general]\nnode_name = "bench"\n[ldap]\nuri = "{slapd.uri}"\n'
         f'[store]\nbackend = "sqlite"\nsqlite_path = "{work}/state.sqlite3"\n'
@@ -278,13 +282,17 @@ def start_mailwarden(work: Path, slapd: SlapdServer, clamd: ClamdServer, spamd: 
         f'spool_dir = "{work}/spool"\n'
         f'quarantine_dir = "{work}/quarantine"\ntemplate_dir = "{work}/templates"\n'
         f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.unix_address}"]\n'
-        f'reinject = "inet:127.0.0.1:{reinject_port}"\n'
+        f'reinject = "inet:127.0.0.1:{reinject_port}"\n{metrics}'
+        # The peers verify no DKIM, SPF or DMARC, and there is no DNS here: without this
+        # every message waited for the resolver's timeout (8 s) in sender authentication.
+        'sender_auth = false\n'
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", "from mailwarden.cli import main; main()", "--config", str(conf),
-         "milter", "run"], stdout=subprocess.DEVNULL, stderr=(work / f"mailwarden-{workers}.log").open("wb"))
+         "milter", "run"], stdout=subprocess.DEVNULL, stderr=(work / f"mailwarden-{tag}.log").open("wb"))
     wait_socket(sock, proc, "mailwarden milter")
-    return Daemon(f"mailwarden ({workers} worker{'s' if workers > 1 else ''})", proc, sock)
+    label = f"{workers} worker{'s' if workers > 1 else ''}" + (", metrics" if metrics_port else "")
+    return Daemon(f"mailwarden ({label})", proc, sock)
 
 
 # ---------------------------------------------------------------- one variant
@@ -414,6 +422,32 @@ def verdict_cases(domain: str, users: list[int]) -> list[tuple[str, bytes, str]]
 
 
 TWO_WORKERS = "mailwarden, virus only, workers = 2"
+METRICS_ON = "mailwarden, virus only, metrics on"
+
+
+def metrics_cost(runs: dict[str, list[Result]]) -> dict[str, float]:
+    """What metrics on cost the virus-only path (medians of the interleaved rounds), in %."""
+    def median(name: str, key: str) -> float:
+        return statistics.median(getattr(r, key) for r in runs[name])
+
+    off, on = "mailwarden, virus only", METRICS_ON
+    return {"msg_per_s_off": median(off, "e2e_rate"), "msg_per_s_on": median(on, "e2e_rate"),
+            "rate_cost_pct": 100 * (1 - median(on, "e2e_rate") / median(off, "e2e_rate")),
+            "cpu_ms_off": median(off, "milter_cpu_ms"), "cpu_ms_on": median(on, "milter_cpu_ms"),
+            "cpu_cost_pct": 100 * (median(on, "milter_cpu_ms") / median(off, "milter_cpu_ms") - 1)}
+
+
+def report_metrics_pair(runs: dict[str, list[Result]]) -> int:
+    cost = metrics_cost(runs)
+    for name, found in runs.items():
+        for r in found:
+            print(f"{name:<40} {r.messages:>5} e2e {r.e2e_rate:>7.1f}/s  p50 {r.p50_ms:>6.1f} ms  "
+                  f"milter {r.milter_cpu_ms:>6.2f} ms/msg  {r.replies}")
+    print(f"metrics on: {cost['msg_per_s_on']:.1f} msg/s vs {cost['msg_per_s_off']:.1f} off "
+          f"({cost['rate_cost_pct']:+.1f} % cost); milter CPU {cost['cpu_ms_on']:.2f} vs "
+          f"{cost['cpu_ms_off']:.2f} ms/msg ({cost['cpu_cost_pct']:+.1f} %)")
+    print(json.dumps({"metrics": cost, "rounds": {k: [r.__dict__ for r in v] for k, v in runs.items()}}))
+    return 0
 
 
 def main() -> int:
@@ -421,6 +455,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a fifth of the messages")
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=1, help="rounds of all variants (the median is shown)")
+    ap.add_argument("--metrics-pair", action="store_true",
+                    help="only the virus-only path with metrics off and on (scraped every second)")
     args = ap.parse_args()
     scale = 0.2 if args.quick else 1.0
     sizes = {"fast": int(2000 * scale), "av": int(2000 * scale), "spam": int(160 * scale),
@@ -451,7 +487,9 @@ def main() -> int:
         spamass = start_spamass_milter(work, spamd)
         warden = start_mailwarden(work, slapd, clamd, spamd, reinject_port)
         warden2 = start_mailwarden(work, slapd, clamd, spamd, reinject_port, workers=2)
-        daemons += [clam_milter, spamass, warden, warden2]
+        metrics_port = free_port()
+        warden_metrics = start_mailwarden(work, slapd, clamd, spamd, reinject_port, metrics_port=metrics_port)
+        daemons += [clam_milter, spamass, warden, warden2, warden_metrics]
         if clamd.pid is None or spamd.pid is None:
             raise RuntimeError("clamd or spamd is not running")
         scanners += [CpuMeter("clamd", clamd.pid), CpuMeter("spamd", spamd.pid)]
@@ -467,11 +505,17 @@ def main() -> int:
             milter beside it, so the CPU a message costs at that pace can be told apart from
             what the spam check adds.
             """
+            pair = [
+                ("mailwarden, virus only", [warden], workload(sizes["av"], domain_picker("av.example")), ""),
+                (METRICS_ON, [warden_metrics], workload(sizes["av"], domain_picker("av.example")), ""),
+            ]
+            if args.metrics_pair:
+                return pair
             return [
                 ("postfix alone", [], workload(sizes["fast"], domain_picker("av.example")), ""),
                 ("clamav-milter (virus only)", [clam_milter],
                  workload(sizes["av"], domain_picker("av.example")), ""),
-                ("mailwarden, virus only", [warden], workload(sizes["av"], domain_picker("av.example")), ""),
+                *pair,
                 (TWO_WORKERS, [warden2], workload(sizes["av"], domain_picker("av.example")), ""),
                 ("peer: clamav-milter + spamass-milter", [clam_milter, spamass],
                  workload(sizes["spam"], domain_picker("mix.example")), ""),
@@ -488,9 +532,18 @@ def main() -> int:
             for name, milters, jobs, paced_by in plan():
                 pace = runs[paced_by][-1].e2e_rate if paced_by else 0.0
                 print(f"... round {round_ + 1}: {name}: {len(jobs)} messages", file=sys.stderr, flush=True)
-                runs.setdefault(name, []).append(run_variant(name, postfix, milters, scanners, jobs, s, pace))
+                found = runs.setdefault(name, [])
+                if name != METRICS_ON:
+                    found.append(run_variant(name, postfix, milters, scanners, jobs, s, pace))
+                    continue
+                with Scraper(f"http://127.0.0.1:{metrics_port}/metrics") as scraper:
+                    found.append(run_variant(name, postfix, milters, scanners, jobs, s, pace))
+                if not scraper.scrapes:
+                    raise RuntimeError("/metrics was never scraped")
         for found in runs.values():
             results.append(sorted(found, key=lambda r: r.e2e_rate)[len(found) // 2])
+        if args.metrics_pair:
+            return report_metrics_pair(runs)
         with SmtpSink() as rec:
             peer = verdicts(postfix, rec, [clam_milter, spamass], verdict_cases("all.example", [1, 2]))
             ours_all = verdicts(postfix, rec, [warden], verdict_cases("all.example", [1, 2]))
@@ -530,6 +583,7 @@ def main() -> int:
         / by["clamav-milter (virus only)"].e2e_rate,
         "clamav_milter_vs_postfix": by["clamav-milter (virus only)"].e2e_rate / by["postfix alone"].e2e_rate,
         "virus_only_2_workers_vs_1": by[TWO_WORKERS].e2e_rate / by["mailwarden, virus only"].e2e_rate,
+        "virus_only_metrics_on_vs_off": by[METRICS_ON].e2e_rate / by["mailwarden, virus only"].e2e_rate,
     }
     # CPU per message at the pace spamd sets, ms (a quiet node pays more per message
     # than a busy one: see docs/milter.md).
