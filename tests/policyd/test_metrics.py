@@ -87,3 +87,23 @@ def test_a_metrics_port_in_use_stops_the_start(slapd: SlapdServer, tmp_path: Pat
                                 capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 71  # EX_OSERR
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+
+
+def test_one_worker_serves_its_own_metrics(slapd: SlapdServer, tmp_path: Path, empty_dns: StubDns) -> None:
+    """With ``workers = 1`` there is no parent: the worker serves /metrics from a thread."""
+    port = free_port()
+    extra = f'workers = 1\nlogin_report_listen = []\nmetrics_listen = "127.0.0.1:{port}"\n'
+    path, listen = write_config(slapd, tmp_path, empty_dns, extra)
+    url = f"http://127.0.0.1:{port}/metrics"
+    proc = subprocess.Popen([*MAILWARDEN, "--config", str(path), "policyd", "run"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        client = wait_answering(listen[0], proc)
+        for _ in range(3):
+            assert client.ask(recipient=OUT).startswith("554 5.7.1")
+        client.close()
+        s = wait_for(url, lambda s: total(s, "mailwarden_policyd_decisions_total") >= 3)
+        assert total(s, "mailwarden_policyd_decisions_total", check="relay", action="reject") == 3
+    finally:
+        err = stop_daemon(proc)
+    assert proc.returncode == 0, err
