@@ -1,9 +1,9 @@
 """The policy daemon's Prometheus metrics: what it defines and where each is recorded.
 
-One counter and one histogram per request on the hot path (the label children are kept,
-so recording is a dictionary lookup and two increments); everything else is polled
-from plain totals once a second.  Labels are bounded: stages, check names and action
-classes, never an address or an IP.
+One counter and one histogram per request on the hot path (the counter's series are kept
+by stage, check and short action, so recording is a dictionary lookup and two locked
+additions); cache hits and check failures are polled from plain totals once a second.
+Labels are bounded: stages, check names and action classes, never an address or an IP.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from mailwarden.metrics import CounterLike, DaemonMetrics, Metrics
 from policyd.protocol import STAGES
 
 ACTIONS = ("ok", "dunno", "prepend", "defer", "reject", "other")
+SHORT_ACTION = 24
+"""Actions up to this long are remembered with their counter (the fixed words the checks
+answer with); a longer one, which may carry an address, is classified each time."""
 
 
 def action_class(action: str) -> str:
@@ -51,16 +54,19 @@ class PolicydMetrics(DaemonMetrics):
         self.known_checks = {"envelope", "deadline", "internal", "malformed"}
         """Values of the ``check`` label besides ``none``: these and the configured checks."""
         self._children: dict[tuple[str, str, str], CounterLike] = {}
+        self._latency = self.request_seconds.labels()
 
     def decided(self, stage: str, check: str, action: str, seconds: float) -> None:
         """Count one answer and its time."""
         if not self.on:
             return
-        key = (stage, check, action_class(action))
+        key = (stage, check, action)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self.decisions.labels(
-                stage if stage in STAGES else "other",
-                check if check in self.known_checks else "none", key[2])
+            child = self.decisions.labels(stage if stage in STAGES else "other",
+                                          check if check in self.known_checks else "none",
+                                          action_class(action))
+            if len(action) <= SHORT_ACTION:  # OK, DUNNO, ...: a few; longer ones may name addresses
+                self._children[key] = child
         child.inc()
-        self.request_seconds.observe(seconds)
+        self._latency.observe(seconds)
