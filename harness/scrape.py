@@ -48,11 +48,13 @@ class Scraper:
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self) -> None:
-        """Scrape until stopped."""
-        while not self.stopping.wait(self.interval):
+        """Scrape at once, then every ``interval`` seconds until stopped."""
+        while True:  # at once, then every interval
             with urllib.request.urlopen(self.url, timeout=5) as response:  # noqa: S310 (http on loopback)
                 response.read()
             self.scrapes += 1
+            if self.stopping.wait(self.interval):
+                return
 
     def __enter__(self) -> Scraper:
         self.thread.start()
