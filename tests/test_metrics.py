@@ -194,3 +194,16 @@ def test_quantiles_interpolate_inside_the_bucket() -> None:
     assert quantile([(0.1, 50.0), (1.0, 100.0), (math.inf, 100.0)], 0.5) == 0.1
     assert quantile([(0.1, 50.0), (1.0, 100.0), (math.inf, 100.0)], 0.75) == pytest.approx(0.55)
     assert math.isnan(quantile([(0.1, 0.0), (math.inf, 0.0)], 0.5))
+
+
+def test_the_daemons_checks_name_a_bad_metrics_listen() -> None:
+    from milters.config import MilterConfig, check_milter_config
+    from policyd.app import validate
+    from policyd.config import PolicydConfig
+
+    assert "milter.metrics_listen: '9101': expected host:port (e.g. 127.0.0.1:9101)" in check_milter_config(
+        MilterConfig(metrics_listen="9101"), 0.0)
+    assert not [p for p in check_milter_config(MilterConfig(metrics_listen="127.0.0.1:9101"), 0.0)
+                if "metrics" in p]
+    problems = validate(PolicydConfig(metrics_listen="x:1"))
+    assert any(p.startswith("policyd.metrics_listen: ") for p in problems)
