@@ -508,6 +508,8 @@ class Poller:
         self.interval = interval
         self.sources: list[tuple[Callable[[], int], CounterLike, list[int]]] = []
         self.due = 0.0
+        self.before: list[Callable[[], None]] = []
+        """Run at the start of each :meth:`flush` (to read totals kept in another shape once)."""
 
     def add(self, read: Callable[[], int], counter: CounterLike) -> None:
         """Follow ``read()`` into ``counter`` from its value now on."""
@@ -515,6 +517,8 @@ class Poller:
 
     def flush(self) -> None:
         """Move every increase into its counter."""
+        for prepare in self.before:
+            prepare()
         for read, counter, last in self.sources:
             value = read()
             if value > last[0]:

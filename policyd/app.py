@@ -303,6 +303,9 @@ class Decision:
 
 
 DUNNO = Decision("DUNNO", "", "")
+RESULTS = {kind.value: kind.value.lower() if kind is not Kind.PERMIT else "ok" for kind in Kind}
+"""A check's answer (its Kind's value) as a metrics label."""
+FAILED = "failed"
 
 
 class Engine:
@@ -316,15 +319,45 @@ class Engine:
     def __init__(self, checks: list[Check], services: Services) -> None:
         self.services = services
         self.checks = checks
-        self.failures: dict[str, int] = {c.name: 0 for c in checks}
-        """Backend failures per check so far (metrics)."""
+        self.tally: dict[tuple[str, ...], int] | None = None
+        """With metrics on: how many requests saw each sequence of check answers (check
+        name, Kind value or ``failed``: its backend failed, name, value, ...); counted once
+        a request is decided, so an evaluation redone off the loop counts once.  One
+        dictionary update per request; :meth:`check_totals` adds up per check."""
+        self.lock = threading.Lock()
         self.by_stage: dict[str, list[Check]] = {}
         for check in checks:
             for stage in check.stages:
                 self.by_stage.setdefault(stage, []).append(check)
 
+    def count(self) -> None:
+        """Start counting what each check answers (:attr:`tally`)."""
+        self.tally = {}
+
+    def check_totals(self) -> dict[tuple[str, str], int]:
+        """Answers so far by (check name, Kind value or ``failed``), every pair present."""
+        totals = {(c.name, r): 0 for c in self.checks for r in (*RESULTS, FAILED)}
+        with self.lock:
+            counted = list((self.tally or {}).items())
+        for answers, requests in counted:
+            for i in range(0, len(answers), 2):
+                totals[answers[i], answers[i + 1]] += requests
+        return totals
+
     def decide(self, request: PolicyRequest, txn: Transaction, *, inline: bool) -> Decision:
         """The decision for ``request``; raises WouldBlock only when ``inline``."""
+        tally = self.tally
+        if tally is None:
+            return self._decide(request, txn, inline, None)
+        seen: list[str] = []
+        decision = self._decide(request, txn, inline, seen)
+        answers = tuple(seen)
+        with self.lock:
+            tally[answers] = tally.get(answers, 0) + 1
+        return decision
+
+    def _decide(self, request: PolicyRequest, txn: Transaction, inline: bool,
+                seen: list[str] | None) -> Decision:
         checks = self.by_stage.get(request.stage)
         if not checks:
             return DUNNO
@@ -338,7 +371,10 @@ class Engine:
         for check in checks:
             if spared and check.spares_role_addresses:
                 continue
-            verdict = self._run(check, ctx)
+            verdict = self._run(check, ctx, seen)
+            if seen is not None:
+                # The member's value attribute, not .value: a property call per check.
+                seen += (check.name, verdict.kind._value_ if verdict is not None else "DUNNO")
             if verdict is None:
                 continue
             if verdict.final:
@@ -356,15 +392,18 @@ class Engine:
             return Decision(prepended[0].action, prepended[1], prepended[0].reason)
         return DUNNO
 
-    def _run(self, check: Check, ctx: CheckContext) -> CheckVerdict | None:
+    def _run(self, check: Check, ctx: CheckContext, seen: list[str] | None) -> CheckVerdict | None:
         try:
             return check.evaluate(ctx)
         except WouldBlock:
             raise
         except BACKEND_ERRORS as exc:
-            self.failures[check.name] = self.failures.get(check.name, 0) + 1
+            if seen is not None:
+                seen += (check.name, FAILED)
             return self._failed(check, f"{type(exc).__name__}: {exc}")
         except Exception as exc:
+            if seen is not None:
+                seen += (check.name, FAILED)
             log.error("check %s failed on %s: %s: %s", check.name, ctx.request.stage,
                       type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return self._failed(check, f"internal error: {type(exc).__name__}: {exc}")
@@ -428,9 +467,15 @@ class PolicyApp:
         m = self.services.metrics
         if m.on:
             m.known_checks |= {c.name for c in self.engine.checks}
-            for name in self.engine.failures:
-                m.poller.add(lambda n=name: self.engine.failures[n],  # type: ignore[misc]
-                             m.check_failures.labels(name))
+            engine = self.engine
+            engine.count()
+            totals = engine.check_totals()
+            m.poller.before.append(lambda: totals.update(engine.check_totals()))
+            for key in totals:
+                check, result = key
+                counter = (m.check_failures.labels(check) if result == FAILED
+                           else m.check_results.labels(check, RESULTS[result]))
+                m.poller.add(lambda k=key: totals[k], counter)  # type: ignore[misc]
 
     def close(self) -> None:
         """Release the store."""

@@ -2,7 +2,8 @@
 
 One counter and one histogram per request on the hot path (the counter's series are kept
 by stage, check and short action, so recording is a dictionary lookup and two locked
-additions); cache hits and check failures are polled from plain totals once a second.
+additions); what each check answered, its failures and cache hits are polled from plain
+totals once a second.
 Labels are bounded: stages, check names and action classes, never an address or an IP.
 """
 
@@ -45,6 +46,10 @@ class PolicydMetrics(DaemonMetrics):
             "(ok/dunno/prepend/defer/reject)", ["stage", "check", "action"])
         self.request_seconds = m.histogram("mailwarden_policyd_request_seconds",
                                            "time from reading a request to answering it")
+        self.check_results = m.counter(
+            "mailwarden_policyd_check_results_total",
+            "what each check answered (ok/dunno/prepend/defer/reject), whether or not it decided",
+            ["check", "result"])
         self.check_failures = m.counter("mailwarden_policyd_check_failures_total",
                                         "checks whose backend failed (answered with their failure_action)",
                                         ["check"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,14 @@ from harness.dnsstub import StubDns
 from harness.ports import free_port
 from harness.scrape import total, wait_for
 from harness.slapd import SlapdServer
-from tests.policyd.conftest import PolicyClient
+from mailwarden.config import parse_config
+from mailwarden.metrics import Metrics
+from mailwarden.store import MemoryStore
+from policyd.app import Engine, build_services
+from policyd.checks.base import Transaction, WouldBlock, permit
+from policyd.metrics import PolicydMetrics
+from policyd.protocol import PolicyRequest
+from tests.policyd.conftest import PolicyClient, fake_directory, request
 from tests.policyd.test_cli import MAILWARDEN, OUT, stop_daemon, wait_answering, write_config
 
 pytestmark = pytest.mark.slapd
@@ -47,6 +55,13 @@ def test_decisions_add_up_over_both_workers(slapd: SlapdServer, tmp_path: Path, 
         assert total(s, decisions, check="malformed", action="defer") == 1
         assert total(s, decisions) == 41
         assert total(s, "mailwarden_policyd_request_seconds_count") == 41
+        # What each check answered, whether or not it decided: relay refused 20 and
+        # permitted the 20 logins; sender_login was asked only for those 20.
+        results = "mailwarden_policyd_check_results_total"
+        assert total(s, results, check="relay", result="reject") == 20
+        assert total(s, results, check="relay", result="ok") == 20
+        assert total(s, results, check="sender_login") == 20
+        assert total(s, "mailwarden_policyd_check_failures_total") == 0
         assert total(s, "mailwarden_policyd_connections") == 2  # the malformed one's and the held one
         assert total(s, "mailwarden_policyd_backend_seconds_count", backend="ldap") >= 1
         assert total(s, "mailwarden_policyd_cache_requests_total", cache="policy", result="hit") >= 1
@@ -107,3 +122,43 @@ def test_one_worker_serves_its_own_metrics(slapd: SlapdServer, tmp_path: Path, e
     finally:
         err = stop_daemon(proc)
     assert proc.returncode == 0, err
+
+
+class Stub:
+    """A check answering from a list; ``WouldBlock`` in it is raised."""
+
+    stages = ("RCPT",)
+    spares_role_addresses = False
+    failure_action = "dunno"
+
+    def __init__(self, name: str, answers: list[Any]) -> None:
+        self.name = name
+        self.answers = answers
+
+    def evaluate(self, _ctx: Any) -> Any:
+        answer = self.answers.pop(0)
+        if answer is WouldBlock:
+            raise WouldBlock
+        return answer
+
+
+def test_a_check_redone_off_the_loop_counts_once() -> None:
+    """An evaluation the loop gives up (WouldBlock) and a worker thread redoes is one answer
+    per check, though the first check answered twice."""
+    config = parse_config(f'[dns]\nnameservers = ["127.0.0.1"]\nport = {free_port()}\n', "t.toml")
+    metrics = PolicydMetrics(Metrics(directory=""))
+    services = build_services(config, directory=fake_directory(), store=MemoryStore(), metrics=metrics)
+    first = Stub("first", [permit("yes"), permit("yes")])
+    second = Stub("second", [WouldBlock, None])
+    engine = Engine([first, second], services)  # type: ignore[list-item]
+    engine.count()
+    req = PolicyRequest(request(recipient=OUT))
+    txn = Transaction(req.instance)
+    services.resolver.effective_policy(OUT)  # the recipient's policy is cached
+    with pytest.raises(WouldBlock):
+        engine.decide(req, txn, inline=True)
+    assert engine.decide(req, txn, inline=False).action == "OK"
+    assert first.answers == [] and second.answers == []
+    totals = engine.check_totals()
+    assert totals[("first", "OK")] == 1 and totals[("second", "DUNNO")] == 1
+    assert sum(totals.values()) == 2
