@@ -66,6 +66,7 @@ from harness.cpumeter import CpuMeter, peak_rss_mb, process_tree
 from harness.ports import free_port
 from harness.postfix import PostfixInstance
 from harness.process import stop_process
+from harness.scrape import Scraper
 from harness.slapd import SlapdServer, mailwarden_database
 from harness.smtpsink import SmtpSink
 from harness.spamd import GTUBE, SpamdServer
@@ -344,17 +345,23 @@ def launch_mailwarden(work: Path, slapd: SlapdServer, tag: str, milter: str, sec
         [sys.executable, "-c", "from mailwarden.cli import main; main()", "--config", str(conf),
          "milter", "run"], stdout=subprocess.DEVNULL, stderr=(work / f"{tag}.log").open("wb"))
     wait_socket(sock, proc, "mailwarden milter")
-    return Daemon(f"mailwarden ({workers} worker{'s' if workers > 1 else ''})", proc, sock)
+    metered = ", metrics" if "metrics_listen" in milter else ""
+    label = f"{workers} worker{'s' if workers > 1 else ''}{metered}"
+    return Daemon(f"mailwarden ({label})", proc, sock)
 
 
 def start_mailwarden(work: Path, slapd: SlapdServer, clamd: ClamdServer, spamd: SpamdServer,
-                     reinject_port: int, lmtp_port: int, dns_port: int, workers: int = 1) -> Daemon:
+                     reinject_port: int, lmtp_port: int, dns_port: int, workers: int = 1,
+                     metrics_port: int = 0) -> Daemon:
     """The milter as configured by default (sender authentication on, asking the stub DNS
     at 127.0.0.1:``dns_port``) with clamd and spamd, ``workers`` processes sharing its
-    socket; archive mailboxes are on the Dovecot whose LMTP is at 127.0.0.1:``lmtp_port``."""
-    return launch_mailwarden(work, slapd, f"mailwarden-{workers}",
+    socket; archive mailboxes are on the Dovecot whose LMTP is at 127.0.0.1:``lmtp_port``;
+    /metrics on ``metrics_port`` when given."""
+    tag = f"{workers}-metrics" if metrics_port else f"{workers}"
+    metrics = f'metrics_listen = "127.0.0.1:{metrics_port}"\n' if metrics_port else ""
+    return launch_mailwarden(work, slapd, f"mailwarden-{tag}",
                              f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.unix_address}"]\n'
-                             f'reinject = "inet:127.0.0.1:{reinject_port}"\n',
+                             f'reinject = "inet:127.0.0.1:{reinject_port}"\n{metrics}',
                              f'[render]\ndefault_mailbox_host = "127.0.0.1"\nmailbox_port = {lmtp_port}\n'
                              f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\n',
                              workers=workers)
@@ -520,6 +527,39 @@ def verdict_cases(domain: str, users: list[int]) -> list[tuple[str, bytes, str]]
 
 
 TWO_WORKERS = "mailwarden, virus only, workers = 2"
+METRICS_ON = "mailwarden, virus only, metrics on"
+
+
+def metrics_cost(runs: dict[str, list[Result]]) -> dict[str, float]:
+    """What metrics on cost the virus-only path (medians of the interleaved rounds), in %."""
+    def median(name: str, key: str) -> float:
+        return float(statistics.median(getattr(r, key) for r in runs[name]))
+
+    off, on = "mailwarden, virus only", METRICS_ON
+
+    def pair_median(key: str) -> float:
+        """The median over rounds of on / off (each round runs both, one after the other)."""
+        pairs = zip(runs[off], runs[on], strict=True)
+        return float(statistics.median(getattr(b, key) / getattr(a, key) for a, b in pairs))
+
+    return {"msg_per_s_off": median(off, "e2e_rate"), "msg_per_s_on": median(on, "e2e_rate"),
+            "rate_cost_pct": 100 * (1 - pair_median("e2e_rate")),
+            "cpu_ms_off": median(off, "milter_cpu_ms"), "cpu_ms_on": median(on, "milter_cpu_ms"),
+            "cpu_cost_pct": 100 * (pair_median("milter_cpu_ms") - 1)}
+
+
+def report_metrics_pair(runs: dict[str, list[Result]]) -> int:
+    cost = metrics_cost(runs)
+    for name, found in runs.items():
+        for r in found:
+            print(f"{name:<40} {r.messages:>5} e2e {r.e2e_rate:>7.1f}/s  p50 {r.p50_ms:>6.1f} ms  "
+                  f"milter {r.milter_cpu_ms:>6.2f} ms/msg  {r.replies}")
+    print(f"metrics on: {cost['msg_per_s_on']:.1f} msg/s vs {cost['msg_per_s_off']:.1f} off, milter CPU "
+          f"{cost['cpu_ms_on']:.2f} vs {cost['cpu_ms_off']:.2f} ms/msg (medians); cost (median of the "
+          f"rounds' on/off pairs): {cost['rate_cost_pct']:+.1f} % msg/s, "
+          f"{cost['cpu_cost_pct']:+.1f} % CPU per message")
+    print(json.dumps({"metrics": cost, "rounds": {k: [r.__dict__ for r in v] for k, v in runs.items()}}))
+    return 0
 
 
 def main() -> int:
@@ -527,6 +567,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a fifth of the messages")
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--repeat", type=int, default=1, help="rounds of all variants (the median is shown)")
+    ap.add_argument("--metrics-pair", action="store_true",
+                    help="only the virus-only path with metrics off and on (scraped every second)")
     args = ap.parse_args()
     scale = 0.2 if args.quick else 1.0
     sizes = {"fast": int(2000 * scale), "av": int(2000 * scale), "spam": int(160 * scale),
@@ -565,6 +607,9 @@ def main() -> int:
         daemons.append(warden := start_mailwarden(work, slapd, clamd, spamd, reinject_port, lmtp, dns_port))
         daemons.append(warden2 := start_mailwarden(work, slapd, clamd, spamd, reinject_port, lmtp,
                                                    dns_port, workers=2))
+        metrics_port = free_port()
+        daemons.append(warden_metrics := start_mailwarden(work, slapd, clamd, spamd, reinject_port, lmtp,
+                                                          dns_port, metrics_port=metrics_port))
         if clamd.pid is None or spamd.pid is None or mailbox.proc is None:
             raise RuntimeError("clamd, spamd or Dovecot is not running")
         scanners += [CpuMeter("clamd", clamd.pid), CpuMeter("spamd", spamd.pid),
@@ -581,11 +626,17 @@ def main() -> int:
             milter beside it, so the CPU a message costs at that pace can be told apart from
             what the spam check adds.
             """
+            pair = [
+                ("mailwarden, virus only", [warden], workload(sizes["av"], domain_picker("av.example")), ""),
+                (METRICS_ON, [warden_metrics], workload(sizes["av"], domain_picker("av.example")), ""),
+            ]
+            if args.metrics_pair:
+                return pair
             return [
                 ("postfix alone", [], workload(sizes["fast"], domain_picker("av.example")), ""),
                 ("clamav-milter (virus only)", [clam_milter],
                  workload(sizes["av"], domain_picker("av.example")), ""),
-                ("mailwarden, virus only", [warden], workload(sizes["av"], domain_picker("av.example")), ""),
+                *pair,
                 (ARCHIVED, [warden], workload(sizes["av"], domain_picker("arch.example")), ""),
                 (TWO_WORKERS, [warden2], workload(sizes["av"], domain_picker("av.example")), ""),
                 ("peer: clamav-milter + spamass-milter", [clam_milter, spamass],
@@ -603,9 +654,18 @@ def main() -> int:
             for name, milters, jobs, paced_by in plan():
                 pace = runs[paced_by][-1].e2e_rate if paced_by else 0.0
                 print(f"... round {round_ + 1}: {name}: {len(jobs)} messages", file=sys.stderr, flush=True)
-                runs.setdefault(name, []).append(run_variant(name, postfix, milters, scanners, jobs, s, pace))
+                found = runs.setdefault(name, [])
+                if name != METRICS_ON:
+                    found.append(run_variant(name, postfix, milters, scanners, jobs, s, pace))
+                    continue
+                with Scraper(f"http://127.0.0.1:{metrics_port}/metrics") as scraper:
+                    found.append(run_variant(name, postfix, milters, scanners, jobs, s, pace))
+                if not scraper.scrapes:
+                    raise RuntimeError("/metrics was never scraped")
         for found in runs.values():
             results.append(sorted(found, key=lambda r: r.e2e_rate)[len(found) // 2])
+        if args.metrics_pair:
+            return report_metrics_pair(runs)
         # Every message delivered to arch.example (the warm-up's too) has its one copy.
         delivered = sum(r.replies.get("2xx", 0) + USERS for r in runs[ARCHIVED])
         copies = {"kept": maildir_count(archive_dir), "delivered": delivered}
@@ -655,6 +715,7 @@ def main() -> int:
         "clamav_milter_vs_postfix": by["clamav-milter (virus only)"].e2e_rate / by["postfix alone"].e2e_rate,
         "virus_only_2_workers_vs_1": by[TWO_WORKERS].e2e_rate / by["mailwarden, virus only"].e2e_rate,
         "archived_vs_virus_only": by[ARCHIVED].e2e_rate / by["mailwarden, virus only"].e2e_rate,
+        "virus_only_metrics_on_vs_off": by[METRICS_ON].e2e_rate / by["mailwarden, virus only"].e2e_rate,
     }
     # CPU per message at the pace spamd sets, ms (a quiet node pays more per message
     # than a busy one: see docs/milter.md).

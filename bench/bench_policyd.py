@@ -36,6 +36,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,7 @@ sys.path.insert(0, str(REPO))
 from harness.cpumeter import CpuMeter  # noqa: E402
 from harness.ports import free_port  # noqa: E402
 from harness.redisserver import RedisServer  # noqa: E402
+from harness.scrape import Scraper  # noqa: E402
 from harness.slapd import Database, SlapdServer  # noqa: E402
 from mailwarden.sampledata import synthetic_ldif, user_address  # noqa: E402
 from mailwarden.store import SQLiteStore  # noqa: E402
@@ -224,7 +226,9 @@ def stop(proc: subprocess.Popen[Any]) -> None:
 THREADS = 8
 
 
-def daemon_config(ldap_uri: str, store: str, dns_port: int, checks: list[str], workers: int) -> str:
+def daemon_config(ldap_uri: str, store: str, dns_port: int, checks: list[str], workers: int,
+                  metrics_port: int = 0) -> str:
+    metrics = f'metrics_listen = "127.0.0.1:{metrics_port}"' if metrics_port else ""
     return f"""
 [general]
 log_level = "info"
@@ -245,6 +249,7 @@ trusted_networks = []
 workers = {workers}
 threads = {THREADS}
 checks = {json.dumps(checks)}
+{metrics}
 """
 
 
@@ -368,6 +373,66 @@ def measure_size(
     finally:
         slapd.cleanup()
     return results
+
+
+def measure_metrics(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The submission path with metrics off and on (scraped every second), in interleaved
+    rounds against two daemons that run side by side: the medians and the cost in %."""
+    size = 1000
+    ldif = work / "synthetic-metrics.ldif"
+    with ldif.open("w", encoding="utf-8") as out:
+        for chunk in synthetic_ldif(size, DOMAINS, seed=size):
+            out.write(chunk)
+    slapd = SlapdServer([Database("dc=mailwarden,dc=test", [ldif])], workdir=work / "slapd-metrics")
+    slapd.configure()
+    slapd.start()
+    rng = random.Random(size)
+    submitters = [user_address(i, DOMAINS) for i in range(size)
+                  if has(i, "smtp_auth") and has(i, "rate_limits")]
+    checks = ["relay", "sender_login", "reputation", "rate_limit", "spf", "greylist"]
+    metrics_port = free_port()
+    daemons: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    rounds: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    try:
+        for mode, port in (("off", 0), ("on", metrics_port)):
+            store = f'[store]\nsqlite_path = "{work}/state-metrics-{mode}.sqlite3"\n'
+            daemons[mode] = start_daemon(work, f"metrics-{mode}", daemon_config(
+                slapd.uri, store, free_port(), checks, args.workers, port))
+            warm = [policy_request(sasl_username=u, sender=u, instance=f"w{i}")
+                    for i, u in enumerate(submitters)]
+            warm_every_worker(daemons[mode][1], warm, args.connections, work)
+        for r in range(args.metrics_rounds):
+            picks = [submitters[rng.randrange(len(submitters))] for _ in range(args.metrics_requests)]
+            sub = [policy_request(sasl_username=u, sender=u, client_address="198.51.100.1",
+                                  instance=f"s{r}-{k}") for k, u in enumerate(picks)]
+            for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+                proc, spec = daemons[mode]
+                if mode == "off":
+                    rounds[mode].append(run_load(spec, sub, args.connections, work, (proc.pid,)))
+                    continue
+                with Scraper(f"http://127.0.0.1:{metrics_port}/metrics") as scraper:
+                    rounds[mode].append(run_load(spec, sub, args.connections, work, (proc.pid,)))
+                if not scraper.scrapes:
+                    raise RuntimeError("/metrics was never scraped")
+    finally:
+        for proc, _ in daemons.values():
+            stop(proc)
+        slapd.cleanup()
+
+    def median(mode: str, key: str) -> float:
+        return float(statistics.median(row[key] for row in rounds[mode]))
+
+    def pair_median(key: str) -> float:
+        """The median over rounds of on / off: each pair ran back to back, so what the
+        machine's other work does to both cancels better than in the medians apart."""
+        pairs = zip(rounds["off"], rounds["on"], strict=True)
+        return float(statistics.median(b[key] / a[key] for a, b in pairs))
+
+    return {"per_s_off": median("off", "per_s"), "per_s_on": median("on", "per_s"),
+            "rate_cost_pct": round(100 * (1 - pair_median("per_s")), 2),
+            "cpu_us_off": median("off", "server_cpu_us"), "cpu_us_on": median("on", "server_cpu_us"),
+            "cpu_cost_pct": round(100 * (pair_median("server_cpu_us") - 1), 2),
+            "p99_ms_off": median("off", "p99_ms"), "p99_ms_on": median("on", "p99_ms"), "rounds": rounds}
 
 
 # ---------------------------------------------------------------- peers in a private network namespace
@@ -518,6 +583,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="policyd processes")
     ap.add_argument("--threads", type=int, default=8, help="policyd threads per process")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--metrics", action="store_true",
+                    help="also the submission path with metrics off and on (scraped every second)")
+    ap.add_argument("--metrics-rounds", type=int, default=20, help="interleaved off/on rounds")
+    ap.add_argument("--metrics-requests", type=int, default=10000, help="requests per metrics round")
     ap.add_argument("--load-job", help=argparse.SUPPRESS)
     ap.add_argument("--peer-helper", help=argparse.SUPPRESS)
     ap.add_argument("--stub-dns", type=int, help=argparse.SUPPRESS)
@@ -544,6 +613,7 @@ def main() -> int:
         for size in (int(s) for s in args.sizes.split(",") if s):
             rows += measure_size(size, args.backends.split(","), args, work)
         peers = [] if args.no_peers else measure_peers(args, work)
+        metrics = measure_metrics(args, work) if args.metrics else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
@@ -580,11 +650,21 @@ def main() -> int:
                 large["submission"]["per_s"] / small["submission"]["per_s"], 3)
             ratios[f"submission_p99_large_over_small_{backend}"] = round(
                 large["submission"]["p99_ms"] / small["submission"]["p99_ms"], 3)
+    if metrics is not None:
+        print(f"\nmetrics (submission, 1,000 subscribers, SQLite, {args.metrics_rounds} interleaved rounds, "
+              "medians; /metrics scraped every second):")
+        print(f"{'metrics':>8} {'req/s':>9} {'p99 ms':>7} {'cpu us':>7}")
+        for mode in ("off", "on"):
+            print(f"{mode:>8} {metrics[f'per_s_{mode}']:>9,.0f} {metrics[f'p99_ms_{mode}']:>7.2f} "
+                  f"{metrics[f'cpu_us_{mode}']:>7}")
+        print(f"cost of metrics on (median of the rounds' on/off pairs): {metrics['rate_cost_pct']:+.1f} % "
+              f"req/s, {metrics['cpu_cost_pct']:+.1f} % CPU per request")
+        ratios["submission_metrics_on_vs_off"] = round(metrics["per_s_on"] / metrics["per_s_off"], 3)
     if ratios:
         print("\nratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
     print(json.dumps({"bench": "policyd", "workers": args.workers, "connections": args.connections,
                       "cpus": os.cpu_count(), "loadavg": [load_before[0], load_after[0]],
-                      "results": rows, "peers": peers, "ratios": ratios}))
+                      "results": rows, "peers": peers, "metrics": metrics, "ratios": ratios}))
     return 0
 
 

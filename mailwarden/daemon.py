@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mailwarden.endpoint import Endpoint
+from mailwarden.metrics import Exporter
 
 log = logging.getLogger("mailwarden.daemon")
 
@@ -97,6 +98,8 @@ class Daemon:
     workers: int = 1
     threads: int = 16
     event_loop: str = "uvloop"
+    metrics_listen: str = ""
+    """``host:port`` of ``/metrics`` (served by the process that forks the workers); empty: off."""
 
 
 def run_daemon(daemon: Daemon, serve: Callable[[list[socket.socket]], Coroutine[Any, Any, None]], *,
@@ -106,7 +109,9 @@ def run_daemon(daemon: Daemon, serve: Callable[[list[socket.socket]], Coroutine[
     ``daemon.workers`` processes until SIGTERM/SIGINT; the exit status.
 
     ``before_drop`` runs while still privileged (e.g. importing what later needs reading);
-    ``after_fork`` in each new worker (e.g. logging set up again).
+    ``after_fork`` in each new worker (e.g. logging set up again).  With
+    ``daemon.metrics_listen`` set, the node's ``/metrics`` is served from this process
+    (:class:`mailwarden.metrics.Exporter`) before any worker starts.
     """
     endpoints = [Endpoint.parse(spec) for spec in daemon.listen]
     try:
@@ -122,6 +127,16 @@ def run_daemon(daemon: Daemon, serve: Callable[[list[socket.socket]], Coroutine[
         log.error("%s: cannot switch to user %r / group %r: %s", daemon.name, daemon.user, daemon.group, exc)
         return os.EX_CONFIG
 
+    exporter: Exporter | None = None
+    if daemon.metrics_listen:
+        exporter = Exporter(daemon.metrics_listen, daemon.name)
+        try:
+            exporter.start()
+        except OSError as exc:
+            log.error("%s: cannot serve metrics on %s: %s", daemon.name, daemon.metrics_listen,
+                      exc.strerror or exc)
+            return os.EX_OSERR
+
     def work() -> int:
         try:
             run_loop(serve(sockets), daemon.event_loop, threads=daemon.threads, name=daemon.name)
@@ -130,9 +145,18 @@ def run_daemon(daemon: Daemon, serve: Callable[[list[socket.socket]], Coroutine[
             return 1
         return 0
 
+    def in_worker() -> None:
+        if exporter is not None:
+            exporter.after_fork()
+        if after_fork is not None:
+            after_fork()
+
     try:
-        return supervise(daemon.workers, work, name=daemon.name, after_fork=after_fork)
+        return supervise(daemon.workers, work, name=daemon.name, after_fork=in_worker,
+                         reaped=exporter.worker_died if exporter is not None else None)
     finally:
+        if exporter is not None:
+            exporter.stop()
         for endpoint in endpoints:
             if endpoint.is_unix:
                 with contextlib.suppress(OSError):
@@ -141,10 +165,12 @@ def run_daemon(daemon: Daemon, serve: Callable[[list[socket.socket]], Coroutine[
 
 
 def supervise(workers: int, work: Callable[[], int], *, name: str,
-              after_fork: Callable[[], None] | None = None) -> int:
+              after_fork: Callable[[], None] | None = None,
+              reaped: Callable[[int], None] | None = None) -> int:
     """Run ``work`` in ``workers`` forked processes until SIGTERM/SIGINT; restart one that dies.
 
     ``work`` returns the worker's exit status.  With one worker it runs in this process.
+    ``reaped(pid)`` hears of every worker that ended.
     """
     if workers <= 1:
         return work()
@@ -186,6 +212,8 @@ def supervise(workers: int, work: Callable[[], int], *, name: str,
         except InterruptedError:
             continue
         born = children.pop(pid, None)
+        if born is not None and reaped is not None:
+            reaped(pid)
         if born is None or stopping:
             continue
         log.error("%s worker %d exited (status %d); starting another", name, pid, code)

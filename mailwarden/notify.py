@@ -200,6 +200,9 @@ class Notifier:
         return "sent"
 
 
+NOTICE_RESULTS = ("sent", "limited", "failed", "dropped")
+
+
 class NoticeOutbox:
     """Sends notices from a thread of its own, so that no SMTP reply waits for one.
 
@@ -218,6 +221,8 @@ class NoticeOutbox:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._lock = threading.Lock()
+        self.results: dict[str, int] = dict.fromkeys(NOTICE_RESULTS, 0)
+        """Notices so far by result: sent, limited, failed, dropped (outbox full)."""
 
     def post(self, notice: Notice, facts: MessageFacts) -> bool:
         """Queue one notice; False (and a log line) when the outbox is full."""
@@ -225,6 +230,7 @@ class NoticeOutbox:
         try:
             self._queue.put_nowait((notice, facts))
         except queue.Full:
+            self.results["dropped"] += 1
             log.warning("%s: notice %s to <%s> dropped: %d notices already waiting",
                         facts.queue_id or "NOQUEUE", notice.kind, notice.to, self.capacity)
             return False
@@ -246,6 +252,8 @@ class NoticeOutbox:
                     return
                 notice, facts = item
                 result = self.notifier.notify(notice, facts)
+                kind = result.split(":", 1)[0]
+                self.results[kind] = self.results.get(kind, 0) + 1
                 (log.warning if result.startswith("failed") else log.info)(
                     "%s: notice %s to <%s>: %s", facts.queue_id or "NOQUEUE", notice.kind, notice.to, result)
             except Exception:  # the thread must outlive any one notice

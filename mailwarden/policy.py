@@ -233,7 +233,10 @@ class PolicyResolver:
         """
         key = normalize_address(address)
         with self._lock:
-            return self._cache.get(key, self.clock())
+            found = self._cache.get(key, self.clock())
+            if found is not None:
+                self.hits += 1
+            return found
 
     async def lookup(self, address: str) -> EffectivePolicy:
         """:meth:`effective_policy` for code on an event loop: a fresh cached policy at once,

@@ -13,6 +13,7 @@ in ``milter.workers`` processes that share it (:mod:`mailwarden.daemon`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import socket
@@ -22,11 +23,13 @@ from mailwarden.config import Config
 from mailwarden.daemon import Daemon, run_daemon, until_stopped
 from mailwarden.directory import DirectoryUnavailable
 from mailwarden.log import setup_logging
+from mailwarden.metrics import Metrics
 from mailwarden.policy import AddressKind
 from milters.config import MilterConfig
 from milters.delivery import Outcome
 from milters.filters import Envelope
 from milters.message import BodySpool, HeaderList, ensure_dir
+from milters.metrics import MilterMetrics
 from milters.server import (
     ACCEPT,
     CONTINUE,
@@ -105,9 +108,11 @@ class ContentMilter:
             policy = await self.service.resolver.lookup(address)
         except DirectoryUnavailable as exc:
             log.warning("NOQUEUE: defer rcpt <%s>: directory unavailable: %s", address, exc)
+            self.service.metrics.rcpt_refused.labels("directory").inc()
             return _POLICY_UNAVAILABLE
         except InvalidAddress as exc:
             log.info("NOQUEUE: reject rcpt <%s>: %s", address, exc)
+            self.service.metrics.rcpt_refused.labels("bad_address").inc()
             return _BAD_ADDRESS
         blocked = policy.sender_listed("sender_blocklist", self.sender or "")
         if blocked is not None and policy.kind is not AddressKind.ROLE:
@@ -147,6 +152,7 @@ class ContentMilter:
             return reply_of(outcome)
         except Exception:
             log.exception("%s: internal error at end of message; deferred", self.macros.get("i") or "NOQUEUE")
+            self.service.metrics.failed()
             edits.clear()
             return TEMPFAIL
         finally:
@@ -171,9 +177,11 @@ def _freeze_heap() -> None:
 async def serve(config: Config, sockets: list[socket.socket]) -> None:
     """Serve on bound sockets until SIGTERM or SIGINT (one worker process)."""
     m = MilterConfig.of(config)
-    service = build_service(config)
-    service.lines.start(asyncio.get_running_loop())
+    service = build_service(config, metrics=MilterMetrics(Metrics(on=bool(m.metrics_listen))))
+    loop = asyncio.get_running_loop()
+    service.lines.start(loop)
     server = MilterServer(lambda macros: ContentMilter(service, macros), mta_timeout=m.mta_timeout)
+    watch = loop.create_task(service.watch(lambda: len(server.sessions)))
     try:
         await server.start(sockets)
         log.info("milter listening on %s (%d worker(s), %d threads each)", m.socket, m.workers, m.threads)
@@ -182,6 +190,9 @@ async def serve(config: Config, sockets: list[socket.socket]) -> None:
         log.info("milter stopping: %d connection(s)", len(server.sessions))
         await server.close()
     finally:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
         service.lines.flush()
         service.close()
 
@@ -196,7 +207,7 @@ def run(config: Config) -> int:
     logging.logMultiprocessing = False
     daemon = Daemon("milter", [m.socket], socket_mode=m.socket_mode, socket_group=m.socket_group,
                     user=m.user, group=m.group, workers=m.workers, threads=m.threads,
-                    event_loop=m.event_loop)
+                    event_loop=m.event_loop, metrics_listen=m.metrics_listen)
 
     def after_fork() -> None:
         setup_logging(config.general, "milter")

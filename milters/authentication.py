@@ -38,6 +38,7 @@ Results use the names of RFC 8601 (``pass``, ``fail``, ``neutral``, ``none``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
@@ -58,6 +59,7 @@ from publicsuffixlist import PublicSuffixList
 
 from mailwarden.dns import async_twin
 from mailwarden.dnslookup import resolve_async, resolve_sync
+from mailwarden.metrics import Backend, Timer
 from mailwarden.spfquery import ResolverQuery, pyspf_records
 from milters.filters import Envelope
 from milters.message import Message
@@ -80,34 +82,42 @@ class AuthDns:
     """TXT lookups on the event loop and pyspf lookups in a worker thread, both from one
     configured resolver (sharing its answer cache)."""
 
-    def __init__(self, resolver: dns.resolver.Resolver) -> None:
+    def __init__(self, resolver: dns.resolver.Resolver, backend: Backend | None = None) -> None:
         self.resolver = resolver
         self.aio = async_twin(resolver)
+        self.backend = backend
+        """Times the lookups (metrics on), else None."""
+
+    def _timed(self) -> Timer | contextlib.nullcontext[None]:
+        return self.backend.timed() if self.backend is not None else contextlib.nullcontext()
 
     async def txt(self, name: str) -> list[str]:
         """The TXT strings of ``name`` (each record's strings joined); ``[]`` when there are none."""
-        found = await resolve_async(self.aio, name, "TXT")
-        if isinstance(found, Exception):
-            raise DnsTempError(f"{name}: {type(found).__name__}")
+        with self._timed():
+            found = await resolve_async(self.aio, name, "TXT")
+            if isinstance(found, Exception):
+                raise DnsTempError(f"{name}: {type(found).__name__}")
         return [b"".join(r.strings).decode("utf-8", "replace") for r in found]
 
     async def exists(self, name: str) -> bool:
         """Whether ``name`` exists in DNS at all (RFC 9091: not NXDOMAIN for A, AAAA and MX)."""
         for rdtype in ("A", "AAAA", "MX"):
-            try:
-                await self.aio.resolve(name, rdtype, search=False, raise_on_no_answer=False)
-            except dns.resolver.NXDOMAIN:
-                continue
-            except dns.exception.DNSException as exc:
-                raise DnsTempError(f"{name}: {type(exc).__name__}") from None
+            with self._timed():
+                try:
+                    await self.aio.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+                except dns.resolver.NXDOMAIN:
+                    continue
+                except dns.exception.DNSException as exc:
+                    raise DnsTempError(f"{name}: {type(exc).__name__}") from None
             return True
         return False
 
     def spf_lookup(self, name: str, qtype: str) -> list[Any]:
         """One blocking lookup in pyspf's shape (worker threads only)."""
-        found = resolve_sync(self.resolver, name, qtype)
-        if isinstance(found, Exception):
-            raise spf.TempError(f"DNS {type(found).__name__}")
+        with self._timed():
+            found = resolve_sync(self.resolver, name, qtype)
+            if isinstance(found, Exception):
+                raise spf.TempError(f"DNS {type(found).__name__}")
         return pyspf_records(name, qtype, found)
 
 

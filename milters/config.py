@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from mailwarden.renderconfig import MilterWiring
 from mailwarden.daemon import EVENT_LOOPS
 from mailwarden.endpoint import Endpoint, EndpointError
+from mailwarden.metrics import check_listen
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -40,6 +41,10 @@ class MilterConfig:
         16, "threads per process for blocking work: directory lookups, quarantine, re-injection"
     )
     event_loop: str = setting("uvloop", "event loop: uvloop or asyncio")
+    metrics_listen: str = setting(
+        "", "host:port where the node's Prometheus /metrics is served (all workers added up), "
+        "bound exactly as given (e.g. 127.0.0.1:9101); empty: off"
+    )
     spool_dir: str = setting(
         "/var/lib/mailwarden/spool", "where messages larger than memory_limit are spooled"
     )
@@ -167,6 +172,7 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
             Endpoint.parse(addr)
         except EndpointError as exc:
             problems.append(f"milter.{key}: {exc}")
+    problems += check_listen("milter", cfg.metrics_listen)
     if cfg.event_loop not in EVENT_LOOPS:
         problems.append(f"milter.event_loop: {cfg.event_loop!r} must be one of {', '.join(EVENT_LOOPS)}")
     try:

@@ -49,6 +49,9 @@ class Pipeline:
                 log.exception("%s %s filter failed", ctx.envelope.tag, flt.name)
                 for outcome in targets:
                     outcome.block(Action.TEMPFAIL, f"internal error in the {flt.name} filter")
+            for outcome in targets:
+                if not outcome.in_play and not outcome.blocked_by:
+                    outcome.blocked_by = flt.name
             ctx.verdict.findings[f"{flt.name}_ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
         return ctx.verdict
 

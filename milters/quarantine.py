@@ -150,6 +150,16 @@ class Quarantine:
             raise
         return entry
 
+    def usage(self) -> tuple[int, int]:
+        """Messages and bytes in the quarantine directory now (files, not store entries)."""
+        count = size = 0
+        for pattern in ("*/*.eml", "*.eml"):
+            for path in self.dir.glob(pattern):
+                with contextlib.suppress(OSError):  # removed meanwhile by expire or release
+                    size += path.stat().st_size
+                    count += 1
+        return count, size
+
     def get(self, entry_id: str) -> QuarantineEntry:
         """The entry, or NotQuarantined."""
         self.path(entry_id)

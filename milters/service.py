@@ -18,8 +18,9 @@ from mailwarden.directory import Directory
 from mailwarden.dns import make_resolver
 from mailwarden.linelog import DecisionLog
 from mailwarden.logfields import NOQUEUE, new_mwid
+from mailwarden.metrics import TimedDirectory, TimedStore, dns_cache
 from mailwarden.networks import Networks
-from mailwarden.notify import NoticeTemplates, Notifier
+from mailwarden.notify import NOTICE_RESULTS, NoticeTemplates, Notifier
 from mailwarden.pbs import PopBeforeSmtp
 from mailwarden.policy import PolicyResolver
 from mailwarden.render import default_mailbox_host
@@ -35,12 +36,14 @@ from milters.filters.sender_auth import SenderAuthFilter
 from milters.filters.spam import SpamFilter
 from milters.filters.virus import LocalScanCache, StoreScanCache, VirusFilter
 from milters.message import BodySpool, HeaderList, Limits, Message, ensure_dir
+from milters.metrics import MilterMetrics, TimedInjector, TimedSpamScanner, TimedVirusScanner
 from milters.pipeline import Pipeline
 from milters.quarantine import Quarantine
 from milters.reinject import Injector, SmtpInjector
 from milters.scanners import ScanCache, SpamScanner, VirusScanner
 from milters.scanners.clamd import ClamdScanner
 from milters.scanners.spamd import SpamdScanner
+from milters.scanners.upstreams import Upstreams
 from milters.signing import Sealer, Signer, Signing, SigningUnavailable
 from milters.verdict import Action, Disposition, Recipient, Verdict
 
@@ -68,6 +71,8 @@ class MilterService:
     """Whether a client address is in ``milter.internal_networks``."""
     lines: DecisionLog = field(default_factory=lambda: DecisionLog(log))
     """The one-line-per-message log (batched on the event loop)."""
+    metrics: MilterMetrics = field(default_factory=MilterMetrics)
+    """Prometheus metrics (recording nothing unless ``milter.metrics_listen`` is set)."""
     settings: MilterConfig = field(init=False)
     """The ``[milter]`` section."""
 
@@ -97,6 +102,7 @@ class MilterService:
         outcome = await self.delivery.carry_out(verdict, message, envelope, actions, deadline=deadline,
                                                 signer=signer, sealers=sealers)
         self._log(envelope, message, verdict, outcome, started)
+        self.metrics.message(verdict, outcome, time.monotonic() - started)
         kind = self.reputation_kind(envelope, verdict, outcome)
         if kind is not None and self.reputation is not None:
             # A store write nobody waits for: the reply goes out now.
@@ -134,6 +140,7 @@ class MilterService:
             log.error("%s DKIM signing: %s", envelope.tag, exc)
             for outcome in verdict.outcomes:
                 outcome.block(Action.TEMPFAIL, "DKIM signing unavailable")
+                outcome.blocked_by = outcome.blocked_by or "signing"
             return None
 
     async def _sealers(self, envelope: Envelope, verdict: Verdict) -> dict[str, Sealer]:
@@ -147,6 +154,31 @@ class MilterService:
         if sealers:
             verdict.findings["arc_seal"] = ",".join(sorted({s.domain for s in sealers.values()}))
         return sealers
+
+    async def watch(self, sessions: Callable[[], int], every: float = 1.0,
+                    usage_every: float = 60.0) -> None:
+        """With metrics on: each second the open sessions and the polled totals, then the
+        values written for the exporter; each minute the quarantine's size (in the
+        executor); until cancelled."""
+        metrics = self.metrics
+        if not metrics.metrics.on:
+            return
+        loop = asyncio.get_running_loop()
+        quarantine = self.delivery.quarantine
+        usage_due = 0.0
+        try:
+            while True:
+                metrics.sessions.set(sessions())
+                metrics.publish()
+                if quarantine is not None and time.monotonic() >= usage_due:
+                    usage_due = time.monotonic() + usage_every
+                    count, size = await loop.run_in_executor(None, quarantine.usage)
+                    metrics.quarantine_messages.set(count)
+                    metrics.quarantine_bytes.set(size)
+                await asyncio.sleep(every)
+        finally:
+            metrics.sessions.set(0)
+            metrics.publish()
 
     def close(self) -> None:
         """Before the process ends: send the notices still waiting, end the archive's sessions."""
@@ -253,29 +285,43 @@ def build_service(
     spam_scanner: SpamScanner | None = None,
     injector: Injector | None = None,
     resolver: PolicyResolver | None = None,
+    metrics: MilterMetrics | None = None,
 ) -> MilterService:
-    """Build the service from the configuration; tests hand in fakes for any part."""
+    """Build the service from the configuration; tests hand in fakes for any part.
+
+    With ``metrics`` on, the directory, store, scanners and re-injection are timed."""
     m = MilterConfig.of(config)
     ensure_dir(m.spool_dir)
+    metrics = metrics or MilterMetrics()
+    on = metrics.metrics.on
     if resolver is None:
         if directory is None:
             from mailwarden.ldapdir import LdapDirectory
 
             directory = LdapDirectory(config.ldap)
+        if on:
+            directory = TimedDirectory(directory, metrics.backend("ldap"))
         resolver = PolicyResolver(directory, config)
     if store is None:
         store = store_of(config.store)
+    if on:
+        store = TimedStore(store, metrics.backend("store"))
+    clamd = virus_scanner or ClamdScanner(m.clamd, timeout=m.clamd_timeout, retry_after=m.upstream_retry)
+    spamd = spam_scanner or SpamdScanner(m.spamd, timeout=m.spamd_timeout, retry_after=m.upstream_retry,
+                                         user=m.spamd_user)
+    dns_resolver = make_resolver(config.dns)
     backends = Backends(
         config=m,
-        virus_scanner=virus_scanner or ClamdScanner(m.clamd, timeout=m.clamd_timeout,
-                                                    retry_after=m.upstream_retry),
-        spam_scanner=spam_scanner or SpamdScanner(m.spamd, timeout=m.spamd_timeout,
-                                                  retry_after=m.upstream_retry, user=m.spamd_user),
+        virus_scanner=TimedVirusScanner(clamd, metrics.backend("clamd")) if on else clamd,
+        spam_scanner=TimedSpamScanner(spamd, metrics.backend("spamd")) if on else spamd,
         scan_cache=_scan_cache(config, store),
-        resolver=make_resolver(config.dns),
+        resolver=dns_resolver,
         node_name=config.general.node_name,
+        dns_backend=metrics.backend("dns") if on else None,
     )
     injector = injector or SmtpInjector(m.reinject, timeout=m.reinject_timeout, helo=socket.getfqdn())
+    if on:
+        injector = TimedInjector(injector, metrics.backend("reinject"))
     node = config.general.node_name
     notifier = Notifier(
         NoticeTemplates(m.template_dir, node=node),
@@ -283,8 +329,13 @@ def build_service(
         store=store, limit=m.notice_limit, window=m.notice_window, from_pattern=m.notice_from,
     )
     quarantine = Quarantine(store, m.quarantine_dir, retention_days=m.quarantine_days, node=node)
-    return MilterService(config=config, resolver=resolver, pipeline=Pipeline(built_filters(backends)),
-                         delivery=Delivery(injector, quarantine, notifier),
+    pipeline = Pipeline(built_filters(backends))
+    delivery = Delivery(injector, quarantine, notifier)
+    if on:
+        _follow(metrics, resolver, pipeline, delivery, dns_resolver=dns_resolver,
+                scanners={"clamd": clamd, "spamd": spamd})
+    return MilterService(config=config, resolver=resolver, pipeline=pipeline, delivery=delivery,
+                         metrics=metrics,
                          limits=limits_from(config), reputation=_reputation(store, config),
                          signing=Signing(resolver, m.dkim_key_path,
                                          (m.authserv_id or node).lower() if m.sender_auth else ""),
@@ -293,6 +344,28 @@ def build_service(
                                            lmtp_port=config.render.mailbox_port, timeout=m.archive_timeout,
                                            node=node),
                          internal=Networks(m.internal_networks).contains)
+
+
+def _follow(metrics: MilterMetrics, resolver: PolicyResolver, pipeline: Pipeline, delivery: Delivery, *,
+            dns_resolver: object, scanners: dict[str, object]) -> None:
+    """Totals kept as plain integers, moved into counters once a second."""
+    poller, cache = metrics.poller, metrics.cache
+    poller.add(lambda: resolver.hits, cache.labels("policy", "hit"))
+    poller.add(lambda: resolver.misses, cache.labels("policy", "miss"))
+    for flt in pipeline.filters:
+        if isinstance(flt, VirusFilter) and flt.cache is not None:
+            poller.add(lambda f=flt: f.hits, cache.labels("scan", "hit"))  # type: ignore[misc]
+            poller.add(lambda f=flt: f.misses, cache.labels("scan", "miss"))  # type: ignore[misc]
+    if (readers := dns_cache(dns_resolver)) is not None:
+        poller.add(readers[0], cache.labels("dns", "hit"))
+        poller.add(readers[1], cache.labels("dns", "miss"))
+    for name, scanner in scanners.items():
+        upstreams = getattr(scanner, "upstreams", None)
+        if isinstance(upstreams, Upstreams):
+            poller.add(lambda u=upstreams: u.failures, metrics.failovers.labels(name))  # type: ignore[misc]
+    if (outbox := delivery.outbox) is not None:
+        for result in NOTICE_RESULTS:
+            poller.add(lambda r=result: outbox.results[r], metrics.notices.labels(result))  # type: ignore[misc]
 
 
 def _scan_cache(config: Config, store: Store) -> ScanCache | None:

@@ -96,6 +96,8 @@ class RecipientOutcome:
     notices: list[Notice] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Things worth logging that did not change the outcome (a check accepted on failure)."""
+    blocked_by: str = ""
+    """The filter (or step) that first took the recipient out of delivery (for metrics)."""
 
     @property
     def address(self) -> str:

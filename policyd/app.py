@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from dns.asyncresolver import Resolver as AsyncResolver
@@ -21,6 +21,7 @@ from mailwarden.directory import Directory, DirectoryUnavailable, Entry
 from mailwarden.dns import async_twin, make_resolver
 from mailwarden.endpoint import Endpoint
 from mailwarden.ldapdir import LdapDirectory
+from mailwarden.metrics import Backend, TimedDirectory, TimedStore, check_listen, dns_cache
 from mailwarden.networks import Networks
 from mailwarden.pbs import PopBeforeSmtp
 from mailwarden.policy import AddressKind, PolicyResolver
@@ -40,6 +41,7 @@ from policyd.checks.base import (
     defer,
 )
 from policyd.config import SPF_ACTIONS, SPF_RESULTS, PolicydConfig
+from policyd.metrics import PolicydMetrics
 from policyd.protocol import PolicyRequest
 
 log = logging.getLogger("mailwarden.policyd")
@@ -84,6 +86,7 @@ def _validate_service(cfg: PolicydConfig, problems: list[str]) -> None:
             problems.append(f"login_report_listen[{i}]: {exc}")
     if not cfg.listen:
         problems.append("listen: at least one socket is needed")
+    problems += [p.removeprefix("policyd.") for p in check_listen("policyd", cfg.metrics_listen)]
     if cfg.event_loop not in ("uvloop", "asyncio"):
         problems.append(f"event_loop: {cfg.event_loop!r} is not uvloop or asyncio")
     try:
@@ -236,6 +239,10 @@ class Services:
     pbs: PopBeforeSmtp
     trusted: Callable[[IPAddress], bool]
     clock: Callable[[], float]
+    metrics: PolicydMetrics = field(default_factory=PolicydMetrics)
+    """Prometheus metrics (recording nothing unless ``policyd.metrics_listen`` is set)."""
+    dns_backend: Backend | None = None
+    """Times DNS lookups (metrics on), else None."""
 
     @property
     def policyd(self) -> PolicydConfig:
@@ -250,17 +257,34 @@ def build_services(
     store: Store | None = None,
     dns_resolver: Resolver | None = None,
     clock: Callable[[], float] = time.time,
+    metrics: PolicydMetrics | None = None,
 ) -> Services:
-    """Services from the configuration; any of the backends may be passed in instead."""
+    """Services from the configuration; any of the backends may be passed in instead.
+
+    With ``metrics`` on, the directory, the store and DNS are timed."""
+    metrics = metrics or PolicydMetrics()
     if directory is None:
         directory = LdapDirectory(config.ldap)
+    if store is None:
+        store = store_of(config.store)
+    if metrics.on:
+        directory = TimedDirectory(directory, metrics.backend("ldap"))
+        store = TimedStore(store, metrics.backend("store"))
     guard = InlineGuard(directory)
-    guarded = GuardedStore(store if store is not None else store_of(config.store))
+    guarded = GuardedStore(store)
     resolver = dns_resolver if dns_resolver is not None else make_resolver(config.dns)
     reputation = PolicydConfig.of(config).reputation
+    policies = PolicyResolver(guard, config)
+    if metrics.on:
+        poller, cache = metrics.poller, metrics.cache
+        poller.add(lambda: policies.hits, cache.labels("policy", "hit"))
+        poller.add(lambda: policies.misses, cache.labels("policy", "miss"))
+        if (readers := dns_cache(resolver)) is not None:
+            poller.add(readers[0], cache.labels("dns", "hit"))
+            poller.add(readers[1], cache.labels("dns", "miss"))
     return Services(
         config=config,
-        resolver=PolicyResolver(guard, config),
+        resolver=policies,
         directory=guard,
         store=guarded,
         dns=resolver,
@@ -271,6 +295,8 @@ def build_services(
         pbs=PopBeforeSmtp(guarded),
         trusted=Networks(PolicydConfig.of(config).trusted_networks),
         clock=clock,
+        metrics=metrics,
+        dns_backend=metrics.backend("dns") if metrics.on else None,
     )
 
 
@@ -287,6 +313,9 @@ class Decision:
 
 
 DUNNO = Decision("DUNNO", "", "")
+RESULTS = {kind.value: kind.value.lower() if kind is not Kind.PERMIT else "ok" for kind in Kind}
+"""A check's answer (its Kind's value) as a metrics label."""
+FAILED = "failed"
 
 
 def request_tag(request: PolicyRequest) -> str:
@@ -309,13 +338,45 @@ class Engine:
     def __init__(self, checks: list[Check], services: Services) -> None:
         self.services = services
         self.checks = checks
+        self.tally: dict[tuple[str, ...], int] | None = None
+        """With metrics on: how many requests saw each sequence of check answers (check
+        name, Kind value or ``failed``: its backend failed, name, value, ...); counted once
+        a request is decided, so an evaluation redone off the loop counts once.  One
+        dictionary update per request; :meth:`check_totals` adds up per check."""
+        self.lock = threading.Lock()
         self.by_stage: dict[str, list[Check]] = {}
         for check in checks:
             for stage in check.stages:
                 self.by_stage.setdefault(stage, []).append(check)
 
+    def count(self) -> None:
+        """Start counting what each check answers (:attr:`tally`)."""
+        self.tally = {}
+
+    def check_totals(self) -> dict[tuple[str, str], int]:
+        """Answers so far by (check name, Kind value or ``failed``), every pair present."""
+        totals = {(c.name, r): 0 for c in self.checks for r in (*RESULTS, FAILED)}
+        with self.lock:
+            counted = list((self.tally or {}).items())
+        for answers, requests in counted:
+            for i in range(0, len(answers), 2):
+                totals[answers[i], answers[i + 1]] += requests
+        return totals
+
     def decide(self, request: PolicyRequest, txn: Transaction, *, inline: bool) -> Decision:
         """The decision for ``request``; raises WouldBlock only when ``inline``."""
+        tally = self.tally
+        if tally is None:
+            return self._decide(request, txn, inline, None)
+        seen: list[str] = []
+        decision = self._decide(request, txn, inline, seen)
+        answers = tuple(seen)
+        with self.lock:
+            tally[answers] = tally.get(answers, 0) + 1
+        return decision
+
+    def _decide(self, request: PolicyRequest, txn: Transaction, inline: bool,
+                seen: list[str] | None) -> Decision:
         checks = self.by_stage.get(request.stage)
         if not checks:
             return DUNNO
@@ -329,7 +390,10 @@ class Engine:
         for check in checks:
             if spared and check.spares_role_addresses:
                 continue
-            verdict = self._run(check, ctx)
+            verdict = self._run(check, ctx, seen)
+            if seen is not None:
+                # The member's value attribute, not .value: a property call per check.
+                seen += (check.name, verdict.kind._value_ if verdict is not None else "DUNNO")
             if verdict is None:
                 continue
             if verdict.final:
@@ -347,14 +411,18 @@ class Engine:
             return Decision(prepended[0].action, prepended[1], prepended[0].reason)
         return DUNNO
 
-    def _run(self, check: Check, ctx: CheckContext) -> CheckVerdict | None:
+    def _run(self, check: Check, ctx: CheckContext, seen: list[str] | None) -> CheckVerdict | None:
         try:
             return check.evaluate(ctx)
         except WouldBlock:
             raise
         except BACKEND_ERRORS as exc:
+            if seen is not None:
+                seen += (check.name, FAILED)
             return self._failed(check, ctx.request, f"{type(exc).__name__}: {exc}")
         except Exception as exc:
+            if seen is not None:
+                seen += (check.name, FAILED)
             log.error("%s check %s failed on %s: %s: %s", request_tag(ctx.request), check.name,
                       ctx.request.stage, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return self._failed(check, ctx.request, f"internal error: {type(exc).__name__}: {exc}")
@@ -410,10 +478,23 @@ class Engine:
 class PolicyApp:
     """Services and engine for one process."""
 
-    def __init__(self, config: Config, services: Services | None = None) -> None:
+    def __init__(self, config: Config, services: Services | None = None, *,
+                 metrics: PolicydMetrics | None = None) -> None:
         self.config = config
-        self.services = services if services is not None else build_services(config)
+        self.services = services if services is not None else build_services(config, metrics=metrics)
         self.engine = Engine(build_checks(config), self.services)
+        m = self.services.metrics
+        if m.on:
+            m.known_checks |= {c.name for c in self.engine.checks}
+            engine = self.engine
+            engine.count()
+            totals = engine.check_totals()
+            m.poller.before.append(lambda: totals.update(engine.check_totals()))
+            for key in totals:
+                check, result = key
+                counter = (m.check_failures.labels(check) if result == FAILED
+                           else m.check_results.labels(check, RESULTS[result]))
+                m.poller.add(lambda k=key: totals[k], counter)  # type: ignore[misc]
 
     def close(self) -> None:
         """Release the store."""

@@ -178,6 +178,10 @@ class PolicydConfig:
     workers: int = setting(1, "processes sharing the sockets (one or two per core)")
     threads: int = setting(8, "threads per process for directory misses, DNS and the store")
     event_loop: str = setting("uvloop", "event loop: uvloop (libuv, faster) or asyncio (the standard one)")
+    metrics_listen: str = setting(
+        "", "host:port where the node's Prometheus /metrics is served (all workers added up), "
+        "bound exactly as given (e.g. 127.0.0.1:9102); empty: off"
+    )
     request_timeout: float = setting(
         10.0, "seconds to answer a request (keep below smtpd_policy_service_timeout)"
     )

@@ -14,8 +14,10 @@ import socket
 from mailwarden.config import Config
 from mailwarden.daemon import Daemon, run_daemon, until_stopped
 from mailwarden.log import setup_logging
+from mailwarden.metrics import Metrics
 from policyd.app import PolicyApp
 from policyd.config import PolicydConfig
+from policyd.metrics import PolicydMetrics
 from policyd.server import PolicyServer
 
 log = logging.getLogger("mailwarden.policyd")
@@ -36,7 +38,7 @@ def preload() -> None:
 
 async def serve(config: Config, sockets: list[socket.socket], login_sockets: list[socket.socket]) -> None:
     """Serve on bound sockets until SIGTERM or SIGINT."""
-    app = PolicyApp(config)
+    app = PolicyApp(config, metrics=PolicydMetrics(Metrics(on=bool(PolicydConfig.of(config).metrics_listen))))
     server = PolicyServer(app)
     await server.start(sockets, login_sockets)
     log.info("policyd ready: listening on %s; login reports on %s; checks %s; store %s",
@@ -54,7 +56,8 @@ def run(config: Config) -> int:
     cfg = PolicydConfig.of(config)
     daemon = Daemon("policyd", [*cfg.listen, *cfg.login_report_listen], socket_mode=cfg.socket_mode,
                     socket_group=cfg.socket_group, user=cfg.user, group=cfg.group, workers=cfg.workers,
-                    threads=cfg.threads, event_loop=cfg.event_loop)
+                    threads=cfg.threads, event_loop=cfg.event_loop,
+                    metrics_listen=cfg.metrics_listen)
     policy = len(cfg.listen)
 
     def after_fork() -> None:

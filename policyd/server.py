@@ -19,10 +19,13 @@ from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
+from dns.asyncresolver import Resolver as AsyncResolver
+
 from mailwarden.daemon import Idle, IdleSweeper
-from mailwarden.dnslookup import resolve_async
+from mailwarden.dnslookup import DnsRecords, resolve_async
 from mailwarden.endpoint import Endpoint
 from mailwarden.linelog import DecisionLog
+from mailwarden.metrics import Backend
 from policyd.app import Decision, PolicyApp
 from policyd.checks.base import NeedDns, Transaction, WouldBlock
 from policyd.config import PolicydConfig
@@ -231,15 +234,18 @@ class PolicyConnection(asyncio.Protocol):
         if self.closed or self.transport is None:
             return
         self.transport.write(format_reply(decision.action))
-        if self.server.log_all or decision.action != "DUNNO":
-            ms = (time.perf_counter() - started) * 1000
-            self.server.decisions.info(decision_line(request, decision, ms))
+        server = self.server
+        seconds = time.perf_counter() - started
+        server.metrics.decided(request.stage, decision.check, decision.action, seconds)
+        if server.log_all or decision.action != "DUNNO":
+            server.decisions.info(decision_line(request, decision, seconds * 1000))
 
     def answer_malformed(self, reason: str, started: float) -> None:
         """A defined answer for a request that cannot be evaluated, and one log line."""
         if self.closed or self.transport is None:
             return
         self.transport.write(format_reply(MALFORMED_ACTION))
+        self.server.metrics.decided("", "malformed", MALFORMED_ACTION, time.perf_counter() - started)
         log.warning("connection %s: malformed policy request (%s): answered %s ms=%.2f", self.peer,
                     _safe(reason), MALFORMED_ACTION, (time.perf_counter() - started) * 1000)
 
@@ -264,6 +270,10 @@ class PolicyServer:
         self._refused_logged = 0.0
         self.sweeper = IdleSweeper(self.connections, self.cfg.idle_timeout, report=_report_idle)
         self.addresses: list[str] = []
+        self.metrics = app.services.metrics
+        self.watcher: asyncio.Task[None] | None = None
+        if self.metrics.on:
+            self.metrics.poller.add(lambda: self.refused, self.metrics.refused)
 
     # ------------------------------------------------------------ life cycle
 
@@ -290,9 +300,28 @@ class PolicyServer:
             self.login_reports = LoginReportServer(self.app, self.executor)
             await self.login_reports.start(login_sockets)
         self.sweeper.start()
+        if self.metrics.on:
+            self.watcher = loop.create_task(self.watch())
+
+    async def watch(self, every: float = 1.0) -> None:
+        """Each second: the open connections and the polled totals into the metrics, then
+        the values written for the exporter."""
+        metrics = self.metrics
+        try:
+            while True:
+                metrics.connections.set(len(self.connections))
+                metrics.publish()
+                await asyncio.sleep(every)
+        finally:
+            metrics.connections.set(0)
+            metrics.publish()
 
     async def close(self) -> None:
         """Stop listening, close every connection, forget work in progress."""
+        if self.watcher is not None:
+            self.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watcher
         for srv in self.servers:
             srv.close()
         if self.login_reports is not None:
@@ -358,8 +387,9 @@ class PolicyServer:
         miss on the way still goes to the thread pool.
         """
         resolver = self.app.services.async_dns
+        backend = self.app.services.dns_backend
         for _ in range(MAX_DNS_ROUNDS):
-            answers = await asyncio.gather(*(resolve_async(resolver, n, t) for n, t in need.queries))
+            answers = await asyncio.gather(*(_resolve(resolver, n, t, backend) for n, t in need.queries))
             txn.dns.update(zip(need.queries, answers, strict=True))
             try:
                 return self.app.engine.decide(request, txn, inline=True)
@@ -374,6 +404,17 @@ class PolicyServer:
         """A temporary failure for an unexpected fault, logged once."""
         log.error("internal error: %s: %s", type(exc).__name__, exc)
         return Decision(INTERNAL_ACTION, "internal", f"{type(exc).__name__}: {exc}")
+
+
+async def _resolve(resolver: AsyncResolver, name: str, rdtype: str,
+                   backend: Backend | None) -> DnsRecords | Exception:
+    """One lookup on the event loop, timed when metrics are on."""
+    if backend is None:
+        return await resolve_async(resolver, name, rdtype)
+    started = time.perf_counter()
+    found = await resolve_async(resolver, name, rdtype)
+    backend.observe(time.perf_counter() - started, isinstance(found, Exception))
+    return found
 
 
 # ---------------------------------------------------------------- sockets

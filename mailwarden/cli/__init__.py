@@ -182,6 +182,39 @@ def explain(app: App, address: str, as_json: bool) -> None:
 # ------------------------------------------------------------------ catalogue
 
 
+@main.command("top")
+@click.argument("urls", nargs=-1, metavar="[URL]...")
+@click.option("--interval", "-i", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Scrape twice, --interval apart, print the rates once and exit.")
+@pass_app
+def top(app: App, urls: tuple[str, ...], interval: float, once: bool) -> None:
+    """Live rates and backend latency from a node's /metrics (default: every daemon's
+    metrics_listen in the configuration), refreshing until interrupted."""
+    import time
+
+    from mailwarden.top import render, scrape
+
+    if not urls:
+        urls = tuple(f"http://{listen}/metrics" for section in app.config.sections.values()
+                     if (listen := getattr(section, "metrics_listen", "")))
+    if not urls:
+        fail("no metrics to read: give a URL or set metrics_listen in a daemon's section", EX_CONFIG)
+    previous = [scrape(u, time.monotonic()) for u in urls]
+    try:
+        while True:
+            time.sleep(interval)
+            current = [scrape(u, time.monotonic()) for u in urls]
+            screen = render(current, previous)
+            if once:
+                click.echo(screen)
+                return
+            click.echo("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S  mailwarden top\n\n") + screen, nl=False)
+            previous = current
+    except KeyboardInterrupt:
+        return
+
+
 @main.command("services")
 def services_cmd() -> None:
     """List the services and settings mailwarden knows, with their LDAP attributes."""

@@ -19,6 +19,7 @@ import dns.resolver
 
 from mailwarden.catalogue import Service
 from mailwarden.logfields import NOQUEUE
+from mailwarden.metrics import Backend
 from mailwarden.notify import Notice
 from milters.config import MilterConfig
 from milters.message import Message
@@ -90,6 +91,8 @@ class Backends:
     resolver: dns.resolver.Resolver | None = None
     """The configured resolver (``[dns]``); None leaves out the filters that need DNS."""
     node_name: str = "localhost"
+    dns_backend: Backend | None = None
+    """Times the filters' DNS lookups (metrics on), else None."""
 
 
 @dataclass

@@ -207,7 +207,7 @@ class SenderAuthFilter:
         m = backends.config
         if not m.sender_auth or backends.resolver is None:
             return None
-        return cls(AuthDns(backends.resolver), m.authserv_id or backends.node_name,
+        return cls(AuthDns(backends.resolver, backends.dns_backend), m.authserv_id or backends.node_name,
                    spf_timeout=backends.resolver.lifetime * 5)
 
     async def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:

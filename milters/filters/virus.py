@@ -101,6 +101,9 @@ class VirusFilter:
         self.scanner = scanner
         self.cache = cache
         self.max_size = max_size
+        self.hits = 0
+        """Scan-cache lookups answered (metrics)."""
+        self.misses = 0
 
     @classmethod
     def build(cls, backends: Backends) -> VirusFilter:
@@ -144,8 +147,11 @@ class VirusFilter:
     async def _result(self, ctx: Context) -> VirusResult:
         """The cached answer for this body, else clamd's (remembered unless unscannable)."""
         digest = ctx.message.body_digest
-        if self.cache is not None and (cached := await self.cache.get(digest)) is not None:
-            return cached
+        if self.cache is not None:
+            if (cached := await self.cache.get(digest)) is not None:
+                self.hits += 1
+                return cached
+            self.misses += 1
         result = await self.scanner.scan(ctx.message.stream, ctx.deadline)
         if self.cache is not None and not result.unscannable:
             await self.cache.put(digest, result)

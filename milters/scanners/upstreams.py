@@ -63,6 +63,8 @@ class Upstreams:
         self.retry_after = retry_after
         self.clock = clock
         self._down_until: dict[Endpoint, float] = {}
+        self.failures = 0
+        """Upstreams put aside so far (each one a failover to the next)."""
 
     def order(self) -> list[Endpoint]:
         """Healthy endpoints first (configured order), then those recently failed."""
@@ -72,6 +74,7 @@ class Upstreams:
 
     def failed(self, endpoint: Endpoint) -> None:
         """Put ``endpoint`` aside for ``retry_after`` seconds."""
+        self.failures += 1
         self._down_until[endpoint] = self.clock() + self.retry_after
 
     def succeeded(self, endpoint: Endpoint) -> None:

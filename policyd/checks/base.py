@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -162,7 +163,10 @@ class CheckContext:
         if found is None:
             if self.inline:
                 raise NeedDns([key])
+            started = time.perf_counter()
             found = resolve_sync(self.services.dns, *key)
+            if self.services.dns_backend is not None:
+                self.services.dns_backend.observe(time.perf_counter() - started, isinstance(found, Exception))
             self.txn.dns[key] = found
         if isinstance(found, Exception):
             raise DnsUnavailable(f"{key[0]}/{rdtype}: {found}")
