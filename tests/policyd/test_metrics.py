@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,13 @@ def test_decisions_add_up_over_both_workers(slapd: SlapdServer, tmp_path: Path, 
                             stderr=subprocess.PIPE, text=True)
     try:
         wait_answering(listen[1], proc).close()
-        (directory,) = tmp_path.glob("mailwarden-policyd-metrics-*")
+        # The listeners are bound before the workers start; the exporter's directory
+        # comes with them.
+        deadline = time.monotonic() + 15
+        while not (found := list(tmp_path.glob("mailwarden-policyd-metrics-*"))):
+            assert time.monotonic() < deadline and proc.poll() is None, "no metrics directory"
+            time.sleep(0.05)
+        (directory,) = found
         for _ in range(20):  # one connection each: both workers take some
             client = PolicyClient(listen[1])
             assert client.ask(recipient=OUT).startswith("554 5.7.1")
