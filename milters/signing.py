@@ -38,15 +38,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import dkim
 import nacl.encoding
 import nacl.signing
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from dkim.canonicalization import CanonicalizationPolicy
 
 from mailwarden.catalogue import Service
 from mailwarden.directory import DirectoryUnavailable
@@ -95,13 +101,52 @@ class Signer:
         """``DKIM-Signature`` values (folded with LF) for the complete message ``data``."""
         values = []
         for key in self.keys:
-            field = dkim.sign(data, key.selector.encode(), self.domain.encode(), key.key,
-                              canonicalize=(b"relaxed", b"relaxed"), include_headers=list(SIGNED_HEADERS),
-                              signature_algorithm=key.algorithm.encode(), logger=DKIMPY_LOG)
-            name, _, value = field.decode("ascii").partition(":")
-            assert name.lower() == "dkim-signature"
-            values.append(value.strip().replace("\r\n", "\n"))
+            if key.algorithm == "rsa-sha256":
+                value = rsa_signature(data, key, self.domain)
+            else:
+                field = dkim.sign(data, key.selector.encode(), self.domain.encode(), key.key,
+                                  canonicalize=(b"relaxed", b"relaxed"), include_headers=list(SIGNED_HEADERS),
+                                  signature_algorithm=key.algorithm.encode(), logger=DKIMPY_LOG)
+                name, _, text = field.decode("ascii").partition(":")
+                assert name.lower() == "dkim-signature"
+                value = text.strip()
+            values.append(value.replace("\r\n", "\n"))
         return values
+
+
+_RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+
+
+def rsa_signature(data: bytes, key: SigningKey, domain: str) -> str:
+    """An ``rsa-sha256``, ``c=relaxed/relaxed`` DKIM-Signature value for ``data`` (CRLF folded).
+
+    dkimpy parses the message, canonicalizes the body and the header fields and hashes
+    them (its public ``DKIM``, ``CanonicalizationPolicy`` and ``hash_headers``); only the
+    RSA operation is OpenSSL's, through ``cryptography``.  Measured reason: dkimpy's own
+    RSA is pure Python, about 7 ms per RSA-2048 signature on this machine class against
+    0.27 ms with OpenSSL, which held one milter worker to about 75 signed messages a
+    second (bench/bench_dkim.py).  The result verifies with dkimpy and with OpenDKIM
+    (tests/milter/test_signing.py).
+    """
+    private = serialization.load_pem_private_key(key.key, password=None)
+    if not isinstance(private, rsa.RSAPrivateKey):
+        raise SigningUnavailable(f"DKIM key of selector {key.selector} is not an RSA key")
+    message = dkim.DKIM(data, logger=DKIMPY_LOG)
+    body_hash = base64.b64encode(hashlib.sha256(_RELAXED.canonicalize_body(message.body)).digest())
+    include = list(SIGNED_HEADERS)
+    fields = [(b"v", b"1"), (b"a", b"rsa-sha256"), (b"c", b"relaxed/relaxed"), (b"d", domain.encode()),
+              (b"i", b"@" + domain.encode()), (b"q", b"dns/txt"), (b"s", key.selector.encode()),
+              (b"t", str(int(time.time())).encode()), (b"h", b" : ".join(include)), (b"bh", body_hash),
+              (b"b", b"")]
+    unsigned: bytes = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(b"DKIM-Signature"))
+    hasher = hashlib.sha256()
+    dkim.hash_headers(hasher, _RELAXED, _RELAXED.canonicalize_headers(message.headers), include,
+                      (b"DKIM-Signature", b" " + unsigned), {})
+    raw = private.sign(hasher.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+    signature = base64.b64encode(raw)
+    # b= last, folded on lines of its own (whitespace in b= is ignored by every verifier).
+    folded = b"".join(b"\r\n\t" + signature[i:i + 72] for i in range(0, len(signature), 72))
+    return (unsigned + folded).decode("ascii")
 
 
 
