@@ -78,7 +78,8 @@ SERVICES: dict[Service, ServiceSpec] = {
         ServiceSpec(Service.ARCHIVE, "archive", "keep a copy of all passing mail with its envelope",
                     paid=True),
         ServiceSpec(Service.DKIM_SIGNING, "dkim-signing",
-                    "DKIM-sign mail subscribers submit with SMTP AUTH", paid=False),
+                    "DKIM-sign mail subscribers submit (SMTP AUTH, POP-before-SMTP, internal hosts)",
+                    paid=False),
         ServiceSpec(Service.GREYLISTING, "greylisting", "greylist unknown senders", paid=False),
         ServiceSpec(
             Service.RATE_LIMITS, "rate-limits", "limit messages/recipients/bytes", paid=False
