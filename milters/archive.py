@@ -51,6 +51,7 @@ from email.utils import formatdate
 from mailwarden.catalogue import Service
 from mailwarden.directory import DirectoryUnavailable
 from mailwarden.policy import AddressKind, EffectivePolicy, PolicyResolver
+from mailwarden.render import HostPort
 from milters.filters import Envelope
 from milters.message import Message, render_headers, reserved_header_names
 from milters.verdict import Action, RecipientOutcome, Verdict
@@ -89,6 +90,14 @@ class ArchiveCopy:
     def direction(self) -> str:
         """``inbound``, ``outbound`` or ``inbound+outbound`` (a subscriber mailing a colleague)."""
         return "+".join(sorted(self.directions))
+
+
+def mail_host_endpoint(value: str, default_port: int) -> HostPort:
+    """A ``mail_host`` value (``host`` or ``host:port``, an IPv6 address in brackets)."""
+    try:
+        return HostPort.parse(value)
+    except ValueError:
+        return HostPort(value.strip().strip("[]"), default_port)
 
 
 def _archives(policy: EffectivePolicy, direction: str) -> str:
@@ -193,10 +202,8 @@ class Archiver:
         host = str(policy.get("mail_host") or self.default_host)
         if not host:
             raise ArchiveUnavailable(f"archive mailbox {copy.address} has no mail_host")
-        name, sep, port = host.rpartition(":")
-        if sep and port.isdigit() and not name.endswith(":"):
-            return name.strip("[]"), int(port)
-        return host.strip("[]"), self.lmtp_port
+        endpoint = mail_host_endpoint(host, self.lmtp_port)
+        return endpoint.host, endpoint.port
 
     def headers(self, copy: ArchiveCopy, envelope: Envelope, verdict: Verdict) -> bytes:
         """The trusted envelope fields of one copy."""

@@ -29,8 +29,8 @@ from mailwarden.cli.common import EX_CONFIG, EX_NOTFOUND, EX_TEMPFAIL, EX_USAGE,
 from mailwarden.directory import DirectoryUnavailable
 from mailwarden.doveadm import Doveadm, DoveadmError, read_api_key
 from mailwarden.policy import AddressKind
-from mailwarden.render import default_mailbox_host
-from milters.archive import HEADER_PREFIX
+from mailwarden.render import HostPort, default_mailbox_host
+from milters.archive import HEADER_PREFIX, mail_host_endpoint
 
 SENDER = HEADER_PREFIX + "Sender"
 RECIPIENT = HEADER_PREFIX + "Recipient"
@@ -76,13 +76,13 @@ def visible_archive(app: App, domain: str, address: str | None = None) -> Archiv
     if not r.doveadm_http_port:
         fail("render.doveadm_http_port is 0: the archive needs doveadm's HTTP API on the mailbox hosts",
              EX_CONFIG)
-    host = str(mailbox_policy.get("mail_host") or default_mailbox_host(app.config)).rpartition(":")
-    hostname = host[0] if host[1] and host[2].isdigit() else "".join(host)
+    mail_host = str(mailbox_policy.get("mail_host") or default_mailbox_host(app.config))
+    mailbox_host = mail_host_endpoint(mail_host, r.doveadm_http_port)
     try:
         key = read_api_key(r.doveadm_api_key_file)
     except DoveadmError as exc:
         fail(str(exc), EX_CONFIG)
-    url = f"http://{hostname}:{r.doveadm_http_port}/doveadm/v1"
+    url = f"http://{HostPort(mailbox_host.host, r.doveadm_http_port).service}/doveadm/v1"
     return Archive(canonical, target, int(policy.get("archive_retention_days")), Doveadm(url, key))
 
 
