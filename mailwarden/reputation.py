@@ -235,7 +235,9 @@ class ReputationLists:
                        for kind, networks in kinds for n in networks]
         self._lock = threading.Lock()
         self._version: str | None = "never read"
-        self._entries: list[Listing] = []
+        self._networks = _parsed(self.static)
+        """The entries lookups see, with their networks parsed (the static ones until the
+        store's are first read)."""
 
     def put(self, kind: ListKind, target: str, reason: str = "", ttl: float | None = None) -> Listing:
         """Add (or replace) an entry; the other kind's entry for the same network goes."""
@@ -276,7 +278,7 @@ class ReputationLists:
         with self._lock:
             if version == self._version:
                 return
-            self._entries = self.entries()
+            self._networks = _parsed(self.entries())
             self._version = version
 
     def lookup(self, client_ip: str) -> Listing | None:
@@ -285,10 +287,13 @@ class ReputationLists:
         best: Listing | None = None
         best_len = -1
         with self._lock:
-            entries = self._entries or self.static
-        for entry in entries:
-            net = ipaddress.ip_network(entry.network)
+            networks = self._networks
+        for net, entry in networks:
             if ip.version == net.version and ip in net and (
                     net.prefixlen > best_len or (net.prefixlen == best_len and entry.kind == "deny")):
                 best, best_len = entry, net.prefixlen
         return best
+
+
+def _parsed(entries: list[Listing]) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Listing]]:
+    return [(ipaddress.ip_network(e.network), e) for e in entries]
