@@ -218,6 +218,8 @@ class Listing:
     reason: str = ""
     source: str = "store"
     """``store`` (``mailwarden reputation``) or ``config`` (``[policyd.reputation]``)."""
+    until: float = 0.0
+    """When an entry given a time (``--for``) ends; 0: it does not."""
 
 
 class ReputationLists:
@@ -228,8 +230,10 @@ class ReputationLists:
     on every node from its next lookup.
     """
 
-    def __init__(self, store: Store, *, allow: Sequence[str] = (), deny: Sequence[str] = ()) -> None:
+    def __init__(self, store: Store, *, allow: Sequence[str] = (), deny: Sequence[str] = (),
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        self.clock = clock
         kinds: tuple[tuple[ListKind, Sequence[str]], ...] = (("allow", allow), ("deny", deny))
         self.static = [Listing(kind, str(ipaddress.ip_network(n, strict=False)), "", "config")
                        for kind, networks in kinds for n in networks]
@@ -244,10 +248,14 @@ class ReputationLists:
         net = str(ipaddress.ip_network(target.strip(), strict=False))
         other = "deny" if kind == "allow" else "allow"
         self.store.delete(f"{LIST_PREFIX}{other}:{net}")
-        value = json.dumps({"reason": reason, "at": time.time()})
+        now = self.clock()
+        until = now + ttl if ttl else 0.0
+        # The store forgets the entry after ttl; ``until`` makes a process that read it
+        # earlier stop using it at the same time (an expiry does not move the version).
+        value = json.dumps({"reason": reason, "at": now, "until": until})
         self.store.set(f"{LIST_PREFIX}{kind}:{net}", value, ttl=ttl)
         self.store.incr(LIST_VERSION)
-        return Listing(kind, net, reason)
+        return Listing(kind, net, reason, until=until)
 
     def remove(self, target: str) -> int:
         """Drop both kinds of entry for a network; how many there were."""
@@ -267,10 +275,11 @@ class ReputationLists:
             if value is None:
                 continue
             try:
-                reason = str(json.loads(value).get("reason", ""))
-            except (ValueError, AttributeError):
-                reason = ""
-            found.append(Listing("allow" if kind == "allow" else "deny", network, reason))
+                data = json.loads(value)
+                reason, until = str(data.get("reason", "")), float(data.get("until") or 0.0)
+            except (ValueError, TypeError, AttributeError):
+                reason, until = "", 0.0
+            found.append(Listing("allow" if kind == "allow" else "deny", network, reason, until=until))
         return [*self.static, *found]
 
     def refresh(self, version: str | None) -> None:
@@ -282,13 +291,16 @@ class ReputationLists:
             self._version = version
 
     def lookup(self, client_ip: str) -> Listing | None:
-        """The most specific entry covering ``client_ip`` (deny wins a tie)."""
+        """The most specific entry in force covering ``client_ip`` (deny wins a tie)."""
         ip = ipaddress.ip_address(client_ip.strip())
+        now = self.clock()
         best: Listing | None = None
         best_len = -1
         with self._lock:
             networks = self._networks
         for net, entry in networks:
+            if entry.until and entry.until <= now:
+                continue
             if ip.version == net.version and ip in net and (
                     net.prefixlen > best_len or (net.prefixlen == best_len and entry.kind == "deny")):
                 best, best_len = entry, net.prefixlen

@@ -291,7 +291,7 @@ def build_services(
         async_dns=async_twin(resolver),
         reputation=Reputation.from_config(guarded, config, clock=clock),
         reputation_lists=ReputationLists(guarded, allow=reputation.allow_networks,
-                                         deny=reputation.deny_networks),
+                                         deny=reputation.deny_networks, clock=clock),
         pbs=PopBeforeSmtp(guarded),
         trusted=Networks(PolicydConfig.of(config).trusted_networks),
         clock=clock,

@@ -193,6 +193,11 @@ def test_operator_lists_win_over_scores_most_specific_first(world_with: Callable
     lists.put("deny", "192.0.2.0/25", "abuse reports")
     assert w.decide(client_address="192.0.2.1").reason.endswith("192.0.2.0/25, store: abuse reports)")
     assert lists.remove("192.0.2.0/25") == 1 and w.action(client_address="192.0.2.1") == "DUNNO"
+    # An entry given a time ends then, also for a process that read the lists before.
+    lists.put("deny", "192.0.2.64/26", "for an hour", ttl=3600)
+    assert w.action(client_address="192.0.2.70").startswith("554 5.7.1")
+    w.clock.advance(3601)
+    assert w.action(client_address="192.0.2.70") == "DUNNO"
 
 
 def test_reset_forgets_an_ip_and_a_network(world_with: Callable[..., World]) -> None:
