@@ -46,6 +46,12 @@ class FakeDirectory:
                 return Entry(dn, vals)
         return None
 
+    def domains_with(self, concept: str) -> list[Entry]:
+        """Every domain entry with a value for ``concept``."""
+        self._check()
+        return [Entry(dn, vals) for dn, vals in self.entries.items()
+                if "domain_name" in vals and vals.get(concept)]
+
     def find_user(self, address: str, domain: Entry) -> Entry | None:
         """The subscriber below ``domain`` with this primary or alternate address."""
         self._check()

@@ -62,6 +62,10 @@ class Directory(Protocol):
         """
         ...
 
+    def domains_with(self, concept: str) -> list[Entry]:
+        """Every domain entry with a value of its own for ``concept``."""
+        ...
+
     def modify(self, dn: str, changes: Mapping[str, Sequence[str]]) -> None:
         """Replace the values of concepts on ``dn``; an empty sequence deletes them."""
         ...

@@ -457,6 +457,11 @@ class TimedDirectory:
         with self.backend.timed():
             return self.directory.find_user(address, domain)
 
+    def domains_with(self, concept: str) -> list[Entry]:
+        """Timed :meth:`Directory.domains_with`."""
+        with self.backend.timed():
+            return self.directory.domains_with(concept)
+
     def modify(self, dn: str, changes: Any) -> None:
         """Timed :meth:`Directory.modify`."""
         with self.backend.timed():

@@ -17,6 +17,7 @@ import datetime as dt
 import functools
 import json
 import mailbox
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,42 +49,58 @@ class Archive:
     doveadm: Doveadm
 
 
-def visible_archive(app: App, domain: str, address: str | None = None) -> Archive:
+class ArchiveFailure(Exception):
+    """Why a domain's archive cannot be used, with the exit status that says so."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def find_archive(app: App, domain: str, address: str | None = None) -> Archive:
     """The archive of ``domain`` (or the archive mailbox ``address`` one of its policies names),
-    if the caller may see that domain; exits with a clear message otherwise."""
+    if the caller may see that domain; :class:`ArchiveFailure` says why not."""
     try:
         name = normalize_domain(domain)
         entry = app.directory.find_domain(name)
         if entry is None:
-            fail(f"no such domain {name}", EX_NOTFOUND)
+            raise ArchiveFailure(f"no such domain {name}", EX_NOTFOUND)
         canonical = (entry.first("domain_name") or name).lower()
         policy = app.resolver.build(canonical, entry, None)
         target = normalize_address(address) if address else str(policy.get("archive_address") or "")
         if not target:
-            fail(f"{canonical} has no archive_address", EX_NOTFOUND)
+            raise ArchiveFailure(f"{canonical} has no archive_address", EX_NOTFOUND)
         mailbox_policy = app.resolver.effective_policy(target)
         account = app.directory.find_user(mailbox_policy.canonical or target, entry)
     except (InvalidAddress, ValueError) as exc:
-        fail(str(exc), EX_USAGE)
+        raise ArchiveFailure(str(exc), EX_USAGE) from None
     except DirectoryUnavailable as exc:
-        fail(f"directory unavailable: {exc}", EX_TEMPFAIL)
+        raise ArchiveFailure(f"directory unavailable: {exc}", EX_TEMPFAIL) from None
     # Only an account with the archive status: never a subscriber's own mailbox.
     status = (account.first("account_status") or "") if account is not None else ""
     if (mailbox_policy.kind is not AddressKind.SUBSCRIBER or mailbox_policy.domain != canonical
             or status.lower() != app.config.ldap.mapping.archive_status_value.lower()):
-        fail(f"{target} is not an archive mailbox of {canonical}", EX_NOTFOUND)
+        raise ArchiveFailure(f"{target} is not an archive mailbox of {canonical}", EX_NOTFOUND)
     r = app.config.render
     if not r.doveadm_http_port:
-        fail("render.doveadm_http_port is 0: the archive needs doveadm's HTTP API on the mailbox hosts",
-             EX_CONFIG)
+        raise ArchiveFailure("render.doveadm_http_port is 0: the archive needs doveadm's HTTP API "
+                             "on the mailbox hosts", EX_CONFIG)
     mail_host = str(mailbox_policy.get("mail_host") or default_mailbox_host(app.config))
     mailbox_host = mail_host_endpoint(mail_host, r.doveadm_http_port)
     try:
         key = read_api_key(r.doveadm_api_key_file)
     except DoveadmError as exc:
-        fail(str(exc), EX_CONFIG)
+        raise ArchiveFailure(str(exc), EX_CONFIG) from None
     url = f"http://{HostPort(mailbox_host.host, r.doveadm_http_port).service}/doveadm/v1"
     return Archive(canonical, target, int(policy.get("archive_retention_days")), Doveadm(url, key))
+
+
+def visible_archive(app: App, domain: str, address: str | None = None) -> Archive:
+    """:func:`find_archive`, or exit with its reason."""
+    try:
+        return find_archive(app, domain, address)
+    except ArchiveFailure as exc:
+        fail(str(exc), exc.code)
 
 
 @dataclass(frozen=True)
@@ -236,19 +253,49 @@ def archive_export(app: App, *, domain: str, address: str | None, filters: Filte
 
 
 @archive_group.command("expire")
-@click.argument("domains", nargs=-1, required=True)
+@click.argument("domains", nargs=-1)
+@click.option("--all", "every", is_flag=True,
+              help="Every domain whose own entry names an archive_address (the daily timer's run).")
 @pass_app
-def archive_expire(app: App, domains: tuple[str, ...]) -> None:
-    """Remove what each DOMAIN's archive has kept longer than its archive_retention_days."""
-    for domain in domains:
-        archive = visible_archive(app, domain)
-        # The received date (INTERNALDATE: when the archive took the copy).
-        query = ["mailbox", "INBOX", "before", f"{archive.retention_days}d"]
+def archive_expire(app: App, domains: tuple[str, ...], every: bool) -> None:
+    """Remove what each DOMAIN's archive has kept longer than its archive_retention_days.
+
+    With ``--all`` a domain that cannot be expired (its mailbox host down, its archive
+    mailbox gone) is reported and the others are still expired; the exit status is then
+    that of the last failure.
+    """
+    if every == bool(domains):
+        raise click.UsageError("name the domains or give --all, not both")
+    if every:
         try:
-            old = archive.doveadm.run("search", user=archive.address, query=query)
-            if old:
-                archive.doveadm.run("expunge", user=archive.address, query=query)
-        except DoveadmError as exc:
-            fail(str(exc), EX_TEMPFAIL)
-        click.echo(f"{archive.domain}: {len(old)} message(s) older than {archive.retention_days} days "
-                   f"removed from {archive.address}")
+            entries = app.directory.domains_with("archive_address")
+        except DirectoryUnavailable as exc:
+            fail(f"directory unavailable: {exc}", EX_TEMPFAIL)
+        domains = tuple(sorted({(e.first("domain_name") or "").lower() for e in entries} - {""}))
+        if not domains:
+            click.echo("no domain names an archive_address")
+    status = 0
+    for domain in domains:
+        try:
+            _expire(app, domain)
+        except ArchiveFailure as exc:
+            if not every:
+                fail(str(exc), exc.code)
+            click.echo(f"mailwarden: {domain}: {exc}", err=True)
+            status = exc.code
+    if status:
+        sys.exit(status)
+
+
+def _expire(app: App, domain: str) -> None:
+    archive = find_archive(app, domain)
+    # The received date (INTERNALDATE: when the archive took the copy).
+    query = ["mailbox", "INBOX", "before", f"{archive.retention_days}d"]
+    try:
+        old = archive.doveadm.run("search", user=archive.address, query=query)
+        if old:
+            archive.doveadm.run("expunge", user=archive.address, query=query)
+    except DoveadmError as exc:
+        raise ArchiveFailure(str(exc), EX_TEMPFAIL) from exc
+    click.echo(f"{archive.domain}: {len(old)} message(s) older than {archive.retention_days} days "
+               f"removed from {archive.address}")

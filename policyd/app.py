@@ -183,6 +183,11 @@ class InlineGuard:
         self._check()
         return self.directory.find_user(address, domain)
 
+    def domains_with(self, concept: str) -> list[Entry]:
+        """Delegate unless on the loop thread."""
+        self._check()
+        return self.directory.domains_with(concept)
+
     def modify(self, dn: str, changes: Any) -> None:
         """Delegate unless on the loop thread."""
         self._check()

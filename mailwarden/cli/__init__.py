@@ -143,12 +143,8 @@ def config_check(app: App, connect: bool) -> None:
 def undeliverable_admins(app: App) -> list[str]:
     """Each domain ``admin_address`` (and ``[policy] role_mailbox``) that the directory
     shows resolving nowhere: notices and role addresses sent there would bounce."""
-    from mailwarden.ldapdir import LdapDirectory
-
-    targets: list[tuple[str, str]] = []
-    if isinstance(app.directory, LdapDirectory):
-        targets += [(f"{e.dn}: admin_address", e.first("admin_address") or "")
-                    for e in app.directory.domains_with("admin_address")]
+    targets = [(f"{e.dn}: admin_address", e.first("admin_address") or "")
+               for e in app.directory.domains_with("admin_address")]
     if app.config.policy.role_mailbox:
         targets.append(("policy.role_mailbox", app.config.policy.role_mailbox))
     found = []

@@ -218,6 +218,35 @@ def test_expire_removes_what_is_older_than_the_retention(archive_host: tuple[Sit
     assert found(site, "--from", "boss@outside.test")  # younger mail stays
 
 
+def test_expire_all_goes_through_every_archiving_domain_and_reports_the_one_it_cannot(
+        archive_host: tuple[Site, RenderedDovecot], directory: SlapdServer) -> None:
+    site, _ = archive_host
+    # A week-old copy, as the archive would hold it: a Maildir file received then (a file
+    # Dovecot has not indexed yet takes its received date from the file's time).
+    msg = make_message(sender="older@outside.test", to="bob@example.com", subject="stale")
+    stale = site.root / "mail" / "example.com" / "archive" / "Maildir" / "new" / "1.stale.test"
+    stale.write_bytes(msg.as_bytes())
+    week_ago = time.time() - 7 * 86400
+    os.utime(stale, (week_ago, week_ago))
+    # example.jp names a subscriber's own mailbox as its archive: that one is refused.
+    example_jp = EXAMPLE_COM.replace("example.com", "example.jp")
+    conn = ldap.initialize(directory.uri)
+    conn.simple_bind_s(ADMIN_DN, "secret")
+    conn.modify_s(example_jp, [(ldap.MOD_ADD, "mwArchiveAddress", [b"taro@example.jp"])])
+    try:
+        expired = archive(site, "expire", "--all")
+    finally:
+        conn.modify_s(example_jp, [(ldap.MOD_DELETE, "mwArchiveAddress", None)])
+        conn.unbind_s()
+    assert expired.exit_code == 1, expired.output
+    assert "example.com: 1 message(s) older than 5 days removed from archive@example.com" in expired.stdout
+    assert "example.jp: taro@example.jp is not an archive mailbox of example.jp" in expired.stderr
+    maildir = stale.parents[1]
+    assert not [f for d in ("new", "cur") for f in (maildir / d).iterdir() if b"stale" in f.read_bytes()]
+    assert archive(site, "expire").exit_code == 2
+    assert archive(site, "expire", "--all", "example.com").exit_code == 2
+
+
 def test_a_domain_the_caller_cannot_see_is_refused(archive_host: tuple[Site, RenderedDovecot]) -> None:
     site, _ = archive_host
     unknown = archive(site, "search", "not-hosted.example")

@@ -1,5 +1,5 @@
 """deploy/systemd/: every unit parses into the sections and keys systemd expects, the
-commands it runs exist, and the quarantine-expiry service and timer have the daemons'
+commands it runs exist, and the expiry services and timers (quarantine, archive) have the daemons'
 account and hardening and run daily.  `systemd-analyze verify` checks them too where it
 is installed (systemd need not be running)."""
 
@@ -78,12 +78,16 @@ def test_every_unit_has_its_sections_and_names_existing_commands() -> None:
         assert f"`{path.name}`" in readme, f"deploy/systemd/README.md does not list {path.name}"
 
 
-def test_quarantine_expiry_runs_daily_as_the_daemons_run() -> None:
-    service = parse_unit(UNITS / f"{EXPIRE}.service")
-    timer = parse_unit(UNITS / f"{EXPIRE}.timer")
+@pytest.mark.parametrize(("unit", "command"), [
+    (EXPIRE, "/usr/bin/mailwarden quarantine expire"),
+    ("mailwarden-archive-expire", "/usr/bin/mailwarden archive expire --all"),
+])
+def test_expiries_run_daily_as_the_daemons_run(unit: str, command: str) -> None:
+    service = parse_unit(UNITS / f"{unit}.service")
+    timer = parse_unit(UNITS / f"{unit}.timer")
     daemon = parse_unit(UNITS / "mailwarden-milter.service")["Service"]
     run = service["Service"]
-    assert run["Type"] == ["oneshot"] and run["ExecStart"] == ["/usr/bin/mailwarden quarantine expire"]
+    assert run["Type"] == ["oneshot"] and run["ExecStart"] == [command]
     # Started by its timer only; a oneshot does not restart.
     assert "Install" not in service and "Restart" not in run
     assert run["StateDirectory"] == daemon["StateDirectory"] and run["UMask"] == daemon["UMask"]
