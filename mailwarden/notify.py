@@ -35,6 +35,7 @@ from jinja2 import (
 )
 from jinja2.sandbox import SandboxedEnvironment
 
+from mailwarden.logfields import ID_HEADER
 from mailwarden.store import Store, StoreUnavailable
 
 log = logging.getLogger("mailwarden.notify")
@@ -80,6 +81,8 @@ class MessageFacts:
     queue_id: str = ""
     client_address: str = ""
     recipients: tuple[str, ...] = ()
+    mwid: str = ""
+    """The original's mailwarden id: the notice carries it, so a trace shows the notice."""
 
 
 class NoticeTemplates:
@@ -168,6 +171,8 @@ class Notifier:
         msg["Message-ID"] = make_msgid("mailwarden", notice.domain or None)
         msg["Auto-Submitted"] = "auto-generated"
         msg["X-Mailwarden-Notice"] = notice.kind
+        if facts.mwid:
+            msg[ID_HEADER] = facts.mwid
         if facts.message_id:
             msg["References"] = facts.message_id
         msg.set_content(body, charset="utf-8", cte="base64")
@@ -231,8 +236,9 @@ class NoticeOutbox:
             self._queue.put_nowait((notice, facts))
         except queue.Full:
             self.results["dropped"] += 1
-            log.warning("%s: notice %s to <%s> dropped: %d notices already waiting",
-                        facts.queue_id or "NOQUEUE", notice.kind, notice.to, self.capacity)
+            log.warning("%s: notice %s to <%s> dropped: %d notices already waiting%s",
+                        facts.queue_id or "NOQUEUE", notice.kind, notice.to, self.capacity,
+                        f" mwid={facts.mwid}" if facts.mwid else "")
             return False
         return True
 
@@ -255,7 +261,8 @@ class NoticeOutbox:
                 kind = result.split(":", 1)[0]
                 self.results[kind] = self.results.get(kind, 0) + 1
                 (log.warning if result.startswith("failed") else log.info)(
-                    "%s: notice %s to <%s>: %s", facts.queue_id or "NOQUEUE", notice.kind, notice.to, result)
+                    "%s: notice %s to <%s>: %s%s", facts.queue_id or "NOQUEUE", notice.kind, notice.to,
+                    result, f" mwid={facts.mwid}" if facts.mwid else "")
             except Exception:  # the thread must outlive any one notice
                 log.exception("notice not sent")
             finally:

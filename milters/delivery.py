@@ -93,7 +93,7 @@ def facts_of(message: Message, envelope: Envelope, recipients: tuple[str, ...] =
     return MessageFacts(
         sender=envelope.sender, from_header=text("From"), subject=text("Subject"), date=text("Date"),
         message_id=text("Message-ID"), queue_id=envelope.queue_id,
-        client_address=envelope.client_address, recipients=recipients,
+        client_address=envelope.client_address, recipients=recipients, mwid=envelope.mwid,
     )
 
 
@@ -233,6 +233,7 @@ class Delivery:
             reason="; ".join(dict.fromkeys(r for o in held for r in o.reasons)),
             queue_id=envelope.queue_id, subject=facts.subject, from_header=facts.from_header,
             recipient_params={o.address: list(o.recipient.params) for o in held if o.recipient.params},
+            mwid=envelope.mwid,
         )
         return entry.id
 

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mailwarden.logfields import ID_HEADER
 from mailwarden.store import Store
 from milters.message import render_headers, reserved_header_names, split_entity
 from milters.reinject import Injector
@@ -69,6 +70,8 @@ class QuarantineEntry:
     from_header: str = ""
     node: str = ""
     recipient_params: dict[str, list[str]] = field(default_factory=dict)
+    mwid: str = ""
+    """The message's mailwarden id: the released copy carries it as ``X-Mailwarden-Id``."""
 
     def to_json(self) -> str:
         """The store value."""
@@ -114,7 +117,7 @@ class Quarantine:
 
     def put(self, stream: Iterable[bytes], *, sender: str, recipients: Sequence[str], reason: str,
             queue_id: str = "", subject: str = "", from_header: str = "",
-            recipient_params: dict[str, list[str]] | None = None) -> QuarantineEntry:
+            recipient_params: dict[str, list[str]] | None = None, mwid: str = "") -> QuarantineEntry:
         """Store a message; raises OSError or StoreUnavailable (the caller tempfails)."""
         entry_id = time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + secrets.token_hex(8)
         final = self.path(entry_id)
@@ -141,7 +144,7 @@ class Quarantine:
         entry = QuarantineEntry(
             id=entry_id, created=time.time(), sender=sender, recipients=list(recipients), reason=reason,
             queue_id=queue_id, size=size, subject=subject, from_header=from_header, node=self.node,
-            recipient_params=recipient_params or {},
+            recipient_params=recipient_params or {}, mwid=mwid,
         )
         try:
             self.store.set(PREFIX + entry_id, entry.to_json(), ttl=float(self.retention))
@@ -207,6 +210,8 @@ class Quarantine:
         """
         entry = self.get(entry_id)
         data = without_reserved_headers(self.read(entry_id))
+        if entry.mwid:  # followed by `mailwarden trace` from the original to its release
+            data = f"{ID_HEADER}: {entry.mwid}\r\n".encode("ascii") + data
         targets = list(recipients) or entry.recipients
         claim = RELEASE_PREFIX + entry_id
         if not self.store.add(claim, self.node or "-", ttl=max(deadline - time.monotonic(), 0.0) + 60.0):

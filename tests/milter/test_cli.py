@@ -144,14 +144,17 @@ def test_quarantine_release_drops_fields_set_outside_that_only_mailwarden_may_se
     cfg = write_config(tmp_path)
     q = Quarantine(SQLiteStore(str(tmp_path / "state.sqlite3")), tmp_path / "q", retention_days=30)
     forged = make_message(subject="held", headers={"X-Mailwarden-Junk": "yes", "X-Spam-Flag": "YES",
-                                                   "X-Mailer": "kept"}).as_bytes()
-    entry = q.put([forged], sender="s@remote.example", recipients=["taro@example.jp"], reason="keyword rule")
+                                                   "X-Mailwarden-Id": "forged", "X-Mailer": "kept"}).as_bytes()
+    entry = q.put([forged], sender="s@remote.example", recipients=["taro@example.jp"], reason="keyword rule",
+                  mwid="06h4s2i8u2ai0f91")
     with SmtpSink() as sink:
         cfg.write_text(cfg.read_text() + f'reinject = "inet:127.0.0.1:{sink.port}"\n')
         code, out = run(cfg, "quarantine", "release", entry.id)
         assert code == 0, out
         (msg,) = sink.wait_for(1)
     assert b"X-Mailwarden-Junk" not in msg.data and b"X-Spam-Flag" not in msg.data
+    # The original's mailwarden id, for `mailwarden trace`, in place of the forged one.
+    assert msg.data.count(b"X-Mailwarden-Id") == 1 and b"X-Mailwarden-Id: 06h4s2i8u2ai0f91\r\n" in msg.data
     assert b"Subject: held" in msg.data and b"X-Mailer: kept" in msg.data
     assert msg.data.rstrip().endswith(b"hello")
 

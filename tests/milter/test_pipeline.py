@@ -86,6 +86,9 @@ def test_virus_removes_only_the_recipient_who_has_virus_scanning(h: Harness) -> 
     assert notice["Auto-Submitted"] == "auto-generated"
     assert "ウイルス" in str(notice["Subject"])  # example.jp notices are in Japanese
     assert "Eicar-Test-Signature" in notice.get_content()
+    # The notices carry the message's mailwarden id, as hanako's copy does.
+    assert is_mwid(ctx.msg["X-Mailwarden-Id"])
+    assert {m.data.split(b"X-Mailwarden-Id: ", 1)[1][:16].decode() for m in notices} == {ctx.msg["X-Mailwarden-Id"]}
 
 
 def test_banned_exe_is_refused_for_one_domain_and_stripped_for_another(h: Harness) -> None:
@@ -330,6 +333,7 @@ def test_quarantine_keeps_the_message_for_that_recipient(tmp_path: Path) -> None
     (entry,) = quarantine.entries()
     assert entry.recipients == ["bob@example.com"] and "virus" in entry.reason
     assert EICAR in quarantine.read(entry.id)
+    assert is_mwid(entry.mwid)  # its release will carry it
 
 
 def test_forged_junk_header_is_removed(h: Harness) -> None:
@@ -474,8 +478,9 @@ def test_the_reply_waits_for_no_notice(h: Harness, caplog: pytest.LogCaptureFixt
     # example.com tells the recipient and the sender
     assert sorted(r for m in h.injector.sent for r in m.recipients) == ["bob@example.com", "s@remote.example"]
     logged = [r.getMessage() for r in caplog.records]
-    assert "QID1: notice virus to <bob@example.com>: sent" in logged
-    assert "QID1: notice virus to <s@remote.example>: sent" in logged
+    mwid = line.split("mwid=", 1)[1].split()[0]
+    assert f"QID1: notice virus to <bob@example.com>: sent mwid={mwid}" in logged
+    assert f"QID1: notice virus to <s@remote.example>: sent mwid={mwid}" in logged
 
 
 def test_two_nodes_on_one_redis_scan_the_same_mail_once(tmp_path: Path, redis_server: RedisServer) -> None:
