@@ -143,8 +143,9 @@ def test_quarantine_release_delivers_and_removes(quarantined: tuple[Path, str], 
 def test_quarantine_release_drops_fields_set_outside_that_only_mailwarden_may_set(tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
     q = Quarantine(SQLiteStore(str(tmp_path / "state.sqlite3")), tmp_path / "q", retention_days=30)
-    forged = make_message(subject="held", headers={"X-Mailwarden-Junk": "yes", "X-Spam-Flag": "YES",
-                                                   "X-Mailwarden-Id": "forged", "X-Mailer": "kept"}).as_bytes()
+    forged = make_message(subject="held", headers={
+        "X-Mailwarden-Junk": "yes", "X-Spam-Flag": "YES", "X-Mailwarden-Id": "forged", "X-Mailer": "kept",
+    }).as_bytes()
     entry = q.put([forged], sender="s@remote.example", recipients=["taro@example.jp"], reason="keyword rule",
                   mwid="06h4s2i8u2ai0f91")
     with SmtpSink() as sink:
