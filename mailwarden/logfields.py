@@ -18,8 +18,8 @@ and two nodes practically never make the same.
 from __future__ import annotations
 
 import base64
+import random
 import re
-import secrets
 import time
 
 ID_HEADER = "X-Mailwarden-Id"
@@ -36,7 +36,11 @@ _MWID = re.compile(r"^[0-9a-v]{16}$")
 def new_mwid(clock: float | None = None) -> str:
     """A new mailwarden id (time-ordered, 16 characters of base 32)."""
     ms = int((time.time() if clock is None else clock) * 1000) & (2**48 - 1)
-    raw = ms.to_bytes(6, "big") + secrets.token_bytes(4)
+    # The random part only keeps ids of one millisecond apart (no secret): the module's
+    # generator, seeded from the system and again in each forked worker, makes no system
+    # call, which on the event loop's thread would hand the interpreter to a busy
+    # executor thread for up to its switch interval.
+    raw = ms.to_bytes(6, "big") + random.getrandbits(32).to_bytes(4, "big")
     return base64.b32hexencode(raw).decode("ascii").lower()
 
 

@@ -24,7 +24,7 @@ from mailwarden.notify import NOTICE_RESULTS, NoticeTemplates, Notifier
 from mailwarden.pbs import PopBeforeSmtp
 from mailwarden.policy import PolicyResolver
 from mailwarden.render import default_mailbox_host
-from mailwarden.reputation import Reputation
+from mailwarden.reputation import RecordingBatch, Reputation
 from mailwarden.store import Store, StoreUnavailable, async_store_of, store_of
 from milters.archive import Archiver
 from milters.config import MilterConfig
@@ -60,7 +60,8 @@ class MilterService:
     pipeline: Pipeline
     delivery: Delivery
     limits: Limits
-    reputation: Reputation | None = None
+    reputation: RecordingBatch | None = None
+    """The clients' reputation, counted in batches (None: not recorded)."""
     signing: Signing | None = None
     """DKIM signing of subscribers' mail (None: off)."""
     archiver: Archiver | None = None
@@ -105,8 +106,8 @@ class MilterService:
         self.metrics.message(verdict, outcome, time.monotonic() - started)
         kind = self.reputation_kind(envelope, verdict, outcome)
         if kind is not None and self.reputation is not None:
-            # A store write nobody waits for: the reply goes out now.
-            asyncio.get_running_loop().run_in_executor(None, self.record, envelope.client_address, kind)
+            # Counted now, written with others shortly: the reply waits for no store write.
+            self.reputation.add(envelope.client_address, kind)
         return outcome
 
     async def _identify(self, envelope: Envelope) -> Envelope:
@@ -183,6 +184,8 @@ class MilterService:
     def close(self) -> None:
         """Before the process ends: send the notices still waiting, end the archive's sessions."""
         self.delivery.close(self.settings.reinject_timeout)
+        if self.reputation is not None:
+            self.reputation.close()
         if self.archiver is not None:
             self.archiver.sessions.close()
 
@@ -232,15 +235,6 @@ class MilterService:
             return "clean"
         return None
 
-    def record(self, address: str, kind: str) -> None:
-        """Feed the client's reputation with a :meth:`reputation_kind` (a store write)."""
-        if self.reputation is None:
-            return
-        try:
-            self.reputation.record(address, kind)
-        except Exception as exc:  # noqa: BLE001 (reputation is advisory; mail goes on)
-            log.warning("reputation not recorded for %s: %s", address, exc)
-
 
 def limits_from(config: Config) -> Limits:
     """The parse and archive limits from ``[milter]``."""
@@ -251,9 +245,9 @@ def limits_from(config: Config) -> Limits:
                   memory_limit=m.memory_limit, spool_dir=m.spool_dir)
 
 
-def _reputation(store: Store, config: Config) -> Reputation | None:
+def _reputation(store: Store, config: Config) -> RecordingBatch | None:
     try:
-        return Reputation.from_config(store, config)
+        return RecordingBatch(Reputation.from_config(store, config))
     except (AttributeError, ValueError) as exc:
         log.warning("reputation recording off: %s", exc)
         return None

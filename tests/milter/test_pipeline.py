@@ -74,6 +74,18 @@ def test_virus_for_every_recipient_is_refused_at_smtp_time(h: Harness) -> None:
     assert h.spam.calls == 0  # no spamd time spent on refused mail
 
 
+def test_what_a_client_sent_feeds_its_reputation(h: Harness) -> None:
+    """A virus and a clean message from one client: counted as they are judged, written
+    to the store together (a batch), which the policy daemon then reads."""
+    assert h.service.reputation is not None
+    assert h.feed(make_message(body=EICAR.decode()), "s@remote.example", "taro@example.jp").rc == p.REJECT
+    assert h.feed(make_message(), "s@remote.example", "taro@example.jp").rc == p.ACCEPT
+    rep = h.service.reputation.reputation
+    assert rep.score("192.0.2.10") == 0  # not written yet
+    h.service.close()
+    assert rep.score("192.0.2.10") == pytest.approx(5.0 - 0.5, rel=1e-3)
+
+
 def test_virus_removes_only_the_recipient_who_has_virus_scanning(h: Harness) -> None:
     msg = make_message(body="see attachment")
     msg.add_attachment(EICAR, maintype="application", subtype="octet-stream", filename="eicar.txt")

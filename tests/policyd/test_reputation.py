@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from harness.dnsstub import StubDns
-from mailwarden.reputation import Reputation
+from mailwarden.reputation import RecordingBatch, Reputation
 from mailwarden.store import MemoryStore
 from policyd.checks.base import TEMPFAIL_REPLY
 from policyd.checks.reputation import dnsbl_name
@@ -88,6 +89,64 @@ def test_one_store_round_trip_to_record_and_one_to_read_both_scores() -> None:
     ip, net = rep.scores("192.0.2.7")
     assert calls == ["incr_many", "get_many"]
     assert ip == rep.score("192.0.2.7") > 0 and net == rep.network_score("192.0.2.8") > 0
+
+
+def test_a_batch_writes_what_single_records_would_in_one_transaction() -> None:
+    clock = Clock(1_800_000_000.0)
+    single, batched = reputation(clock), reputation(clock)
+    writes: list[int] = []
+    real = batched.store.incr_many
+
+    def spy(items: list[tuple[str, int, float | None]]) -> list[int]:
+        writes.append(len(items))
+        return real(items)
+
+    batched.store.incr_many = spy  # type: ignore[method-assign]
+    outcomes = [("192.0.2.1", "spam"), ("192.0.2.1", "virus"), ("192.0.2.2", "clean"),
+                ("192.0.2.1", "clean"), ("2001:db8::1", "spam")]
+
+    async def count() -> None:
+        batch = RecordingBatch(batched, interval=60)
+        for ip, outcome in outcomes:
+            batch.add(ip, outcome)
+            clock.advance(7)
+        batch.add("not-an-ip", "spam")  # logged and skipped
+        assert writes == []  # nothing written before the interval or a drain
+        await batch.drain()
+
+    for ip, outcome in outcomes:
+        single.record(ip, outcome)
+        clock.advance(7)
+    clock.advance(-7 * len(outcomes))
+    asyncio.run(count())
+    # Three IP counters and two network counters (/24 and /64), in one transaction.
+    assert writes == [5]
+    for ip in ("192.0.2.1", "192.0.2.2", "2001:db8::1"):
+        assert batched.scores(ip) == pytest.approx(single.scores(ip), rel=1e-6)
+    assert batched.score("192.0.2.1") == pytest.approx(7.5, rel=1e-2)
+
+
+def test_a_batch_flushes_after_its_interval_and_at_its_limit_and_close_writes_the_rest() -> None:
+    rep = reputation(Clock(1_800_000_000.0))
+
+    async def run() -> None:
+        batch = RecordingBatch(rep, interval=0.05, limit=4)
+        batch.add("192.0.2.1", "virus")
+        await asyncio.sleep(0.3)  # the interval passed: written without a drain
+        assert rep.score("192.0.2.1") == pytest.approx(5.0, rel=1e-3)
+        batch.add("192.0.2.2", "virus")
+        batch.add("192.0.2.3", "virus")
+        assert len(batch.pending) == 3  # two IPs and their network
+        batch.add("192.0.2.5", "virus")  # four counters: written at once
+        assert batch.pending == {}
+        await asyncio.sleep(0.01)
+        batch.add("192.0.2.4", "virus")
+        batch.close()
+        assert batch.pending == {}
+
+    asyncio.run(run())
+    for i in (2, 3, 4, 5):
+        assert rep.score(f"192.0.2.{i}") == pytest.approx(5.0, rel=1e-3)
 
 
 def test_record_refuses_unknown_outcomes_and_junk_ips() -> None:
