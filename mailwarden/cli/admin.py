@@ -65,6 +65,11 @@ def _show(app: App, target: Target) -> EffectivePolicy:
 
 
 def _service_change(app: App, target: Target, services: list[Service], action: str) -> None:
+    app.change(target.entry.dn, _service_changes(app, target, [(s, action) for s in services]))
+
+
+def _service_changes(app: App, target: Target, actions: list[tuple[Service, str]]) -> dict[str, list[str]]:
+    """The new service attribute values after each (service, enable|disable|inherit)."""
     mapping = app.config.ldap.mapping
     values = mapping.service_values
     entry = target.entry
@@ -75,7 +80,7 @@ def _service_change(app: App, target: Target, services: list[Service], action: s
         # The first list written becomes the whole truth: seed it with what is in effect.
         current = _show(app, target)
         enabled = [values[s.value] for s, sv in current.services.items() if sv.value]
-    for service in services:
+    for service, action in actions:
         value = values[service.value]
         enabled = [v for v in enabled if v.lower() != value.lower()]
         disabled = [v for v in disabled if v.lower() != value.lower()]
@@ -86,9 +91,9 @@ def _service_change(app: App, target: Target, services: list[Service], action: s
     changes = {"enabled_service": enabled}
     if not replace:
         changes["disabled_service"] = disabled
-    elif action == "inherit":
+    elif any(action == "inherit" for _, action in actions):
         raise click.UsageError("with service_merge = replace there is nothing to inherit")
-    app.change(entry.dn, changes)
+    return changes
 
 
 def _parse_services(names: tuple[str, ...]) -> list[Service]:
