@@ -56,7 +56,7 @@ def server() -> Iterator[SlapdServer]:
 
 def ldapmodify(server: SlapdServer, who: str | None, ldif: str) -> int:
     """Run the real ldapmodify as ``who`` (None: anonymous); its exit code (50: refused)."""
-    bind = ["-D", who, "-w", "secret" if who != ROOTDN else "secret"] if who else []
+    bind = ["-D", who, "-w", "secret"] if who else []
     res = subprocess.run(["ldapmodify", "-x", "-H", server.uri, *bind], input=ldif, text=True,
                          capture_output=True, timeout=30, check=False)
     return res.returncode
