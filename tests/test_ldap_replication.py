@@ -50,6 +50,7 @@ def _user_set(tmp_path: Path, toml: str, value: str) -> subprocess.CompletedProc
 def _consumer_value(pair: ReplicatedSlapd) -> list[bytes]:
     assert pair.consumer is not None
     conn = ldap.initialize(pair.consumer.uri)
+    conn.simple_bind_s(ADMIN_DN, "secret")
     try:
         [(_, attrs)] = conn.search_s(TARO, ldap.SCOPE_BASE, "(objectClass=*)", ["mwRateLimitMessages"])
     finally:
