@@ -385,3 +385,16 @@ def test_cli_import_goes_through_the_domains_narrowing(cli: tuple[Path, Path]) -
     rc, out = as_(cli, "alice@example.com", "user", "import", "-",
                   stdin="address,forward_addresses\nalice@example.com,a@example.net\n")
     assert rc == 1 and "line 2: alice@example.com: " in out and "forward_addresses" in out
+
+
+def test_config_check_names_an_anonymous_bind_that_sees_nothing(server: SlapdServer,
+                                                                 tmp_path: Path) -> None:
+    config = tmp_path / "anon.toml"
+    config.write_text(f'[ldap]\nuri = "{server.uri}"\n[store]\nsqlite_path = "{tmp_path}/s.db"\n',
+                      encoding="utf-8")
+    res = CliRunner().invoke(main, ["--config", str(config), "config", "check", "--connect"])
+    assert res.exit_code == 78 and "not visible to an anonymous bind" in res.output
+    config.write_text(f'[ldap]\nuri = "{server.uri}"\n{SERVICE_BIND}[store]\n'
+                      f'sqlite_path = "{tmp_path}/s.db"\n', encoding="utf-8")
+    res = CliRunner().invoke(main, ["--config", str(config), "config", "check", "--connect"])
+    assert res.exit_code == 0, res.output
