@@ -178,7 +178,7 @@ def test_authenticate_finds_each_tier(server: SlapdServer) -> None:
 
 @pytest.mark.parametrize(("login", "password"), [
     ("root", "wrong"), ("root", ""), ("nobody-here", "secret"), ("ghost@example.jp", "secret"),
-    ("not an address", "secret"),
+    ("not an address", "secret"), ("jiro@example.jp", "secret"),  # jiro's account is disabled
 ])
 def test_authenticate_refuses(server: SlapdServer, login: str, password: str) -> None:
     with pytest.raises(AuthenticationFailed):
