@@ -398,3 +398,28 @@ def test_config_check_names_an_anonymous_bind_that_sees_nothing(server: SlapdSer
                       f'sqlite_path = "{tmp_path}/s.db"\n', encoding="utf-8")
     res = CliRunner().invoke(main, ["--config", str(config), "config", "check", "--connect"])
     assert res.exit_code == 0, res.output
+
+
+def test_catalogue_declares_the_end_user_settings_and_services_shows_them() -> None:
+    from mailwarden import catalogue
+
+    marked = {n for n, s in catalogue.SETTINGS.items() if s.end_user}
+    assert marked == set(catalogue.END_USER_SETTINGS) == {
+        "keyword_rules", "sender_allowlist", "sender_blocklist", "forward_addresses",
+        "forward_keep_copy", "vacation_active", "vacation_subject", "vacation_text",
+        "vacation_period_days", "spam_threshold", "spam_action"}
+    out = CliRunner().invoke(main, ["services"]).output
+    rows = {line.split()[0]: line.split()[3] for line in out.splitlines()
+            if line.startswith("  ") and len(line.split()) > 3}
+    assert rows["keyword_rules"] == "self" and rows["vacation_text"] == "self"
+    assert rows["quota"] != "self" and rows["spam_reject_score"] != "self"
+
+
+def test_generated_rules_let_end_users_write_exactly_the_catalogue_column() -> None:
+    from mailwarden.acl import acl_rules, end_user_attributes
+
+    own = [r for r in acl_rules(B) if "by self write by" in r and "attrs=mw" in r]
+    assert len(own) == 1
+    attrs = own[0].split("attrs=", 1)[1].split()[0].split(",")
+    assert attrs == end_user_attributes()
+    assert "mwKeywordRule" in attrs and "mwQuota" not in attrs
