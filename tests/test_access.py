@@ -423,3 +423,18 @@ def test_generated_rules_let_end_users_write_exactly_the_catalogue_column() -> N
     attrs = own[0].split("attrs=", 1)[1].split()[0].split(",")
     assert attrs == end_user_attributes()
     assert "mwKeywordRule" in attrs and "mwQuota" not in attrs
+
+
+def test_search_users_sees_what_the_bind_may_see(server: SlapdServer) -> None:
+    d = directory(server)
+    everyone = [e.first("mail") for e in d.search_users()]
+    assert "taro@example.jp" in everyone and "alice@example.com" in everyone
+    assert everyone == sorted(everyone)
+    assert [e.first("mail") for e in d.search_users("yamada")] == ["taro@example.jp"]  # an alias
+    assert len(d.search_users(limit=3)) == 3
+    jp = d.bound_as(JP_ADMIN, "secret")
+    mine = {e.first("mail") for e in jp.search_users()}
+    assert "taro@example.jp" in mine and not {m for m in mine if m and "example.jp" not in m}
+    domain = jp.find_domain("example.jp")
+    assert domain is not None and [e.dn for e in jp.search_users("hana", domain)] == [HANAKO]
+    assert [e.dn for e in d.bound_as(TARO, "secret").search_users()] == [TARO]
