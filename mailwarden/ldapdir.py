@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -67,6 +68,35 @@ class LdapDirectory:
         self._conn: ReconnectLDAPObject | None = None
         self._write_conn: ReconnectLDAPObject | None = None
         self.domain_base = cfg.mapping.domain_base.format(base_dn=cfg.base_dn)
+
+    def bound_as(self, dn: str, password: str) -> LdapDirectory:
+        """A directory like this one that binds as ``dn`` with ``password`` (a simple bind,
+        checked now): slapd then applies its ACLs to every read and write as that person.
+
+        Raises AuthenticationFailed on wrong credentials (an empty password is refused
+        here: LDAP would treat it as an unauthenticated bind), DirectoryUnavailable when
+        the server cannot answer.
+        """
+        from mailwarden.access import AuthenticationFailed
+
+        if not dn or not password:
+            raise AuthenticationFailed("login failed")
+        cfg = dataclasses.replace(self.cfg, bind_dn=dn, bind_password=password, bind_password_file="")
+        other = LdapDirectory(cfg)
+        try:
+            other._write_conn = other._connect(cfg.writer)
+        except ldap.INVALID_CREDENTIALS:
+            raise AuthenticationFailed("login failed") from None
+        except _UNAVAILABLE as exc:
+            raise DirectoryUnavailable(f"LDAP {cfg.writer}: bind: {_describe(exc)}") from None
+        except OSError as exc:
+            raise DirectoryUnavailable(f"LDAP {cfg.writer}: bind: {exc}") from None
+        return other
+
+    @property
+    def bind_dn(self) -> str:
+        """The DN this directory binds as (empty: anonymous)."""
+        return self.cfg.bind_dn
 
     # ------------------------------------------------------------ connection
 
@@ -159,7 +189,8 @@ class LdapDirectory:
                 )
             except ldap.NO_SUCH_OBJECT:
                 raise DirectoryUnavailable(
-                    f"LDAP {self.cfg.uri}: {what}: search base {base!r} does not exist"
+                    f"LDAP {self.cfg.uri}: {what}: search base {base!r} does not exist or is "
+                    f"not visible to {self.cfg.bind_dn or 'an anonymous bind'} (check ldap.bind_dn)"
                 ) from None
             except ldap.FILTER_ERROR:
                 raise DirectoryUnavailable(
@@ -214,9 +245,11 @@ class LdapDirectory:
                     "(set ldap.write_uri to the provider)"
                 ) from None
             except (ldap.INSUFFICIENT_ACCESS, ldap.STRONG_AUTH_REQUIRED):
-                raise DirectoryError(
+                from mailwarden.access import ChangeRefused
+
+                raise ChangeRefused(
                     f"{dn}: insufficient access for {self.cfg.bind_dn or 'anonymous'} "
-                    "(set ldap.bind_dn / bind_password_file)"
+                    "(the directory's ACLs refuse it; see ldap.bind_dn or --as)"
                 ) from None
             except (
                 ldap.INVALID_SYNTAX, ldap.OBJECT_CLASS_VIOLATION, ldap.UNDEFINED_TYPE,
@@ -225,3 +258,93 @@ class LdapDirectory:
                 raise DirectoryError(f"{dn}: {_describe(exc)}") from None
 
         self._call(f"modify {dn}", run, write=True)
+
+    # ------------------------------------------------------------ administration
+
+    def search_users(self, text: str = "", domain: Entry | None = None, limit: int = 100) -> list[Entry]:
+        """Subscribers whose address or alias contains ``text`` (all for an empty one), below
+        ``domain`` or every domain, as far as this bind may see them: the first ``limit``
+        the server returns, sorted by address.  The mapping's ``user_filter`` is used with
+        a substring pattern, so a site's own attributes work too."""
+        esc = ldap.filter.escape_filter_chars(text.strip().lower())
+        pattern = f"*{esc}*" if esc else "*"
+        flt = self.mapping.user_filter.format(address=pattern, local=pattern, domain="*")
+        base = (self.mapping.user_base.format(domain_dn=domain.dn, base_dn=self.cfg.base_dn)
+                if domain is not None else self.domain_base)
+
+        def run(conn: ReconnectLDAPObject) -> list[tuple[str, dict[str, list[bytes]]]]:
+            found: list[tuple[str, dict[str, list[bytes]]]] = []
+            try:
+                msgid = conn.search_ext(base, ldap.SCOPE_SUBTREE, flt, self._attrlist,
+                                        sizelimit=max(limit, 0))
+                while True:
+                    rtype, rdata, *_ = conn.result3(msgid, all=0, timeout=self.cfg.timeout)
+                    if rtype == ldap.RES_SEARCH_RESULT:
+                        break
+                    found += [(d, a) for d, a in rdata if d is not None]
+            except ldap.SIZELIMIT_EXCEEDED:
+                pass  # the first ``limit`` are what was asked for
+            except ldap.NO_SUCH_OBJECT:
+                return []
+            return found
+
+        entries = [self._entry(dn, attrs) for dn, attrs in self._call(f"user search {text!r}", run)]
+        return sorted(entries, key=lambda e: (e.first("mail") or e.dn).lower())
+
+    def read_entry(self, dn: str) -> Entry:
+        """The entry ``dn`` by concept, read from the provider (``write_uri``) so that a
+        change's old values are the ones it replaces; NoSuchEntry if it does not exist
+        or this bind may not see it."""
+
+        def run(conn: ReconnectLDAPObject) -> list[tuple[str, dict[str, list[bytes]]]]:
+            try:
+                result: list[Any] = conn.search_ext_s(dn, ldap.SCOPE_BASE, "(objectClass=*)",
+                                                      self._attrlist, timeout=self.cfg.timeout)
+            except ldap.NO_SUCH_OBJECT:
+                return []
+            return [(d, a) for d, a in result if d is not None]
+
+        found = self._call(f"read {dn}", run, write=True)
+        if not found:
+            raise NoSuchEntry(f"{dn}: no such entry (or not visible to {self.bind_dn or 'anonymous'})")
+        return self._entry(*found[0])
+
+    def search_raw(self, base: str, filterstr: str, attrs: Sequence[str], *,
+                   scope: int = ldap.SCOPE_SUBTREE, sizelimit: int = 0,
+                   write: bool = False) -> list[tuple[str, dict[str, list[str]]]]:
+        """Entries below ``base`` matching ``filterstr`` with ``attrs`` under their LDAP names
+        (values decoded as UTF-8), for administration (logins, groups, audit records).
+        A missing base gives an empty list; ``write`` asks the provider."""
+
+        def run(conn: ReconnectLDAPObject) -> list[tuple[str, dict[str, list[str]]]]:
+            try:
+                result: list[Any] = conn.search_ext_s(base, scope, filterstr, list(attrs),
+                                                      timeout=self.cfg.timeout, sizelimit=sizelimit)
+            except ldap.NO_SUCH_OBJECT:
+                return []
+            return [(d, {k: [v.decode("utf-8", "replace") for v in vs] for k, vs in a.items()})
+                    for d, a in result if d is not None]
+
+        return self._call(f"search {base}", run, write=write)
+
+    def add_raw(self, dn: str, attrs: Mapping[str, Sequence[str]]) -> None:
+        """Add the entry ``dn`` with ``attrs`` (LDAP names) on the provider; DirectoryError
+        when refused (ChangeRefused for insufficient access, NoSuchEntry when the parent
+        is missing)."""
+        from mailwarden.access import ChangeRefused
+
+        modlist = [(a, [v.encode("utf-8") for v in vals]) for a, vals in attrs.items()]
+
+        def run(conn: ReconnectLDAPObject) -> None:
+            try:
+                conn.add_s(dn, modlist)
+            except ldap.INSUFFICIENT_ACCESS:
+                raise ChangeRefused(f"{dn}: {self.bind_dn or 'anonymous'} may not add it") from None
+            except ldap.NO_SUCH_OBJECT:
+                raise NoSuchEntry(f"{dn}: its parent entry does not exist") from None
+            except (ldap.ALREADY_EXISTS, ldap.INVALID_SYNTAX,
+                    ldap.OBJECT_CLASS_VIOLATION, ldap.UNDEFINED_TYPE, ldap.CONSTRAINT_VIOLATION,
+                    ldap.NAMING_VIOLATION) as exc:
+                raise DirectoryError(f"{dn}: {_describe(exc)}") from None
+
+        self._call(f"add {dn}", run, write=True)

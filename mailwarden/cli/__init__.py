@@ -15,6 +15,7 @@ import click
 from mailwarden import catalogue
 from mailwarden.address import InvalidAddress
 from mailwarden.cli.admin import domain_group, ldap_group, user_group
+from mailwarden.cli.audit import audit_group
 from mailwarden.cli.common import (
     EX_CONFIG,
     EX_TEMPFAIL,
@@ -76,10 +77,20 @@ class MainGroup(click.Group):
     "--config", "-c", "config_file", metavar="PATH", envvar="MAILWARDEN_CONFIG",
     help="Configuration file (default /etc/mailwarden/mailwarden.toml).",
 )
+@click.option(
+    "--as", "as_login", metavar="LOGIN", envvar="MAILWARDEN_AS",
+    help="Act as this administrator (uid) or subscriber (address), bound to the directory "
+    "with their own password, so its access rules apply (default: ldap.bind_dn).",
+)
+@click.option(
+    "--password-file", metavar="PATH", envvar="MAILWARDEN_PASSWORD_FILE",
+    help="File holding the --as password (default: ask).",
+)
 @click.pass_context
-def main(ctx: click.Context, config_file: str | None) -> None:
+def main(ctx: click.Context, config_file: str | None, as_login: str | None,
+         password_file: str | None) -> None:
     """mailwarden: per-subscriber mail filtering for Postfix and Dovecot."""
-    ctx.obj = App(config_file)
+    ctx.obj = App(config_file, as_login=as_login, password_file=password_file)
 
 
 # ------------------------------------------------------------------ config
@@ -126,9 +137,16 @@ def config_check(app: App, connect: bool) -> None:
     if problems:
         fail("configuration error:\n" + "\n".join(f"{cfg.source}:{p}" for p in problems), EX_CONFIG)
     if connect:
+        import ldap
         from mailwarden.store import StoreUnavailable, store_of
 
         app.directory.ping()
+        if not app.ldap.search_raw(app.ldap.domain_base, "(objectClass=*)", ["1.1"],
+                                   scope=ldap.SCOPE_BASE):
+            fail(f"ldap: {app.ldap.domain_base} is not visible to "
+                 f"{app.config.ldap.bind_dn or 'an anonymous bind'}: set ldap.bind_dn to an account "
+                 "the directory lets read the mail tree (the shipped access rules show anonymous "
+                 "clients nothing)", EX_CONFIG)
         try:
             store = store_of(cfg.store)
             store.ping()
@@ -218,13 +236,17 @@ def services_cmd() -> None:
     for spec in catalogue.SERVICES.values():
         paid = "paid" if spec.paid else "    "
         click.echo(f"  {spec.service.value:<18} {spec.ldap_value:<18} {paid}  {spec.description}")
-    click.echo("settings:")
+    click.echo("settings (self: a subscriber may change it, within the domain's "
+               "self_service_settings):")
     for s in catalogue.SETTINGS.values():
         allowed = f" ({'|'.join(s.choices)})" if s.choices else ""
+        who = "self" if s.end_user else "    "
         click.echo(
-            f"  {s.name:<22} {s.ldap_attribute:<22} {s.scope:<6} {s.kind}{allowed}: {s.description}"
+            f"  {s.name:<22} {s.ldap_attribute:<22} {s.scope:<6} {who}  {s.kind}{allowed}: "
+            f"{s.description}"
         )
 
 
-for _group in (domain_group, user_group, ldap_group, render_group, trace_cmd, selftest_cmd):
+for _group in (domain_group, user_group, ldap_group, render_group, trace_cmd, selftest_cmd,
+               audit_group):
     main.add_command(_group)
