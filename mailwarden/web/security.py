@@ -45,7 +45,8 @@ class Session:
     dn: str
     role: str
     domains: tuple[str, ...]
-    addresses: tuple[str, ...]
+    address: str
+    domain: str
     csrf: str
     created: float
     password_token: str
@@ -60,7 +61,6 @@ class Session:
         """Parse a store value."""
         data = json.loads(text)
         data["domains"] = tuple(data["domains"])
-        data["addresses"] = tuple(data["addresses"])
         return cls(**data)
 
 
@@ -83,11 +83,11 @@ class Sessions:
         self._fernet = Fernet(base64.urlsafe_b64encode(hashlib.sha256(b"mailwarden-web\0" + secret).digest()))
 
     async def create(self, *, login: str, dn: str, role: str, domains: tuple[str, ...],
-                     addresses: tuple[str, ...], password: str, lang: str = "") -> Session:
+                     address: str, domain: str, password: str, lang: str = "") -> Session:
         """A new session (a new ID on every login: no fixation)."""
         session = Session(
             id=secrets.token_urlsafe(32), login=login, dn=dn, role=role, domains=domains,
-            addresses=addresses, csrf=secrets.token_urlsafe(32), created=self.clock(),
+            address=address, domain=domain, csrf=secrets.token_urlsafe(32), created=self.clock(),
             password_token=self._fernet.encrypt(password.encode("utf-8")).decode("ascii"), lang=lang,
         )
         await self.store.set(SESSION_PREFIX + session.id, session.to_json(), ttl=self.lifetime)
