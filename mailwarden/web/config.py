@@ -20,6 +20,10 @@ class WebConfig:
         "file holding the console's secret key (32+ random bytes, readable by the console only): it "
         "encrypts the directory password kept with a session",
     )
+    trusted_proxies: list[str] = setting(
+        None, "addresses of the TLS proxies in front whose X-Forwarded-For names the client "
+        "(empty: the peer address is the client)", factory=list,
+    )
     session_lifetime: float = setting(
         3600.0, "seconds a login lasts; after that the person logs in again"
     )
