@@ -180,6 +180,9 @@ class SettingSpec:
     max_values: int = 200
     service: Service | None = None
     """The service this setting belongs to (for display), if any."""
+    end_user: bool = False
+    """A subscriber may change it on their own entry (within what their domain allows:
+    ``self_service_settings``); the generated slapd ACLs let them write its attribute."""
 
     @property
     def multi(self) -> bool:
@@ -336,15 +339,22 @@ DEFAULT_BANNED_EXTENSIONS = (
     "cpl", "msi", "lnk", "jar", "ps1", "reg",
 )
 
+END_USER_SETTINGS = (
+    "spam_threshold", "spam_action", "keyword_rules", "sender_allowlist", "sender_blocklist",
+    "forward_addresses", "forward_keep_copy", "vacation_active", "vacation_subject",
+    "vacation_text", "vacation_period_days",
+)
+"""The settings marked ``end_user`` below (checked by the catalogue tests)."""
+
 _S = SettingSpec
 SETTINGS: dict[str, SettingSpec] = {
     s.name: s
     for s in (
         _S("spam_threshold", "float", 5.0, "spamd score at or above which mail is spam",
-           "mwSpamThreshold", minimum=-100, maximum=1000, service=Service.SPAM_CHECK),
+           "mwSpamThreshold", minimum=-100, maximum=1000, service=Service.SPAM_CHECK, end_user=True),
         _S("spam_action", "enum", "junk", "what happens to spam below the reject score",
            "mwSpamAction", choices=("tag", "subject", "junk", "reject"),
-           service=Service.SPAM_CHECK),
+           service=Service.SPAM_CHECK, end_user=True),
         _S("spam_reject_score", "float", 15.0,
            "score at or above which spam is refused at SMTP (above 1000: never)",
            "mwSpamRejectScore", minimum=-100, maximum=1_000_000, service=Service.SPAM_CHECK),
@@ -377,23 +387,23 @@ SETTINGS: dict[str, SettingSpec] = {
         _S("extension_action", "enum", "reject", "banned attachment: reject or strip the part",
            "mwExtensionAction", choices=("reject", "strip"), service=Service.EXTENSION_FILTER),
         _S("keyword_rules", "keyword_rules", (), "keyword rules 'SCOPE OP ACTION PATTERN'",
-           "mwKeywordRule", merge="union", max_values=100, service=Service.KEYWORD_FILTER),
+           "mwKeywordRule", merge="union", max_values=100, service=Service.KEYWORD_FILTER, end_user=True),
         _S("mail_host", "host", "", "mailbox host that stores this subscriber's mail",
            "mwMailHost", max_length=255),
         _S("quota", "int", 0, "mailbox quota in bytes (0 = unlimited)", "mwQuota",
            minimum=0, maximum=2**53),
         _S("forward_addresses", "addresses", (), "addresses mail is forwarded to",
-           "mwForwardAddress", scope="user", max_values=20),
+           "mwForwardAddress", scope="user", max_values=20, end_user=True),
         _S("forward_keep_copy", "bool", True, "keep a copy in the mailbox when forwarding",
-           "mwForwardKeepCopy"),
+           "mwForwardKeepCopy", end_user=True),
         _S("vacation_active", "bool", False, "answer incoming mail with the vacation text",
-           "mwVacationActive", scope="user"),
+           "mwVacationActive", scope="user", end_user=True),
         _S("vacation_subject", "text", "Out of office", "subject of the vacation reply",
-           "mwVacationSubject", scope="user", max_length=200),
+           "mwVacationSubject", scope="user", max_length=200, end_user=True),
         _S("vacation_text", "text", "", "body of the vacation reply", "mwVacationText",
-           scope="user", max_length=8000),
+           scope="user", max_length=8000, end_user=True),
         _S("vacation_period_days", "int", 7, "answer one sender at most once per this many days",
-           "mwVacationPeriod", minimum=1, maximum=365),
+           "mwVacationPeriod", minimum=1, maximum=365, end_user=True),
         _S("archive_address", "address", "",
            "the archive mailbox copies of passing mail go to: an account with mwAccountStatus "
            "archive (delivered over LMTP, never reachable by SMTP)",
@@ -425,10 +435,10 @@ SETTINGS: dict[str, SettingSpec] = {
         _S("sender_allowlist", "addresses", (),
            "senders ('user@dom' or '@dom') whose mail skips spam and keyword filtering (never virus "
            "scanning) and greylisting; matched on an authenticated envelope sender or From",
-           "mwSenderAllow", merge="union", max_values=500),
+           "mwSenderAllow", merge="union", max_values=500, end_user=True),
         _S("sender_blocklist", "addresses", (),
            "envelope senders ('user@dom' or '@dom') refused at RCPT", "mwSenderBlock", merge="union",
-           max_values=500),
+           max_values=500, end_user=True),
         _S("greylist_delay", "int", 300, "seconds before a greylisted triplet is accepted",
            "mwGreylistDelay", minimum=0, maximum=86400, service=Service.GREYLISTING),
         _S("spf_actions", "result_actions", (),
@@ -449,6 +459,14 @@ SETTINGS: dict[str, SettingSpec] = {
            "ARC sealers (mailing lists, forwarders) whose valid chain and recorded dmarc=pass "
            "override a DMARC fail for mail to this domain",
            "mwArcTrustedSealer", scope="domain", max_values=100),
+        _S("self_service_settings", "choices", END_USER_SETTINGS,
+           "settings the domain's subscribers may change themselves (of those the catalogue "
+           "allows them)", "mwSelfServiceSetting", choices=END_USER_SETTINGS, scope="domain",
+           max_values=len(END_USER_SETTINGS)),
+        _S("delegated_services", "choices", tuple(s.value for s in Service),
+           "services the domain's administrators may switch on the domain and its subscribers "
+           "(set by a system administrator)", "mwDelegatedService",
+           choices=tuple(s.value for s in Service), scope="domain", max_values=len(Service)),
         _S("dkim_selector", "text", "",
            "DKIM selector used when signing for this domain (ed25519: SELECTOR-ed25519)",
            "mwDkimSelector", scope="domain", max_length=63, service=Service.DKIM_SIGNING),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -67,6 +68,35 @@ class LdapDirectory:
         self._conn: ReconnectLDAPObject | None = None
         self._write_conn: ReconnectLDAPObject | None = None
         self.domain_base = cfg.mapping.domain_base.format(base_dn=cfg.base_dn)
+
+    def bound_as(self, dn: str, password: str) -> LdapDirectory:
+        """A directory like this one that binds as ``dn`` with ``password`` (a simple bind,
+        checked now): slapd then applies its ACLs to every read and write as that person.
+
+        Raises AuthenticationFailed on wrong credentials (an empty password is refused
+        here: LDAP would treat it as an unauthenticated bind), DirectoryUnavailable when
+        the server cannot answer.
+        """
+        from mailwarden.access import AuthenticationFailed
+
+        if not dn or not password:
+            raise AuthenticationFailed("login failed")
+        cfg = dataclasses.replace(self.cfg, bind_dn=dn, bind_password=password, bind_password_file="")
+        other = LdapDirectory(cfg)
+        try:
+            other._write_conn = other._connect(cfg.writer)
+        except ldap.INVALID_CREDENTIALS:
+            raise AuthenticationFailed("login failed") from None
+        except _UNAVAILABLE as exc:
+            raise DirectoryUnavailable(f"LDAP {cfg.writer}: bind: {_describe(exc)}") from None
+        except OSError as exc:
+            raise DirectoryUnavailable(f"LDAP {cfg.writer}: bind: {exc}") from None
+        return other
+
+    @property
+    def bind_dn(self) -> str:
+        """The DN this directory binds as (empty: anonymous)."""
+        return self.cfg.bind_dn
 
     # ------------------------------------------------------------ connection
 
@@ -214,9 +244,11 @@ class LdapDirectory:
                     "(set ldap.write_uri to the provider)"
                 ) from None
             except (ldap.INSUFFICIENT_ACCESS, ldap.STRONG_AUTH_REQUIRED):
-                raise DirectoryError(
+                from mailwarden.access import ChangeRefused
+
+                raise ChangeRefused(
                     f"{dn}: insufficient access for {self.cfg.bind_dn or 'anonymous'} "
-                    "(set ldap.bind_dn / bind_password_file)"
+                    "(the directory's ACLs refuse it; see ldap.bind_dn or --as)"
                 ) from None
             except (
                 ldap.INVALID_SYNTAX, ldap.OBJECT_CLASS_VIOLATION, ldap.UNDEFINED_TYPE,
@@ -225,3 +257,61 @@ class LdapDirectory:
                 raise DirectoryError(f"{dn}: {_describe(exc)}") from None
 
         self._call(f"modify {dn}", run, write=True)
+
+    # ------------------------------------------------------------ administration
+
+    def read_entry(self, dn: str) -> Entry:
+        """The entry ``dn`` by concept, read from the provider (``write_uri``) so that a
+        change's old values are the ones it replaces; NoSuchEntry if it does not exist
+        or this bind may not see it."""
+
+        def run(conn: ReconnectLDAPObject) -> list[tuple[str, dict[str, list[bytes]]]]:
+            try:
+                result: list[Any] = conn.search_ext_s(dn, ldap.SCOPE_BASE, "(objectClass=*)",
+                                                      self._attrlist, timeout=self.cfg.timeout)
+            except ldap.NO_SUCH_OBJECT:
+                return []
+            return [(d, a) for d, a in result if d is not None]
+
+        found = self._call(f"read {dn}", run, write=True)
+        if not found:
+            raise NoSuchEntry(f"{dn}: no such entry (or not visible to {self.bind_dn or 'anonymous'})")
+        return self._entry(*found[0])
+
+    def search_raw(self, base: str, filterstr: str, attrs: Sequence[str], *,
+                   scope: int = ldap.SCOPE_SUBTREE, sizelimit: int = 0,
+                   write: bool = False) -> list[tuple[str, dict[str, list[str]]]]:
+        """Entries below ``base`` matching ``filterstr`` with ``attrs`` under their LDAP names
+        (values decoded as UTF-8), for administration (logins, groups, audit records).
+        A missing base gives an empty list; ``write`` asks the provider."""
+
+        def run(conn: ReconnectLDAPObject) -> list[tuple[str, dict[str, list[str]]]]:
+            try:
+                result: list[Any] = conn.search_ext_s(base, scope, filterstr, list(attrs),
+                                                      timeout=self.cfg.timeout, sizelimit=sizelimit)
+            except ldap.NO_SUCH_OBJECT:
+                return []
+            return [(d, {k: [v.decode("utf-8", "replace") for v in vs] for k, vs in a.items()})
+                    for d, a in result if d is not None]
+
+        return self._call(f"search {base}", run, write=write)
+
+    def add_raw(self, dn: str, attrs: Mapping[str, Sequence[str]]) -> None:
+        """Add the entry ``dn`` with ``attrs`` (LDAP names) on the provider; DirectoryError
+        when refused (ChangeRefused for insufficient access), ldap.ALREADY_EXISTS is
+        raised as DirectoryError too."""
+        from mailwarden.access import ChangeRefused
+
+        modlist = [(a, [v.encode("utf-8") for v in vals]) for a, vals in attrs.items()]
+
+        def run(conn: ReconnectLDAPObject) -> None:
+            try:
+                conn.add_s(dn, modlist)
+            except ldap.INSUFFICIENT_ACCESS:
+                raise ChangeRefused(f"{dn}: {self.bind_dn or 'anonymous'} may not add it") from None
+            except (ldap.NO_SUCH_OBJECT, ldap.ALREADY_EXISTS, ldap.INVALID_SYNTAX,
+                    ldap.OBJECT_CLASS_VIOLATION, ldap.UNDEFINED_TYPE, ldap.CONSTRAINT_VIOLATION,
+                    ldap.NAMING_VIOLATION) as exc:
+                raise DirectoryError(f"{dn}: {_describe(exc)}") from None
+
+        self._call(f"add {dn}", run, write=True)

@@ -60,14 +60,39 @@ ATTRIBUTE_NUMBERS: dict[str, int] = {
     "mwArchiveFailureAction": 65,
     "mwSenderAllow": 66,
     "mwSenderBlock": 67,
+    "mwSelfServiceSetting": 68,
+    "mwDelegatedService": 69,
+    "mwAuditId": 80,
+    "mwAuditActor": 81,
+    "mwAuditOrigin": 82,
+    "mwAuditTarget": 83,
+    "mwAuditDomain": 84,
+    "mwAuditChange": 85,
+    "mwAuditTime": 86,
 }
-CLASS_NUMBERS = {"mwDomain": 1, "mwSubscriber": 2}
+CLASS_NUMBERS = {"mwDomain": 1, "mwSubscriber": 2, "mwAuditRecord": 3}
+
+AUDIT_ATTRIBUTES: dict[str, tuple[str, str, bool]] = {
+    # name: (description, syntax key, single-valued)
+    "mwAuditId": ("unique name of an audit record", "ia5", True),
+    "mwAuditActor": ("login of the person who made the change", "text", True),
+    "mwAuditOrigin": ("where the change came from: cli USER@HOST or web ADDRESS", "text", True),
+    "mwAuditTarget": ("DN of the changed entry", "dn", True),
+    "mwAuditDomain": ("domain of the changed entry", "ia5", True),
+    "mwAuditChange": ("one changed attribute as JSON: name, old and new values", "exact", False),
+    "mwAuditTime": ("when the change was made", "time", True),
+}
+"""The audit record's attributes (mailwarden.audit); not settings, so not in the catalogue."""
 
 _IA5 = "EQUALITY caseIgnoreIA5Match SUBSTR caseIgnoreIA5SubstringsMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.26"
 _TEXT = "EQUALITY caseIgnoreMatch SUBSTR caseIgnoreSubstringsMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15"
 _EXACT_TEXT = "EQUALITY caseExactMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.15"
 _INT = "EQUALITY integerMatch ORDERING integerOrderingMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.27"
 _BOOL = "EQUALITY booleanMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.7"
+_DN = "EQUALITY distinguishedNameMatch SYNTAX 1.3.6.1.4.1.1466.115.121.1.12"
+_TIME = ("EQUALITY generalizedTimeMatch ORDERING generalizedTimeOrderingMatch "
+         "SYNTAX 1.3.6.1.4.1.1466.115.121.1.24")
+_AUDIT_SYNTAX = {"ia5": "", "text": "", "dn": _DN, "exact": _EXACT_TEXT, "time": _TIME}
 
 
 def _syntax(spec: SettingSpec) -> str:
@@ -103,6 +128,9 @@ def attribute_types() -> list[str]:
         defs[spec.ldap_attribute] = _attribute(
             spec.ldap_attribute, spec.description, _syntax(spec), not spec.multi
         )
+    for name, (desc, key, single) in AUDIT_ATTRIBUTES.items():
+        syntax = _AUDIT_SYNTAX[key] or (_IA5 if key == "ia5" else _TEXT)
+        defs[name] = _attribute(name, desc, syntax, single)
     return [defs[n] for n in sorted(defs, key=ATTRIBUTE_NUMBERS.__getitem__)]
 
 
@@ -121,6 +149,9 @@ def object_classes() -> list[str]:
         f"and its defaults' SUP top STRUCTURAL MUST mwDomainName MAY ( {' $ '.join(domain_may)} ) )",
         f"( {root}.{CLASS_NUMBERS['mwSubscriber']} NAME 'mwSubscriber' DESC 'mailwarden "
         f"settings of a subscriber' SUP top AUXILIARY MAY ( mail $ {' $ '.join(user_may)} ) )",
+        f"( {root}.{CLASS_NUMBERS['mwAuditRecord']} NAME 'mwAuditRecord' DESC 'one change made "
+        "through mailwarden' SUP top STRUCTURAL MUST ( mwAuditId $ mwAuditActor $ mwAuditTarget $ "
+        "mwAuditTime ) MAY ( mwAuditOrigin $ mwAuditDomain $ mwAuditChange ) )",
     ]
 
 

@@ -222,11 +222,14 @@ def services_cmd() -> None:
     for spec in catalogue.SERVICES.values():
         paid = "paid" if spec.paid else "    "
         click.echo(f"  {spec.service.value:<18} {spec.ldap_value:<18} {paid}  {spec.description}")
-    click.echo("settings:")
+    click.echo("settings (self: a subscriber may change it, within the domain's "
+               "self_service_settings):")
     for s in catalogue.SETTINGS.values():
         allowed = f" ({'|'.join(s.choices)})" if s.choices else ""
+        who = "self" if s.end_user else "    "
         click.echo(
-            f"  {s.name:<22} {s.ldap_attribute:<22} {s.scope:<6} {s.kind}{allowed}: {s.description}"
+            f"  {s.name:<22} {s.ldap_attribute:<22} {s.scope:<6} {who}  {s.kind}{allowed}: "
+            f"{s.description}"
         )
 
 
