@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import jinja2
+
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -131,7 +133,8 @@ class Console:
         self.throttle = LoginThrottle(services.store, per_account=self.web.login_failures_per_account,
                                       per_client=self.web.login_failures_per_client,
                                       window=self.web.login_window)
-        self.templates = Jinja2Templates(directory=str(TEMPLATES), autoescape=True)
+        env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
+        self.templates = Jinja2Templates(env=env)
         self.templates.env.globals["show"] = show_value
 
     # ------------------------------------------------------------ plumbing
