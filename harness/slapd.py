@@ -41,6 +41,9 @@ class Database:
         "mail,mwAlternateAddress,mwDomainName,mwDomainAlias eq",
     )
     extra_config: list[str] = field(default_factory=list)
+    access: Sequence[str] = ("to attrs=userPassword by anonymous auth by self write by * none",
+                             "to * by * read")
+    """The database's ``olcAccess`` rules in order (the mail tree gets the shipped ones)."""
     syncprov: bool = False
     """A syncrepl provider: the syncprov overlay on this database."""
     provider_uri: str = ""
@@ -64,9 +67,21 @@ class Database:
         ]
 
 
+SUFFIX = "dc=mailwarden,dc=test"
+SERVICE_DN = f"cn=mailwarden,ou=services,{SUFFIX}"
+"""The sample tree's read-only account for the daemons (password ``secret``)."""
+SERVICE_BIND = f'bind_dn = "{SERVICE_DN}"\nbind_password = "secret"\n'
+"""``[ldap]`` lines binding a configuration to the sample tree as the daemons' account:
+the shipped ACLs give anonymous clients nothing but a bind."""
+
+
 def mailwarden_database(*extra_ldif: Path) -> Database:
-    """The shipped sample tree (ldap/sample.ldif) plus any extra LDIF."""
-    return Database("dc=mailwarden,dc=test", [REPO / "ldap" / "sample.ldif", *extra_ldif])
+    """The shipped sample tree (ldap/sample.ldif) plus any extra LDIF, guarded by the
+    shipped access rules (generated from the catalogue, as ``ldap/acl.ldif``)."""
+    from mailwarden.acl import acl_rules
+
+    return Database(SUFFIX, [REPO / "ldap" / "sample.ldif", *extra_ldif],
+                    access=tuple(acl_rules(SUFFIX)))
 
 
 REPLICATION_INDEXES = ("entryCSN eq", "entryUUID eq")
@@ -157,6 +172,7 @@ olcAccess: {{0}}to * by dn.exact={peercred} manage by * break
         for i, db in enumerate(self.databases, start=1):
             idx = "\n".join(f"olcDbIndex: {x}" for x in db.indexes)
             extra = "\n".join([*db.replication_config(), *db.extra_config])
+            access = "\n".join(f"olcAccess: {{{n}}}{rule}" for n, rule in enumerate(db.access))
             parts.append(
                 f"""dn: olcDatabase={{{i}}}mdb,cn=config
 objectClass: olcDatabaseConfig
@@ -168,8 +184,7 @@ olcRootDN: {db.rootdn}
 olcRootPW: {db.rootpw}
 olcDbMaxSize: 4294967296
 {idx}
-olcAccess: {{0}}to attrs=userPassword by anonymous auth by self write by * none
-olcAccess: {{1}}to * by * read
+{access}
 {extra}
 """
             )

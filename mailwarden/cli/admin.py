@@ -197,6 +197,19 @@ def ldap_schema() -> None:
     click.echo(schema_ldif(), nl=False)
 
 
+@ldap_group.command("acl")
+@click.option("--base-dn", default="dc=mailwarden,dc=test", show_default=True,
+              help="Base DN of the mail tree.")
+@click.option("--database", default="olcDatabase={1}mdb,cn=config", show_default=True,
+              help="The cn=config entry of the database holding it.")
+def ldap_acl(base_dn: str, database: str) -> None:
+    """Print the slapd access rules generated from the catalogue, as an LDIF change
+    (load with ldapmodify -Y EXTERNAL -H ldapi:///)."""
+    from mailwarden.acl import acl_ldif
+
+    click.echo(acl_ldif(base_dn, database), nl=False)
+
+
 @ldap_group.command("generate")
 @click.option("--subscribers", "-n", default=1000, show_default=True, help="How many users.")
 @click.option("--domains", "-d", default=100, show_default=True, help="Over how many domains.")
