@@ -24,7 +24,6 @@ from typing import Any
 from urllib.parse import quote
 
 import jinja2
-
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -148,7 +147,8 @@ class Console:
             return chosen
         return pick_language(request.headers.get("accept-language", ""))
 
-    def page(self, request: Request, name: str, ctx: Ctx | None, status: int = 200, **values: Any) -> Response:
+    def page(self, request: Request, name: str, ctx: Ctx | None, status: int = 200,
+             **values: Any) -> Response:
         """Render a template with the words, the person and the CSRF token."""
         lang = self.language(request, ctx.session if ctx else None)
         words = translator(lang)
@@ -466,10 +466,12 @@ class Console:
                 continue
             name = key[4:]
             spec = catalogue.SETTINGS.get(name)
-            if spec is None or spec.scope not in ("both", layer) or (allowed is not None and name not in allowed):
+            outside = allowed is not None and name not in allowed
+            if spec is None or spec.scope not in ("both", layer) or outside:
                 raise HTTPException(400, f"unknown setting {name}")
             text = str(values[0]) if values else ""
-            raw = [line.strip() for line in text.replace("\r", "").split("\n")] if spec.multi else [text.strip()]
+            lines = text.replace("\r", "").split("\n") if spec.multi else [text]
+            raw = [line.strip() for line in lines]
             raw = [r for r in raw if r]
             if raw == own.all(name) or (not raw and not own.all(name)):
                 continue
@@ -480,16 +482,18 @@ class Console:
         ctx, form = await self.change_form(request)
         if ctx.person.role is Role.END_USER:
             raise HTTPException(403)
-        domain, user, policy = await self._user(ctx, request.path_params["address"])
-        return await self._apply(ctx, form, user, policy, "user", f"/user/{policy.canonical}", None)
+        _, user, policy = await self._user(ctx, request.path_params["address"])
+        return await self._apply(ctx, form, entry=user, policy=policy, layer="user",
+                                 back=f"/user/{policy.canonical}", allowed=None)
 
     async def domain_change(self, request: Request) -> Response:
         ctx, form = await self.change_form(request)
         entry, policy = await self._domain_policy(ctx, request.path_params["name"])
-        return await self._apply(ctx, form, entry, policy, "domain", f"/domain/{policy.address}", None)
+        return await self._apply(ctx, form, entry=entry, policy=policy, layer="domain",
+                                 back=f"/domain/{policy.address}", allowed=None)
 
-    async def _apply(self, ctx: Ctx, form: dict[str, Any], entry: Entry, policy: EffectivePolicy, layer: str,
-                     back: str, allowed: tuple[str, ...] | None) -> Response:
+    async def _apply(self, ctx: Ctx, form: dict[str, Any], *, entry: Entry, policy: EffectivePolicy,
+                     layer: str, back: str, allowed: tuple[str, ...] | None) -> Response:
         try:
             if "service" in form:
                 action = str(form.get("action", [""])[0])
@@ -527,8 +531,9 @@ class Console:
         tab = request.path_params["tab"]
         if tab not in SELF_SERVICE or "service" in form:
             raise HTTPException(400)
-        domain, user, policy = await self._user(ctx, ctx.person.address)
-        return await self._apply(ctx, form, user, policy, "user", f"/me/{tab}", SELF_SERVICE[tab])
+        _, user, policy = await self._user(ctx, ctx.person.address)
+        return await self._apply(ctx, form, entry=user, policy=policy, layer="user", back=f"/me/{tab}",
+                                 allowed=SELF_SERVICE[tab])
 
     # ------------------------------------------------------------ quarantine
 
@@ -549,7 +554,7 @@ class Console:
                          message=request.query_params.get("m"), now=self.s.clock())
 
     async def quarantine_change(self, request: Request) -> Response:
-        ctx, form = await self.change_form(request)
+        ctx, _ = await self.change_form(request)
         if ctx.person.role is Role.HELPDESK or self.s.quarantine is None:
             raise HTTPException(403)
         entry_id, action = request.path_params["id"], request.path_params["action"]
@@ -584,7 +589,8 @@ class Console:
         try:
             address = normalize_address(text)
         except InvalidAddress as exc:
-            return self.page(request, "explain.html", ctx, status=400, address=text, policy=None, error=str(exc))
+            return self.page(request, "explain.html", ctx, status=400, address=text, policy=None,
+                             error=str(exc))
         policy = await run_in_threadpool(self.resolver(ctx).effective_policy, address)
         if not self.in_scope(ctx.person, policy.domain, policy.canonical):
             raise HTTPException(403)
@@ -598,7 +604,8 @@ class Console:
         if exc.status_code in (301, 302, 303) and exc.headers:
             return RedirectResponse(exc.headers["Location"], exc.status_code)
         words = translator(self.language(request))
-        message = {403: words["forbidden"], 404: words["not_found"]}.get(exc.status_code, words["bad_request"])
+        known = {403: words["forbidden"], 404: words["not_found"]}
+        message = known.get(exc.status_code, words["bad_request"])
         return self.page(request, "error.html", None, status=exc.status_code, message=message)
 
     async def unavailable(self, request: Request, exc: Exception) -> Response:

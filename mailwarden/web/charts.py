@@ -192,7 +192,8 @@ def line_chart(title: str, unit: str, series: dict[str, list[tuple[float, float]
                          f'points="{" ".join(xy(t, v) for t, v in pts)}"/>')
         ly = top + 12 + i * 14
         if ly < height - 4:
-            parts.append(f'<rect x="{left + plot_w + 10}" y="{ly - 8}" width="10" height="3" fill="{colour}"/>')
+            parts.append(f'<rect x="{left + plot_w + 10}" y="{ly - 8}" width="10" height="3" '
+                         f'fill="{colour}"/>')
             parts.append(f'<text x="{left + plot_w + 24}" y="{ly - 4}">{escape(name[:24])} '
                          f"{_fmt(pts[-1][1])}</text>")
     parts.append("</svg>")
