@@ -28,17 +28,25 @@ Directory layout (the shipped one; ``B`` is ``[ldap] base_dn``)::
 from __future__ import annotations
 
 import getpass
+import logging
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+import ldap.dn
+import ldap.filter
+
+import ldap
 from mailwarden import catalogue
+from mailwarden.address import InvalidAddress, normalize_address, split_address
 from mailwarden.directory import DirectoryError, Entry
 
 if TYPE_CHECKING:
     from mailwarden.ldapdir import LdapDirectory
+
+log = logging.getLogger("mailwarden.access")
 
 ADMIN_BASE = "ou=admins,{base_dn}"
 """Where administrators' login entries live (searched by ``uid`` or ``mail``)."""
@@ -127,7 +135,68 @@ def authenticate(directory: LdapDirectory, login: str, password: str) -> Person:
     Raises AuthenticationFailed for an unknown login, a wrong or empty password, or a
     login that holds no role; DirectoryUnavailable when the directory cannot answer.
     """
-    raise NotImplementedError
+    login = login.strip()
+    if not login or not password:
+        raise AuthenticationFailed("login failed")
+    base_dn = directory.cfg.base_dn
+    esc = ldap.filter.escape_filter_chars
+    admins = directory.search_raw(
+        ADMIN_BASE.format(base_dn=base_dn),
+        f"(&(objectClass=inetOrgPerson)(|(uid={esc(login)})(mail={esc(login)})))", ["1.1"])
+    address = domain = None
+    if len(admins) > 1:
+        log.warning("login %r matches %d administrator entries; refused", login, len(admins))
+        raise AuthenticationFailed("login failed")
+    if admins:
+        dn = admins[0][0]
+    else:
+        try:
+            address = normalize_address(login)
+        except InvalidAddress:
+            raise AuthenticationFailed("login failed") from None
+        domain_entry = directory.find_domain(split_address(address)[1])
+        user = directory.find_user(address, domain_entry) if domain_entry else None
+        if user is None or domain_entry is None:
+            raise AuthenticationFailed("login failed")
+        dn = user.dn
+        address = user.first("mail") or address
+        domain = (domain_entry.first("domain_name") or split_address(address)[1]).lower()
+    directory.bound_as(dn, password).close()  # the password check: a simple bind as dn
+    role, domains = _role_of(directory, dn)
+    if role is None:
+        if address is None:
+            log.warning("login %r (%s) is in no administrator group; refused", login, dn)
+            raise AuthenticationFailed("login failed")
+        role = Role.END_USER
+    return Person(login=login, dn=dn, role=role, domains=domains, address=address, domain=domain)
+
+
+def _role_of(directory: LdapDirectory, dn: str) -> tuple[Role | None, tuple[str, ...]]:
+    """The highest group ``dn`` is a member of, and the domains whose admin group has it."""
+    base_dn = directory.cfg.base_dn
+    member = f"(member={ldap.filter.escape_filter_chars(dn)})"
+    for role, group in ((Role.SYSTEM_ADMIN, SYSTEM_ADMIN_GROUP), (Role.HELPDESK, HELPDESK_GROUP)):
+        if directory.search_raw(group.format(base_dn=base_dn), member, ["1.1"],
+                                scope=ldap.SCOPE_BASE):
+            return role, ()
+    groups = directory.search_raw(directory.domain_base,
+                                  f"(&(objectClass=groupOfNames)(cn=admins){member})", ["1.1"])
+    domains = sorted(d for d in (domain_of(g)[0] for g, _ in groups) if d)
+    return (Role.DOMAIN_ADMIN, tuple(domains)) if domains else (None, ())
+
+
+def domain_of(dn: str) -> tuple[str | None, str | None]:
+    """The domain name and domain entry DN an entry ``dn`` belongs to (the nearest
+    ``mwDomainName=`` RDN above it or itself), or (None, None)."""
+    try:
+        rdns = ldap.dn.str2dn(dn)
+    except ldap.DECODING_ERROR:
+        return None, None
+    for i, rdn in enumerate(rdns):
+        for attr, value, _ in rdn:
+            if attr.lower() == "mwdomainname":
+                return value.lower(), ldap.dn.dn2str(rdns[i:])
+    return None, None
 
 
 def end_user_settings(domain: Entry | None) -> frozenset[str]:
@@ -183,4 +252,44 @@ def apply_change(directory: LdapDirectory, dn: str, changes: Mapping[str, Sequen
     ``delegated_services``) and what slapd refuses.  Values that do not change are not
     written; returns the lines that changed (empty: nothing was written or recorded).
     """
-    raise NotImplementedError
+    from mailwarden import audit
+
+    entry = directory.read_entry(dn)
+    lines = [ChangeLine(name, tuple(entry.all(name)), tuple(new))
+             for name, new in changes.items()
+             if sorted(new) != sorted(entry.all(name))]
+    if not lines:
+        return []
+    domain_name, _ = domain_of(dn)
+    if actor is not None and actor.role in (Role.END_USER, Role.DOMAIN_ADMIN):
+        domain = directory.find_domain(domain_name) if domain_name else None
+        _check_delegation(directory, actor, domain, lines)
+    directory.modify(dn, {line.name: list(line.new) for line in lines})
+    who = actor.login if actor is not None else (directory.bind_dn or "anonymous")
+    audit.record(directory, actor=who, origin=origin, target=dn, changes=lines)
+    return lines
+
+
+def _check_delegation(directory: LdapDirectory, actor: Person, domain: Entry | None,
+                      lines: Sequence[ChangeLine]) -> None:
+    """What slapd cannot check: the domain's narrowing of its users' and admins' rights."""
+    if actor.role is Role.END_USER:
+        allowed = end_user_settings(domain)
+        for line in lines:
+            if line.name not in allowed:
+                raise ChangeRefused(
+                    f"{line.name}: not a setting {actor.login} may change "
+                    f"(this domain lets its subscribers change: {', '.join(sorted(allowed)) or 'nothing'})")
+        return
+    allowed = delegated_services(domain)
+    by_value = {v.lower(): name for name, v in directory.mapping.service_values.items()}
+    for line in lines:
+        if line.name not in SERVICE_CONCEPTS:
+            continue
+        switched = {v.lower() for v in line.old} ^ {v.lower() for v in line.new}
+        for value in sorted(switched):
+            name = by_value.get(value, value)
+            if name not in allowed:
+                raise ChangeRefused(
+                    f"{name}: not a service the administrators of this domain may switch "
+                    f"(delegated: {', '.join(sorted(allowed)) or 'none'}; ask a system administrator)")

@@ -298,8 +298,8 @@ class LdapDirectory:
 
     def add_raw(self, dn: str, attrs: Mapping[str, Sequence[str]]) -> None:
         """Add the entry ``dn`` with ``attrs`` (LDAP names) on the provider; DirectoryError
-        when refused (ChangeRefused for insufficient access), ldap.ALREADY_EXISTS is
-        raised as DirectoryError too."""
+        when refused (ChangeRefused for insufficient access, NoSuchEntry when the parent
+        is missing)."""
         from mailwarden.access import ChangeRefused
 
         modlist = [(a, [v.encode("utf-8") for v in vals]) for a, vals in attrs.items()]
@@ -309,7 +309,9 @@ class LdapDirectory:
                 conn.add_s(dn, modlist)
             except ldap.INSUFFICIENT_ACCESS:
                 raise ChangeRefused(f"{dn}: {self.bind_dn or 'anonymous'} may not add it") from None
-            except (ldap.NO_SUCH_OBJECT, ldap.ALREADY_EXISTS, ldap.INVALID_SYNTAX,
+            except ldap.NO_SUCH_OBJECT:
+                raise NoSuchEntry(f"{dn}: its parent entry does not exist") from None
+            except (ldap.ALREADY_EXISTS, ldap.INVALID_SYNTAX,
                     ldap.OBJECT_CLASS_VIOLATION, ldap.UNDEFINED_TYPE, ldap.CONSTRAINT_VIOLATION,
                     ldap.NAMING_VIOLATION) as exc:
                 raise DirectoryError(f"{dn}: {_describe(exc)}") from None

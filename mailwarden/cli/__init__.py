@@ -76,10 +76,20 @@ class MainGroup(click.Group):
     "--config", "-c", "config_file", metavar="PATH", envvar="MAILWARDEN_CONFIG",
     help="Configuration file (default /etc/mailwarden/mailwarden.toml).",
 )
+@click.option(
+    "--as", "as_login", metavar="LOGIN", envvar="MAILWARDEN_AS",
+    help="Act as this administrator (uid) or subscriber (address), bound to the directory "
+    "with their own password, so its access rules apply (default: ldap.bind_dn).",
+)
+@click.option(
+    "--password-file", metavar="PATH", envvar="MAILWARDEN_PASSWORD_FILE",
+    help="File holding the --as password (default: ask).",
+)
 @click.pass_context
-def main(ctx: click.Context, config_file: str | None) -> None:
+def main(ctx: click.Context, config_file: str | None, as_login: str | None,
+         password_file: str | None) -> None:
     """mailwarden: per-subscriber mail filtering for Postfix and Dovecot."""
-    ctx.obj = App(config_file)
+    ctx.obj = App(config_file, as_login=as_login, password_file=password_file)
 
 
 # ------------------------------------------------------------------ config

@@ -88,7 +88,7 @@ def _service_change(app: App, target: Target, services: list[Service], action: s
         changes["disabled_service"] = disabled
     elif action == "inherit":
         raise click.UsageError("with service_merge = replace there is nothing to inherit")
-    app.directory.modify(entry.dn, changes)
+    app.change(entry.dn, changes)
 
 
 def _parse_services(names: tuple[str, ...]) -> list[Service]:
@@ -162,7 +162,7 @@ def make_group(name: str, key: str, locate: Callable[[App, str], Target], layer:
         spec = _setting(setting, layer)
         target = locate(app, kw[key.lower()])
         parsed = spec.parse(list(values))
-        app.directory.modify(target.entry.dn, {spec.name: spec.format(parsed)})
+        app.change(target.entry.dn, {spec.name: spec.format(parsed)})
         _report(app, target, [spec.name])
 
     @group.command("unset", help="Remove a setting so the value is inherited.")
@@ -173,7 +173,7 @@ def make_group(name: str, key: str, locate: Callable[[App, str], Target], layer:
     def unset(app: App, /, setting: str, **kw: str) -> None:
         spec = _setting(setting, layer)
         target = locate(app, kw[key.lower()])
-        app.directory.modify(target.entry.dn, {spec.name: []})
+        app.change(target.entry.dn, {spec.name: []})
         _report(app, target, [spec.name])
 
     _ = (show, set_, unset)

@@ -3,16 +3,18 @@ and the printed effective policy.  Daemons' command groups import from here; not
 here imports a command module.
 
 Exit codes follow sysexits: 1 no such entry or refused change, 2 usage / bad value,
-75 (EX_TEMPFAIL) directory or store unavailable, 78 (EX_CONFIG) bad configuration.
+75 (EX_TEMPFAIL) directory or store unavailable, 77 (EX_NOPERM) login failed,
+78 (EX_CONFIG) bad configuration.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, ParamSpec, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import click
 
@@ -23,11 +25,16 @@ from mailwarden.directory import Directory, DirectoryError, DirectoryUnavailable
 from mailwarden.log import setup_logging
 from mailwarden.policy import AddressKind, EffectivePolicy, PolicyResolver
 
+if TYPE_CHECKING:
+    from mailwarden.access import ChangeLine, Person
+    from mailwarden.ldapdir import LdapDirectory
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
 EX_NOTFOUND = 1
 EX_USAGE = 2
+EX_NOPERM = 77
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
@@ -43,9 +50,14 @@ class App:
     """Lazily built configuration, directory and resolver for one command."""
 
     config_file: str | None
+    as_login: str | None = None
+    """``--as``: act as this person (bound with their own credentials), not the operator."""
+    password_file: str | None = None
     _config: Config | None = None
     _directory: Directory | None = None
     _resolver: PolicyResolver | None = field(default=None, repr=False)
+    person: Person | None = None
+    """The person acting (``--as``), once the directory is bound; None for the operator."""
 
     @property
     def config(self) -> Config:
@@ -60,12 +72,50 @@ class App:
 
     @property
     def directory(self) -> Directory:
-        """The LDAP directory from the configuration."""
-        if self._directory is None:
-            from mailwarden.ldapdir import LdapDirectory
+        """The LDAP directory from the configuration, bound as ``ldap.bind_dn`` (the
+        operator) or, with ``--as``, as that person after checking their password."""
+        return self.ldap
 
-            self._directory = LdapDirectory(self.config.ldap)
+    @property
+    def ldap(self) -> LdapDirectory:
+        """:attr:`directory` as the LDAP adapter (logins, changes, the audit log)."""
+        from mailwarden.ldapdir import LdapDirectory
+
+        if self._directory is None:
+            operator = LdapDirectory(self.config.ldap)
+            if self.as_login is None:
+                self._directory = operator
+            else:
+                self._directory = self._login(operator, self.as_login)
+        assert isinstance(self._directory, LdapDirectory)
         return self._directory
+
+    def _login(self, operator: LdapDirectory, login: str) -> LdapDirectory:
+        from mailwarden.access import AuthenticationFailed, authenticate
+
+        if self.password_file:
+            try:
+                password = Path(self.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                fail(f"--password-file: {exc}", EX_USAGE)
+        else:
+            password = click.prompt(f"password for {login}", hide_input=True, err=True)
+        try:
+            self.person = authenticate(operator, login, password)
+            return operator.bound_as(self.person.dn, password)
+        except AuthenticationFailed:
+            fail(f"login as {login} failed (unknown login, wrong password or no role)", EX_NOPERM)
+        except DirectoryUnavailable as exc:
+            fail(f"directory unavailable: {exc}", EX_TEMPFAIL)
+        finally:
+            operator.close()
+
+    def change(self, dn: str, changes: Mapping[str, Sequence[str]]) -> list[ChangeLine]:
+        """Make a change through the one audited write path, as the acting person."""
+        from mailwarden.access import apply_change, cli_origin
+
+        directory = self.ldap
+        return apply_change(directory, dn, changes, actor=self.person, origin=cli_origin())
 
     @property
     def resolver(self) -> PolicyResolver:
