@@ -15,6 +15,7 @@ import click
 from mailwarden import catalogue
 from mailwarden.address import InvalidAddress
 from mailwarden.cli.admin import domain_group, ldap_group, user_group
+from mailwarden.cli.audit import audit_group
 from mailwarden.cli.common import (
     EX_CONFIG,
     EX_TEMPFAIL,
@@ -243,5 +244,6 @@ def services_cmd() -> None:
         )
 
 
-for _group in (domain_group, user_group, ldap_group, render_group, trace_cmd, selftest_cmd):
+for _group in (domain_group, user_group, ldap_group, render_group, trace_cmd, selftest_cmd,
+               audit_group):
     main.add_command(_group)

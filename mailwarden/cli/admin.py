@@ -6,17 +6,20 @@ and which settings are allowed on it (a setting's scope).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import click
 
 from mailwarden import catalogue
-from mailwarden.address import normalize_address, normalize_domain
+from mailwarden.address import InvalidAddress, normalize_address, normalize_domain
 from mailwarden.catalogue import Service
-from mailwarden.cli.common import App, handle_errors, pass_app, print_policy
-from mailwarden.directory import Entry, NoSuchEntry
+from mailwarden.cli.common import EX_NOTFOUND, EX_USAGE, App, fail, handle_errors, pass_app, print_policy
+from mailwarden.directory import DirectoryError, Entry, NoSuchEntry
 from mailwarden.policy import AddressKind, EffectivePolicy
 
 
@@ -65,6 +68,11 @@ def _show(app: App, target: Target) -> EffectivePolicy:
 
 
 def _service_change(app: App, target: Target, services: list[Service], action: str) -> None:
+    app.change(target.entry.dn, _service_changes(app, target, [(s, action) for s in services]))
+
+
+def _service_changes(app: App, target: Target, actions: list[tuple[Service, str]]) -> dict[str, list[str]]:
+    """The new service attribute values after each (service, enable|disable|inherit)."""
     mapping = app.config.ldap.mapping
     values = mapping.service_values
     entry = target.entry
@@ -75,7 +83,7 @@ def _service_change(app: App, target: Target, services: list[Service], action: s
         # The first list written becomes the whole truth: seed it with what is in effect.
         current = _show(app, target)
         enabled = [values[s.value] for s, sv in current.services.items() if sv.value]
-    for service in services:
+    for service, action in actions:
         value = values[service.value]
         enabled = [v for v in enabled if v.lower() != value.lower()]
         disabled = [v for v in disabled if v.lower() != value.lower()]
@@ -86,9 +94,9 @@ def _service_change(app: App, target: Target, services: list[Service], action: s
     changes = {"enabled_service": enabled}
     if not replace:
         changes["disabled_service"] = disabled
-    elif action == "inherit":
+    elif any(action == "inherit" for _, action in actions):
         raise click.UsageError("with service_merge = replace there is nothing to inherit")
-    app.change(entry.dn, changes)
+    return changes
 
 
 def _parse_services(names: tuple[str, ...]) -> list[Service]:
@@ -223,3 +231,113 @@ def ldap_generate(subscribers: int, domains: int, seed: int, base_dn: str, with_
     for chunk in synthetic_ldif(subscribers, domains, seed=seed, base_dn=base_dn,
                                 with_base=with_base):
         click.echo(chunk, nl=False)
+
+
+# ------------------------------------------------------------------ bulk changes
+
+
+@dataclass
+class _Row:
+    """One CSV line's changes to one subscriber."""
+
+    line: int
+    target: Target
+    changes: dict[str, list[str]]
+
+
+def _parse_row(app: App, line: int, row: dict[str, str]) -> _Row:
+    """Validate one CSV row into the new values of each concept it changes."""
+    address = (row.get("address") or "").strip()
+    if not address:
+        raise catalogue.InvalidValue("no address")
+    target = _find_user(app, address)
+    changes: dict[str, list[str]] = {}
+    actions: list[tuple[Service, str]] = []
+    for column, cell in row.items():
+        if column == "address" or cell is None or cell.strip() == "":
+            continue
+        name = column.strip().lower().replace("-", "_")
+        if name in catalogue.SETTINGS:
+            spec = _setting(name, "user")
+            if cell.strip() == "-":
+                changes[spec.name] = []
+            else:
+                changes[spec.name] = spec.format(spec.parse(cell.splitlines() if spec.multi else [cell]))
+            continue
+        service = Service.parse(name)
+        action = {"on": "enable", "off": "disable", "inherit": "inherit", "-": "inherit"}.get(
+            cell.strip().lower())
+        if action is None:
+            raise catalogue.InvalidValue(f"{service.value}: {cell!r} is not on, off or inherit")
+        actions.append((service, action))
+    if actions:
+        changes.update(_service_changes(app, target, actions))
+    return _Row(line, target, changes)
+
+
+def _show_values(values: list[str] | tuple[str, ...]) -> str:
+    return "(unset)" if not values else " | ".join(values)
+
+
+@user_group.command("import")
+@click.argument("csv_file", type=click.File("r", encoding="utf-8-sig"))
+@click.option("--dry-run", is_flag=True, help="Print the changes and write nothing.")
+@pass_app
+@handle_errors
+def user_import(app: App, csv_file: Any, dry_run: bool) -> None:
+    """Change many subscribers from CSV_FILE ("-": standard input).
+
+    The first row names the columns: ``address``, then settings (a value; ``-`` unsets
+    it; a list setting takes one value per line of the cell) and services (``on``,
+    ``off``, ``inherit``).  Empty cells change nothing.  Every line is checked first and
+    the changes are printed; with an error on any line nothing is written.  Then each
+    line is written through the audited write path as the acting person (``--as``);
+    a line the directory refuses is reported and the others go on.
+    """
+    reader = csv.DictReader(csv_file)
+    if not reader.fieldnames or "address" not in [f.strip() for f in reader.fieldnames]:
+        fail("the first row must name the columns, one of them 'address'", EX_USAGE)
+    for column in reader.fieldnames:
+        name = column.strip().lower().replace("-", "_")
+        if name != "address" and name not in catalogue.SETTINGS and name not in set(Service):
+            fail(f"column {column!r} is neither a setting nor a service (see `mailwarden services`)",
+                 EX_USAGE)
+    rows: list[_Row] = []
+    errors: list[str] = []
+    end = reader.line_num
+    for row in reader:
+        line, end = end + 1, reader.line_num  # a row's first line (a cell may span several)
+        if None in row:
+            errors.append(f"line {line}: more cells than columns")
+            continue
+        try:
+            rows.append(_parse_row(app, line, {k.strip(): v for k, v in row.items()}))
+        except (catalogue.InvalidValue, InvalidAddress, NoSuchEntry, ValueError,
+                click.BadParameter) as exc:
+            why = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+            errors.append(f"line {line}: {why}")
+    changed = 0
+    for r in rows:
+        diff = [(n, r.target.entry.all(n), v) for n, v in r.changes.items()
+                if sorted(v) != sorted(r.target.entry.all(n))]
+        for name, old, new in diff:
+            click.echo(f"line {r.line}: {r.target.probe}: {name}: {_show_values(old)} -> "
+                       f"{_show_values(new)}")
+        changed += bool(diff)
+    for error in errors:
+        click.echo(f"error: {error}", err=True)
+    if errors:
+        fail(f"{len(errors)} line(s) with errors; nothing written", EX_USAGE)
+    if dry_run:
+        click.echo(f"dry run: {changed} subscriber(s) would change; nothing written")
+        return
+    refused = written = 0
+    for r in rows:
+        try:
+            written += bool(app.change(r.target.entry.dn, r.changes))
+        except DirectoryError as exc:
+            refused += 1
+            click.echo(f"error: line {r.line}: {r.target.probe}: {exc}", err=True)
+    click.echo(f"{written} subscriber(s) changed, {refused} refused")
+    if refused:
+        sys.exit(EX_NOTFOUND)
