@@ -33,7 +33,14 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from mailwarden import catalogue
-from mailwarden.access import AuthenticationFailed, ChangeRefused, Person, Role, may_edit
+from mailwarden.access import (
+    AuthenticationFailed,
+    ChangeRefused,
+    Person,
+    Role,
+    delegated_services,
+    may_edit,
+)
 from mailwarden.address import InvalidAddress, normalize_address, normalize_domain
 from mailwarden.catalogue import Service
 from mailwarden.cli.common import policy_as_dict, show_value
@@ -410,8 +417,15 @@ class Console:
         )
 
     def _editable(self, person: Person, layer: str, domain: Entry | None) -> dict[str, bool]:
+        """Which fields and service switches the page offers (a hint: slapd and the write path
+        decide).  A domain administrator switches only the services delegated to the domain."""
         names = [*catalogue.SETTINGS, "enabled_service"]
-        return {n: may_edit(person, n, layer=layer, domain=domain) for n in names}
+        out = {n: may_edit(person, n, layer=layer, domain=domain) for n in names}
+        delegated = delegated_services(domain) if person.role is Role.DOMAIN_ADMIN else None
+        for service in catalogue.SERVICES:
+            out[f"service:{service.value}"] = out["enabled_service"] and (
+                delegated is None or service.value in delegated)
+        return out
 
     @staticmethod
     def _own(entry: Entry) -> dict[str, str]:

@@ -151,7 +151,7 @@ def line_chart(title: str, unit: str, series: dict[str, list[tuple[float, float]
                errors: Sequence[str] = (), configured: bool = True,
                width: int = 640, height: int = 240) -> str:
     """An SVG line chart; the legend names each series with its last value."""
-    left, right, top, bottom = 50, 200, 28, 24
+    left, right, top, bottom = 50, 240, 28, 24
     plot_w, plot_h = width - left - right, height - top - bottom
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -163,7 +163,7 @@ def line_chart(title: str, unit: str, series: dict[str, list[tuple[float, float]
     points = [p for pts in series.values() for p in pts]
     if not points:
         why = ("no /metrics URL configured" if not configured
-               else "; ".join(errors) if errors else "waiting for a second scrape")
+               else "; ".join(errors) if errors else "no data yet: two scrapes with traffic between them")
         parts.append(f'<text x="{left}" y="{top + plot_h / 2}" fill="#777">{escape(why[:110])}</text>')
         parts.append("</svg>")
         return "".join(parts)
@@ -194,7 +194,7 @@ def line_chart(title: str, unit: str, series: dict[str, list[tuple[float, float]
         if ly < height - 4:
             parts.append(f'<rect x="{left + plot_w + 10}" y="{ly - 8}" width="10" height="3" '
                          f'fill="{colour}"/>')
-            parts.append(f'<text x="{left + plot_w + 24}" y="{ly - 4}">{escape(name[:24])} '
+            parts.append(f'<text x="{left + plot_w + 24}" y="{ly - 4}">{escape(name[:30])} '
                          f"{_fmt(pts[-1][1])}</text>")
     parts.append("</svg>")
     return "".join(parts)

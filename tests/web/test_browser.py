@@ -66,21 +66,27 @@ class Stack:
                 if m.header("Subject") == subject:
                     return m
             time.sleep(0.05)
-        raise AssertionError(f"no message {subject!r} for {address}; milter log:\n{self.milter.log()[-3000:]}")
+        raise AssertionError(f"no message {subject!r} for {address}; milter log:\n"
+                             f"{self.milter.log()[-3000:]}")
+
+    def manager(self) -> LdapDirectory:
+        """The directory bound as its manager (reads everything)."""
+        cfg = parse_config(f'[ldap]\nuri = "{self.slapd.uri}"\nbind_dn = "{ROOT_DN}"\n'
+                           'bind_password = "secret"\n')
+        return LdapDirectory(cfg.ldap)
 
     def entry(self, dn: str) -> dict[str, list[str]]:
         """``dn``'s values as the directory's manager reads them."""
-        cfg = parse_config(f'[ldap]\nuri = "{self.slapd.uri}"\nbind_dn = "{ROOT_DN}"\nbind_password = "secret"\n')
-        return {k: list(v) for k, v in LdapDirectory(cfg.ldap).read_entry(dn).values.items()}
+        return {k: list(v) for k, v in self.manager().read_entry(dn).values.items()}
 
     def audit(self, domain: str) -> list[AuditRecord]:
         """The domain's audit records as the directory's manager reads them."""
-        cfg = parse_config(f'[ldap]\nuri = "{self.slapd.uri}"\nbind_dn = "{ROOT_DN}"\nbind_password = "secret"\n')
-        return read_audit(LdapDirectory(cfg.ldap), domain=domain)
+        return read_audit(self.manager(), domain=domain)
 
 
 @pytest.fixture(scope="module")
-def stack(clamd: ClamdServer, spamd: SpamdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(clamd: ClamdServer, spamd: SpamdServer,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     shots = tmp_path_factory.mktemp("screenshots")
     work = Path(tempfile.mkdtemp(prefix="mw-web-e2e-"))
     work.chmod(0o755)
@@ -225,7 +231,8 @@ def test_another_domains_admin_gets_403_and_a_forged_post_is_refused(stack: Stac
     assert page.goto(stack.web.url + "/explain?address=bob@example.com").status == 403  # type: ignore[union-attr]
 
 
-def test_a_subscriber_releases_their_quarantined_message_and_it_arrives(stack: Stack, browser: object) -> None:
+def test_a_subscriber_releases_their_quarantined_message_and_it_arrives(
+        stack: Stack, browser: object) -> None:
     since = len(stack.milter.log())
     result = stack.mx.send("someone@remote.example", ["kept@example.com"], message("hold-for-review 1"))
     assert result.accepted
@@ -280,7 +287,8 @@ def test_system_admin_and_helpdesk_pages(stack: Stack, browser: object) -> None:
     root.wait_for_timeout(2500)  # the page's refresh script reloads the charts
     shot(root, stack, "system-admin-dashboard")
     root.goto(stack.web.url + "/domains")
-    assert {"example.com", "example.jp", "lab.example.org"} <= set(root.locator("#domains").inner_text().split())
+    listed = set(root.locator("#domains").inner_text().split())
+    assert {"example.com", "example.jp", "lab.example.org"} <= listed
     shot(root, stack, "system-admin-domains")
     desk = new_page(browser, stack, "desk")
     desk.goto(stack.web.url + "/users?q=example.jp")
