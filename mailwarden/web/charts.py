@@ -130,9 +130,12 @@ class Dashboard:
             if now - self._last < self.interval * 0.8:
                 return
             self._last = now
+            # This node's URLs are usually among the cluster's: each is fetched once.
+            urls = dict.fromkeys(u for scope in self.scopes.values() for u in scope.urls)
+            got = {u: self.fetch(u, self.clock()) for u in urls}
             for scope in self.scopes.values():
                 if scope.urls:
-                    scope.add([self.fetch(u, self.clock()) for u in scope.urls], now)
+                    scope.add([got[u] for u in scope.urls], now)
 
     def svg(self, scope: str, kind: str, *, title: str) -> str:
         """A line chart of ``rates`` (per second) or ``latency`` (ms) of a scope."""
