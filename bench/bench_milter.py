@@ -67,7 +67,7 @@ from harness.ports import free_port
 from harness.postfix import PostfixInstance
 from harness.process import stop_process
 from harness.scrape import Scraper
-from harness.slapd import SlapdServer, mailwarden_database
+from harness.slapd import SERVICE_BIND, SlapdServer, mailwarden_database
 from harness.smtpsink import SmtpSink
 from harness.spamd import GTUBE, SpamdServer
 from tests.render.conftest import RenderedDovecot, Site, ldap_toml
@@ -335,7 +335,7 @@ def launch_mailwarden(work: Path, slapd: SlapdServer, tag: str, milter: str, sec
     sock = work / f"{tag}.sock"
     conf = work / f"{tag}.toml"
     conf.write_text(
-        f'[general]\nnode_name = "bench"\n[ldap]\nuri = "{slapd.uri}"\n'
+        f'[general]\nnode_name = "bench"\n[ldap]\nuri = "{slapd.uri}"\n{SERVICE_BIND}'
         f'[store]\nbackend = "sqlite"\nsqlite_path = "{work}/state.sqlite3"\n'
         f'[milter]\nworkers = {workers}\nsocket = "unix:{sock}"\nsocket_mode = "0666"\n'
         f'spool_dir = "{work}/spool"\n'

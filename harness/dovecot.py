@@ -103,6 +103,8 @@ class DovecotServer(TestDaemon):
         extra_conf: str = "",
         pass_filter: str = ACTIVE_SUBSCRIBER,
         login_report_url: str | None = None,
+        ldap_bind_dn: str = "cn=mailwarden,ou=services,dc=mailwarden,dc=test",
+        ldap_bind_password: str = "secret",  # noqa: S107 - the sample tree's, for tests
     ) -> None:
         reason = missing_dovecot()
         if reason is not None:
@@ -118,6 +120,10 @@ class DovecotServer(TestDaemon):
         self.mail_dir = self.dir / "mail"
         self.ldap_uri = ldap_uri
         self.ldap_base = ldap_base
+        # The search for the subscriber's DN binds as the daemons' account: the shipped
+        # access rules show anonymous clients nothing.
+        self.ldap_bind_dn = ldap_bind_dn
+        self.ldap_bind_password = ldap_bind_password
         self.pass_filter = pass_filter
         self.pop3_port = free_port()
         self.imap_port = free_port()
@@ -227,9 +233,11 @@ service auth {{
         return "\n".join(lines) + "\n"
 
     def ldap_conf_text(self) -> str:
-        """dovecot-ldap.conf.ext: bind as the subscriber; home and uid are fixed templates."""
+        """dovecot-ldap.conf.ext: search as the daemons' account, bind as the subscriber; home
+        and uid are fixed templates."""
+        bind = f"dn = {self.ldap_bind_dn}\ndnpass = {self.ldap_bind_password}\n" if self.ldap_bind_dn else ""
         return f"""uris = {self.ldap_uri}
-ldap_version = 3
+{bind}ldap_version = 3
 base = {self.ldap_base}
 scope = subtree
 deref = never

@@ -154,13 +154,19 @@ def authenticate(directory: LdapDirectory, login: str, password: str) -> Person:
             address = normalize_address(login)
         except InvalidAddress:
             raise AuthenticationFailed("login failed") from None
-        domain_entry = directory.find_domain(split_address(address)[1])
-        user = directory.find_user(address, domain_entry) if domain_entry else None
-        if user is None or domain_entry is None:
+        local, given_domain = split_address(address)
+        domain_entry = directory.find_domain(given_domain)
+        if domain_entry is None:
+            raise AuthenticationFailed("login failed")
+        user = directory.find_user(address, domain_entry)
+        canonical = (domain_entry.first("domain_name") or given_domain).lower()
+        if user is None and canonical != given_domain:  # logged in with a domain alias
+            user = directory.find_user(f"{local}@{canonical}", domain_entry)
+        if user is None:
             raise AuthenticationFailed("login failed")
         dn = user.dn
         address = user.first("mail") or address
-        domain = (domain_entry.first("domain_name") or split_address(address)[1]).lower()
+        domain = canonical
     directory.bound_as(dn, password).close()  # the password check: a simple bind as dn
     role, domains = _role_of(directory, dn)
     if role is None:

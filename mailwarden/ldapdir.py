@@ -189,7 +189,8 @@ class LdapDirectory:
                 )
             except ldap.NO_SUCH_OBJECT:
                 raise DirectoryUnavailable(
-                    f"LDAP {self.cfg.uri}: {what}: search base {base!r} does not exist"
+                    f"LDAP {self.cfg.uri}: {what}: search base {base!r} does not exist or is "
+                    f"not visible to {self.cfg.bind_dn or 'an anonymous bind'} (check ldap.bind_dn)"
                 ) from None
             except ldap.FILTER_ERROR:
                 raise DirectoryUnavailable(

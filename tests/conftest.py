@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from harness.redisserver import RedisServer
-from harness.slapd import Database, SlapdServer, mailwarden_database
+from harness.slapd import SERVICE_BIND, Database, SlapdServer, mailwarden_database
 from mailwarden.config import Config, parse_config
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import PolicyResolver
@@ -46,8 +46,9 @@ def slapd_rw() -> Iterator[SlapdServer]:
 
 
 def config_for(server: SlapdServer, extra: str = "", *, admin: bool = False) -> Config:
-    """A Config pointing at ``server`` (bound as the admin when ``admin``)."""
-    bind = f'bind_dn = "{ADMIN_DN}"\nbind_password = "secret"\n' if admin else ""
+    """A Config pointing at ``server``, bound as the admin when ``admin``, else as the
+    daemons' read-only account."""
+    bind = f'bind_dn = "{ADMIN_DN}"\nbind_password = "secret"\n' if admin else SERVICE_BIND
     text = (
         f'[ldap]\nuri = "{server.uri}"\n{bind}retry_max = 1\nretry_delay = 0.2\n'
         f"network_timeout = 1.0\ntimeout = 2.0\n{extra}"

@@ -15,7 +15,7 @@ from mailwarden.catalogue import (
     Service,
     default_attribute_map,
 )
-from mailwarden.schema import ATTRIBUTE_NUMBERS, attribute_types, schema_ldif
+from mailwarden.schema import ATTRIBUTE_NUMBERS, AUDIT_ATTRIBUTES, attribute_types, schema_ldif
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ def test_shipped_schema_file_is_the_generated_one() -> None:
 
 
 def test_every_mapped_attribute_has_a_fixed_oid() -> None:
-    attrs = set(default_attribute_map().values()) - {"mail"}
+    attrs = set(default_attribute_map().values()) - {"mail"} | set(AUDIT_ATTRIBUTES)
     assert attrs == set(ATTRIBUTE_NUMBERS)
     assert len(set(ATTRIBUTE_NUMBERS.values())) == len(ATTRIBUTE_NUMBERS)
     assert len(attribute_types()) == len(attrs)

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import ldap
-from harness.slapd import SlapdServer
+from harness.slapd import SERVICE_BIND, SERVICE_DN, SlapdServer
 from mailwarden.cli import main
 from tests.conftest import ADMIN_DN, DATA
 
@@ -18,7 +18,7 @@ DOMAIN_DN = "mwDomainName=example.com,ou=domains,dc=mailwarden,dc=test"
 
 
 def write_config(tmp_path: Path, server: SlapdServer, *, admin: bool = True, extra: str = "") -> Path:
-    bind = f'bind_dn = "{ADMIN_DN}"\nbind_password = "secret"\n' if admin else ""
+    bind = f'bind_dn = "{ADMIN_DN}"\nbind_password = "secret"\n' if admin else SERVICE_BIND
     path = tmp_path / "mailwarden.toml"
     path.write_text(
         f'[ldap]\nuri = "{server.uri}"\n{bind}retry_max = 1\nretry_delay = 0.2\n{extra}',
@@ -172,7 +172,7 @@ def test_write_without_rights_is_refused_clearly(slapd: SlapdServer, tmp_path: P
     result = run(write_config(tmp_path, slapd, admin=False), "user", "set", "taro@example.jp",
                  "quota", "5")
     assert result.exit_code == 1
-    assert "insufficient access for anonymous" in result.output
+    assert f"insufficient access for {SERVICE_DN}" in result.output
     assert ldap_values(slapd, USER_DN, "mwQuota") == ["1073741824"]
 
 

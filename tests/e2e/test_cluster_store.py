@@ -24,7 +24,7 @@ import pytest
 
 from harness.ports import free_port
 from harness.sentinel import SentinelCluster, missing_sentinel
-from harness.slapd import SlapdServer
+from harness.slapd import SERVICE_BIND, SlapdServer
 from tests.e2e.conftest import PolicydProcess
 from tests.policyd.conftest import PolicyClient
 
@@ -53,7 +53,7 @@ log_target = "stderr"
 
 [ldap]
 uri = "{slapd.uri}"
-
+{SERVICE_BIND}
 [store]
 backend = "redis"
 redis_url = "{cluster.url}"

@@ -41,7 +41,7 @@ from harness.dovecot import DovecotServer
 from harness.ports import free_port
 from harness.postfix import PostfixInstance, SmtpResult
 from harness.redisserver import RedisServer
-from harness.slapd import SlapdServer, mailwarden_database
+from harness.slapd import SERVICE_BIND, SlapdServer, mailwarden_database
 from harness.smtpsink import SmtpSink
 from mailwarden.store import Store, open_store
 from tests.conftest import ADMIN_DN
@@ -94,7 +94,7 @@ def user_set(admin_config: Path, address: str, setting: str, value: str) -> None
 
 def config_text(slapd: SlapdServer, redis: RedisServer, dns: StubDns, policy_port: int,
                 report_port: int, *, admin: bool = False) -> str:
-    bind = f'bind_dn = "{ADMIN_DN}"\nbind_password = "secret"\n' if admin else ""
+    bind = f'bind_dn = "{ADMIN_DN}"\nbind_password = "secret"\n' if admin else SERVICE_BIND
     return f"""\
 [general]
 node_name = "e2e"

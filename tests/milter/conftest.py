@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.clamd import ClamdServer
+from harness.slapd import SERVICE_BIND
 from harness.spamd import SpamdServer
 
 
@@ -135,6 +136,6 @@ def base_sections(*, ldap_uri: str, store_path: Path | None = None, store: str =
     [store] keys ``store``."""
     store = store or f'backend = "sqlite"\nsqlite_path = "{store_path}"\n'
     return (
-        f'[ldap]\nuri = "{ldap_uri}"\nretry_max = 1\nretry_delay = 0.2\nnetwork_timeout = 1.0\n'
-        f'timeout = 2.0\n[store]\n{store}'
+        f'[ldap]\nuri = "{ldap_uri}"\n{SERVICE_BIND}retry_max = 1\nretry_delay = 0.2\n'
+        f'network_timeout = 1.0\ntimeout = 2.0\n[store]\n{store}'
     )

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from harness.dnsstub import StubDns
 from harness.ports import free_port
-from harness.slapd import SlapdServer
+from harness.slapd import SERVICE_BIND, SlapdServer
 from mailwarden.cli import main
 from tests.policyd.conftest import PolicyClient
 
@@ -39,7 +39,7 @@ def write_config(slapd: SlapdServer, tmp: Path, dns: StubDns, extra: str = "") -
     """A configuration file for a daemon on a temp unix socket and a free TCP port."""
     listen = [f"unix:{tmp}/policy.sock", f"inet:127.0.0.1:{free_port()}"]
     (tmp / "mw.toml").write_text(
-        f'[ldap]\nuri = "{slapd.uri}"\n[store]\nsqlite_path = "{tmp}/state.sqlite3"\n'
+        f'[ldap]\nuri = "{slapd.uri}"\n{SERVICE_BIND}[store]\nsqlite_path = "{tmp}/state.sqlite3"\n'
         f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\n'
         f'[policyd]\nlisten = ["{listen[0]}", "{listen[1]}"]\n{extra}'
     )

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from harness.dnsstub import StubDns
 from harness.ports import free_port
 from harness.redisserver import RedisServer
-from harness.slapd import SlapdServer
+from harness.slapd import SERVICE_BIND, SlapdServer
 from mailwarden.cli import main
 from tests.policyd.test_cli import MAILWARDEN, stop_daemon, wait_answering
 
@@ -24,7 +24,7 @@ def node(slapd: SlapdServer, tmp: Path, dns: StubDns, redis: RedisServer, prefix
     listen = f"inet:127.0.0.1:{free_port()}"
     path = tmp / f"{name}.toml"
     path.write_text(
-        f'[general]\nnode_name = "{name}"\n[ldap]\nuri = "{slapd.uri}"\n'
+        f'[general]\nnode_name = "{name}"\n[ldap]\nuri = "{slapd.uri}"\n{SERVICE_BIND}'
         f'[store]\nbackend = "redis"\nredis_url = "{redis.url}"\nkey_prefix = "{prefix}"\n'
         f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\n'
         f'[policyd]\nlisten = ["{listen}"]\nlogin_report_listen = []\nchecks = ["reputation"]\n')

@@ -25,7 +25,7 @@ import pytest
 from harness.dovecot import missing_dovecot
 from harness.ports import free_port
 from harness.postfix import missing_postfix, run_with_tty
-from harness.slapd import SlapdServer
+from harness.slapd import SERVICE_BIND, SlapdServer
 from mailwarden.config import Config, parse_config
 from mailwarden.render import Rendered, render_dovecot, render_postfix
 from tests.conftest import DATA
@@ -165,7 +165,7 @@ sieve_relay = "127.0.0.1:{p['relay']}"
 
 def ldap_toml(server: SlapdServer) -> str:
     """[ldap] for the sample directory."""
-    return f'[ldap]\nuri = "{server.uri}"\nretry_max = 1\nretry_delay = 0.2\n'
+    return f'[ldap]\nuri = "{server.uri}"\n{SERVICE_BIND}retry_max = 1\nretry_delay = 0.2\n'
 
 
 def compat_ldap_toml(server: SlapdServer) -> str:

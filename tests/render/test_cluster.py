@@ -23,7 +23,7 @@ import pytest
 
 from harness.haproxy import HAPROXY, Frontend, HAProxy
 from harness.postfix import send_mail
-from harness.slapd import ReplicatedSlapd, SlapdServer
+from harness.slapd import SERVICE_BIND, ReplicatedSlapd, SlapdServer
 from tests.render.conftest import (
     RenderedDovecot,
     RenderedPostfix,
@@ -48,7 +48,8 @@ def pair() -> Iterator[ReplicatedSlapd]:
 
 
 def _ldap_toml(pair: ReplicatedSlapd) -> str:
-    return f'[ldap]\nuri = "{pair.uris}"\nretry_max = 1\nretry_delay = 0.2\nnetwork_timeout = 1.0\n'
+    return (f'[ldap]\nuri = "{pair.uris}"\n{SERVICE_BIND}retry_max = 1\nretry_delay = 0.2\n'
+            'network_timeout = 1.0\n')
 
 
 def _settled(call: Callable[[], T], ok: Callable[[T], bool], timeout: float = 10.0) -> T:
