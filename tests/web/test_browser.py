@@ -25,7 +25,7 @@ import pytest
 from harness.clamd import ClamdServer
 from harness.ports import free_port
 from harness.postfix import PostfixInstance, missing_postfix
-from harness.slapd import SERVICE_BIND, SlapdServer, mailwarden_database
+from harness.slapd import SlapdServer, mailwarden_database
 from harness.smtpsink import SinkMessage, SmtpSink
 from harness.spamd import GTUBE, SpamdServer
 from harness.web import WebConsole
@@ -95,7 +95,6 @@ def stack(clamd: ClamdServer, spamd: SpamdServer,
     try:
         with SmtpSink() as mailbox, SmtpSink(lmtp=True) as archive:
             sections = (base_sections(ldap_uri=slapd.uri, store_path=work / "state.sqlite3")
-                        .replace("[ldap]\n", "[ldap]\n" + SERVICE_BIND, 1)
                         # A change shows in the milter within a second (the default caches 60 s).
                         + "[policy]\ncache_ttl = 1\nnegative_cache_ttl = 1\ndomain_cache_ttl = 1\n"
                         + archive_section(archive.port))
