@@ -6,7 +6,8 @@ A domain administrator switches spam checking on for a subscriber, ``explain`` s
 with source ``user`` and the next message to that subscriber is spam-checked; another
 domain's administrator gets 403 and a forged POST is refused; a subscriber releases their
 quarantined message and it arrives.  Screenshots of the main pages are saved under the
-run's tmp directory (the path is printed and written to ``screenshots.txt`` there).
+run's tmp directory and copied to ``$TMPDIR/mailwarden-web-screenshots`` (both paths are
+printed and written to ``screenshots.txt`` in pytest's base temporary directory).
 """
 
 from __future__ import annotations
@@ -123,8 +124,12 @@ def stack(clamd: ClamdServer, spamd: SpamdServer,
                 web.stop()
                 mx.cleanup()
                 milter.stop()
-                (tmp_path_factory.getbasetemp() / "screenshots.txt").write_text(f"{shots}\n")
-                print(f"\nweb console screenshots: {shots}")
+                # pytest keeps only its last few base directories: a copy outlives them.
+                copy = Path(tempfile.gettempdir()) / "mailwarden-web-screenshots"
+                shutil.rmtree(copy, ignore_errors=True)
+                shutil.copytree(shots, copy)
+                (tmp_path_factory.getbasetemp() / "screenshots.txt").write_text(f"{shots}\n{copy}\n")
+                print(f"\nweb console screenshots: {shots} (copy: {copy})")
                 if "Traceback" in web.log():
                     print(web.log()[-3000:])
     finally:
