@@ -182,6 +182,8 @@ class Console:
             # The password changed in the directory, or the key did: log in again.
             await self.sessions.end(session.id)
             raise HTTPException(303, headers={"Location": "/login"}) from None
+        # Unbound when the response is ready (see create_app's route()).
+        request.state.directories = [*getattr(request.state, "directories", []), directory]
         return Ctx(request, session, person, directory, translator(self.language(request, session)))
 
     async def change_form(self, request: Request) -> tuple[Ctx, dict[str, Any]]:
@@ -629,7 +631,17 @@ def create_app(services: Services) -> Starlette:
     c = Console(services)
 
     def route(path: str, endpoint: Callable[[Request], Awaitable[Response]], post: bool = False) -> Route:
-        return Route(path, endpoint, methods=["POST"] if post else ["GET"])
+        async def handle(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            finally:
+                # The person's connections live for one request (pages are rendered by now).
+                for directory in getattr(request.state, "directories", ()):
+                    close = getattr(directory, "close", None)
+                    if close is not None:
+                        await run_in_threadpool(close)
+
+        return Route(path, handle, methods=["POST"] if post else ["GET"])
 
     routes = [
         route("/login", c.login_page), route("/login", c.login, post=True),
