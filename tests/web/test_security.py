@@ -196,3 +196,17 @@ def test_the_language_follows_accept_language_and_the_switch(console: Console) -
     assert "ログイン" in c.get("/login", headers={"Accept-Language": "en"}).text
     assert pick_language("fr, ja;q=0.8, en;q=0.9") == "en"
     assert pick_language("") == "en"
+
+
+def test_no_password_or_mistyped_login_reaches_the_log(console: Console,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    c = console.client
+    assert login(c, "pw-alice-typed-as-login", "pw-boss") == 303
+    assert login(c, "boss", "pw-boss") == 303
+    token = csrf_of(c)
+    c.post("/user/alice@example.com", data={"set:spam_threshold": "4", "csrf": token})
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "logged in" in text and "changed" in text
+    for secret in ("pw-boss", "pw-alice-typed-as-login", token):
+        assert secret not in text
