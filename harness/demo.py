@@ -68,7 +68,11 @@ Try:
   .venv/bin/mailwarden explain alice@example.com        # now off, "from domain"
   .venv/bin/mailwarden user set hanako@example.jp spam_threshold 4.0
   .venv/bin/mailwarden config check --connect
-  ldapsearch -x -H {slapd.uri} -b dc=mailwarden,dc=test mail
+  .venv/bin/mailwarden --as jp-admin user enable hanako@example.jp spam_check   # password: secret
+  .venv/bin/mailwarden --as jp-admin audit show --domain example.jp
+  ldapsearch -x -H {slapd.uri} -D uid=jp-admin,ou=admins,dc=mailwarden,dc=test -w secret \
+      -b dc=mailwarden,dc=test mail                   # example.jp only (the access rules)
+  ldapsearch -x -H {slapd.uri} -b dc=mailwarden,dc=test mail   # anonymous: nothing
 
 Stop it with: make demo-stop
 """)

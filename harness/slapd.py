@@ -285,6 +285,8 @@ class ReplicatedSlapd:
 
         assert self.consumer is not None
         conn = ldap.initialize(self.consumer.uri)
+        db = self.consumer.databases[0]
+        conn.simple_bind_s(db.rootdn, db.rootpw)  # the access rules hide the tree from anonymous
         deadline = time.monotonic() + timeout
         try:
             while True:

@@ -132,8 +132,9 @@ def authenticate(directory: LdapDirectory, login: str, password: str) -> Person:
     address or alias) with ``directory``'s own bind, verify ``password`` with a simple bind
     as the found DN, and work out the role from the group entries.
 
-    Raises AuthenticationFailed for an unknown login, a wrong or empty password, or a
-    login that holds no role; DirectoryUnavailable when the directory cannot answer.
+    Raises AuthenticationFailed for an unknown login, a wrong or empty password, a
+    subscriber whose account is not active, or a login that holds no role;
+    DirectoryUnavailable when the directory cannot answer.
     """
     login = login.strip()
     if not login or not password:
@@ -163,6 +164,11 @@ def authenticate(directory: LdapDirectory, login: str, password: str) -> Person:
         if user is None and canonical != given_domain:  # logged in with a domain alias
             user = directory.find_user(f"{local}@{canonical}", domain_entry)
         if user is None:
+            raise AuthenticationFailed("login failed")
+        status = user.first("account_status")
+        if status is not None and status.lower() not in {
+                v.lower() for v in directory.mapping.active_status_values}:
+            log.warning("login %r: account status %r is not active; refused", login, status)
             raise AuthenticationFailed("login failed")
         dn = user.dn
         address = user.first("mail") or address

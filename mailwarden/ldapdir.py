@@ -261,6 +261,36 @@ class LdapDirectory:
 
     # ------------------------------------------------------------ administration
 
+    def search_users(self, text: str = "", domain: Entry | None = None, limit: int = 100) -> list[Entry]:
+        """Subscribers whose address or alias contains ``text`` (all for an empty one), below
+        ``domain`` or every domain, as far as this bind may see them: the first ``limit``
+        the server returns, sorted by address.  The mapping's ``user_filter`` is used with
+        a substring pattern, so a site's own attributes work too."""
+        esc = ldap.filter.escape_filter_chars(text.strip().lower())
+        pattern = f"*{esc}*" if esc else "*"
+        flt = self.mapping.user_filter.format(address=pattern, local=pattern, domain="*")
+        base = (self.mapping.user_base.format(domain_dn=domain.dn, base_dn=self.cfg.base_dn)
+                if domain is not None else self.domain_base)
+
+        def run(conn: ReconnectLDAPObject) -> list[tuple[str, dict[str, list[bytes]]]]:
+            found: list[tuple[str, dict[str, list[bytes]]]] = []
+            try:
+                msgid = conn.search_ext(base, ldap.SCOPE_SUBTREE, flt, self._attrlist,
+                                        sizelimit=max(limit, 0))
+                while True:
+                    rtype, rdata, *_ = conn.result3(msgid, all=0, timeout=self.cfg.timeout)
+                    if rtype == ldap.RES_SEARCH_RESULT:
+                        break
+                    found += [(d, a) for d, a in rdata if d is not None]
+            except ldap.SIZELIMIT_EXCEEDED:
+                pass  # the first ``limit`` are what was asked for
+            except ldap.NO_SUCH_OBJECT:
+                return []
+            return found
+
+        entries = [self._entry(dn, attrs) for dn, attrs in self._call(f"user search {text!r}", run)]
+        return sorted(entries, key=lambda e: (e.first("mail") or e.dn).lower())
+
     def read_entry(self, dn: str) -> Entry:
         """The entry ``dn`` by concept, read from the provider (``write_uri``) so that a
         change's old values are the ones it replaces; NoSuchEntry if it does not exist

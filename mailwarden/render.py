@@ -12,9 +12,11 @@ own section, so the fragments cannot drift from the daemons they talk to.
 
 from __future__ import annotations
 
+import grp
 import importlib.resources
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -408,11 +410,19 @@ def _environment(subdir: str) -> jinja2.Environment:
     return env
 
 
-def _write(path: Path, text: str, *, secret: bool = False) -> None:
-    """Write a file; one holding a bind password is readable by root (and group) only."""
+def _write(path: Path, text: str, *, secret: bool = False, group: str = "") -> None:
+    """Write a file; one holding a bind password is readable by its owner and ``group``
+    only.  Run as root, the file is given to ``group`` (when it exists): the daemon's
+    unprivileged processes (Postfix's proxymap, Dovecot's auth) read it as that group."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     path.chmod(0o640 if secret else 0o644)
+    if secret and group and os.geteuid() == 0:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            return
+        os.chown(path, -1, gid)
 
 
 def _instance_paths(cfg: Config, role: str) -> dict[str, str]:
@@ -573,7 +583,7 @@ def render_postfix(cfg: Config, roles: Sequence[str], out: Path) -> list[Rendere
             files[f"{name}.cf"] = env.get_template("ldap.cf.j2").render({**local, "table": table})
         files.update({name: text for name, text in role_files(cfg).items() if f"/{name}" in files["main.cf"]})
         for name, text in files.items():
-            _write(target / name, text, secret=secret and name.startswith("ldap-"))
+            _write(target / name, text, secret=secret and name.startswith("ldap-"), group="postfix")
         written.append(Rendered(paths["name"], target, tuple(files)))
     return written
 
@@ -787,6 +797,7 @@ def render_dovecot(cfg: Config, roles: Sequence[str], out: Path) -> list[Rendere
                 files[step.args_file] = args.render({**context, "step": step})
         for name, text in files.items():
             keyed = name.endswith("mailwarden-doveadm.conf.ext")
-            _write(targets[role] / name, text, secret=keyed or (secret and name.endswith(".conf.ext")))
+            _write(targets[role] / name, text, secret=keyed or (secret and name.endswith(".conf.ext")),
+                   group="" if keyed else "dovecot")
         written.append(Rendered(f"dovecot-{role}", targets[role], tuple(sorted(files))))
     return written

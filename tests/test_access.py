@@ -178,7 +178,7 @@ def test_authenticate_finds_each_tier(server: SlapdServer) -> None:
 
 @pytest.mark.parametrize(("login", "password"), [
     ("root", "wrong"), ("root", ""), ("nobody-here", "secret"), ("ghost@example.jp", "secret"),
-    ("not an address", "secret"),
+    ("not an address", "secret"), ("jiro@example.jp", "secret"),  # jiro's account is disabled
 ])
 def test_authenticate_refuses(server: SlapdServer, login: str, password: str) -> None:
     with pytest.raises(AuthenticationFailed):
@@ -385,3 +385,56 @@ def test_cli_import_goes_through_the_domains_narrowing(cli: tuple[Path, Path]) -
     rc, out = as_(cli, "alice@example.com", "user", "import", "-",
                   stdin="address,forward_addresses\nalice@example.com,a@example.net\n")
     assert rc == 1 and "line 2: alice@example.com: " in out and "forward_addresses" in out
+
+
+def test_config_check_names_an_anonymous_bind_that_sees_nothing(server: SlapdServer,
+                                                                 tmp_path: Path) -> None:
+    config = tmp_path / "anon.toml"
+    config.write_text(f'[ldap]\nuri = "{server.uri}"\n[store]\nsqlite_path = "{tmp_path}/s.db"\n',
+                      encoding="utf-8")
+    res = CliRunner().invoke(main, ["--config", str(config), "config", "check", "--connect"])
+    assert res.exit_code == 78 and "not visible to an anonymous bind" in res.output
+    config.write_text(f'[ldap]\nuri = "{server.uri}"\n{SERVICE_BIND}[store]\n'
+                      f'sqlite_path = "{tmp_path}/s.db"\n', encoding="utf-8")
+    res = CliRunner().invoke(main, ["--config", str(config), "config", "check", "--connect"])
+    assert res.exit_code == 0, res.output
+
+
+def test_catalogue_declares_the_end_user_settings_and_services_shows_them() -> None:
+    from mailwarden import catalogue
+
+    marked = {n for n, s in catalogue.SETTINGS.items() if s.end_user}
+    assert marked == set(catalogue.END_USER_SETTINGS) == {
+        "keyword_rules", "sender_allowlist", "sender_blocklist", "forward_addresses",
+        "forward_keep_copy", "vacation_active", "vacation_subject", "vacation_text",
+        "vacation_period_days", "spam_threshold", "spam_action"}
+    out = CliRunner().invoke(main, ["services"]).output
+    rows = {line.split()[0]: line.split()[3] for line in out.splitlines()
+            if line.startswith("  ") and len(line.split()) > 3}
+    assert rows["keyword_rules"] == "self" and rows["vacation_text"] == "self"
+    assert rows["quota"] != "self" and rows["spam_reject_score"] != "self"
+
+
+def test_generated_rules_let_end_users_write_exactly_the_catalogue_column() -> None:
+    from mailwarden.acl import acl_rules, end_user_attributes
+
+    own = [r for r in acl_rules(B) if "by self write by" in r and "attrs=mw" in r]
+    assert len(own) == 1
+    attrs = own[0].split("attrs=", 1)[1].split()[0].split(",")
+    assert attrs == end_user_attributes()
+    assert "mwKeywordRule" in attrs and "mwQuota" not in attrs
+
+
+def test_search_users_sees_what_the_bind_may_see(server: SlapdServer) -> None:
+    d = directory(server)
+    everyone = [e.first("mail") for e in d.search_users()]
+    assert "taro@example.jp" in everyone and "alice@example.com" in everyone
+    assert everyone == sorted(everyone)
+    assert [e.first("mail") for e in d.search_users("yamada")] == ["taro@example.jp"]  # an alias
+    assert len(d.search_users(limit=3)) == 3
+    jp = d.bound_as(JP_ADMIN, "secret")
+    mine = {e.first("mail") for e in jp.search_users()}
+    assert "taro@example.jp" in mine and not {m for m in mine if m and "example.jp" not in m}
+    domain = jp.find_domain("example.jp")
+    assert domain is not None and [e.dn for e in jp.search_users("hana", domain)] == [HANAKO]
+    assert [e.dn for e in d.bound_as(TARO, "secret").search_users()] == [TARO]

@@ -137,9 +137,16 @@ def config_check(app: App, connect: bool) -> None:
     if problems:
         fail("configuration error:\n" + "\n".join(f"{cfg.source}:{p}" for p in problems), EX_CONFIG)
     if connect:
+        import ldap
         from mailwarden.store import StoreUnavailable, store_of
 
         app.directory.ping()
+        if not app.ldap.search_raw(app.ldap.domain_base, "(objectClass=*)", ["1.1"],
+                                   scope=ldap.SCOPE_BASE):
+            fail(f"ldap: {app.ldap.domain_base} is not visible to "
+                 f"{app.config.ldap.bind_dn or 'an anonymous bind'}: set ldap.bind_dn to an account "
+                 "the directory lets read the mail tree (the shipped access rules show anonymous "
+                 "clients nothing)", EX_CONFIG)
         try:
             store = store_of(cfg.store)
             store.ping()

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from harness.clamd import EICAR, ClamdServer
 from harness.ports import free_port
-from harness.slapd import SlapdServer
+from harness.slapd import SERVICE_BIND, SlapdServer
 from harness.smtpsink import SmtpSink
 from harness.spamd import SpamdServer
 from mailwarden.cli import main
@@ -25,7 +25,7 @@ from tests.milter.helpers import make_message
 def write_config(tmp: Path, extra: str = "", ldap_uri: str = "ldap://127.0.0.1:9/") -> Path:
     path = tmp / "mailwarden.toml"
     path.write_text(
-        f'[ldap]\nuri = "{ldap_uri}"\nretry_max = 0\nnetwork_timeout = 1.0\ntimeout = 1.0\n'
+        f'[ldap]\nuri = "{ldap_uri}"\n{SERVICE_BIND}retry_max = 0\nnetwork_timeout = 1.0\ntimeout = 1.0\n'
         f'[store]\nbackend = "sqlite"\nsqlite_path = "{tmp}/state.sqlite3"\n'
         f'[milter]\nquarantine_dir = "{tmp}/q"\nspool_dir = "{tmp}/spool"\ntemplate_dir = "{tmp}/t"\n{extra}'
     )
