@@ -69,6 +69,12 @@ SELF_SERVICE = {
     "forwarding": ("forward_addresses", "forward_keep_copy"),
     "vacation": ("vacation_active", "vacation_subject", "vacation_text"),
 }
+# Addresses that are not settings but are the administrators' to change: a user's aliases
+# (alternate addresses) and a domain's aliases (slapd lets domain administrators write both).
+ALIASES: dict[str, tuple[str, Callable[[str], str]]] = {
+    "user": ("alternate_address", normalize_address),
+    "domain": ("domain_alias", normalize_domain),
+}
 # The domain page: the domain's notice settings apart from the rest.
 NOTICE_SETTINGS = ("notice_template", "notice_language", "notice_recipients", "admin_address")
 
@@ -419,6 +425,7 @@ class Console:
         decide).  A domain administrator switches only the services delegated to the domain."""
         names = [*catalogue.SETTINGS, "enabled_service"]
         out = {n: may_edit(person, n, layer=layer, domain=domain) for n in names}
+        out["aliases"] = person.role in (Role.SYSTEM_ADMIN, Role.DOMAIN_ADMIN)
         delegated = delegated_services(domain) if person.role is Role.DOMAIN_ADMIN else None
         for service in catalogue.SERVICES:
             out[f"service:{service.value}"] = out["enabled_service"] and (
@@ -428,7 +435,8 @@ class Console:
     @staticmethod
     def _own(entry: Entry) -> dict[str, str]:
         """The entry's own stored values (one per line), for the edit fields."""
-        return {name: "\n".join(entry.all(name)) for name in catalogue.SETTINGS}
+        names = [*catalogue.SETTINGS, "alternate_address", "domain_alias"]
+        return {name: "\n".join(entry.all(name)) for name in names}
 
     # ------------------------------------------------------------ changes
 
@@ -477,6 +485,16 @@ class Console:
             if not key.startswith("set:"):
                 continue
             name = key[4:]
+            concept, normalize = ALIASES[layer]
+            if name == concept and allowed is None:
+                text = str(values[0]) if values else ""
+                try:
+                    given = [normalize(v.strip()) for v in text.replace("\r", "").split("\n") if v.strip()]
+                except InvalidAddress as exc:
+                    raise catalogue.InvalidValue(f"{name}: {exc}") from None
+                if sorted(given) != sorted(v.lower() for v in own.all(name)):
+                    changes[name] = given
+                continue
             spec = catalogue.SETTINGS.get(name)
             outside = allowed is not None and name not in allowed
             if spec is None or spec.scope not in ("both", layer) or outside:

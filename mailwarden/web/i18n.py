@@ -33,6 +33,7 @@ WORDS: dict[str, dict[str, str]] = {
     "saved": {"en": "Saved.", "ja": "保存しました。"},
     "refused": {"en": "The directory refused the change:", "ja": "ディレクトリが変更を拒否しました:"},
     "aliases": {"en": "Domain aliases", "ja": "ドメインエイリアス"},
+    "user_aliases": {"en": "Aliases (other addresses)", "ja": "エイリアス (別名アドレス)"},
     "notices": {"en": "Notice templates", "ja": "通知テンプレート"},
     "my_filters": {"en": "My filters", "ja": "マイフィルタ"},
     "my_forwarding": {"en": "My forwarding", "ja": "転送設定"},

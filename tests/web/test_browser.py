@@ -192,6 +192,11 @@ def test_a_domain_admin_switches_spam_checking_on_and_mail_is_then_spam_checked(
     assert page.locator("#message").inner_text() == "Saved."
     assert page.locator("#service-spam_check .state").inner_text() == "on"
     shot(page, stack, "domain-admin-user-after")
+    # The domain's administrator gives bob an alias.
+    page.fill("#alias-form textarea", "robert@example.com")
+    page.click("#alias-save")
+    page.wait_for_load_state()
+    assert page.locator("#user-aliases").inner_text() == "robert@example.com"
     # explain in the browser: on, and from the user's own entry.
     page.goto(stack.web.url + "/explain?address=bob@example.com")
     assert page.locator("#explain-spam_check .state").inner_text() == "on"
@@ -204,6 +209,7 @@ def test_a_domain_admin_switches_spam_checking_on_and_mail_is_then_spam_checked(
     bob = stack.entry("uid=bob,ou=users,mwDomainName=example.com,ou=domains,dc=mailwarden,dc=test")
     assert "spam-check" in [v.lower() for v in bob["enabled_service"]]
     assert "spam-check" not in [v.lower() for v in bob.get("disabled_service", [])]
+    assert bob["alternate_address"] == ["robert@example.com"]
     # End to end: the same spam to bob is now spam-checked (GTUBE scores over the reject score).
     time.sleep(1.2)  # the milter's policy cache (1 s here)
     result = stack.mx.send("someone@remote.example", ["bob@example.com"], message("offer 2", GTUBE + "\n"))
