@@ -210,3 +210,29 @@ def test_no_password_or_mistyped_login_reaches_the_log(console: Console,
     assert "logged in" in text and "changed" in text
     for secret in ("pw-boss", "pw-alice-typed-as-login", token):
         assert secret not in text
+
+
+def test_each_tier_opens_only_its_pages() -> None:
+    c = _console()
+    c.gate.directory.add_domain("example.jp")
+    c.gate.directory.add_user("taro@example.jp")
+    c.gate.add("desk", "pw-desk", Role.HELPDESK)
+    with c.client as client:
+        assert login(client, "alice@example.com", "pw-alice") == 303
+        for path in ("/dashboard", "/users?q=a", "/domains", "/domain/example.com",
+                     "/user/alice@example.com", "/explain?address=bob@example.com"):
+            assert client.get(path, follow_redirects=False).status_code == 403, path
+        assert client.get("/me/vacation").status_code == 200
+        assert client.get("/explain?address=alice@example.com").status_code == 200
+        client.cookies.clear()
+        assert login(client, "boss", "pw-boss") == 303
+        for path in ("/dashboard", "/users?q=a", "/domain/example.jp", "/user/taro@example.jp",
+                     "/explain?address=taro@example.jp", "/me/filters"):
+            assert client.get(path, follow_redirects=False).status_code == 403, path
+        assert client.get("/domain/example.com").status_code == 200
+        assert client.get("/user/alice@example.com").status_code == 200
+        client.cookies.clear()
+        assert login(client, "desk", "pw-desk") == 303
+        assert client.get("/quarantine", follow_redirects=False).status_code == 403
+        assert client.get("/user/taro@example.jp").status_code == 200
+        assert "taro@example.jp" in client.get("/users?q=taro").text
