@@ -214,18 +214,31 @@ class Console:
             return domain is not None and domain in person.domains
         return address is not None and address == person.address
 
-    def owns_recipient(self, person: Person) -> Callable[[str], bool]:
-        """Whether a quarantined message's recipient is ``person``'s to release."""
+    def owns_recipient(self, ctx: Ctx) -> Callable[[str], bool]:
+        """Whether a quarantined message's recipient is the person's to release (blocking).
+
+        The recipient is resolved through the person's bind, like a page of theirs: an alias
+        or a domain alias counts as the address it stands for, and what slapd does not let
+        the person read is not theirs.
+        """
+        person = ctx.person
+        resolver = self.resolver(ctx)
+        resolver_cache: dict[str, bool] = {}
+
         def owns(recipient: str) -> bool:
-            try:
-                address = normalize_address(recipient)
-            except InvalidAddress:
-                return False
-            if person.role in ADMINS:
+            if person.role is Role.SYSTEM_ADMIN:
                 return True
-            if person.role is Role.DOMAIN_ADMIN:
-                return address.rpartition("@")[2] in person.domains
-            return address == person.address
+            if person.role is Role.HELPDESK:
+                return False
+            if recipient not in resolver_cache:
+                try:
+                    policy = resolver.effective_policy(recipient)
+                except InvalidAddress:
+                    resolver_cache[recipient] = False
+                else:
+                    resolver_cache[recipient] = (policy.kind is AddressKind.SUBSCRIBER
+                                                 and self.in_scope(person, policy.domain, policy.canonical))
+            return resolver_cache[recipient]
         return owns
 
     # ------------------------------------------------------------ login
@@ -570,7 +583,7 @@ class Console:
     def _held(self, ctx: Ctx) -> list[Held]:
         if self.s.quarantine is None:
             return []
-        return visible(self.s.quarantine.held(), self.owns_recipient(ctx.person))
+        return visible(self.s.quarantine.held(), self.owns_recipient(ctx))
 
     async def quarantine(self, request: Request) -> Response:
         ctx = await self.context(request)
@@ -591,7 +604,8 @@ class Console:
         quarantine = self.s.quarantine
         try:
             held = await run_in_threadpool(quarantine.get, entry_id)
-            if not visible([held], self.owns_recipient(ctx.person)):
+            mine = await run_in_threadpool(visible, [held], self.owns_recipient(ctx))
+            if not mine:
                 raise HTTPException(403)
             if action == "release":
                 queue_id = await run_in_threadpool(quarantine.release, entry_id)
