@@ -17,6 +17,9 @@ PACKAGES=(
   # peers measured side by side in bench/
   postgrey postfix-policyd-spf-python clamav-milter spamass-milter opendkim opendmarc
   iproute2
+  # the web console's browser tests (tests/web): Debian's chromium driven by Playwright,
+  # and a Japanese font for its screenshots
+  chromium fonts-ipafont-gothic
   # the containerized end-to-end suite (dockerd started by the harness)
   docker.io debootstrap iptables docker-compose
 )

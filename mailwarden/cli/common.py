@@ -180,7 +180,8 @@ def policy_as_dict(policy: EffectivePolicy) -> dict[str, Any]:
     }
 
 
-def _show_value(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A setting value as the CLI and the console show it."""
     if isinstance(value, tuple):
         return ", ".join(str(v) for v in value) if value else "-"
     if isinstance(value, bool):
@@ -213,7 +214,7 @@ def print_policy(policy: EffectivePolicy) -> None:
         click.echo(f"  {service.value:<22} {'on' if sv.value else 'off':<4} from {sv.source_text}")
     click.echo("settings:")
     for name, sv in policy.settings.items():
-        click.echo(f"  {name:<22} {_show_value(sv.value):<30} from {sv.source_text}")
+        click.echo(f"  {name:<22} {show_value(sv.value):<30} from {sv.source_text}")
     if policy.problems:
         click.echo("problems:")
         for p in policy.problems:
