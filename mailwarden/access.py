@@ -30,7 +30,7 @@ from __future__ import annotations
 import getpass
 import logging
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -44,7 +44,9 @@ from mailwarden.address import InvalidAddress, normalize_address, split_address
 from mailwarden.directory import DirectoryError, Entry
 
 if TYPE_CHECKING:
+    from mailwarden.config import LdapMappingConfig
     from mailwarden.ldapdir import LdapDirectory
+    from mailwarden.policy import EffectivePolicy
 
 log = logging.getLogger("mailwarden.access")
 
@@ -250,6 +252,39 @@ def may_edit(person: Person, setting: str, *, layer: str = "user",
     if person.role is Role.DOMAIN_ADMIN:
         return setting not in SYSTEM_ADMIN_ONLY
     return layer == "user" and setting in end_user_settings(domain)
+
+
+def service_changes(mapping: LdapMappingConfig, entry: Entry, in_effect: Callable[[], EffectivePolicy],
+                    actions: Sequence[tuple[catalogue.Service, str]]) -> dict[str, list[str]]:
+    """The entry's new enabled/disabled service lists after each (service, ``enable`` |
+    ``disable`` | ``inherit``), as the CLI and the web console write them.
+
+    With ``service_merge = replace`` the first list written becomes the whole truth, so it
+    is seeded with the policy ``in_effect()`` returns (asked only then); there is nothing
+    to inherit then (ValueError).
+    """
+    values = mapping.service_values
+    enabled = entry.all("enabled_service")
+    disabled = entry.all("disabled_service")
+    replace = mapping.service_merge == "replace"
+    if replace and "enabled_service" not in entry.values:
+        enabled = [values[s.value] for s, sv in in_effect().services.items() if sv.value]
+    for service, action in actions:
+        if action not in ("enable", "disable", "inherit"):
+            raise ValueError(f"unknown action {action!r}")
+        value = values[service.value]
+        enabled = [v for v in enabled if v.lower() != value.lower()]
+        disabled = [v for v in disabled if v.lower() != value.lower()]
+        if action == "enable":
+            enabled.append(value)
+        elif action == "disable" and not replace:
+            disabled.append(value)
+    changes = {"enabled_service": enabled}
+    if not replace:
+        changes["disabled_service"] = disabled
+    elif any(action == "inherit" for _, action in actions):
+        raise ValueError("with service_merge = replace there is nothing to inherit")
+    return changes
 
 
 def apply_change(directory: LdapDirectory, dn: str, changes: Mapping[str, Sequence[str]], *,

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from mailwarden import catalogue
+from mailwarden.access import service_changes
 from mailwarden.address import InvalidAddress, normalize_address, normalize_domain
 from mailwarden.catalogue import Service
 from mailwarden.cli.common import EX_NOTFOUND, EX_USAGE, App, fail, handle_errors, pass_app, print_policy
@@ -73,30 +74,10 @@ def _service_change(app: App, target: Target, services: list[Service], action: s
 
 def _service_changes(app: App, target: Target, actions: list[tuple[Service, str]]) -> dict[str, list[str]]:
     """The new service attribute values after each (service, enable|disable|inherit)."""
-    mapping = app.config.ldap.mapping
-    values = mapping.service_values
-    entry = target.entry
-    enabled = entry.all("enabled_service")
-    disabled = entry.all("disabled_service")
-    replace = mapping.service_merge == "replace"
-    if replace and "enabled_service" not in entry.values:
-        # The first list written becomes the whole truth: seed it with what is in effect.
-        current = _show(app, target)
-        enabled = [values[s.value] for s, sv in current.services.items() if sv.value]
-    for service, action in actions:
-        value = values[service.value]
-        enabled = [v for v in enabled if v.lower() != value.lower()]
-        disabled = [v for v in disabled if v.lower() != value.lower()]
-        if action == "enable":
-            enabled.append(value)
-        elif action == "disable" and not replace:
-            disabled.append(value)
-    changes = {"enabled_service": enabled}
-    if not replace:
-        changes["disabled_service"] = disabled
-    elif any(action == "inherit" for _, action in actions):
-        raise click.UsageError("with service_merge = replace there is nothing to inherit")
-    return changes
+    try:
+        return service_changes(app.config.ldap.mapping, target.entry, lambda: _show(app, target), actions)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _parse_services(names: tuple[str, ...]) -> list[Service]:

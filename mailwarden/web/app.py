@@ -40,6 +40,7 @@ from mailwarden.access import (
     Role,
     delegated_services,
     may_edit,
+    service_changes,
 )
 from mailwarden.address import InvalidAddress, normalize_address, normalize_domain
 from mailwarden.catalogue import Service
@@ -468,28 +469,6 @@ class Console:
         log.info("web: %s changed %s: %s", ctx.person.login, dn, ", ".join(sorted(changes)))
         return RedirectResponse(f"{back}?m=saved", 303)
 
-    def _service_lists(self, entry: Entry, policy: EffectivePolicy, service: Service,
-                       action: str) -> dict[str, list[str]]:
-        """The entry's new enabled/disabled lists for switching ``service`` (as ``mailwarden
-        user|domain enable|disable|inherit`` computes them)."""
-        mapping = self.s.config.ldap.mapping
-        values = mapping.service_values
-        enabled, disabled = entry.all("enabled_service"), entry.all("disabled_service")
-        replace = mapping.service_merge == "replace"
-        if replace and "enabled_service" not in entry.values:
-            enabled = [values[s.value] for s, sv in policy.services.items() if sv.value]
-        value = values[service.value]
-        enabled = [v for v in enabled if v.lower() != value.lower()]
-        disabled = [v for v in disabled if v.lower() != value.lower()]
-        if action == "enable":
-            enabled.append(value)
-        elif action == "disable" and not replace:
-            disabled.append(value)
-        changes = {"enabled_service": enabled}
-        if not replace:
-            changes["disabled_service"] = disabled
-        return changes
-
     def _setting_changes(self, form: dict[str, Any], layer: str, allowed: tuple[str, ...] | None,
                          own: Entry) -> dict[str, list[str]]:
         """Changed settings from a form: ``set:NAME`` fields (a list one per line, empty: unset)."""
@@ -543,7 +522,8 @@ class Console:
                 if action not in ("enable", "disable", "inherit"):
                     raise HTTPException(400, "unknown action")
                 service = Service.parse(str(form["service"][0]))
-                changes = self._service_lists(entry, policy, service, action)
+                changes = service_changes(self.s.config.ldap.mapping, entry, lambda: policy,
+                                          [(service, action)])
             else:
                 changes = self._setting_changes(form, layer, allowed, entry)
         except (ValueError, catalogue.InvalidValue) as exc:
