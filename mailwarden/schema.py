@@ -60,6 +60,10 @@ ATTRIBUTE_NUMBERS: dict[str, int] = {
     "mwArchiveFailureAction": 65,
     "mwSenderAllow": 66,
     "mwSenderBlock": 67,
+    "mwMigrationState": 68,
+    "mwLegacyMx": 69,
+    "mwLegacyMailboxHost": 70,
+    "mwLegacyPassword": 71,
 }
 CLASS_NUMBERS = {"mwDomain": 1, "mwSubscriber": 2}
 
@@ -109,7 +113,8 @@ def attribute_types() -> list[str]:
 def object_classes() -> list[str]:
     """The mwDomain (structural) and mwSubscriber (auxiliary) classes."""
     domain_may = ["mwDomainAlias", "mwEnabledService", "mwDisabledService", "description"]
-    user_may = ["mwAlternateAddress", "mwAccountStatus", "mwEnabledService", "mwDisabledService"]
+    user_may = ["mwAlternateAddress", "mwAccountStatus", "mwEnabledService", "mwDisabledService",
+                "mwLegacyPassword"]
     for spec in SETTINGS.values():
         if spec.scope in ("both", "domain"):
             domain_may.append(spec.ldap_attribute)
