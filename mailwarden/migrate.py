@@ -1,0 +1,270 @@
+"""Moving a hosted domain from a legacy mail system to the mailbox hosts while mail flows.
+
+A domain's ``migration_state`` (LDAP, the catalogue) decides where its mail lives, on every
+node at the next directory lookup: ``legacy`` and ``syncing`` relay inbound mail to the
+domain's ``legacy_mx`` and proxy POP3/IMAP logins to its ``legacy_mailbox_host``;
+``migrated`` lets the mailbox hosts serve it.  The filters apply in every state: the
+domain is hosted here, so the milter and the policy daemon treat it as local.
+
+Mailboxes are copied with Dovecot's own dsync (``doveadm``) over the imapc backend: it
+reads the legacy server over IMAP with a migration master user, so it works whatever the
+legacy server keeps its mail in and wherever that is, needs no shared file system, and
+keeps IMAP UIDs and the mailbox's UIDVALIDITY when the destination is new; POP3 UIDLs
+derived from them (Dovecot's default ``%08Xu%08Xv``) are therefore the same after the
+move.  Reading the legacy Maildir directly would need it mounted on the mailbox host and
+would not see the legacy server's own UID list.
+
+* before the switch, ``doveadm backup -R`` makes the new mailbox an exact copy (flags,
+  expunges); dsync compares both sides, so a second run copies only what changed;
+* after the switch, ``doveadm sync -1 -R`` fetches mail the legacy MX still accepted,
+  never deleting what the mailbox host received meanwhile;
+* a rollback pushes mail the mailbox host received back with ``doveadm sync -1`` (one
+  way, nothing deleted on the legacy server; a second run finds nothing new).
+
+The copying runs on a mailbox host (``doveadm`` needs the host's Dovecot configuration).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mailwarden.catalogue import LEGACY_STATES, MIGRATION_STATES
+from mailwarden.directory import Directory, Entry
+
+__all__ = [
+    "DoveadmMailboxes", "LegacyServer", "Mailboxes", "MigrationError", "UserCopy", "check_transition",
+]
+
+TRANSITIONS: dict[str, tuple[frozenset[str], str]] = {
+    "sync": (frozenset({"legacy", "syncing"}), "syncing"),
+    "cutover": (frozenset({"syncing"}), "migrated"),
+    "rollback": (frozenset({"syncing", "migrated"}), "legacy"),
+}
+"""For each migration step: the states it starts from, and the state it leaves."""
+
+DOVEADM_TIMEOUT = 3600.0
+"""Seconds one mailbox's copy may take before it is given up (and reported)."""
+
+
+class MigrationError(Exception):
+    """A step that cannot run in the domain's present state, or a missing setting."""
+
+
+def check_transition(step: str, state: str) -> str:
+    """The state ``step`` leaves the domain in; MigrationError when it cannot start from ``state``."""
+    starts, target = TRANSITIONS[step]
+    if state not in starts:
+        hint = {
+            ("cutover", "legacy"): "run mailwarden migrate sync first",
+            ("sync", "migrated"): "the domain is served by the mailbox hosts; roll back first",
+            ("cutover", "migrated"): "the domain is already served by the mailbox hosts",
+            ("rollback", "legacy"): "the domain is already served by the legacy system",
+        }.get((step, state), "")
+        raise MigrationError(
+            f"{step} starts from {' or '.join(sorted(starts))}, the domain is {state}"
+            + (f": {hint}" if hint else "")
+        )
+    return target
+
+
+def is_legacy(state: str) -> bool:
+    """Whether the legacy system receives and serves mail in ``state``."""
+    return state in LEGACY_STATES
+
+
+@dataclass(frozen=True)
+class LegacyServer:
+    """How the mailbox host reaches the legacy server over IMAP (imapc)."""
+
+    host: str
+    port: int
+    master_user: str
+    master_password: str
+
+
+@dataclass
+class UserCopy:
+    """One mailbox's copy: message counts on both sides before and after, and how long."""
+
+    user: str
+    source_before: int = 0
+    target_before: int = 0
+    source_after: int = 0
+    target_after: int = 0
+    seconds: float = 0.0
+    error: str = ""
+    exact: bool = True
+    """An exact copy (both sides end equal); a one-way copy keeps what only the target has."""
+
+    @property
+    def ok(self) -> bool:
+        """The copy ran and the target holds at least (exact: just) the source's messages."""
+        if self.error:
+            return False
+        if self.exact:
+            return self.source_after == self.target_after
+        return self.target_after >= self.source_after
+
+    @property
+    def copied(self) -> int:
+        """Messages the target gained."""
+        return max(0, self.target_after - self.target_before)
+
+
+class Mailboxes(Protocol):
+    """Copies one user's mailbox between the legacy server and the mailbox host."""
+
+    def count(self, user: str, *, legacy: bool) -> int:
+        """Messages in all of the user's folders on one side."""
+
+    def pull(self, user: str, *, exact: bool) -> None:
+        """Legacy -> mailbox host: an exact copy (``exact``) or only what is new there."""
+
+    def push(self, user: str) -> None:
+        """Mailbox host -> legacy: what the legacy side lacks, nothing deleted."""
+
+
+class UsersOf(Protocol):
+    """What the migration needs of the directory beyond :class:`Directory`."""
+
+    def users_of(self, domain: Entry, name: str) -> list[Entry]:
+        """Every subscriber entry of a domain."""
+
+
+class DoveadmMailboxes:
+    """:class:`Mailboxes` with ``doveadm`` of the mailbox host's Dovecot and the imapc backend."""
+
+    def __init__(self, legacy: LegacyServer, *, config: str = "", doveadm: str = "doveadm",
+                 timeout: float = DOVEADM_TIMEOUT) -> None:
+        self.legacy = legacy
+        self.config = config
+        self.doveadm = doveadm
+        self.timeout = timeout
+
+    def _run(self, user: str, *args: str, imapc: bool = False) -> str:
+        cmd = [self.doveadm]
+        if self.config:
+            cmd += ["-c", self.config]
+        if imapc:
+            lg = self.legacy
+            # imapc_user is not expanded from -o; it names the user whose mailbox the master
+            # user opens (SASL authorization identity).
+            for key, value in (("imapc_host", lg.host), ("imapc_port", str(lg.port)),
+                               ("imapc_user", user), ("imapc_master_user", lg.master_user),
+                               ("imapc_password", lg.master_password),
+                               ("imapc_features", "rfc822.size fetch-headers"),
+                               ("mail_prefetch_count", "20")):
+                cmd += ["-o", f"{key}={value}"]
+        cmd += list(args)
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            raise MigrationError(f"{user}: doveadm {args[0]} did not finish in {self.timeout:g} s") from None
+        except OSError as exc:
+            raise MigrationError(f"{self.doveadm}: {exc.strerror}") from None
+        if res.returncode != 0:
+            lines = [ln for ln in res.stderr.splitlines() if "Error" in ln or "Fatal" in ln]
+            why = (lines or res.stderr.strip().splitlines() or ["no message"])[-1]
+            raise MigrationError(f"{user}: doveadm {args[0]} exited {res.returncode}: {why}")
+        return res.stdout
+
+    def count(self, user: str, *, legacy: bool) -> int:
+        """``doveadm mailbox status -t messages '*'`` on one side."""
+        where = ["-o", "mail_location=imapc:"] if legacy else []
+        out = self._run(user, *where, "-f", "flow", "mailbox", "status", "-u", user, "-t",
+                        "messages", "*", imapc=legacy)
+        for word in out.split():
+            if word.startswith("messages="):
+                return int(word.partition("=")[2])
+        raise MigrationError(f"{user}: doveadm mailbox status said {out.strip()!r}")
+
+    def pull(self, user: str, *, exact: bool) -> None:
+        """``doveadm backup -R`` (exact) or ``doveadm sync -1 -R`` from imapc."""
+        verb = ["backup", "-R"] if exact else ["sync", "-1", "-R"]
+        self._run(user, *verb, "-u", user, "imapc:", imapc=True)
+
+    def push(self, user: str) -> None:
+        """``doveadm sync -1`` to imapc."""
+        self._run(user, "sync", "-1", "-u", user, "imapc:", imapc=True)
+
+
+@dataclass
+class Migration:
+    """One domain's migration: its entry, state and subscribers, and the steps."""
+
+    directory: Directory
+    lister: UsersOf
+    domain: str
+    entry: Entry
+    archive_status: str = "archive"
+    sleep: Callable[[float], None] = time.sleep
+    users: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, directory: Directory, lister: UsersOf, domain: str, *,
+             archive_status: str = "archive") -> Migration:
+        """The domain's entry and subscribers; MigrationError when it is not hosted here."""
+        entry = directory.find_domain(domain)
+        if entry is None:
+            raise MigrationError(f"no such domain {domain}")
+        name = (entry.first("domain_name") or domain).lower()
+        users = sorted({
+            (e.first("mail") or "").lower() for e in lister.users_of(entry, name)
+            if e.first("mail") and (e.first("account_status") or "").lower() != archive_status.lower()
+        })
+        return cls(directory, lister, name, entry, archive_status, users=users)
+
+    @property
+    def state(self) -> str:
+        """The stored ``migration_state`` (``migrated`` when unset: an ordinary domain)."""
+        value = (self.entry.first("migration_state") or "migrated").strip().lower()
+        if value not in MIGRATION_STATES:
+            raise MigrationError(f"{self.domain}: migration_state {value!r} is not one of "
+                                 f"{', '.join(MIGRATION_STATES)}")
+        return value
+
+    def set_state(self, state: str) -> None:
+        """Write ``migration_state`` and keep the entry in step."""
+        self.directory.modify(self.entry.dn, {"migration_state": [state]})
+        values = dict(self.entry.values)
+        values["migration_state"] = [state]
+        self.entry = Entry(self.entry.dn, values, self.entry.problems)
+
+    def legacy_host(self) -> str:
+        """The domain's ``legacy_mailbox_host`` (MigrationError when it has none)."""
+        host = self.entry.first("legacy_mailbox_host")
+        if not host:
+            raise MigrationError(f"{self.domain} has no legacy_mailbox_host "
+                                 "(mailwarden domain set DOMAIN legacy_mailbox_host HOST)")
+        return host.strip().lower()
+
+    def copy(self, mailboxes: Mailboxes, step: str, users: Sequence[str] | None = None,
+             progress: Callable[[UserCopy], None] | None = None) -> list[UserCopy]:
+        """Copy every mailbox for ``step``: ``sync`` (exact), ``catch-up`` (legacy -> here,
+        nothing deleted) or ``push`` (here -> legacy).  One user's failure is recorded and
+        the others go on."""
+        results: list[UserCopy] = []
+        for user in users if users is not None else self.users:
+            result = UserCopy(user, exact=step == "sync")
+            started = time.monotonic()
+            to_legacy = step == "push"
+            try:
+                result.source_before = mailboxes.count(user, legacy=not to_legacy)
+                result.target_before = mailboxes.count(user, legacy=to_legacy)
+                if to_legacy:
+                    mailboxes.push(user)
+                else:
+                    mailboxes.pull(user, exact=step == "sync")
+                result.source_after = mailboxes.count(user, legacy=not to_legacy)
+                result.target_after = mailboxes.count(user, legacy=to_legacy)
+            except MigrationError as exc:
+                result.error = str(exc)
+            result.seconds = time.monotonic() - started
+            results.append(result)
+            if progress is not None:
+                progress(result)
+        return results
