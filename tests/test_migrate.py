@@ -1,0 +1,100 @@
+"""The migration state machine and the copy bookkeeping, with the fake directory and a fake
+mailbox copier (the real copy is exercised in tests/render/test_migration.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.fakes import FakeDirectory
+from mailwarden.catalogue import SETTINGS, InvalidValue
+from mailwarden.migrate import Migration, MigrationError, check_transition, is_legacy
+
+
+def test_steps_follow_the_states() -> None:
+    assert check_transition("sync", "legacy") == "syncing"
+    assert check_transition("sync", "syncing") == "syncing"
+    assert check_transition("cutover", "syncing") == "migrated"
+    assert check_transition("rollback", "migrated") == "legacy"
+    assert check_transition("rollback", "syncing") == "legacy"
+    with pytest.raises(MigrationError, match="run mailwarden migrate sync first"):
+        check_transition("cutover", "legacy")
+    with pytest.raises(MigrationError, match="roll back first"):
+        check_transition("sync", "migrated")
+    with pytest.raises(MigrationError, match="already served by the legacy system"):
+        check_transition("rollback", "legacy")
+    assert is_legacy("legacy") and is_legacy("syncing") and not is_legacy("migrated")
+
+
+def test_state_and_hosts_are_domain_settings() -> None:
+    state = SETTINGS["migration_state"]
+    assert state.scope == "domain" and state.default == "migrated"
+    assert state.parse(["Syncing"]) == "syncing"
+    with pytest.raises(InvalidValue):
+        state.parse(["moving"])
+    assert SETTINGS["legacy_mx"].parse(["[192.0.2.7]:25"]) == "[192.0.2.7]:25"
+    with pytest.raises(InvalidValue):
+        SETTINGS["legacy_mailbox_host"].parse(["not a host"])
+
+
+class FakeMailboxes:
+    """Two sides of message counts; a copy makes the target like the source."""
+
+    def __init__(self, legacy: dict[str, int], new: dict[str, int], broken: set[str] | None = None) -> None:
+        self.legacy, self.new, self.broken = legacy, new, broken or set()
+
+    def count(self, user: str, *, legacy: bool) -> int:
+        return (self.legacy if legacy else self.new).get(user, 0)
+
+    def pull(self, user: str, *, exact: bool) -> None:
+        if user in self.broken:
+            raise MigrationError(f"{user}: doveadm backup exited 75: connection refused")
+        self.new[user] = self.legacy[user] if exact else max(self.legacy[user], self.new.get(user, 0))
+
+    def push(self, user: str) -> None:
+        self.legacy[user] = max(self.legacy[user], self.new.get(user, 0))
+
+
+def _domain() -> FakeDirectory:
+    d = FakeDirectory()
+    d.add_domain("old.example", migration_state="legacy", legacy_mailbox_host="imap.old.example")
+    d.add_user("ann@old.example")
+    d.add_user("ben@old.example")
+    d.add_user("archive@old.example", account_status="archive")
+    return d
+
+
+def test_load_lists_subscribers_and_writes_the_state() -> None:
+    d = _domain()
+    mig = Migration.load(d, d, "old.example")
+    assert mig.users == ["ann@old.example", "ben@old.example"]  # never the archive mailbox
+    assert mig.state == "legacy" and mig.legacy_host() == "imap.old.example"
+    mig.set_state("syncing")
+    assert Migration.load(d, d, "old.example").state == "syncing"
+    with pytest.raises(MigrationError, match="no such domain"):
+        Migration.load(d, d, "nowhere.example")
+
+
+def test_copy_records_each_user_and_goes_on_after_a_failure() -> None:
+    d = _domain()
+    mig = Migration.load(d, d, "old.example")
+    boxes = FakeMailboxes({"ann@old.example": 5, "ben@old.example": 3}, {}, broken={"ann@old.example"})
+    seen: list[str] = []
+    results = mig.copy(boxes, "sync", progress=lambda r: seen.append(r.user))
+    assert seen == ["ann@old.example", "ben@old.example"]
+    ann, ben = results
+    assert not ann.ok and "connection refused" in ann.error
+    assert ben.ok and ben.copied == 3 and ben.target_after == 3
+    # A second run copies nothing.
+    again = mig.copy(boxes, "sync", ["ben@old.example"])[0]
+    assert again.ok and again.copied == 0
+    # One-way copies keep what only the target holds.
+    boxes.new["ben@old.example"] = 4
+    back = mig.copy(boxes, "push", ["ben@old.example"])[0]
+    assert back.ok and back.copied == 1 and boxes.legacy["ben@old.example"] == 4
+
+
+def test_an_unknown_stored_state_is_an_error_not_a_guess() -> None:
+    d = FakeDirectory()
+    d.add_domain("odd.example", migration_state="half-way")
+    with pytest.raises(MigrationError, match="not one of legacy, syncing, migrated"):
+        _ = Migration.load(d, d, "odd.example").state
