@@ -693,7 +693,9 @@ def auth_chain(cfg: Config, role: str) -> list[AuthStep]:
             base=d.domain_base,
             query_filter=_and(d.dovecot_domain_filter(), d.legacy_filter(),
                               f"({a['legacy_mailbox_host']}=*)"),
-            fields=("=noauthenticate=y",
+            # It runs only once a step above has checked the password (skip unauthenticated),
+            # so it checks none itself; the last step may not be a noauthenticate one.
+            fields=("=nopassword=y",
                     f"{a['legacy_mailbox_host']}=host=%{{ldap:{a['legacy_mailbox_host']}}}",
                     f"=port={legacy_port}"),
             chain=(("skip", "unauthenticated"), ("result_success", "continue-ok"),
