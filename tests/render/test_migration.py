@@ -71,6 +71,8 @@ class Legacy:
         password.chmod(0o600)
         command, domain = args[0], args[1]
         extra = ["--master-password-file", str(password), "--master-user", self.server.master_user]
+        if command == "status":
+            extra = []
         if command in ("cutover", "rollback"):
             extra += ["--settle", "0"]
         res = subprocess.run([MAILWARDEN, "-c", self.cli_config(), "migrate", command, domain,
