@@ -252,7 +252,8 @@ def test_sync_cutover_catch_up_and_rollback_keep_uids_uidls_and_flags(legacy: Le
     for user in users:
         for i in range(5):
             legacy.deliver_legacy(user, f"old {i}")
-    res = legacy.server.doveadm("flags", "add", "-u", users[0], "\\Seen \\Flagged", "mailbox", "INBOX", "uid", "2")
+    res = legacy.server.doveadm("flags", "add", "-u", users[0], "\\Seen \\Flagged", "mailbox", "INBOX",
+                                "uid", "2")
     assert res.returncode == 0, res.stderr
     before = {u: _uidls(legacy.server.pop3_port, u, u.split("@")[0] + "-pw") for u in users}
 
@@ -296,7 +297,7 @@ def test_sync_cutover_catch_up_and_rollback_keep_uids_uidls_and_flags(legacy: Le
 
 
 def _domain_ldif(legacy: Legacy) -> str:
-    [(dn, attrs)] = legacy.conn.search_s(DOMAIN_DN, ldap.SCOPE_BASE)
+    [(_dn, attrs)] = legacy.conn.search_s(DOMAIN_DN, ldap.SCOPE_BASE)
     return "\n".join(f"{k}: {v.decode()}" for k, vs in attrs.items() for v in vs)
 
 
