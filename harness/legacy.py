@@ -13,12 +13,13 @@ Dovecot runs in the foreground (``dovecot -F``), is stopped by its PID, and list
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -178,3 +179,41 @@ def _listening(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def read_users(path: Path) -> dict[str, str]:
+    """A passwd-file's ``user:hash:...`` lines (comments and blank lines skipped)."""
+    users: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            user, hashed = line.split(":", 2)[:2]
+            users[user] = hashed
+    return users
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m harness.legacy write-config``: the container stack's legacy host writes its
+    dovecot.conf with this (``mw-init legacy``) and then runs ``dovecot -F`` itself."""
+    parser = argparse.ArgumentParser(prog="python -m harness.legacy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    write = sub.add_parser("write-config")
+    write.add_argument("--users", type=Path, required=True)
+    write.add_argument("--master-password-file", type=Path, required=True)
+    write.add_argument("--workdir", type=Path, required=True)
+    write.add_argument("--listen", default="*")
+    write.add_argument("--pop3-port", type=int, default=110)
+    write.add_argument("--imap-port", type=int, default=143)
+    write.add_argument("--lmtp-port", type=int, default=24)
+    args = parser.parse_args(argv)
+    server = LegacyMailServer(
+        read_users(args.users), master_password=args.master_password_file.read_text().strip(),
+        workdir=args.workdir, listen=args.listen, pop3_port=args.pop3_port, imap_port=args.imap_port,
+        lmtp_port=args.lmtp_port,
+    )
+    server.write_config()
+    print(server.conf_path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
