@@ -153,7 +153,12 @@ def test_mailbox_stage_follows_the_state_without_a_reload(legacy: Legacy, runnin
     running.append(newhost)
     with SmtpSink() as legacy_mx:
         legacy.set_domain(mwLegacyMx=legacy_mx.relayhost)
-        site.postfix("mailbox")
+        site.postfix("mailbox", "mx")
+        # The edge takes a legacy domain's mail as a hosted domain's (the milter and the
+        # policy daemon apply its services); only the mailbox stage routes it elsewhere.
+        edge = RenderedPostfix(site, "mx")
+        assert edge.lookup("ldap-domains", DOMAIN) == DOMAIN
+        assert edge.lookup("ldap-recipients", f"ann@{DOMAIN}") == f"ann@{DOMAIN}"
         stage = RenderedPostfix(site, "mailbox")
         assert "to-legacy/unix" in stage.services()
         assert _transport(stage, f"ann@{DOMAIN}") == f"to-legacy:{legacy_mx.relayhost}"
