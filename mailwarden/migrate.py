@@ -16,8 +16,9 @@ would not see the legacy server's own UID list.
 
 * before the switch, ``doveadm backup -R`` makes the new mailbox an exact copy (flags,
   expunges); dsync compares both sides, so a second run copies only what changed;
-* after the switch, ``doveadm sync -1 -R`` fetches mail the legacy MX still accepted,
-  never deleting what the mailbox host received meanwhile;
+* after the switch, ``doveadm sync -1 -R -s STATE`` fetches mail the legacy MX still
+  accepted, never deleting what the mailbox host received meanwhile; the dsync state is
+  kept per subscriber (``--state-dir``), so a repeated catch-up copies nothing twice;
 * a rollback pushes mail the mailbox host received back with ``doveadm sync -1`` (one
   way, nothing deleted on the legacy server; a second run finds nothing new).
 
@@ -30,6 +31,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from mailwarden.catalogue import LEGACY_STATES, MIGRATION_STATES
@@ -121,8 +123,10 @@ class Mailboxes(Protocol):
     def count(self, user: str, *, legacy: bool) -> int:
         """Messages in all of the user's folders on one side."""
 
-    def pull(self, user: str, *, exact: bool) -> None:
-        """Legacy -> mailbox host: an exact copy (``exact``) or only what is new there."""
+    def pull(self, user: str, *, exact: bool, state: str = "") -> str:
+        """Legacy -> mailbox host: an exact copy (``exact``) or only what is new there,
+        since ``state`` (what the previous one-way copy returned; '' the first time).
+        Returns the state to pass next time."""
 
     def push(self, user: str) -> None:
         """Mailbox host -> legacy: what the legacy side lacks, nothing deleted."""
@@ -182,10 +186,18 @@ class DoveadmMailboxes:
                 return int(word.partition("=")[2])
         raise MigrationError(f"{user}: doveadm mailbox status said {out.strip()!r}")
 
-    def pull(self, user: str, *, exact: bool) -> None:
-        """``doveadm backup -R`` (exact) or ``doveadm sync -1 -R`` from imapc."""
-        verb = ["backup", "-R"] if exact else ["sync", "-1", "-R"]
-        self._run(user, *verb, "-u", user, "imapc:", imapc=True)
+    def pull(self, user: str, *, exact: bool, state: str = "") -> str:
+        """``doveadm backup -R`` (exact) or ``doveadm sync -1 -R -s STATE`` from imapc.
+
+        The one-way copy is stateful: a message the legacy side received after the switch
+        may collide with the UID the mailbox host gave its own new mail; dsync then saves
+        it under a new UID, and a stateless second run would not recognise it and copy it
+        again.  With the state it starts from what the previous run saw."""
+        if exact:
+            self._run(user, "backup", "-R", "-u", user, "imapc:", imapc=True)
+            return ""
+        out = self._run(user, "sync", "-1", "-R", "-s", state, "-u", user, "imapc:", imapc=True)
+        return out.strip()
 
     def push(self, user: str) -> None:
         """``doveadm sync -1`` to imapc."""
@@ -203,10 +215,13 @@ class Migration:
     archive_status: str = "archive"
     sleep: Callable[[float], None] = time.sleep
     users: list[str] = field(default_factory=list)
+    state_dir: Path | None = None
+    """Where the one-way copies keep each subscriber's dsync state (None: nowhere, every
+    catch-up compares everything)."""
 
     @classmethod
     def load(cls, directory: Directory, lister: UsersOf, domain: str, *,
-             archive_status: str = "archive") -> Migration:
+             archive_status: str = "archive", state_dir: Path | None = None) -> Migration:
         """The domain's entry and subscribers; MigrationError when it is not hosted here."""
         entry = directory.find_domain(domain)
         if entry is None:
@@ -216,7 +231,8 @@ class Migration:
             (e.first("mail") or "").lower() for e in lister.users_of(entry, name)
             if e.first("mail") and (e.first("account_status") or "").lower() != archive_status.lower()
         })
-        return cls(directory, lister, name, entry, archive_status, users=users)
+        return cls(directory, lister, name, entry, archive_status, users=users,
+                   state_dir=state_dir / name if state_dir is not None else None)
 
     @property
     def state(self) -> str:
@@ -257,8 +273,11 @@ class Migration:
                 result.target_before = mailboxes.count(user, legacy=to_legacy)
                 if to_legacy:
                     mailboxes.push(user)
+                elif step == "sync":
+                    self._forget_state(user)  # the next one-way copy starts from this one
+                    mailboxes.pull(user, exact=True)
                 else:
-                    mailboxes.pull(user, exact=step == "sync")
+                    self._save_state(user, mailboxes.pull(user, exact=False, state=self._state(user)))
                 result.source_after = mailboxes.count(user, legacy=not to_legacy)
                 result.target_after = mailboxes.count(user, legacy=to_legacy)
             except MigrationError as exc:
@@ -268,3 +287,32 @@ class Migration:
             if progress is not None:
                 progress(result)
         return results
+
+    def _state_file(self, user: str) -> Path | None:
+        return self.state_dir / f"{user}.dsync" if self.state_dir is not None else None
+
+    def _state(self, user: str) -> str:
+        path = self._state_file(user)
+        try:
+            return path.read_text().strip() if path is not None else ""
+        except FileNotFoundError:
+            return ""
+        except OSError as exc:
+            raise MigrationError(f"{user}: dsync state {path}: {exc.strerror}") from None
+
+    def _save_state(self, user: str, state: str) -> None:
+        path = self._state_file(user)
+        if path is None or not state:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_suffix(".new")
+            tmp.write_text(state + "\n")
+            tmp.replace(path)
+        except OSError as exc:
+            raise MigrationError(f"{user}: dsync state {path}: {exc.strerror}") from None
+
+    def _forget_state(self, user: str) -> None:
+        path = self._state_file(user)
+        if path is not None:
+            path.unlink(missing_ok=True)

@@ -3,6 +3,8 @@ mailbox copier (the real copy is exercised in tests/render/test_migration.py).""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from harness.fakes import FakeDirectory
@@ -41,14 +43,17 @@ class FakeMailboxes:
 
     def __init__(self, legacy: dict[str, int], new: dict[str, int], broken: set[str] | None = None) -> None:
         self.legacy, self.new, self.broken = legacy, new, broken or set()
+        self.states: list[tuple[str, bool, str]] = []
 
     def count(self, user: str, *, legacy: bool) -> int:
         return (self.legacy if legacy else self.new).get(user, 0)
 
-    def pull(self, user: str, *, exact: bool) -> None:
+    def pull(self, user: str, *, exact: bool, state: str = "") -> str:
         if user in self.broken:
             raise MigrationError(f"{user}: doveadm backup exited 75: connection refused")
+        self.states.append((user, exact, state))
         self.new[user] = self.legacy[user] if exact else max(self.legacy[user], self.new.get(user, 0))
+        return "" if exact else f"seen-{self.legacy[user]}"
 
     def push(self, user: str) -> None:
         self.legacy[user] = max(self.legacy[user], self.new.get(user, 0))
@@ -98,3 +103,17 @@ def test_an_unknown_stored_state_is_an_error_not_a_guess() -> None:
     d.add_domain("odd.example", migration_state="half-way")
     with pytest.raises(MigrationError, match="not one of legacy, syncing, migrated"):
         _ = Migration.load(d, d, "odd.example").state
+
+
+def test_catch_up_continues_from_the_last_state_and_a_sync_starts_afresh(tmp_path: Path) -> None:
+    d = _domain()
+    mig = Migration.load(d, d, "old.example", state_dir=tmp_path)
+    boxes = FakeMailboxes({"ann@old.example": 2, "ben@old.example": 1}, {})
+    mig.copy(boxes, "catch-up", ["ann@old.example"])
+    boxes.legacy["ann@old.example"] = 3
+    mig.copy(boxes, "catch-up", ["ann@old.example"])
+    mig.copy(boxes, "sync", ["ann@old.example"])
+    mig.copy(boxes, "catch-up", ["ann@old.example"])
+    assert boxes.states == [("ann@old.example", False, ""), ("ann@old.example", False, "seen-2"),
+                            ("ann@old.example", True, ""), ("ann@old.example", False, "")]
+    assert (tmp_path / "old.example" / "ann@old.example.dsync").read_text() == "seen-3\n"

@@ -27,17 +27,21 @@ from mailwarden.migrate import (
     is_legacy,
 )
 
+STATE_DIR = "/var/lib/mailwarden/migrate"
+"""The default ``--state-dir`` (one directory per domain, one file per subscriber)."""
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _migration(app: App, domain: str) -> Migration:
+def _migration(app: App, domain: str, state_dir: str = "") -> Migration:
     lister = app.directory
     if not hasattr(lister, "users_of"):  # pragma: no cover - every shipped directory has it
         fail("this directory cannot list a domain's subscribers", EX_NOTFOUND)
     users: UsersOf = lister  # type: ignore[assignment]
     return Migration.load(app.directory, users, normalize_domain(domain),
-                          archive_status=app.config.ldap.mapping.archive_status_value)
+                          archive_status=app.config.ldap.mapping.archive_status_value,
+                          state_dir=Path(state_dir) if state_dir else None)
 
 
 def _refusals(fn: Callable[P, R]) -> Callable[P, R]:
@@ -98,6 +102,8 @@ def _copy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "(default: render.dovecot_config_dir for the mailbox role)"),
         click.option("--doveadm", default="doveadm", show_default=True, help="doveadm binary"),
         click.option("--user", "only", multiple=True, help="only this subscriber (repeatable)"),
+        click.option("--state-dir", default=STATE_DIR, show_default=True,
+                     help="where the catch-up copies keep each subscriber's dsync state"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -183,7 +189,7 @@ def sync(app: App, /, domain: str, only: tuple[str, ...], **kw: Any) -> None:
     Mail still goes to the legacy system; run it as often as wanted: each run copies
     only what changed.
     """
-    mig = _migration(app, domain)
+    mig = _migration(app, domain, kw["state_dir"])
     target = check_transition("sync", mig.state)
     mailboxes = _mailboxes(app, mig, kw)
     users = _users(mig, only)
@@ -205,7 +211,7 @@ def sync(app: App, /, domain: str, only: tuple[str, ...], **kw: Any) -> None:
 def cutover(app: App, /, domain: str, only: tuple[str, ...], settle: float | None, **kw: Any) -> None:
     """A last copy, then the switch to the mailbox hosts, then a copy of what the legacy
     system still received during the switch."""
-    mig = _migration(app, domain)
+    mig = _migration(app, domain, kw["state_dir"])
     target = check_transition("cutover", mig.state)
     mailboxes = _mailboxes(app, mig, kw)
     users = _users(mig, only)
@@ -230,7 +236,7 @@ def cutover(app: App, /, domain: str, only: tuple[str, ...], settle: float | Non
 def catch_up(app: App, /, domain: str, only: tuple[str, ...], **kw: Any) -> None:
     """Copy mail the legacy system still holds that a migrated domain's mailbox hosts lack
     (nothing is deleted on either side)."""
-    mig = _migration(app, domain)
+    mig = _migration(app, domain, kw["state_dir"])
     if mig.state != "migrated":
         raise MigrationError(f"catch-up is for a migrated domain, {mig.domain} is {mig.state}")
     results = _run_copy(mig, _mailboxes(app, mig, kw), "catch-up", _users(mig, only),
@@ -249,7 +255,7 @@ def catch_up(app: App, /, domain: str, only: tuple[str, ...], **kw: Any) -> None
 def rollback(app: App, /, domain: str, only: tuple[str, ...], settle: float | None, **kw: Any) -> None:
     """Route the domain back to the legacy system, then copy mail the mailbox hosts received
     since the cut-over back to it (nothing deleted there)."""
-    mig = _migration(app, domain)
+    mig = _migration(app, domain, kw["state_dir"])
     was = mig.state
     target = check_transition("rollback", was)
     mailboxes = _mailboxes(app, mig, kw)
