@@ -19,8 +19,9 @@ would not see the legacy server's own UID list.
 * after the switch, ``doveadm sync -1 -R -s STATE`` fetches mail the legacy MX still
   accepted, never deleting what the mailbox host received meanwhile; the dsync state is
   kept per subscriber (``--state-dir``), so a repeated catch-up copies nothing twice;
-* a rollback pushes mail the mailbox host received back with ``doveadm sync -1`` (one
-  way, nothing deleted on the legacy server; a second run finds nothing new).
+* a rollback copies each message the legacy side lacks (by Message-ID) back with
+  ``doveadm fetch`` and ``doveadm save`` over imapc; nothing is deleted there, a second
+  run copies nothing, and a message without a Message-ID is listed for the operator.
 
 The copying runs on a mailbox host (``doveadm`` needs the host's Dovecot configuration).
 """
@@ -99,6 +100,8 @@ class UserCopy:
     target_after: int = 0
     seconds: float = 0.0
     error: str = ""
+    left: list[str] = field(default_factory=list)
+    """Messages a copy back to the legacy server could not judge, for the operator."""
     exact: bool = True
     """An exact copy (both sides end equal); a one-way copy keeps what only the target has."""
 
@@ -128,8 +131,9 @@ class Mailboxes(Protocol):
         since ``state`` (what the previous one-way copy returned; '' the first time).
         Returns the state to pass next time."""
 
-    def push(self, user: str) -> None:
-        """Mailbox host -> legacy: what the legacy side lacks, nothing deleted."""
+    def push(self, user: str) -> list[str]:
+        """Mailbox host -> legacy: what the legacy side lacks, nothing deleted.  Returns the
+        messages it could not judge (left on the mailbox host, for the operator)."""
 
 
 class UsersOf(Protocol):
@@ -149,7 +153,7 @@ class DoveadmMailboxes:
         self.doveadm = doveadm
         self.timeout = timeout
 
-    def _run(self, user: str, *args: str, imapc: bool = False) -> str:
+    def _run(self, user: str, *args: str, imapc: bool = False, stdin: str | None = None) -> str:
         cmd = [self.doveadm]
         if self.config:
             cmd += ["-c", self.config]
@@ -165,7 +169,8 @@ class DoveadmMailboxes:
                 cmd += ["-o", f"{key}={value}"]
         cmd += list(args)
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=self.timeout)
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=self.timeout,
+                                 input=stdin)
         except subprocess.TimeoutExpired:
             raise MigrationError(f"{user}: doveadm {args[0]} did not finish in {self.timeout:g} s") from None
         except OSError as exc:
@@ -199,9 +204,34 @@ class DoveadmMailboxes:
         out = self._run(user, "sync", "-1", "-R", "-s", state, "-u", user, "imapc:", imapc=True)
         return out.strip()
 
-    def push(self, user: str) -> None:
-        """``doveadm sync -1`` to imapc."""
-        self._run(user, "sync", "-1", "-u", user, "imapc:", imapc=True)
+    def _message_ids(self, user: str, *, legacy: bool) -> list[tuple[str, str, str]]:
+        """(folder, UID, Message-ID) of every message on one side."""
+        where = ["-o", "mail_location=imapc:"] if legacy else []
+        out = self._run(user, *where, "-f", "tab", "fetch", "-u", user, "mailbox uid hdr.message-id", "all",
+                        imapc=legacy)
+        rows = [line.split("\t") for line in out.splitlines()[1:]]
+        return [(r[0], r[1], r[2].strip()) for r in rows if len(r) >= 3]
+
+    def push(self, user: str) -> list[str]:
+        """Each message here whose Message-ID the same folder on the legacy side lacks, read
+        with ``doveadm fetch text`` and stored there with ``doveadm save`` over imapc.
+
+        Not ``doveadm sync -1`` to imapc: once both sides gave new mail the same UIDs, dsync
+        resolves the conflict by moving mail within the legacy mailbox, which imapc cannot
+        do ("Couldn't move mail within mailbox", measured with Dovecot 2.3.19).  Matching by
+        Message-ID makes a second run copy nothing; a message without one is listed."""
+        there = {(folder, mid) for folder, _, mid in self._message_ids(user, legacy=True)}
+        left: list[str] = []
+        for folder, uid, mid in self._message_ids(user, legacy=False):
+            if not mid:
+                left.append(f"{folder} UID {uid} (no Message-ID)")
+                continue
+            if (folder, mid) in there:
+                continue
+            text = self._run(user, "fetch", "-u", user, "text", "mailbox", folder, "uid", uid)
+            self._run(user, "-o", "mail_location=imapc:", "save", "-u", user, "-m", folder,
+                      imapc=True, stdin=text.removeprefix("text:\n"))
+        return left
 
 
 @dataclass
@@ -272,7 +302,7 @@ class Migration:
                 result.source_before = mailboxes.count(user, legacy=not to_legacy)
                 result.target_before = mailboxes.count(user, legacy=to_legacy)
                 if to_legacy:
-                    mailboxes.push(user)
+                    result.left = mailboxes.push(user)
                 elif step == "sync":
                     self._forget_state(user)  # the next one-way copy starts from this one
                     mailboxes.pull(user, exact=True)

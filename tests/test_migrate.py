@@ -55,8 +55,9 @@ class FakeMailboxes:
         self.new[user] = self.legacy[user] if exact else max(self.legacy[user], self.new.get(user, 0))
         return "" if exact else f"seen-{self.legacy[user]}"
 
-    def push(self, user: str) -> None:
+    def push(self, user: str) -> list[str]:
         self.legacy[user] = max(self.legacy[user], self.new.get(user, 0))
+        return []
 
 
 def _domain() -> FakeDirectory:

@@ -266,6 +266,9 @@ def rollback(app: App, /, domain: str, only: tuple[str, ...], settle: float | No
         return  # the legacy system kept receiving and serving everything
     _settle(app, mig, settle)
     results = _run_copy(mig, mailboxes, "push", users, "mail the mailbox hosts received, back to legacy")
+    for r in results:
+        for message in r.left:
+            click.echo(f"{r.user}: left on the mailbox host, not copied back: {message}", err=True)
     failed = [r for r in results if not r.ok]
     if failed:
         for r in failed:

@@ -307,6 +307,13 @@ def test_sync_cutover_catch_up_and_rollback_keep_uids_uidls_and_flags(legacy: Le
     assert "migration_state legacy" in back.stderr
     subjects = legacy.server.doveadm("fetch", "-u", users[1], "hdr.subject", "mailbox", "INBOX").stdout
     assert subjects.count("new host only") == 1, subjects
+    ann = legacy.server.doveadm("fetch", "-u", users[0], "hdr.subject", "mailbox", "INBOX").stdout
+    assert ann.count("new here") == 1 and ann.count("later on legacy") == 1, ann
+    # A second rollback copies nothing twice (messages are matched by Message-ID).
+    legacy.set_domain(mwMigrationState="migrated")
+    legacy.migrate("rollback", DOMAIN, "--user", users[0], "--user", users[1])
+    again = legacy.server.doveadm("fetch", "-u", users[1], "hdr.subject", "mailbox", "INBOX").stdout
+    assert again == subjects
     # Refused steps say why and change nothing.
     refused = legacy.migrate("cutover", DOMAIN, check=False)
     assert refused.returncode == 1 and "run mailwarden migrate sync first" in refused.stderr
