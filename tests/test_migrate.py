@@ -118,3 +118,11 @@ def test_catch_up_continues_from_the_last_state_and_a_sync_starts_afresh(tmp_pat
     assert boxes.states == [("ann@old.example", False, ""), ("ann@old.example", False, "seen-2"),
                             ("ann@old.example", True, ""), ("ann@old.example", False, "")]
     assert (tmp_path / "old.example" / "ann@old.example.dsync").read_text() == "seen-3\n"
+
+
+def test_an_exact_copy_of_a_source_that_changed_meanwhile_is_not_judged_by_counts() -> None:
+    from mailwarden.migrate import UserCopy
+
+    assert not UserCopy("a@x.example", source_before=5, source_after=5, target_after=4).ok
+    assert UserCopy("a@x.example", source_before=5, source_after=6, target_after=5).ok
+    assert not UserCopy("a@x.example", source_before=5, source_after=6, target_after=5, error="x").ok
