@@ -9,7 +9,7 @@ import pytest
 
 from harness.fakes import FakeDirectory
 from mailwarden.catalogue import SETTINGS, InvalidValue
-from mailwarden.migrate import Migration, MigrationError, check_transition, is_legacy
+from mailwarden.migrate import Migration, MigrationError, UserCopy, check_transition, is_legacy
 
 
 def test_steps_follow_the_states() -> None:
@@ -121,8 +121,6 @@ def test_catch_up_continues_from_the_last_state_and_a_sync_starts_afresh(tmp_pat
 
 
 def test_an_exact_copy_of_a_source_that_changed_meanwhile_is_not_judged_by_counts() -> None:
-    from mailwarden.migrate import UserCopy
-
     assert not UserCopy("a@x.example", source_before=5, source_after=5, target_after=4).ok
     assert UserCopy("a@x.example", source_before=5, source_after=6, target_after=5).ok
     assert not UserCopy("a@x.example", source_before=5, source_after=6, target_after=5, error="x").ok
