@@ -150,7 +150,9 @@ def _run_copy(
     table = Table(title=f"{mig.domain}: {title}")
     for column in ("subscriber", f"{source} messages", f"{target} before", f"{target} after",
                    "copied", "seconds", "result"):
-        table.add_column(column, justify="left" if column in ("subscriber", "result") else "right")
+        # Folded, never cut with an ellipsis: the operator needs whole addresses and errors.
+        table.add_column(column, justify="left" if column in ("subscriber", "result") else "right",
+                         overflow="fold")
     for r in results:
         table.add_row(r.user, str(r.source_after), str(r.target_before), str(r.target_after),
                       str(r.copied), f"{r.seconds:.1f}", "ok" if r.ok else (r.error or "counts differ"))
