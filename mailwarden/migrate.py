@@ -49,6 +49,10 @@ TRANSITIONS: dict[str, tuple[frozenset[str], str]] = {
 }
 """For each migration step: the states it starts from, and the state it leaves."""
 
+DSYNC_RERUNS = 3
+"""How often a copy is run when dsync says the mailbox changed while it ran (exit 2),
+as it does while mail is delivered to either side."""
+
 DOVEADM_TIMEOUT = 3600.0
 """Seconds one mailbox's copy may take before it is given up (and reported)."""
 
@@ -157,7 +161,24 @@ class DoveadmMailboxes:
         self.doveadm = doveadm
         self.timeout = timeout
 
-    def _run(self, user: str, *args: str, imapc: bool = False, stdin: str | None = None) -> str:
+    def _run(self, user: str, *args: str, imapc: bool = False, stdin: str | None = None,
+             again: bool = False) -> str:
+        """doveadm's output; MigrationError when it fails.  With ``again``, exit status 2
+        (dsync: done, but the mailbox changed meanwhile, run again) is retried with the
+        state it printed, a few times."""
+        for _ in range(DSYNC_RERUNS if again else 1):
+            status, out, why = self._once(user, args, imapc=imapc, stdin=stdin)
+            if status == 0 or not (again and status == 2):
+                break
+            if "-s" in args and out.strip():
+                at = args.index("-s") + 1
+                args = (*args[:at], out.strip(), *args[at + 1:])
+        if status != 0:
+            raise MigrationError(f"{user}: doveadm {args[0]} exited {status}: {why}")
+        return out
+
+    def _once(self, user: str, args: tuple[str, ...], *, imapc: bool,
+              stdin: str | None) -> tuple[int, str, str]:
         cmd = [self.doveadm]
         if self.config:
             cmd += ["-c", self.config]
@@ -179,11 +200,9 @@ class DoveadmMailboxes:
             raise MigrationError(f"{user}: doveadm {args[0]} did not finish in {self.timeout:g} s") from None
         except OSError as exc:
             raise MigrationError(f"{self.doveadm}: {exc.strerror}") from None
-        if res.returncode != 0:
-            lines = [ln for ln in res.stderr.splitlines() if "Error" in ln or "Fatal" in ln]
-            why = (lines or res.stderr.strip().splitlines() or ["no message"])[-1]
-            raise MigrationError(f"{user}: doveadm {args[0]} exited {res.returncode}: {why}")
-        return res.stdout
+        lines = [ln for ln in res.stderr.splitlines() if "Error" in ln or "Fatal" in ln or "Warning" in ln]
+        why = (lines or res.stderr.strip().splitlines() or ["no message"])[-1]
+        return res.returncode, res.stdout, why
 
     def count(self, user: str, *, legacy: bool) -> int:
         """``doveadm mailbox status -t messages '*'`` on one side."""
@@ -203,9 +222,9 @@ class DoveadmMailboxes:
         it under a new UID, and a stateless second run would not recognise it and copy it
         again.  With the state it starts from what the previous run saw."""
         if exact:
-            self._run(user, "backup", "-R", "-u", user, "imapc:", imapc=True)
+            self._run(user, "backup", "-R", "-u", user, "imapc:", imapc=True, again=True)
             return ""
-        out = self._run(user, "sync", "-1", "-R", "-s", state, "-u", user, "imapc:", imapc=True)
+        out = self._run(user, "sync", "-1", "-R", "-s", state, "-u", user, "imapc:", imapc=True, again=True)
         return out.strip()
 
     def _message_ids(self, user: str, *, legacy: bool) -> list[tuple[str, str, str]]:

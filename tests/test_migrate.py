@@ -9,7 +9,15 @@ import pytest
 
 from harness.fakes import FakeDirectory
 from mailwarden.catalogue import SETTINGS, InvalidValue
-from mailwarden.migrate import Migration, MigrationError, UserCopy, check_transition, is_legacy
+from mailwarden.migrate import (
+    DoveadmMailboxes,
+    LegacyServer,
+    Migration,
+    MigrationError,
+    UserCopy,
+    check_transition,
+    is_legacy,
+)
 
 
 def test_steps_follow_the_states() -> None:
@@ -124,3 +132,25 @@ def test_an_exact_copy_of_a_source_that_changed_meanwhile_is_not_judged_by_count
     assert not UserCopy("a@x.example", source_before=5, source_after=5, target_after=4).ok
     assert UserCopy("a@x.example", source_before=5, source_after=6, target_after=5).ok
     assert not UserCopy("a@x.example", source_before=5, source_after=6, target_after=5, error="x").ok
+
+
+def test_a_dsync_that_says_run_again_is_run_again_with_its_state(tmp_path: Path) -> None:
+    """dsync exits 2 when the mailbox changed while it ran (mail arriving): the copy is
+    repeated from the state it printed, and only a lasting failure is an error."""
+    log = tmp_path / "calls"
+    script = tmp_path / "doveadm"
+    script.write_text(f"""#!/bin/sh
+echo "$@" >> {log}
+n=$(wc -l < {log})
+case "$*" in *fail*) echo "Error: it broke" >&2; exit 75 ;; esac
+if [ "$n" -lt 2 ]; then echo "state-$n"; echo "Warning: Mailbox changes caused a desync" >&2; exit 2; fi
+echo "state-$n"
+""")
+    script.chmod(0o755)
+    boxes = DoveadmMailboxes(LegacyServer("192.0.2.1", 143, "migrate", "pw"), doveadm=str(script))
+    assert boxes.pull("ann@old.example", exact=False, state="start") == "state-2"
+    calls = log.read_text().splitlines()
+    assert "-s start -u ann@old.example imapc:" in calls[0] and "-s state-1 -u" in calls[1]
+    assert "imapc_user=ann@old.example" in calls[0] and "imapc_master_user=migrate" in calls[0]
+    with pytest.raises(MigrationError, match="backup exited 75: Error: it broke"):
+        boxes.pull("fail@old.example", exact=True)

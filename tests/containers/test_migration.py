@@ -185,13 +185,15 @@ def test_a_domain_moves_from_its_legacy_system_while_mail_flows(legacy: MailStac
     # cutover while a sender keeps sending: every accepted message arrives once.
     sender = Sender(stack, token)
     sender.start()
-    time.sleep(3)
-    started = time.monotonic()
-    _migrate(stack, "cutover", DOMAIN)
-    took = time.monotonic() - started
-    time.sleep(3)
-    sender.stop.set()
-    sender.join(120)
+    try:
+        time.sleep(3)
+        started = time.monotonic()
+        _migrate(stack, "cutover", DOMAIN)
+        took = time.monotonic() - started
+        time.sleep(3)
+    finally:  # never leave it sending into the next tests
+        sender.stop.set()
+        sender.join(120)
     assert not sender.refused, sender.refused
     assert len(sender.accepted) >= 4
     print(f"migrate cutover: {took:.1f} s; {len(sender.accepted)} messages sent around it")
