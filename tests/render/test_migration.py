@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import imaplib
 import poplib
 import re
 import smtplib
@@ -221,7 +222,7 @@ def test_proxy_sends_legacy_logins_to_the_legacy_server_with_legacy_hashes(
     front = site.as_proxy()
     front.dovecot("proxy")
     proxy = RenderedDovecot(front, "proxy")
-    proxy.start(site.ports["proxy_pop3"])
+    proxy.start(site.ports["proxy_pop3"], site.ports["proxy_imap"])
     running.append(proxy)
     port = site.ports["proxy_pop3"]
     for name, scheme in SCHEMES.items():
@@ -238,6 +239,11 @@ def test_proxy_sends_legacy_logins_to_the_legacy_server_with_legacy_hashes(
             _pop3(port, user, f"{name}-wrong")
     assert "Started proxying to <127.0.0.1>" in proxy.log()
     assert "user=<ann@old.example.net>" not in newhost.log()
+    # IMAP goes to the legacy server's IMAP port.
+    with imaplib.IMAP4("127.0.0.1", site.ports["proxy_imap"], timeout=10) as imap:
+        imap.login(f"cat@{DOMAIN}", "cat-pw")
+        assert imap.select("INBOX") == ("OK", [b"1"])
+    assert re.search(r"imap-login: Info: Login: user=<cat@old\.example\.net>", legacy.server.log_text())
 
     # migrated: the mailbox host serves the domain, and checks the same legacy hash.
     legacy.set_domain(mwMigrationState="migrated")
