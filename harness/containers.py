@@ -486,6 +486,8 @@ TOPOLOGY: tuple[Host, ...] = (
     Host("front", "front", 10, "mx1.mailwarden.test", (("published", PUBLISHED_ZONES), ("mail", MAIL_ROOT)),
          (25, 587, 2525, 110, 143)),
     Host("internet", "internet", 100, "mx.outside.test", (("internet-mail", INTERNET_MAIL),), (25,)),
+    # A legacy mail system a domain is migrated from (tests/containers/test_migration.py).
+    Host("legacy", "legacy", 40, "mail.oldisp.test", (), (25, 110, 143, 24)),
 )
 HOSTS = {h.name: h for h in TOPOLOGY}
 # Front-node Postfix instances, as `mailwarden render postfix` names them.

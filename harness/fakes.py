@@ -65,6 +65,12 @@ class FakeDirectory:
             raise DirectoryUnavailable(f"address {address} matches more than one entry")
         return found[0] if found else None
 
+    def users_of(self, domain: Entry, name: str) -> list[Entry]:
+        """Every subscriber entry below ``domain``."""
+        self._check()
+        return [Entry(dn, vals) for dn, vals in self.entries.items()
+                if dn.endswith("," + domain.dn) and "mail" in vals]
+
     def modify(self, dn: str, changes: Mapping[str, Sequence[str]]) -> None:
         """Replace or delete concepts on an entry."""
         self._check()

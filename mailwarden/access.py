@@ -62,8 +62,10 @@ SERVICE_ACCOUNT = "cn=mailwarden,ou=services,{base_dn}"
 
 
 SERVICE_CONCEPTS = frozenset({"enabled_service", "disabled_service"})
-SYSTEM_ADMIN_ONLY = frozenset({"delegated_services"})
-"""Domain settings only a system administrator changes (the ACLs let no one else write them)."""
+SYSTEM_ADMIN_ONLY = frozenset({"delegated_services", "migration_state", "legacy_mx", "legacy_mailbox_host"})
+"""Domain settings only a system administrator changes (the ACLs let no one else write
+them): what the domain's administrators may switch, and where its mail goes while it
+migrates."""
 
 
 class Role(StrEnum):

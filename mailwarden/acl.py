@@ -10,7 +10,8 @@ for the layout):
   per-user services and settings of every subscriber; not domain entries, not admins;
 - a domain's administrators (``cn=admins`` below the domain): read and write their own
   domain's subtree — users, aliases, passwords, settings, the domain's own entry except
-  its name and ``delegated_services``; read (not change) the domain's admin group;
+  its name, ``delegated_services`` and the migration settings; write (not read) a
+  subscriber's legacy password hash; read (not change) the domain's admin group;
 - an end user (``self``): read their own entry and domain entry, write the attributes of
   the settings the catalogue marks ``end_user`` and their password;
 - the daemons' service account (``cn=mailwarden,ou=services``): read everything except
@@ -28,7 +29,13 @@ administrators, and changed or removed by system administrators only.
 
 from __future__ import annotations
 
-from mailwarden.access import DOMAIN_ADMIN_GROUP, HELPDESK_GROUP, SERVICE_ACCOUNT, SYSTEM_ADMIN_GROUP
+from mailwarden.access import (
+    DOMAIN_ADMIN_GROUP,
+    HELPDESK_GROUP,
+    SERVICE_ACCOUNT,
+    SYSTEM_ADMIN_GROUP,
+    SYSTEM_ADMIN_ONLY,
+)
 from mailwarden.catalogue import IDENTITY, SETTINGS
 
 _ERE_SPECIAL = set(".[]()*+?{}|^$\\")
@@ -44,6 +51,11 @@ def end_user_attributes() -> list[str]:
     return [s.ldap_attribute for s in SETTINGS.values() if s.end_user]
 
 
+LEGACY_PASSWORD = IDENTITY["legacy_password"].ldap_attribute
+"""A password hash taken over from a legacy system: only Dovecot (the daemons' account)
+reads it, as slapd never shows ``userPassword``; administrators of the domain write it."""
+
+
 def subscriber_attributes() -> list[str]:
     """The per-user services and settings (what helpdesk may change), end-user ones excluded."""
     own = [IDENTITY["enabled_service"].ldap_attribute, IDENTITY["disabled_service"].ldap_attribute]
@@ -52,8 +64,10 @@ def subscriber_attributes() -> list[str]:
 
 
 def system_admin_domain_attributes() -> list[str]:
-    """Attributes of a domain entry only a system administrator writes."""
-    return [IDENTITY["domain_name"].ldap_attribute, SETTINGS["delegated_services"].ldap_attribute]
+    """Attributes of a domain entry only a system administrator writes: its name, what its
+    administrators may switch, and where its mail is routed while it migrates."""
+    return [IDENTITY["domain_name"].ldap_attribute,
+            *(SETTINGS[name].ldap_attribute for name in sorted(SYSTEM_ADMIN_ONLY))]
 
 
 def acl_rules(base_dn: str) -> list[str]:
@@ -90,6 +104,9 @@ def acl_rules(base_dn: str) -> list[str]:
         "by * none",
         f'to dn.regex="^{domain}$" by {sysadm} write by {desk} read by {dadm(1)} write '
         f"by {svc} read by {members(1)} read by * none",
+        # Written (=w), never read, by the domain's administrators.
+        f'to dn.regex="^{user}$" attrs={LEGACY_PASSWORD} by {sysadm} write by {dadm(1)} =w '
+        "by * none",
         f'to dn.regex="^{user}$" attrs={",".join(end_user_attributes())} by {sysadm} write '
         f"by {desk} write by {dadm(1)} write by self write by {svc} read by * none",
         f'to dn.regex="^{user}$" attrs={",".join(subscriber_attributes())} by {sysadm} write '

@@ -334,6 +334,12 @@ _ITEM_PARSERS: dict[str, Callable[[SettingSpec, str], Any]] = {
     "domains": _parse_domain,
 }
 
+MIGRATION_STATES = ("legacy", "syncing", "migrated")
+"""A domain's ``migration_state``: mail served by the legacy system, served there while its
+mailboxes are copied, or served by the mailbox hosts."""
+LEGACY_STATES = frozenset({"legacy", "syncing"})
+"""The states in which the legacy system still receives and serves the domain's mail."""
+
 DEFAULT_BANNED_EXTENSIONS = (
     "exe", "scr", "pif", "com", "bat", "cmd", "vbs", "vbe", "js", "jse", "wsf", "wsh", "hta",
     "cpl", "msi", "lnk", "jar", "ps1", "reg",
@@ -473,6 +479,19 @@ SETTINGS: dict[str, SettingSpec] = {
         _S("arc_seal_forwards", "bool", False,
            "ARC-seal mail this domain's subscribers forward elsewhere (with the dkim_selector key)",
            "mwArcSealForwards", scope="domain", service=Service.DKIM_SIGNING),
+        _S("migration_state", "enum", "migrated",
+           "where the domain's mail lives while it moves from a legacy system: legacy or syncing "
+           "(inbound mail relayed to legacy_mx, POP3/IMAP proxied to legacy_mailbox_host) or "
+           "migrated (served by the mailbox hosts); changed by mailwarden migrate",
+           "mwMigrationState", choices=MIGRATION_STATES, scope="domain"),
+        _S("legacy_mx", "host", "",
+           "the legacy system's MX for a legacy or syncing domain, as a Postfix next hop "
+           "('[address]:port' or '[name]', or a name whose MX records are used)",
+           "mwLegacyMx", scope="domain", max_length=255),
+        _S("legacy_mailbox_host", "host", "",
+           "the legacy POP3/IMAP server a legacy or syncing domain's logins are proxied to "
+           "(ports: render.legacy_pop3_port / legacy_imap_port)",
+           "mwLegacyMailboxHost", scope="domain", max_length=255),
     )
 }
 
@@ -506,6 +525,9 @@ IDENTITY: dict[str, IdentitySpec] = {
                      "user", multi=True),
         IdentitySpec("disabled_service", "mwDisabledService",
                      "services switched off here, overriding the domain", "user", multi=True),
+        IdentitySpec("legacy_password", "mwLegacyPassword",
+                     "password hash taken over from a legacy system, '{SCHEME}hash' in a scheme "
+                     "Dovecot verifies (CRYPT, MD5-CRYPT, SHA256-CRYPT, SHA512-CRYPT, SSHA)", "user"),
     )
 }
 

@@ -225,6 +225,14 @@ class LdapDirectory:
         base = self.mapping.user_base.format(domain_dn=domain.dn, base_dn=self.cfg.base_dn)
         return self._unique(f"address {address}", self._search(f"address {address}", base, flt))
 
+    def users_of(self, domain: Entry, name: str) -> list[Entry]:
+        """Every subscriber entry of the domain ``name`` (its primary addresses there), for
+        commands that walk a whole domain (``mailwarden migrate``)."""
+        dom = ldap.filter.escape_filter_chars(name)
+        flt = self.mapping.user_filter.format(address=f"*@{dom}", local="*", domain=dom)
+        base = self.mapping.user_base.format(domain_dn=domain.dn, base_dn=self.cfg.base_dn)
+        return self._search(f"subscribers of {name}", base, flt, sizelimit=0)
+
     # ------------------------------------------------------------ writing
 
     def modify(self, dn: str, changes: Mapping[str, Sequence[str]]) -> None:

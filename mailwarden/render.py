@@ -27,7 +27,7 @@ import jinja2
 
 from mailwarden import catalogue
 from mailwarden.address import normalize_address
-from mailwarden.catalogue import Service
+from mailwarden.catalogue import LEGACY_STATES, Service
 from mailwarden.config import Config, bind_password, site_defaults
 from mailwarden.doveadm import DoveadmError, read_api_key
 from mailwarden.renderconfig import MILTER_SECTION, POLICYD_SECTION, MilterWiring, PolicydWiring, RenderConfig
@@ -39,6 +39,8 @@ MILTER_HEADROOM = 64 * 1024
 """What Postfix adds before the milter sees a message (its Received header and more)."""
 POLICY_TIMEOUT_MARGIN = 10
 FORWARD_DOMAIN = "forward.mailwarden.invalid"
+LEGACY_TRANSPORT = "to-legacy"
+"""The mailbox stage's master.cf transport that relays a legacy domain's mail to its legacy_mx."""
 """Where the Sieve script sends a subscriber's forwarded copy: ``LOCAL=DOMAIN@`` this
 domain (``.invalid`` never resolves).  The route stage turns that one address into every
 ``forward_addresses`` value from LDAP (Dovecot reads only the first value of a
@@ -234,8 +236,26 @@ class LdapQueries:
                        "without their own (transport_maps)", self.domain_base,
                        self.postfix_domain_filter("domain"), a["mail_host"], mailbox_nexthop,
                        single_value=True),
+            LdapLookup("ldap-legacy-domains", "a legacy or syncing domain's mail -> its legacy_mx "
+                       "(transport_maps, before the mailbox hosts)", self.domain_base,
+                       _and(self.postfix_domain_filter("address"), self.legacy_filter(),
+                            f"({a['legacy_mx']}=*)"),
+                       a["legacy_mx"], f"{LEGACY_TRANSPORT}:%s", single_value=True),
+            LdapLookup("ldap-legacy-unrouted", "a legacy or syncing domain without legacy_mx: "
+                       "deferred, never delivered to a mailbox host (transport_maps)",
+                       self.domain_base,
+                       _and(self.postfix_domain_filter("address"), self.legacy_filter(),
+                            f"(!({a['legacy_mx']}=*))"),
+                       a["domain_name"], "retry:4.3.5 legacy domain %s has no legacy_mx",
+                       single_value=True),
         ]
         return {t.name: t for t in tables}
+
+    def legacy_filter(self) -> str:
+        """Matches domain entries whose mail the legacy system still serves
+        (``migration_state`` legacy or syncing)."""
+        attr = self.attr["migration_state"]
+        return "(|" + "".join(f"({attr}={_filter_value(v)})" for v in sorted(LEGACY_STATES)) + ")"
 
     # Dovecot ----------------------------------------------------------------
 
@@ -555,6 +575,7 @@ def postfix_context(cfg: Config) -> dict[str, Any]:
         "instance": lambda role: _instance_paths(cfg, role),
         "alias_maps": lambda config_directory: alias_maps(cfg, config_directory),
         "forward_domain": FORWARD_DOMAIN,
+        "legacy_transport": LEGACY_TRANSPORT,
         # LOCAL=DOMAIN@forward domain -> LOCAL@DOMAIN, the key of ldap-forwards.cf ($$: a
         # literal $ in main.cf)
         "forward_key": _inline_regexp("^(.+)=([^=@]+)@" + re.escape(FORWARD_DOMAIN) + "$", "${1}@${2}"),
@@ -609,6 +630,7 @@ class AuthStep:
     query_filter: str = ""
     fields: tuple[str, ...] = ()
     auth_bind: bool = False
+    default_pass_scheme: str = ""
     chain: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -654,13 +676,41 @@ def auth_chain(cfg: Config, role: str) -> list[AuthStep]:
     ))
     port = (f"=port=%{{if;%s;eq;pop3;{r.backend_pop3_port};{r.backend_imap_port}}}",) if proxy else ()
     steps.append(AuthStep(
+        "passdb", "legacy-password", "a subscriber whose password hash was taken over from a "
+        "legacy system (legacy_password): Dovecot checks it in the hash's own scheme; only "
+        "active accounts",
+        base=d.user_base,
+        query_filter=_and(d.dovecot_user_filter(), d.active_filter(), f"({a['legacy_password']}=*)"),
+        fields=(f"{a['legacy_password']}=password", f"=user=%{{ldap:{a['mail']}}}", *host, *port),
+        default_pass_scheme="CRYPT",
+        # Found and matching: authenticated, the bind below is skipped.  Not found or
+        # not matching: the bind decides.
+        chain=(("result_success", "continue-ok"), ("result_failure", "continue"), _STOP_ON_ERROR),
+    ))
+    steps.append(AuthStep(
         "passdb", "user", "the subscriber, by primary or alternate address; password checked by "
         "binding as the entry; only active accounts",
         base=d.user_base, query_filter=_and(d.dovecot_user_filter(), d.active_filter()),
         fields=(f"=user=%{{ldap:{a['mail']}}}", *host, *port), auth_bind=True,
-        chain=(_STOP_ON_ERROR,),
+        chain=(("skip", "authenticated"), *((("result_success", "continue-ok"),) if proxy else ()),
+               _STOP_ON_ERROR),
     ))
     if proxy:
+        legacy_port = f"%{{if;%s;eq;pop3;{r.legacy_pop3_port};{r.legacy_imap_port}}}"
+        steps.append(AuthStep(
+            "passdb", "legacy-domain", "a domain the legacy system still serves (migration_state "
+            "legacy or syncing): the login is proxied to its legacy_mailbox_host",
+            base=d.domain_base,
+            query_filter=_and(d.dovecot_domain_filter(), d.legacy_filter(),
+                              f"({a['legacy_mailbox_host']}=*)"),
+            # It runs only once a step above has checked the password (skip unauthenticated),
+            # so it checks none itself; the last step may not be a noauthenticate one.
+            fields=("=nopassword=y",
+                    f"{a['legacy_mailbox_host']}=host=%{{ldap:{a['legacy_mailbox_host']}}}",
+                    f"=port={legacy_port}"),
+            chain=(("skip", "unauthenticated"), ("result_success", "continue-ok"),
+                   ("result_failure", "continue"), _STOP_ON_ERROR),
+        ))
         return steps
 
     def env(name: str, attribute: str) -> str:

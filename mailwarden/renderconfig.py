@@ -171,6 +171,12 @@ class RenderConfig:
     )
     backend_imap_port: int = setting(143, "IMAP port of the mailbox hosts the proxy forwards to")
     backend_pop3_port: int = setting(110, "POP3 port of the mailbox hosts the proxy forwards to")
+    legacy_imap_port: int = setting(
+        143, "IMAP port of a legacy system's mailbox server (a domain's legacy_mailbox_host)"
+    )
+    legacy_pop3_port: int = setting(
+        110, "POP3 port of a legacy system's mailbox server (a domain's legacy_mailbox_host)"
+    )
     dovecot_ssl: Literal["required", "yes", "no"] = setting(
         "required", "Dovecot ssl (no: plaintext logins allowed; for tests and TLS-offloading balancers)"
     )

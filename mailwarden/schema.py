@@ -69,6 +69,10 @@ ATTRIBUTE_NUMBERS: dict[str, int] = {
     "mwAuditDomain": 84,
     "mwAuditChange": 85,
     "mwAuditTime": 86,
+    "mwMigrationState": 70,
+    "mwLegacyMx": 71,
+    "mwLegacyMailboxHost": 72,
+    "mwLegacyPassword": 73,
 }
 CLASS_NUMBERS = {"mwDomain": 1, "mwSubscriber": 2, "mwAuditRecord": 3}
 
@@ -137,7 +141,8 @@ def attribute_types() -> list[str]:
 def object_classes() -> list[str]:
     """The mwDomain (structural) and mwSubscriber (auxiliary) classes."""
     domain_may = ["mwDomainAlias", "mwEnabledService", "mwDisabledService", "description"]
-    user_may = ["mwAlternateAddress", "mwAccountStatus", "mwEnabledService", "mwDisabledService"]
+    user_may = ["mwAlternateAddress", "mwAccountStatus", "mwEnabledService", "mwDisabledService",
+                "mwLegacyPassword"]
     for spec in SETTINGS.values():
         if spec.scope in ("both", "domain"):
             domain_may.append(spec.ldap_attribute)

@@ -111,13 +111,20 @@ WRITES = [
     pytest.param(HELPDESK, JP_ADMIN, "description", False, id="helpdesk-admins"),
     pytest.param(SYSADMIN, JP, "mwDelegatedService", True, id="system-admin-delegation"),
     pytest.param(SYSADMIN, JP_ADMIN, "description", True, id="system-admin-admins"),
+    pytest.param(JP_ADMIN, JP, "mwMigrationState", False, id="domain-admin-migration-state"),
+    pytest.param(JP_ADMIN, JP, "mwLegacyMx", False, id="domain-admin-legacy-mx"),
+    pytest.param(SYSADMIN, JP, "mwMigrationState", True, id="system-admin-migration-state"),
+    pytest.param(JP_ADMIN, TARO, "mwLegacyPassword", True, id="domain-admin-legacy-password"),
+    pytest.param(HELPDESK, TARO, "mwLegacyPassword", False, id="helpdesk-legacy-password"),
+    pytest.param(TARO, TARO, "mwLegacyPassword", False, id="end-user-own-legacy-password"),
     pytest.param(SERVICE_DN, TARO, "mwSpamThreshold", False, id="service-account"),
     pytest.param(None, TARO, "mwKeywordRule", False, id="anonymous"),
 ]
 _VALUE = {"mwKeywordRule": "subject contains test junk", "mwVacationText": "away",
           "mwEnabledService": "spam-check", "mwQuota": "5", "mwSpamThreshold": "4.5",
           "mwAlternateAddress": "t.y@example.jp", "mwNoticeTemplate": "faculty",
-          "mwDelegatedService": "spam_check", "description": "changed"}
+          "mwDelegatedService": "spam_check", "description": "changed", "mwMigrationState": "legacy",
+          "mwLegacyMx": "[192.0.2.9]", "mwLegacyPassword": "{SSHA}aGVsbG8gd29ybGQxMjM0NTY3OA=="}
 
 
 @pytest.mark.parametrize(("who", "dn", "attr", "allowed"), WRITES)
@@ -147,6 +154,20 @@ def test_domain_admin_reads_only_their_domain(server: SlapdServer) -> None:
     assert TARO in dns and JP in dns
     assert not [d for d in dns if "example.com" in d or "lab.example.org" in d]
     assert "userPassword" not in ldapsearch(server, HELPDESK, TARO, "(objectClass=*)", "userPassword")
+
+
+def test_a_legacy_password_hash_is_read_by_the_daemons_alone(server: SlapdServer) -> None:
+    """Dovecot checks a taken-over hash through the daemons' account; no person reads it."""
+    hashed = "{SSHA}aGVsbG8gd29ybGQxMjM0NTY3OA=="
+    assert replace(server, ROOTDN, TARO, "mwLegacyPassword", hashed) == 0
+    try:
+        assert f"mwLegacyPassword: {hashed}" in ldapsearch(server, SERVICE_DN, TARO, "(objectClass=*)",
+                                                            "mwLegacyPassword")
+        for who in (TARO, JP_ADMIN, HELPDESK, None):
+            assert "mwLegacyPassword" not in ldapsearch(server, who, TARO, "(objectClass=*)",
+                                                        "mwLegacyPassword"), who
+    finally:
+        assert replace(server, ROOTDN, TARO, "mwLegacyPassword") == 0
 
 
 def test_end_user_reads_own_entry_not_others(server: SlapdServer) -> None:

@@ -26,6 +26,7 @@ from mailwarden.cli.common import (
     policy_as_dict,
     print_policy,
 )
+from mailwarden.cli.migrate import migrate_group
 from mailwarden.cli.render import render_group
 from mailwarden.cli.selftest import selftest_cmd
 from mailwarden.cli.trace import trace_cmd
@@ -248,5 +249,5 @@ def services_cmd() -> None:
 
 
 for _group in (domain_group, user_group, ldap_group, render_group, trace_cmd, selftest_cmd,
-               audit_group):
+               audit_group, migrate_group):
     main.add_command(_group)

@@ -85,7 +85,7 @@ def test_dovecot_ldap_lists_both_servers_and_answers_without_the_provider(pair: 
         dovecot = RenderedDovecot(site, "mailbox")
         conf = dovecot.conf.parent
         ldap_files = sorted(conf.glob("mailwarden-*db-*.conf.ext"))
-        assert len(ldap_files) == 4 and all(f"uris = {pair.uris}\n" in f.read_text() for f in ldap_files)
+        assert len(ldap_files) == 5 and all(f"uris = {pair.uris}\n" in f.read_text() for f in ldap_files)
         dovecot.start(site.ports["lmtp"], site.ports["pop3"])
         try:
             assert dovecot.userdb("taro@example.jp") is not None
