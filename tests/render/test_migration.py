@@ -24,7 +24,7 @@ import pytest
 
 import ldap
 from harness.legacy import LegacyMailServer, password_hash
-from harness.slapd import SlapdServer
+from harness.slapd import SERVICE_BIND, SlapdServer
 from harness.smtpsink import SmtpSink
 from tests.conftest import ADMIN_DN
 from tests.render.conftest import (
@@ -63,7 +63,7 @@ class Legacy:
         """The site's configuration, bound as the admin (the CLI writes migration_state)."""
         path = self.site.root / "cli.toml"
         path.write_text(self.site.text.replace(
-            "[ldap]\n", f'[ldap]\nbind_dn = "{ADMIN_DN}"\nbind_password = "secret"\n', 1))
+            SERVICE_BIND, f'bind_dn = "{ADMIN_DN}"\nbind_password = "secret"\n', 1))
         return str(path)
 
     def migrate(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -92,8 +92,8 @@ def _message(to: str, subject: str) -> str:
 
 def _ldap_toml(server: SlapdServer) -> str:
     # A short cache_ttl lets the Dovecot proxy's auth cache follow a state change within
-    # the test.  The daemons read anonymously; the CLI binds as the admin (cli_config).
-    return (f'[ldap]\nuri = "{server.uri}"\nretry_max = 1\nretry_delay = 0.2\n'
+    # the test.  The daemons read as their account; the CLI binds as the admin (cli_config).
+    return (f'[ldap]\nuri = "{server.uri}"\n{SERVICE_BIND}retry_max = 1\nretry_delay = 0.2\n'
             '[policy]\ncache_ttl = 1\nnegative_cache_ttl = 1\ndomain_cache_ttl = 1\n')
 
 
