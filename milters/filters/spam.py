@@ -46,23 +46,26 @@ class SpamFilter:
     skipped_for_allowed_senders: ClassVar[bool] = True
 
     def __init__(self, scanner: SpamScanner, *, max_size: int = 512 * 1024,
-                 ham_headers: bool = False) -> None:
+                 ham_headers: bool = False, trace: bool = True) -> None:
         self.scanner = scanner
         self.max_size = max_size
         self.ham_headers = ham_headers
+        self.trace = trace
 
     @classmethod
     def build(cls, backends: Backends) -> SpamFilter:
         """The configured engine, its ``*_max_size`` and ``milter.spam_headers_on_ham``."""
         m = backends.config
-        max_size = m.rspamd_max_size if m.spam_engine == "rspamd" else m.spamd_max_size
-        return cls(backends.spam_scanner, max_size=max_size, ham_headers=m.spam_headers_on_ham)
+        rspamd = m.spam_engine == "rspamd"
+        return cls(backends.spam_scanner, max_size=m.rspamd_max_size if rspamd else m.spamd_max_size,
+                   ham_headers=m.spam_headers_on_ham, trace=not rspamd)
 
-    @staticmethod
-    def _request(ctx: Context) -> bytes:
-        # spamd needs Postfix's own Received: field (milters do not see it) to find the relay;
-        # rspamd gets the same text, so that both engines score the same message.
-        return ctx.envelope.trace_header() + ctx.message.raw()
+    def _request(self, ctx: Context) -> bytes:
+        # spamd needs Postfix's own Received: field (milters do not see it) to find the relay.
+        # rspamd is told the relay in its request headers and gets the message as a milter
+        # sees it: the rebuilt field's date lacks Postfix's zone comment, which rspamd's
+        # INVALID_POSTFIX_RECEIVED rule scores as forged.
+        return (ctx.envelope.trace_header() if self.trace else b"") + ctx.message.raw()
 
     @staticmethod
     def _query(ctx: Context) -> SpamQuery:
