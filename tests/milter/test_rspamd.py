@@ -367,6 +367,15 @@ def test_selftest_row(rspamd: RspamdServer, tmp_path: Path) -> None:
         _rspamd(dead)
 
 
+def test_milter_check_connect_reaches_the_configured_engine(rspamd: RspamdServer, tmp_path: Path) -> None:
+    from tests.milter.test_cli import run, write_config
+
+    cfg = write_config(tmp_path, f'spam_engine = "rspamd"\nrspamd = ["{rspamd.address}"]\n'
+                                 f'spamd = ["unix:{tmp_path}/no-spamd.sock"]\n')
+    _, out = run(cfg, "milter", "check", "--connect")  # no clamd, no directory here: 75
+    assert f"rspamd: {rspamd.address}: pong" in out and "spamd:" not in out.replace("rspamd:", "")
+
+
 # ---------------------------------------------------------------- both engines, one corpus
 
 
