@@ -98,7 +98,7 @@ class RspamdServer(TestDaemon):
             workers.append(
                 f'worker "rspamd_proxy" {{\n  bind_socket = "127.0.0.1:{self.proxy_port}";\n'
                 f"  milter = yes;\n  self_scan = yes;\n  timeout = 120s;\n  count = {self.proxy_workers};\n"
-                '  upstream "local" {\n    default = yes;\n    self_scan = yes;\n  }\n}\n')
+                '  spam_header = "X-Spam";\n  reject_message = "Spam message rejected";\n}\n')
         (self.dir / "rspamd.conf").write_text(
             '.include "$CONFDIR/common.conf"\n'
             "options {\n"
