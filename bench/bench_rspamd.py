@@ -99,7 +99,8 @@ def main() -> int:
     try:
         postfix.start()
         dns_proc, dns_port = start_dns(work)
-        # rspamd runs as _rspamd: clamd's unix socket must let it in.
+        # rspamd runs as _rspamd: clamd's unix socket (and its directory) must let it in.
+        clamd.dir.chmod(0o755)
         clamd.socket_path.chmod(0o666)
         rspamd = RspamdServer(dns_port, workers=2, proxy=True, proxy_workers=2,
                               clamd=str(clamd.socket_path)).start()

@@ -8,8 +8,9 @@ by its PID.  Network checks are off: the modules that only ask outside services
 are disabled, multimap's remote maps are dropped, and rspamd's resolver is the
 stub DNS given (harness/dnsstub.py) so that SPF, DKIM, DMARC and the HELO
 checks see only what a test puts there, and the remote maps other modules name
-fail at once instead of leaving the machine.  No Redis: the modules that need it
-(Bayes, ratelimit, greylisting, reputation, neural) stay off.
+fail at once instead of leaving the machine.  DKIM signing is off (no keys).  No
+Redis: the modules that need it (Bayes, ratelimit, greylisting, reputation, neural)
+stay off.
 
 The normal worker answers the HTTP protocol (``/checkv2``) on ``port``.  With
 ``proxy=True`` a proxy worker in milter mode scans itself (``self_scan``) on
@@ -41,6 +42,8 @@ HS_CACHE = Path(tempfile.gettempdir()) / "mailwarden-rspamd-hs"
 # Modules whose whole work is asking services on the internet.
 NETWORK_MODULES = ("rbl", "surbl", "emails", "fuzzy_check", "asn", "dcc", "url_redirector",
                    "rspamd_update", "mx_check", "external_services", "p0f", "bimi")
+# Modules with nothing to do here: no keys to sign with.
+IDLE_MODULES = ("dkim_signing",)
 
 
 class RspamdServerError(RuntimeError):
@@ -97,8 +100,9 @@ class RspamdServer(TestDaemon):
         if self.proxy_port:
             workers.append(
                 f'worker "rspamd_proxy" {{\n  bind_socket = "127.0.0.1:{self.proxy_port}";\n'
-                f"  milter = yes;\n  self_scan = yes;\n  timeout = 120s;\n  count = {self.proxy_workers};\n"
-                '  spam_header = "X-Spam";\n  reject_message = "Spam message rejected";\n}\n')
+                f"  milter = yes;\n  timeout = 120s;\n  count = {self.proxy_workers};\n"
+                '  spam_header = "X-Spam";\n  reject_message = "Spam message rejected";\n'
+                '  upstream "local" {\n    default = yes;\n    self_scan = yes;\n  }\n}\n')
         (self.dir / "rspamd.conf").write_text(
             '.include "$CONFDIR/common.conf"\n'
             "options {\n"
@@ -115,7 +119,7 @@ class RspamdServer(TestDaemon):
             'control_socket = "$DBDIR/rspamd.sock mode=0600";\n'
             "disable_monitoring = true;\n")
         (local / "actions.conf").write_text(f"reject = {self.reject_score};\n")
-        for module in NETWORK_MODULES:
+        for module in NETWORK_MODULES + IDLE_MODULES:
             (local / f"{module}.conf").write_text("enabled = false;\n")
         (override / "multimap.conf").write_text("# remote freemail/redirector maps dropped\n")
         if self.clamd:

@@ -58,7 +58,8 @@ SERVICES: dict[Service, ServiceSpec] = {
     s.service: s
     for s in (
         ServiceSpec(Service.VIRUS_SCAN, "virus-scan", "scan mail with clamd", paid=True),
-        ServiceSpec(Service.SPAM_CHECK, "spam-check", "score mail with spamd or rspamd (milter.spam_engine)", paid=True),
+        ServiceSpec(Service.SPAM_CHECK, "spam-check", "score mail with spamd or rspamd (milter.spam_engine)",
+                    paid=True),
         ServiceSpec(
             Service.KEYWORD_FILTER, "keyword-filter", "subscriber's own keyword rules", paid=True
         ),
