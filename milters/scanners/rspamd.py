@@ -1,12 +1,11 @@
 """rspamd over its HTTP protocol (``POST /checkv2``), on TCP or unix sockets, with failover.
 
-The HTTP client is aiohttp: a maintained asyncio client whose connector keeps
-connections to each upstream open between messages (rspamd's workers keep-alive),
-so a message costs one request, not a TCP handshake and an HTTP/1.1 request; httpx
-would do the same with more layers (anyio, httpcore) between the event loop and the
-socket for a client that only ever sends one POST to a known host.  One session
-per upstream, made on the event loop that first uses it and made again on a
-different loop (``mailwarden selftest`` runs its probe in a loop of its own).
+The HTTP client is aiohttp, chosen over httpx (the other maintained async client):
+aiohttp is written for asyncio itself, where httpx's async client runs through anyio
+and httpcore.  One session per upstream, made on the event loop that first uses it
+and made again on a different loop (``mailwarden selftest`` runs its probe in a loop
+of its own).  rspamd 3.4's workers answer ``Connection: close`` whatever the client
+asks, so each message is one connection; a unix socket saves the TCP handshake.
 
 One request per message whatever the number of recipients.  The envelope and the
 client go in the request headers rspamd's protocol defines (``From``, one ``Rcpt``
