@@ -12,7 +12,8 @@ fail at once instead of leaving the machine.  DKIM signing is off (no keys).  No
 Redis: the modules that need it (Bayes, ratelimit, greylisting, reputation, neural)
 stay off.
 
-The normal worker answers the HTTP protocol (``/checkv2``) on ``port``.  With
+The normal worker answers the HTTP protocol (``/checkv2``) on ``port`` and on a unix
+socket.  With
 ``proxy=True`` a proxy worker in milter mode scans itself (``self_scan``) on
 ``proxy_port``: rspamd alone as a Postfix milter; ``clamd`` adds rspamd's
 antivirus module pointed at that clamd (rspamd's own virus path, for comparison
@@ -78,6 +79,16 @@ class RspamdServer(TestDaemon):
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def socket_path(self) -> Path:
+        """The normal worker's unix socket."""
+        return self.dir / "run" / "normal.sock"
+
+    @property
+    def unix_address(self) -> str:
+        """``unix:/path`` of the normal worker, for ``milter.rspamd``."""
+        return f"unix:{self.socket_path}"
+
+    @property
     def address(self) -> str:
         """``inet:127.0.0.1:port`` of the normal worker, for ``milter.rspamd``."""
         return f"inet:127.0.0.1:{self.port}"
@@ -95,6 +106,7 @@ class RspamdServer(TestDaemon):
             shutil.chown(d, USER, USER)
         workers = [
             f'worker "normal" {{\n  bind_socket = "127.0.0.1:{self.port}";\n'
+            f'  bind_socket = "{self.socket_path} mode=0666";\n'
             f'  .include "$CONFDIR/worker-normal.inc"\n  count = {self.workers};\n}}\n'
         ]
         if self.proxy_port:

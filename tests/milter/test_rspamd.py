@@ -194,11 +194,13 @@ def test_a_silent_rspamd_is_a_scan_error_within_the_timeout() -> None:
 # ---------------------------------------------------------------- the client against rspamd
 
 
-def test_real_rspamd_scores_gtube_as_its_reject_score_and_ham_low(rspamd: RspamdServer) -> None:
-    scanner = RspamdScanner([rspamd.address])
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+def test_real_rspamd_scores_gtube_as_its_reject_score_and_ham_low(rspamd: RspamdServer, over: str) -> None:
+    address = rspamd.address if over == "tcp" else rspamd.unix_address
+    scanner = RspamdScanner([address])
     spam = check(scanner, gtube())
     assert "GTUBE" in spam.symbols and spam.score >= 15.0
-    assert spam.upstream == rspamd.address
+    assert spam.upstream == address
     clean = check(scanner, ham(), SpamQuery(sender="jiro@remote.example", recipients=("taro@example.jp",),
                                             client_address=CLIENT_IP, client_name="client.example",
                                             helo="client.example"))
