@@ -2,9 +2,11 @@
 
 * the peer stack clamav-milter + spamass-milter (spamd: 2 children, network tests off);
 * rspamd alone as the milter: its proxy worker in milter mode scanning itself
-  (``self_scan``, 2 processes), clamd through rspamd's antivirus module;
+  (``self_scan``, 2 processes) on a unix socket, clamd through rspamd's antivirus
+  module;
 * mailwarden (one worker) with ``spam_engine = "rspamd"``: clamd through mailwarden's
-  own client, rspamd's normal worker (2 processes) over ``/checkv2``; with its sender
+  own client, rspamd's normal worker (2 processes) over ``/checkv2`` on a unix socket
+  (all connections are unix sockets, Postfix's to the milters included); with its sender
   authentication off, as rspamd alone does no SPF or DMARC here (the load comes from
   127.0.0.1, which rspamd does not check), and once more with it on (the default:
   SPF, DKIM, DMARC and ARC of every message against the run's stub DNS, and rspamd's
@@ -110,7 +112,8 @@ def main() -> int:
                               clamd=str(clamd.socket_path)).start()
         daemons.append(clam_milter := start_clamav_milter(work, clamd))
         daemons.append(spamass := start_spamass_milter(work, spamd))
-        keys = (f'clamd = ["{clamd.unix_address}"]\nspam_engine = "rspamd"\nrspamd = ["{rspamd.address}"]\n'
+        keys = (f'clamd = ["{clamd.unix_address}"]\nspam_engine = "rspamd"\n'
+                f'rspamd = ["{rspamd.unix_address}"]\n'
                 f'reinject = "inet:127.0.0.1:{reinject_port}"\n')
         dns_section = f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\n'
         daemons.append(warden := launch_mailwarden(work, slapd, "mailwarden-rspamd",
@@ -121,7 +124,7 @@ def main() -> int:
             raise RuntimeError("clamd, spamd or rspamd is not running")
         # rspamd alone: the milter is rspamd's own tree, counted by the engine's meter
         # (a process is in one cgroup only).
-        alone = Daemon("rspamd", rspamd.proc, work / "rspamd-proxy", address=rspamd.milter_address)
+        alone = Daemon("rspamd", rspamd.proc, work / "rspamd-proxy", address=rspamd.milter_unix_address)
         alone.cpu.close()
         clamd_meter, spamd_meter, rspamd_meter = (CpuMeter("clamd", clamd.pid), CpuMeter("spamd", spamd.pid),
                                                   CpuMeter("rspamd", rspamd.proc.pid))

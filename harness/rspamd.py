@@ -15,7 +15,7 @@ stay off.
 The normal worker answers the HTTP protocol (``/checkv2``) on ``port`` and on a unix
 socket.  With
 ``proxy=True`` a proxy worker in milter mode scans itself (``self_scan``) on
-``proxy_port``: rspamd alone as a Postfix milter; ``clamd`` adds rspamd's
+``proxy_port`` and on a unix socket: rspamd alone as a Postfix milter; ``clamd`` adds rspamd's
 antivirus module pointed at that clamd (rspamd's own virus path, for comparison
 runs; mailwarden does not use it).
 
@@ -94,6 +94,16 @@ class RspamdServer(TestDaemon):
         return f"inet:127.0.0.1:{self.port}"
 
     @property
+    def proxy_socket_path(self) -> Path:
+        """The milter proxy's unix socket."""
+        return self.dir / "run" / "proxy.sock"
+
+    @property
+    def milter_unix_address(self) -> str:
+        """``unix:/path`` of the milter proxy, for Postfix's ``smtpd_milters``."""
+        return f"unix:{self.proxy_socket_path}"
+
+    @property
     def milter_address(self) -> str:
         """``inet:127.0.0.1:port`` of the milter proxy, for Postfix's ``smtpd_milters``."""
         return f"inet:127.0.0.1:{self.proxy_port}"
@@ -112,6 +122,7 @@ class RspamdServer(TestDaemon):
         if self.proxy_port:
             workers.append(
                 f'worker "rspamd_proxy" {{\n  bind_socket = "127.0.0.1:{self.proxy_port}";\n'
+                f'  bind_socket = "{self.proxy_socket_path} mode=0666";\n'
                 f"  milter = yes;\n  timeout = 120s;\n  count = {self.proxy_workers};\n"
                 '  spam_header = "X-Spam";\n  reject_message = "Spam message rejected";\n'
                 '  upstream "local" {\n    default = yes;\n    self_scan = yes;\n  }\n}\n')

@@ -103,12 +103,14 @@ class RspamdScanner:
         known = self._sessions.get(endpoint)
         if known is not None and known[0] is loop and not known[1].closed:
             return known[1]
+        # rspamd closes after each reply: no pool of idle connections to keep (force_close).
         connector: aiohttp.BaseConnector = (
-            aiohttp.UnixConnector(path=endpoint.where) if endpoint.is_unix
-            else aiohttp.TCPConnector(limit=0, use_dns_cache=True))
+            aiohttp.UnixConnector(path=endpoint.where, force_close=True) if endpoint.is_unix
+            else aiohttp.TCPConnector(limit=0, use_dns_cache=True, force_close=True))
         # Timeouts come from the message's deadline (``within``), not from aiohttp.
         session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None),
-                                        raise_for_status=False, skip_auto_headers=("User-Agent",))
+                                        raise_for_status=False, auto_decompress=False,
+                                        skip_auto_headers=("User-Agent",))
         self._sessions[endpoint] = (loop, session)
         return session
 
