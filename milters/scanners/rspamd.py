@@ -46,21 +46,41 @@ MAX_REPLY = 1024 * 1024
 """Largest reply read from rspamd (a reply lists symbols, a few kilobytes)."""
 
 
+def ascii_address(address: str) -> str | None:
+    """``address`` as rspamd 3.4 parses it in a request header: ASCII, an internationalised
+    domain as its A-labels; None for a non-ASCII local part, which rspamd drops (and with
+    it the envelope it came in)."""
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return None
+
+
 def request_headers(query: SpamQuery | None, *, skip_auth: bool) -> CIMultiDict[str]:
-    """rspamd's protocol headers for ``query`` (one ``Rcpt`` per recipient)."""
+    """rspamd's protocol headers for ``query`` (one ``Rcpt`` per recipient).  Addresses
+    rspamd cannot read are left out: it then takes them from the message's fields."""
     headers: CIMultiDict[str] = CIMultiDict()
     if query is None:
         return headers
-    headers["From"] = query.sender or "<>"
+    sender = ascii_address(query.sender) if query.sender else "<>"
+    if sender is not None:
+        headers["From"] = sender
     for rcpt in query.recipients:
-        headers.add("Rcpt", rcpt)
+        if (readable := ascii_address(rcpt)) is not None:
+            headers.add("Rcpt", readable)
     for name, value in (("IP", query.client_address), ("Helo", query.helo),
                         ("User", query.auth_user), ("Queue-Id", query.queue_id),
                         ("MTA-Name", query.receiver)):
-        if value:
+        if value and value.isascii() and value.isprintable():
             headers[name] = value
-    if query.client_name and query.client_name != "unknown" and not query.client_name.startswith("["):
-        headers["Hostname"] = query.client_name
+    name = query.client_name
+    if name and name != "unknown" and not name.startswith("[") and name.isascii() and name.isprintable():
+        headers["Hostname"] = name
     if skip_auth and query.sender_auth_done:
         headers["Settings"] = SKIP_AUTH_SETTINGS
     return headers

@@ -440,3 +440,16 @@ def test_both_engines_verdicts_on_one_corpus_side_by_side(rspamd: RspamdServer, 
     assert len(found) == len(corpus())
     gtube_found = found["GTUBE (bench)"]
     assert gtube_found["spamd"].score >= 1000 and "GTUBE" in gtube_found["rspamd"].symbols
+
+
+def test_an_smtputf8_envelope_is_passed_as_far_as_rspamd_reads_it(rspamd: RspamdServer) -> None:
+    """rspamd 3.4 drops a request whose From or Rcpt has a non-ASCII local part: those
+    are left out, an internationalised domain goes as A-labels."""
+    query = SpamQuery(sender="送信者@remote.example", recipients=("太郎@example.jp", "taro@例え.jp"),
+                      client_address=CLIENT_IP, helo="client.example\r\nX: y", queue_id="UTF8Q1")
+    headers = request_headers(query, skip_auth=True)
+    assert "From" not in headers and "Helo" not in headers
+    assert headers.getall("Rcpt") == ["taro@xn--r8jz45g.jp"]
+    assert check(RspamdScanner([rspamd.address]), ham(), query).symbols
+    (line,) = log_lines(rspamd, "qid: <UTF8Q1>")
+    assert "rcpts: <taro@xn--r8jz45g.jp>" in line
