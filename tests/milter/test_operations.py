@@ -224,4 +224,4 @@ def test_selftest_against_the_live_stack_and_each_backend_stopped(
         stack.mx.stop()
         stopped("reinject", "is Postfix running")
         _, rows = selftest(config)
-        assert [n for n, r in rows.items() if r[0] == "ok"] == ["clamd", "spamd", "dkim"]
+        assert [n for n, r in rows.items() if r[0] == "ok"] == ["clamd", "spamd", "rspamd", "dkim"]
