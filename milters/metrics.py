@@ -7,6 +7,7 @@ fixed list, never an address, a host or a virus name.  Made through
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -140,6 +141,11 @@ class TimedSpamScanner:
         """Timed check; a ScanError counts as an error."""
         with self.backend.timed():
             return await self.scanner.check(message, deadline, query)
+
+    async def close(self) -> None:
+        """Close the engine's connections, where it holds any (rspamd)."""
+        if (close := getattr(self.scanner, "close", None)) is not None and inspect.iscoroutinefunction(close):
+            await close()
 
 
 class TimedInjector:

@@ -17,6 +17,7 @@ as ``spam_tests``, in the log line.
 
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar
 
 from mailwarden.catalogue import JUNK_HEADER, Service
@@ -76,6 +77,11 @@ class SpamFilter:
             auth_user=env.auth_login, queue_id=env.queue_id, receiver=env.receiver,
             # The sender_auth filter ran before and left its findings.
             sender_auth_done="dkim" in ctx.verdict.findings)
+
+    async def aclose(self) -> None:
+        """Close the engine's connections (rspamd's HTTP sessions) on the running loop."""
+        if (close := getattr(self.scanner, "close", None)) is not None and inspect.iscoroutinefunction(close):
+            await close()
 
     async def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
         """Score the message once and set every contracted recipient's outcome."""
