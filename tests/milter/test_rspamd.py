@@ -20,9 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.clamd import FakeClamd
 from harness.dnsstub import StubDns
 from harness.fakes import FakeDirectory
 from harness.rspamd import RSPAMD, RspamdServer
+from harness.slapd import SlapdServer
+from harness.smtpsink import SmtpSink
 from harness.spamd import GTUBE, SpamdServer
 from mailwarden.config import Config
 from mailwarden.policy import PolicyResolver
@@ -377,6 +380,42 @@ def test_rspamd_stopped_applies_each_recipients_failure_action(rspamd: RspamdSer
         rspamd.start()
     fed = feed(service, ham(), "careful@example.jp", queue_id="UP1")
     assert fed.rc == protocol.ACCEPT
+
+
+@pytest.mark.slapd
+def test_the_milter_process_scores_with_rspamd_and_stops_cleanly(
+        rspamd: RspamdServer, slapd: SlapdServer, tmp_path: Path) -> None:
+    """``mailwarden milter run`` with ``spam_engine = "rspamd"``: GTUBE to a contracted and an
+    uncontracted recipient (the directory is slapd with the sample data), scored once by
+    rspamd; the process ends without leaving an HTTP session open."""
+    from miltertest import constants as c
+
+    from tests.milter.conftest import MilterProcess, archive_section, base_sections
+    from tests.milter.mta import EomResult, MtaSession
+
+    # example.com (bob's domain) archives: its copies go to an LMTP sink.
+    with FakeClamd() as clamd, SmtpSink(lmtp=True) as archive:
+        milter = MilterProcess(
+            tmp_path, base_sections(ldap_uri=slapd.uri, store_path=tmp_path / "state.sqlite3")
+            + archive_section(archive.port),
+            f'clamd = ["{clamd.address}"]\nspam_engine = "rspamd"\nrspamd = ["{rspamd.unix_address}"]\n'
+            "reinject = \"inet:127.0.0.1:9\"\nscan_cache_ttl = 0\n").start()
+        try:
+            session = MtaSession(milter.socket_path)
+            session.connect()
+            session.helo()
+            result = session.message("s@remote.example", ["taro@example.jp", "bob@example.com"], gtube(),
+                                     queue_id="PROC1")
+            session.close()
+        finally:
+            milter.stop()
+    assert isinstance(result, EomResult) and result.final == c.SMFIR_ACCEPT
+    assert result.of(c.SMFIR_DELRCPT) == [{"rcpt": "<taro@example.jp>"}]
+    assert [a["name"] for a in result.of(c.SMFIR_ADDHEADER)] == ["X-Mailwarden-Id"]
+    assert len(log_lines(rspamd, "qid: <PROC1>")) == 1
+    log = milter.log()
+    assert "spam_tests=GTUBE" in log
+    assert "Unclosed" not in log and "Traceback" not in log
 
 
 def test_selftest_row(rspamd: RspamdServer, tmp_path: Path) -> None:
