@@ -253,10 +253,17 @@ class Daemon:
     socket: Path
     measured: int = 0
     """The PID whose process tree's CPU is counted (0: ``proc``'s)."""
+    address: str = ""
+    """Where Postfix reaches the milter when it is not the unix socket ``socket``."""
     cpu: CpuMeter = field(init=False)
 
     def __post_init__(self) -> None:
         self.cpu = CpuMeter(self.socket.stem, self.measured or self.proc.pid)
+
+    @property
+    def milter(self) -> str:
+        """The ``smtpd_milters`` entry."""
+        return self.address or f"unix:{self.socket}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -406,7 +413,7 @@ class Result(Throughput):
 
 def run_variant(name: str, postfix: PostfixInstance, milters: list[Daemon], scanners: list[CpuMeter],
                 jobs: list[tuple[str, bytes, str]], sessions: int, pace: float = 0.0) -> Result:
-    postfix.postconf(smtpd_milters=", ".join(f"unix:{d.socket}" for d in milters))
+    postfix.postconf(smtpd_milters=", ".join(d.milter for d in milters))
     postfix.restart()
     # Warm up outside the measurement: imports, spamd children, and one message to every
     # recipient of the run, so the policy cache is warm (as in a running node; a cold
@@ -440,7 +447,7 @@ def run_variant(name: str, postfix: PostfixInstance, milters: list[Daemon], scan
 def verdicts(postfix: PostfixInstance, sink: SmtpSink, milters: list[Daemon],
              cases: list[tuple[str, bytes, str]]) -> dict[str, str]:
     """Per case: 'refused' or 'delivered' (+ ' spam-flag' when X-Spam-Flag: YES was added)."""
-    postfix.postconf(smtpd_milters=", ".join(f"unix:{d.socket}" for d in milters),
+    postfix.postconf(smtpd_milters=", ".join(d.milter for d in milters),
                      relayhost=sink.relayhost)
     postfix.restart()
     sink.clear()

@@ -89,8 +89,10 @@ class StubDns:
 
         class Tcp(socketserver.StreamRequestHandler):
             def handle(self) -> None:
-                size = int.from_bytes(self.rfile.read(2), "big")
-                out = stub.answer(self.rfile.read(size))
+                head = self.rfile.read(2)
+                if len(head) < 2:
+                    return  # a connection closed without a query (rspamd opens TCP sockets early)
+                out = stub.answer(self.rfile.read(int.from_bytes(head, "big")))
                 if out is not None:
                     self.wfile.write(len(out).to_bytes(2, "big") + out)
 

@@ -58,7 +58,8 @@ SERVICES: dict[Service, ServiceSpec] = {
     s.service: s
     for s in (
         ServiceSpec(Service.VIRUS_SCAN, "virus-scan", "scan mail with clamd", paid=True),
-        ServiceSpec(Service.SPAM_CHECK, "spam-check", "score mail with spamd", paid=True),
+        ServiceSpec(Service.SPAM_CHECK, "spam-check", "score mail with spamd or rspamd (milter.spam_engine)",
+                    paid=True),
         ServiceSpec(
             Service.KEYWORD_FILTER, "keyword-filter", "subscriber's own keyword rules", paid=True
         ),
@@ -356,7 +357,7 @@ _S = SettingSpec
 SETTINGS: dict[str, SettingSpec] = {
     s.name: s
     for s in (
-        _S("spam_threshold", "float", 5.0, "spamd score at or above which mail is spam",
+        _S("spam_threshold", "float", 5.0, "spam engine score at or above which mail is spam",
            "mwSpamThreshold", minimum=-100, maximum=1000, service=Service.SPAM_CHECK, end_user=True),
         _S("spam_action", "enum", "junk", "what happens to spam below the reject score",
            "mwSpamAction", choices=("tag", "subject", "junk", "reject"),
@@ -366,7 +367,7 @@ SETTINGS: dict[str, SettingSpec] = {
            "mwSpamRejectScore", minimum=-100, maximum=1_000_000, service=Service.SPAM_CHECK),
         _S("spam_subject_tag", "text", "[SPAM]", "tag put before the Subject of spam",
            "mwSpamSubjectTag", max_length=64, service=Service.SPAM_CHECK),
-        _S("spam_failure_action", "enum", "tempfail", "spamd down or slow: tempfail or accept",
+        _S("spam_failure_action", "enum", "tempfail", "spam engine down or slow: tempfail or accept",
            "mwSpamFailureAction", choices=("tempfail", "accept"), service=Service.SPAM_CHECK),
         _S("virus_action", "enum", "reject", "what happens to infected mail",
            "mwVirusAction", choices=("reject", "discard", "quarantine"),

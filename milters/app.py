@@ -189,6 +189,7 @@ async def serve(config: Config, sockets: list[socket.socket]) -> None:
         await until_stopped()
         log.info("milter stopping: %d connection(s)", len(server.sessions))
         await server.close()
+        await service.pipeline.aclose()
     finally:
         watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -50,7 +50,8 @@ def milter_run(app: App, socket_: str | None) -> None:
 
 
 @milter_group.command("check")
-@click.option("--connect", is_flag=True, help="Also reach clamd, spamd, the store and the directory.")
+@click.option("--connect", is_flag=True,
+              help="Also reach clamd, the spam engine (spamd or rspamd), the store and the directory.")
 @pass_app
 def milter_check(app: App, connect: bool) -> None:
     """Check the [milter] section (and with --connect, its backends)."""
@@ -62,6 +63,7 @@ def milter_check(app: App, connect: bool) -> None:
     from mailwarden.store import store_of
     from milters.scanners import ScanError
     from milters.scanners.clamd import ClamdScanner
+    from milters.scanners.rspamd import RspamdScanner
     from milters.scanners.spamd import SpamdScanner
 
     def store_ok() -> str:
@@ -78,9 +80,19 @@ def milter_check(app: App, connect: bool) -> None:
     def spamd_ok() -> str:
         return asyncio.run(SpamdScanner(m.spamd, timeout=m.spamd_timeout).ping())
 
+    async def rspamd_ping() -> str:
+        scanner = RspamdScanner(m.rspamd, timeout=m.rspamd_timeout)
+        try:
+            return await scanner.ping()
+        finally:
+            await scanner.close()
+
+    def rspamd_ok() -> str:
+        return asyncio.run(rspamd_ping())
+
     probes: list[tuple[str, Callable[[], str]]] = [
         ("clamd", clamd_ok),
-        ("spamd", spamd_ok),
+        (m.spam_engine, rspamd_ok if m.spam_engine == "rspamd" else spamd_ok),
         ("store", store_ok),
         ("directory", directory_ok),
     ]

@@ -20,6 +20,8 @@ from mailwarden.metrics import check_listen
 KIB = 1024
 MIB = 1024 * 1024
 
+SPAM_ENGINES = ("spamd", "rspamd")
+"""What ``milter.spam_engine`` may name."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,24 @@ class MilterConfig:
         512 * KIB, "larger messages are not sent to spamd (like spamc -s); logged as skipped"
     )
     spamd_user: str = setting("", "User: sent to spamd (empty: none)")
+    spam_engine: str = setting(
+        "spamd", "what scores mail for spam_check recipients: spamd or rspamd (one request per message "
+        "either way; each recipient's threshold, action and reject score apply to its score)"
+    )
+    rspamd: list[str] = setting(
+        None,
+        "rspamd upstreams (inet:host:port or unix:/path of a normal or proxy worker, HTTP /checkv2), "
+        "tried in order; used with spam_engine = rspamd",
+        factory=lambda: ["inet:127.0.0.1:11333"],
+    )
+    rspamd_timeout: float = setting(20.0, "seconds one rspamd check may take")
+    rspamd_max_size: int = setting(
+        512 * KIB, "larger messages are not sent to rspamd; logged as skipped"
+    )
+    rspamd_skip_auth: bool = setting(
+        True, "when sender_auth checked a message, rspamd's own SPF, DKIM, DMARC and ARC checks "
+        "(its policies group) are switched off for it; false: rspamd runs them too"
+    )
     spam_headers_on_ham: bool = setting(
         False, "add X-Spam-Status/Score under the threshold too (a separate copy when recipients differ)"
     )
@@ -114,7 +134,7 @@ class MilterConfig:
         "selector SELECTOR-ed25519)"
     )
     upstream_retry: float = setting(
-        30.0, "seconds a clamd/spamd upstream that failed is skipped while others remain"
+        30.0, "seconds a clamd/spamd/rspamd upstream that failed is skipped while others remain"
     )
     keyword_text_limit: int = setting(
         1 * MIB, "decoded characters of headers and text parts that keyword rules look at"
@@ -167,7 +187,8 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
     problems: list[str] = []
     for key, addr in [("socket", cfg.socket), ("reinject", cfg.reinject),
                       *((f"clamd[{i}]", a) for i, a in enumerate(cfg.clamd)),
-                      *((f"spamd[{i}]", a) for i, a in enumerate(cfg.spamd))]:
+                      *((f"spamd[{i}]", a) for i, a in enumerate(cfg.spamd)),
+                      *((f"rspamd[{i}]", a) for i, a in enumerate(cfg.rspamd))]:
         try:
             Endpoint.parse(addr)
         except EndpointError as exc:
@@ -183,12 +204,15 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
         problems.append(f"milter.socket_mode: {cfg.socket_mode!r} is not an octal mode")
     if cfg.reinject.startswith("unix:"):
         problems.append("milter.reinject: the re-injection smtpd is reached as inet:host:port")
-    for key in ("clamd", "spamd"):
+    if cfg.spam_engine not in SPAM_ENGINES:
+        problems.append(f"milter.spam_engine: {cfg.spam_engine!r} must be one of {', '.join(SPAM_ENGINES)}")
+    for key in ("clamd", "spamd", *(("rspamd",) if cfg.spam_engine == "rspamd" else ())):
         if not getattr(cfg, key):
             problems.append(f"milter.{key}: at least one upstream is needed")
     positive = (
         "memory_limit", "max_parts", "max_depth", "archive_max_members", "archive_max_size",
         "archive_max_ratio", "clamd_timeout", "clamd_max_size", "spamd_timeout", "spamd_max_size",
+        "rspamd_timeout", "rspamd_max_size",
         "keyword_text_limit", "keyword_regex_budget", "reinject_timeout", "notice_window", "quarantine_days",
         "archive_timeout",
         "mta_timeout", "postfix_command_timeout", "threads", "workers", "postfix_content_timeout",
@@ -221,7 +245,7 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
     # One scan per upstream in the worst case, then spamd, then one re-injection:
     # each call is also cut to what is left of eom_budget, this only flags a config
     # whose single steps could never fit.
-    for key in ("clamd_timeout", "spamd_timeout", "reinject_timeout", "archive_timeout"):
+    for key in ("clamd_timeout", "spamd_timeout", "rspamd_timeout", "reinject_timeout", "archive_timeout"):
         if getattr(cfg, key) >= cfg.eom_budget:
             problems.append(
                 f"milter.{key}: {getattr(cfg, key):g}s does not fit in the end-of-message "

@@ -7,18 +7,19 @@ fixed list, never an address, a host or a virus name.  Made through
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from mailwarden.metrics import Backend, DaemonMetrics, Metrics
 from milters.reinject import Injector, Origin
-from milters.scanners import SpamResult, SpamScanner, VirusResult, VirusScanner
+from milters.scanners import SpamQuery, SpamResult, SpamScanner, VirusResult, VirusScanner
 from milters.verdict import Disposition, Verdict
 
 if TYPE_CHECKING:
     from milters.delivery import Outcome
 
-BACKENDS = ("ldap", "clamd", "spamd", "store", "dns", "reinject")
+BACKENDS = ("ldap", "clamd", "spamd", "rspamd", "store", "dns", "reinject")
 SPF_RESULTS = frozenset(("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"))
 DMARC_RESULTS = frozenset(("pass", "fail", "none", "temperror", "permerror"))
 
@@ -130,16 +131,21 @@ class TimedVirusScanner:
 
 
 class TimedSpamScanner:
-    """A SpamScanner whose checks are timed (spamd)."""
+    """A SpamScanner whose checks are timed (spamd or rspamd)."""
 
     def __init__(self, scanner: SpamScanner, backend: Backend) -> None:
         self.scanner = scanner
         self.backend = backend
 
-    async def check(self, message: bytes, deadline: float) -> SpamResult:
+    async def check(self, message: bytes, deadline: float, query: SpamQuery | None = None) -> SpamResult:
         """Timed check; a ScanError counts as an error."""
         with self.backend.timed():
-            return await self.scanner.check(message, deadline)
+            return await self.scanner.check(message, deadline, query)
+
+    async def close(self) -> None:
+        """Close the engine's connections, where it holds any (rspamd)."""
+        if (close := getattr(self.scanner, "close", None)) is not None and inspect.iscoroutinefunction(close):
+            await close()
 
 
 class TimedInjector:

@@ -55,6 +55,12 @@ class Pipeline:
             ctx.verdict.findings[f"{flt.name}_ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
         return ctx.verdict
 
+    async def aclose(self) -> None:
+        """Before the loop ends: close what the filters hold on it (``aclose`` where they have one)."""
+        for flt in self.filters:
+            if (aclose := getattr(flt, "aclose", None)) is not None:
+                await aclose()
+
 
 def _allowed(ctx: Context, outcome: RecipientOutcome, filter_name: str) -> bool:
     """Whether the recipient's ``sender_allowlist`` names the sender, as far as it is known

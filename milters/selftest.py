@@ -1,7 +1,8 @@
 """The milter's probes for ``mailwarden selftest`` (registered through its Section).
 
 Each one uses the backend as the milter does: clamd scans EICAR over INSTREAM with
-the milter's client, spamd scores GTUBE with the milter's client, the re-injection
+the milter's client, spamd or rspamd (whichever ``milter.spam_engine`` names; the
+other row says it is not used) scores GTUBE with the milter's client, the re-injection
 smtpd is greeted and asked for what re-injection needs (XFORWARD), and each DKIM
 key that exists is read and its public record derived.
 """
@@ -59,6 +60,8 @@ def _spamd(config: Config) -> str:
     from milters.scanners.spamd import SpamdScanner
 
     m = MilterConfig.of(config)
+    if m.spam_engine != "spamd":
+        return f"not used (spam_engine = {m.spam_engine})"
     where = ", ".join(m.spamd)
     scanner = SpamdScanner(m.spamd, timeout=m.spamd_timeout, user=m.spamd_user)
     try:
@@ -69,6 +72,35 @@ def _spamd(config: Config) -> str:
     if result.score < GTUBE_SCORE:
         raise ProbeFailed(f"{result.upstream}: GTUBE scored {result.score:g}", "spamd's rules are missing "
                           "or GTUBE is switched off: run sa-update and check local.cf", Status.MISCONFIGURED)
+    return f"{result.upstream}: GTUBE scored {result.score:g}"
+
+
+def _rspamd(config: Config) -> str:
+    from milters.scanners import ScanError, SpamResult
+    from milters.scanners.rspamd import RspamdScanner
+
+    m = MilterConfig.of(config)
+    if m.spam_engine != "rspamd":
+        return f"not used (spam_engine = {m.spam_engine})"
+    where = ", ".join(m.rspamd)
+
+    async def check() -> SpamResult:
+        scanner = RspamdScanner(m.rspamd, timeout=m.rspamd_timeout)
+        try:
+            return await scanner.check(_GTUBE_MESSAGE, time.monotonic() + m.rspamd_timeout)
+        finally:
+            await scanner.close()
+
+    try:
+        result = asyncio.run(check())
+    except ScanError as exc:
+        raise ProbeFailed(str(exc).rstrip(": ") or where,
+                          "is rspamd running? check [milter] rspamd (a normal or proxy worker's "
+                          "bind_socket)") from None
+    if "GTUBE" not in result.symbols:
+        raise ProbeFailed(f"{result.upstream}: GTUBE not recognised (score {result.score:g})",
+                          "rspamd's GTUBE check is off (options gtube_patterns) or the rules are "
+                          "missing", Status.MISCONFIGURED)
     return f"{result.upstream}: GTUBE scored {result.score:g}"
 
 
@@ -116,4 +148,5 @@ def _dkim(config: Config) -> str:
 
 def probes() -> list[tuple[str, Callable[[Config], str]]]:
     """The milter's backends, as ``mailwarden selftest`` rows."""
-    return [("clamd", _clamd), ("spamd", _spamd), ("reinject", _reinject), ("dkim", _dkim)]
+    return [("clamd", _clamd), ("spamd", _spamd), ("rspamd", _rspamd), ("reinject", _reinject),
+            ("dkim", _dkim)]

@@ -42,6 +42,7 @@ from milters.quarantine import Quarantine
 from milters.reinject import Injector, SmtpInjector
 from milters.scanners import ScanCache, SpamScanner, VirusScanner
 from milters.scanners.clamd import ClamdScanner
+from milters.scanners.rspamd import RspamdScanner
 from milters.scanners.spamd import SpamdScanner
 from milters.scanners.upstreams import Upstreams
 from milters.signing import Sealer, Signer, Signing, SigningUnavailable
@@ -265,6 +266,14 @@ FILTERS: tuple[Callable[[Backends], Filter | None], ...] = (
 )
 
 
+def spam_engine(m: MilterConfig) -> SpamScanner:
+    """The client of ``milter.spam_engine``: spamd or rspamd, over their upstreams."""
+    if m.spam_engine == "rspamd":
+        return RspamdScanner(m.rspamd, timeout=m.rspamd_timeout, retry_after=m.upstream_retry,
+                             skip_auth=m.rspamd_skip_auth)
+    return SpamdScanner(m.spamd, timeout=m.spamd_timeout, retry_after=m.upstream_retry, user=m.spamd_user)
+
+
 def built_filters(backends: Backends) -> list[Filter]:
     """The filters of :data:`FILTERS` that the configuration switches on, in order."""
     return [f for f in (build(backends) for build in FILTERS) if f is not None]
@@ -301,13 +310,12 @@ def build_service(
     if on:
         store = TimedStore(store, metrics.backend("store"))
     clamd = virus_scanner or ClamdScanner(m.clamd, timeout=m.clamd_timeout, retry_after=m.upstream_retry)
-    spamd = spam_scanner or SpamdScanner(m.spamd, timeout=m.spamd_timeout, retry_after=m.upstream_retry,
-                                         user=m.spamd_user)
+    spamd = spam_scanner or spam_engine(m)
     dns_resolver = make_resolver(config.dns)
     backends = Backends(
         config=m,
         virus_scanner=TimedVirusScanner(clamd, metrics.backend("clamd")) if on else clamd,
-        spam_scanner=TimedSpamScanner(spamd, metrics.backend("spamd")) if on else spamd,
+        spam_scanner=TimedSpamScanner(spamd, metrics.backend(m.spam_engine)) if on else spamd,
         scan_cache=_scan_cache(config, store),
         resolver=dns_resolver,
         node_name=config.general.node_name,
@@ -327,7 +335,7 @@ def build_service(
     delivery = Delivery(injector, quarantine, notifier)
     if on:
         _follow(metrics, resolver, pipeline, delivery, dns_resolver=dns_resolver,
-                scanners={"clamd": clamd, "spamd": spamd})
+                scanners={"clamd": clamd, m.spam_engine: spamd})
     return MilterService(config=config, resolver=resolver, pipeline=pipeline, delivery=delivery,
                          metrics=metrics,
                          limits=limits_from(config), reputation=_reputation(store, config),

@@ -11,6 +11,8 @@ PACKAGES=(
   postfix postfix-ldap swaks
   dovecot-core dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-ldap dovecot-sieve
   clamav-daemon clamav-testfiles spamassassin spamc spamd
+  # the second spam engine (milter.spam_engine = "rspamd"; tests/milter/test_rspamd.py)
+  rspamd
   # DKIM: openssl makes RSA keys (mailwarden dkim keygen); OpenDKIM's opendkim-testmsg
   # checks that what the milter signs verifies elsewhere (tests/milter/test_signing.py)
   openssl opendkim-tools

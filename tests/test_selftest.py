@@ -11,7 +11,7 @@ from mailwarden.cli.common import App
 from mailwarden.cli.selftest import selftest_cmd
 from mailwarden.selftest import Row, Status, exit_status, probes, table
 
-EVERY = ["ldap", "store", "dns", "clamd", "spamd", "reinject", "dkim"]
+EVERY = ["ldap", "store", "dns", "clamd", "spamd", "rspamd", "reinject", "dkim"]
 
 
 def test_the_core_and_the_registered_daemons_probes() -> None:

@@ -1,8 +1,9 @@
-"""Clients of the content scanners (clamd, spamd) behind small interfaces.
+"""Clients of the content scanners (clamd, spamd, rspamd) behind small interfaces.
 
 Filters depend on :class:`VirusScanner` and :class:`SpamScanner` only; production
 hands in :class:`~milters.scanners.clamd.ClamdScanner` and
-:class:`~milters.scanners.spamd.SpamdScanner`, tests hand in fakes or the same
+:class:`~milters.scanners.spamd.SpamdScanner` or
+:class:`~milters.scanners.rspamd.RspamdScanner` (``milter.spam_engine``), tests hand in fakes or the same
 adapters pointed at fake socket servers.  Every failure to get an answer
 (refused, timed out, nonsense) is a :class:`ScanError`; the filter turns it into
 the recipient's configured failure action.
@@ -33,11 +34,32 @@ class VirusResult:
 
 @dataclass(frozen=True)
 class SpamResult:
-    """What spamd said about one message."""
+    """What the spam engine said about one message."""
 
     score: float
     symbols: tuple[str, ...] = ()
+    """The rules that matched, the weightiest first where the engine says."""
     upstream: str = ""
+
+
+@dataclass(frozen=True)
+class SpamQuery:
+    """What an engine may know about a message besides its text: the envelope and the
+    client.  rspamd is told these in its request headers; spamd reads the relay from the
+    ``Received:`` field put before the message and ignores the rest."""
+
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+    client_address: str = ""
+    client_name: str = ""
+    """The client's verified host name; empty or ``unknown`` when it has none."""
+    helo: str = ""
+    auth_user: str = ""
+    queue_id: str = ""
+    receiver: str = ""
+    """The MTA's own name."""
+    sender_auth_done: bool = False
+    """mailwarden checked SPF, DKIM, DMARC and ARC itself (the engine may skip them)."""
 
 
 class VirusScanner(Protocol):
@@ -52,8 +74,9 @@ class VirusScanner(Protocol):
 class SpamScanner(Protocol):
     """Scores a whole message."""
 
-    async def check(self, message: bytes, deadline: float) -> SpamResult:
-        """Score the message; raise ScanError when no upstream answers by ``deadline``."""
+    async def check(self, message: bytes, deadline: float, query: SpamQuery | None = None) -> SpamResult:
+        """Score the message (``query``: its envelope and client, for engines that use them);
+        raise ScanError when no upstream answers by ``deadline``."""
         ...
 
 

@@ -21,7 +21,7 @@ from aiospamc.responses import Response, ResponseException
 from loguru import logger
 
 from mailwarden.endpoint import Endpoint
-from milters.scanners import ScanError, SpamResult
+from milters.scanners import ScanError, SpamQuery, SpamResult
 from milters.scanners.upstreams import DeadlineExceeded, Failover, Upstreams, within
 
 log = logging.getLogger("mailwarden.milter.spamd")
@@ -67,8 +67,9 @@ class SpamdScanner:
             request.headers.user = self.user
         return request
 
-    async def check(self, message: bytes, deadline: float) -> SpamResult:
-        """Score ``message``; try each upstream until one answers."""
+    async def check(self, message: bytes, deadline: float, query: SpamQuery | None = None) -> SpamResult:
+        """Score ``message``; try each upstream until one answers.  spamd takes no envelope:
+        ``query`` is not used (the relay is in the ``Received:`` field before the message)."""
 
         async def attempt(endpoint: Endpoint) -> tuple[float, tuple[str, ...]]:
             async with within(deadline, self.timeout):

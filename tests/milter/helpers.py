@@ -22,7 +22,7 @@ from mailwarden.store import MemoryStore, Store
 from milters.app import ContentMilter
 from milters.message import BodySpool, Limits, Message, parse_header_block
 from milters.reinject import InjectError, Origin
-from milters.scanners import ScanError, SpamResult, VirusResult
+from milters.scanners import ScanError, SpamQuery, SpamResult, VirusResult
 from milters.server import Client, Edits, Macros, Reply
 from milters.service import MilterService, build_service
 
@@ -104,9 +104,11 @@ class FakeSpamScanner:
         self.score = score
         self.calls = 0
         self.error: str | None = None
+        self.queries: list[SpamQuery | None] = []
 
-    async def check(self, message: bytes, deadline: float) -> SpamResult:
+    async def check(self, message: bytes, deadline: float, query: SpamQuery | None = None) -> SpamResult:
         self.calls += 1
+        self.queries.append(query)
         if self.error:
             raise ScanError(self.error)
         if GTUBE.encode() in message:

@@ -184,10 +184,11 @@ def test_selftest_against_the_live_stack_and_each_backend_stopped(
         )
         status, rows = selftest(config)
         assert status == 0, rows
-        assert list(rows) == ["ldap", "store", "dns", "clamd", "spamd", "reinject", "dkim"]
+        assert list(rows) == ["ldap", "store", "dns", "clamd", "spamd", "rspamd", "reinject", "dkim"]
         assert {r[0] for r in rows.values()} == {"ok"}
         assert "taro@example.jp is uid=taro," in rows["ldap"][1]
         assert "EICAR found" in rows["clamd"][1] and "GTUBE scored 100" in rows["spamd"][1]
+        assert rows["rspamd"][1] == "not used (spam_engine = spamd)"
         assert "XFORWARD" in rows["reinject"][1] and "1 key(s) readable" in rows["dkim"][1]
 
         # A key that cannot sign: misconfigured (78), whatever else is down.
@@ -223,4 +224,4 @@ def test_selftest_against_the_live_stack_and_each_backend_stopped(
         stack.mx.stop()
         stopped("reinject", "is Postfix running")
         _, rows = selftest(config)
-        assert [n for n, r in rows.items() if r[0] == "ok"] == ["clamd", "spamd", "dkim"]
+        assert [n for n, r in rows.items() if r[0] == "ok"] == ["clamd", "spamd", "rspamd", "dkim"]
