@@ -460,6 +460,14 @@ class Host:
     hostname: str
     volumes: tuple[tuple[str, str], ...] = ()  # (volume suffix, mount point)
     ready_ports: tuple[int, ...] = ()
+    # The host's log directory under the stack's; the front nodes share one, as a
+    # cluster's nodes log to one place (each Postfix line names its node).
+    logs: str = ""
+
+    @property
+    def log_dir(self) -> str:
+        """The name of the directory the host's /var/log/mailwarden is."""
+        return self.logs or self.name
 
 
 MAIL_ROOT = "/srv/mail"
@@ -474,20 +482,45 @@ DOVEADM_PORT = 8080
 # What a mailbox host answers on once up: LMTP, POP3, IMAP, quota-status, doveadm HTTP.
 MAILBOX_PORTS = (24, 110, 143, 12340, DOVEADM_PORT)
 
+# What a front node answers on (behind the balancer, each wants the PROXY protocol
+# header first): MX, submission, submissions, POP-before-SMTP, POP3, IMAP, POP3S, IMAPS.
+FRONT_PORTS = (25, 587, 465, 2525, 110, 143, 995, 993)
+FRONT_VOLUMES = (("published", PUBLISHED_ZONES), ("mail", MAIL_ROOT))
+SENTINEL_PORT = 26379
+# The daemons' /metrics on a front node ([milter] / [policyd] metrics_listen, front.toml).
+METRICS_PORTS = {"milter": 9101, "policyd": 9102}
+PROMETHEUS_PORT = 9090
+
+
+def front_node(name: str, octet: int, hostname: str) -> Host:
+    """One more front node: every one is the same but for its name and address."""
+    return Host(name, "front", octet, hostname, FRONT_VOLUMES, FRONT_PORTS, logs="front")
+
+
 # In start order: what a host needs is up before it starts.  The two mailbox hosts
 # share one Maildir volume, as mailbox hosts share an NFS export in production; the
-# front node keeps its quarantine there (milter.quarantine_dir in front.toml).
+# front nodes keep their quarantine and DKIM keys there.  Three Sentinels (on redis,
+# redis2 and dns) watch the Redis primary; the balancer (HAProxy) is the MX and the
+# address clients use, and passes their connections round robin to the front nodes.
 TOPOLOGY: tuple[Host, ...] = (
-    Host("dns", "dns", 53, "dns.mailwarden.test", (("published", PUBLISHED_ZONES),)),
+    Host("dns", "dns", 53, "dns.mailwarden.test", (("published", PUBLISHED_ZONES),), (SENTINEL_PORT,)),
     Host("ldap", "ldap", 30, "ldap.mailwarden.test", ready_ports=(389,)),
-    Host("redis", "redis", 31, "redis.mailwarden.test", ready_ports=(6379,)),
+    Host("ldap2", "ldap-consumer", 32, "ldap2.mailwarden.test", ready_ports=(389,)),
+    Host("redis", "redis", 31, "redis.mailwarden.test", ready_ports=(6379, SENTINEL_PORT)),
+    Host("redis2", "redis-replica", 33, "redis2.mailwarden.test", ready_ports=(6379, SENTINEL_PORT)),
     Host("mbox1", "mailbox", 21, "mbox1.example.jp", (("mail", MAIL_ROOT),), MAILBOX_PORTS),
     Host("mbox2", "mailbox", 22, "mbox2.example.jp", (("mail", MAIL_ROOT),), MAILBOX_PORTS),
-    Host("front", "front", 10, "mx1.mailwarden.test", (("published", PUBLISHED_ZONES), ("mail", MAIL_ROOT)),
-         (25, 587, 2525, 110, 143)),
+    front_node("front", 10, "mx1.mailwarden.test"),
+    front_node("front2", 11, "mx2.mailwarden.test"),
+    Host("balancer", "balancer", 5, "mx.mailwarden.test", ready_ports=FRONT_PORTS),
+    Host("prometheus", "prometheus", 40, "prometheus.mailwarden.test", ready_ports=(PROMETHEUS_PORT,)),
     Host("internet", "internet", 100, "mx.outside.test", (("internet-mail", INTERNET_MAIL),), (25,)),
 )
-HOSTS = {h.name: h for h in TOPOLOGY}
+# Not started with the stack: the node a test adds to the balancer under load.
+SPARE_FRONT = front_node("front3", 12, "mx3.mailwarden.test")
+HOSTS = {h.name: h for h in (*TOPOLOGY, SPARE_FRONT)}
+# The hosts that stop last (the mail hosts use them).
+INFRASTRUCTURE = ("ldap", "ldap2", "redis", "redis2", "dns")
 # Front-node Postfix instances, as `mailwarden render postfix` names them.
 FRONT_INSTANCES = ("mx", "submission", "pop-before-smtp", "route", "mailbox")
 
@@ -569,6 +602,11 @@ class MailStack:
         stack.started = [h.name for h in TOPOLOGY]
         return stack
 
+    @property
+    def fronts(self) -> list[str]:
+        """The front nodes running now."""
+        return [h for h in self.started if HOSTS[h].role == "front"]
+
     # ---------------------------------------------------------------- names and addresses
     def ip(self, host: str) -> str:
         """The fixed address of ``host`` (``front``, ``mbox1``, ...)."""
@@ -603,8 +641,14 @@ class MailStack:
             self.wait_ready(host.name, deadline)
         return self
 
+    def add(self, host: Host, timeout: float = 120.0) -> None:
+        """Start one more host (a further front node) on the running stack's network."""
+        labels = ["--label", f"{LABEL}={self.name}", "--label", f"{OWNER_LABEL}={self.owner}"]
+        self._run(host, labels)
+        self.wait_ready(host.name, time.monotonic() + timeout)
+
     def _run(self, host: Host, labels: list[str]) -> None:
-        logs = self.logdir / host.name
+        logs = self.logdir / host.log_dir
         logs.mkdir(parents=True, exist_ok=True)
         args = [
             "run", "-d", "--init", "--name", self.container(host.name), *labels,
@@ -674,12 +718,23 @@ class MailStack:
 
         The Internet host stands for every sender on the Internet, so the viruses and
         spam one scenario sends would otherwise make the next one's clean mail wait."""
-        self.exec("redis", "sh", "-c", "redis-cli --scan --pattern 'mw:rep:*' | xargs -r redis-cli del")
+        self.redis_cli("sh", "-c", "redis-cli -h $PRIMARY --scan --pattern 'mw:rep:*' | xargs -r redis-cli -h $PRIMARY del")
+
+    def primary(self) -> str:
+        """The Redis primary's address, as the Sentinels name it now."""
+        done = self.exec("dns", "redis-cli", "-p", str(SENTINEL_PORT), "sentinel", "get-master-addr-by-name",
+                         "mymaster")
+        return done.stdout.split()[0]
+
+    def redis_cli(self, *cmd: str) -> subprocess.CompletedProcess[str]:
+        """``cmd`` on the dns host with PRIMARY set to the current Redis primary's address."""
+        return self.exec("dns", "env", f"PRIMARY={self.primary()}", *cmd)
 
     # ---------------------------------------------------------------- logs and queues
     def log(self, host: str, name: str = "postfix") -> str:
-        """The text of ``/var/log/mailwarden/NAME.log`` of ``host`` ('' if absent)."""
-        path = self.logdir / host / f"{name}.log"
+        """The text of ``/var/log/mailwarden/NAME.log`` of ``host`` ('' if absent); the
+        front nodes share theirs."""
+        path = self.logdir / HOSTS[host].log_dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def log_size(self, host: str, name: str = "postfix") -> int:
@@ -689,7 +744,7 @@ class MailStack:
     def log_tails(self, *hosts: str, lines: int = 40) -> str:
         """The last lines of every log of ``hosts`` (all started hosts if none)."""
         out = []
-        for host in hosts or self.started:
+        for host in dict.fromkeys(HOSTS[h].log_dir for h in (hosts or self.started)):
             for path in sorted((self.logdir / host).glob("*.log")):
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
                 out.append(f"==> {host}/{path.name} <==\n" + "\n".join(tail))
@@ -717,8 +772,8 @@ class MailStack:
         return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
     def front_queue(self) -> list[dict[str, object]]:
-        """Every message queued in any Postfix instance of the front node."""
-        return [entry for inst in FRONT_INSTANCES for entry in self.queue("front", inst)]
+        """Every message queued in any Postfix instance of any front node."""
+        return [entry for node in self.fronts for inst in FRONT_INSTANCES for entry in self.queue(node, inst)]
 
     def wait_queues_empty(self, timeout: float = 30.0) -> None:
         """Wait until no Postfix of the stack holds a message."""
@@ -824,17 +879,19 @@ class MailStack:
                 smtp.rset()
         return result
 
-    def pop3(self, user: str, password: str = SAMPLE_PASSWORD, *, host: str = "front",
+    def pop3(self, user: str, password: str = SAMPLE_PASSWORD, *, host: str = "balancer",
              source: str | None = None) -> poplib.POP3:
-        """A POP3 session after STARTTLS and login (through the front node's proxy by default)."""
+        """A POP3 session after STARTTLS and login (through the balancer to a front node's
+        proxy by default)."""
         client = _POP3From(self.ip(host), source or self.gateway)
         client.stls(_unverified_tls())
         client.user(user)
         client.pass_(password)
         return client
 
-    def imap(self, user: str, password: str = SAMPLE_PASSWORD, *, host: str = "front") -> imaplib.IMAP4:
-        """An IMAP session after STARTTLS and login (through the front node's proxy by default)."""
+    def imap(self, user: str, password: str = SAMPLE_PASSWORD, *, host: str = "balancer") -> imaplib.IMAP4:
+        """An IMAP session after STARTTLS and login (through the balancer to a front node's
+        proxy by default)."""
         client = imaplib.IMAP4(self.ip(host), 143, timeout=30)
         client.starttls(_unverified_tls())
         client.login(user, password)
@@ -910,7 +967,7 @@ def remove_stack(docker: Docker, name: str) -> None:
         # Graceful first (mw-init stops Postfix from inside its own pid namespace), the
         # mail hosts before the directory, store and DNS they use.
         names = {c: docker("inspect", "-f", "{{.Name}}", c, check=False).stdout.strip() for c in containers}
-        infra = [c for c, n in names.items() if n.rsplit("-", 1)[-1] in ("ldap", "redis", "dns")]
+        infra = [c for c, n in names.items() if n.rsplit("-", 1)[-1] in INFRASTRUCTURE]
         for batch in ([c for c in containers if c not in infra], infra):
             if batch:
                 docker("stop", "-t", "15", *batch, check=False, timeout=120)

@@ -92,7 +92,7 @@ def test_a_subscribers_submission_to_the_internet_is_archived_as_outbound(
 ) -> None:
     friend = f"friend-{token}@outside.test"
     message = make_message(SIGNER, [friend], subject=f"proposal {token}", body=f"As discussed. {token}\n")
-    result = stack.send("front", SUBMISSION, SIGNER, [friend], message, source=stack.client_address(6),
+    result = stack.send("balancer", SUBMISSION, SIGNER, [friend], message, source=stack.client_address(6),
                         login=(SIGNER, SAMPLE_PASSWORD), starttls=True)
     assert result.accepted, result
     stack.wait_for_messages(stack.internet_maildir(), match=token, delivered_to=friend)

@@ -9,7 +9,7 @@ from harness.containers import MailStack, read_maildir
 from mailwarden.render import FORWARD_DOMAIN
 from tests.containers.conftest import DirectoryChanges
 
-MX = "mx1.mailwarden.test"
+MX = "mx.mailwarden.test"  # the balancer
 
 
 def test_over_quota_recipient_gets_552_at_rcpt(

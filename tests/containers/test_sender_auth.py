@@ -37,7 +37,7 @@ def test_a_signing_domains_submission_reaches_the_internet_host_with_a_signature
     friend = f"friend-{token}@outside.test"
     message = make_message(SIGNER, [friend], subject=f"quarterly figures {token}",
                            body=f"The figures are attached as agreed. {token}\n")
-    result = stack.send("front", SUBMISSION, SIGNER, [friend], message, source=stack.client_address(5),
+    result = stack.send("balancer", SUBMISSION, SIGNER, [friend], message, source=stack.client_address(5),
                         login=(SIGNER, SAMPLE_PASSWORD), starttls=True)
     assert result.auth == (235, "2.7.0 Authentication successful")
     assert result.accepted, result
