@@ -41,6 +41,8 @@ import tempfile
 import threading
 import time
 import tomllib
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from email import message_from_bytes
@@ -49,6 +51,7 @@ from pathlib import Path
 
 from harness.dnsstub import StubDns
 from harness.postfix import SmtpResult, make_message
+from harness.scrape import Samples, scrape
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "container"
@@ -647,6 +650,16 @@ class MailStack:
         self._run(host, labels)
         self.wait_ready(host.name, time.monotonic() + timeout)
 
+    def remove(self, host: str, timeout: float = 60.0) -> None:
+        """Stop and remove a front node taken out of the balancer, once its queues are empty
+        (what it accepted is delivered first, as when a node leaves for maintenance)."""
+        deadline = time.monotonic() + timeout
+        while any(self.queue(host, inst) for inst in FRONT_INSTANCES) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        self.docker("stop", "-t", "20", self.container(host), check=False, timeout=60)
+        self.docker("rm", "-f", "-v", self.container(host), check=False)
+        self.started.remove(host)
+
     def _run(self, host: Host, labels: list[str]) -> None:
         logs = self.logdir / host.log_dir
         logs.mkdir(parents=True, exist_ok=True)
@@ -718,7 +731,8 @@ class MailStack:
 
         The Internet host stands for every sender on the Internet, so the viruses and
         spam one scenario sends would otherwise make the next one's clean mail wait."""
-        self.redis_cli("sh", "-c", "redis-cli -h $PRIMARY --scan --pattern 'mw:rep:*' | xargs -r redis-cli -h $PRIMARY del")
+        self.redis_cli("sh", "-c", "redis-cli -h $PRIMARY --scan --pattern 'mw:rep:*'"
+                       " | xargs -r redis-cli -h $PRIMARY del")
 
     def primary(self) -> str:
         """The Redis primary's address, as the Sentinels name it now."""
@@ -729,6 +743,48 @@ class MailStack:
     def redis_cli(self, *cmd: str) -> subprocess.CompletedProcess[str]:
         """``cmd`` on the dns host with PRIMARY set to the current Redis primary's address."""
         return self.exec("dns", "env", f"PRIMARY={self.primary()}", *cmd)
+
+    # ---------------------------------------------------------------- the cluster
+    def balancer(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``mw-balancer ARGS`` on the balancer (``add NAME ADDRESS WEIGHT``, ``remove NAME``)."""
+        return self.exec("balancer", "mw-balancer", *args)
+
+    def balancer_servers(self) -> dict[tuple[str, str], str]:
+        """(backend, server) -> HAProxy's status of it (``UP``, ``DOWN``, ...), from its stats socket."""
+        done = self.exec("balancer", "python3", "-c", _SHOW_STAT)
+        servers = {}
+        for line in done.stdout.splitlines()[1:]:
+            fields = line.split(",")
+            if len(fields) > 17 and fields[1] not in ("FRONTEND", "BACKEND"):
+                servers[(fields[0], fields[1])] = fields[17]
+        return servers
+
+    def landed(self, frontend: str, source: str, *, after: int = 0) -> list[str]:
+        """The front nodes the balancer passed ``source``'s connections to on ``frontend``
+        (``smtp``, ``submission``, ``pbs``, ``pop3``, ...), in the order they ended."""
+        pattern = re.compile(rf"^{re.escape(source)}:\d+ \[[^\]]+\] {frontend} {frontend}/(\w+) ",
+                             re.MULTILINE)
+        return pattern.findall(self.log("balancer", "haproxy"), after)
+
+    def metrics(self, host: str, daemon: str) -> Samples:
+        """One scrape of ``daemon``'s (``milter``, ``policyd``) /metrics on front node ``host``."""
+        return scrape(f"http://{self.ip(host)}:{METRICS_PORTS[daemon]}/metrics")
+
+    def prometheus(self, query: str) -> list[dict[str, object]]:
+        """The result vector of an instant PromQL ``query`` through Prometheus's HTTP API."""
+        url = f"http://{self.ip('prometheus')}:{PROMETHEUS_PORT}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": query})
+        with urllib.request.urlopen(url, timeout=10) as response:
+            answer = json.loads(response.read())
+        if answer.get("status") != "success":
+            raise ContainerError(f"prometheus {query!r}: {answer}")
+        result: list[dict[str, object]] = answer["data"]["result"]
+        return result
+
+    def settings(self) -> dict[str, str]:
+        """The cluster's timing (``cluster.env``: Sentinel's and the balancer's settings)."""
+        text = self.read_file("balancer", "/etc/mailwarden-stack/cluster.env")
+        return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
 
     # ---------------------------------------------------------------- logs and queues
     def log(self, host: str, name: str = "postfix") -> str:
@@ -896,6 +952,20 @@ class MailStack:
         client.starttls(_unverified_tls())
         client.login(user, password)
         return client
+
+
+# Run on the balancer: HAProxy's "show stat" CSV from its stats socket (the image has
+# no socat; its Python is Debian's).
+_SHOW_STAT = """
+import socket
+s = socket.socket(socket.AF_UNIX)
+s.connect("/run/haproxy.sock")
+s.sendall(b"show stat\\n")
+out = b""
+while chunk := s.recv(65536):
+    out += chunk
+print(out.decode())
+"""
 
 
 class _POP3From(poplib.POP3):
