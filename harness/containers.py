@@ -761,8 +761,10 @@ class MailStack:
 
     def landed(self, frontend: str, source: str, *, after: int = 0) -> list[str]:
         """The front nodes the balancer passed ``source``'s connections to on ``frontend``
-        (``smtp``, ``submission``, ``pbs``, ``pop3``, ...), in the order they ended."""
-        pattern = re.compile(rf"^{re.escape(source)}:\d+ \[[^\]]+\] {frontend} {frontend}/(\w+) ",
+        (``smtp``, ``submission``, ``pbs``, ``pop3``, ...), in the order they ended;
+        every client's if ``source`` is empty."""
+        client = re.escape(source) if source else r"[\d.]+"
+        pattern = re.compile(rf"^{client}:\d+ \[[^\]]+\] {frontend} {frontend}/(\w+) ",
                              re.MULTILINE)
         return pattern.findall(self.log("balancer", "haproxy"), after)
 

@@ -36,12 +36,12 @@ def test_every_front_node_is_in_service_behind_the_balancer(stack: MailStack) ->
 
 
 def test_the_nodes_see_the_clients_own_address_not_the_balancers(stack: MailStack, token: str) -> None:
-    client = stack.client_address(30)
+    client = stack.client_address(10)
     postfix_log, haproxy_log = stack.log_size("front"), stack.log_size("balancer", "haproxy")
     sent = 0
     while set(stack.landed("smtp", client, after=haproxy_log)) != {"front", "front2"}:
         assert sent < 6, stack.landed("smtp", client, after=haproxy_log)
-        result = stack.send("balancer", MX, f"sender-{token}@outside.test", ["taro@example.jp"],
+        result = stack.send("balancer", MX, f"sender-{token}@elsewhere.test", ["taro@example.jp"],
                             source=client)
         assert result.data[0] == 250, result
         sent += 1
@@ -51,11 +51,11 @@ def test_the_nodes_see_the_clients_own_address_not_the_balancers(stack: MailStac
                            rf"client=[^\[\s]*\[{re.escape(client)}\]", after=postfix_log)
     new = stack.log("front")[postfix_log:]
     assert not re.search(rf"\w+: client=[^\[\s]*\[{re.escape(stack.ip('balancer'))}\]", new)
-    stack.wait_for_messages(stack.maildir("taro@example.jp"), sent, match=f"sender-{token}@outside.test")
+    stack.wait_for_messages(stack.maildir("taro@example.jp"), sent, match=f"sender-{token}@elsewhere.test")
 
 
 def test_a_pop3_login_landing_on_one_node_opens_relay_on_the_other(stack: MailStack, token: str) -> None:
-    laptop, friend = stack.client_address(31), f"friend-{token}@outside.test"
+    laptop, friend = stack.client_address(11), f"friend-{token}@outside.test"
     haproxy_log, policyd_log = stack.log_size("balancer", "haproxy"), stack.log_size("front", "policyd")
     stack.pop3("pbs@example.jp", source=laptop).quit()
     [login_node] = wait_landed(stack, "pop3", laptop, 1, haproxy_log)
@@ -78,26 +78,34 @@ def test_a_pop3_login_landing_on_one_node_opens_relay_on_the_other(stack: MailSt
 def test_a_rate_limit_counted_on_one_node_holds_on_the_other(
     stack: MailStack, token: str, directory: DirectoryChanges
 ) -> None:
+    forget = ("sh", "-c", "redis-cli -h $PRIMARY --scan --pattern 'mw:rl:user:taro@example.jp:*'"
+              " | xargs -r redis-cli -h $PRIMARY del")
+    stack.redis_cli(*forget)  # earlier submissions' count (the window is an hour)
     directory.set("user", "taro@example.jp", "rate_limit_messages", "1")
     friend = f"friend-{token}@outside.test"
     haproxy_log = stack.log_size("balancer", "haproxy")
 
     def submit(n: int) -> tuple[str, tuple[int, str]]:
         # A client address of its own for each, so the balancer's log tells them apart.
-        source = stack.client_address(40 + n)
+        source = stack.client_address(12 + n)
         result = stack.send("balancer", SUBMISSION, "taro@example.jp", [friend], source=source,
                             login=("taro@example.jp", SAMPLE_PASSWORD), starttls=True)
         [node] = wait_landed(stack, "submission", source, 1, haproxy_log)
         return node, result.rcpt[friend]
 
-    counted_on, reply = submit(0)
-    assert reply[0] == 250, reply
-    for n in range(1, 6):
-        node, reply = submit(n)
-        assert reply[0] == 450 and "4.7.1 Rate limit" in reply[1], (node, reply)
-        if node != counted_on:
-            return
-    raise AssertionError(f"no submission reached a node other than {counted_on}")
+    try:
+        counted_on, reply = submit(0)
+        assert reply[0] == 250, reply
+        nodes = []
+        for n in range(1, 6):
+            node, reply = submit(n)
+            assert reply[0] == 450 and "Rate limit reached" in reply[1], (node, reply)
+            nodes.append(node)
+            if node != counted_on:
+                break
+        assert nodes[-1] != counted_on, f"no submission reached a node other than {counted_on}"
+    finally:
+        stack.redis_cli(*forget)  # the limit reached stays marked for the window
 
 
 def test_metrics_move_when_mail_flows_on_the_nodes_and_in_prometheus(stack: MailStack, token: str) -> None:
@@ -116,9 +124,9 @@ def test_metrics_move_when_mail_flows_on_the_nodes_and_in_prometheus(stack: Mail
         return float(result[0]["value"][1]) if result else 0.0  # type: ignore[index]
 
     before, before_prometheus = accepted(), in_prometheus()
-    client = stack.client_address(50)
+    client = stack.client_address(18)
     for n in range(4):  # over both nodes (round robin)
-        sender = f"metrics-{token}@outside.test"
+        sender = f"metrics-{token}@elsewhere.test"
         result = stack.send("balancer", MX, sender, ["taro@example.jp"], source=client,
                             message=make_message(sender, ["taro@example.jp"], subject=f"metrics {token} {n}"))
         assert result.data[0] == 250, result
@@ -138,31 +146,31 @@ def test_a_third_front_node_added_under_load_takes_traffic_with_no_data_moved(
 ) -> None:
     """The node starts from the image with the shared configuration, and one line in the
     balancer's node list puts it in service; mail sent meanwhile is all delivered."""
-    client = stack.client_address(60)
+    client = stack.client_address(20)
     haproxy_log = stack.log_size("balancer", "haproxy")
     stop = threading.Event()
     replies: list[int] = []
 
     def load() -> None:
         n = 0
-        while not stop.is_set() and n < 200:
-            sender = f"load-{token}@outside.test"
-            message = make_message(sender, ["hanako@example.jp"], subject=f"load {token} {n}")
-            result = stack.send("balancer", MX, sender, ["hanako@example.jp"], message, source=client)
+        while not stop.is_set() and n < 100:
+            sender = f"load-{token}@elsewhere.test"
+            message = make_message(sender, ["taro@example.jp"], subject=f"load {token} {n}")
+            result = stack.send("balancer", MX, sender, ["taro@example.jp"], message, source=client)
             replies.append(result.data[0] if result.data else result.connect[0])
             n += 1
-            time.sleep(0.3)
+            time.sleep(0.5)
 
     sender = threading.Thread(target=load, daemon=True)
     sender.start()
     try:
         stack.add(SPARE_FRONT)
         # A window opened before the node existed is honoured there: the state is shared.
-        laptop = stack.client_address(61)
+        laptop = stack.client_address(21)
         stack.pop3("pbs@example.jp", source=laptop).quit()
         stack.balancer("add", SPARE_FRONT.name, stack.ip(SPARE_FRONT.name), "1")
         deadline = time.monotonic() + 60
-        while SPARE_FRONT.name not in stack.landed("smtp", client, after=haproxy_log):
+        while SPARE_FRONT.name not in stack.landed("smtp", "", after=haproxy_log):
             assert time.monotonic() < deadline and sender.is_alive(), stack.log_tails("balancer")
             time.sleep(0.5)
         friend = f"friend-{token}@outside.test"
@@ -180,5 +188,5 @@ def test_a_third_front_node_added_under_load_takes_traffic_with_no_data_moved(
         stack.balancer("remove", SPARE_FRONT.name)
         stack.remove(SPARE_FRONT.name)
     assert replies and set(replies) == {250}, replies
-    stack.wait_for_messages(stack.maildir("hanako@example.jp"), len(replies), match=f"load {token}",
+    stack.wait_for_messages(stack.maildir("taro@example.jp"), len(replies), match=f"load {token}",
                             timeout=60)
