@@ -588,6 +588,7 @@ class MailStack:
         self.logdir = workdir / "logs"
         self.started: list[str] = []
         self._bridge: str | None = None
+        self._init_mark: dict[str, int] = {}
 
     @classmethod
     def attach(cls, docker: Docker, name: str) -> MailStack:
@@ -672,8 +673,19 @@ class MailStack:
         ]
         for suffix, mountpoint in host.volumes:
             args += ["--volume", f"{self.volume(suffix)}:{mountpoint}"]
+        self._init_mark[host.name] = self.log_size(host.name, "init")
         self.docker(*args, self.image, host.role)
         self.started.append(host.name)
+
+    def stop(self, host: str, timeout: int = 20) -> None:
+        """Stop ``host``'s container as an operator would (its daemons stopped by mw-init)."""
+        self.docker("stop", "-t", str(timeout), self.container(host), timeout=timeout + 60)
+
+    def start(self, host: str, timeout: float = 120.0) -> None:
+        """Start a stopped host again (mw-init runs again) and wait until it answers."""
+        self._init_mark[host] = self.log_size(host, "init")
+        self.docker("start", self.container(host), timeout=60)
+        self.wait_ready(host, time.monotonic() + timeout)
 
     def wait_ready(self, host: str, deadline: float) -> None:
         """Wait until ``host``'s ports answer; raise with its logs if it does not."""
@@ -692,7 +704,9 @@ class MailStack:
 
     def _give_up_if(self, host: str, deadline: float, what: str) -> None:
         state = self.docker("inspect", "-f", "{{.State.Status}}", self.container(host), check=False)
-        died = " exited (status" in self.log(host, "init")
+        # Only what this start logged: the front nodes share one init.log, and a host
+        # started again has the lines of its earlier run.
+        died = " exited (status" in self.log(host, "init")[self._init_mark.get(host, 0):]
         if died or time.monotonic() > deadline or state.stdout.strip() not in ("running", "created"):
             why = "a daemon exited" if died else f"container {state.stdout.strip() or 'gone'}"
             raise ContainerError(f"{host}: {what} did not answer ({why})\n" + self.log_tails(host))

@@ -154,12 +154,11 @@ def _milter_up(stack: MailStack) -> None:
 
 
 def _node_down(stack: MailStack) -> None:
-    stack.docker("stop", "-t", "20", stack.container("front2"), timeout=60)
+    stack.stop("front2")
 
 
 def _node_up(stack: MailStack) -> None:
-    stack.docker("start", stack.container("front2"), timeout=60)
-    stack.wait_ready("front2", time.monotonic() + 120)
+    stack.start("front2")
     _wait("front2 back in the balancer", _front_in_service(stack, "front2"), 30)
 
 
@@ -186,12 +185,11 @@ def _redis_up(stack: MailStack) -> None:
 
 
 def _ldap_down(stack: MailStack) -> None:
-    stack.docker("stop", "-t", "10", stack.container("ldap"), timeout=60)
+    stack.stop("ldap", timeout=10)
 
 
 def _ldap_up(stack: MailStack) -> None:
-    stack.docker("start", stack.container("ldap"), timeout=60)
-    stack.wait_ready("ldap", time.monotonic() + 60)
+    stack.start("ldap", timeout=60)
 
 
 def _clamd_down(stack: MailStack) -> None:
