@@ -54,7 +54,8 @@ start = time.time()
 for i in range(count):
     rcpt = recipients[i % len(recipients)]
     virus = i % virus_every == virus_every - 1
-    body = eicar if virus else f"drill message {i} of {count}\n"
+    # Unique bodies: the milter's scan cache (by body digest) must not answer for clamd.
+    body = f"{eicar}\n{token} {i}\n" if virus else f"drill {token} message {i} of {count}\n"
     text = (f"From: drill-{token}@outside.test\nTo: {rcpt}\nSubject: drill {token} {i}\n"
             f"Message-ID: <drill-{token}-{i:03d}@outside.test>\n\n{body}\n")
     subprocess.run(["/usr/sbin/sendmail", "-oi", "-f", f"drill-{token}@outside.test", rcpt],
