@@ -234,15 +234,18 @@ def _sentinel(s: dict[str, str]) -> str:
 
 FAULTS: tuple[Fault, ...] = (
     Fault("milter SIGKILLed on one node, restarted after 10 s", _milter_down, _milter_up, 10,
-          lambda _s: "milter_default_action tempfail: 4xx, the sender retries"),
+          lambda _s: "Postfix milter_default_action = tempfail: 451 4.7.1, the sender retries"),
     Fault("front node stopped for 20 s, started again", _node_down, _node_up, 20, _balancer),
     Fault("Redis primary SIGKILLed (Sentinel promotes the replica)", _redis_down, _redis_up, 5, _sentinel),
     Fault("LDAP provider stopped for 20 s", _ldap_down, _ldap_up, 20,
-          lambda _s: "ldap uri lists provider and consumer"),
+          lambda _s: "ldap uri: provider, then consumer; network_timeout 2 s, timeout 3 s"),
     Fault("clamd SIGKILLed on one node, restarted after 10 s", _clamd_down, _clamd_up, 10,
-          lambda _s: "virus scan failure: 4xx"),
-    Fault("spamd SIGKILLed on one node, restarted after 10 s", _spamd_down, _spamd_up, 10),
-    Fault("stub DNS stops answering for 30 s", _dns_down, _dns_up, 30),
+          lambda _s: "virus_failure_action = tempfail: 451 4.7.1"),
+    Fault("spamd SIGKILLed on one node, restarted after 10 s", _spamd_down, _spamd_up, 10,
+          lambda _s: "spam_failure_action = tempfail: 451 4.7.1"),
+    Fault("stub DNS stops answering for 30 s", _dns_down, _dns_up, 30,
+          lambda _s: "the Internet host finds no MX and retries; the nodes' lookups time out "
+                     "(dns timeout 2 s)"),
 )
 SHORT_NAMES = ("milter", "node", "redis", "ldap", "clamd", "spamd", "dns")
 BY_NAME = dict(zip(SHORT_NAMES, FAULTS, strict=True))
