@@ -37,8 +37,8 @@ from pathlib import Path
 from harness.containers import Docker, MailStack, StackRun
 
 # Subscribers with virus and spam checking (ldap/sample.ldif): example.jp's virus-scan and
-# taro's spam-check (mbox1); example.com's virus-scan and spam-check.
-RECIPIENTS = ("taro@example.jp", "bob@example.com")
+# taro's spam-check; example.com's virus-scan and spam-check (alice's mail is archived too).
+RECIPIENTS = ("taro@example.jp", "alice@example.com")
 # Assembled here so that no virus scanner flags this file.
 EICAR = "X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + "EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 VIRUS_EVERY = 10
@@ -52,7 +52,9 @@ recipients = sys.argv[5].split(",")
 eicar = sys.stdin.read().strip()
 start = time.time()
 for i in range(count):
-    rcpt = recipients[i % len(recipients)]
+    # Two in a row to each: with the balancer's round robin, each recipient's mail
+    # reaches every node.
+    rcpt = recipients[(i // 2) % len(recipients)]
     virus = i % virus_every == virus_every - 1
     # Unique bodies: the milter's scan cache (by body digest) must not answer for clamd.
     body = f"{eicar}\n{token} {i}\n" if virus else f"drill {token} message {i} of {count}\n"
