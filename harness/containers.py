@@ -697,6 +697,15 @@ class MailStack:
             while not _dns_answers(self.ip(host)):
                 self._give_up_if(host, deadline, "DNS")
                 time.sleep(0.2)
+        if HOSTS[host].role == "balancer":
+            # HAProxy listens at once; a node is in service after its health checks pass.
+            while not self._all_in_service():
+                self._give_up_if(host, deadline, "the front nodes' health checks")
+                time.sleep(0.5)
+
+    def _all_in_service(self) -> bool:
+        servers = self.balancer_servers()
+        return bool(servers) and all(status == "UP" for status in servers.values())
 
     def answers(self, host: str, port: int) -> bool:
         """Whether ``host`` accepts a TCP connection on ``port`` now."""
