@@ -190,3 +190,24 @@ def test_a_third_front_node_added_under_load_takes_traffic_with_no_data_moved(
     assert replies and set(replies) == {250}, replies
     stack.wait_for_messages(stack.maildir("taro@example.jp"), len(replies), match=f"load {token}",
                             timeout=60)
+
+
+def test_directory_changes_go_to_the_provider_and_reach_the_consumer(
+    stack: MailStack, directory: DirectoryChanges
+) -> None:
+    provider_log = stack.log_size("ldap", "slapd")
+    directory.set("user", "jiro@example.jp", "spam_threshold", "6.5")
+    assert re.search(r'MOD dn="uid=jiro,', stack.log("ldap", "slapd")[provider_log:])
+    search = ("ldapsearch", "-x", "-LLL", "-H", "ldap://127.0.0.1/", "-b", "dc=mailwarden,dc=test",
+              "(mail=jiro@example.jp)", "mwSpamThreshold")
+    deadline = time.monotonic() + 10
+    while "mwSpamThreshold: 6.5" not in stack.exec("ldap2", *search).stdout:
+        assert time.monotonic() < deadline, stack.exec("ldap2", *search).stdout
+        time.sleep(0.5)
+    # The consumer itself refuses a change, referring it to the provider.
+    jiro = "uid=jiro,ou=users,mwDomainName=example.jp,ou=domains,dc=mailwarden,dc=test"
+    refused = stack.exec("ldap2", "ldapmodify", "-x", "-H", "ldap://127.0.0.1/", "-D",
+                         "cn=admin,dc=mailwarden,dc=test", "-w", "secret", check=False,
+                         input=f"dn: {jiro}\nchangetype: modify\nreplace: mwSpamThreshold\n"
+                               "mwSpamThreshold: 7\n")
+    assert refused.returncode != 0 and f"ldap://{stack.ip('ldap')}/" in refused.stdout + refused.stderr
