@@ -21,6 +21,13 @@ answer before sending the next request (as Postfix's smtpd does).  Prints a tabl
 the ratios and one JSON line.  Not part of the test suite.
 
 Usage: python -m bench.bench_policyd [--sizes 1000,100000] [--backends sqlite,redis,redis-unix]
+
+``--backends sentinel --sentinels HOST:PORT,... --nodes 1,2``: the store is a Redis reached
+through its Sentinels over a network (the container stack's: ``make demo``, then its
+redis, redis2 and dns hosts on port 26379), and the policy daemon runs as one node, then
+as N nodes (each its own ``mailwarden policyd run``) behind a real HAProxy (TCP, round
+robin) that the load generator connects to.  Every node runs on this machine, so N nodes
+share its cores: read the overhead of the balancer and the network store, not scaling.
 """
 
 from __future__ import annotations
@@ -304,6 +311,42 @@ def load_pbs_windows(backend: str, store_section: dict[str, str], users: list[st
         client.close()
 
 
+def haproxy_in_front(work: Path, ports: list[int]) -> tuple[subprocess.Popen[bytes], str]:
+    """A real HAProxy (TCP, round robin) on loopback in front of policy daemons at ``ports``."""
+    listen = free_port()
+    servers = "".join(f"  server node{i} 127.0.0.1:{port}\n" for i, port in enumerate(ports))
+    conf = work / "haproxy.cfg"
+    conf.write_text("defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 60s\n"
+                    "  timeout server 60s\n"
+                    f"frontend policy\n  bind 127.0.0.1:{listen}\n  default_backend nodes\n"
+                    f"backend nodes\n  balance roundrobin\n{servers}")
+    proc = subprocess.Popen([shutil.which("haproxy", path="/usr/sbin:/usr/bin") or "haproxy", "-db", "-f",
+                             str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", listen), timeout=0.5).close()
+            return proc, f"tcp:127.0.0.1:{listen}"
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                stop(proc)
+                raise RuntimeError("haproxy did not come up") from None
+            time.sleep(0.1)
+
+
+def sentinel_store(sentinels: list[str]) -> tuple[dict[str, str], str]:
+    """The store section (for load_pbs_windows) and [store] text of a Sentinel-watched Redis."""
+    from redis.sentinel import Sentinel
+
+    hosts = [(h, int(p)) for h, _, p in (s.rpartition(":") for s in sentinels)]
+    host, port = Sentinel(hosts, socket_timeout=2).discover_master("mymaster")
+    prefix = "mwbench:"  # apart from the stack's own keys
+    listed = ", ".join(f'"{s}"' for s in sentinels)
+    store = (f'[store]\nbackend = "redis"\nredis_url = "redis://{host}:{port}/0"\nsentinels = [{listed}]\n'
+             f'sentinel_service = "mymaster"\nkey_prefix = "{prefix}"\n')
+    return {"redis_url": f"redis://{host}:{port}/0", "key_prefix": prefix}, store
+
+
 def measure_size(
     size: int, backends: list[str], args: argparse.Namespace, work: Path
 ) -> list[dict[str, Any]]:
@@ -320,11 +363,14 @@ def measure_size(
     pbs_users = [user_address(i, DOMAINS) for i in working if has(i, "pop_before_smtp")]
     results = []
     try:
-        for backend in backends:
+        runs = [(b, n) for b in backends for n in (args.nodes if b == "sentinel" else [1])]
+        for backend, nodes in runs:
             redis_server = (RedisServer(unix_socket=backend == "redis-unix").start()
                             if backend.startswith("redis") else None)
             try:
-                if redis_server is not None:
+                if backend == "sentinel":
+                    section, store = sentinel_store(args.sentinels)
+                elif redis_server is not None:
                     url = (f"unix://{redis_server.socket_path}" if redis_server.socket_path
                            else redis_server.url)
                     section = {"redis_url": url, "key_prefix": "mw:"}
@@ -335,9 +381,21 @@ def measure_size(
                 t0 = time.perf_counter()
                 load_pbs_windows(backend, section, pbs_users, args.pbs)
                 pbs_load_s = time.perf_counter() - t0
-                proc, spec = start_daemon(work, f"ours-{size}-{backend}", daemon_config(
-                    slapd.uri, store, free_port(), ["relay", "sender_login", "reputation", "rate_limit",
-                                                    "spf", "greylist"], args.workers))
+                config = daemon_config(slapd.uri, store, free_port(), ["relay", "sender_login", "reputation",
+                                                                       "rate_limit", "spf", "greylist"],
+                                       args.workers)
+                daemons, ports = [], []
+                for node in range(nodes):
+                    ports.append(free_port())
+                    # Also on TCP, for the balancer when there is more than one node.
+                    listening = config.replace('listen = ["unix:@SOCK@"]',
+                                               f'listen = ["unix:@SOCK@", "inet:127.0.0.1:{ports[-1]}"]')
+                    daemons.append(start_daemon(work, f"ours-{size}-{backend}-{node}", listening))
+                proc, spec = daemons[0]
+                balancer = haproxy_in_front(work, ports) if nodes > 1 else None
+                if balancer is not None:
+                    spec = balancer[1]
+                backend_name = f"sentinel/{nodes}" if backend == "sentinel" else backend
                 try:
                     warm = [policy_request(sasl_username=u, sender=u, instance=f"w{i}")
                             for i, u in enumerate(submitters + pbs_users)]
@@ -359,15 +417,27 @@ def measure_size(
                         j = rng.randrange(args.pbs)
                         pbs.append(policy_request(client_address=str(ipaddress.IPv4Address(0x0A000000 + j)),
                                                   sender=pbs_users[j % len(pbs_users)], instance=f"p{k}"))
-                    row = {"subscribers": size, "backend": backend, "pbs_windows": args.pbs,
+                    row = {"subscribers": size, "backend": backend_name, "pbs_windows": args.pbs,
                            "pbs_load_s": round(pbs_load_s, 1), "cold": cold}
-                    pids = (proc.pid,) + ((redis_server.pid,) if redis_server and redis_server.pid else ())
+                    pids = (proc.pid, *(d.pid for d, _ in daemons[1:]),
+                            *((balancer[0].pid,) if balancer else ()),
+                            *((redis_server.pid,) if redis_server and redis_server.pid else ()))
                     for name, reqs in (("submission", sub), ("message", msg), ("pop-before-smtp", pbs)):
                         row[name] = run_load(spec, reqs, args.connections, work, pids)
                     results.append(row)
                 finally:
-                    stop(proc)
+                    if balancer is not None:
+                        stop(balancer[0])
+                    for daemon, _ in daemons:
+                        stop(daemon)
             finally:
+                if backend == "sentinel":
+                    import redis
+
+                    client = redis.Redis.from_url(sentinel_store(args.sentinels)[0]["redis_url"])
+                    for key in client.scan_iter(match="mwbench:*", count=10000):
+                        client.delete(key)
+                    client.close()
                 if redis_server is not None:
                     redis_server.stop()
     finally:
@@ -583,6 +653,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="policyd processes")
     ap.add_argument("--threads", type=int, default=8, help="policyd threads per process")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--sentinels", default="", help="host:port,... of the Sentinels (backend sentinel)")
+    ap.add_argument("--nodes", default="1", help="policy daemons behind HAProxy (backend sentinel): 1,2")
     ap.add_argument("--metrics", action="store_true",
                     help="also the submission path with metrics off and on (scraped every second)")
     ap.add_argument("--metrics-rounds", type=int, default=20, help="interleaved off/on rounds")
@@ -605,6 +677,10 @@ def main() -> int:
         ap.error("the peer comparison needs root (network namespace); use --no-peers")
     global THREADS
     THREADS = args.threads
+    args.sentinels = [s for s in args.sentinels.split(",") if s]
+    args.nodes = [int(n) for n in args.nodes.split(",") if n]
+    if "sentinel" in args.backends.split(",") and not args.sentinels:
+        ap.error("the sentinel backend needs --sentinels HOST:PORT,...")
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="mw-bench-policyd-"))
     work.chmod(0o755)

@@ -41,6 +41,8 @@ import tempfile
 import threading
 import time
 import tomllib
+import urllib.parse
+import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from email import message_from_bytes
@@ -49,6 +51,7 @@ from pathlib import Path
 
 from harness.dnsstub import StubDns
 from harness.postfix import SmtpResult, make_message
+from harness.scrape import Samples, scrape
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy" / "container"
@@ -460,6 +463,14 @@ class Host:
     hostname: str
     volumes: tuple[tuple[str, str], ...] = ()  # (volume suffix, mount point)
     ready_ports: tuple[int, ...] = ()
+    # The host's log directory under the stack's; the front nodes share one, as a
+    # cluster's nodes log to one place (each Postfix line names its node).
+    logs: str = ""
+
+    @property
+    def log_dir(self) -> str:
+        """The name of the directory the host's /var/log/mailwarden is."""
+        return self.logs or self.name
 
 
 MAIL_ROOT = "/srv/mail"
@@ -474,22 +485,47 @@ DOVEADM_PORT = 8080
 # What a mailbox host answers on once up: LMTP, POP3, IMAP, quota-status, doveadm HTTP.
 MAILBOX_PORTS = (24, 110, 143, 12340, DOVEADM_PORT)
 
+# What a front node answers on (behind the balancer, each wants the PROXY protocol
+# header first): MX, submission, submissions, POP-before-SMTP, POP3, IMAP, POP3S, IMAPS.
+FRONT_PORTS = (25, 587, 465, 2525, 110, 143, 995, 993)
+FRONT_VOLUMES = (("published", PUBLISHED_ZONES), ("mail", MAIL_ROOT))
+SENTINEL_PORT = 26379
+# The daemons' /metrics on a front node ([milter] / [policyd] metrics_listen, front.toml).
+METRICS_PORTS = {"milter": 9101, "policyd": 9102}
+PROMETHEUS_PORT = 9090
+
+
+def front_node(name: str, octet: int, hostname: str) -> Host:
+    """One more front node: every one is the same but for its name and address."""
+    return Host(name, "front", octet, hostname, FRONT_VOLUMES, FRONT_PORTS, logs="front")
+
+
 # In start order: what a host needs is up before it starts.  The two mailbox hosts
 # share one Maildir volume, as mailbox hosts share an NFS export in production; the
-# front node keeps its quarantine there (milter.quarantine_dir in front.toml).
+# front nodes keep their quarantine and DKIM keys there.  Three Sentinels (on redis,
+# redis2 and dns) watch the Redis primary; the balancer (HAProxy) is the MX and the
+# address clients use, and passes their connections round robin to the front nodes.
 TOPOLOGY: tuple[Host, ...] = (
-    Host("dns", "dns", 53, "dns.mailwarden.test", (("published", PUBLISHED_ZONES),)),
+    Host("dns", "dns", 53, "dns.mailwarden.test", (("published", PUBLISHED_ZONES),), (SENTINEL_PORT,)),
     Host("ldap", "ldap", 30, "ldap.mailwarden.test", ready_ports=(389,)),
-    Host("redis", "redis", 31, "redis.mailwarden.test", ready_ports=(6379,)),
+    Host("ldap2", "ldap-consumer", 32, "ldap2.mailwarden.test", ready_ports=(389,)),
+    Host("redis", "redis", 31, "redis.mailwarden.test", ready_ports=(6379, SENTINEL_PORT)),
+    Host("redis2", "redis-replica", 33, "redis2.mailwarden.test", ready_ports=(6379, SENTINEL_PORT)),
     Host("mbox1", "mailbox", 21, "mbox1.example.jp", (("mail", MAIL_ROOT),), MAILBOX_PORTS),
     Host("mbox2", "mailbox", 22, "mbox2.example.jp", (("mail", MAIL_ROOT),), MAILBOX_PORTS),
-    Host("front", "front", 10, "mx1.mailwarden.test", (("published", PUBLISHED_ZONES), ("mail", MAIL_ROOT)),
-         (25, 587, 2525, 110, 143)),
+    front_node("front", 10, "mx1.mailwarden.test"),
+    front_node("front2", 11, "mx2.mailwarden.test"),
+    Host("balancer", "balancer", 5, "mx.mailwarden.test", ready_ports=FRONT_PORTS),
+    Host("prometheus", "prometheus", 40, "prometheus.mailwarden.test", ready_ports=(PROMETHEUS_PORT,)),
     Host("internet", "internet", 100, "mx.outside.test", (("internet-mail", INTERNET_MAIL),), (25,)),
     # A legacy mail system a domain is migrated from (tests/containers/test_migration.py).
-    Host("legacy", "legacy", 40, "mail.oldisp.test", (), (25, 110, 143, 24)),
+    Host("legacy", "legacy", 41, "mail.oldisp.test", (), (25, 110, 143, 24)),
 )
-HOSTS = {h.name: h for h in TOPOLOGY}
+# Not started with the stack: the node a test adds to the balancer under load.
+SPARE_FRONT = front_node("front3", 12, "mx3.mailwarden.test")
+HOSTS = {h.name: h for h in (*TOPOLOGY, SPARE_FRONT)}
+# The hosts that stop last (the mail hosts use them).
+INFRASTRUCTURE = ("ldap", "ldap2", "redis", "redis2", "dns")
 # Front-node Postfix instances, as `mailwarden render postfix` names them.
 FRONT_INSTANCES = ("mx", "submission", "pop-before-smtp", "route", "mailbox")
 
@@ -554,6 +590,7 @@ class MailStack:
         self.logdir = workdir / "logs"
         self.started: list[str] = []
         self._bridge: str | None = None
+        self._init_mark: dict[str, int] = {}
 
     @classmethod
     def attach(cls, docker: Docker, name: str) -> MailStack:
@@ -570,6 +607,11 @@ class MailStack:
         stack = cls(docker, image, Path(logs).parents[1], net=subnet.rsplit(".", 1)[0], owner=0, name=name)
         stack.started = [h.name for h in TOPOLOGY]
         return stack
+
+    @property
+    def fronts(self) -> list[str]:
+        """The front nodes running now."""
+        return [h for h in self.started if HOSTS[h].role == "front"]
 
     # ---------------------------------------------------------------- names and addresses
     def ip(self, host: str) -> str:
@@ -605,8 +647,24 @@ class MailStack:
             self.wait_ready(host.name, deadline)
         return self
 
+    def add(self, host: Host, timeout: float = 120.0) -> None:
+        """Start one more host (a further front node) on the running stack's network."""
+        labels = ["--label", f"{LABEL}={self.name}", "--label", f"{OWNER_LABEL}={self.owner}"]
+        self._run(host, labels)
+        self.wait_ready(host.name, time.monotonic() + timeout)
+
+    def remove(self, host: str, timeout: float = 60.0) -> None:
+        """Stop and remove a front node taken out of the balancer, once its queues are empty
+        (what it accepted is delivered first, as when a node leaves for maintenance)."""
+        deadline = time.monotonic() + timeout
+        while any(self.queue(host, inst) for inst in FRONT_INSTANCES) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        self.docker("stop", "-t", "20", self.container(host), check=False, timeout=60)
+        self.docker("rm", "-f", "-v", self.container(host), check=False)
+        self.started.remove(host)
+
     def _run(self, host: Host, labels: list[str]) -> None:
-        logs = self.logdir / host.name
+        logs = self.logdir / host.log_dir
         logs.mkdir(parents=True, exist_ok=True)
         args = [
             "run", "-d", "--init", "--name", self.container(host.name), *labels,
@@ -617,8 +675,19 @@ class MailStack:
         ]
         for suffix, mountpoint in host.volumes:
             args += ["--volume", f"{self.volume(suffix)}:{mountpoint}"]
+        self._init_mark[host.name] = self.log_size(host.name, "init")
         self.docker(*args, self.image, host.role)
         self.started.append(host.name)
+
+    def stop(self, host: str, timeout: int = 20) -> None:
+        """Stop ``host``'s container as an operator would (its daemons stopped by mw-init)."""
+        self.docker("stop", "-t", str(timeout), self.container(host), timeout=timeout + 60)
+
+    def start(self, host: str, timeout: float = 120.0) -> None:
+        """Start a stopped host again (mw-init runs again) and wait until it answers."""
+        self._init_mark[host] = self.log_size(host, "init")
+        self.docker("start", self.container(host), timeout=60)
+        self.wait_ready(host, time.monotonic() + timeout)
 
     def wait_ready(self, host: str, deadline: float) -> None:
         """Wait until ``host``'s ports answer; raise with its logs if it does not."""
@@ -630,6 +699,15 @@ class MailStack:
             while not _dns_answers(self.ip(host)):
                 self._give_up_if(host, deadline, "DNS")
                 time.sleep(0.2)
+        if HOSTS[host].role == "balancer":
+            # HAProxy listens at once; a node is in service after its health checks pass.
+            while not self._all_in_service():
+                self._give_up_if(host, deadline, "the front nodes' health checks")
+                time.sleep(0.5)
+
+    def _all_in_service(self) -> bool:
+        servers = self.balancer_servers()
+        return bool(servers) and all(status == "UP" for status in servers.values())
 
     def answers(self, host: str, port: int) -> bool:
         """Whether ``host`` accepts a TCP connection on ``port`` now."""
@@ -637,7 +715,9 @@ class MailStack:
 
     def _give_up_if(self, host: str, deadline: float, what: str) -> None:
         state = self.docker("inspect", "-f", "{{.State.Status}}", self.container(host), check=False)
-        died = " exited (status" in self.log(host, "init")
+        # Only what this start logged: the front nodes share one init.log, and a host
+        # started again has the lines of its earlier run.
+        died = " exited (status" in self.log(host, "init")[self._init_mark.get(host, 0):]
         if died or time.monotonic() > deadline or state.stdout.strip() not in ("running", "created"):
             why = "a daemon exited" if died else f"container {state.stdout.strip() or 'gone'}"
             raise ContainerError(f"{host}: {what} did not answer ({why})\n" + self.log_tails(host))
@@ -676,12 +756,68 @@ class MailStack:
 
         The Internet host stands for every sender on the Internet, so the viruses and
         spam one scenario sends would otherwise make the next one's clean mail wait."""
-        self.exec("redis", "sh", "-c", "redis-cli --scan --pattern 'mw:rep:*' | xargs -r redis-cli del")
+        self.redis_cli("sh", "-c", "redis-cli -h $PRIMARY --scan --pattern 'mw:rep:*'"
+                       " | xargs -r redis-cli -h $PRIMARY del")
+
+    def primary(self) -> str:
+        """The Redis primary's address, as the Sentinels name it now."""
+        done = self.exec("dns", "redis-cli", "-p", str(SENTINEL_PORT), "sentinel", "get-master-addr-by-name",
+                         "mymaster")
+        return done.stdout.split()[0]
+
+    def redis_cli(self, *cmd: str) -> subprocess.CompletedProcess[str]:
+        """``cmd`` on the dns host with PRIMARY set to the current Redis primary's address."""
+        return self.exec("dns", "env", f"PRIMARY={self.primary()}", *cmd)
+
+    # ---------------------------------------------------------------- the cluster
+    def balancer(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``mw-balancer ARGS`` on the balancer (``add NAME ADDRESS WEIGHT``, ``remove NAME``)."""
+        return self.exec("balancer", "mw-balancer", *args)
+
+    def balancer_servers(self) -> dict[tuple[str, str], str]:
+        """(backend, server) -> HAProxy's status of it (``UP``, ``DOWN``, ...), from its stats socket."""
+        done = self.exec("balancer", "python3", "-c", _SHOW_STAT)
+        servers = {}
+        for line in done.stdout.splitlines()[1:]:
+            fields = line.split(",")
+            if len(fields) > 17 and fields[1] not in ("FRONTEND", "BACKEND"):
+                servers[(fields[0], fields[1])] = fields[17]
+        return servers
+
+    def landed(self, frontend: str, source: str, *, after: int = 0) -> list[str]:
+        """The front nodes the balancer passed ``source``'s connections to on ``frontend``
+        (``smtp``, ``submission``, ``pbs``, ``pop3``, ...), in the order they ended;
+        every client's if ``source`` is empty."""
+        client = re.escape(source) if source else r"[\d.]+"
+        pattern = re.compile(rf"^{client}:\d+ \[[^\]]+\] {frontend} {frontend}/(\w+) ",
+                             re.MULTILINE)
+        return pattern.findall(self.log("balancer", "haproxy"), after)
+
+    def metrics(self, host: str, daemon: str) -> Samples:
+        """One scrape of ``daemon``'s (``milter``, ``policyd``) /metrics on front node ``host``."""
+        return scrape(f"http://{self.ip(host)}:{METRICS_PORTS[daemon]}/metrics")
+
+    def prometheus(self, query: str) -> list[dict[str, object]]:
+        """The result vector of an instant PromQL ``query`` through Prometheus's HTTP API."""
+        url = f"http://{self.ip('prometheus')}:{PROMETHEUS_PORT}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": query})
+        with urllib.request.urlopen(url, timeout=10) as response:
+            answer = json.loads(response.read())
+        if answer.get("status") != "success":
+            raise ContainerError(f"prometheus {query!r}: {answer}")
+        result: list[dict[str, object]] = answer["data"]["result"]
+        return result
+
+    def settings(self) -> dict[str, str]:
+        """The cluster's timing (``cluster.env``: Sentinel's and the balancer's settings)."""
+        text = self.read_file("balancer", "/etc/mailwarden-stack/cluster.env")
+        return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
 
     # ---------------------------------------------------------------- logs and queues
     def log(self, host: str, name: str = "postfix") -> str:
-        """The text of ``/var/log/mailwarden/NAME.log`` of ``host`` ('' if absent)."""
-        path = self.logdir / host / f"{name}.log"
+        """The text of ``/var/log/mailwarden/NAME.log`` of ``host`` ('' if absent); the
+        front nodes share theirs."""
+        path = self.logdir / HOSTS[host].log_dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def log_size(self, host: str, name: str = "postfix") -> int:
@@ -691,7 +827,7 @@ class MailStack:
     def log_tails(self, *hosts: str, lines: int = 40) -> str:
         """The last lines of every log of ``hosts`` (all started hosts if none)."""
         out = []
-        for host in hosts or self.started:
+        for host in dict.fromkeys(HOSTS[h].log_dir for h in (hosts or self.started)):
             for path in sorted((self.logdir / host).glob("*.log")):
                 tail = path.read_text(errors="replace").splitlines()[-lines:]
                 out.append(f"==> {host}/{path.name} <==\n" + "\n".join(tail))
@@ -719,8 +855,8 @@ class MailStack:
         return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
     def front_queue(self) -> list[dict[str, object]]:
-        """Every message queued in any Postfix instance of the front node."""
-        return [entry for inst in FRONT_INSTANCES for entry in self.queue("front", inst)]
+        """Every message queued in any Postfix instance of any front node."""
+        return [entry for node in self.fronts for inst in FRONT_INSTANCES for entry in self.queue(node, inst)]
 
     def wait_queues_empty(self, timeout: float = 30.0) -> None:
         """Wait until no Postfix of the stack holds a message."""
@@ -826,21 +962,37 @@ class MailStack:
                 smtp.rset()
         return result
 
-    def pop3(self, user: str, password: str = SAMPLE_PASSWORD, *, host: str = "front",
+    def pop3(self, user: str, password: str = SAMPLE_PASSWORD, *, host: str = "balancer",
              source: str | None = None) -> poplib.POP3:
-        """A POP3 session after STARTTLS and login (through the front node's proxy by default)."""
+        """A POP3 session after STARTTLS and login (through the balancer to a front node's
+        proxy by default)."""
         client = _POP3From(self.ip(host), source or self.gateway)
         client.stls(_unverified_tls())
         client.user(user)
         client.pass_(password)
         return client
 
-    def imap(self, user: str, password: str = SAMPLE_PASSWORD, *, host: str = "front") -> imaplib.IMAP4:
-        """An IMAP session after STARTTLS and login (through the front node's proxy by default)."""
+    def imap(self, user: str, password: str = SAMPLE_PASSWORD, *, host: str = "balancer") -> imaplib.IMAP4:
+        """An IMAP session after STARTTLS and login (through the balancer to a front node's
+        proxy by default)."""
         client = imaplib.IMAP4(self.ip(host), 143, timeout=30)
         client.starttls(_unverified_tls())
         client.login(user, password)
         return client
+
+
+# Run on the balancer: HAProxy's "show stat" CSV from its stats socket (the image has
+# no socat; its Python is Debian's).
+_SHOW_STAT = """
+import socket
+s = socket.socket(socket.AF_UNIX)
+s.connect("/run/haproxy.sock")
+s.sendall(b"show stat\\n")
+out = b""
+while chunk := s.recv(65536):
+    out += chunk
+print(out.decode())
+"""
 
 
 class _POP3From(poplib.POP3):
@@ -912,7 +1064,7 @@ def remove_stack(docker: Docker, name: str) -> None:
         # Graceful first (mw-init stops Postfix from inside its own pid namespace), the
         # mail hosts before the directory, store and DNS they use.
         names = {c: docker("inspect", "-f", "{{.Name}}", c, check=False).stdout.strip() for c in containers}
-        infra = [c for c, n in names.items() if n.rsplit("-", 1)[-1] in ("ldap", "redis", "dns")]
+        infra = [c for c, n in names.items() if n.rsplit("-", 1)[-1] in INFRASTRUCTURE]
         for batch in ([c for c in containers if c not in infra], infra):
             if batch:
                 docker("stop", "-t", "15", *batch, check=False, timeout=120)

@@ -64,34 +64,40 @@ def _instructions(stack: MailStack) -> str:
         else sys.executable
     me = f"{python} -m harness.demo_stack"
     return f"""
-mailwarden demo stack '{NAME}' is up: 7 containers on the private network {stack.net}.0/24.
+mailwarden demo stack '{NAME}' is up: {len(stack.started)} containers on the private network {stack.net}.0/24.
 This machine reaches them at these addresses; nothing inside can reach anything else.
 
-  front node  {ip('front'):<13} {HOSTS['front'].hostname:<20} MX 25, submission 587, POP-before-SMTP 2525,
-                                                 POP3 110 / IMAP 143 (proxy to the mailbox hosts)
+  balancer    {ip('balancer'):<13} {HOSTS['balancer'].hostname:<20} HAProxy, the MX and the clients' address:
+                                                 MX 25, submission 587/465, POP-before-SMTP 2525,
+                                                 POP3 110/995, IMAP 143/993, round robin to the front nodes
+  front nodes {ip('front'):<13} {HOSTS['front'].hostname:<20} Postfix, Dovecot proxy, policy daemon,
+              {ip('front2'):<13} {HOSTS['front2'].hostname:<20} milter, clamd, spamd (behind the balancer)
   mailbox A   {ip('mbox1'):<13} {HOSTS['mbox1'].hostname:<20} Dovecot LMTP, POP3, IMAP, quota-status; Postfix
   mailbox B   {ip('mbox2'):<13} {HOSTS['mbox2'].hostname:<20} (hanako@example.jp, prof@lab.example.org)
-  slapd       {ip('ldap'):<13} ldap://{ip('ldap')}/  base dc=mailwarden,dc=test
+  slapd       {ip('ldap'):<13} ldap://{ip('ldap')}/  base dc=mailwarden,dc=test (the provider)
                             admin cn=admin,dc=mailwarden,dc=test / secret
-  redis       {ip('redis'):<13} shared state (POP-before-SMTP windows, rate limits, reputation)
+              {ip('ldap2'):<13} its syncrepl consumer
+  redis       {ip('redis'):<13} shared state (POP-before-SMTP windows, rate limits, reputation): the primary,
+              {ip('redis2'):<13} the replica; Sentinels on both and on the stub DNS's host (port 26379)
+  prometheus  {ip('prometheus'):<13} http://{ip('prometheus')}:9090/ scraping both nodes' daemons
   stub DNS    {ip('dns'):<13} the only resolver anything in the stack uses
   Internet    {ip('internet'):<13} {HOSTS['internet'].hostname:<20} receives every @outside.test address
 
 Send mail (passwords of the sample subscribers: secret):
-  swaks --server {ip('front')} --from you@elsewhere.test --to taro@example.jp --header 'Subject: hello'
-  swaks --server {ip('front')} --from you@elsewhere.test --to taro@example.jp --body '{GTUBE}'
-  swaks --server {ip('front')} --port 587 --tls --auth-user taro@example.jp --auth-password secret \\
+  swaks --server {ip('balancer')} --from you@elsewhere.test --to taro@example.jp --header 'Subject: hello'
+  swaks --server {ip('balancer')} --from you@elsewhere.test --to taro@example.jp --body '{GTUBE}'
+  swaks --server {ip('balancer')} --port 587 --tls --auth-user taro@example.jp --auth-password secret \\
         --from taro@example.jp --to friend@outside.test
-  docker exec {stack.container('internet')} swaks --server mx1.mailwarden.test \\
+  docker exec {stack.container('internet')} swaks --server mx.mailwarden.test \\
         --from alice@outside.test --to prof@lab.example.org
 
 Sender authentication (example.com signs: its DKIM key was made at start, and the stub DNS
 publishes it; bank.test, on the Internet, has DMARC p=reject):
-  swaks --server {ip('front')} --port 587 --tls --auth-user alice@example.com --auth-password secret \\
+  swaks --server {ip('balancer')} --port 587 --tls --auth-user alice@example.com --auth-password secret \\
         --from alice@example.com --to friend@outside.test --header 'Subject: signed'
   docker exec {stack.container('internet')} sh -c \\
         'dkimverify < "$(ls -t {INTERNET_MAIL}/outside.test/new/* | head -n 1)"'
-  docker exec {stack.container('internet')} swaks --server mx1.mailwarden.test --from mailer@outside.test \\
+  docker exec {stack.container('internet')} swaks --server mx.mailwarden.test --from mailer@outside.test \\
         --to taro@example.jp,prof@lab.example.org --header 'From: security@bank.test'
         (refused for taro: example.jp honours DMARC; delivered with dmarc=fail to prof:
          lab.example.org only tags)
@@ -104,10 +110,10 @@ mailbox archive@example.com on mbox1, before the front node accepts it):
 Read it:
   {me} mail taro@example.jp          (INBOX; add Junk for the Junk folder)
   {me} mail friend@outside.test      (what reached the Internet host)
-  openssl s_client -quiet -starttls pop3 -connect {ip('front')}:110    (USER taro@example.jp, PASS secret)
+  openssl s_client -quiet -starttls pop3 -connect {ip('balancer')}:110    (USER taro@example.jp, PASS secret)
 
-Watch it (one directory per host: front, mbox1, mbox2, internet, ldap, redis, dns):
-  cd {logs} && tail -f front/postfix.log front/milter.log front/policyd.log
+Watch it (one directory per host; the front nodes share front/, each Postfix line names its node):
+  cd {logs} && tail -f front/postfix.log front/milter.log front/policyd.log balancer/haproxy.log
   docker exec {stack.container('front')} mailwarden explain taro@example.jp
   docker exec {stack.container('front')} mailwarden user set taro@example.jp spam_threshold 3
 

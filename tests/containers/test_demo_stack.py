@@ -34,10 +34,10 @@ def test_demo_up_prints_how_to_send_and_watch_mail_and_down_removes_it(
     assert demo_stack.main(["demo", "up"]) == 0
     try:
         printed = capsys.readouterr().out
-        front = re.search(r"front node\s+(\d+\.\d+\.\d+)\.10\s", printed)
-        assert front, printed
-        net = front.group(1)
-        assert f"swaks --server {net}.10 --from you@elsewhere.test --to taro@example.jp" in printed
+        balancer = re.search(r"balancer\s+(\d+\.\d+\.\d+)\.5\s", printed)
+        assert balancer, printed
+        net = balancer.group(1)
+        assert f"swaks --server {net}.5 --from you@elsewhere.test --to taro@example.jp" in printed
         assert "make demo-stop" in printed
         # The first printed swaks line, run as printed on this machine.
         sent = run_printed(printed, r"swaks --server .*--header 'Subject: hello'", stack.docker.cli)

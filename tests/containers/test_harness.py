@@ -42,7 +42,9 @@ NET = "10.231.7"
 def stack_config(role: str) -> str:
     """mailwarden.toml as mw-init writes it for ``role``."""
     text = (STACK_ETC / "common.toml").read_text() + (STACK_ETC / f"{role}.toml").read_text()
-    return text.replace("@NET@", NET)
+    # mw-init puts in the host's name and address (the first front node's here).
+    return (text.replace("@NET@", NET).replace("@HOSTNAME@", "mx1.mailwarden.test")
+            .replace("@ADDR@", f"{NET}.10"))
 
 
 def test_shipped_compose_file_is_the_harness_topology() -> None:
@@ -58,7 +60,7 @@ def test_hosts_file_zone_and_topology_agree() -> None:
         if line and not line.startswith("#"):
             address, *names = line.split()
             hosts[names[0]] = address.replace("@NET@", NET)
-    assert hosts == {h.hostname: f"{NET}.{h.octet}" for h in TOPOLOGY}
+    assert hosts == {h.hostname: f"{NET}.{h.octet}" for h in containers.HOSTS.values()}
     zone = read_zone((STACK_ETC / "zone").read_text().replace("@NET@", NET))
     # Every MX target has an address, and it is the host the topology says.
     for records in zone.values():
@@ -114,7 +116,7 @@ def dns_stub(tmp_path: Path, published: Path) -> Iterator[int]:
 
 def test_the_dns_container_answers_from_the_zone_over_udp_and_tcp(dns_stub: int) -> None:
     mx = dns.query.udp(dns.message.make_query("example.jp", "MX"), "127.0.0.1", port=dns_stub, timeout=2)
-    assert [r.to_text() for r in mx.answer[0]] == ["10 mx1.mailwarden.test."]
+    assert [r.to_text() for r in mx.answer[0]] == ["10 mx.mailwarden.test."]  # the balancer
     spf = dns.query.tcp(dns.message.make_query("outside.test", "TXT"), "127.0.0.1", port=dns_stub, timeout=2)
     assert spf.answer[0][0].to_text() == f'"v=spf1 ip4:{NET}.100 -all"'
     dmarc = dns.query.udp(dns.message.make_query("_dmarc.bank.test", "TXT"), "127.0.0.1", port=dns_stub,

@@ -11,7 +11,7 @@ from mailwarden.catalogue import JUNK_HEADER
 from milters.filters.spam import SPAM_HEADERS
 from tests.containers.conftest import DirectoryChanges
 
-MX = "mx1.mailwarden.test"
+MX = "mx.mailwarden.test"  # the balancer
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 # Assembled here so that no virus scanner flags this file.
 EICAR = "X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + "EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"

@@ -9,7 +9,7 @@ from harness.containers import MailStack, read_maildir
 from mailwarden.render import FORWARD_DOMAIN
 from tests.containers.conftest import DirectoryChanges
 
-MX = "mx1.mailwarden.test"
+MX = "mx.mailwarden.test"  # the balancer
 
 
 def test_over_quota_recipient_gets_552_at_rcpt(
@@ -53,7 +53,7 @@ def test_forwarding_keeps_a_copy_and_sends_one_to_the_forward_address(
     # Sieve redirects once to the subscriber's forwarding address, out through mbox2's own
     # Postfix to the front node, whose route stage expands it to every forward address.
     forwarding = f"hanako=example.jp@{FORWARD_DOMAIN}"
-    stack.wait_for_log("mbox2", rf"to=<{re.escape(forwarding)}>, relay=mx1\.mailwarden\.test\[[\d.]+\]:25, "
+    stack.wait_for_log("mbox2", rf"to=<{re.escape(forwarding)}>, relay=mx\.mailwarden\.test\[[\d.]+\]:25, "
                        r".*status=sent", after=mbox2_log)
     stack.wait_for_log("mbox2", rf"redirect action: forwarded to <{re.escape(forwarding)}>", name="dovecot")
     stack.wait_queues_empty()

@@ -20,7 +20,7 @@ def test_submission_with_smtp_auth_delivers_to_the_internet_host(stack: MailStac
     client = stack.client_address(1)
     friend = f"friend-{token}@outside.test"
     front_log = stack.log_size("front")
-    result = stack.send("front", SUBMISSION, "taro@example.jp", [friend],
+    result = stack.send("balancer", SUBMISSION, "taro@example.jp", [friend],
                         make_message("taro@example.jp", [friend], subject=f"minutes {token}"),
                         source=client, login=("taro@example.jp", SAMPLE_PASSWORD), starttls=True)
     assert result.auth == (235, "2.7.0 Authentication successful")
@@ -40,13 +40,13 @@ def test_submission_with_smtp_auth_delivers_to_the_internet_host(stack: MailStac
 
 def test_submission_refuses_a_sender_address_the_login_does_not_own(stack: MailStack, token: str) -> None:
     friend = f"friend-{token}@outside.test"
-    result = stack.send("front", SUBMISSION, "hanako@example.jp", [friend], source=stack.client_address(1),
+    result = stack.send("balancer", SUBMISSION, "hanako@example.jp", [friend], source=stack.client_address(1),
                         login=("taro@example.jp", SAMPLE_PASSWORD), starttls=True)
     code, text = result.rcpt[friend]
     assert code == 553 and "not owned by user taro@example.jp" in text
     assert not result.accepted
     # An alias of the login's own domain is the login's (domain alias example.ne.jp).
-    alias = stack.send("front", SUBMISSION, "taro@example.ne.jp", [friend], source=stack.client_address(1),
+    alias = stack.send("balancer", SUBMISSION, "taro@example.ne.jp", [friend], source=stack.client_address(1),
                        login=("taro@example.jp", SAMPLE_PASSWORD), starttls=True)
     assert alias.accepted, alias
     stack.wait_for_messages(stack.internet_maildir(), delivered_to=friend)
@@ -57,12 +57,12 @@ def test_no_third_party_relay_on_any_port(stack: MailStack, token: str) -> None:
     stranger = stack.client_address(2)
     victim = f"victim-{token}@outside.test"
     for port in (MX, SUBMISSION, POP_BEFORE_SMTP):
-        result = stack.send("front", port, "spammer@elsewhere.test", [victim], source=stranger,
+        result = stack.send("balancer", port, "spammer@elsewhere.test", [victim], source=stranger,
                             starttls=port == SUBMISSION)
         code, text = result.rcpt[victim]
         assert code == 554 and ("Relay access denied" in text or "Access denied" in text), (port, text)
     # A wrong password is no way round it either.
-    wrong = stack.send("front", SUBMISSION, "taro@example.jp", [victim], source=stranger,
+    wrong = stack.send("balancer", SUBMISSION, "taro@example.jp", [victim], source=stranger,
                        login=("taro@example.jp", "not-the-password"), starttls=True)
     assert wrong.auth is not None and wrong.auth[0] == 535
     assert not stack.front_queue()
@@ -78,7 +78,7 @@ def test_pop_before_smtp_opens_relay_for_the_login_address_and_closes_it_after_t
     friend = f"friend-{token}@outside.test"
 
     def relay(source: str, subject: str) -> tuple[int, str]:
-        result = stack.send("front", POP_BEFORE_SMTP, "pbs@example.jp", [friend],
+        result = stack.send("balancer", POP_BEFORE_SMTP, "pbs@example.jp", [friend],
                             make_message("pbs@example.jp", [friend], subject=subject), source=source)
         return result.rcpt[friend]
 
