@@ -24,7 +24,7 @@ from harness.containers import MailStack, read_maildir
 from tests.containers.conftest import CACHE_WAIT
 from tests.containers.test_inbound import virus_message
 
-MX = "mx1.mailwarden.test"
+MX = "mx.mailwarden.test"  # the balancer: the front nodes take only its PROXY connections
 DOMAIN = "oldisp.test"
 BASE = "ou=domains,dc=mailwarden,dc=test"
 DOMAIN_DN = f"mwDomainName={DOMAIN},{BASE}"
