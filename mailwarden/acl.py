@@ -37,6 +37,7 @@ from mailwarden.access import (
     SYSTEM_ADMIN_ONLY,
 )
 from mailwarden.catalogue import IDENTITY, SETTINGS
+from mailwarden.schema import fold_ldif
 
 _ERE_SPECIAL = set(".[]()*+?{}|^$\\")
 
@@ -129,13 +130,5 @@ def acl_ldif(base_dn: str, database_dn: str = "olcDatabase={1}mdb,cn=config") ->
         "changetype: modify",
         "replace: olcAccess",
     ]
-    lines += [_fold(f"olcAccess: {{{i}}}{rule}") for i, rule in enumerate(acl_rules(base_dn))]
+    lines += [fold_ldif(f"olcAccess: {{{i}}}{rule}") for i, rule in enumerate(acl_rules(base_dn))]
     return "\n".join(lines) + "\n"
-
-
-def _fold(line: str) -> str:
-    out, rest = [line[:76]], line[76:]
-    while rest:
-        out.append(" " + rest[:75])
-        rest = rest[75:]
-    return "\n".join(out)

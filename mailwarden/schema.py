@@ -160,7 +160,7 @@ def object_classes() -> list[str]:
     ]
 
 
-def _fold(line: str) -> str:
+def fold_ldif(line: str) -> str:
     """Fold an LDIF line at 76 columns (continuation lines start with one space)."""
     out, rest = [line[:76]], line[76:]
     while rest:
@@ -178,6 +178,6 @@ def schema_ldif() -> str:
         "objectClass: olcSchemaConfig",
         "cn: mailwarden",
     ]
-    lines += [_fold(f"olcAttributeTypes: {a}") for a in attribute_types()]
-    lines += [_fold(f"olcObjectClasses: {c}") for c in object_classes()]
+    lines += [fold_ldif(f"olcAttributeTypes: {a}") for a in attribute_types()]
+    lines += [fold_ldif(f"olcObjectClasses: {c}") for c in object_classes()]
     return "\n".join(lines) + "\n"

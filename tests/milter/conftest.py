@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.clamd import ClamdServer
+from harness.postfix import PostfixInstance
 from harness.slapd import SERVICE_BIND
 from harness.spamd import SpamdServer
 
@@ -139,3 +140,41 @@ def base_sections(*, ldap_uri: str, store_path: Path | None = None, store: str =
         f'[ldap]\nuri = "{ldap_uri}"\n{SERVICE_BIND}retry_max = 1\nretry_delay = 0.2\n'
         f'network_timeout = 1.0\ntimeout = 2.0\n[store]\n{store}'
     )
+
+
+LOCAL_DOMAINS = "example.jp example.ne.jp example.com lab.example.org bare.example.net"
+"""The sample directory's hosted domains, as a Postfix MX relays them."""
+REINJECT_OPTIONS = {
+    "smtpd_milters": "",
+    "receive_override_options": "no_milters",
+    "smtpd_authorized_xforward_hosts": "127.0.0.0/8",
+    "smtpd_client_restrictions": "",
+    "smtpd_helo_restrictions": "",
+    "smtpd_sender_restrictions": "",
+    "smtpd_recipient_restrictions": "permit_mynetworks,reject",
+    "smtpd_relay_restrictions": "permit_mynetworks,reject",
+    "mynetworks": "127.0.0.0/8",
+}
+"""The re-injection smtpd the milter hands variants, notices and releases to."""
+
+
+def milter_behind_mx(work: Path, sections: str, milter_lines: str, *, relayhost: str, myhostname: str,
+                     clamd: str, spamd: str) -> tuple[MilterProcess, PostfixInstance]:
+    """A milter process (``sections`` plus ``[milter]`` ``milter_lines``; clamd and spamd at
+    those addresses, no scan cache) behind a real Postfix MX relaying the hosted domains to
+    ``relayhost``, with its re-injection smtpd; both started."""
+    milter = MilterProcess(work / "milter", sections, milter_lines)
+    mx = PostfixInstance(main_cf={
+        "relay_domains": LOCAL_DOMAINS, "relayhost": relayhost,
+        "smtpd_milters": f"unix:{milter.socket_path}", "milter_protocol": "6",
+        "milter_default_action": "tempfail", "mynetworks": "127.0.0.0/8",
+    }, myhostname=myhostname)
+    reinject_port = mx.add_smtpd(REINJECT_OPTIONS)
+    milter.config_path.write_text(milter.config_path.read_text() + (
+        f'socket_mode = "0666"\nclamd = ["{clamd}"]\nspamd = ["{spamd}"]\n'
+        f'reinject = "inet:127.0.0.1:{reinject_port}"\nscan_cache_ttl = 0\n'
+    ))
+    milter.start()
+    milter.wait_for_log("milter listening on")
+    mx.start()
+    return milter, mx

@@ -26,24 +26,12 @@ from harness.slapd import SlapdServer, mailwarden_database
 from harness.smtpsink import SinkMessage, SmtpSink
 from harness.spamd import GTUBE, SpamdServer
 from mailwarden.logfields import is_mwid
-from tests.milter.conftest import MilterProcess, archive_section, base_sections
+from tests.milter.conftest import MilterProcess, archive_section, base_sections, milter_behind_mx
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slapd,
               pytest.mark.skipif(missing_postfix() is not None, reason=str(missing_postfix()))]
 
 DATA = Path(__file__).parent / "data"
-LOCAL_DOMAINS = "example.jp example.ne.jp example.com lab.example.org bare.example.net"
-REINJECT_OPTIONS = {
-    "smtpd_milters": "",
-    "receive_override_options": "no_milters",
-    "smtpd_authorized_xforward_hosts": "127.0.0.0/8",
-    "smtpd_client_restrictions": "",
-    "smtpd_helo_restrictions": "",
-    "smtpd_sender_restrictions": "",
-    "smtpd_recipient_restrictions": "permit_mynetworks,reject",
-    "smtpd_relay_restrictions": "permit_mynetworks,reject",
-    "mynetworks": "127.0.0.0/8",
-}
 
 
 class Stack:
@@ -95,20 +83,9 @@ def stack(directory: SlapdServer, clamd: ClamdServer, spamd: SpamdServer) -> Ite
     with SmtpSink() as mailbox, SmtpSink(lmtp=True) as archive:
         sections = (base_sections(ldap_uri=directory.uri, store_path=work / "state.sqlite3")
                     + archive_section(archive.port))
-        milter = MilterProcess(work / "milter", sections, "")
-        mx = PostfixInstance(main_cf={
-            "relay_domains": LOCAL_DOMAINS, "relayhost": mailbox.relayhost,
-            "smtpd_milters": f"unix:{milter.socket_path}", "milter_protocol": "6",
-            "milter_default_action": "tempfail", "mynetworks": "127.0.0.0/8",
-        }, myhostname="mx.example.jp")
-        reinject_port = mx.add_smtpd(REINJECT_OPTIONS)
-        milter.config_path.write_text(milter.config_path.read_text() + (
-            f'socket_mode = "0666"\nclamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.address}"]\n'
-            f'reinject = "inet:127.0.0.1:{reinject_port}"\nscan_cache_ttl = 0\n'
-        ))
-        milter.start()
-        milter.wait_for_log("milter listening on")
-        mx.start()
+        milter, mx = milter_behind_mx(work, sections, "", relayhost=mailbox.relayhost,
+                                      myhostname="mx.example.jp", clamd=clamd.unix_address,
+                                      spamd=spamd.address)
         sender = PostfixInstance(main_cf={"relayhost": f"[127.0.0.1]:{mx.smtpd_port}",
                                           "mynetworks": "127.0.0.0/8"},
                                  myhostname="out.remote.example", syslog_name="postfix-sender").start()

@@ -23,9 +23,8 @@ from harness.postfix import PostfixInstance, missing_postfix
 from harness.redisserver import RedisServer
 from harness.slapd import SlapdServer, mailwarden_database
 from harness.smtpsink import SmtpSink
-from tests.milter.conftest import MilterProcess, base_sections
+from tests.milter.conftest import REINJECT_OPTIONS, MilterProcess, base_sections
 from tests.milter.test_cli import run
-from tests.milter.test_e2e import REINJECT_OPTIONS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slapd, pytest.mark.redis,
               pytest.mark.skipif(missing_postfix() is not None, reason=str(missing_postfix()))]

@@ -34,8 +34,7 @@ from mailwarden.audit import AuditRecord
 from mailwarden.audit import read as read_audit
 from mailwarden.config import parse_config
 from mailwarden.ldapdir import LdapDirectory
-from tests.milter.conftest import MilterProcess, archive_section, base_sections
-from tests.milter.test_e2e import REINJECT_OPTIONS
+from tests.milter.conftest import MilterProcess, archive_section, base_sections, milter_behind_mx
 
 playwright = pytest.importorskip("playwright.sync_api")
 
@@ -47,7 +46,6 @@ pytestmark = [
 ]
 
 DATA = Path(__file__).parent / "data"
-LOCAL_DOMAINS = "example.jp example.ne.jp example.com lab.example.org bare.example.net"
 ROOT_DN = "cn=admin,dc=mailwarden,dc=test"
 
 
@@ -99,20 +97,9 @@ def stack(clamd: ClamdServer, spamd: SpamdServer,
                         # A change shows in the milter within a second (the default caches 60 s).
                         + "[policy]\ncache_ttl = 1\nnegative_cache_ttl = 1\ndomain_cache_ttl = 1\n"
                         + archive_section(archive.port))
-            milter = MilterProcess(work / "milter", sections, f'metrics_listen = "127.0.0.1:{metrics_port}"')
-            mx = PostfixInstance(main_cf={
-                "relay_domains": LOCAL_DOMAINS, "relayhost": mailbox.relayhost,
-                "smtpd_milters": f"unix:{milter.socket_path}", "milter_protocol": "6",
-                "milter_default_action": "tempfail", "mynetworks": "127.0.0.0/8",
-            }, myhostname="mx.example.com")
-            reinject_port = mx.add_smtpd(REINJECT_OPTIONS)
-            milter.config_path.write_text(milter.config_path.read_text() + (
-                f'socket_mode = "0666"\nclamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.address}"]\n'
-                f'reinject = "inet:127.0.0.1:{reinject_port}"\nscan_cache_ttl = 0\n'
-            ))
-            milter.start()
-            milter.wait_for_log("milter listening on")
-            mx.start()
+            milter, mx = milter_behind_mx(
+                work, sections, f'metrics_listen = "127.0.0.1:{metrics_port}"', relayhost=mailbox.relayhost,
+                myhostname="mx.example.com", clamd=clamd.unix_address, spamd=spamd.address)
             # The console reads the milter's own configuration: the same store, quarantine
             # directory and re-injection smtpd.
             web = WebConsole(milter.config_path.read_text(),
