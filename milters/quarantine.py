@@ -23,7 +23,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -204,28 +204,76 @@ class Quarantine:
 
     def release(self, entry_id: str, injector: Injector, *, recipients: Sequence[str] = (),
                 deadline: float) -> str:
-        """Deliver a quarantined message (to its recipients or ``recipients``), then delete it.
+        """Deliver a quarantined message (to its recipients, or to ``recipients`` instead),
+        then delete it.
 
         One release at a time per entry, cluster-wide (a store key held while it runs).
         """
-        entry = self.get(entry_id)
-        data = without_reserved_headers(self.read(entry_id))
+        with self._claim(entry_id, deadline):
+            entry = self.get(entry_id)
+            queue_id = self._deliver(entry, injector, list(recipients) or entry.recipients, deadline)
+            self.delete(entry_id)
+        return queue_id
+
+    def release_for(self, entry_id: str, injector: Injector, recipients: Sequence[str], *,
+                    deadline: float) -> str:
+        """Deliver the message to those of its recipients named; it stays held for the
+        others (and is deleted once it is held for nobody)."""
+        with self._claim(entry_id, deadline):
+            entry = self.get(entry_id)
+            targets = self._of(entry, recipients)
+            queue_id = self._deliver(entry, injector, targets, deadline)
+            self._hold_for(entry, [r for r in entry.recipients if r not in targets])
+        return queue_id
+
+    def delete_for(self, entry_id: str, recipients: Sequence[str]) -> None:
+        """Drop the message for those of its recipients named; it stays held for the others."""
+        with self._claim(entry_id, time.monotonic()):
+            entry = self.get(entry_id)
+            targets = self._of(entry, recipients)
+            self._hold_for(entry, [r for r in entry.recipients if r not in targets])
+
+    @staticmethod
+    def _of(entry: QuarantineEntry, recipients: Sequence[str]) -> list[str]:
+        wanted = {r.lower() for r in recipients}
+        targets = [r for r in entry.recipients if r.lower() in wanted]
+        if not targets:
+            raise NotQuarantined(f"{entry.id} is not held for {', '.join(recipients) or 'nobody'}")
+        return targets
+
+    def _hold_for(self, entry: QuarantineEntry, remaining: list[str]) -> None:
+        """Keep the entry for ``remaining`` only (delete it when none is left)."""
+        if not remaining:
+            self.delete(entry.id)
+            return
+        left = entry.created + self.retention - time.time()
+        kept = QuarantineEntry(**{**asdict(entry), "recipients": remaining,
+                                  "recipient_params": {r: p for r, p in entry.recipient_params.items()
+                                                       if r in remaining}})
+        self.store.set(PREFIX + entry.id, kept.to_json(), ttl=max(left, 1.0))
+
+    def _deliver(self, entry: QuarantineEntry, injector: Injector, targets: list[str],
+                 deadline: float) -> str:
+        data = without_reserved_headers(self.read(entry.id))
         if entry.mwid:  # followed by `mailwarden trace` from the original to its release
             data = f"{ID_HEADER}: {entry.mwid}\r\n".encode("ascii") + data
-        targets = list(recipients) or entry.recipients
+        return injector.send(
+            entry.sender, [(r, tuple(entry.recipient_params.get(r, ()))) for r in targets], [data],
+            deadline=deadline,
+        )
+
+    @contextlib.contextmanager
+    def _claim(self, entry_id: str, deadline: float) -> Iterator[None]:
+        """The entry's release key, cluster-wide, while a release or a partial delete runs."""
+        self.path(entry_id)
         claim = RELEASE_PREFIX + entry_id
         if not self.store.add(claim, self.node or "-", ttl=max(deadline - time.monotonic(), 0.0) + 60.0):
             holder = self.store.get(claim) or "another node"
             raise ReleaseUnderWay(f"{entry_id} is being released by {holder}")
         try:
-            queue_id = injector.send(
-                entry.sender, [(r, tuple(entry.recipient_params.get(r, ()))) for r in targets], [data],
-                deadline=deadline,
-            )
-            self.delete(entry_id)
+            yield
         finally:
             self.store.delete(claim)
-        return queue_id
 
     def expire(self, now: float | None = None) -> int:
         """Delete files past the retention (and their entries), files whose entry is gone,

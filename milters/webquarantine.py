@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from mailwarden.config import Config
 from mailwarden.store import Store, StoreUnavailable, store_of
@@ -48,26 +49,31 @@ class MilterQuarantine:
         except StoreUnavailable as exc:
             raise QuarantineError(f"store unavailable: {exc}") from None
 
-    def release(self, entry_id: str) -> str:
-        """Deliver through the re-injection smtpd, then delete."""
+    def release(self, entry_id: str, recipients: Sequence[str] | None = None) -> str:
+        """Deliver through the re-injection smtpd (to ``recipients`` of its own only), then delete."""
         m = self.milter
+        injector = SmtpInjector(m.reinject, timeout=m.reinject_timeout)
+        deadline = time.monotonic() + m.reinject_timeout
         try:
-            return self.quarantine.release(
-                entry_id, SmtpInjector(m.reinject, timeout=m.reinject_timeout),
-                deadline=time.monotonic() + m.reinject_timeout,
-            )
+            if recipients:
+                return self.quarantine.release_for(entry_id, injector, recipients, deadline=deadline)
+            return self.quarantine.release(entry_id, injector, deadline=deadline)
         except (FileMissing, ReleaseUnderWay, InjectError, StoreUnavailable) as exc:
             raise QuarantineError(f"not released: {exc}") from None
         except NotQuarantined as exc:
             raise NotHeld(str(exc)) from None
 
-    def delete(self, entry_id: str) -> None:
-        """Remove the entry and its file."""
+    def delete(self, entry_id: str, recipients: Sequence[str] | None = None) -> None:
+        """Remove the entry and its file (or only ``recipients``' part of it)."""
         try:
-            if not self.quarantine.delete(entry_id):
+            if recipients:
+                self.quarantine.delete_for(entry_id, recipients)
+            elif not self.quarantine.delete(entry_id):
                 raise NotHeld(f"no quarantine entry {entry_id}")
         except NotQuarantined as exc:
             raise NotHeld(str(exc)) from None
+        except ReleaseUnderWay as exc:
+            raise QuarantineError(str(exc)) from None
         except StoreUnavailable as exc:
             raise QuarantineError(f"store unavailable: {exc}") from None
 

@@ -587,12 +587,14 @@ class Console:
             mine = await run_in_threadpool(visible, [held], self.owns_recipient(ctx))
             if not mine:
                 raise HTTPException(403)
+            # Every recipient the person's: the whole message; else their part of it.
+            only = None if mine[0].recipients == held.recipients else mine[0].recipients
             if action == "release":
-                queue_id = await run_in_threadpool(quarantine.release, entry_id)
+                queue_id = await run_in_threadpool(quarantine.release, entry_id, only)
                 log.info("web: %s released quarantined %s from %s, queued as %s",
                          ctx.person.login, entry_id, ctx.client, queue_id)
             elif action == "delete":
-                await run_in_threadpool(quarantine.delete, entry_id)
+                await run_in_threadpool(quarantine.delete, entry_id, only)
                 log.info("web: %s deleted quarantined %s from %s", ctx.person.login, entry_id, ctx.client)
             else:
                 raise HTTPException(404)

@@ -4,14 +4,15 @@ The quarantine's store and its release path belong to the milter (``milters/quar
 the core names no daemon, so the milter registers a factory in the ``mailwarden.quarantine``
 entry-point group (``milter = "milters.webquarantine:open_quarantine"``), called with the
 configuration.  The directory does not hold quarantined mail, so who may see an entry is
-decided here: a person sees (and releases or deletes) an entry only when every one of its
-recipients is theirs (:func:`visible`).
+decided here: a person sees a message held for any recipient of theirs, listed with their
+recipients only, and releases or deletes it for those; the others' copy stays held
+(:func:`visible`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 from typing import Protocol
 
@@ -52,19 +53,26 @@ class Quarantine(Protocol):
         """One message, or NotHeld."""
         ...
 
-    def release(self, entry_id: str) -> str:
-        """Deliver the message to its recipients, then drop it; the queue id.  QuarantineError
-        when it could not be delivered now (it stays held)."""
+    def release(self, entry_id: str, recipients: Sequence[str] | None = None) -> str:
+        """Deliver the message to its recipients (or to those of them named, the others'
+        copy staying held), then drop it; the queue id.  QuarantineError when it could not
+        be delivered now (it stays held)."""
         ...
 
-    def delete(self, entry_id: str) -> None:
-        """Drop the message (NotHeld when it is not there)."""
+    def delete(self, entry_id: str, recipients: Sequence[str] | None = None) -> None:
+        """Drop the message (for those of its recipients named); NotHeld when it is not there."""
         ...
 
 
 def visible(entries: Sequence[Held], owns: Callable[[str], bool]) -> list[Held]:
-    """The entries all of whose recipients ``owns`` accepts."""
-    return [e for e in entries if e.recipients and all(owns(r) for r in e.recipients)]
+    """The entries held for a recipient ``owns`` accepts, each listing those recipients only
+    (another recipient's address, a Bcc among them, is not shown)."""
+    out = []
+    for entry in entries:
+        mine = tuple(r for r in entry.recipients if owns(r))
+        if mine:
+            out.append(replace(entry, recipients=mine))
+    return out
 
 
 def open_quarantine(config: Config) -> Quarantine | None:

@@ -12,8 +12,8 @@ import pytest
 from harness.ports import free_port
 from harness.smtpsink import SmtpSink
 from mailwarden.store import MemoryStore, SQLiteStore, StoreUnavailable
-from milters.quarantine import PREFIX, FileMissing, Quarantine, QuarantineEntry
-from tests.milter.helpers import make_message
+from milters.quarantine import PREFIX, FileMissing, NotQuarantined, Quarantine, QuarantineEntry
+from tests.milter.helpers import RecordingInjector, make_message
 from tests.milter.test_cli import run, write_config
 
 HOUR = 3600.0
@@ -201,3 +201,26 @@ def test_a_failed_release_can_be_tried_again(tmp_path: Path) -> None:
         code, out = run(cfg, "quarantine", "release", entry.id)
         assert code == 0, out
         assert sink.wait_for(1)[0].recipients == ("taro@example.jp",)
+
+
+def test_each_recipient_releases_or_deletes_their_own_copy_the_others_stay_held(tmp_path: Path) -> None:
+    q = Quarantine(MemoryStore(), tmp_path / "q")
+    entry = q.put([make_message(subject="to three").as_bytes()], sender="s@remote.example",
+                  recipients=["taro@example.jp", "hanako@example.jp", "bob@example.com"],
+                  reason="keyword rule", recipient_params={"bob@example.com": ["NOTIFY=NEVER"]})
+    injector = RecordingInjector()
+    q.release_for(entry.id, injector, ["Taro@example.jp"], deadline=time.monotonic() + 10)
+    assert [m.recipients for m in injector.sent] == [["taro@example.jp"]]
+    assert q.get(entry.id).recipients == ["hanako@example.jp", "bob@example.com"]
+    q.delete_for(entry.id, ["hanako@example.jp"])
+    left = q.get(entry.id)
+    assert left.recipients == ["bob@example.com"]
+    assert left.recipient_params == {"bob@example.com": ["NOTIFY=NEVER"]}
+    assert q.file(entry.id) is not None  # still held for bob
+    with pytest.raises(NotQuarantined, match=r"not held for taro@example\.jp"):
+        q.release_for(entry.id, injector, ["taro@example.jp"], deadline=time.monotonic() + 10)
+    q.release_for(entry.id, injector, ["bob@example.com"], deadline=time.monotonic() + 10)
+    assert injector.sent[-1].recipients == ["bob@example.com"]
+    with pytest.raises(NotQuarantined):
+        q.get(entry.id)  # held for nobody now: gone, file and all
+    assert files(tmp_path / "q") == []
