@@ -98,6 +98,14 @@ def _copy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "(default: the domain's legacy_mailbox_host)"),
         click.option("--legacy-port", type=int, default=0,
                      help="its IMAP port (default: render.legacy_imap_port)"),
+        click.option("--pop3-uidls", type=click.Choice(["fetch", "derived"]), default="fetch",
+                     show_default=True,
+                     help="fetch: keep the UIDLs the legacy POP3 server presents, whatever their "
+                          "format (Dovecot's pop3_migration plugin over pop3c, the master user); "
+                          "derived: no POP3 connection, UIDLs follow from the kept IMAP UIDs "
+                          "(only for a legacy server whose UIDLs are Dovecot's %08Xu%08Xv)"),
+        click.option("--legacy-pop3-port", type=int, default=0,
+                     help="the legacy POP3 port (default: render.legacy_pop3_port)"),
         click.option("--dovecot-config", default="", help="this mailbox host's dovecot.conf "
                      "(default: render.dovecot_config_dir for the mailbox role)"),
         click.option("--doveadm", default="doveadm", show_default=True, help="doveadm binary"),
@@ -116,8 +124,9 @@ def _mailboxes(app: App, mig: Migration, kw: dict[str, Any]) -> Mailboxes:
     except OSError as exc:
         raise MigrationError(f"{kw['master_password_file']}: {exc.strerror}") from None
     r = app.config.render
+    pop3_port = 0 if kw["pop3_uidls"] == "derived" else kw["legacy_pop3_port"] or r.legacy_pop3_port
     legacy = LegacyServer(kw["legacy_host"] or mig.legacy_host(), kw["legacy_port"] or r.legacy_imap_port,
-                          kw["master_user"], password)
+                          kw["master_user"], password, pop3_port=pop3_port)
     config = kw["dovecot_config"] or str(Path(r.dovecot_config_dir.format(role="mailbox")) / "dovecot.conf")
     return DoveadmMailboxes(legacy, config=config, doveadm=kw["doveadm"])
 

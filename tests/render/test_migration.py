@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import poplib
 import re
@@ -101,6 +102,19 @@ def _ldap_toml(server: SlapdServer) -> str:
 def legacy(slapd_rw: SlapdServer) -> Iterator[Legacy]:
     """A legacy domain in LDAP (its subscribers' legacy hashes taken over), and the legacy
     server with the same users and hashes in its own passwd-file."""
+    with _legacy(slapd_rw) as it:
+        yield it
+
+
+@pytest.fixture
+def legacy_qmail(slapd_rw: SlapdServer) -> Iterator[Legacy]:
+    """The same, the legacy POP3 server presenting qmail-pop3d's UIDLs (the Maildir file name)."""
+    with _legacy(slapd_rw, pop3_uidl_format="%f") as it:
+        yield it
+
+
+@contextlib.contextmanager
+def _legacy(slapd_rw: SlapdServer, pop3_uidl_format: str = "%08Xu%08Xv") -> Iterator[Legacy]:
     need_dovecot()
     hashes = {f"{name}@{DOMAIN}": password_hash(scheme, f"{name}-pw")
               for name, scheme in SCHEMES.items() if scheme != "CRYPT"}
@@ -123,7 +137,7 @@ def legacy(slapd_rw: SlapdServer) -> Iterator[Legacy]:
             ("cn", [local.encode()]), ("sn", [local.encode()]), ("mail", [address.encode()]),
             ("mwLegacyPassword", [hashed.encode()]),
         ])
-    server = LegacyMailServer(hashes).start()
+    server = LegacyMailServer(hashes, pop3_uidl_format=pop3_uidl_format).start()
     with site_root() as root:
         site = Site(root, _ldap_toml(slapd_rw),
                     f"legacy_pop3_port = {server.pop3_port}\nlegacy_imap_port = {server.imap_port}\n")
@@ -323,6 +337,39 @@ def test_sync_cutover_catch_up_and_rollback_keep_uids_uidls_and_flags(legacy: Le
     # Refused steps say why and change nothing.
     refused = legacy.migrate("cutover", DOMAIN, check=False)
     assert refused.returncode == 1 and "run mailwarden migrate sync first" in refused.stderr
+
+
+def test_qmail_style_uidls_survive_the_cutover(legacy_qmail: Legacy, running: list) -> None:
+    """A legacy POP3 server whose UIDLs are Maildir file names (qmail-pop3d, Courier): the
+    default sync fetches them over POP3 and the mailbox host serves them after the switch;
+    a sync that derives them from the IMAP UIDs (``--pop3-uidls derived``) would not."""
+    legacy = legacy_qmail
+    site = legacy.site
+    site.dovecot("mailbox")
+    newhost = RenderedDovecot(site, "mailbox")
+    newhost.start(site.ports["pop3"], site.ports["lmtp"])
+    running.append(newhost)
+    ann, ben = f"ann@{DOMAIN}", f"ben@{DOMAIN}"
+    for user in (ann, ben):
+        for i in range(3):
+            legacy.deliver_legacy(user, f"qmail {i}")
+    before = {u: _uidls(legacy.server.pop3_port, u, u.split("@")[0] + "-pw") for u in (ann, ben)}
+    files = {p.name.split(":")[0] for p in (legacy.server.mail_dir / ann / "Maildir").glob("*/*")}
+    assert set(before[ann]) == files and len(files) == 3  # the Maildir file names, as qmail's
+    legacy.migrate("sync", DOMAIN, "--user", ann)
+    legacy.migrate("sync", DOMAIN, "--user", ben, "--pop3-uidls", "derived")
+    legacy.deliver_legacy(ann, "qmail 3")  # a last message, copied by the cut-over
+    before[ann] = _uidls(legacy.server.pop3_port, ann, "ann-pw")
+    legacy.migrate("cutover", DOMAIN, "--user", ann)
+    assert "mwMigrationState: migrated" in _domain_ldif(legacy)
+    assert _uidls(site.ports["pop3"], ann, "ann-pw") == before[ann]
+    derived = _uidls(site.ports["pop3"], ben, "ben-pw")
+    assert len(derived) == 3 and not set(derived) & set(before[ben])
+    # New mail on the mailbox host gets the host's own UIDL format next to the kept ones.
+    with smtplib.LMTP("127.0.0.1", site.ports["lmtp"]) as lmtp:
+        lmtp.sendmail("sender@outside.test", [ann], _message(ann, "new here"))
+    after = _uidls(site.ports["pop3"], ann, "ann-pw")
+    assert after[:4] == before[ann] and re.fullmatch(r"[0-9a-f]{16}", after[4])
 
 
 def _domain_ldif(legacy: Legacy) -> str:
