@@ -1,9 +1,10 @@
-"""``mailwarden migrate status|sync|cutover|rollback DOMAIN``: move a domain from a legacy
-mail system to the mailbox hosts while mail flows (docs/migration.md)."""
+"""``mailwarden migrate status|import-users|sync|cutover|catch-up|rollback DOMAIN``: move a
+domain from a legacy mail system to the mailbox hosts while mail flows (docs/migration.md)."""
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -14,7 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mailwarden.address import normalize_domain
-from mailwarden.cli.common import EX_NOTFOUND, EX_TEMPFAIL, App, fail, handle_errors, pass_app
+from mailwarden.cli.common import EX_NOTFOUND, EX_TEMPFAIL, EX_USAGE, App, fail, handle_errors, pass_app
+from mailwarden.directory import DirectoryError
+from mailwarden.legacyhash import parse_passwd, scheme_of
 from mailwarden.migrate import (
     DoveadmMailboxes,
     LegacyServer,
@@ -86,6 +89,70 @@ def status(app: App, /, domain: str) -> None:
         click.echo("  POP3/IMAP            proxied to the mailbox hosts")
     for problem in policy.problems:
         click.echo(f"  problem: {problem}")
+
+
+@migrate_group.command("import-users")
+@click.argument("domain")
+@click.argument("passwd_file", type=click.File("r", encoding="utf-8"))
+@click.option("--dry-run", is_flag=True, help="Print the changes and write nothing.")
+@click.option("--skip-unknown", is_flag=True,
+              help="Report users without a subscriber entry and go on (default: an error).")
+@pass_app
+@handle_errors
+@_refusals
+def import_users(app: App, /, domain: str, passwd_file: Any, dry_run: bool, skip_unknown: bool) -> None:
+    """Take the subscribers' password hashes over from a legacy PASSWD_FILE ("-": standard
+    input) into their legacy_password.
+
+    A line is ``user:hash[:...]`` (vpopmail, checkpassword, Courier userdb and
+    /etc/passwd style); the hash is crypt(3) (DES, $1$, $5$, $6$, bcrypt) or
+    {SCHEME}hash (CRYPT, MD5-CRYPT, SHA256-CRYPT, SHA512-CRYPT, SSHA, SSHA256, SSHA512)
+    and is stored as {SCHEME}hash.  Subscriber entries are not created: they come from
+    the directory's provisioning, like every subscriber's.  Every line is checked first
+    and the changes are printed (schemes only, never hashes); with an error on any line
+    nothing is written.  Then each subscriber is changed through the audited write path
+    as the acting person (``--as``); a change the directory refuses is reported and the
+    others go on.
+    """
+    mig = _migration(app, domain)
+    users, errors = parse_passwd(passwd_file.read(), mig.domain)
+    entries = {(e.first("mail") or "").lower(): e for e in mig.lister.users_of(mig.entry, mig.domain)}
+    planned: list[tuple[int, str, str, str]] = []
+    unknown = 0
+    for user in users:
+        entry = entries.get(user.address)
+        if entry is None:
+            message = f"line {user.line}: no subscriber {user.address} (create its entry first)"
+            if skip_unknown:
+                unknown += 1
+                click.echo(f"skipped: {message}", err=True)
+            else:
+                errors.append(message)
+            continue
+        old = entry.first("legacy_password") or ""
+        if old == user.hashed:
+            continue
+        planned.append((user.line, user.address, entry.dn, user.hashed))
+        click.echo(f"line {user.line}: {user.address}: legacy_password: "
+                   f"{scheme_of(old) if old else '(unset)'} -> {scheme_of(user.hashed)}")
+    for error in errors:
+        click.echo(f"error: {error}", err=True)
+    if errors:
+        fail(f"{len(errors)} line(s) with errors; nothing written", EX_USAGE)
+    same = len(users) - len(planned) - unknown
+    if dry_run:
+        click.echo(f"dry run: {len(planned)} subscriber(s) would change, {same} unchanged; nothing written")
+        return
+    refused = 0
+    for line, address, dn, hashed in planned:
+        try:
+            app.change(dn, {"legacy_password": [hashed]})
+        except DirectoryError as exc:
+            refused += 1
+            click.echo(f"error: line {line}: {address}: {exc}", err=True)
+    click.echo(f"{len(planned) - refused} subscriber(s) changed, {same} unchanged, {refused} refused")
+    if refused:
+        sys.exit(EX_NOTFOUND)
 
 
 def _copy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
