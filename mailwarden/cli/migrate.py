@@ -135,7 +135,7 @@ def import_users(app: App, /, domain: str, passwd_file: Any, dry_run: bool, skip
         planned.append((user.line, user.address, entry.dn, user.hashed))
         click.echo(f"line {user.line}: {user.address}: legacy_password: "
                    f"{scheme_of(old) if old else '(unset)'} -> {scheme_of(user.hashed)}")
-    for error in errors:
+    for error in sorted(errors, key=lambda e: int(e.split()[1].rstrip(":"))):
         click.echo(f"error: {error}", err=True)
     if errors:
         fail(f"{len(errors)} line(s) with errors; nothing written", EX_USAGE)

@@ -372,6 +372,68 @@ def test_qmail_style_uidls_survive_the_cutover(legacy_qmail: Legacy, running: li
     assert after[:4] == before[ann] and re.fullmatch(r"[0-9a-f]{16}", after[4])
 
 
+def test_import_users_takes_the_legacy_passwd_file_over(legacy: Legacy, running: list) -> None:
+    """The legacy server's own passwd file, crypt strings without prefixes as qmail-era
+    files hold them: a dry run writes nothing, bad lines stop the import, and then every
+    subscriber logs in to the mailbox host (which checks the imported hash) with the
+    legacy password; the audit log names the change without the hash."""
+    site = legacy.site
+    for address in legacy.hashes:
+        legacy.conn.modify_s(f"uid={address.split('@')[0]},{DOMAIN_DN}",
+                             [(ldap.MOD_DELETE, "mwLegacyPassword", None)])
+    lines = [f"{address.split('@')[0]}:{re.sub(r'^[{](MD5|SHA256|SHA512)-CRYPT[}]', '', hashed)}:::::"
+             for address, hashed in legacy.hashes.items()]
+    assert any(line.split(":")[1].startswith("$1$") for line in lines)
+    good = site.root / "vpasswd"
+    good.write_text("# legacy passwd\n" + "\n".join(lines) + "\n")
+    bad = site.root / "vpasswd.bad"
+    bad.write_text(good.read_text() + "gone:$1$abc$0123456789012345678901\nlocked:!\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([MAILWARDEN, "-c", legacy.cli_config(), "migrate", "import-users", DOMAIN,
+                               *args], capture_output=True, text=True, check=False, timeout=120)
+
+    refused = run(str(bad))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "line 7: no subscriber gone@old.example.net" in refused.stderr
+    assert "line 8: locked@old.example.net: '!' is a locked" in refused.stderr
+    dry = run(str(good), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "line 2: ann@old.example.net: legacy_password: (unset) -> {MD5-CRYPT}" in dry.stdout
+    assert "line 6: eve@old.example.net: legacy_password: (unset) -> {CRYPT}" in dry.stdout
+    assert "dry run: 5 subscriber(s) would change" in dry.stdout and "$1$" not in dry.stdout
+    assert "mwLegacyPassword" not in _user_ldif(legacy, "ann")
+    done = run(str(good))
+    assert done.returncode == 0, done.stderr
+    assert "5 subscriber(s) changed, 0 unchanged, 0 refused" in done.stdout
+    assert f"mwLegacyPassword: {{MD5-CRYPT}}{lines[0].split(':')[1]}" in _user_ldif(legacy, "ann")
+    again = run(str(good))
+    assert "0 subscriber(s) changed, 5 unchanged" in again.stdout, again.stdout + again.stderr
+    audit = legacy.conn.search_s("dc=mailwarden,dc=test", ldap.SCOPE_SUBTREE,
+                                 f"(&(objectClass=mwAuditRecord)(mwAuditTarget=uid=ann,{DOMAIN_DN}))")
+    [(_dn, record)] = audit
+    change = record["mwAuditChange"][0].decode()
+    assert "{MD5-CRYPT}(hash withheld)" in change and "$1$" not in change
+
+    legacy.set_domain(mwMigrationState="migrated")
+    site.dovecot("mailbox")
+    newhost = RenderedDovecot(site, "mailbox")
+    newhost.start(site.ports["pop3"])
+    running.append(newhost)
+    for name, scheme in SCHEMES.items():
+        try:
+            _pop3(site.ports["pop3"], f"{name}@{DOMAIN}", f"{name}-pw").quit()
+        except poplib.error_proto:
+            pytest.fail(f"{scheme}: {newhost.log()[-3000:]}")
+        with pytest.raises(poplib.error_proto, match="Authentication failed"):
+            _pop3(site.ports["pop3"], f"{name}@{DOMAIN}", f"{name}-wrong")
+
+
+def _user_ldif(legacy: Legacy, local: str) -> str:
+    [(_dn, attrs)] = legacy.conn.search_s(f"uid={local},{DOMAIN_DN}", ldap.SCOPE_BASE)
+    return "\n".join(f"{k}: {v.decode()}" for k, vs in attrs.items() for v in vs)
+
+
 def _domain_ldif(legacy: Legacy) -> str:
     [(_dn, attrs)] = legacy.conn.search_s(DOMAIN_DN, ldap.SCOPE_BASE)
     return "\n".join(f"{k}: {v.decode()}" for k, vs in attrs.items() for v in vs)
