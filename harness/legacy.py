@@ -98,6 +98,9 @@ first_valid_uid = {MAIL_UID}
 first_valid_gid = {MAIL_UID}
 postmaster_address = postmaster@legacy.invalid
 pop3_uidl_format = {self.pop3_uidl_format}
+namespace inbox {{
+  inbox = yes
+}}
 passdb {{
   driver = passwd-file
   master = yes
