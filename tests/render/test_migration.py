@@ -397,6 +397,11 @@ def test_import_users_takes_the_legacy_passwd_file_over(legacy: Legacy, running:
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "line 7: no subscriber gone@old.example.net" in refused.stderr
     assert "line 8: locked@old.example.net: '!' is a locked" in refused.stderr
+    unknown = site.root / "vpasswd.unknown"
+    unknown.write_text(good.read_text() + "gone:$1$abc$0123456789012345678901\n")
+    skipped = run(str(unknown), "--dry-run", "--skip-unknown")
+    assert skipped.returncode == 0, skipped.stderr
+    assert "skipped: line 7: no subscriber gone@old.example.net" in skipped.stderr
     dry = run(str(good), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "line 2: ann@old.example.net: legacy_password: (unset) -> {MD5-CRYPT}" in dry.stdout
