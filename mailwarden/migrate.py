@@ -54,7 +54,13 @@ TRANSITIONS: dict[str, tuple[frozenset[str], str]] = {
 
 DSYNC_RERUNS = 3
 """How often a copy is run when dsync says the mailbox changed while it ran (exit 2),
-as it does while mail is delivered to either side."""
+as it does while mail is delivered to either side, or when the legacy POP3 listing and
+the IMAP mailbox differed (a message delivered between the two)."""
+
+POP3_UIDL_RACE = "POP3 UIDLs couldn't be synced"
+"""dsync's error when the pop3_migration plugin finds no legacy UIDL for a message: the POP3
+listing was taken before the message arrived (measured while mail flows); a fresh run
+takes a fresh listing."""
 
 DOVEADM_TIMEOUT = 3600.0
 """Seconds one mailbox's copy may take before it is given up (and reported)."""
@@ -195,10 +201,10 @@ class DoveadmMailboxes:
              again: bool = False) -> str:
         """doveadm's output; MigrationError when it fails.  With ``again``, exit status 2
         (dsync: done, but the mailbox changed meanwhile, run again) is retried with the
-        state it printed, a few times."""
+        state it printed, a few times; so is a POP3 listing that missed a new message."""
         for _ in range(DSYNC_RERUNS if again else 1):
             status, out, why = self._once(user, args, imapc=imapc, stdin=stdin)
-            if status == 0 or not (again and status == 2):
+            if status == 0 or not again or (status != 2 and POP3_UIDL_RACE not in why):
                 break
             if "-s" in args and out.strip():
                 at = args.index("-s") + 1

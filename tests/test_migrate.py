@@ -199,3 +199,29 @@ echo "messages=0"
     DoveadmMailboxes(LegacyServer("192.0.2.1", 143, "migrate", "pw"), config=str(host_conf),
                      doveadm=str(script)).pull("ann@old.example", exact=True)
     assert "pop3c" not in log.read_text()
+
+
+def test_a_pop3_listing_that_missed_new_mail_is_taken_again(tmp_path: Path) -> None:
+    """While mail flows, a message may reach the legacy mailbox between the POP3 listing and
+    the IMAP sync; dsync then fails for want of its UIDL, and a fresh run lists it."""
+    log = tmp_path / "calls"
+    script = tmp_path / "doveadm"
+    script.write_text(f"""#!/bin/sh
+echo "$@" >> {log}
+n=$(wc -l < {log})
+if [ "$n" -lt 2 ]; then
+  e="Error: Exporting mailbox INBOX failed: Can't lookup pop3-uidl for UID=35"
+  echo "dsync(ann): $e: POP3 UIDLs couldn't be synced" >&2
+  exit 75
+fi
+case "$*" in *other*) echo "Error: Exporting mailbox INBOX failed: disk full" >&2; exit 75 ;; esac
+""")
+    script.chmod(0o755)
+    boxes = DoveadmMailboxes(LegacyServer("192.0.2.1", 143, "migrate", "pw", pop3_port=110),
+                             doveadm=str(script))
+    boxes.pull("ann@old.example", exact=True)
+    assert len(log.read_text().splitlines()) == 2
+    # Any other failure is not repeated.
+    with pytest.raises(MigrationError, match="disk full"):
+        boxes.pull("other@old.example", exact=True)
+    assert len(log.read_text().splitlines()) == 3
