@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mailwarden.address import normalize_domain
+from mailwarden.catalogue import SETTINGS, InvalidValue
 from mailwarden.cli.common import EX_NOTFOUND, EX_TEMPFAIL, EX_USAGE, App, fail, handle_errors, pass_app
 from mailwarden.directory import DirectoryError
 from mailwarden.legacyhash import parse_passwd, scheme_of
@@ -192,7 +193,14 @@ def _mailboxes(app: App, mig: Migration, kw: dict[str, Any]) -> Mailboxes:
         raise MigrationError(f"{kw['master_password_file']}: {exc.strerror}") from None
     r = app.config.render
     pop3_port = 0 if kw["pop3_uidls"] == "derived" else kw["legacy_pop3_port"] or r.legacy_pop3_port
-    legacy = LegacyServer(kw["legacy_host"] or mig.legacy_host(), kw["legacy_port"] or r.legacy_imap_port,
+    if kw["legacy_host"]:
+        try:
+            host: str = SETTINGS["legacy_mailbox_host"].parse([kw["legacy_host"]])
+        except InvalidValue as exc:
+            raise MigrationError(f"--legacy-host: {exc} (--legacy-port, --legacy-pop3-port)") from None
+    else:
+        host = mig.legacy_host()
+    legacy = LegacyServer(host, kw["legacy_port"] or r.legacy_imap_port,
                           kw["master_user"], password, pop3_port=pop3_port)
     config = kw["dovecot_config"] or str(Path(r.dovecot_config_dir.format(role="mailbox")) / "dovecot.conf")
     return DoveadmMailboxes(legacy, config=config, doveadm=kw["doveadm"])

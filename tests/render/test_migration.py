@@ -458,6 +458,16 @@ def test_status_shows_where_mail_goes(legacy: Legacy) -> None:
     # A legacy domain is hosted here: its subscribers get the services (virus_scan from the domain).
     assert "subscriber" in explain and re.search(r"virus_scan\s+on\s+from domain", explain)
     assert re.search(r"migration_state\s+legacy\s+from domain", explain)
+    # A legacy mailbox host with a port is refused where it is set and where it is given.
+    refused = subprocess.run([MAILWARDEN, "-c", legacy.cli_config(), "domain", "set", DOMAIN,
+                              "legacy_mailbox_host", "127.0.0.1:110"],
+                             capture_output=True, text=True, check=False, timeout=60)
+    assert refused.returncode != 0 and "ports come from render.legacy_pop3_port" in refused.stderr
+    assert "mwLegacyMailboxHost: 127.0.0.1" in _domain_ldif(legacy)
+    given = legacy.migrate("sync", DOMAIN, "--legacy-host", "127.0.0.1:143", check=False)
+    assert given.returncode == 1
+    assert "--legacy-host: legacy_mailbox_host: '127.0.0.1:143' has a port" in given.stderr
+    assert "mwMigrationState: legacy" in _domain_ldif(legacy)
 
 
 
