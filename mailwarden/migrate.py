@@ -150,12 +150,15 @@ class UserCopy:
         """The copy ran and the target holds at least (exact: just) the source's messages.
 
         While mail flows, the source may change between the copy and the count: an exact
-        copy whose source count moved meanwhile is not judged by the counts (the next copy
-        takes the change)."""
+        copy whose source count moved meanwhile is not judged by the counts, and a one-way
+        copy then needs only what the source held before it (the next copy takes the
+        change)."""
         if self.error:
             return False
         if self.exact:
             return self.source_after == self.target_after or self.source_after != self.source_before
+        if self.source_after != self.source_before:
+            return self.target_after >= min(self.source_before, self.source_after)
         return self.target_after >= self.source_after
 
     @property

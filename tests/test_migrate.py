@@ -132,6 +132,12 @@ def test_an_exact_copy_of_a_source_that_changed_meanwhile_is_not_judged_by_count
     assert not UserCopy("a@x.example", source_before=5, source_after=5, target_after=4).ok
     assert UserCopy("a@x.example", source_before=5, source_after=6, target_after=5).ok
     assert not UserCopy("a@x.example", source_before=5, source_after=6, target_after=5, error="x").ok
+    # One-way (catch-up): the target must hold what the source held; a message arriving on
+    # the source after the copy is left to the next catch-up.
+    assert UserCopy("a@x.example", source_before=44, source_after=44, target_after=45, exact=False).ok
+    assert not UserCopy("a@x.example", source_before=44, source_after=44, target_after=43, exact=False).ok
+    assert UserCopy("a@x.example", source_before=43, source_after=44, target_after=43, exact=False).ok
+    assert not UserCopy("a@x.example", source_before=43, source_after=44, target_after=42, exact=False).ok
 
 
 def test_a_dsync_that_says_run_again_is_run_again_with_its_state(tmp_path: Path) -> None:
