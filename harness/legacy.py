@@ -2,10 +2,12 @@
 with its own passwd-file users and crypt(3) / ``{SSHA}`` hashes, no LDAP.
 
 It stands for a qmail-era system (vpopmail-style ``user@domain`` logins, Maildir, crypt
-hashes).  POP3 UIDLs are Dovecot's default ``%08Xu%08Xv`` (IMAP UID and UIDVALIDITY), so
-a copy that keeps UIDs keeps UIDLs.  A migration master user (``auth_master_user_separator``
-and a ``master = yes`` passdb) lets ``doveadm`` on the new mailbox host read every mailbox
-over IMAP (imapc) without the subscribers' passwords.  Mail arrives over LMTP.
+hashes).  Its POP3 UIDLs follow ``pop3_uidl_format``: Dovecot's default ``%08Xu%08Xv``
+(IMAP UID and UIDVALIDITY), or ``%f``, the Maildir file name, which is what qmail-pop3d
+(and Courier) present: a migration must fetch those from the POP3 server.
+A migration master user (``auth_master_user_separator`` and a ``master = yes`` passdb)
+lets ``doveadm`` on the new mailbox host read every mailbox over IMAP (imapc) and POP3
+(pop3c) without the subscribers' passwords.  Mail arrives over LMTP.
 
 Dovecot runs in the foreground (``dovecot -F``), is stopped by its PID, and listens on
 127.0.0.1 at ports chosen at run time (or those given, in a container).
@@ -54,7 +56,7 @@ class LegacyMailServer(TestDaemon):
                  master_password: str = "migrate-secret",  # noqa: S107 - a test server
                  workdir: Path | None = None,
                  listen: str = "127.0.0.1", pop3_port: int = 0, imap_port: int = 0,
-                 lmtp_port: int = 0) -> None:
+                 lmtp_port: int = 0, pop3_uidl_format: str = "%08Xu%08Xv") -> None:
         reason = missing_dovecot()
         if reason is not None:
             raise DovecotError(reason)
@@ -69,6 +71,7 @@ class LegacyMailServer(TestDaemon):
         self.pop3_port = pop3_port or free_port()
         self.imap_port = imap_port or free_port()
         self.lmtp_port = lmtp_port or free_port()
+        self.pop3_uidl_format = pop3_uidl_format
         self.conf_path = self.dir / "dovecot.conf"
         self.log_path = self.dir / "dovecot.log"
         self.mail_dir = self.dir / "mail"
@@ -94,7 +97,10 @@ mail_gid = {MAIL_UID}
 first_valid_uid = {MAIL_UID}
 first_valid_gid = {MAIL_UID}
 postmaster_address = postmaster@legacy.invalid
-pop3_uidl_format = %08Xu%08Xv
+pop3_uidl_format = {self.pop3_uidl_format}
+namespace inbox {{
+  inbox = yes
+}}
 passdb {{
   driver = passwd-file
   master = yes
@@ -204,11 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     write.add_argument("--pop3-port", type=int, default=110)
     write.add_argument("--imap-port", type=int, default=143)
     write.add_argument("--lmtp-port", type=int, default=24)
+    write.add_argument("--pop3-uidl-format", default="%08Xu%08Xv",
+                       help="%%08Xu%%08Xv (Dovecot's default) or %%f (qmail-pop3d's Maildir file name)")
     args = parser.parse_args(argv)
     server = LegacyMailServer(
         read_users(args.users), master_password=args.master_password_file.read_text().strip(),
         workdir=args.workdir, listen=args.listen, pop3_port=args.pop3_port, imap_port=args.imap_port,
-        lmtp_port=args.lmtp_port,
+        lmtp_port=args.lmtp_port, pop3_uidl_format=args.pop3_uidl_format,
     )
     server.write_config()
     print(server.conf_path)

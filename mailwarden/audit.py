@@ -96,8 +96,21 @@ def record(directory: LdapDirectory, *, actor: str, origin: str, target: str,
                        target=target, domain=domain, changes=tuple(changes))
 
 
+SECRET_CONCEPTS = frozenset({"legacy_password"})
+"""Concepts whose values the audit log shows by their ``{SCHEME}`` only: audit records are
+readable by the domain's administrators, the hashes only by the daemons' account."""
+
+
+def _shown(name: str, values: Sequence[str]) -> list[str]:
+    if name not in SECRET_CONCEPTS:
+        return list(values)
+    return [(v[: v.index("}") + 1] if v.startswith("{") and "}" in v else "") + "(hash withheld)"
+            for v in values]
+
+
 def _change_json(change: ChangeLine) -> str:
-    return json.dumps({"name": change.name, "old": list(change.old), "new": list(change.new)},
+    return json.dumps({"name": change.name, "old": _shown(change.name, change.old),
+                       "new": _shown(change.name, change.new)},
                       ensure_ascii=False, sort_keys=True)
 
 

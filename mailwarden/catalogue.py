@@ -284,10 +284,19 @@ def _parse_extension(spec: SettingSpec, text: str) -> str:
     return ("!" if neg else "") + ext
 
 
+HOSTS_WITHOUT_PORT: dict[str, str] = {
+    "legacy_mailbox_host": "ports come from render.legacy_pop3_port / legacy_imap_port",
+}
+"""Host settings that name a host alone, and where their ports come from instead."""
+
+
 def _parse_host(spec: SettingSpec, text: str) -> str:
     value = text.strip().lower()
     if not re.fullmatch(r"(\[[0-9a-f.:]+\]|[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?)(:[0-9]{1,5})?", value):
         raise InvalidValue(f"{spec.name}: {text!r} is not a host name")
+    if spec.name in HOSTS_WITHOUT_PORT and (":" in value or value.startswith("[")):
+        raise InvalidValue(f"{spec.name}: {text!r} has a port or brackets; give the host name or "
+                           f"address alone ({HOSTS_WITHOUT_PORT[spec.name]})")
     return value
 
 

@@ -9,10 +9,12 @@ domain is hosted here, so the milter and the policy daemon treat it as local.
 Mailboxes are copied with Dovecot's own dsync (``doveadm``) over the imapc backend: it
 reads the legacy server over IMAP with a migration master user, so it works whatever the
 legacy server keeps its mail in and wherever that is, needs no shared file system, and
-keeps IMAP UIDs and the mailbox's UIDVALIDITY when the destination is new; POP3 UIDLs
-derived from them (Dovecot's default ``%08Xu%08Xv``) are therefore the same after the
-move.  Reading the legacy Maildir directly would need it mounted on the mailbox host and
-would not see the legacy server's own UID list.
+keeps IMAP UIDs and the mailbox's UIDVALIDITY when the destination is new.  POP3 UIDLs
+are fetched from the legacy POP3 server (pop3c) by Dovecot's ``pop3_migration`` plugin
+and saved with each message, whatever their format (qmail-pop3d's Maildir file names,
+Dovecot's ``%08Xu%08Xv``); the mailbox host's POP3 serves the saved ones.
+Reading the legacy Maildir directly would need it mounted on the mailbox host and would
+not see the legacy server's own UID list.
 
 * before the switch, ``doveadm backup -R`` makes the new mailbox an exact copy (flags,
   expunges); dsync compares both sides, so a second run copies only what changed;
@@ -29,13 +31,14 @@ The copying runs on a mailbox host (``doveadm`` needs the host's Dovecot configu
 from __future__ import annotations
 
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from mailwarden.catalogue import LEGACY_STATES, MIGRATION_STATES
+from mailwarden.catalogue import LEGACY_STATES, MIGRATION_STATES, SETTINGS, InvalidValue
 from mailwarden.directory import Directory, Entry
 
 __all__ = [
@@ -51,7 +54,13 @@ TRANSITIONS: dict[str, tuple[frozenset[str], str]] = {
 
 DSYNC_RERUNS = 3
 """How often a copy is run when dsync says the mailbox changed while it ran (exit 2),
-as it does while mail is delivered to either side."""
+as it does while mail is delivered to either side, or when the legacy POP3 listing and
+the IMAP mailbox differed (a message delivered between the two)."""
+
+POP3_UIDL_RACE = "POP3 UIDLs couldn't be synced"
+"""dsync's error when the pop3_migration plugin finds no legacy UIDL for a message: the POP3
+listing was taken before the message arrived (measured while mail flows); a fresh run
+takes a fresh listing."""
 
 DOVEADM_TIMEOUT = 3600.0
 """Seconds one mailbox's copy may take before it is given up (and reported)."""
@@ -91,6 +100,33 @@ class LegacyServer:
     port: int
     master_user: str
     master_password: str
+    pop3_port: int = 0
+    """The legacy POP3 server's port, whose UIDLs each copied message keeps (0: none
+    fetched; the mailbox host derives UIDLs from the kept IMAP UIDs and UIDVALIDITY)."""
+
+
+POP3_MIGRATION_NAMESPACE = "POP3-MIGRATION-NS/"
+
+POP3_MIGRATION_CONF = """# Written by mailwarden migrate for one copy: the mailbox host's configuration
+# and Dovecot's pop3_migration plugin, which reads the legacy POP3 server's UIDLs over
+# pop3c and saves them with the messages dsync copies (the POP3 server serves them).
+!include {config}
+namespace pop3c {{
+  prefix = {prefix}
+  separator = /
+  location = pop3c:
+  inbox = no
+  list = no
+  hidden = yes
+}}
+mail_plugins = $mail_plugins pop3_migration
+plugin {{
+  pop3_migration_mailbox = {prefix}INBOX
+}}
+"""
+"""The configuration doveadm reads for a copy that keeps the legacy POP3 UIDLs."""
+
+DEFAULT_DOVECOT_CONF = "/etc/dovecot/dovecot.conf"
 
 
 @dataclass
@@ -114,12 +150,15 @@ class UserCopy:
         """The copy ran and the target holds at least (exact: just) the source's messages.
 
         While mail flows, the source may change between the copy and the count: an exact
-        copy whose source count moved meanwhile is not judged by the counts (the next copy
-        takes the change)."""
+        copy whose source count moved meanwhile is not judged by the counts, and a one-way
+        copy then needs only what the source held before it (the next copy takes the
+        change)."""
         if self.error:
             return False
         if self.exact:
             return self.source_after == self.target_after or self.source_after != self.source_before
+        if self.source_after != self.source_before:
+            return self.target_after >= min(self.source_before, self.source_after)
         return self.target_after >= self.source_after
 
     @property
@@ -165,10 +204,10 @@ class DoveadmMailboxes:
              again: bool = False) -> str:
         """doveadm's output; MigrationError when it fails.  With ``again``, exit status 2
         (dsync: done, but the mailbox changed meanwhile, run again) is retried with the
-        state it printed, a few times."""
+        state it printed, a few times; so is a POP3 listing that missed a new message."""
         for _ in range(DSYNC_RERUNS if again else 1):
             status, out, why = self._once(user, args, imapc=imapc, stdin=stdin)
-            if status == 0 or not (again and status == 2):
+            if status == 0 or not again or (status != 2 and POP3_UIDL_RACE not in why):
                 break
             if "-s" in args and out.strip():
                 at = args.index("-s") + 1
@@ -179,19 +218,36 @@ class DoveadmMailboxes:
 
     def _once(self, user: str, args: tuple[str, ...], *, imapc: bool,
               stdin: str | None) -> tuple[int, str, str]:
-        cmd = [self.doveadm]
-        if self.config:
-            cmd += ["-c", self.config]
-        if imapc:
-            lg = self.legacy
-            # imapc_user is not expanded from -o; it names the user whose mailbox the master
-            # user opens (SASL authorization identity).
-            for key, value in (("imapc_host", lg.host), ("imapc_port", str(lg.port)),
-                               ("imapc_user", user), ("imapc_master_user", lg.master_user),
-                               ("imapc_password", lg.master_password),
-                               ("imapc_features", "rfc822.size fetch-headers"),
-                               ("mail_prefetch_count", "20")):
-                cmd += ["-o", f"{key}={value}"]
+        lg = self.legacy
+        pop3 = imapc and bool(lg.pop3_port) and args[0] in ("backup", "sync")
+        with tempfile.TemporaryDirectory(prefix="mw-migrate-") as tmp:
+            cmd = [self.doveadm]
+            if pop3:
+                conf = Path(tmp) / "dovecot.conf"
+                conf.write_text(POP3_MIGRATION_CONF.format(
+                    config=Path(self.config or DEFAULT_DOVECOT_CONF).resolve(),
+                    prefix=POP3_MIGRATION_NAMESPACE))
+                cmd += ["-c", str(conf)]
+            elif self.config:
+                cmd += ["-c", self.config]
+            if imapc:
+                # imapc_user / pop3c_user are not expanded from -o; they name the user whose
+                # mailbox the master user opens (SASL authorization identity).
+                options = [("imapc_host", lg.host), ("imapc_port", str(lg.port)),
+                           ("imapc_user", user), ("imapc_master_user", lg.master_user),
+                           ("imapc_password", lg.master_password),
+                           ("imapc_features", "rfc822.size fetch-headers"),
+                           ("mail_prefetch_count", "20")]
+                if pop3:
+                    options += [("pop3c_host", lg.host), ("pop3c_port", str(lg.pop3_port)),
+                                ("pop3c_user", user), ("pop3c_master_user", lg.master_user),
+                                ("pop3c_password", lg.master_password)]
+                for key, value in options:
+                    cmd += ["-o", f"{key}={value}"]
+            return self._exec(user, args, cmd, stdin)
+
+    def _exec(self, user: str, args: tuple[str, ...], cmd: list[str],
+              stdin: str | None) -> tuple[int, str, str]:
         cmd += list(args)
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=self.timeout,
@@ -304,12 +360,17 @@ class Migration:
         self.entry = Entry(self.entry.dn, values, self.entry.problems)
 
     def legacy_host(self) -> str:
-        """The domain's ``legacy_mailbox_host`` (MigrationError when it has none)."""
+        """The domain's ``legacy_mailbox_host`` (MigrationError when it has none or it is
+        not a valid one, e.g. with a port)."""
         host = self.entry.first("legacy_mailbox_host")
         if not host:
             raise MigrationError(f"{self.domain} has no legacy_mailbox_host "
                                  "(mailwarden domain set DOMAIN legacy_mailbox_host HOST)")
-        return host.strip().lower()
+        try:
+            value: str = SETTINGS["legacy_mailbox_host"].parse([host])
+        except InvalidValue as exc:
+            raise MigrationError(f"{self.domain}: {exc}") from None
+        return value
 
     def copy(self, mailboxes: Mailboxes, step: str, users: Sequence[str] | None = None,
              progress: Callable[[UserCopy], None] | None = None) -> list[UserCopy]:

@@ -132,6 +132,12 @@ def test_an_exact_copy_of_a_source_that_changed_meanwhile_is_not_judged_by_count
     assert not UserCopy("a@x.example", source_before=5, source_after=5, target_after=4).ok
     assert UserCopy("a@x.example", source_before=5, source_after=6, target_after=5).ok
     assert not UserCopy("a@x.example", source_before=5, source_after=6, target_after=5, error="x").ok
+    # One-way (catch-up): the target must hold what the source held; a message arriving on
+    # the source after the copy is left to the next catch-up.
+    assert UserCopy("a@x.example", source_before=44, source_after=44, target_after=45, exact=False).ok
+    assert not UserCopy("a@x.example", source_before=44, source_after=44, target_after=43, exact=False).ok
+    assert UserCopy("a@x.example", source_before=43, source_after=44, target_after=43, exact=False).ok
+    assert not UserCopy("a@x.example", source_before=43, source_after=44, target_after=42, exact=False).ok
 
 
 def test_a_dsync_that_says_run_again_is_run_again_with_its_state(tmp_path: Path) -> None:
@@ -154,3 +160,74 @@ echo "state-$n"
     assert "imapc_user=ann@old.example" in calls[0] and "imapc_master_user=migrate" in calls[0]
     with pytest.raises(MigrationError, match="backup exited 75: Error: it broke"):
         boxes.pull("fail@old.example", exact=True)
+
+
+def test_a_legacy_mailbox_host_with_a_port_is_refused() -> None:
+    host = SETTINGS["legacy_mailbox_host"]
+    assert host.parse(["IMAP.old.example"]) == "imap.old.example"
+    assert host.parse(["192.0.2.7"]) == "192.0.2.7"
+    for value in ("imap.old.example:110", "192.0.2.7:143", "[192.0.2.7]"):
+        with pytest.raises(InvalidValue, match=r"ports come from render\.legacy_pop3_port"):
+            host.parse([value])
+    # A stored value with a port stops a copy with that reason, before doveadm runs.
+    d = FakeDirectory()
+    d.add_domain("old.example", migration_state="legacy", legacy_mailbox_host="imap.old.example:143")
+    with pytest.raises(MigrationError, match=r"old\.example: legacy_mailbox_host: .* has a port"):
+        Migration.load(d, d, "old.example").legacy_host()
+
+
+def test_a_copy_keeping_pop3_uidls_reads_them_with_pop3c_and_the_plugin(tmp_path: Path) -> None:
+    """With a legacy POP3 port, dsync runs with a configuration that includes the host's
+    own and adds the pop3_migration plugin and its hidden pop3c namespace; counting and
+    the copy back never connect to POP3."""
+    log = tmp_path / "calls"
+    script = tmp_path / "doveadm"
+    script.write_text(f"""#!/bin/sh
+echo "$@" >> {log}
+if [ "$1" = -c ]; then cat "$2" >> {log}; fi
+echo "messages=0"
+""")
+    script.chmod(0o755)
+    host_conf = tmp_path / "dovecot.conf"
+    legacy = LegacyServer("192.0.2.1", 143, "migrate", "pw", pop3_port=110)
+    boxes = DoveadmMailboxes(legacy, config=str(host_conf), doveadm=str(script))
+    boxes.pull("ann@old.example", exact=True)
+    text = log.read_text()
+    assert f"!include {host_conf}" in text and "mail_plugins = $mail_plugins pop3_migration" in text
+    assert "location = pop3c:" in text and "pop3_migration_mailbox = POP3-MIGRATION-NS/INBOX" in text
+    for option in ("pop3c_host=192.0.2.1", "pop3c_port=110", "pop3c_user=ann@old.example",
+                   "pop3c_master_user=migrate", "imapc_port=143"):
+        assert option in text
+    log.unlink()
+    boxes.count("ann@old.example", legacy=True)
+    assert "pop3c" not in log.read_text() and f"-c {host_conf}" in log.read_text()
+    log.unlink()
+    DoveadmMailboxes(LegacyServer("192.0.2.1", 143, "migrate", "pw"), config=str(host_conf),
+                     doveadm=str(script)).pull("ann@old.example", exact=True)
+    assert "pop3c" not in log.read_text()
+
+
+def test_a_pop3_listing_that_missed_new_mail_is_taken_again(tmp_path: Path) -> None:
+    """While mail flows, a message may reach the legacy mailbox between the POP3 listing and
+    the IMAP sync; dsync then fails for want of its UIDL, and a fresh run lists it."""
+    log = tmp_path / "calls"
+    script = tmp_path / "doveadm"
+    script.write_text(f"""#!/bin/sh
+echo "$@" >> {log}
+n=$(wc -l < {log})
+if [ "$n" -lt 2 ]; then
+  e="Error: Exporting mailbox INBOX failed: Can't lookup pop3-uidl for UID=35"
+  echo "dsync(ann): $e: POP3 UIDLs couldn't be synced" >&2
+  exit 75
+fi
+case "$*" in *other*) echo "Error: Exporting mailbox INBOX failed: disk full" >&2; exit 75 ;; esac
+""")
+    script.chmod(0o755)
+    boxes = DoveadmMailboxes(LegacyServer("192.0.2.1", 143, "migrate", "pw", pop3_port=110),
+                             doveadm=str(script))
+    boxes.pull("ann@old.example", exact=True)
+    assert len(log.read_text().splitlines()) == 2
+    # Any other failure is not repeated.
+    with pytest.raises(MigrationError, match="disk full"):
+        boxes.pull("other@old.example", exact=True)
+    assert len(log.read_text().splitlines()) == 3

@@ -1,9 +1,10 @@
-"""``mailwarden migrate status|sync|cutover|rollback DOMAIN``: move a domain from a legacy
-mail system to the mailbox hosts while mail flows (docs/migration.md)."""
+"""``mailwarden migrate status|import-users|sync|cutover|catch-up|rollback DOMAIN``: move a
+domain from a legacy mail system to the mailbox hosts while mail flows (docs/migration.md)."""
 
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -14,7 +15,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mailwarden.address import normalize_domain
-from mailwarden.cli.common import EX_NOTFOUND, EX_TEMPFAIL, App, fail, handle_errors, pass_app
+from mailwarden.catalogue import SETTINGS, InvalidValue
+from mailwarden.cli.common import EX_NOTFOUND, EX_TEMPFAIL, EX_USAGE, App, fail, handle_errors, pass_app
+from mailwarden.directory import DirectoryError
+from mailwarden.legacyhash import parse_passwd, scheme_of
 from mailwarden.migrate import (
     DoveadmMailboxes,
     LegacyServer,
@@ -88,6 +92,70 @@ def status(app: App, /, domain: str) -> None:
         click.echo(f"  problem: {problem}")
 
 
+@migrate_group.command("import-users")
+@click.argument("domain")
+@click.argument("passwd_file", type=click.File("r", encoding="utf-8"))
+@click.option("--dry-run", is_flag=True, help="Print the changes and write nothing.")
+@click.option("--skip-unknown", is_flag=True,
+              help="Report users without a subscriber entry and go on (default: an error).")
+@pass_app
+@handle_errors
+@_refusals
+def import_users(app: App, /, domain: str, passwd_file: Any, dry_run: bool, skip_unknown: bool) -> None:
+    """Take the subscribers' password hashes over from a legacy PASSWD_FILE ("-": standard
+    input) into their legacy_password.
+
+    A line is ``user:hash[:...]`` (vpopmail, checkpassword, Courier userdb and
+    /etc/passwd style); the hash is crypt(3) (DES, $1$, $5$, $6$, bcrypt) or
+    {SCHEME}hash (CRYPT, MD5-CRYPT, SHA256-CRYPT, SHA512-CRYPT, SSHA, SSHA256, SSHA512)
+    and is stored as {SCHEME}hash.  Subscriber entries are not created: they come from
+    the directory's provisioning, like every subscriber's.  Every line is checked first
+    and the changes are printed (schemes only, never hashes); with an error on any line
+    nothing is written.  Then each subscriber is changed through the audited write path
+    as the acting person (``--as``); a change the directory refuses is reported and the
+    others go on.
+    """
+    mig = _migration(app, domain)
+    users, errors = parse_passwd(passwd_file.read(), mig.domain)
+    entries = {(e.first("mail") or "").lower(): e for e in mig.lister.users_of(mig.entry, mig.domain)}
+    planned: list[tuple[int, str, str, str]] = []
+    unknown = 0
+    for user in users:
+        entry = entries.get(user.address)
+        if entry is None:
+            message = f"line {user.line}: no subscriber {user.address} (create its entry first)"
+            if skip_unknown:
+                unknown += 1
+                click.echo(f"skipped: {message}", err=True)
+            else:
+                errors.append(message)
+            continue
+        old = entry.first("legacy_password") or ""
+        if old == user.hashed:
+            continue
+        planned.append((user.line, user.address, entry.dn, user.hashed))
+        click.echo(f"line {user.line}: {user.address}: legacy_password: "
+                   f"{scheme_of(old) if old else '(unset)'} -> {scheme_of(user.hashed)}")
+    for error in sorted(errors, key=lambda e: int(e.split()[1].rstrip(":"))):
+        click.echo(f"error: {error}", err=True)
+    if errors:
+        fail(f"{len(errors)} line(s) with errors; nothing written", EX_USAGE)
+    same = len(users) - len(planned) - unknown
+    if dry_run:
+        click.echo(f"dry run: {len(planned)} subscriber(s) would change, {same} unchanged; nothing written")
+        return
+    refused = 0
+    for line, address, dn, hashed in planned:
+        try:
+            app.change(dn, {"legacy_password": [hashed]})
+        except DirectoryError as exc:
+            refused += 1
+            click.echo(f"error: line {line}: {address}: {exc}", err=True)
+    click.echo(f"{len(planned) - refused} subscriber(s) changed, {same} unchanged, {refused} refused")
+    if refused:
+        sys.exit(EX_NOTFOUND)
+
+
 def _copy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--master-user", default="migrate", show_default=True,
@@ -98,6 +166,14 @@ def _copy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "(default: the domain's legacy_mailbox_host)"),
         click.option("--legacy-port", type=int, default=0,
                      help="its IMAP port (default: render.legacy_imap_port)"),
+        click.option("--pop3-uidls", type=click.Choice(["fetch", "derived"]), default="fetch",
+                     show_default=True,
+                     help="fetch: keep the UIDLs the legacy POP3 server presents, whatever their "
+                          "format (Dovecot's pop3_migration plugin over pop3c, the master user); "
+                          "derived: no POP3 connection, UIDLs follow from the kept IMAP UIDs "
+                          "(only for a legacy server whose UIDLs are Dovecot's %08Xu%08Xv)"),
+        click.option("--legacy-pop3-port", type=int, default=0,
+                     help="the legacy POP3 port (default: render.legacy_pop3_port)"),
         click.option("--dovecot-config", default="", help="this mailbox host's dovecot.conf "
                      "(default: render.dovecot_config_dir for the mailbox role)"),
         click.option("--doveadm", default="doveadm", show_default=True, help="doveadm binary"),
@@ -116,8 +192,16 @@ def _mailboxes(app: App, mig: Migration, kw: dict[str, Any]) -> Mailboxes:
     except OSError as exc:
         raise MigrationError(f"{kw['master_password_file']}: {exc.strerror}") from None
     r = app.config.render
-    legacy = LegacyServer(kw["legacy_host"] or mig.legacy_host(), kw["legacy_port"] or r.legacy_imap_port,
-                          kw["master_user"], password)
+    pop3_port = 0 if kw["pop3_uidls"] == "derived" else kw["legacy_pop3_port"] or r.legacy_pop3_port
+    if kw["legacy_host"]:
+        try:
+            host: str = SETTINGS["legacy_mailbox_host"].parse([kw["legacy_host"]])
+        except InvalidValue as exc:
+            raise MigrationError(f"--legacy-host: {exc} (--legacy-port, --legacy-pop3-port)") from None
+    else:
+        host = mig.legacy_host()
+    legacy = LegacyServer(host, kw["legacy_port"] or r.legacy_imap_port,
+                          kw["master_user"], password, pop3_port=pop3_port)
     config = kw["dovecot_config"] or str(Path(r.dovecot_config_dir.format(role="mailbox")) / "dovecot.conf")
     return DoveadmMailboxes(legacy, config=config, doveadm=kw["doveadm"])
 

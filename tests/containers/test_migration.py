@@ -1,7 +1,8 @@
 """Migrating oldisp.test from its legacy system (the ``legacy`` host) while mail flows.
 
 The legacy host is what a qmail-era ISP runs: Maildir, a passwd file with crypt and
-``{SSHA}`` hashes, and its own MX.  The subscribers are taken over into LDAP with those
+``{SSHA}`` hashes, POP3 UIDLs that are Maildir file names (as qmail-pop3d's), and its own
+MX.  The subscribers are taken over into LDAP with those
 hashes (``mwLegacyPassword``), the domain starts ``legacy``, and then:
 mail lands on the legacy host (filtered on the way), POP3 through the front node's proxy
 reaches it with the legacy password, ``mailwarden migrate sync`` copies the mailboxes
@@ -171,6 +172,7 @@ def test_a_domain_moves_from_its_legacy_system_while_mail_flows(legacy: MailStac
         stack.pop3(_address("ann"), "secret")
     before = {n: _uidls(stack.pop3(_address(n), _password(n))) for n in USERS}
     assert before["ann"] == _uidls(_legacy_pop3(stack, "ann"))
+    assert all(re.fullmatch(r"\d+\.M\d+P\d+\.[^:]+", u) for u in before["ann"]), before["ann"]
 
     # sync on mbox1, twice: the second run copies nothing.
     started = time.monotonic()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import poplib
 import re
@@ -101,6 +102,19 @@ def _ldap_toml(server: SlapdServer) -> str:
 def legacy(slapd_rw: SlapdServer) -> Iterator[Legacy]:
     """A legacy domain in LDAP (its subscribers' legacy hashes taken over), and the legacy
     server with the same users and hashes in its own passwd-file."""
+    with _legacy(slapd_rw) as it:
+        yield it
+
+
+@pytest.fixture
+def legacy_qmail(slapd_rw: SlapdServer) -> Iterator[Legacy]:
+    """The same, the legacy POP3 server presenting qmail-pop3d's UIDLs (the Maildir file name)."""
+    with _legacy(slapd_rw, pop3_uidl_format="%f") as it:
+        yield it
+
+
+@contextlib.contextmanager
+def _legacy(slapd_rw: SlapdServer, pop3_uidl_format: str = "%08Xu%08Xv") -> Iterator[Legacy]:
     need_dovecot()
     hashes = {f"{name}@{DOMAIN}": password_hash(scheme, f"{name}-pw")
               for name, scheme in SCHEMES.items() if scheme != "CRYPT"}
@@ -123,7 +137,7 @@ def legacy(slapd_rw: SlapdServer) -> Iterator[Legacy]:
             ("cn", [local.encode()]), ("sn", [local.encode()]), ("mail", [address.encode()]),
             ("mwLegacyPassword", [hashed.encode()]),
         ])
-    server = LegacyMailServer(hashes).start()
+    server = LegacyMailServer(hashes, pop3_uidl_format=pop3_uidl_format).start()
     with site_root() as root:
         site = Site(root, _ldap_toml(slapd_rw),
                     f"legacy_pop3_port = {server.pop3_port}\nlegacy_imap_port = {server.imap_port}\n")
@@ -325,6 +339,106 @@ def test_sync_cutover_catch_up_and_rollback_keep_uids_uidls_and_flags(legacy: Le
     assert refused.returncode == 1 and "run mailwarden migrate sync first" in refused.stderr
 
 
+def test_qmail_style_uidls_survive_the_cutover(legacy_qmail: Legacy, running: list) -> None:
+    """A legacy POP3 server whose UIDLs are Maildir file names (qmail-pop3d, Courier): the
+    default sync fetches them over POP3 and the mailbox host serves them after the switch;
+    a sync that derives them from the IMAP UIDs (``--pop3-uidls derived``) would not."""
+    legacy = legacy_qmail
+    site = legacy.site
+    site.dovecot("mailbox")
+    newhost = RenderedDovecot(site, "mailbox")
+    newhost.start(site.ports["pop3"], site.ports["lmtp"])
+    running.append(newhost)
+    ann, ben = f"ann@{DOMAIN}", f"ben@{DOMAIN}"
+    for user in (ann, ben):
+        for i in range(3):
+            legacy.deliver_legacy(user, f"qmail {i}")
+    before = {u: _uidls(legacy.server.pop3_port, u, u.split("@")[0] + "-pw") for u in (ann, ben)}
+    files = {p.name.split(":")[0] for p in (legacy.server.mail_dir / ann / "Maildir").glob("*/*")}
+    assert set(before[ann]) == files and len(files) == 3  # the Maildir file names, as qmail's
+    legacy.migrate("sync", DOMAIN, "--user", ann)
+    legacy.migrate("sync", DOMAIN, "--user", ben, "--pop3-uidls", "derived")
+    legacy.deliver_legacy(ann, "qmail 3")  # a last message, copied by the cut-over
+    before[ann] = _uidls(legacy.server.pop3_port, ann, "ann-pw")
+    legacy.migrate("cutover", DOMAIN, "--user", ann)
+    assert "mwMigrationState: migrated" in _domain_ldif(legacy)
+    assert _uidls(site.ports["pop3"], ann, "ann-pw") == before[ann]
+    derived = _uidls(site.ports["pop3"], ben, "ben-pw")
+    assert len(derived) == 3 and not set(derived) & set(before[ben])
+    # New mail on the mailbox host gets the host's own UIDL format next to the kept ones.
+    with smtplib.LMTP("127.0.0.1", site.ports["lmtp"]) as lmtp:
+        lmtp.sendmail("sender@outside.test", [ann], _message(ann, "new here"))
+    after = _uidls(site.ports["pop3"], ann, "ann-pw")
+    assert after[:4] == before[ann] and re.fullmatch(r"[0-9a-f]{16}", after[4])
+
+
+def test_import_users_takes_the_legacy_passwd_file_over(legacy: Legacy, running: list) -> None:
+    """The legacy server's own passwd file, crypt strings without prefixes as qmail-era
+    files hold them: a dry run writes nothing, bad lines stop the import, and then every
+    subscriber logs in to the mailbox host (which checks the imported hash) with the
+    legacy password; the audit log names the change without the hash."""
+    site = legacy.site
+    for address in legacy.hashes:
+        legacy.conn.modify_s(f"uid={address.split('@')[0]},{DOMAIN_DN}",
+                             [(ldap.MOD_DELETE, "mwLegacyPassword", None)])
+    lines = [f"{address.split('@')[0]}:{re.sub(r'^[{](MD5|SHA256|SHA512)-CRYPT[}]', '', hashed)}:::::"
+             for address, hashed in legacy.hashes.items()]
+    assert any(line.split(":")[1].startswith("$1$") for line in lines)
+    good = site.root / "vpasswd"
+    good.write_text("# legacy passwd\n" + "\n".join(lines) + "\n")
+    bad = site.root / "vpasswd.bad"
+    bad.write_text(good.read_text() + "gone:$1$abc$0123456789012345678901\nlocked:!\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([MAILWARDEN, "-c", legacy.cli_config(), "migrate", "import-users", DOMAIN,
+                               *args], capture_output=True, text=True, check=False, timeout=120)
+
+    refused = run(str(bad))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "line 7: no subscriber gone@old.example.net" in refused.stderr
+    assert "line 8: locked@old.example.net: '!' is a locked" in refused.stderr
+    unknown = site.root / "vpasswd.unknown"
+    unknown.write_text(good.read_text() + "gone:$1$abc$0123456789012345678901\n")
+    skipped = run(str(unknown), "--dry-run", "--skip-unknown")
+    assert skipped.returncode == 0, skipped.stderr
+    assert "skipped: line 7: no subscriber gone@old.example.net" in skipped.stderr
+    dry = run(str(good), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "line 2: ann@old.example.net: legacy_password: (unset) -> {MD5-CRYPT}" in dry.stdout
+    assert "line 6: eve@old.example.net: legacy_password: (unset) -> {CRYPT}" in dry.stdout
+    assert "dry run: 5 subscriber(s) would change" in dry.stdout and "$1$" not in dry.stdout
+    assert "mwLegacyPassword" not in _user_ldif(legacy, "ann")
+    done = run(str(good))
+    assert done.returncode == 0, done.stderr
+    assert "5 subscriber(s) changed, 0 unchanged, 0 refused" in done.stdout
+    assert f"mwLegacyPassword: {{MD5-CRYPT}}{lines[0].split(':')[1]}" in _user_ldif(legacy, "ann")
+    again = run(str(good))
+    assert "0 subscriber(s) changed, 5 unchanged" in again.stdout, again.stdout + again.stderr
+    audit = legacy.conn.search_s("dc=mailwarden,dc=test", ldap.SCOPE_SUBTREE,
+                                 f"(&(objectClass=mwAuditRecord)(mwAuditTarget=uid=ann,{DOMAIN_DN}))")
+    [(_dn, record)] = audit
+    change = record["mwAuditChange"][0].decode()
+    assert "{MD5-CRYPT}(hash withheld)" in change and "$1$" not in change
+
+    legacy.set_domain(mwMigrationState="migrated")
+    site.dovecot("mailbox")
+    newhost = RenderedDovecot(site, "mailbox")
+    newhost.start(site.ports["pop3"])
+    running.append(newhost)
+    for name, scheme in SCHEMES.items():
+        try:
+            _pop3(site.ports["pop3"], f"{name}@{DOMAIN}", f"{name}-pw").quit()
+        except poplib.error_proto:
+            pytest.fail(f"{scheme}: {newhost.log()[-3000:]}")
+        with pytest.raises(poplib.error_proto, match="Authentication failed"):
+            _pop3(site.ports["pop3"], f"{name}@{DOMAIN}", f"{name}-wrong")
+
+
+def _user_ldif(legacy: Legacy, local: str) -> str:
+    [(_dn, attrs)] = legacy.conn.search_s(f"uid={local},{DOMAIN_DN}", ldap.SCOPE_BASE)
+    return "\n".join(f"{k}: {v.decode()}" for k, vs in attrs.items() for v in vs)
+
+
 def _domain_ldif(legacy: Legacy) -> str:
     [(_dn, attrs)] = legacy.conn.search_s(DOMAIN_DN, ldap.SCOPE_BASE)
     return "\n".join(f"{k}: {v.decode()}" for k, vs in attrs.items() for v in vs)
@@ -344,6 +458,16 @@ def test_status_shows_where_mail_goes(legacy: Legacy) -> None:
     # A legacy domain is hosted here: its subscribers get the services (virus_scan from the domain).
     assert "subscriber" in explain and re.search(r"virus_scan\s+on\s+from domain", explain)
     assert re.search(r"migration_state\s+legacy\s+from domain", explain)
+    # A legacy mailbox host with a port is refused where it is set and where it is given.
+    refused = subprocess.run([MAILWARDEN, "-c", legacy.cli_config(), "domain", "set", DOMAIN,
+                              "legacy_mailbox_host", "127.0.0.1:110"],
+                             capture_output=True, text=True, check=False, timeout=60)
+    assert refused.returncode != 0 and "ports come from render.legacy_pop3_port" in refused.stderr
+    assert "mwLegacyMailboxHost: 127.0.0.1" in _domain_ldif(legacy)
+    given = legacy.migrate("sync", DOMAIN, "--legacy-host", "127.0.0.1:143", check=False)
+    assert given.returncode == 1
+    assert "--legacy-host: legacy_mailbox_host: '127.0.0.1:143' has a port" in given.stderr
+    assert "mwMigrationState: legacy" in _domain_ldif(legacy)
 
 
 
