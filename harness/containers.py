@@ -64,6 +64,8 @@ OWNER_LABEL = "org.mailwarden.owner"
 CACHE = Path(os.environ.get("MAILWARDEN_CONTAINER_CACHE", Path.home() / ".cache" / "mailwarden"))
 # What mailwarden's wheel is built from (also what the image tag hashes): the packages,
 # the templates setup.py puts into the wheel, and the build files.
+# The directory's schema, sample tree and access rules (generated from the catalogue).
+LDAP_FILES = ("mailwarden.ldif", "sample.ldif", "acl.ldif")
 SOURCE_DIRS = ("mailwarden", "milters", "policyd", "postfix-templates", "dovecot-templates")
 SOURCE_FILES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE")
 # Not in the wheel: the image carries a copy of the harness for the dns host's stub DNS
@@ -374,7 +376,7 @@ class Images:
         pins = runtime_requirements()
         parts: list[bytes] = [base.encode(), "\n".join(pins).encode()]
         parts.extend(_tree_digest_parts(DEPLOY, REPO))
-        for name in ("mailwarden.ldif", "sample.ldif"):
+        for name in LDAP_FILES:
             parts.append((REPO / "ldap" / name).read_bytes())
         for name in SOURCE_FILES:
             parts.append((REPO / name).read_bytes())
@@ -424,7 +426,7 @@ class Images:
         shutil.copy2(DEPLOY / "Containerfile", context / "Containerfile")
         shutil.copytree(DEPLOY / "rootfs", context / "rootfs", symlinks=True)
         (context / "ldap").mkdir()
-        for name in ("mailwarden.ldif", "sample.ldif"):
+        for name in LDAP_FILES:
             shutil.copy2(REPO / "ldap" / name, context / "ldap" / name)
         shutil.copytree(HARNESS, context / "harness", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         source = copy_source(context / "source")
@@ -475,6 +477,11 @@ class Host:
 
 MAIL_ROOT = "/srv/mail"
 SAMPLE_PASSWORD = "secret"  # every subscriber's in ldap/sample.ldif
+# The stack's daemons bind as the daemons' read-only account (common.toml); a command
+# that changes the directory runs as the sample system administrator uid=root.
+SERVICE_DN = "cn=mailwarden,ou=services,dc=mailwarden,dc=test"
+ADMIN_PASSWORD_FILE = "/etc/mailwarden-stack/root.pw"
+ADMIN_ENV = ("env", "MAILWARDEN_AS=root", f"MAILWARDEN_PASSWORD_FILE={ADMIN_PASSWORD_FILE}")
 INTERNET_MAIL = "/srv/internet-mail"
 # Records the front node publishes at start (its DKIM keys' TXT records), as *.zone
 # files the dns host serves besides its zone.
@@ -739,9 +746,14 @@ class MailStack:
         """The text of a file inside ``host``."""
         return self.exec(host, "cat", path).stdout
 
-    def mailwarden(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """The ``mailwarden`` command on the front node (its config, its LDAP, its store)."""
-        return self.exec("front", "mailwarden", *args, check=check)
+    def mailwarden(
+        self, *args: str, check: bool = True, admin: bool = False, host: str = "front", timeout: float = 60.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """The ``mailwarden`` command on a front node (its config, its LDAP, its store),
+        bound as the daemons' account, or with ``admin`` as the system administrator
+        ``root`` (what a command that changes the directory needs)."""
+        prefix = ADMIN_ENV if admin else ()
+        return self.exec(host, *prefix, "mailwarden", *args, check=check, timeout=timeout)
 
     def swaks(
         self, host: str, *args: str, input_text: str | None = None, timeout: float = 60.0,
