@@ -495,6 +495,10 @@ MAILBOX_PORTS = (24, 110, 143, 12340, DOVEADM_PORT)
 # What a front node answers on (behind the balancer, each wants the PROXY protocol
 # header first): MX, submission, submissions, POP-before-SMTP, POP3, IMAP, POP3S, IMAPS.
 FRONT_PORTS = (25, 587, 465, 2525, 110, 143, 995, 993)
+# The web console: `mailwarden web run` on every front node ([web] listen, front.toml),
+# and the balancer's HTTP frontend in front of them.
+WEB_PORT = 8025
+BALANCER_WEB_PORT = 80
 FRONT_VOLUMES = (("published", PUBLISHED_ZONES), ("mail", MAIL_ROOT))
 SENTINEL_PORT = 26379
 # The daemons' /metrics on a front node ([milter] / [policyd] metrics_listen, front.toml).
@@ -504,7 +508,7 @@ PROMETHEUS_PORT = 9090
 
 def front_node(name: str, octet: int, hostname: str) -> Host:
     """One more front node: every one is the same but for its name and address."""
-    return Host(name, "front", octet, hostname, FRONT_VOLUMES, FRONT_PORTS, logs="front")
+    return Host(name, "front", octet, hostname, FRONT_VOLUMES, (*FRONT_PORTS, WEB_PORT), logs="front")
 
 
 # In start order: what a host needs is up before it starts.  The two mailbox hosts
@@ -522,7 +526,7 @@ TOPOLOGY: tuple[Host, ...] = (
     Host("mbox2", "mailbox", 22, "mbox2.example.jp", (("mail", MAIL_ROOT),), MAILBOX_PORTS),
     front_node("front", 10, "mx1.mailwarden.test"),
     front_node("front2", 11, "mx2.mailwarden.test"),
-    Host("balancer", "balancer", 5, "mx.mailwarden.test", ready_ports=FRONT_PORTS),
+    Host("balancer", "balancer", 5, "mx.mailwarden.test", ready_ports=(*FRONT_PORTS, BALANCER_WEB_PORT)),
     Host("prometheus", "prometheus", 40, "prometheus.mailwarden.test", ready_ports=(PROMETHEUS_PORT,)),
     Host("internet", "internet", 100, "mx.outside.test", (("internet-mail", INTERNET_MAIL),), (25,)),
     # A legacy mail system a domain is migrated from (tests/containers/test_migration.py).

@@ -16,7 +16,7 @@ from harness.scrape import total
 from tests.containers.conftest import DirectoryChanges
 
 SUBMISSION, MX, POP_BEFORE_SMTP = 587, 25, 2525
-BACKENDS = ("smtp", "submission", "submissions", "pbs", "pop3", "imap", "pop3s", "imaps")
+BACKENDS = ("smtp", "submission", "submissions", "pbs", "pop3", "imap", "pop3s", "imaps", "web")
 
 
 def wait_landed(stack: MailStack, frontend: str, source: str, count: int, after: int) -> list[str]:

@@ -41,7 +41,8 @@ def test_every_rendered_daemon_config_binds_as_the_daemons_account(stack: MailSt
     assert tables and all(line.endswith(("bind = yes", f"bind_dn = {SERVICE_DN}")) or "bind_pw" in line
                           for line in tables), tables
     for host, role in (("front", "proxy"), ("mbox1", "mailbox")):
-        conf = stack.exec(host, "sh", "-c", f"grep -h '^dn =' /etc/dovecot-{role}/mailwarden-*.conf.ext").stdout
+        grep = f"grep -h '^dn =' /etc/dovecot-{role}/mailwarden-*.conf.ext"
+        conf = stack.exec(host, "sh", "-c", grep).stdout
         assert conf and set(conf.splitlines()) == {f"dn = {SERVICE_DN}"}, (host, conf)
     config = stack.read_file("front", "/etc/mailwarden/mailwarden.toml")
     assert f'bind_dn = "{SERVICE_DN}"' in config and "cn=admin" not in config
