@@ -498,6 +498,9 @@ FRONT_PORTS = (25, 587, 465, 2525, 110, 143, 995, 993)
 # The web console: `mailwarden web run` on every front node ([web] listen, front.toml),
 # and the balancer's HTTP frontend in front of them.
 WEB_PORT = 8025
+# MW_SPAM_ENGINE: the front nodes score spam with spamd (the default) or rspamd.
+SPAM_ENGINES = ("spamd", "rspamd")
+RSPAMD_PORT = 11333
 BALANCER_WEB_PORT = 80
 FRONT_VOLUMES = (("published", PUBLISHED_ZONES), ("mail", MAIL_ROOT))
 SENTINEL_PORT = 26379
@@ -589,9 +592,13 @@ class MailStack:
 
     def __init__(
         self, docker: Docker, image: str, workdir: Path, *, net: str | None = None,
-        owner: int | None = None, name: str | None = None,
+        owner: int | None = None, name: str | None = None, spam_engine: str | None = None,
     ) -> None:
         self.docker = docker
+        # What the front nodes' milter scores spam with (mw-init's MW_SPAM_ENGINE).
+        self.spam_engine = spam_engine or os.environ.get("MW_SPAM_ENGINE") or "spamd"
+        if self.spam_engine not in SPAM_ENGINES:
+            raise ContainerError(f"MW_SPAM_ENGINE={self.spam_engine!r}: one of {', '.join(SPAM_ENGINES)}")
         self.image = image
         self.workdir = workdir
         self.net = net or pick_network(os.environ.get("MAILWARDEN_CONTAINER_NET"))
@@ -615,7 +622,10 @@ class MailStack:
         image = docker("inspect", "-f", "{{.Config.Image}}", front).stdout.strip()
         logs = docker("inspect", "-f", '{{range .Mounts}}{{if eq .Destination "/var/log/mailwarden"}}'
                       "{{.Source}}{{end}}{{end}}", front).stdout.strip()
-        stack = cls(docker, image, Path(logs).parents[1], net=subnet.rsplit(".", 1)[0], owner=0, name=name)
+        env = docker("inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", front).stdout.split()
+        engine = next((e.split("=", 1)[1] for e in env if e.startswith("MW_SPAM_ENGINE=")), "spamd")
+        stack = cls(docker, image, Path(logs).parents[1], net=subnet.rsplit(".", 1)[0], owner=0, name=name,
+                    spam_engine=engine)
         stack.started = [h.name for h in TOPOLOGY]
         return stack
 
@@ -682,6 +692,7 @@ class MailStack:
             "--hostname", host.hostname, "--network", self.network, "--ip", self.ip(host.name),
             "--network-alias", host.name, "--network-alias", host.hostname,
             "--dns", self.ip("dns"), "--env", f"MW_NET={self.net}",
+            "--env", f"MW_SPAM_ENGINE={self.spam_engine}",
             "--volume", f"{logs}:/var/log/mailwarden", "--stop-timeout", "20",
         ]
         for suffix, mountpoint in host.volumes:
@@ -1191,6 +1202,7 @@ def compose_file(image: str = f"{IMAGE_REPO}/stack:latest") -> str:
             f"    hostname: {host.hostname}",
             "    environment:",
             f"      MW_NET: \"{net}\"",
+            "      MW_SPAM_ENGINE: \"${MW_SPAM_ENGINE:-spamd}\"",
             f"    dns: [\"{net}.{HOSTS['dns'].octet}\"]",
             "    stop_grace_period: 20s",
             "    networks:",
