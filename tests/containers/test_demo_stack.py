@@ -32,6 +32,8 @@ def test_demo_up_prints_how_to_send_and_watch_mail_and_down_removes_it(
     # The session's stack proves Docker and the images are there; the demo gets its own.
     monkeypatch.setattr(demo_stack, "STATE", tmp_path / "demo-stack")
     monkeypatch.setattr(demo_stack, "NAME", "mwdemotest")
+    # The session's stack holds MAILWARDEN_CONTAINER_NET: the demo picks another free /24.
+    monkeypatch.delenv("MAILWARDEN_CONTAINER_NET", raising=False)
     assert demo_stack.main(["demo", "up"]) == 0
     try:
         printed = capsys.readouterr().out
