@@ -64,6 +64,8 @@ OWNER_LABEL = "org.mailwarden.owner"
 CACHE = Path(os.environ.get("MAILWARDEN_CONTAINER_CACHE", Path.home() / ".cache" / "mailwarden"))
 # What mailwarden's wheel is built from (also what the image tag hashes): the packages,
 # the templates setup.py puts into the wheel, and the build files.
+# The directory's schema, sample tree and access rules (generated from the catalogue).
+LDAP_FILES = ("mailwarden.ldif", "sample.ldif", "acl.ldif")
 SOURCE_DIRS = ("mailwarden", "milters", "policyd", "postfix-templates", "dovecot-templates")
 SOURCE_FILES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE")
 # Not in the wheel: the image carries a copy of the harness for the dns host's stub DNS
@@ -374,7 +376,7 @@ class Images:
         pins = runtime_requirements()
         parts: list[bytes] = [base.encode(), "\n".join(pins).encode()]
         parts.extend(_tree_digest_parts(DEPLOY, REPO))
-        for name in ("mailwarden.ldif", "sample.ldif"):
+        for name in LDAP_FILES:
             parts.append((REPO / "ldap" / name).read_bytes())
         for name in SOURCE_FILES:
             parts.append((REPO / name).read_bytes())
@@ -424,7 +426,7 @@ class Images:
         shutil.copy2(DEPLOY / "Containerfile", context / "Containerfile")
         shutil.copytree(DEPLOY / "rootfs", context / "rootfs", symlinks=True)
         (context / "ldap").mkdir()
-        for name in ("mailwarden.ldif", "sample.ldif"):
+        for name in LDAP_FILES:
             shutil.copy2(REPO / "ldap" / name, context / "ldap" / name)
         shutil.copytree(HARNESS, context / "harness", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         source = copy_source(context / "source")
@@ -475,6 +477,11 @@ class Host:
 
 MAIL_ROOT = "/srv/mail"
 SAMPLE_PASSWORD = "secret"  # every subscriber's in ldap/sample.ldif
+# The stack's daemons bind as the daemons' read-only account (common.toml); a command
+# that changes the directory runs as the sample system administrator uid=root.
+SERVICE_DN = "cn=mailwarden,ou=services,dc=mailwarden,dc=test"
+ADMIN_PASSWORD_FILE = "/etc/mailwarden-stack/root.pw"
+ADMIN_ENV = ("env", "MAILWARDEN_AS=root", f"MAILWARDEN_PASSWORD_FILE={ADMIN_PASSWORD_FILE}")
 INTERNET_MAIL = "/srv/internet-mail"
 # Records the front node publishes at start (its DKIM keys' TXT records), as *.zone
 # files the dns host serves besides its zone.
@@ -488,6 +495,13 @@ MAILBOX_PORTS = (24, 110, 143, 12340, DOVEADM_PORT)
 # What a front node answers on (behind the balancer, each wants the PROXY protocol
 # header first): MX, submission, submissions, POP-before-SMTP, POP3, IMAP, POP3S, IMAPS.
 FRONT_PORTS = (25, 587, 465, 2525, 110, 143, 995, 993)
+# The web console: `mailwarden web run` on every front node ([web] listen, front.toml),
+# and the balancer's HTTP frontend in front of them.
+WEB_PORT = 8025
+# MW_SPAM_ENGINE: the front nodes score spam with spamd (the default) or rspamd.
+SPAM_ENGINES = ("spamd", "rspamd")
+RSPAMD_PORT = 11333
+BALANCER_WEB_PORT = 80
 FRONT_VOLUMES = (("published", PUBLISHED_ZONES), ("mail", MAIL_ROOT))
 SENTINEL_PORT = 26379
 # The daemons' /metrics on a front node ([milter] / [policyd] metrics_listen, front.toml).
@@ -497,7 +511,7 @@ PROMETHEUS_PORT = 9090
 
 def front_node(name: str, octet: int, hostname: str) -> Host:
     """One more front node: every one is the same but for its name and address."""
-    return Host(name, "front", octet, hostname, FRONT_VOLUMES, FRONT_PORTS, logs="front")
+    return Host(name, "front", octet, hostname, FRONT_VOLUMES, (*FRONT_PORTS, WEB_PORT), logs="front")
 
 
 # In start order: what a host needs is up before it starts.  The two mailbox hosts
@@ -515,7 +529,7 @@ TOPOLOGY: tuple[Host, ...] = (
     Host("mbox2", "mailbox", 22, "mbox2.example.jp", (("mail", MAIL_ROOT),), MAILBOX_PORTS),
     front_node("front", 10, "mx1.mailwarden.test"),
     front_node("front2", 11, "mx2.mailwarden.test"),
-    Host("balancer", "balancer", 5, "mx.mailwarden.test", ready_ports=FRONT_PORTS),
+    Host("balancer", "balancer", 5, "mx.mailwarden.test", ready_ports=(*FRONT_PORTS, BALANCER_WEB_PORT)),
     Host("prometheus", "prometheus", 40, "prometheus.mailwarden.test", ready_ports=(PROMETHEUS_PORT,)),
     Host("internet", "internet", 100, "mx.outside.test", (("internet-mail", INTERNET_MAIL),), (25,)),
     # A legacy mail system a domain is migrated from (tests/containers/test_migration.py).
@@ -578,9 +592,13 @@ class MailStack:
 
     def __init__(
         self, docker: Docker, image: str, workdir: Path, *, net: str | None = None,
-        owner: int | None = None, name: str | None = None,
+        owner: int | None = None, name: str | None = None, spam_engine: str | None = None,
     ) -> None:
         self.docker = docker
+        # What the front nodes' milter scores spam with (mw-init's MW_SPAM_ENGINE).
+        self.spam_engine = spam_engine or os.environ.get("MW_SPAM_ENGINE") or "spamd"
+        if self.spam_engine not in SPAM_ENGINES:
+            raise ContainerError(f"MW_SPAM_ENGINE={self.spam_engine!r}: one of {', '.join(SPAM_ENGINES)}")
         self.image = image
         self.workdir = workdir
         self.net = net or pick_network(os.environ.get("MAILWARDEN_CONTAINER_NET"))
@@ -604,7 +622,10 @@ class MailStack:
         image = docker("inspect", "-f", "{{.Config.Image}}", front).stdout.strip()
         logs = docker("inspect", "-f", '{{range .Mounts}}{{if eq .Destination "/var/log/mailwarden"}}'
                       "{{.Source}}{{end}}{{end}}", front).stdout.strip()
-        stack = cls(docker, image, Path(logs).parents[1], net=subnet.rsplit(".", 1)[0], owner=0, name=name)
+        env = docker("inspect", "-f", "{{range .Config.Env}}{{println .}}{{end}}", front).stdout.split()
+        engine = next((e.split("=", 1)[1] for e in env if e.startswith("MW_SPAM_ENGINE=")), "spamd")
+        stack = cls(docker, image, Path(logs).parents[1], net=subnet.rsplit(".", 1)[0], owner=0, name=name,
+                    spam_engine=engine)
         stack.started = [h.name for h in TOPOLOGY]
         return stack
 
@@ -671,6 +692,7 @@ class MailStack:
             "--hostname", host.hostname, "--network", self.network, "--ip", self.ip(host.name),
             "--network-alias", host.name, "--network-alias", host.hostname,
             "--dns", self.ip("dns"), "--env", f"MW_NET={self.net}",
+            "--env", f"MW_SPAM_ENGINE={self.spam_engine}",
             "--volume", f"{logs}:/var/log/mailwarden", "--stop-timeout", "20",
         ]
         for suffix, mountpoint in host.volumes:
@@ -739,9 +761,14 @@ class MailStack:
         """The text of a file inside ``host``."""
         return self.exec(host, "cat", path).stdout
 
-    def mailwarden(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """The ``mailwarden`` command on the front node (its config, its LDAP, its store)."""
-        return self.exec("front", "mailwarden", *args, check=check)
+    def mailwarden(
+        self, *args: str, check: bool = True, admin: bool = False, host: str = "front", timeout: float = 60.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """The ``mailwarden`` command on a front node (its config, its LDAP, its store),
+        bound as the daemons' account, or with ``admin`` as the system administrator
+        ``root`` (what a command that changes the directory needs)."""
+        prefix = ADMIN_ENV if admin else ()
+        return self.exec(host, *prefix, "mailwarden", *args, check=check, timeout=timeout)
 
     def swaks(
         self, host: str, *args: str, input_text: str | None = None, timeout: float = 60.0,
@@ -1175,6 +1202,7 @@ def compose_file(image: str = f"{IMAGE_REPO}/stack:latest") -> str:
             f"    hostname: {host.hostname}",
             "    environment:",
             f"      MW_NET: \"{net}\"",
+            "      MW_SPAM_ENGINE: \"${MW_SPAM_ENGINE:-spamd}\"",
             f"    dns: [\"{net}.{HOSTS['dns'].octet}\"]",
             "    stop_grace_period: 20s",
             "    networks:",

@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 
 from harness.containers import (
+    ADMIN_ENV,
+    BALANCER_WEB_PORT,
     HOSTS,
     INTERNET_MAIL,
+    SERVICE_DN,
     ContainerError,
     Docker,
     Images,
@@ -63,6 +66,7 @@ def _instructions(stack: MailStack) -> str:
     python = os.path.relpath(sys.executable) if Path(sys.executable).is_relative_to(Path.cwd()) \
         else sys.executable
     me = f"{python} -m harness.demo_stack"
+    admin = " ".join(ADMIN_ENV)
     return f"""
 mailwarden demo stack '{NAME}' is up: {len(stack.started)} containers on the private network {stack.net}.0/24.
 This machine reaches them at these addresses; nothing inside can reach anything else.
@@ -71,17 +75,25 @@ This machine reaches them at these addresses; nothing inside can reach anything 
                                                  MX 25, submission 587/465, POP-before-SMTP 2525,
                                                  POP3 110/995, IMAP 143/993, round robin to the front nodes
   front nodes {ip('front'):<13} {HOSTS['front'].hostname:<20} Postfix, Dovecot proxy, policy daemon,
-              {ip('front2'):<13} {HOSTS['front2'].hostname:<20} milter, clamd, spamd (behind the balancer)
+              {ip('front2'):<13} {HOSTS['front2'].hostname:<20} milter, clamd, {stack.spam_engine}, console
+                                                 (behind the balancer; MW_SPAM_ENGINE=rspamd picks rspamd)
   mailbox A   {ip('mbox1'):<13} {HOSTS['mbox1'].hostname:<20} Dovecot LMTP, POP3, IMAP, quota-status; Postfix
   mailbox B   {ip('mbox2'):<13} {HOSTS['mbox2'].hostname:<20} (hanako@example.jp, prof@lab.example.org)
   slapd       {ip('ldap'):<13} ldap://{ip('ldap')}/  base dc=mailwarden,dc=test (the provider)
-                            admin cn=admin,dc=mailwarden,dc=test / secret
+                            root DN cn=admin,dc=mailwarden,dc=test / secret; the daemons bind as
+                            {SERVICE_DN} / secret;
+                            the shipped access rules (ldap/acl.ldif): anonymous clients see nothing
               {ip('ldap2'):<13} its syncrepl consumer
   redis       {ip('redis'):<13} shared state (POP-before-SMTP windows, rate limits, reputation): the primary,
               {ip('redis2'):<13} the replica; Sentinels on both and on the stub DNS's host (port 26379)
   prometheus  {ip('prometheus'):<13} http://{ip('prometheus')}:9090/ scraping both nodes' daemons
   stub DNS    {ip('dns'):<13} the only resolver anything in the stack uses
   Internet    {ip('internet'):<13} {HOSTS['internet'].hostname:<20} receives every @outside.test address
+
+The web console (mailwarden web run on both front nodes, round robin behind the balancer):
+  http://{ip('balancer')}:{BALANCER_WEB_PORT}/
+  logins (password secret): root (system administrator), desk (helpdesk),
+  jp-admin (example.jp), com-admin (example.com), taro@example.jp (a subscriber)
 
 Send mail (passwords of the sample subscribers: secret):
   swaks --server {ip('balancer')} --from you@elsewhere.test --to taro@example.jp --header 'Subject: hello'
@@ -115,7 +127,8 @@ Read it:
 Watch it (one directory per host; the front nodes share front/, each Postfix line names its node):
   cd {logs} && tail -f front/postfix.log front/milter.log front/policyd.log balancer/haproxy.log
   docker exec {stack.container('front')} mailwarden explain taro@example.jp
-  docker exec {stack.container('front')} mailwarden user set taro@example.jp spam_threshold 3
+  docker exec {stack.container('front')} {admin} mailwarden user set taro@example.jp spam_threshold 3
+        (a change acts as a system administrator: the daemons' account only reads)
 
 Run the container test suite against it:
   MAILWARDEN_CONTAINER_STACK={NAME} .venv/bin/pytest tests/containers

@@ -97,13 +97,13 @@ class DirectoryChanges:
             self._undo.append([kind, "set", name, setting, *map(str, old)])
         else:
             self._undo.append([kind, "unset", name, setting])
-        self.stack.mailwarden(kind, "set", name, setting, *values)
+        self.stack.mailwarden(kind, "set", name, setting, *values, admin=True)
         time.sleep(CACHE_WAIT)
 
     def restore(self) -> None:
         """Undo every change, newest first."""
         while self._undo:
-            self.stack.mailwarden(*self._undo.pop(), check=False)
+            self.stack.mailwarden(*self._undo.pop(), check=False, admin=True)
         time.sleep(CACHE_WAIT)
 
 

@@ -10,13 +10,13 @@ import re
 import threading
 import time
 
-from harness.containers import SAMPLE_PASSWORD, SPARE_FRONT, MailStack
+from harness.containers import SAMPLE_PASSWORD, SERVICE_DN, SPARE_FRONT, MailStack
 from harness.postfix import make_message
 from harness.scrape import total
 from tests.containers.conftest import DirectoryChanges
 
 SUBMISSION, MX, POP_BEFORE_SMTP = 587, 25, 2525
-BACKENDS = ("smtp", "submission", "submissions", "pbs", "pop3", "imap", "pop3s", "imaps")
+BACKENDS = ("smtp", "submission", "submissions", "pbs", "pop3", "imap", "pop3s", "imaps", "web")
 
 
 def wait_landed(stack: MailStack, frontend: str, source: str, count: int, after: int) -> list[str]:
@@ -198,8 +198,8 @@ def test_directory_changes_go_to_the_provider_and_reach_the_consumer(
     provider_log = stack.log_size("ldap", "slapd")
     directory.set("user", "jiro@example.jp", "spam_threshold", "6.5")
     assert re.search(r'MOD dn="uid=jiro,', stack.log("ldap", "slapd")[provider_log:])
-    search = ("ldapsearch", "-x", "-LLL", "-H", "ldap://127.0.0.1/", "-b", "dc=mailwarden,dc=test",
-              "(mail=jiro@example.jp)", "mwSpamThreshold")
+    search = ("ldapsearch", "-x", "-LLL", "-H", "ldap://127.0.0.1/", "-D", SERVICE_DN, "-w", "secret",
+              "-b", "dc=mailwarden,dc=test", "(mail=jiro@example.jp)", "mwSpamThreshold")
     deadline = time.monotonic() + 10
     while "mwSpamThreshold: 6.5" not in stack.exec("ldap2", *search).stdout:
         assert time.monotonic() < deadline, stack.exec("ldap2", *search).stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,8 @@ def test_demo_up_prints_how_to_send_and_watch_mail_and_down_removes_it(
     # The session's stack proves Docker and the images are there; the demo gets its own.
     monkeypatch.setattr(demo_stack, "STATE", tmp_path / "demo-stack")
     monkeypatch.setattr(demo_stack, "NAME", "mwdemotest")
+    # The session's stack holds MAILWARDEN_CONTAINER_NET: the demo picks another free /24.
+    monkeypatch.delenv("MAILWARDEN_CONTAINER_NET", raising=False)
     assert demo_stack.main(["demo", "up"]) == 0
     try:
         printed = capsys.readouterr().out
@@ -59,6 +62,15 @@ def test_demo_up_prints_how_to_send_and_watch_mail_and_down_removes_it(
         assert archived.returncode == 0, archived.stdout + archived.stderr
         assert re.search(r"alice@example\.com -> friend@outside\.test\s+signed$", archived.stdout, re.M), \
             archived.stdout
+        # The printed console URL serves the login page, and the printed logins work.
+        console = re.search(r"^  (http://\S+:80/)$", printed, re.M)
+        assert console and "com-admin (example.com)" in printed, printed
+        with urllib.request.urlopen(console.group(1) + "login", timeout=30) as reply:
+            assert reply.status == 200 and 'name="password"' in reply.read().decode()
+        # A directory change as printed (as the system administrator) is accepted.
+        changed = run_printed(printed, r"docker exec mwdemotest-front env MAILWARDEN_AS=root",
+                              stack.docker.cli)
+        assert changed.returncode == 0, changed.stdout + changed.stderr
     finally:
         assert demo_stack.main(["demo", "down"]) == 0
     assert "stopped: stack mwdemotest" in capsys.readouterr().out

@@ -109,8 +109,8 @@ def _lmtp_legacy(stack: MailStack, name: str, subjects: list[str]) -> None:
 
 
 def _migrate(stack: MailStack, *args: str, timeout: float = 900.0) -> str:
-    done = stack.exec("mbox1", "mailwarden", "migrate", *args, "--master-password-file", MASTER_PW,
-                      check=False, timeout=timeout)
+    done = stack.mailwarden("migrate", *args, "--master-password-file", MASTER_PW, host="mbox1",
+                            admin=True, check=False, timeout=timeout)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout + done.stderr
 
