@@ -286,6 +286,24 @@ def test_real_rspamd_scores_gtube_as_its_reject_score_and_ham_low(rspamd: Rspamd
     assert clean.score < 5.0 and clean.symbols
 
 
+def test_rspamd_closes_the_connection_after_each_reply_even_when_asked_to_keep_it(
+        rspamd: RspamdServer) -> None:
+    """What the client is built on: nothing to keep between requests (rspamd 3.4)."""
+    message = ham()
+    request = (b"POST /checkv2 HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(message), message))
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(str(rspamd.socket_path))
+        conn.sendall(request)
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" in head.split(b"\r\n")
+    assert json.loads(body)["score"] is not None  # the whole reply, then the end of the stream
+
+
 def test_envelope_reaches_rspamd_in_one_request_for_all_recipients(rspamd: RspamdServer) -> None:
     query = SpamQuery(sender="jiro@remote.example", recipients=("taro@example.jp", "bob@example.com"),
                       client_address=CLIENT_IP, helo="client.example", auth_user="jiro",
