@@ -15,20 +15,13 @@ cheaper and their refusals save spamd calls; virus comes before keywords so
 that nothing infected is ever quarantined as "keyword hit" and later released.
 A filter that raises (a bug, never expected) tempfails the message: a check a
 subscriber pays for is not skipped.
-
-A filter may start its engine's request before its turn (``start_early``): the spam
-filter with rspamd asks rspamd while clamd scans, when the request does not depend on
-what the filters before it find (see :class:`milters.filters.spam.SpamFilter`).  The
-outcomes are decided in the order above all the same; a request whose filter is not
-reached (everyone already refused) is cancelled.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from email.utils import getaddresses
 
 from milters.filters import Context, Envelope, Filter
@@ -48,24 +41,18 @@ class Pipeline:
                   deadline: float) -> Verdict:
         """Decide every recipient's outcome for ``message``."""
         ctx = _context(envelope, message, recipients, deadline)
-        for flt in self.filters:
-            if (start := getattr(flt, "start_early", None)) is not None:
-                start(ctx)
-        try:
-            for flt, targets in _stages(self.filters, ctx):
-                started = time.perf_counter()
-                try:
-                    await flt.apply(ctx, targets)
-                except Exception:
-                    log.exception("%s %s filter failed", ctx.envelope.tag, flt.name)
-                    for outcome in targets:
-                        outcome.block(Action.TEMPFAIL, f"internal error in the {flt.name} filter")
+        for flt, targets in _stages(self.filters, ctx):
+            started = time.perf_counter()
+            try:
+                await flt.apply(ctx, targets)
+            except Exception:
+                log.exception("%s %s filter failed", ctx.envelope.tag, flt.name)
                 for outcome in targets:
-                    if not outcome.in_play and not outcome.blocked_by:
-                        outcome.blocked_by = flt.name
-                ctx.verdict.findings[f"{flt.name}_ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
-        finally:
-            _drop_early(ctx.early.values())
+                    outcome.block(Action.TEMPFAIL, f"internal error in the {flt.name} filter")
+            for outcome in targets:
+                if not outcome.in_play and not outcome.blocked_by:
+                    outcome.blocked_by = flt.name
+            ctx.verdict.findings[f"{flt.name}_ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
         return ctx.verdict
 
     async def aclose(self) -> None:
@@ -73,15 +60,6 @@ class Pipeline:
         for flt in self.filters:
             if (aclose := getattr(flt, "aclose", None)) is not None:
                 await aclose()
-
-
-def _drop_early(requests: Iterable[asyncio.Future[object]]) -> None:
-    """Cancel early requests no filter took; an ended one's error is nobody's to hear."""
-    for request in requests:
-        if not request.done():
-            request.cancel()
-        elif not request.cancelled():
-            request.exception()
 
 
 def _allowed(ctx: Context, outcome: RecipientOutcome, filter_name: str) -> bool:

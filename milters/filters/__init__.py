@@ -10,11 +10,10 @@ same way of honouring a recipient's "backend down" and "unscannable" settings.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import dns.resolver
 
@@ -106,8 +105,6 @@ class Context:
     deadline: float
     """Monotonic time by which end-of-message work must be done."""
     started: float = field(default_factory=time.monotonic)
-    early: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
-    """Engine requests a filter started before its turn, by filter name (``start_early``)."""
 
     def find(self, key: str, value: str) -> None:
         """Record a message-level finding for the log line."""

@@ -13,19 +13,10 @@ get none of this.  Copies of these headers from outside are removed for every
 recipient before any filter runs (:func:`milters.message.reserved_header_names`),
 so what anyone sees is ours.  The engine's matched rules go in ``X-Spam-Status`` and,
 as ``spam_tests``, in the log line.
-
-With rspamd the request is sent when the message's filters start (``start_early``),
-so that rspamd scores while clamd scans, unless mailwarden's sender authentication
-decides part of the request (``rspamd_skip_auth``: rspamd's own checks switched off
-for a message mailwarden checked).  The score is applied at this filter's turn as
-before; a message refused for everyone before it has cost rspamd a check for nothing
-(rspamd spends about 2 ms on one).  spamd, at about 100 ms a message, is asked only
-at its turn.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from typing import ClassVar
 
@@ -56,12 +47,11 @@ class SpamFilter:
     skipped_for_allowed_senders: ClassVar[bool] = True
 
     def __init__(self, scanner: SpamScanner, *, max_size: int = 512 * 1024,
-                 ham_headers: bool = False, trace: bool = True, early: bool = False) -> None:
+                 ham_headers: bool = False, trace: bool = True) -> None:
         self.scanner = scanner
         self.max_size = max_size
         self.ham_headers = ham_headers
         self.trace = trace
-        self.early = early
 
     @classmethod
     def build(cls, backends: Backends) -> SpamFilter:
@@ -69,8 +59,7 @@ class SpamFilter:
         m = backends.config
         rspamd = m.spam_engine == "rspamd"
         return cls(backends.spam_scanner, max_size=m.rspamd_max_size if rspamd else m.spamd_max_size,
-                   ham_headers=m.spam_headers_on_ham, trace=not rspamd,
-                   early=rspamd and not (m.sender_auth and m.rspamd_skip_auth))
+                   ham_headers=m.spam_headers_on_ham, trace=not rspamd)
 
     def _request(self, ctx: Context) -> bytes:
         # spamd needs Postfix's own Received: field (milters do not see it) to find the relay.
@@ -94,26 +83,16 @@ class SpamFilter:
         if (close := getattr(self.scanner, "close", None)) is not None and inspect.iscoroutinefunction(close):
             await close()
 
-    def start_early(self, ctx: Context) -> None:
-        """Send the request now (``early``), when some recipient has the service."""
-        if not self.early or ctx.message.size > self.max_size:
-            return
-        if any(o.in_play and o.policy.enabled(Service.SPAM_CHECK) for o in ctx.verdict.outcomes):
-            ctx.early[self.name] = asyncio.ensure_future(
-                self.scanner.check(self._request(ctx), ctx.deadline, self._query(ctx)))
-
     async def apply(self, ctx: Context, outcomes: list[RecipientOutcome]) -> None:
         """Score the message once and set every contracted recipient's outcome."""
         message = ctx.message
-        early = ctx.early.pop(self.name, None)
         if message.size > self.max_size:
             ctx.find("spam", "skipped(size)")
             for outcome in outcomes:
                 outcome.notes.append(f"spam check skipped: {message.size} bytes > {self.max_size}")
             return
         try:
-            result = await (early if early is not None
-                            else self.scanner.check(self._request(ctx), ctx.deadline, self._query(ctx)))
+            result = await self.scanner.check(self._request(ctx), ctx.deadline, self._query(ctx))
         except ScanError as exc:
             ctx.find("spam", "error")
             for outcome in outcomes:
