@@ -18,6 +18,8 @@ class Networks:
 
     def contains(self, address: str) -> bool:
         """Whether the address in text form is in one of the networks (junk: no)."""
+        if not self.networks:
+            return False  # the usual empty list: no address to parse for every message
         try:
             return self(ipaddress.ip_address(address.strip()))
         except ValueError:

@@ -94,6 +94,8 @@ class MilterMetrics(DaemonMetrics):
 
     def message(self, verdict: Verdict, outcome: Outcome, seconds: float) -> None:
         """Count one answered message, its recipients and its findings."""
+        if not self.metrics.on:
+            return  # recording nothing: skip the label lookups of every message
         disposition = outcome.disposition
         self.messages.labels(disposition.value).inc()
         for o in verdict.outcomes:

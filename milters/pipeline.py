@@ -67,6 +67,9 @@ def _allowed(ctx: Context, outcome: RecipientOutcome, filter_name: str) -> bool:
     to be genuine: the envelope sender when SPF passed (or the mail is a subscriber's own),
     the From address when DMARC passed.  Without sender authentication (``milter.sender_auth``
     off) the addresses alone are matched, as SpamAssassin's ``whitelist_from`` does."""
+    listed = outcome.policy.settings.get("sender_allowlist")
+    if listed is None or not listed.value:
+        return False  # most recipients list nobody: no From field to parse for them
     findings, envelope = ctx.verdict.findings, ctx.envelope
     checked = "spf" in findings or "dmarc" in findings
     candidates: list[str] = []
