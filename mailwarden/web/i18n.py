@@ -71,7 +71,7 @@ WORDS: dict[str, dict[str, str]] = {
     "sender_allowlist": {"en": "Senders always allowed", "ja": "許可する差出人"},
     "sender_blocklist": {"en": "Senders refused", "ja": "拒否する差出人"},
     "forward_addresses": {"en": "Forward to", "ja": "転送先"},
-    "forward_keep_copy": {"en": "Keep a copy in my mailbox", "ja": "メールボックスにも残す"},
+    "forward_keep_copy": {"en": "Keep a copy in the mailbox", "ja": "メールボックスにも残す"},
     "vacation_active": {"en": "Answer with the vacation text", "ja": "不在通知を送る"},
     "vacation_subject": {"en": "Subject of the reply", "ja": "返信の件名"},
     "vacation_text": {"en": "Text of the reply", "ja": "返信の本文"},
