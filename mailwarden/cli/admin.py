@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +18,17 @@ from mailwarden import catalogue
 from mailwarden.access import service_changes
 from mailwarden.address import InvalidAddress, normalize_address, normalize_domain
 from mailwarden.catalogue import Service
-from mailwarden.cli.common import EX_NOTFOUND, EX_USAGE, App, fail, handle_errors, pass_app, print_policy
-from mailwarden.directory import DirectoryError, Entry, NoSuchEntry
+from mailwarden.cli.common import (
+    EX_USAGE,
+    App,
+    PlannedChange,
+    fail,
+    handle_errors,
+    pass_app,
+    print_policy,
+    write_planned,
+)
+from mailwarden.directory import Entry, NoSuchEntry
 from mailwarden.policy import AddressKind, EffectivePolicy
 
 
@@ -297,28 +305,13 @@ def user_import(app: App, csv_file: Any, dry_run: bool) -> None:
                 click.BadParameter) as exc:
             why = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
             errors.append(f"line {line}: {why}")
-    changed = 0
+    planned: list[PlannedChange] = []
     for r in rows:
         diff = [(n, r.target.entry.all(n), v) for n, v in r.changes.items()
                 if sorted(v) != sorted(r.target.entry.all(n))]
         for name, old, new in diff:
             click.echo(f"line {r.line}: {r.target.probe}: {name}: {_show_values(old)} -> "
                        f"{_show_values(new)}")
-        changed += bool(diff)
-    for error in errors:
-        click.echo(f"error: {error}", err=True)
-    if errors:
-        fail(f"{len(errors)} line(s) with errors; nothing written", EX_USAGE)
-    if dry_run:
-        click.echo(f"dry run: {changed} subscriber(s) would change; nothing written")
-        return
-    refused = written = 0
-    for r in rows:
-        try:
-            written += bool(app.change(r.target.entry.dn, r.changes))
-        except DirectoryError as exc:
-            refused += 1
-            click.echo(f"error: line {r.line}: {r.target.probe}: {exc}", err=True)
-    click.echo(f"{written} subscriber(s) changed, {refused} refused")
-    if refused:
-        sys.exit(EX_NOTFOUND)
+        if diff:  # a line that changes nothing is not written (nor recorded)
+            planned.append(PlannedChange(r.line, r.target.probe, r.target.entry.dn, r.changes))
+    write_planned(app, planned, errors=errors, dry_run=dry_run)

@@ -125,6 +125,41 @@ class App:
         return self._resolver
 
 
+@dataclass(frozen=True)
+class PlannedChange:
+    """One subscriber's change in a bulk import, with the input line it came from."""
+
+    line: int
+    subscriber: str
+    dn: str
+    changes: Mapping[str, Sequence[str]]
+
+
+def write_planned(app: App, planned: Sequence[PlannedChange], *, errors: Sequence[str], dry_run: bool,
+                  unchanged: int | None = None) -> None:
+    """The end of a bulk import, checked first: with any error nothing is written; a dry
+    run only counts; else each change goes through the audited write path as the acting
+    person, a refused one is reported and the others go on (exit 1 if any was refused)."""
+    for error in errors:
+        click.echo(f"error: {error}", err=True)
+    if errors:
+        fail(f"{len(errors)} line(s) with errors; nothing written", EX_USAGE)
+    same = "" if unchanged is None else f", {unchanged} unchanged"
+    if dry_run:
+        click.echo(f"dry run: {len(planned)} subscriber(s) would change{same}; nothing written")
+        return
+    refused = written = 0
+    for change in planned:
+        try:
+            written += bool(app.change(change.dn, change.changes))
+        except DirectoryError as exc:
+            refused += 1
+            click.echo(f"error: line {change.line}: {change.subscriber}: {exc}", err=True)
+    click.echo(f"{written} subscriber(s) changed{same}, {refused} refused")
+    if refused:
+        sys.exit(EX_NOTFOUND)
+
+
 def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn the core's exceptions into one clear line and a sysexits code."""
 

@@ -4,7 +4,6 @@ domain from a legacy mail system to the mailbox hosts while mail flows (docs/mig
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -16,8 +15,16 @@ from rich.table import Table
 
 from mailwarden.address import normalize_domain
 from mailwarden.catalogue import SETTINGS, InvalidValue
-from mailwarden.cli.common import EX_NOTFOUND, EX_TEMPFAIL, EX_USAGE, App, fail, handle_errors, pass_app
-from mailwarden.directory import DirectoryError
+from mailwarden.cli.common import (
+    EX_NOTFOUND,
+    EX_TEMPFAIL,
+    App,
+    PlannedChange,
+    fail,
+    handle_errors,
+    pass_app,
+    write_planned,
+)
 from mailwarden.legacyhash import parse_passwd, scheme_of
 from mailwarden.migrate import (
     DoveadmMailboxes,
@@ -118,7 +125,7 @@ def import_users(app: App, /, domain: str, passwd_file: Any, dry_run: bool, skip
     mig = _migration(app, domain)
     users, errors = parse_passwd(passwd_file.read(), mig.domain)
     entries = {(e.first("mail") or "").lower(): e for e in mig.lister.users_of(mig.entry, mig.domain)}
-    planned: list[tuple[int, str, str, str]] = []
+    planned: list[PlannedChange] = []
     unknown = 0
     for user in users:
         entry = entries.get(user.address)
@@ -133,27 +140,11 @@ def import_users(app: App, /, domain: str, passwd_file: Any, dry_run: bool, skip
         old = entry.first("legacy_password") or ""
         if old == user.hashed:
             continue
-        planned.append((user.line, user.address, entry.dn, user.hashed))
+        planned.append(PlannedChange(user.line, user.address, entry.dn, {"legacy_password": [user.hashed]}))
         click.echo(f"line {user.line}: {user.address}: legacy_password: "
                    f"{scheme_of(old) if old else '(unset)'} -> {scheme_of(user.hashed)}")
-    for error in sorted(errors, key=lambda e: int(e.split()[1].rstrip(":"))):
-        click.echo(f"error: {error}", err=True)
-    if errors:
-        fail(f"{len(errors)} line(s) with errors; nothing written", EX_USAGE)
-    same = len(users) - len(planned) - unknown
-    if dry_run:
-        click.echo(f"dry run: {len(planned)} subscriber(s) would change, {same} unchanged; nothing written")
-        return
-    refused = 0
-    for line, address, dn, hashed in planned:
-        try:
-            app.change(dn, {"legacy_password": [hashed]})
-        except DirectoryError as exc:
-            refused += 1
-            click.echo(f"error: line {line}: {address}: {exc}", err=True)
-    click.echo(f"{len(planned) - refused} subscriber(s) changed, {same} unchanged, {refused} refused")
-    if refused:
-        sys.exit(EX_NOTFOUND)
+    write_planned(app, planned, errors=sorted(errors, key=lambda e: int(e.split()[1].rstrip(":"))),
+                  dry_run=dry_run, unchanged=len(users) - len(planned) - unknown)
 
 
 def _copy_options(fn: Callable[..., Any]) -> Callable[..., Any]:
