@@ -24,7 +24,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from mailwarden.logfields import ID_HEADER
@@ -247,9 +247,8 @@ class Quarantine:
             self.delete(entry.id)
             return
         left = entry.created + self.retention - time.time()
-        kept = QuarantineEntry(**{**asdict(entry), "recipients": remaining,
-                                  "recipient_params": {r: p for r, p in entry.recipient_params.items()
-                                                       if r in remaining}})
+        kept = replace(entry, recipients=remaining,
+                       recipient_params={r: p for r, p in entry.recipient_params.items() if r in remaining})
         self.store.set(PREFIX + entry.id, kept.to_json(), ttl=max(left, 1.0))
 
     def _deliver(self, entry: QuarantineEntry, injector: Injector, targets: list[str],
