@@ -14,13 +14,14 @@ import re
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
-from harness.clamd import FakeClamd
+from harness.clamd import EICAR, ClamdServer, FakeClamd
 from harness.dnsstub import StubDns
 from harness.fakes import FakeDirectory
 from harness.rspamd import RSPAMD, RspamdServer
@@ -120,14 +121,16 @@ def test_request_headers_carry_the_envelope_one_rcpt_each() -> None:
     assert (headers["IP"], headers["Helo"], headers["User"], headers["Queue-Id"], headers["MTA-Name"]) == (
         "192.0.2.1", "mx.remote.example", "taro", "4XyZ", "mx.example.jp")
     assert "Hostname" not in headers  # Postfix's "unknown" is no host name
-    assert json.loads(headers["Settings"]) == {"groups_disabled": ["policies"]}
-    assert "Settings" not in dict(request_headers(query, skip_auth=False))
+    assert json.loads(headers["Settings"]) == {"groups_disabled": ["antivirus", "policies"]}
+    antivirus_off = {"groups_disabled": ["antivirus"]}
+    assert json.loads(dict(request_headers(query, skip_auth=False))["Settings"]) == antivirus_off
     named = dict(request_headers(SpamQuery(sender="x@remote.example", client_name="client.example"),
                                  skip_auth=True))
-    assert named["Hostname"] == "client.example" and "Settings" not in named
-    assert request_headers(None, skip_auth=True) == []
+    assert named["Hostname"] == "client.example" and json.loads(named["Settings"]) == antivirus_off
+    assert [n for n, _ in request_headers(None, skip_auth=True)] == ["Settings"]
     # A line break in an address would start a header field of its own: the address is left out.
-    assert dict(request_headers(SpamQuery(sender="x@remote.example\r\nSettings: {}"), skip_auth=True)) == {}
+    assert "From" not in dict(request_headers(SpamQuery(sender="x@remote.example\r\nSettings: {}"),
+                                              skip_auth=True))
 
 
 @pytest.mark.parametrize("reply", [
@@ -328,6 +331,26 @@ def test_rspamds_own_sender_checks_are_off_where_mailwarden_did_them(rspamd: Rsp
     assert any(s.startswith("R_SPF_") for s in check(RspamdScanner([rspamd.address], skip_auth=False),
                                                       ham(), done).symbols)
     assert SKIP_AUTH_SETTINGS
+
+
+def test_rspamds_antivirus_module_never_scans_mailwardens_requests(dns: StubDns) -> None:
+    """An rspamd with its antivirus module pointed at clamd finds EICAR in a plain request
+    but leaves mailwarden's alone: the virus scan is mailwarden's own, done once."""
+    clamd = ClamdServer().start()
+    clamd.dir.chmod(0o755)  # rspamd runs as its own user
+    clamd.socket_path.chmod(0o666)
+    server = RspamdServer(dns.port, clamd=str(clamd.socket_path)).start()
+    try:
+        msg = make_message(f"see attached\n{EICAR.decode()}\n", sender="jiro@remote.example").as_bytes()
+        request = urllib.request.Request(f"{server.url}/checkv2", data=msg, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert "CLAM_VIRUS" in json.loads(reply.read())["symbols"]
+        assert not any(s.startswith("CLAM_") for s in check(RspamdScanner([server.address]), msg).symbols)
+        assert "CLAM_VIRUS" not in check(RspamdScanner([server.address], skip_auth=False), msg,
+                                         SpamQuery(sender="jiro@remote.example")).symbols
+    finally:
+        server.cleanup()
+        clamd.cleanup()
 
 
 def test_a_dead_first_upstream_fails_over_to_rspamd(rspamd: RspamdServer, tmp_path: Path) -> None:
