@@ -11,6 +11,10 @@ from typing import Any
 
 import dns.asyncresolver
 import dns.exception
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
 import dns.resolver
 
 DnsRecords = list[Any]
@@ -39,3 +43,24 @@ async def resolve_async(
     except dns.exception.DNSException as exc:
         return exc
     return list(answer.rrset or ())
+
+
+def cached_records(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> DnsRecords | None:
+    """What :func:`resolve_sync` would answer from the resolver's cache alone, without asking
+    anyone; None when the cache does not hold the answer (nor a cached NXDOMAIN for the name,
+    which dnspython keeps under the ANY type)."""
+    cache = resolver.cache
+    if cache is None:
+        return None
+    try:
+        qname = dns.name.from_text(name)
+        qtype = dns.rdatatype.from_text(rdtype)
+    except (dns.exception.DNSException, ValueError):
+        return None
+    answer = cache.get((qname, qtype, dns.rdataclass.IN))
+    if answer is not None:
+        return list(answer.rrset or ())
+    negative = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
+    if negative is not None and negative.response.rcode() == dns.rcode.NXDOMAIN:
+        return []
+    return None

@@ -8,15 +8,18 @@ field under the node's authserv-id, and forged copies of it removed for every re
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dkim
 import nacl.encoding
@@ -27,9 +30,12 @@ from miltertest import constants as c
 from harness.dnsstub import StubDns
 from harness.process import stop_process
 from harness.slapd import SlapdServer
+from mailwarden.config import DnsConfig
+from mailwarden.dns import make_resolver
 from mailwarden.pbs import PopBeforeSmtp
 from milters import protocol as p
-from milters.authentication import AuthDns, Dmarc
+from milters.authentication import AuthDns, Dmarc, SpfResult, check_spf_async
+from milters.filters import Envelope
 from milters.signing import zone_txt
 from tests.milter.conftest import MilterProcess, base_sections
 from tests.milter.helpers import Fed, Harness, harness, make_message, sample_directory
@@ -189,6 +195,41 @@ def test_unsigned_mail_from_a_host_the_domain_does_not_list(h: Harness) -> None:
 def test_null_sender_is_checked_by_helo(h: Harness) -> None:
     header = ours(h.feed(make_message(), "", "taro@example.jp"))
     assert "spf=none smtp.helo=client.example" in header
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """The loop's executor, counting what is handed to it."""
+
+    handed = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        CountingExecutor.handed += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.mark.parametrize(("sender", "client", "expected"), [
+    ("news@signer.example", "192.0.2.25", "pass"), ("news@elsewhere.example", "192.0.2.25", "fail"),
+    ("news@nowhere.example", "192.0.2.25", "none"),
+])
+def test_spf_asks_dns_once_then_runs_on_the_loop_from_the_cache(stub: StubDns, sender: str, client: str,
+                                                                expected: str) -> None:
+    resolver = make_resolver(DnsConfig(nameservers=["127.0.0.1"], port=stub.port))
+    auth = AuthDns(resolver)
+    envelope = Envelope(sender=sender, client_address=client,
+                        helo="mail.signer.example")
+
+    async def twice() -> tuple[SpfResult, SpfResult, int, int]:
+        asyncio.get_running_loop().set_default_executor(CountingExecutor(2))
+        CountingExecutor.handed = 0
+        first = await check_spf_async(auth, envelope, "mx.isp.test", 2.0)
+        handed, asked = CountingExecutor.handed, len(stub.queries)
+        second = await check_spf_async(auth, envelope, "mx.isp.test", 2.0)
+        assert len(stub.queries) == asked  # nothing asked the second time
+        return first, second, handed, CountingExecutor.handed - handed
+
+    first, second, to_thread_first, to_thread_second = asyncio.run(twice())
+    assert first == second and first.result == expected
+    assert (to_thread_first, to_thread_second) == (1, 0)
 
 
 def test_authenticated_submission_records_the_login_and_skips_spf(h: Harness) -> None:
