@@ -1,17 +1,18 @@
 """A small asyncio LMTP client (RFC 2033) for the archive: one session, pipelined.
 
 Hand-written because no maintained asyncio library speaks LMTP: aiosmtplib (the asyncio
-SMTP client) has no LHLO and no per-recipient replies after DATA (its issue #210 asks
-for LMTP and is open), and smtplib blocks, so it ran in an executor thread.  Measured
-on the archived virus-only path of bench/bench_milter.py: a copy through smtplib in the
-executor cost the milter 0.98 ms of CPU per message more than no copy (thread hand-offs
-and wake-ups, one round trip per command); on the event loop with MAIL, RCPT and DATA
-in one write it costs two round trips per copy and no thread.
+SMTP client) has no LHLO and no per-recipient replies after the message (its issue #210
+asks for LMTP and is open), and smtplib blocks, so it ran in an executor thread.
+Measured against a local Dovecot, 500 copies of a 2.3 KB message on one open session,
+client CPU per copy: smtplib in the executor 0.32-0.43 ms; this client 0.23-0.28 ms with
+MAIL, RCPT and DATA in one write, 0.22-0.25 ms with MAIL, RCPT and BDAT (below).
 
-Only what a copy needs: LHLO, pipelined MAIL/RCPT/DATA (PIPELINING is required of every
-LMTP server), the message dot-stuffed with CRLF line ends, one reply per accepted
-recipient, RSET after a transaction refused before the message was sent (so the session
-takes the next one), QUIT.
+Only what a copy needs: LHLO; the envelope pipelined (PIPELINING is required of every
+LMTP server), then DATA and the message dot-stuffed with CRLF line ends, or, where the
+server offers CHUNKING (RFC 3030; Dovecot does), ``BDAT n LAST`` and the message in the
+same write as the envelope: one round trip per copy instead of two; one reply per
+accepted recipient; RSET after a transaction refused before the message was taken (so
+the session takes the next one); QUIT.
 """
 
 from __future__ import annotations
@@ -63,12 +64,15 @@ class LmtpError(Exception):
         return self.reply is None or self.reply.code == 421
 
 
+def crlf(data: bytes) -> bytes:
+    """``data`` with CRLF line ends, ending in one."""
+    data = _EOL.sub(b"\r\n", data)
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
 def dot_stuffed(data: bytes) -> bytes:
     """``data`` with CRLF line ends, leading dots doubled, and the final ``.`` line."""
-    data = _DOT.sub(b"..", _EOL.sub(b"\r\n", data))
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return data + b".\r\n"
+    return _DOT.sub(b"..", crlf(data)) + b".\r\n"
 
 
 class LmtpClient:
@@ -124,31 +128,34 @@ class LmtpClient:
         """
         utf8 = " SMTPUTF8" if not (sender + "".join(recipients)).isascii() and "SMTPUTF8" in \
             self.capabilities else ""
-        commands = [f"MAIL FROM:<{sender}>{utf8}\r\n", *(f"RCPT TO:<{r}>\r\n" for r in recipients),
-                    "DATA\r\n"]
+        envelope = f"MAIL FROM:<{sender}>{utf8}\r\n" + "".join(f"RCPT TO:<{r}>\r\n" for r in recipients)
+        chunking = "CHUNKING" in self.capabilities
         try:
             async with asyncio.timeout(timeout):
-                # PIPELINING (RFC 2033 requires it): every command in one write, then the replies.
-                self.writer.write("".join(commands).encode("utf-8"))
+                if chunking:
+                    # The envelope and the whole message in one write (BDAT ... LAST after
+                    # the pipelined commands): one round trip per copy.
+                    body = crlf(data)
+                    self.writer.write(f"{envelope}BDAT {len(body)} LAST\r\n".encode() + body)
+                else:
+                    # PIPELINING (RFC 2033 requires it): MAIL, RCPT and DATA in one write.
+                    self.writer.write(f"{envelope}DATA\r\n".encode())
                 mail = await _reply(self.reader, "MAIL")
                 replies = {r: await _reply(self.reader, "RCPT") for r in recipients}
-                go = await _reply(self.reader, "DATA")
                 accepted = [r for r, reply in replies.items() if reply.ok]
-                if not mail.ok or go.code != 354:
-                    # Nothing was sent: end the transaction so the session can take the next.
-                    self.writer.write(b"RSET\r\n")
-                    reset = await _reply(self.reader, "RSET")
-                    if not reset.ok:
-                        raise LmtpError("RSET", reset)
-                if not mail.ok:
-                    raise LmtpError("MAIL", mail)
-                if go.code != 354:
-                    if accepted:
-                        raise LmtpError("DATA", go)
-                    # No recipient: the server refuses DATA (503); the RCPT replies say why.
-                    first = next(iter(replies.values()), go)
-                    raise LmtpError("RCPT", first)
-                self.writer.write(dot_stuffed(data))
+                stage = "BDAT" if chunking else "DATA"
+                go = await _reply(self.reader, stage) if not chunking or not accepted else None
+                if not mail.ok or (go is not None and go.code != 354 and not chunking) or not accepted:
+                    # Nothing was taken: end the transaction so the session can take the next.
+                    await self._reset()
+                    if not mail.ok:
+                        raise LmtpError("MAIL", mail)
+                    if not accepted:
+                        # The server refused DATA (or the chunk); the RCPT replies say why.
+                        raise LmtpError("RCPT", next(iter(replies.values()), go))
+                    raise LmtpError(stage, go)
+                if not chunking:
+                    self.writer.write(dot_stuffed(data))
                 for r in accepted:
                     replies[r] = await _reply(self.reader, "end of data")
                 return replies
@@ -162,6 +169,12 @@ class LmtpClient:
             if exc.dropped:
                 self.abort()
             raise
+
+    async def _reset(self) -> None:
+        self.writer.write(b"RSET\r\n")
+        reset = await _reply(self.reader, "RSET")
+        if not reset.ok:
+            raise LmtpError("RSET", reset)
 
     def abort(self) -> None:
         """Close without QUIT (after a failure, or for a session of an ended loop)."""

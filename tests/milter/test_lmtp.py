@@ -33,7 +33,8 @@ def test_dot_stuffing_and_line_ends() -> None:
 def test_copies_on_one_session_arrive_intact(dovecot: DovecotServer) -> None:
     async def run() -> list[int]:
         client = await LmtpClient.open("127.0.0.1", dovecot.lmtp_port, 5)
-        assert "PIPELINING" in client.capabilities
+        # Dovecot offers both: the copy goes out as MAIL, RCPT and BDAT in one write.
+        assert {"PIPELINING", "CHUNKING"} <= client.capabilities
         codes = []
         for n in range(3):
             replies = await client.deliver("x@outside.test", ["alice@example.com"],
@@ -94,7 +95,8 @@ def test_nothing_listening_is_an_error_not_a_crash() -> None:
 
 
 def test_mail_rcpt_and_data_go_out_in_one_write() -> None:
-    """PIPELINING: the server sees the three commands before it has answered any."""
+    """PIPELINING without CHUNKING: the server sees the three commands before it has
+    answered any, then the dot-terminated message."""
     seen: list[bytes] = []
 
     async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -122,3 +124,44 @@ def test_mail_rcpt_and_data_go_out_in_one_write() -> None:
     assert asyncio.run(run()) == 452
     assert seen[0] == b"MAIL FROM:<x@outside.test>\r\nRCPT TO:<archive@example.com>\r\nDATA\r\n"
     assert seen[1] == b"body\r\n.\r\n"
+
+
+def test_with_chunking_the_envelope_and_the_message_go_out_in_one_write() -> None:
+    """CHUNKING: MAIL, RCPT and BDAT with the whole message, before any reply; a refused
+    recipient's chunk is answered once and RSET keeps the session."""
+    seen: list[bytes] = []
+    body = b"Subject: x\r\n\r\n.dot stays single\r\n"
+    bdat = b"MAIL FROM:<x@outside.test>\r\nRCPT TO:<%s>\r\nBDAT %d LAST\r\n" + body
+
+    async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 recorder LMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-recorder\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+        first = bdat % (b"archive@example.com", len(body))
+        seen.append(await reader.readexactly(len(first)))
+        writer.write(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.0.0 <archive@example.com> Saved\r\n")
+        refused = bdat % (b"nobody@example.com", len(body))
+        seen.append(await reader.readexactly(len(refused)))
+        writer.write(b"250 2.1.0 Ok\r\n550 5.1.1 no such user\r\n503 5.5.1 No valid recipients\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"250 2.0.0 Ok\r\n")
+        await reader.read()
+        writer.close()
+
+    async def run() -> tuple[int, LmtpError]:
+        listener = await asyncio.start_server(server, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        async with listener:
+            client = await LmtpClient.open("127.0.0.1", port, 5)
+            replies = await client.deliver("x@outside.test", ["archive@example.com"], body, 5)
+            with pytest.raises(LmtpError) as refused:
+                await client.deliver("x@outside.test", ["nobody@example.com"], body, 5)
+            assert client.usable
+            client.quit()
+            return replies["archive@example.com"].code, refused.value
+
+    code, refused = asyncio.run(run())
+    assert code == 250
+    assert refused.stage == "RCPT" and refused.reply is not None and refused.reply.code == 550
+    assert seen == [bdat % (b"archive@example.com", len(body)), bdat % (b"nobody@example.com", len(body)),
+                    b"RSET\r\n"]
