@@ -223,23 +223,32 @@ class Archiver:
 
     async def send(self, copy: ArchiveCopy, host: tuple[str, int], data: bytes, sender: str,
                    deadline: float) -> None:
-        """Deliver one copy over LMTP.  Raises ArchiveUnavailable."""
-        timeout = max(1.0, min(self.timeout, deadline - time.monotonic()))
+        """Deliver one copy over LMTP.  Raises ArchiveUnavailable.
+
+        A session that ended its transaction with a reply, taken or refused, is kept for
+        the next copy; a broken one is closed.
+        """
+        def timeout() -> float:
+            return max(1.0, min(self.timeout, deadline - time.monotonic()))
+
         where = f"{copy.address} at {host[0]}:{host[1]}"
+        session = self.sessions.take(host)
         try:
-            session = self.sessions.take(host)
             replies = None
             if session is not None:
                 try:
-                    replies = await session.deliver(sender, [copy.address], data, timeout)
+                    replies = await session.deliver(sender, [copy.address], data, timeout())
                 except LmtpError as exc:
                     if not exc.dropped:
                         raise
                     # Ended by the server while idle: once more on a new session.
+                    session = None
             if replies is None:
-                session = await LmtpClient.open(host[0], host[1], timeout, self.node or "localhost")
-                replies = await session.deliver(sender, [copy.address], data, timeout)
+                session = await LmtpClient.open(host[0], host[1], timeout(), self.node or "localhost")
+                replies = await session.deliver(sender, [copy.address], data, timeout())
         except LmtpError as exc:
+            if session is not None:
+                self.sessions.give_back(host, session)  # closed instead when it broke
             if exc.reply is None:
                 raise ArchiveUnavailable(f"{where}: {exc}") from None
             refused = " refused" if exc.stage == "RCPT" else ""

@@ -113,3 +113,33 @@ def test_copies_share_one_lmtp_session_and_one_the_server_ended_is_replaced(
         assert [m.message["Subject"] for m in copies] == [f"copy {n}" for n in range(4)]
         h.service.close()
         assert sessions.take(host) is None
+
+
+def test_a_refused_copy_tempfails_and_its_session_takes_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    opened: list[LmtpClient] = []
+    real_open = LmtpClient.open
+
+    async def counted(host: str, port: int, timeout: float, name: str = "localhost") -> LmtpClient:
+        client = await real_open(host, port, timeout, name)
+        opened.append(client)
+        return client
+
+    monkeypatch.setattr(LmtpClient, "open", counted)
+    full = {"archive@example.com": "452 4.2.2 Mailbox is full"}
+    with SmtpSink(lmtp=True, reject_recipients=full) as sink:
+        h = rig(tmp_path, lmtp_port=sink.port)
+
+        async def run() -> tuple[int, int]:
+            data = make_message(to="bob@example.com", subject="kept").as_bytes()
+            refused = await drive(h.service, data, "x@outside.test", ["bob@example.com"], "Q1")
+            sink.reject_recipients.clear()
+            taken = await drive(h.service, data, "x@outside.test", ["bob@example.com"], "Q2")
+            return refused.rc, taken.rc
+
+        with caplog.at_level(logging.ERROR, logger="mailwarden.milter"):
+            assert asyncio.run(run()) == (p.TEMPFAIL, p.ACCEPT)
+        assert "archive@example.com at 127.0.0.1:" in caplog.text
+        assert "refused: 452 4.2.2 Mailbox is full" in caplog.text
+        assert len(opened) == 1 and len(sink.wait_for(1)) == 1
+        h.service.close()
