@@ -32,8 +32,9 @@ are the same.
 
 Needs root, postfix, clamav-daemon, spamd, clamav-milter, spamass-milter, dovecot (core,
 lmtpd, ldap, sieve).
-Usage: python -m bench.bench_milter [--quick] [--sessions 20] [--repeat N]
-Prints a table and one JSON line.
+Usage: python -m bench.bench_milter [--quick] [--sessions 20] [--repeat N] [--variants KEY,...]
+Prints a table and one JSON line.  ``--variants virus-only,archived`` runs only those
+(keys: see ``--help``), round by round, and prints each round and the ratios within it.
 """
 
 from __future__ import annotations
@@ -569,6 +570,48 @@ def report_metrics_pair(runs: dict[str, list[Result]]) -> int:
     return 0
 
 
+VARIANT_KEYS = {
+    "postfix": "postfix alone", "clamav-milter": "clamav-milter (virus only)",
+    "virus-only": "mailwarden, virus only", "metrics-on": METRICS_ON, "archived": ARCHIVED,
+    "workers-2": TWO_WORKERS, "peer": "peer: clamav-milter + spamass-milter",
+    "mix30": "mailwarden, 30 % spam contracts", "all": ALL, "paced-clam": PACED_CLAM,
+    "paced-warden": PACED_WARDEN,
+}
+"""``--variants`` keys and the variants they name."""
+
+
+def chosen_variants(spec: str) -> set[str]:
+    """The variant names ``--variants`` asks for (a paced one needs ``all``, which sets its pace)."""
+    keys = [k.strip() for k in spec.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in VARIANT_KEYS]
+    if unknown or not keys:
+        raise SystemExit(f"--variants: unknown {', '.join(unknown) or '(none)'}; "
+                         f"known: {', '.join(VARIANT_KEYS)}")
+    if any(k.startswith("paced-") for k in keys) and "all" not in keys:
+        raise SystemExit("--variants: a paced variant needs 'all' (its rate sets the pace)")
+    return {VARIANT_KEYS[k] for k in keys}
+
+
+def report_chosen(runs: dict[str, list[Result]]) -> int:
+    """Each round of the chosen variants, and archived / virus-only within each round."""
+    for name, found in runs.items():
+        for i, r in enumerate(found, 1):
+            print(f"round {i}: {name:<40} {r.messages:>5} e2e {r.e2e_rate:>7.1f}/s  p50 {r.p50_ms:>6.1f} ms  "
+                  f"milter {r.milter_cpu_ms:>5.2f}  clamd {r.clamd_cpu_ms:>5.2f}  "
+                  f"dovecot {r.dovecot_cpu_ms:>5.2f} ms/msg  {r.replies}")
+    plain = runs.get("mailwarden, virus only")
+    kept = runs.get(ARCHIVED)
+    summary: dict[str, object] = {}
+    if plain and kept:
+        ratios = [k.e2e_rate / p.e2e_rate for p, k in zip(plain, kept, strict=True)]
+        summary = {"archived_vs_virus_only_rounds": [round(x, 3) for x in ratios],
+                   "archived_vs_virus_only_median": round(statistics.median(ratios), 3)}
+        print("archived / virus-only e2e msg/s per round: " + ", ".join(f"{x:.2f}x" for x in ratios)
+              + f" (median {statistics.median(ratios):.2f}x; target at least 0.85x)")
+    print(json.dumps({"chosen": summary, "rounds": {k: [r.__dict__ for r in v] for k, v in runs.items()}}))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a fifth of the messages")
@@ -576,7 +619,10 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="rounds of all variants (the median is shown)")
     ap.add_argument("--metrics-pair", action="store_true",
                     help="only the virus-only path with metrics off and on (scraped every second)")
+    ap.add_argument("--variants", default="",
+                    help="only these, comma-separated: " + ", ".join(VARIANT_KEYS))
     args = ap.parse_args()
+    only = chosen_variants(args.variants) if args.variants else set()
     scale = 0.2 if args.quick else 1.0
     sizes = {"fast": int(2000 * scale), "av": int(2000 * scale), "spam": int(160 * scale),
              "mix": int(400 * scale)}
@@ -639,7 +685,7 @@ def main() -> int:
             ]
             if args.metrics_pair:
                 return pair
-            return [
+            every = [
                 ("postfix alone", [], workload(sizes["fast"], domain_picker("av.example")), ""),
                 ("clamav-milter (virus only)", [clam_milter],
                  workload(sizes["av"], domain_picker("av.example")), ""),
@@ -654,6 +700,7 @@ def main() -> int:
                 (PACED_CLAM, [clam_milter], workload(sizes["spam"], domain_picker("av.example")), ALL),
                 (PACED_WARDEN, [warden], workload(sizes["spam"], domain_picker("av.example")), ALL),
             ]
+            return [v for v in every if not only or v[0] in only]
 
         runs: dict[str, list[Result]] = {}
         # Interleaved repeats: a machine shared with other work slows every variant alike.
@@ -673,6 +720,8 @@ def main() -> int:
             results.append(sorted(found, key=lambda r: r.e2e_rate)[len(found) // 2])
         if args.metrics_pair:
             return report_metrics_pair(runs)
+        if only:
+            return report_chosen(runs)
         # Every message delivered to arch.example (the warm-up's too) has its one copy.
         delivered = sum(r.replies.get("2xx", 0) + USERS for r in runs[ARCHIVED])
         copies = {"kept": maildir_count(archive_dir), "delivered": delivered}

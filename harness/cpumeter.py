@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["CpuMeter", "peak_rss_mb", "process_tree", "tree_ticks"]
+__all__ = ["CpuMeter", "peak_rss_mb", "process_tree", "seconds_by_name", "tree_ticks"]
 
 _CLK = os.sysconf("SC_CLK_TCK")
 
@@ -49,6 +49,21 @@ def tree_ticks(pid: int) -> float:
     """CPU seconds (user + system, and children waited for) of the live tree, in ticks."""
     table = _processes()
     return sum(table[member][1] for member in _tree(pid, table) if member in table) / _CLK
+
+
+def seconds_by_name(pid: int) -> dict[str, float]:
+    """CPU seconds of the live tree in clock ticks, summed by process name (Dovecot's
+    lmtp, auth, log, ...)."""
+    table = _processes()
+    out: dict[str, float] = {}
+    for member in _tree(pid, table):
+        try:
+            name = Path(f"/proc/{member}/comm").read_text().strip()
+        except OSError:  # ended meanwhile
+            continue
+        if member in table:
+            out[name] = out.get(name, 0.0) + table[member][1] / _CLK
+    return out
 
 
 def peak_rss_mb(pid: int) -> float:

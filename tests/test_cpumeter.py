@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness.cpumeter import CpuMeter, peak_rss_mb, process_tree
+from harness.cpumeter import CpuMeter, peak_rss_mb, process_tree, seconds_by_name
 
 # A parent that burns ~0.3 s of CPU in a child it waits for, then sleeps on.
 _BURNER = """
@@ -95,3 +95,20 @@ def test_without_a_cgroup_the_ticks_of_the_live_tree(spawn: list[subprocess.Pope
 
 def test_peak_rss() -> None:
     assert 1 < peak_rss_mb(os.getpid()) < 10_000
+
+
+def test_seconds_by_process_name(spawn: list[subprocess.Popen[str]]) -> None:
+    """The child burns under a name of its own; its CPU is counted under that name."""
+    proc = _start(spawn, _TREE.replace("    sys.stdin.readline()\n", "    sys.stdin.readline()\n"
+                                       "    open('/proc/self/comm', 'w').write('burner')\n", 1))
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    before = seconds_by_name(proc.pid)
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    deadline = time.monotonic() + 10
+    while seconds_by_name(proc.pid).get("burner", 0.0) < 0.25 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = seconds_by_name(proc.pid)
+    assert after["burner"] >= 0.25 and "burner" not in before
+    assert after.get("python", 0.0) - before.get("python", 0.0) < 0.2

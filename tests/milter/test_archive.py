@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import smtplib
 import socket
 from pathlib import Path
 
@@ -16,8 +15,9 @@ from harness.smtpsink import SmtpSink
 from milters import protocol as p
 from milters.archive import ArchiveCopy
 from milters.filters import Envelope
+from milters.lmtp import LmtpClient
 from milters.verdict import Recipient, RecipientOutcome, Verdict
-from tests.milter.helpers import Harness, harness, make_message, sample_directory
+from tests.milter.helpers import Harness, drive, harness, make_message, sample_directory
 
 
 def rig(tmp: Path, failure_action: str = "tempfail", lmtp_port: int = 0) -> Harness:
@@ -73,35 +73,73 @@ def test_archive_down_with_accept_delivers_and_logs(tmp_path: Path, caplog: pyte
 
 def test_copies_share_one_lmtp_session_and_one_the_server_ended_is_replaced(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    connects: list[object] = []
-    connect = smtplib.LMTP.connect
+    opened: list[LmtpClient] = []
+    real_open = LmtpClient.open
 
-    def counted(self: smtplib.LMTP, *args: object, **kwargs: object) -> object:
-        connects.append(args)
-        return connect(self, *args, **kwargs)  # type: ignore[arg-type]
+    async def counted(host: str, port: int, timeout: float, name: str = "localhost") -> LmtpClient:
+        client = await real_open(host, port, timeout, name)
+        opened.append(client)
+        return client
 
-    monkeypatch.setattr(smtplib.LMTP, "connect", counted)
+    monkeypatch.setattr(LmtpClient, "open", counted)
     with SmtpSink(lmtp=True) as sink:
         h = rig(tmp_path, lmtp_port=sink.port)
         assert h.service.archiver is not None
         sessions = h.service.archiver.sessions
-        def archived(n: int) -> None:
-            fed = h.feed(make_message(to="bob@example.com", subject=f"copy {n}"), "x@outside.test",
-                         "bob@example.com")
+        host = ("127.0.0.1", sink.port)
+
+        async def archived(n: int) -> None:
+            data = make_message(to="bob@example.com", subject=f"copy {n}").as_bytes()
+            fed = await drive(h.service, data, "x@outside.test", ["bob@example.com"], f"Q{n}")
             assert fed.rc == p.ACCEPT
 
-        for n in range(3):
-            archived(n)
-        assert len(sink.wait_for(3)) == 3 and len(connects) == 1
-        # The server ends the idle session (it reads end of file and closes): the next
-        # copy notices at its first command and goes out on a new session.
-        idle = sessions.take(("127.0.0.1", sink.port))
-        assert idle is not None and idle.sock is not None
-        idle.sock.shutdown(socket.SHUT_WR)
-        sessions.give_back(("127.0.0.1", sink.port), idle)
-        archived(3)
+        async def run() -> None:
+            # One event loop, as in the milter: its sessions stay open between messages.
+            for n in range(3):
+                await archived(n)
+            assert len(opened) == 1
+            # The server ends the idle session (it reads end of file and closes): the next
+            # copy notices at its first reply and goes out on a new session.
+            idle = sessions.take(host)
+            assert idle is not None
+            idle.writer.get_extra_info("socket").shutdown(socket.SHUT_WR)
+            await asyncio.sleep(0.1)
+            sessions.give_back(host, idle)
+            await archived(3)
+            assert len(opened) == 2
+
+        asyncio.run(run())
         copies = sink.wait_for(4)
         assert [m.message["Subject"] for m in copies] == [f"copy {n}" for n in range(4)]
-        assert len(connects) == 2
         h.service.close()
-        assert sessions.take(("127.0.0.1", sink.port)) is None
+        assert sessions.take(host) is None
+
+
+def test_a_refused_copy_tempfails_and_its_session_takes_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    opened: list[LmtpClient] = []
+    real_open = LmtpClient.open
+
+    async def counted(host: str, port: int, timeout: float, name: str = "localhost") -> LmtpClient:
+        client = await real_open(host, port, timeout, name)
+        opened.append(client)
+        return client
+
+    monkeypatch.setattr(LmtpClient, "open", counted)
+    full = {"archive@example.com": "452 4.2.2 Mailbox is full"}
+    with SmtpSink(lmtp=True, reject_recipients=full) as sink:
+        h = rig(tmp_path, lmtp_port=sink.port)
+
+        async def run() -> tuple[int, int]:
+            data = make_message(to="bob@example.com", subject="kept").as_bytes()
+            refused = await drive(h.service, data, "x@outside.test", ["bob@example.com"], "Q1")
+            sink.reject_recipients.clear()
+            taken = await drive(h.service, data, "x@outside.test", ["bob@example.com"], "Q2")
+            return refused.rc, taken.rc
+
+        with caplog.at_level(logging.ERROR, logger="mailwarden.milter"):
+            assert asyncio.run(run()) == (p.TEMPFAIL, p.ACCEPT)
+        assert "archive@example.com at 127.0.0.1:" in caplog.text
+        assert "refused: 452 4.2.2 Mailbox is full" in caplog.text
+        assert len(opened) == 1 and len(sink.wait_for(1)) == 1
+        h.service.close()
