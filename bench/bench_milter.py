@@ -77,6 +77,7 @@ USERS = 100
 DOMAINS = {  # domain -> (services for every user, services for users with i % 10 < 3)
     "mix.example": (["virus-scan"], ["spam-check"]),
     "all.example": (["virus-scan", "spam-check"], []),
+    "quiet.example": (["virus-scan", "spam-check"], []),
     "av.example": (["virus-scan"], []),
     "arch.example": (["virus-scan", "archive"], []),
     "none.example": ([], []),
@@ -86,6 +87,9 @@ DOMAIN_SETTINGS = {
     # no one, so this domain chooses no notices either (each would be one more message
     # through Postfix).
     "av.example": ["mwNoticeRecipient: none"],
+    # Everyone contracts all, and no notices: bench/bench_rspamd.py's comparison with
+    # rspamd alone as the milter, which notifies no one.
+    "quiet.example": ["mwNoticeRecipient: none"],
     # The same path, archived: every message is kept in the domain's archive mailbox.
     "arch.example": ["mwNoticeRecipient: none", "mwArchiveAddress: archive@arch.example"],
 }
