@@ -289,20 +289,27 @@ def _seconds(millis: Any) -> float | None:
     return None if int(millis) < 0 else int(millis) / 1000.0
 
 
+_forks = [0]
+"""How many forks made this process (counted in the child): a connection taken before
+a fork belongs to the parent. Compared on every command, which getpid() would make a
+system call."""
+os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
+
+
 class _Held:
     """A pool connection kept by one thread; given back to the pool when the thread ends
     (its thread-local storage is dropped), unless the process forked since."""
 
-    __slots__ = ("__weakref__", "connection", "pid")
+    __slots__ = ("__weakref__", "connection", "forks")
 
     def __init__(self, pool: redis.ConnectionPool) -> None:
-        self.pid = os.getpid()
+        self.forks = _forks[0]
         self.connection = pool.get_connection()
-        weakref.finalize(self, _give_back, pool, self.connection, self.pid)
+        weakref.finalize(self, _give_back, pool, self.connection, self.forks)
 
 
-def _give_back(pool: redis.ConnectionPool, connection: Any, pid: int) -> None:
-    if os.getpid() == pid:
+def _give_back(pool: redis.ConnectionPool, connection: Any, forks: int) -> None:
+    if forks == _forks[0]:
         pool.release(connection)
 
 
@@ -366,7 +373,7 @@ class RedisStore(_RedisCommands):
         themselves still go through redis-py's connection and parser.
         """
         held: _Held | None = getattr(self._held, "conn", None)
-        if held is None or held.pid != os.getpid():
+        if held is None or held.forks != _forks[0]:
             held = _Held(self._pool)
             self._held.conn = held
         else:
