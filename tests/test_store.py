@@ -1254,6 +1254,19 @@ def test_redis_script_unknown_to_the_server_is_loaded_and_counts_once(redis_serv
     raw.close()
 
 
+@pytest.mark.redis
+def test_redis_arguments_are_packed_as_redis_py_packs_them(redis_server: RedisServer) -> None:
+    """Text, numbers and text hiredis refuses to encode (a lone surrogate: replaced, as
+    redis-py's encoder does) reach Redis the same way."""
+    store = RedisStore(redis_server.url, key_prefix=f"pk{uuid.uuid4().hex[:8]}:")
+    store.set("日本語", "値 ✓")
+    assert store.get("日本語") == "値 ✓"
+    store.set("odd", "a\udcffb", ttl=30)
+    assert store.get("odd") == "a?b"
+    assert store.incr_many([("n", -3, 30.0), ("n", 10, None)]) == [-3, 7]
+    store.close()
+
+
 def test_redis_script_sent_as_evalsha_then_loaded_on_noscript() -> None:
     replies = {1: b"-NOSCRIPT No matching script.\r\n", 2: b"$40\r\n" + b"0" * 40 + b"\r\n",
                3: b"*1\r\n:7\r\n"}

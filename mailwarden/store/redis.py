@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.sentinel
@@ -313,6 +314,21 @@ def _give_back(pool: redis.ConnectionPool, connection: Any, forks: int) -> None:
         pool.release(connection)
 
 
+def _packed(connection: Any, args: Sequence[Any]) -> list[bytes]:
+    """The command in RESP, packed by hiredis directly (the packer redis-py itself calls).
+
+    Measured reason: redis-py's ``pack_command`` encodes each argument in a Python
+    generator first, about 3 µs per command against 0.3 µs. Anything hiredis will not
+    pack as redis-py would (text with lone surrogates, which redis-py's encoder replaces;
+    other types) goes through redis-py's packer.
+    """
+    try:
+        return [hiredis.pack_command(tuple(args))]
+    except (TypeError, UnicodeError):
+        packed: list[bytes] = connection.pack_command(*args)
+        return packed
+
+
 class RedisStore(_RedisCommands):
     """Store in Redis, for threads: one redis-py client over one ``ConnectionPool``.
 
@@ -385,7 +401,7 @@ class RedisStore(_RedisCommands):
         an error reply, like redis-py's client does)."""
         connection = self._connection()
         try:
-            connection.send_command(*args)
+            connection.send_packed_command(_packed(connection, args))
             return connection.read_response()
         except redis.ResponseError:
             raise
