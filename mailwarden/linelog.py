@@ -3,7 +3,8 @@
 At thousands of decisions per second, a write and flush per line is a large share
 of a daemon's CPU.  When mailwarden logs to a stream (stderr, the systemd way),
 decision lines logged on the event loop's thread are formatted by the configured
-handler as usual (the prefix once per millisecond) but written together once per
+handler as usual (the prefix once per millisecond, from a template made once per
+second when the format allows) but written together once per
 event-loop turn; lines from other threads, and every line with syslog or any other
 handler, go through :mod:`logging` unchanged.
 """
@@ -32,6 +33,8 @@ class DecisionLog:
         self._prefix_ok = False
         self._prefix = ""
         self._prefix_ms = -1
+        self._second = -1
+        self._template: tuple[str, str] | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Batch when the only destination is one stream handler (else log normally)."""
@@ -54,10 +57,18 @@ class DecisionLog:
             record = logger.makeRecord(logger.name, logging.INFO, "", 0, "%s", (line,), None)
             return handler.format(record) + handler.terminator
         now = time.time()
-        ms = int(now * 1000)
-        if ms != self._prefix_ms:
-            record = logger.makeRecord(logger.name, logging.INFO, "", 0, "", (), None)
-            self._prefix, self._prefix_ms = handler.format(record), ms
+        second = int(now)
+        ms = int((now - second) * 1000)  # as LogRecord computes msecs
+        if second * 1000 + ms != self._prefix_ms:
+            if second != self._second:
+                self._template, self._second = _second_template(handler, logger, second), second
+            if self._template is not None:
+                head, tail = self._template
+                self._prefix = f"{head}{ms:03d}{tail}"
+            else:
+                record = logger.makeRecord(logger.name, logging.INFO, "", 0, "", (), None)
+                self._prefix = handler.format(record)
+            self._prefix_ms = second * 1000 + ms
         return self._prefix + line + handler.terminator
 
     def info(self, line: str) -> None:
@@ -90,6 +101,38 @@ class DecisionLog:
             # The same stance as logging.Handler.handleError: logging must not stop the daemon.
             self.handler = None
             self.logger.error("decision log stream failed (%s); logging line by line", exc)
+
+
+def _second_template(handler: logging.Handler, logger: logging.Logger, second: int) -> tuple[str, str] | None:
+    """The prefix of every line of ``second`` as the text before and after its three
+    millisecond digits (the default ``asctime``), or None when the format is not of that shape.
+
+    Asked of the formatter: prefixes of records at 0, 500 and 999 ms into the second
+    (with other sub-millisecond parts and start offsets) must differ only in those
+    digits. Measured reason: a record and its formatting cost about 5 µs, and at
+    thousands of decisions per second almost every line starts a new millisecond.
+    """
+    def prefix(ms: int, fraction: float, relative: float) -> str:
+        record = logger.makeRecord(logger.name, logging.INFO, "", 0, "", (), None)
+        record.created = second + ms / 1000 + fraction
+        record.msecs = float(ms)
+        record.relativeCreated = relative
+        return handler.format(record)
+
+    low, high = prefix(0, 0.0001, 0.0), prefix(999, 0.0002, 123456.7)
+    if len(low) != len(high):
+        return None
+    differ = [i for i, (a, b) in enumerate(zip(low, high, strict=True)) if a != b]
+    if len(differ) != 3 or differ[2] - differ[0] != 2:
+        return None
+    at = differ[0]
+    head, tail = low[:at], low[at + 3 :]
+    if low[at : at + 3] != "000" or high[at : at + 3] != "999":
+        return None
+    middle = f"{head}500{tail}"
+    if prefix(500, 0.0003, 7654321.1) != middle or prefix(500, 0.0007, 42.0) != middle:
+        return None
+    return head, tail
 
 
 def _between(logger: logging.Logger, root: logging.Logger) -> list[logging.Logger]:

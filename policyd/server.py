@@ -237,7 +237,9 @@ class PolicyConnection(asyncio.Protocol):
         server = self.server
         seconds = time.perf_counter() - started
         server.metrics.decided(request.stage, decision.check, decision.action, seconds)
-        if server.log_all or decision.action != "DUNNO":
+        # The line is built only when it will be written (INFO is on).
+        if ((server.log_all or decision.action != "DUNNO")
+                and server.decisions.logger.isEnabledFor(logging.INFO)):
             server.decisions.info(decision_line(request, decision, seconds * 1000))
 
     def answer_malformed(self, reason: str, started: float) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import logging.handlers
+import time
 from datetime import datetime
 
 import pytest
@@ -84,3 +86,49 @@ def test_batched_decision_lines_are_whole_json_objects(capsys: pytest.CaptureFix
     objects = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert [(o["queue_id"], o["stage"], o["program"]) for o in objects] == [
         ("4Q1", "RCPT", "mailwarden/policyd"), ("4Q2", "END-OF-MESSAGE", "mailwarden/policyd")]
+
+
+@pytest.mark.parametrize(("fmt", "datefmt", "templated"), [
+    ("%(asctime)s mailwarden/policyd[1]: node: %(levelname)s %(message)s", None, True),
+    ("%(asctime)s %(message)s", None, True),
+    ("%(created)f %(message)s", None, False),
+    ("%(asctime)s %(message)s", "%H:%M:%S", False),
+    ("%(asctime)s %(msecs)03d %(message)s", "%H:%M:%S", True),
+    ("%(levelname)s %(message)s", None, False),
+])
+def test_decision_line_prefix_matches_the_formatter_at_every_millisecond(
+    fmt: str, datefmt: str | None, templated: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-second template gives each line the prefix the handler itself would, across
+    milliseconds and seconds; a format of another shape is formatted per millisecond."""
+    root = logging.getLogger("mailwarden")
+    saved = (root.handlers[:], root.propagate, root.level)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(fmt, datefmt))
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel(logging.INFO)
+    loop = asyncio.new_event_loop()
+    now = [1_800_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    try:
+        logger = logging.getLogger("mailwarden.policyd")
+        decisions = DecisionLog(logger)
+        decisions.start(loop)
+        expected = []
+        for t in (1_800_000_000.0, 1_800_000_000.0004, 1_800_000_000.001, 1_800_000_000.4995,
+                  1_800_000_000.999, 1_800_000_000.9999, 1_800_000_001.0, 1_800_000_001.123456,
+                  1_800_000_059.9995, 1_800_000_060.042):
+            now[0] = t
+            decisions.info(f"line {t}")
+            expected.append(handler.format(logger.makeRecord(logger.name, logging.INFO, "", 0, "%s",
+                                                             (f"line {t}",), None)))
+            assert (decisions._template is not None) is templated
+        decisions.flush()
+        if "created" not in fmt:  # (a sub-millisecond field is that of the millisecond's first line)
+            assert stream.getvalue().splitlines() == expected
+    finally:
+        loop.close()
+        root.handlers[:], root.propagate = saved[0], saved[1]
+        root.setLevel(saved[2])

@@ -1193,6 +1193,92 @@ def test_redis_connections_are_per_thread() -> None:
         store.close()
 
 
+def test_redis_short_lived_threads_give_their_connection_back() -> None:
+    """A thread keeps its connection while it lives; when it ends, the next thread reuses it."""
+    with RedisServer() as server:
+        store = RedisStore(server.url, key_prefix="short:")
+        raw = redis.Redis.from_url(server.url, decode_responses=True)
+        store.set("k", "v")
+        for _ in range(40):
+            t = threading.Thread(target=store.get, args=("k",))
+            t.start()
+            t.join(timeout=10)
+        clients = raw.info("clients")["connected_clients"]
+        assert clients <= 3, f"{clients} connections: the threads' connections were not given back"
+        assert store.get("k") == "v"
+        store.close()
+        raw.close()
+
+
+def _incr_after_fork(store: RedisStore, conn: multiprocessing.connection.Connection) -> None:
+    try:
+        conn.send([store.incr("forked", ttl=300) for _ in range(200)][-1])
+    except BaseException as exc:  # noqa: BLE001
+        conn.send(repr(exc))
+
+
+@pytest.mark.redis
+def test_redis_store_used_before_fork_connects_again_in_the_child(redis_server: RedisServer) -> None:
+    """A forked child never writes on its parent's connection: the counts stay exact."""
+    prefix = f"f{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(redis_server.url, key_prefix=prefix)
+    assert store.incr("forked", ttl=300) == 1  # the parent holds a connection now
+    ctx = multiprocessing.get_context("fork")
+    receivers, procs = [], []
+    for _ in range(3):
+        mine, theirs = ctx.Pipe(duplex=False)
+        receivers.append(mine)
+        procs.append(ctx.Process(target=_incr_after_fork, args=(store, theirs), daemon=True))
+    assert _exit_codes(procs) == [0, 0, 0]
+    assert all(isinstance(r.recv(), int) for r in receivers)
+    for _ in range(100):
+        store.incr("forked", ttl=300)
+    assert store.get("forked") == str(1 + 3 * 200 + 100)
+    store.close()
+
+
+@pytest.mark.redis
+def test_redis_script_unknown_to_the_server_is_loaded_and_counts_once(redis_server: RedisServer) -> None:
+    """After SCRIPT FLUSH (or a failover to a server that never saw the script) the
+    increment is made once: NOSCRIPT means it did not run."""
+    prefix = f"s{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(redis_server.url, key_prefix=prefix)
+    raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    assert store.incr_many([("a", 1, 30.0), ("b", 5, None)]) == [1, 5]
+    raw.script_flush()
+    assert store.incr_many([("a", 1, 30.0), ("b", 5, None)]) == [2, 10]
+    raw.script_flush()
+    assert store.sadd("set", "x", ttl=30) == 1
+    assert store.smembers("set") == {"x"}
+    store.close()
+    raw.close()
+
+
+@pytest.mark.redis
+def test_redis_arguments_are_packed_as_redis_py_packs_them(redis_server: RedisServer) -> None:
+    """Text, numbers and text hiredis refuses to encode (a lone surrogate: replaced, as
+    redis-py's encoder does) reach Redis the same way."""
+    store = RedisStore(redis_server.url, key_prefix=f"pk{uuid.uuid4().hex[:8]}:")
+    store.set("日本語", "値 ✓")
+    assert store.get("日本語") == "値 ✓"
+    store.set("odd", "a\udcffb", ttl=30)
+    assert store.get("odd") == "a?b"
+    assert store.incr_many([("n", -3, 30.0), ("n", 10, None)]) == [-3, 7]
+    store.close()
+
+
+def test_redis_script_sent_as_evalsha_then_loaded_on_noscript() -> None:
+    replies = {1: b"-NOSCRIPT No matching script.\r\n", 2: b"$40\r\n" + b"0" * 40 + b"\r\n",
+               3: b"*1\r\n:7\r\n"}
+    fake = FakeRedis(lambda n: replies.get(n, b"-ERR unexpected\r\n"))
+    store = RedisStore(fake.url, socket_timeout=1.0)
+    assert store.incr("k", 7) == 7
+    assert [c[0].upper() for c in fake.commands] == ["EVALSHA", "SCRIPT", "EVALSHA"]
+    assert fake.commands[1][1].upper() == "LOAD"
+    store.close()
+    fake.close()
+
+
 # --------------------------------------------------------------------------
 # open_store
 # --------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import resource
 import socket
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import policyd.server
 from harness.dnsstub import StubDns
 from harness.fakes import FakeDirectory
 from harness.redisserver import RedisServer
@@ -342,3 +344,31 @@ def test_redis_down_tempfails_pop_before_smtp_and_recovers(
 def test_decision_line_fast_path_matches_the_careful_one(attrs: dict[str, str], decision: Decision) -> None:
     req = PolicyRequest(request(**attrs))
     assert decision_line(req, decision, 1.234) == _careful_line(req, decision, 1.234)
+
+
+def test_decision_line_is_built_only_when_info_is_logged(
+    start_daemon: Callable[..., RunningServer], daemon_log: LogLines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[str] = []
+
+    def counted(request: PolicyRequest, decision: Decision, ms: float) -> str:
+        built.append(decision.action)
+        return decision_line(request, decision, ms)
+
+    async def level(value: int) -> None:
+        # On the event loop: after the answer before it is completely done, line and all.
+        logging.getLogger("mailwarden.policyd").setLevel(value)
+
+    monkeypatch.setattr(policyd.server, "decision_line", counted)
+    server = start_daemon('checks = ["relay"]')
+    c = client(server)
+    server.call(level(logging.WARNING))
+    assert c.ask(recipient=OUT).startswith("554")
+    server.call(level(logging.INFO))
+    assert built == []
+    assert not any("action=" in line for line in daemon_log.lines)
+    assert c.ask(recipient=OUT).startswith("554")
+    server.call(level(logging.INFO))
+    assert built == ["554 5.7.1 <friend@remote.example>: Relay access denied"]
+    daemon_log.wait_for('action="554 5.7.1')
+    c.close()
