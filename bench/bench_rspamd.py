@@ -14,8 +14,9 @@
 
 Everyone contracts virus and spam checking (quiet.example of bench/bench_milter.py's
 directory, which sends no virus notices: rspamd alone and the peer stack notify no one,
-and each notice would be one more message through Postfix); the same messages for everyone (a few KB of meeting minutes, each body
-unique, 3 % with EICAR in a zip, 3 % GTUBE), one message per SMTP session, ``--sessions``
+and each notice would be one more message through Postfix); the same messages for
+everyone (a few KB of meeting minutes, each body unique, 3 % with EICAR in a zip, 3 %
+GTUBE), one message per SMTP session, ``--sessions``
 in parallel, after one warm-up message per recipient. One rspamd serves every rspamd
 variant (Debian's rules, the modules that only ask the internet off, no Redis, its
 resolver the stub DNS of the run).
