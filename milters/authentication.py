@@ -61,11 +61,13 @@ from mailwarden.dns import async_twin
 from mailwarden.dnslookup import cached_records, resolve_async, resolve_sync
 from mailwarden.metrics import Backend, Timer
 from mailwarden.spfquery import ResolverQuery, pyspf_records
-from milters.dkimverify import SignedMessage
+from milters.dkimverify import SignedMessage, published_key
 from milters.filters import Envelope
 from milters.message import Message
 
 MIN_KEY_BITS = 1024
+ORGANIZATIONAL_KEPT = 4096
+"""Organizational domains remembered per process (the memo is emptied when full)."""
 INLINE_DKIM = 256 * 1024
 """Signed messages up to this size are verified on the event loop, larger ones in its executor."""
 """RSA keys shorter than this do not verify (RFC 8301)."""
@@ -99,11 +101,18 @@ class AuthDns:
         return self.backend.timed() if self.backend is not None else contextlib.nullcontext()
 
     async def txt(self, name: str) -> list[str]:
-        """The TXT strings of ``name`` (each record's strings joined); ``[]`` when there are none."""
-        with self._timed():
-            found = await resolve_async(self.aio, name, "TXT")
-            if isinstance(found, Exception):
-                raise DnsTempError(f"{name}: {type(found).__name__}")
+        """The TXT strings of ``name`` (each record's strings joined); ``[]`` when there are none.
+
+        An answer in the resolver's cache is taken from it directly: a full (cached)
+        resolution builds its query state first, which cost more than the rest of the
+        DMARC evaluation."""
+        found = cached_records(self.resolver, name, "TXT")
+        if found is None:
+            with self._timed():
+                asked = await resolve_async(self.aio, name, "TXT")
+                if isinstance(asked, Exception):
+                    raise DnsTempError(f"{name}: {type(asked).__name__}")
+            found = asked
         return [b"".join(r.strings).decode("utf-8", "replace") for r in found]
 
     async def exists(self, name: str) -> bool:
@@ -192,7 +201,7 @@ async def _verify_one(signed: SignedMessage, idx: int, dns_: AuthDns, inline: bo
     if _EMPTY_P.search(record):
         return _with(found, "permerror", "key revoked")
     try:
-        key = dkim.evaluate_pk(name, record)
+        key = published_key(record)
     except dkim.DKIMException as exc:
         return _with(found, "permerror", f"bad key: {exc}")
     verify = partial(signed.verify, *prep, key)
@@ -297,10 +306,18 @@ class Dmarc:
         self.dns = dns_
         self.psl = psl or PublicSuffixList()
         self.sample = sample
+        self._organizational: dict[str, str] = {}
 
     def organizational(self, domain: str) -> str:
-        """The organizational domain (the public suffix plus one label)."""
-        return str(self.psl.privatesuffix(domain) or domain)
+        """The organizational domain (the public suffix plus one label), remembered for
+        the domains most recently asked about: a message asks for the same few several
+        times, and each list lookup encodes the name label by label."""
+        found = self._organizational.get(domain)
+        if found is None:
+            if len(self._organizational) >= ORGANIZATIONAL_KEPT:
+                self._organizational.clear()
+            found = self._organizational[domain] = str(self.psl.privatesuffix(domain) or domain)
+        return found
 
     def aligned(self, identifier: str, domain: str, mode: str) -> bool:
         """``s``: the same domain; ``r``: the same organizational domain."""

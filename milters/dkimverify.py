@@ -30,12 +30,14 @@ signatures that agree on them (an RSA and an ed25519 signature of one sender).
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 import dkim
 import nacl.exceptions
+import nacl.signing
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -106,7 +108,7 @@ class SignedMessage:
         name, value = fields[idx]
         return sig, include, (name, value)
 
-    def _body_hash(self, sig: dict[bytes, bytes], policy: Any) -> bytes:
+    def _body_hash(self, sig: dict[bytes, bytes], policy: CanonicalizationPolicy) -> bytes:
         key = (policy.body_algorithm.name, sig[b"a"], sig.get(b"l"))
         found = self._bodies.get(key)
         if found is None:
@@ -118,12 +120,11 @@ class SignedMessage:
         return found
 
     def verify(self, sig: dict[bytes, bytes], include: list[bytes], field: tuple[bytes, bytes],
-               key: tuple[Any, int, bytes, bool]) -> bool:
-        """Whether the signature verifies with ``key`` (``dkim.evaluate_pk``'s answer for the
-        published record); dkimpy's exceptions (ValidationError for a body hash mismatch,
-        KeyFormatError for a small key that verifies)."""
-        pk, keysize, ktag, tlsrpt_only = key
-        if tlsrpt_only:
+               key: PublishedKey) -> bool:
+        """Whether the signature verifies with ``key`` (:func:`published_key` of the record);
+        dkimpy's exceptions (ValidationError for a body hash mismatch, KeyFormatError for a
+        small key that verifies)."""
+        if key.tlsrpt_only:
             raise dkim.ValidationError("Message is not tlsrpt and Service Type is tlsrpt")
         try:
             policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
@@ -145,17 +146,40 @@ class SignedMessage:
         hasher = HASH_ALGORITHMS[sig[b"a"]]()
         dkim.hash_headers(hasher, policy, policy.canonicalize_headers(signed), include, field, sig)
         signature = base64.b64decode(_WHITESPACE.sub(b"", sig[b"b"]))
-        if ktag == b"ed25519":
+        if isinstance(key.public, nacl.signing.VerifyKey):
             try:
-                pk.verify(hasher.digest(), signature)
+                key.public.verify(hasher.digest(), signature)
             except nacl.exceptions.BadSignatureError:
                 return False
             return True
-        public = rsa.RSAPublicNumbers(pk["publicExponent"], pk["modulus"]).public_key()
+        digest = Prehashed(_PREHASHED[sig[b"a"]]())
         try:
-            public.verify(signature, hasher.digest(), padding.PKCS1v15(), Prehashed(_PREHASHED[sig[b"a"]]()))
+            key.public.verify(signature, hasher.digest(), padding.PKCS1v15(), digest)
         except InvalidSignature:
             return False
-        if keysize < self.minkey:
-            raise dkim.KeyFormatError(f"public key too small: {keysize}")
+        if key.bits < self.minkey:
+            raise dkim.KeyFormatError(f"public key too small: {key.bits}")
         return True
+
+
+@dataclass(frozen=True)
+class PublishedKey:
+    """A DKIM key record as dkimpy reads it, ready to verify with."""
+
+    public: rsa.RSAPublicKey | nacl.signing.VerifyKey
+    bits: int
+    tlsrpt_only: bool
+    """``s=tlsrpt``: the key signs TLS reports only, never mail."""
+
+
+@functools.lru_cache(maxsize=1024)
+def published_key(record: str) -> PublishedKey:
+    """The key of a DKIM key record (dkimpy's ``evaluate_pk``), kept for the records most
+    recently seen: mail from one sender is signed with one key, and reading an RSA key
+    (dkimpy's ASN.1 parse in Python) costs as much as verifying with it.  KeyFormatError
+    for a record dkimpy refuses (not kept)."""
+    pk, bits, ktag, tlsrpt_only = dkim.evaluate_pk("", record)
+    if ktag == b"ed25519":
+        return PublishedKey(pk, bits, tlsrpt_only)
+    return PublishedKey(rsa.RSAPublicNumbers(pk["publicExponent"], pk["modulus"]).public_key(), bits,
+                        tlsrpt_only)
