@@ -32,10 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-from bench.bench_milter import bench_ldif, make_message
+from bench.bench_milter import archive_mailbox, bench_ldif, make_message
 from harness.cpumeter import CpuMeter, seconds_by_name
 from harness.slapd import SlapdServer, mailwarden_database
-from tests.render.conftest import RenderedDovecot, Site, ldap_toml
 
 ARCHIVE = "archive@arch.example"
 COUNT_QUOTA = "plugin {\n  quota = count:User quota\n  quota_vsizes = yes\n}\n"
@@ -53,20 +52,6 @@ VARIANTS = {
              "protocol lmtp {\n  mail_plugins =\n}\n",
 }
 """Settings appended to the rendered dovecot.conf, by variant."""
-
-
-def start(work: Path, slapd: SlapdServer, extra: str) -> tuple[RenderedDovecot, Site]:
-    """The rendered mailbox role over ``work``, ``extra`` appended, started."""
-    root = work / "mailbox"
-    root.mkdir()
-    root.chmod(0o755)
-    site = Site(root, ldap_toml(slapd))
-    site.dovecot("mailbox")
-    dovecot = RenderedDovecot(site, "mailbox")
-    with dovecot.conf.open("a") as conf:
-        conf.write(extra)
-    dovecot.start(site.ports["lmtp"])
-    return dovecot, site
 
 
 def deliver(port: int, count: int, data: bytes, sessions: int) -> float:
@@ -97,7 +82,7 @@ def deliver(port: int, count: int, data: bytes, sessions: int) -> float:
 
 def measure(work: Path, slapd: SlapdServer, name: str, prefill: int, count: int) -> dict[str, object]:
     data = make_message("ham", 1, ARCHIVE)
-    dovecot, site = start(work, slapd, VARIANTS[name])
+    dovecot, site = archive_mailbox(work, slapd, VARIANTS[name])
     assert dovecot.proc is not None
     try:
         port = site.ports["lmtp"]

@@ -478,16 +478,20 @@ def maildir_count(path: Path) -> int:
     return sum(1 for sub in ("new", "cur") if (path / sub).is_dir() for _ in (path / sub).iterdir())
 
 
-def archive_mailbox(work: Path, slapd: SlapdServer) -> tuple[RenderedDovecot, Site]:
+def archive_mailbox(work: Path, slapd: SlapdServer, extra: str = "") -> tuple[RenderedDovecot, Site]:
     """The mailbox role as ``mailwarden render dovecot`` writes it (LDAP userdb, LMTP,
-    Sieve, quota, NFS-safe fsync), over the bench directory, started: it holds the
-    archive mailboxes (accounts with the archive status, which its userdb finds)."""
+    Sieve, quota, NFS-safe fsync), over the bench directory, ``extra`` appended to its
+    dovecot.conf, started: it holds the archive mailboxes (accounts with the archive
+    status, which its userdb finds)."""
     root = work / "mailbox"
     root.mkdir()
     root.chmod(0o755)
     site = Site(root, ldap_toml(slapd))
     site.dovecot("mailbox")
     dovecot = RenderedDovecot(site, "mailbox")
+    if extra:
+        with dovecot.conf.open("a") as conf:
+            conf.write(extra)
     dovecot.start(site.ports["lmtp"])
     return dovecot, site
 

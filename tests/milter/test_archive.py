@@ -71,17 +71,23 @@ def test_archive_down_with_accept_delivers_and_logs(tmp_path: Path, caplog: pyte
     assert "archive=archive@example.com:failed" in caplog.text
 
 
-def test_copies_share_one_lmtp_session_and_one_the_server_ended_is_replaced(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    opened: list[LmtpClient] = []
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> list[LmtpClient]:
+    """The LMTP sessions the archiver opens, in order."""
+    sessions: list[LmtpClient] = []
     real_open = LmtpClient.open
 
     async def counted(host: str, port: int, timeout: float, name: str = "localhost") -> LmtpClient:
         client = await real_open(host, port, timeout, name)
-        opened.append(client)
+        sessions.append(client)
         return client
 
     monkeypatch.setattr(LmtpClient, "open", counted)
+    return sessions
+
+
+def test_copies_share_one_lmtp_session_and_one_the_server_ended_is_replaced(
+        tmp_path: Path, opened: list[LmtpClient]) -> None:
     with SmtpSink(lmtp=True) as sink:
         h = rig(tmp_path, lmtp_port=sink.port)
         assert h.service.archiver is not None
@@ -116,16 +122,7 @@ def test_copies_share_one_lmtp_session_and_one_the_server_ended_is_replaced(
 
 
 def test_a_refused_copy_tempfails_and_its_session_takes_the_next(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    opened: list[LmtpClient] = []
-    real_open = LmtpClient.open
-
-    async def counted(host: str, port: int, timeout: float, name: str = "localhost") -> LmtpClient:
-        client = await real_open(host, port, timeout, name)
-        opened.append(client)
-        return client
-
-    monkeypatch.setattr(LmtpClient, "open", counted)
+        tmp_path: Path, opened: list[LmtpClient], caplog: pytest.LogCaptureFixture) -> None:
     full = {"archive@example.com": "452 4.2.2 Mailbox is full"}
     with SmtpSink(lmtp=True, reject_recipients=full) as sink:
         h = rig(tmp_path, lmtp_port=sink.port)
