@@ -166,31 +166,8 @@ def test_config_check_names_a_wrong_engine_and_a_bad_upstream(tmp_path: Path) ->
     assert "milter.rspamd: at least one upstream is needed" in check_milter_config(empty, 1.0)
 
 
-class SilentHttp:
-    """Accepts connections and never answers (an rspamd wedged on a message)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        try:
-            while True:
-                self.held.append(self.sock.accept()[0])
-        except OSError:
-            return
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
-
-
 def test_a_silent_rspamd_is_a_scan_error_within_the_timeout() -> None:
-    server = SilentHttp()
+    server = ScriptedHttp(None)
     try:
         started = time.monotonic()
         with pytest.raises(ScanError, match="timed out"):
@@ -202,10 +179,12 @@ def test_a_silent_rspamd_is_a_scan_error_within_the_timeout() -> None:
 
 class ScriptedHttp:
     """Answers each connection with ``reply`` once the request is in (its head and the
-    ``Content-Length`` bytes of body), then closes unless ``hold``; keeps the requests."""
+    ``Content-Length`` bytes of body), then closes unless ``hold``; keeps the requests.
+    Without a reply it accepts connections and never answers (an rspamd wedged on a
+    message)."""
 
-    def __init__(self, reply: bytes, *, hold: bool = False) -> None:
-        self.reply, self.hold = reply, hold
+    def __init__(self, reply: bytes | None, *, hold: bool = False) -> None:
+        self.reply, self.hold = reply, hold or reply is None
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.requests: list[bytes] = []
@@ -216,6 +195,9 @@ class ScriptedHttp:
         try:
             while True:
                 conn = self.sock.accept()[0]
+                if self.reply is None:
+                    self.held.append(conn)
+                    continue
                 data = b""
                 while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
                         re.search(rb"Content-Length: (\d+)", data).group(1)):  # type: ignore[union-attr]
@@ -464,7 +446,7 @@ def test_the_milter_closes_a_waiting_rspamd_request_before_its_loop_ends(tmp_pat
     from mailwarden.metrics import Metrics
     from milters.metrics import MilterMetrics
 
-    server = SilentHttp()
+    server = ScriptedHttp(None)
     scanner = RspamdScanner([f"inet:127.0.0.1:{server.port}"], timeout=30.0)
     cfg = milter_config(tmp_path, f'spam_engine = "rspamd"\nrspamd = ["inet:127.0.0.1:{server.port}"]\n')
     service = build_service(cfg, store=MemoryStore(), virus_scanner=FakeVirusScanner(), spam_scanner=scanner,
