@@ -34,6 +34,7 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import dkim
 import nacl.exceptions
@@ -96,7 +97,8 @@ class SignedMessage:
         self.minkey = minkey
         self.parsed = dkim.DKIM(b"", minkey=minkey)
         self.parsed.headers = self.headers
-        self._bodies: dict[tuple[bytes, bytes, bytes | None], bytes] = {}
+        self.body_hashes: dict[tuple[bytes, Callable[..., Any], bytes | None], bytes] = {}
+        """Body hashes by canonicalization, hash function and ``l=``: one per kind asked for."""
 
     def prepare(self, idx: int) -> tuple[dict[bytes, bytes], list[bytes], tuple[bytes, bytes]] | None:
         """The ``idx``-th signature's tags, the fields it signs and its own field; None if
@@ -109,14 +111,15 @@ class SignedMessage:
         return sig, include, (name, value)
 
     def _body_hash(self, sig: dict[bytes, bytes], policy: CanonicalizationPolicy) -> bytes:
-        key = (policy.body_algorithm.name, sig[b"a"], sig.get(b"l"))
-        found = self._bodies.get(key)
+        hasher = HASH_ALGORITHMS[sig[b"a"]]
+        key = (policy.body_algorithm.name, hasher, sig.get(b"l"))
+        found = self.body_hashes.get(key)
         if found is None:
             body = relaxed_body(self.body) if policy.body_algorithm is Relaxed else \
                 policy.canonicalize_body(self.body)
             if b"l" in sig:
                 body = body[:int(sig[b"l"])]
-            found = self._bodies[key] = HASH_ALGORITHMS[sig[b"a"]](body).digest()
+            found = self.body_hashes[key] = hasher(body).digest()
         return found
 
     def verify(self, sig: dict[bytes, bytes], include: list[bytes], field: tuple[bytes, bytes],

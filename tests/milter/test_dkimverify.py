@@ -145,4 +145,5 @@ def test_a_wrong_key_fails_and_two_signatures_share_one_body_hash(
     for idx, record in ((0, ed_key[1]), (1, rsa_key[1])):
         prep = signed.prepare(idx)
         assert prep is not None and signed.verify(*prep, published_key(record.decode())) is True
+    assert len(signed.body_hashes) == 1  # one canonicalization, SHA-256, no l=: one body hash for both
     assert signed.prepare(2) is None
