@@ -66,11 +66,11 @@ from milters.filters import Envelope
 from milters.message import Message
 
 MIN_KEY_BITS = 1024
-ORGANIZATIONAL_KEPT = 4096
-"""Organizational domains remembered per process (the memo is emptied when full)."""
+"""RSA keys shorter than this do not verify (RFC 8301)."""
 INLINE_DKIM = 256 * 1024
 """Signed messages up to this size are verified on the event loop, larger ones in its executor."""
-"""RSA keys shorter than this do not verify (RFC 8301)."""
+ORGANIZATIONAL_KEPT = 4096
+"""Organizational domains remembered per process (the memo is emptied when full)."""
 
 DKIMPY_LOG = logging.getLogger("mailwarden.milter.dkimpy")
 """Where dkimpy's own messages go: nowhere (the milter logs one line per message)."""

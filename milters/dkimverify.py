@@ -32,7 +32,7 @@ from __future__ import annotations
 import base64
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,13 @@ def split_message(raw: bytes) -> tuple[list[list[bytes]], bytes]:
     if b"\n" in body:
         body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     return headers, body
+
+
+def fields_named(headers: list[list[bytes]], names: Iterable[bytes]) -> list[list[bytes]]:
+    """The header fields ``names`` (lower case) can select, in message order: the only ones
+    worth canonicalizing (``dkim.hash_headers`` then picks among them as among all)."""
+    wanted = frozenset(names)
+    return [h for h in headers if h[0].lower() in wanted or h[0].lower().rstrip() in wanted]
 
 
 def relaxed_body(body: bytes) -> bytes:
@@ -142,12 +149,11 @@ class SignedMessage:
             if got != expected:
                 raise dkim.ValidationError(
                     f"body hash mismatch (got {base64.b64encode(got)!r}, expected {sig[b'bh']!r})")
-        names = set(include)
-        if b"from" in names:
+        if b"from" in include:
             include = [*include, b"from"]  # as dkimpy: an added From field breaks the signature
-        signed = [h for h in self.headers if h[0].lower() in names or h[0].lower().rstrip() in names]
         hasher = HASH_ALGORITHMS[sig[b"a"]]()
-        dkim.hash_headers(hasher, policy, policy.canonicalize_headers(signed), include, field, sig)
+        dkim.hash_headers(hasher, policy, policy.canonicalize_headers(fields_named(self.headers, include)),
+                          include, field, sig)
         signature = base64.b64decode(_WHITESPACE.sub(b"", sig[b"b"]))
         if isinstance(key.public, nacl.signing.VerifyKey):
             try:

@@ -59,7 +59,7 @@ from mailwarden.catalogue import Service
 from mailwarden.directory import DirectoryUnavailable
 from mailwarden.policy import AddressKind, PolicyResolver
 from milters.authentication import DKIMPY_LOG, from_domain
-from milters.dkimverify import relaxed_body, split_message
+from milters.dkimverify import fields_named, relaxed_body, split_message
 from milters.filters import INTERNAL, Envelope
 from milters.message import Message
 from milters.verdict import Action, RecipientOutcome
@@ -117,7 +117,6 @@ class Signer:
 
 
 _RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
-_SIGNED = frozenset(SIGNED_HEADERS)
 
 
 @functools.lru_cache(maxsize=256)
@@ -153,9 +152,8 @@ def rsa_signature(data: bytes, key: SigningKey, domain: str) -> str:
               (b"b", b"")]
     unsigned: bytes = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(b"DKIM-Signature"))
     hasher = hashlib.sha256()
-    signed = [h for h in headers if h[0].lower().rstrip() in _SIGNED]
-    dkim.hash_headers(hasher, _RELAXED, _RELAXED.canonicalize_headers(signed), include,
-                      (b"DKIM-Signature", b" " + unsigned), {})
+    signed = _RELAXED.canonicalize_headers(fields_named(headers, include))
+    dkim.hash_headers(hasher, _RELAXED, signed, include, (b"DKIM-Signature", b" " + unsigned), {})
     raw = private.sign(hasher.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
     signature = base64.b64encode(raw)
     # b= last, folded on lines of its own (whitespace in b= is ignored by every verifier).
