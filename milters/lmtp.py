@@ -143,9 +143,12 @@ class LmtpClient:
                 mail = await _reply(self.reader, "MAIL")
                 replies = {r: await _reply(self.reader, "RCPT") for r in recipients}
                 accepted = [r for r, reply in replies.items() if reply.ok]
+                taken = mail.ok and bool(accepted)
                 stage = "BDAT" if chunking else "DATA"
-                go = await _reply(self.reader, stage) if not chunking or not accepted else None
-                if not mail.ok or (go is not None and go.code != 354 and not chunking) or not accepted:
+                # DATA is answered before the message; BDAT LAST after it, with the
+                # recipients' replies, unless the transaction had already failed.
+                go = None if chunking and taken else await _reply(self.reader, stage)
+                if not taken or (go is not None and go.code != 354):
                     # Nothing was taken: end the transaction so the session can take the next.
                     await self._reset()
                     if not mail.ok:
