@@ -25,14 +25,14 @@ class DoveadmError(Exception):
         """doveadm's exit code for a failed command (67: no such user; 75: temporary)."""
 
 
-def read_api_key(path: str) -> str:
-    """The key from its file (whitespace stripped); DoveadmError when it cannot be read."""
+def read_api_key(path: str, what: str = "doveadm API key") -> str:
+    """A secret from its file (whitespace stripped); DoveadmError when it cannot be read."""
     try:
         key = Path(path).read_text().strip()
     except OSError as exc:
-        raise DoveadmError(f"doveadm API key {path}: {exc.strerror}") from None
+        raise DoveadmError(f"{what} {path}: {exc.strerror}") from None
     if not key:
-        raise DoveadmError(f"doveadm API key {path} is empty")
+        raise DoveadmError(f"{what} {path} is empty")
     return key
 
 

@@ -12,7 +12,9 @@ own section, so the fragments cannot drift from the daemons they talk to.
 
 from __future__ import annotations
 
+import base64
 import grp
+import hashlib
 import importlib.resources
 import ipaddress
 import math
@@ -808,7 +810,21 @@ def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
         "sasl_inet": HostPort.parse(r.sasl_path.removeprefix("inet:")) if not sasl_socket else None,
         "recipient_delimiter": cfg.policy.recipient_delimiter,
         "doveadm_api_key": _doveadm_key(r) if role == "mailbox" and r.doveadm_http_port else "",
+        "archive_master_entry": _archive_master_entry(r) if role == "mailbox" and r.archive_imap_port else "",
     }
+
+
+def _archive_master_entry(r: RenderConfig) -> str:
+    """The archive master user's passwd-file line: a salted SHA-256 of its password, and the
+    networks it may log in from (the front nodes', and loopback)."""
+    try:
+        password = read_api_key(r.archive_master_password_file, "archive master password")
+    except DoveadmError as exc:
+        raise RenderError([f"render.archive_master_password_file: {exc}"]) from None
+    salt = os.urandom(8)
+    digest = base64.b64encode(hashlib.sha256(password.encode() + salt).digest() + salt).decode()
+    nets = ",".join([*r.proxy_networks, "127.0.0.0/8", "::1"])
+    return f"{r.archive_master_user}:{{SSHA256}}{digest}::::::allow_nets={nets}"
 
 
 def _doveadm_key(r: RenderConfig) -> str:
@@ -847,7 +863,9 @@ def render_dovecot(cfg: Config, roles: Sequence[str], out: Path) -> list[Rendere
                 files[step.args_file] = args.render({**context, "step": step})
         for name, text in files.items():
             keyed = name.endswith("mailwarden-doveadm.conf.ext")
-            _write(targets[role] / name, text, secret=keyed or (secret and name.endswith(".conf.ext")),
+            passwd = name.endswith(".passwd")
+            _write(targets[role] / name, text,
+                   secret=keyed or passwd or (secret and name.endswith(".conf.ext")),
                    group="" if keyed else "dovecot")
         written.append(Rendered(f"dovecot-{role}", targets[role], tuple(sorted(files))))
     return written

@@ -169,6 +169,20 @@ class RenderConfig:
         "/etc/dovecot/mailwarden-doveadm.key",
         "file holding the doveadm API key (read by Dovecot and by the mailwarden CLI; keep it secret)",
     )
+    archive_imap_port: int = setting(
+        0, "port of the mailbox hosts' IMAP listener for archive copies: the milter saves them "
+        "there with MULTIAPPEND, logged in as archive_master_user (about a sixth of Dovecot's CPU "
+        "per copy over LMTP); 0: copies are delivered over LMTP (mailbox_port)"
+    )
+    archive_master_user: str = setting(
+        "mailwarden-archive", "the Dovecot master user the milter saves archive copies as; it may "
+        "log in only from the front nodes (proxy_networks, else loopback)"
+    )
+    archive_master_password_file: str = setting(
+        "/etc/mailwarden/archive-master.key",
+        "file holding archive_master_user's password (read by the milter and by mailwarden render; "
+        "a master user can open every mailbox: keep it as secret as the doveadm API key)",
+    )
     backend_imap_port: int = setting(143, "IMAP port of the mailbox hosts the proxy forwards to")
     backend_pop3_port: int = setting(110, "POP3 port of the mailbox hosts the proxy forwards to")
     legacy_imap_port: int = setting(

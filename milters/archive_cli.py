@@ -31,7 +31,8 @@ from mailwarden.directory import DirectoryUnavailable
 from mailwarden.doveadm import Doveadm, DoveadmError, read_api_key
 from mailwarden.policy import AddressKind
 from mailwarden.render import HostPort, default_mailbox_host
-from milters.archive import HEADER_PREFIX, mail_host_endpoint
+from milters.archive import HEADER_PREFIX
+from milters.archivestore import mail_host_endpoint
 
 SENDER = HEADER_PREFIX + "Sender"
 RECIPIENT = HEADER_PREFIX + "Recipient"

@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from mailwarden.config import Config
+from mailwarden.config import Config, ConfigError
 from mailwarden.directory import Directory
 from mailwarden.dns import make_resolver
+from mailwarden.doveadm import DoveadmError, read_api_key
 from mailwarden.linelog import DecisionLog
 from mailwarden.logfields import NOQUEUE, new_mwid
 from mailwarden.metrics import TimedDirectory, TimedStore, dns_cache
@@ -27,6 +28,7 @@ from mailwarden.render import default_mailbox_host
 from mailwarden.reputation import RecordingBatch, Reputation
 from mailwarden.store import Store, StoreUnavailable, async_store_of, store_of
 from milters.archive import Archiver
+from milters.archivestore import CopyStore, ImapStore, LmtpStore
 from milters.config import MilterConfig
 from milters.delivery import Delivery, MilterActions, Outcome
 from milters.filters import INTERNAL, Backends, Envelope, Filter
@@ -188,7 +190,7 @@ class MilterService:
         if self.reputation is not None:
             self.reputation.close()
         if self.archiver is not None:
-            self.archiver.sessions.close()
+            self.archiver.store.close()
 
     def _log(self, envelope: Envelope, message: Message, verdict: Verdict, outcome: Outcome,
              started: float) -> None:
@@ -342,10 +344,22 @@ def build_service(
                          signing=Signing(resolver, m.dkim_key_path,
                                          (m.authserv_id or node).lower() if m.sender_auth else ""),
                          pbs=PopBeforeSmtp(store) if m.pop_before_smtp else None,
-                         archiver=Archiver(resolver, default_host=default_mailbox_host(config),
-                                           lmtp_port=config.render.mailbox_port, timeout=m.archive_timeout,
-                                           node=node),
+                         archiver=Archiver(resolver, archive_store(config), node=node,
+                                           default_host=default_mailbox_host(config)),
                          internal=Networks(m.internal_networks).contains)
+
+
+def archive_store(config: Config) -> CopyStore:
+    """Where archive copies go: IMAP MULTIAPPEND when ``[render] archive_imap_port`` is set,
+    else LMTP.  Raises ConfigError when the master user's password cannot be read."""
+    r, timeout = config.render, MilterConfig.of(config).archive_timeout
+    if not r.archive_imap_port:
+        return LmtpStore(r.mailbox_port, timeout, config.general.node_name)
+    try:
+        password = read_api_key(r.archive_master_password_file, "archive master password")
+    except DoveadmError as exc:
+        raise ConfigError([f"render.archive_master_password_file: {exc}"]) from None
+    return ImapStore(r.archive_imap_port, r.archive_master_user, password, timeout)
 
 
 def _follow(metrics: MilterMetrics, resolver: PolicyResolver, pipeline: Pipeline, delivery: Delivery, *,

@@ -14,6 +14,7 @@ from harness.ports import free_port
 from harness.smtpsink import SmtpSink
 from milters import protocol as p
 from milters.archive import ArchiveCopy
+from milters.archivestore import LmtpStore
 from milters.filters import Envelope
 from milters.lmtp import LmtpClient
 from milters.verdict import Recipient, RecipientOutcome, Verdict
@@ -91,7 +92,8 @@ def test_copies_share_one_lmtp_session_and_one_the_server_ended_is_replaced(
     with SmtpSink(lmtp=True) as sink:
         h = rig(tmp_path, lmtp_port=sink.port)
         assert h.service.archiver is not None
-        sessions = h.service.archiver.sessions
+        assert isinstance(h.service.archiver.store, LmtpStore)
+        sessions = h.service.archiver.store.sessions
         host = ("127.0.0.1", sink.port)
 
         async def archived(n: int) -> None:

@@ -1,6 +1,7 @@
 """The archive against the real Dovecot of a rendered mailbox host and the sample directory.
 
-The milter (its real LDAP resolver, fake scanners) hands each copy to Dovecot's LMTP;
+The milter (its real LDAP resolver, fake scanners) saves each copy with IMAP MULTIAPPEND
+as the rendered master user (LMTP where no archive IMAP port is set);
 ``mailwarden archive search / export / expire`` ask Dovecot through its doveadm HTTP
 API.  example.com archives both ways into archive@example.com (sample data).
 """
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import imaplib
 import json
+import logging
 import mailbox
 import os
 import time
@@ -23,12 +26,13 @@ import ldap
 from harness.ports import free_port
 from harness.slapd import SlapdServer
 from mailwarden.cli.common import App
-from mailwarden.config import Config
+from mailwarden.config import Config, ConfigError
 from mailwarden.ldapdir import LdapDirectory
 from mailwarden.policy import PolicyResolver
 from mailwarden.store import MemoryStore
 from milters import protocol as p
 from milters.archive_cli import archive_group
+from milters.archivestore import ArchiveUnavailable, ImapStore, LmtpStore
 from milters.service import MilterService, build_service
 from milters.signing import generate_key, write_new_key
 from tests.conftest import ADMIN_DN
@@ -51,6 +55,7 @@ from tests.render.conftest import (
 )
 
 EXAMPLE_COM = "mwDomainName=example.com,ou=domains,dc=mailwarden,dc=test"
+MASTER_PASSWORD = "archive-master-test"
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +80,15 @@ def archive_host(directory: SlapdServer) -> Iterator[tuple[Site, RenderedDovecot
     with site_root() as root:
         key = root / "doveadm.key"
         key.write_text("archive-test-key\n")
-        port = free_port()
+        master = root / "archive-master.key"
+        master.write_text(MASTER_PASSWORD + "\n")
+        port, imap = free_port(), free_port()
         site = Site(root, ldap_toml(directory), extra=(
             f'doveadm_http_port = {port}\ndoveadm_api_key_file = "{key}"\n'
+            f'archive_imap_port = {imap}\narchive_master_password_file = "{master}"\n'
             'default_mailbox_host = "127.0.0.1"\n'))
         site.ports["doveadm"] = port
+        site.ports["archive_imap"] = imap
         # example.com signs what alice sends: its key.
         private, _ = generate_key("rsa")
         write_new_key(root / "dkim" / "example.com.mw2026.key", private)
@@ -87,7 +96,7 @@ def archive_host(directory: SlapdServer) -> Iterator[tuple[Site, RenderedDovecot
                                       f'dkim_key_path = "{root}/dkim/{{domain}}.{{selector}}.key"\n', 1)
         site.dovecot("mailbox")
         dovecot = RenderedDovecot(site, "mailbox")
-        dovecot.start(site.ports["lmtp"], port)
+        dovecot.start(site.ports["lmtp"], port, imap)
         try:
             yield site, dovecot
         finally:
@@ -163,10 +172,13 @@ def test_outbound_mail_of_an_archiving_subscriber_is_archived(archive_host: tupl
     assert b"Subject: offer" in eml.read_bytes()
 
 
+def with_render(config: Config, **changes: object) -> Config:
+    return dataclasses.replace(config, render=dataclasses.replace(config.render, **changes))
+
+
 def test_archive_down_defers_the_message_until_it_is_back(archive_host: tuple[Site, RenderedDovecot]) -> None:
     site, _ = archive_host
-    dead = dataclasses.replace(site.config, render=dataclasses.replace(site.config.render,
-                                                                      mailbox_port=free_port()))
+    dead = with_render(site.config, archive_imap_port=free_port())
     msg = make_message(sender="boss@outside.test", to="bob@example.com", subject="retry me")
     deferred = send(service(dead), msg.as_bytes(), "boss@outside.test", "bob@example.com", queue_id="QA3")
     assert deferred.rc == p.TEMPFAIL and deferred.reply[0] == "451"
@@ -257,3 +269,106 @@ def test_a_domain_the_caller_cannot_see_is_refused(archive_host: tuple[Site, Ren
     for mailbox_ in ("taro@example.jp", "bob@example.com"):
         borrowed = archive(site, "search", "example.com", "--archive", mailbox_)
         assert borrowed.exit_code == 1 and "is not an archive mailbox of example.com" in borrowed.output
+
+
+def test_without_an_archive_imap_port_copies_go_over_lmtp(archive_host: tuple[Site, RenderedDovecot]) -> None:
+    site, _ = archive_host
+    lmtp_only = with_render(site.config, archive_imap_port=0)
+    svc = service(lmtp_only)
+    assert isinstance(svc.archiver.store, LmtpStore) if svc.archiver else False
+    msg = make_message(sender="lmtp@outside.test", to="bob@example.com", subject="over lmtp")
+    assert send(svc, msg.as_bytes(), "lmtp@outside.test", "bob@example.com", queue_id="QL1").rc == p.ACCEPT
+    [hit] = found(site, "--from", "lmtp@outside.test")
+    assert hit["recipients"] == ["bob@example.com"]
+
+
+def test_copies_arriving_together_share_one_session_and_few_commands(
+        archive_host: tuple[Site, RenderedDovecot]) -> None:
+    site, _ = archive_host
+    svc = service(site.config)
+    assert svc.archiver is not None and isinstance(svc.archiver.store, ImapStore)
+    store = svc.archiver.store
+
+    async def run() -> list[Fed]:
+        # One event loop, as in the milter: 20 messages in flight at once.
+        return await asyncio.gather(*(
+            drive(svc, make_message(sender="burst@outside.test", to="bob@example.com",
+                                    subject=f"burst {n}").as_bytes(),
+                  "burst@outside.test", ["bob@example.com"], f"QB{n}") for n in range(20)))
+
+    fed = asyncio.run(run())
+    assert all(f.rc == p.ACCEPT for f in fed)
+    hits = found(site, "--from", "burst@outside.test")
+    assert sorted(str(h["subject"]) for h in hits) == sorted(f"burst {n}" for n in range(20))
+    # One login; the copies waiting while a command was out went together in the next.
+    assert store.opened == 1
+    assert store.commands < 20
+
+
+@pytest.fixture
+def small_archive_quota(archive_host: tuple[Site, RenderedDovecot], directory: SlapdServer) -> Iterator[None]:
+    """archive@example.com may hold 1 MB for the length of a test."""
+    _, dovecot = archive_host
+    conn = ldap.initialize(directory.uri)
+    conn.simple_bind_s(ADMIN_DN, "secret")
+    [(dn, _)] = conn.search_s("dc=mailwarden,dc=test", ldap.SCOPE_SUBTREE, "(mail=archive@example.com)",
+                              ["mail"])
+    conn.modify_s(dn, [(ldap.MOD_ADD, "mwQuota", [b"1000000"])])
+    dovecot.doveadm("auth", "cache", "flush")
+    try:
+        yield
+    finally:
+        conn.modify_s(dn, [(ldap.MOD_DELETE, "mwQuota", None)])
+        conn.unbind_s()
+        dovecot.doveadm("auth", "cache", "flush")
+
+
+def test_a_refused_batch_is_saved_copy_by_copy(archive_host: tuple[Site, RenderedDovecot],
+                                               small_archive_quota: None) -> None:
+    """MULTIAPPEND is all or nothing: Dovecot refuses a batch holding a copy over the
+    mailbox's quota, and the other copies of that batch are then saved one by one."""
+    site, _ = archive_host
+    store = ImapStore(site.ports["archive_imap"], "mailwarden-archive", MASTER_PASSWORD, 5)
+
+    def copy(subject: str, body: str = "hello\n") -> bytes:
+        envelope = b"X-Mailwarden-Archive-Sender: <batch@outside.test>\r\n"
+        return envelope + make_message(sender="batch@outside.test", to="bob@example.com", subject=subject,
+                                       body=body).as_bytes()
+
+    async def run() -> list[BaseException | None]:
+        good = [copy(f"batch {n}") for n in range(3)]
+        big = copy("too big", ("y" * 76 + "\n") * 30000)
+        deadline = time.monotonic() + 10
+        saves = [store.save("127.0.0.1", "archive@example.com", data, "", deadline)
+                 for data in (good[0], big, good[1], good[2])]
+        results = await asyncio.gather(*saves, return_exceptions=True)
+        store.close()
+        return results
+
+    first, big, *rest = asyncio.run(run())
+    assert first is None and rest == [None, None]
+    assert isinstance(big, ArchiveUnavailable) and "OVERQUOTA" in str(big)
+    assert store.commands >= 4  # the batch, then each copy alone
+    assert sorted(str(h["subject"]) for h in found(site, "--from", "batch@outside.test")) == \
+        ["batch 0", "batch 1", "batch 2"]
+
+
+def test_a_wrong_master_password_defers_and_the_master_user_cannot_log_in_as_itself(
+        archive_host: tuple[Site, RenderedDovecot], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    site, _ = archive_host
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("not-the-password\n")
+    svc = service(with_render(site.config, archive_master_password_file=str(wrong)))
+    msg = make_message(sender="guess@outside.test", to="bob@example.com", subject="guessed")
+    with caplog.at_level(logging.ERROR, logger="mailwarden.milter"):
+        fed = send(svc, msg.as_bytes(), "guess@outside.test", "bob@example.com", queue_id="QW1")
+    assert fed.rc == p.TEMPFAIL and "archive unavailable" in fed.reply[2]
+    assert "login: M1 NO" in caplog.text and "AUTHENTICATIONFAILED" in caplog.text
+    assert found(site, "--from", "guess@outside.test") == []
+    # A master user opens other mailboxes only: as itself, IMAP refuses it.
+    with imaplib.IMAP4("127.0.0.1", site.ports["archive_imap"]) as imap, \
+            pytest.raises(imaplib.IMAP4.error):
+        imap.login("mailwarden-archive", MASTER_PASSWORD)
+    # An unreadable password file stops the milter from starting, with the setting named.
+    with pytest.raises(ConfigError, match="archive_master_password_file"):
+        service(with_render(site.config, archive_master_password_file=str(tmp_path / "missing")))

@@ -94,6 +94,27 @@ def test_bind_password_only_in_private_lookup_files(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "postfix-mx" / "main.cf").stat().st_mode) == 0o644
 
 
+def test_archive_master_user_is_rendered_salted_and_private(tmp_path: Path) -> None:
+    secret = tmp_path / "archive.key"
+    secret.write_text("m4ster-pw\n")
+    text = ('[render]\ndovecot_config_dir = "/etc/dovecot-{role}"\narchive_imap_port = 1143\n'
+            f'archive_master_password_file = "{secret}"\nproxy_networks = ["10.1.0.0/24"]\n')
+    render_dovecot(cfg(text), ["mailbox"], tmp_path / "out")
+    passwd = tmp_path / "out" / "dovecot-mailbox" / "mailwarden-archive-master.passwd"
+    user, scheme_hash, *_, extra = passwd.read_text().strip().split(":", 7)
+    assert user == "mailwarden-archive" and scheme_hash.startswith("{SSHA256}")
+    assert "m4ster-pw" not in passwd.read_text()
+    assert extra == "allow_nets=10.1.0.0/24,127.0.0.0/8,::1"  # the front nodes only
+    assert stat.S_IMODE(passwd.stat().st_mode) == 0o640
+    conf = (tmp_path / "out" / "dovecot-mailbox" / "conf.d" / "20-mailwarden-archive.conf").read_text()
+    assert "master = yes" in conf and "port = 1143" in conf
+    # Off by default: no master user at all.
+    render_dovecot(cfg('[render]\ndovecot_config_dir = "/etc/dovecot-{role}"\n'), ["mailbox"], tmp_path / "off")
+    assert not list((tmp_path / "off").rglob("*archive*"))
+    with pytest.raises(RenderError, match="archive_master_password_file"):
+        render_dovecot(cfg(text.replace(str(secret), str(tmp_path / "missing"))), ["mailbox"], tmp_path / "x")
+
+
 def test_alternative_mapping_shapes_every_lookup(tmp_path: Path) -> None:
     compat = cfg((DATA / "compat.toml").read_text() + '[render]\ndovecot_config_dir = "/d/{role}"\n')
     render_postfix(compat, ["route", "mailbox"], tmp_path)
