@@ -109,7 +109,8 @@ def test_archive_master_user_is_rendered_salted_and_private(tmp_path: Path) -> N
     conf = (tmp_path / "out" / "dovecot-mailbox" / "conf.d" / "20-mailwarden-archive.conf").read_text()
     assert "master = yes" in conf and "port = 1143" in conf
     # Off by default: no master user at all.
-    render_dovecot(cfg('[render]\ndovecot_config_dir = "/etc/dovecot-{role}"\n'), ["mailbox"], tmp_path / "off")
+    off = cfg('[render]\ndovecot_config_dir = "/etc/dovecot-{role}"\n')
+    render_dovecot(off, ["mailbox"], tmp_path / "off")
     assert not list((tmp_path / "off").rglob("*archive*"))
     with pytest.raises(RenderError, match="archive_master_password_file"):
         render_dovecot(cfg(text.replace(str(secret), str(tmp_path / "missing"))), ["mailbox"], tmp_path / "x")
