@@ -489,8 +489,11 @@ PUBLISHED_ZONES = "/var/lib/mailwarden-stack/published"
 # The mailbox hosts' doveadm HTTP API ([render] doveadm_http_port in mailbox.toml and
 # front.toml), which `mailwarden archive` on the front node asks.
 DOVEADM_PORT = 8080
-# What a mailbox host answers on once up: LMTP, POP3, IMAP, quota-status, doveadm HTTP.
-MAILBOX_PORTS = (24, 110, 143, 12340, DOVEADM_PORT)
+# The mailbox hosts' IMAP listener for archive copies ([render] archive_imap_port).
+ARCHIVE_IMAP_PORT = 1143
+# What a mailbox host answers on once up: LMTP, POP3, IMAP, quota-status, doveadm HTTP,
+# archive IMAP.
+MAILBOX_PORTS = (24, 110, 143, 12340, DOVEADM_PORT, ARCHIVE_IMAP_PORT)
 
 # What a front node answers on (behind the balancer, each wants the PROXY protocol
 # header first): MX, submission, submissions, POP-before-SMTP, POP3, IMAP, POP3S, IMAPS.

@@ -1,5 +1,6 @@
-"""The archive in the stack: the front node's milter hands each copy to the archive
-mailbox's Dovecot over LMTP before it accepts the message, and ``mailwarden archive
+"""The archive in the stack: the front node's milter saves each copy in the archive
+mailbox's Dovecot (IMAP MULTIAPPEND as the archive master user, on the mailbox host's
+archive listener) before it accepts the message, and ``mailwarden archive
 search`` on the front node finds it through the mailbox host's doveadm HTTP API.
 
 example.com archives both ways into archive@example.com (ldap/sample.ldif), an
@@ -16,7 +17,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from email.message import EmailMessage
 
-from harness.containers import MAILBOX_PORTS, SAMPLE_PASSWORD, MailStack, message_text, read_maildir
+from harness.containers import (
+    ARCHIVE_IMAP_PORT,
+    MAILBOX_PORTS,
+    SAMPLE_PASSWORD,
+    MailStack,
+    message_text,
+    read_maildir,
+)
 from harness.postfix import make_message
 from milters.archive import HEADER_PREFIX
 from tests.containers.conftest import DirectoryChanges
@@ -25,7 +33,7 @@ from tests.containers.test_sender_auth import SIGNER, SUBMISSION
 
 ARCHIVE = "archive@example.com"
 MAILBOX_CONF = "/etc/dovecot-mailbox/dovecot.conf"  # as mw-init renders it on a mailbox host
-LMTP = 24  # [render] mailbox_port: the milter's archive copies and postfix-mailbox's deliveries
+LMTP = 24  # [render] mailbox_port: postfix-mailbox's deliveries
 
 
 def archived(stack: MailStack, token: str, count: int = 1) -> list[EmailMessage]:
@@ -61,7 +69,7 @@ def test_inbound_mail_is_archived_once_with_every_envelope_recipient_and_found_b
     directory.set("user", "carol@example.com", "greylist_delay", "0")
     named, bcc = ["bob@example.com", "carol@example.com"], "alice@example.com"
     sender = f"sender-{token}@outside.test"
-    milter_log, mbox1_log = stack.log_size("front", "milter"), stack.log_size("mbox1", "dovecot")
+    milter_log = stack.log_size("front", "milter")
     sent = stack.swaks("internet", "--server", MX, "--from", sender, "--to", ",".join([*named, bcc]),
                        "--header", f"To: {', '.join(named)}", "--header", f"Subject: minutes {token}")
     assert sent.returncode == 0, sent.stdout
@@ -77,9 +85,12 @@ def test_inbound_mail_is_archived_once_with_every_envelope_recipient_and_found_b
     assert envelope(copy, "Direction") == ["inbound"] and envelope(copy, "Queue-Id") == [queue_id]
     assert envelope(copy, "Client")[0].startswith(f"{stack.ip('internet')} (mx.outside.test)")
     assert copy["To"] == ", ".join(named) and copy["Subject"] == f"minutes {token}"
-    # Delivered by the archive account's host, the default mailbox host.
-    stack.wait_for_log("mbox1", r"lmtp\(archive@example\.com\).*(?:saved mail to|stored mail into "
-                       "mailbox ')INBOX", name="dovecot", after=mbox1_log)
+    # Saved on the archive account's host, the default mailbox host, by the front node's
+    # milter logged in as the master user (from a front node: proxy_networks), in plain
+    # text on the private network (a front node's connection counts as secured there).
+    front = re.escape(stack.ip("front"))
+    stack.wait_for_log("mbox1", rf"imap-login: Login: user=<archive@example\.com>.*rip={front}, "
+                       rf"lip=[\d.]+, mpid=", name="dovecot")
 
     # The front node asks mbox1's doveadm HTTP API; the Bcc recipient finds it.
     [found] = [row for row in search(stack, "example.com", "--to", bcc) if token in str(row["subject"])]
@@ -145,7 +156,8 @@ def test_with_the_archive_down_the_sender_is_deferred_and_its_retry_is_delivered
                            r"status=deferred \(host mx\.mailwarden\.test\[[\d.]+\] said: "
                            r"451 4\.7\.1 .*archive unavailable", after=internet_log)
         stack.wait_for_log("front", rf"archive copy for {re.escape(ARCHIVE)} failed \(tempfail\): "
-                           rf"{re.escape(ARCHIVE)} at mbox2\.example\.jp:24", name="milter", after=milter_log)
+                           rf"{re.escape(ARCHIVE)} at mbox2\.example\.jp:{ARCHIVE_IMAP_PORT}", name="milter",
+                           after=milter_log)
         assert not [m for m in read_maildir(stack.maildir(rcpt)) if token in message_text(m)]
         assert not [m for m in read_maildir(stack.maildir(ARCHIVE)) if token in message_text(m)]
     stack.exec("internet", "postqueue", "-f")
