@@ -97,6 +97,7 @@ DOMAIN_SETTINGS = {
 }
 ARCHIVED = "mailwarden, virus only, archived"
 ARCHIVED_LMTP = "mailwarden, virus only, archived over LMTP"
+ARCHIVED_2 = "mailwarden, virus only, archived, 2 IMAP sessions"
 ALL = "mailwarden, everyone contracts all"
 PACED_CLAM = "clamav-milter (virus only), paced"
 PACED_WARDEN = "mailwarden, virus only, paced"
@@ -367,7 +368,7 @@ def launch_mailwarden(work: Path, slapd: SlapdServer, tag: str, milter: str, sec
 
 def start_mailwarden(work: Path, slapd: SlapdServer, clamd: ClamdServer, spamd: SpamdServer,
                      reinject_port: int, archive: str, dns_port: int, workers: int = 1,
-                     metrics_port: int = 0, tag: str = "") -> Daemon:
+                     metrics_port: int = 0, tag: str = "", milter_extra: str = "") -> Daemon:
     """The milter as configured by default (sender authentication on, asking the stub DNS
     at 127.0.0.1:``dns_port``) with clamd and spamd, ``workers`` processes sharing its
     socket; ``archive``: the [render] lines that say where the archive mailboxes are
@@ -376,7 +377,7 @@ def start_mailwarden(work: Path, slapd: SlapdServer, clamd: ClamdServer, spamd: 
     metrics = f'metrics_listen = "127.0.0.1:{metrics_port}"\n' if metrics_port else ""
     return launch_mailwarden(work, slapd, f"mailwarden-{tag}",
                              f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.unix_address}"]\n'
-                             f'reinject = "inet:127.0.0.1:{reinject_port}"\n{metrics}',
+                             f'reinject = "inet:127.0.0.1:{reinject_port}"\n{metrics}{milter_extra}',
                              f'[render]\n{archive}'
                              f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns_port}\n',
                              workers=workers)
@@ -600,7 +601,7 @@ def report_metrics_pair(runs: dict[str, list[Result]]) -> int:
 VARIANT_KEYS = {
     "postfix": "postfix alone", "clamav-milter": "clamav-milter (virus only)",
     "virus-only": "mailwarden, virus only", "metrics-on": METRICS_ON, "archived": ARCHIVED,
-    "archived-lmtp": ARCHIVED_LMTP,
+    "archived-lmtp": ARCHIVED_LMTP, "archived-2": ARCHIVED_2,
     "workers-2": TWO_WORKERS, "peer": "peer: clamav-milter + spamass-milter",
     "mix30": "mailwarden, 30 % spam contracts", "all": ALL, "paced-clam": PACED_CLAM,
     "paced-warden": PACED_WARDEN,
@@ -629,14 +630,15 @@ def report_chosen(runs: dict[str, list[Result]]) -> int:
                   f"dovecot {r.dovecot_cpu_ms:>5.2f} ms/msg  {r.replies}")
     plain = runs.get("mailwarden, virus only")
     summary: dict[str, object] = {}
-    for key, name in (("archived", ARCHIVED), ("archived_lmtp", ARCHIVED_LMTP)):
+    for key, name in (("archived", ARCHIVED), ("archived_lmtp", ARCHIVED_LMTP), ("archived_2", ARCHIVED_2)):
+        label = name.removeprefix("mailwarden, virus only, ")
         kept = runs.get(name)
         if not (plain and kept):
             continue
         ratios = [k.e2e_rate / p.e2e_rate for p, k in zip(plain, kept, strict=True)]
         summary[f"{key}_vs_virus_only_rounds"] = [round(x, 3) for x in ratios]
         summary[f"{key}_vs_virus_only_median"] = round(statistics.median(ratios), 3)
-        print(f"{key.replace('_', ' over ')} / virus-only e2e msg/s per round: "
+        print(f"{label} / virus-only e2e msg/s per round: "
               + ", ".join(f"{x:.2f}x" for x in ratios)
               + f" (median {statistics.median(ratios):.2f}x; target at least 0.85x)")
     print(json.dumps({"chosen": summary, "rounds": {k: [r.__dict__ for r in v] for k, v in runs.items()}}))
@@ -697,6 +699,9 @@ def main() -> int:
         daemons.append(warden_lmtp := start_mailwarden(work, slapd, clamd, spamd, reinject_port,
                                                        archive_settings(site, imap=False), dns_port,
                                                        tag="1-lmtp"))
+        daemons.append(warden_lanes := start_mailwarden(work, slapd, clamd, spamd, reinject_port, lmtp,
+                                                        dns_port, tag="1-lanes",
+                                                        milter_extra="archive_imap_sessions = 2\n"))
         if clamd.pid is None or spamd.pid is None or mailbox.proc is None:
             raise RuntimeError("clamd, spamd or Dovecot is not running")
         scanners += [CpuMeter("clamd", clamd.pid), CpuMeter("spamd", spamd.pid),
@@ -726,6 +731,7 @@ def main() -> int:
                 *pair,
                 (ARCHIVED, [warden], workload(sizes["av"], domain_picker("arch.example")), ""),
                 (ARCHIVED_LMTP, [warden_lmtp], workload(sizes["av"], domain_picker("arch.example")), ""),
+                (ARCHIVED_2, [warden_lanes], workload(sizes["av"], domain_picker("arch.example")), ""),
                 (TWO_WORKERS, [warden2], workload(sizes["av"], domain_picker("av.example")), ""),
                 ("peer: clamav-milter + spamass-milter", [clam_milter, spamass],
                  workload(sizes["spam"], domain_picker("mix.example")), ""),
@@ -758,7 +764,8 @@ def main() -> int:
         if only:
             return report_chosen(runs)
         # Every message delivered to arch.example (the warm-up's too) has its one copy.
-        delivered = sum(r.replies.get("2xx", 0) + USERS for r in runs[ARCHIVED] + runs[ARCHIVED_LMTP])
+        delivered = sum(r.replies.get("2xx", 0) + USERS
+                        for r in runs[ARCHIVED] + runs[ARCHIVED_LMTP] + runs[ARCHIVED_2])
         copies = {"kept": maildir_count(archive_dir), "delivered": delivered}
         with SmtpSink() as rec:
             peer = verdicts(postfix, rec, [clam_milter, spamass], verdict_cases("all.example", [1, 2]))

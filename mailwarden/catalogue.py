@@ -422,7 +422,7 @@ SETTINGS: dict[str, SettingSpec] = {
            "mwVacationPeriod", minimum=1, maximum=365, end_user=True),
         _S("archive_address", "address", "",
            "the archive mailbox copies of passing mail go to: an account with mwAccountStatus "
-           "archive (delivered over LMTP, never reachable by SMTP)",
+           "archive (saved there by the milter, never reachable by SMTP)",
            "mwArchiveAddress", service=Service.ARCHIVE),
         _S("archive_direction", "enum", "both",
            "what is archived: inbound (mail to this address or domain), outbound (mail its "

@@ -97,8 +97,8 @@ class LdapMappingConfig:
         factory=lambda: ["active"],
     )
     archive_status_value: str = setting(
-        "archive", "account status of archive mailboxes: the milter delivers to them over LMTP, "
-        "Postfix never routes to them and nobody logs in"
+        "archive", "account status of archive mailboxes: the milter saves copies in them (IMAP as "
+        "the archive master user, or LMTP), Postfix never routes to them and nobody logs in"
     )
 
 

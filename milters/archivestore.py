@@ -31,6 +31,9 @@ BATCH = 50
 """Most copies one MULTIAPPEND carries."""
 BATCH_BYTES = 16 * 1024 * 1024
 """Most bytes one MULTIAPPEND carries (a bigger copy goes alone)."""
+LANES = 1
+"""IMAP sessions per archive mailbox with a command out at the same time (``[milter]
+archive_imap_sessions``)."""
 IMAP_IDLE_SECONDS = 60.0
 """An archive mailbox's IMAP session unused this long is logged out (Dovecot runs one
 imap process per session; only mailboxes with recent mail keep one)."""
@@ -157,9 +160,10 @@ class ImapStore:
     Dovecot master user (``AUTHENTICATE PLAIN`` with the mailbox as authorization id)."""
 
     def __init__(self, port: int, user: str, password: str, timeout: float, *,
-                 batch: int = BATCH, batch_bytes: int = BATCH_BYTES,
+                 batch: int = BATCH, batch_bytes: int = BATCH_BYTES, lanes: int = LANES,
                  idle_seconds: float = IMAP_IDLE_SECONDS) -> None:
         self.port = port
+        self.lanes = lanes
         self.user = user
         self.password = password
         self.timeout = timeout
@@ -196,14 +200,16 @@ class ImapStore:
 
 
 class ArchiveMailbox:
-    """One archive mailbox's IMAP session and the copies waiting for it.
+    """One archive mailbox's IMAP sessions and the copies waiting for them.
 
-    One command is out at a time; copies that arrive meanwhile wait and go together in
-    the next (up to ``batch`` copies and ``batch_bytes``), so under load each command
-    carries about as many copies as messages arrived during the last one, and a lone
-    copy waits one round trip.  MULTIAPPEND is all or nothing, so when Dovecot refuses a
-    batch, its copies are sent again one by one: one refused copy (an oversized one, say)
-    does not fail the others.
+    Each session has one command out at a time; copies that arrive while every session
+    is busy wait and go together in the next command (up to ``batch`` copies and
+    ``batch_bytes``), so under load a command carries about as many copies as messages
+    arrived during the last one, and a lone copy waits one round trip.  More than one
+    session (``lanes``) overlaps Dovecot's waits for the disk (``mail_fsync``): one
+    command is written while another's files are being synced.  MULTIAPPEND is all or
+    nothing, so when Dovecot refuses a batch, its copies are sent again one by one: one
+    refused copy (one over the mailbox's quota, say) does not fail the others.
     """
 
     def __init__(self, store: ImapStore, host: str, address: str) -> None:
@@ -212,8 +218,9 @@ class ArchiveMailbox:
         self.address = address
         self.loop = asyncio.get_running_loop()
         self.waiting: list[tuple[bytes, asyncio.Future[None]]] = []
-        self.session: ImapClient | None = None
-        self.runner: asyncio.Task[None] | None = None
+        self.sessions: list[ImapClient] = []
+        """Logged-in sessions no command is out on."""
+        self.runners: set[asyncio.Task[None]] = set()
         self.idle: asyncio.TimerHandle | None = None
         self.where = f"{address} at {host}:{store.port}"
 
@@ -225,8 +232,10 @@ class ArchiveMailbox:
         if self.idle is not None:
             self.idle.cancel()
             self.idle = None
-        if self.runner is None:
-            self.runner = self.loop.create_task(self._run())
+        if len(self.runners) < self.store.lanes:
+            runner = self.loop.create_task(self._run())
+            self.runners.add(runner)
+            runner.add_done_callback(self._ended)
         wait = time_left(self.store.timeout, deadline)
         try:
             async with asyncio.timeout(wait):
@@ -238,13 +247,24 @@ class ArchiveMailbox:
             raise ArchiveUnavailable(f"{self.where}: not saved in {wait:g} s") from None
 
     async def _run(self) -> None:
+        """One lane: commands on one session while copies wait."""
+        session: ImapClient | None = None
+        while self.sessions and session is None:
+            session = self.sessions.pop()
+            if not session.usable:
+                session.abort()
+                session = None
         try:
             while self.waiting:
-                await self._commit(self._take())
+                session = await self._commit(session, self._take())
         finally:
-            self.runner = None
-            if self.session is not None and not self.waiting:
-                self.idle = self.loop.call_later(self.store.idle_seconds, self._expire)
+            if session is not None and session.usable:
+                self.sessions.append(session)
+
+    def _ended(self, runner: asyncio.Task[None]) -> None:
+        self.runners.discard(runner)
+        if not self.runners and not self.waiting and self.sessions and not self.loop.is_closed():
+            self.idle = self.loop.call_later(self.store.idle_seconds, self._expire)
 
     def _take(self) -> list[tuple[bytes, asyncio.Future[None]]]:
         size = 0
@@ -257,60 +277,58 @@ class ArchiveMailbox:
         batch, self.waiting = self.waiting[:count], self.waiting[count:]
         return batch
 
-    async def _commit(self, batch: list[tuple[bytes, asyncio.Future[None]]]) -> None:
+    async def _commit(self, session: ImapClient | None,
+                      batch: list[tuple[bytes, asyncio.Future[None]]]) -> ImapClient | None:
+        """Save ``batch``; the session to go on with (None: it broke)."""
         try:
-            await self._append([data for data, _ in batch])
+            session = await self._append(session, [data for data, _ in batch])
         except ImapError as exc:
+            if exc.dropped:
+                session = None
             if exc.reply is not None and exc.stage == "APPEND" and len(batch) > 1:
                 log.warning("archive %s refused a batch of %d copies (%s); saving them one by one",
                             self.where, len(batch), exc.reply)
                 for item in batch:
-                    await self._commit([item])
-                return
+                    session = await self._commit(session, [item])
+                return session
             failure = ArchiveUnavailable(f"{self.where}: {exc}")
             for _, done in batch:
                 if not done.done():
                     done.set_exception(failure)
-            return
+            return session
         for _, done in batch:
             if not done.done():
                 done.set_result(None)
+        return session
 
-    async def _append(self, messages: list[bytes]) -> None:
-        session = self.session if self.session is not None and self.session.usable else None
-        if session is None:
-            session = await self._open()
-        elif await self._appended(session, messages, retry=True):
-            return
-        else:
-            # Ended by the server while idle (logged out, restarted): once more on a new one.
-            session = await self._open()
-        await self._appended(session, messages, retry=False)
+    async def _append(self, session: ImapClient | None, messages: list[bytes]) -> ImapClient:
+        """Save ``messages`` on ``session`` (a new one when None); the session.
 
-    async def _appended(self, session: ImapClient, messages: list[bytes], *, retry: bool) -> bool:
-        """Whether ``messages`` were saved; False (with ``retry``) when the session had ended."""
+        A session that had been open before and that the server ended meanwhile (logged
+        out, restarted) gets the command once more on a new one.
+        """
+        if session is not None and session.usable:
+            self.store.commands += 1
+            try:
+                await session.append(messages, self.store.timeout)
+                return session
+            except ImapError as exc:
+                if not exc.dropped:
+                    raise
+        session = await self._open()
         self.store.commands += 1
-        try:
-            await session.append(messages, self.store.timeout)
-        except ImapError as exc:
-            if exc.dropped:
-                self.session = None
-                if retry:
-                    return False
-            raise
-        return True
+        await session.append(messages, self.store.timeout)
+        return session
 
     async def _open(self) -> ImapClient:
-        self.session = None
         session = await ImapClient.open(self.host, self.store.port, self.store.timeout, login=self.address,
                                         user=self.store.user, password=self.store.password)
         self.store.opened += 1
-        self.session = session
         return session
 
     def _expire(self) -> None:
         self.idle = None
-        if self.runner is None and not self.waiting:
+        if not self.runners and not self.waiting:
             self.close()
             self.store.forget(self)
 
@@ -322,9 +340,11 @@ class ArchiveMailbox:
         for _, done in self.waiting:
             done.cancel()
         self.waiting.clear()
-        if self.session is not None:
-            if self.session.usable:
-                self.session.logout()
+        for runner in self.runners:
+            runner.cancel()
+        sessions, self.sessions = self.sessions, []
+        for session in sessions:
+            if session.usable:
+                session.logout()
             else:
-                self.session.abort()
-            self.session = None
+                session.abort()

@@ -148,7 +148,11 @@ class MilterConfig:
     )
     reinject_timeout: float = setting(30.0, "seconds one re-injection or notice may take")
     archive_timeout: float = setting(
-        30.0, "seconds handing one archive copy to its mailbox host's LMTP may take"
+        30.0, "seconds saving one archive copy on its mailbox host may take (over IMAP or LMTP)"
+    )
+    archive_imap_sessions: int = setting(
+        1, "IMAP sessions per archive mailbox with a command out at once ([render] archive_imap_port): "
+        "more overlap Dovecot's waits for the disk, fewer put more copies in each command"
     )
     notice_from: str = setting(
         "postmaster@{domain}", "From: of notices; {domain} is the affected recipient's domain"
@@ -214,7 +218,7 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
         "archive_max_ratio", "clamd_timeout", "clamd_max_size", "spamd_timeout", "spamd_max_size",
         "rspamd_timeout", "rspamd_max_size",
         "keyword_text_limit", "keyword_regex_budget", "reinject_timeout", "notice_window", "quarantine_days",
-        "archive_timeout",
+        "archive_timeout", "archive_imap_sessions",
         "mta_timeout", "postfix_command_timeout", "threads", "workers", "postfix_content_timeout",
     )
     for key in positive:

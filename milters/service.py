@@ -352,14 +352,15 @@ def build_service(
 def archive_store(config: Config) -> CopyStore:
     """Where archive copies go: IMAP MULTIAPPEND when ``[render] archive_imap_port`` is set,
     else LMTP.  Raises ConfigError when the master user's password cannot be read."""
-    r, timeout = config.render, MilterConfig.of(config).archive_timeout
+    r, m = config.render, MilterConfig.of(config)
     if not r.archive_imap_port:
-        return LmtpStore(r.mailbox_port, timeout, config.general.node_name)
+        return LmtpStore(r.mailbox_port, m.archive_timeout, config.general.node_name)
     try:
         password = read_api_key(r.archive_master_password_file, "archive master password")
     except DoveadmError as exc:
         raise ConfigError([f"render.archive_master_password_file: {exc}"]) from None
-    return ImapStore(r.archive_imap_port, r.archive_master_user, password, timeout)
+    return ImapStore(r.archive_imap_port, r.archive_master_user, password, m.archive_timeout,
+                     lanes=m.archive_imap_sessions)
 
 
 def _follow(metrics: MilterMetrics, resolver: PolicyResolver, pipeline: Pipeline, delivery: Delivery, *,
