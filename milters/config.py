@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from mailwarden.config import Config, Section
 from mailwarden.configfields import setting
+from mailwarden.doveadm import DoveadmError, read_api_key
 
 if TYPE_CHECKING:
     from mailwarden.renderconfig import MilterWiring
@@ -260,7 +261,13 @@ def check_milter_config(cfg: MilterConfig, ldap_worst_case: float) -> list[str]:
 
 def check_section(config: Config) -> list[str]:
     """Problems in the section, weighed against the rest of ``config``."""
-    return check_milter_config(MilterConfig.of(config), config.ldap.worst_case)
+    problems = check_milter_config(MilterConfig.of(config), config.ldap.worst_case)
+    if config.render.archive_imap_port:
+        try:
+            read_api_key(config.render.archive_master_password_file, "archive master password")
+        except DoveadmError as exc:
+            problems.append(f"render.archive_master_password_file: {exc} (archive_imap_port is set)")
+    return problems
 
 
 def _selftest() -> list[tuple[str, Callable[[Config], str]]]:

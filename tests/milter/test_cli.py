@@ -78,6 +78,16 @@ def test_milter_check_names_file_and_key(tmp_path: Path) -> None:
     assert code == 78 and "mailwarden.toml:milter.clamd_timeout" in out
 
 
+def test_milter_check_wants_the_archive_master_password_when_archiving_over_imap(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.key"
+    config = write_config(tmp_path, f'[render]\narchive_imap_port = 1143\n'
+                                    f'archive_master_password_file = "{missing}"\n')
+    code, out = run(config, "milter", "check")
+    assert code == 78 and "mailwarden.toml:render.archive_master_password_file" in out and str(missing) in out
+    missing.write_text("s3cret\n")
+    assert run(config, "milter", "check")[0] == 0
+
+
 def test_milter_check_connect_reaches_every_backend(tmp_path: Path, slapd: SlapdServer, clamd: ClamdServer,
                                                     spamd: SpamdServer) -> None:
     cfg = write_config(tmp_path, f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.address}"]\n',

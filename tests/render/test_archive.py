@@ -372,3 +372,23 @@ def test_a_wrong_master_password_defers_and_the_master_user_cannot_log_in_as_its
     # An unreadable password file stops the milter from starting, with the setting named.
     with pytest.raises(ConfigError, match="archive_master_password_file"):
         service(with_render(site.config, archive_master_password_file=str(tmp_path / "missing")))
+
+
+def test_a_session_dovecot_ended_is_replaced_for_the_next_copy(archive_host: tuple[Site, RenderedDovecot]) -> None:
+    site, dovecot = archive_host
+    store = ImapStore(site.ports["archive_imap"], "mailwarden-archive", MASTER_PASSWORD, 5)
+
+    async def run() -> None:
+        deadline = time.monotonic() + 10
+        copy = make_message(sender="kick@outside.test", to="bob@example.com", subject="before").as_bytes()
+        await store.save("127.0.0.1", "archive@example.com", copy, "", deadline)
+        # Dovecot ends the idle session (as at a restart, or after its autologout).
+        kicked = dovecot.doveadm("kick", "archive@example.com")
+        assert kicked.returncode == 0, kicked.stderr
+        await asyncio.sleep(0.2)
+        copy = make_message(sender="kick@outside.test", to="bob@example.com", subject="after").as_bytes()
+        await store.save("127.0.0.1", "archive@example.com", copy, "", deadline)
+        store.close()
+
+    asyncio.run(run())
+    assert store.opened == 2 and store.commands == 3  # the second copy went out once more
