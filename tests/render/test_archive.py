@@ -374,7 +374,8 @@ def test_a_wrong_master_password_defers_and_the_master_user_cannot_log_in_as_its
         service(with_render(site.config, archive_master_password_file=str(tmp_path / "missing")))
 
 
-def test_a_session_dovecot_ended_is_replaced_for_the_next_copy(archive_host: tuple[Site, RenderedDovecot]) -> None:
+def test_a_session_dovecot_ended_is_replaced_for_the_next_copy(
+        archive_host: tuple[Site, RenderedDovecot]) -> None:
     site, dovecot = archive_host
     store = ImapStore(site.ports["archive_imap"], "mailwarden-archive", MASTER_PASSWORD, 5)
 
