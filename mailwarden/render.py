@@ -728,10 +728,14 @@ def auth_chain(cfg: Config, role: str) -> list[AuthStep]:
         base=d.domain_base, query_filter=d.dovecot_domain_filter(), fields=(canonical, *layered),
         chain=(("result_success", "continue"), ("result_failure", "return-fail"), _STOP_ON_ERROR),
     ))
+    archive = d.mapping.archive_status_value
     steps.append(AuthStep(
         "userdb", "user", "the subscriber: primary address, home, and their own settings",
         base=d.user_base, query_filter=d.dovecot_user_filter(),
-        fields=(f"=user=%{{ldap:{a['mail']}}}", *layered, env("forward", "forward_addresses"),
+        fields=(f"=user=%{{ldap:{a['mail']}}}", *layered,
+                f"{a['account_status']}=mail_fsync=%{{if;%{{ldap:{a['account_status']}}};eq;{archive};"
+                "optimized;always}",
+                env("forward", "forward_addresses"),
                 env("vacation", "vacation_active"), env("vacation_subject", "vacation_subject"),
                 env("vacation_text", "vacation_text")),
         chain=(("result_success", "continue-ok"), ("result_failure", "return-fail"), _STOP_ON_ERROR),

@@ -353,6 +353,41 @@ def test_a_refused_batch_is_saved_copy_by_copy(archive_host: tuple[Site, Rendere
         ["batch 0", "batch 1", "batch 2"]
 
 
+def test_a_session_dovecot_ended_is_replaced_for_the_next_copy(
+        archive_host: tuple[Site, RenderedDovecot]) -> None:
+    site, dovecot = archive_host
+    store = ImapStore(site.ports["archive_imap"], "mailwarden-archive", MASTER_PASSWORD, 5)
+
+    async def run() -> None:
+        deadline = time.monotonic() + 10
+        copy = make_message(sender="kick@outside.test", to="bob@example.com", subject="before").as_bytes()
+        await store.save("127.0.0.1", "archive@example.com", copy, "", deadline)
+        # Dovecot ends the idle session (as at a restart, or after its autologout).
+        kicked = dovecot.doveadm("kick", "archive@example.com")
+        assert kicked.returncode == 0, kicked.stderr
+        await asyncio.sleep(0.2)
+        copy = make_message(sender="kick@outside.test", to="bob@example.com", subject="after").as_bytes()
+        await store.save("127.0.0.1", "archive@example.com", copy, "", deadline)
+        store.close()
+
+    asyncio.run(run())
+    assert store.opened == 2 and store.commands == 3  # the second copy went out once more
+
+
+def test_only_the_archive_mailbox_skips_syncing_its_indexes(
+        archive_host: tuple[Site, RenderedDovecot]) -> None:
+    """Each copy's file and the directory entry are synced to disk in every mode; the
+    archive account's indexes (on the host's local disk, rebuilt from the Maildir when
+    lost) are not, which spares Dovecot three syncs per command."""
+    _, dovecot = archive_host
+    archive_fields = dovecot.userdb("archive@example.com")
+    assert archive_fields is not None and archive_fields["mail_fsync"] == "optimized"
+    bob = dovecot.userdb("bob@example.com")
+    assert bob is not None and bob.get("mail_fsync", "always") == "always"
+
+
+# Last in the module: Dovecot delays logins from an address after failed ones (its auth
+# penalty), which would slow the tests after this one.
 def test_a_wrong_master_password_defers_and_the_master_user_cannot_log_in_as_itself(
         archive_host: tuple[Site, RenderedDovecot], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     site, _ = archive_host
@@ -373,23 +408,3 @@ def test_a_wrong_master_password_defers_and_the_master_user_cannot_log_in_as_its
     with pytest.raises(ConfigError, match="archive_master_password_file"):
         service(with_render(site.config, archive_master_password_file=str(tmp_path / "missing")))
 
-
-def test_a_session_dovecot_ended_is_replaced_for_the_next_copy(
-        archive_host: tuple[Site, RenderedDovecot]) -> None:
-    site, dovecot = archive_host
-    store = ImapStore(site.ports["archive_imap"], "mailwarden-archive", MASTER_PASSWORD, 5)
-
-    async def run() -> None:
-        deadline = time.monotonic() + 10
-        copy = make_message(sender="kick@outside.test", to="bob@example.com", subject="before").as_bytes()
-        await store.save("127.0.0.1", "archive@example.com", copy, "", deadline)
-        # Dovecot ends the idle session (as at a restart, or after its autologout).
-        kicked = dovecot.doveadm("kick", "archive@example.com")
-        assert kicked.returncode == 0, kicked.stderr
-        await asyncio.sleep(0.2)
-        copy = make_message(sender="kick@outside.test", to="bob@example.com", subject="after").as_bytes()
-        await store.save("127.0.0.1", "archive@example.com", copy, "", deadline)
-        store.close()
-
-    asyncio.run(run())
-    assert store.opened == 2 and store.commands == 3  # the second copy went out once more
