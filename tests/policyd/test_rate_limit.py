@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from policyd.checks.base import TEMPFAIL_REPLY
-from tests.policyd.conftest import World
+from policyd.checks.base import TEMPFAIL_REPLY, NeedStore, Transaction
+from policyd.protocol import PolicyRequest
+from tests.policyd.conftest import World, request
 from tests.policyd.test_checks import DownStore
 
 OUT = "friend@remote.example"
@@ -145,3 +146,39 @@ def test_end_of_message_counts_every_scope_in_one_atomic_write(world_with: Calla
     assert {"rl:user:taro@example.jp:m": 1, "rl:user:taro@example.jp:r": 2, "rl:domain:example.jp:m": 1,
             "rl:domain:example.jp:b": 500}.items() <= counted.items()
     assert w.store.get_many(["rl:user:taro@example.jp:m", "rl:domain:example.jp:b"]) == ["1", "500"]
+
+
+def test_on_the_event_loop_each_store_operation_pauses_the_request_and_is_made_once(
+    world_with: Callable[..., World],
+) -> None:
+    w = world_with(CHECKS)
+    made: list[str] = []
+
+    def on_the_loop(**attrs: str) -> str:
+        """Evaluate as the event loop does: the store never called, each pause resumed."""
+        req = PolicyRequest(request(**attrs))
+        txn = w.txns.setdefault(req.instance, Transaction(req.instance))
+        try:
+            return w.app.engine.decide(req, txn, inline=True).action
+        except NeedStore as need:
+            paused = need
+        while True:
+            made.append(paused.call.name)
+            try:
+                return w.app.engine.resume(paused, w.services.store.call_many([paused.call])[0]).action
+            except NeedStore as again:
+                paused = again
+
+    answers = []
+    for i in range(4):
+        who = {**LOGIN, "instance": f"loop{i}"}
+        answers.append(on_the_loop(recipient=OUT, **who))
+        if answers[-1] == "OK":
+            answers.append(on_the_loop(protocol_state="END-OF-MESSAGE", recipient="", recipient_count="1",
+                                       size="100", **who))
+    assert answers == ["OK", "DUNNO", "OK", "DUNNO", "OK", "DUNNO",
+                       "450 4.7.1 Rate limit reached: 3 messages per 60 s for user taro@example.jp; "
+                       "try again later"]
+    # RCPT: one read; END-OF-MESSAGE: the counters, and at the limit their ttl and the flag
+    assert made == ["get_many", "incr_many"] * 2 + ["get_many", "incr_many", "ttl", "set", "get_many"]
+    assert w.store.get("rl:user:taro@example.jp:m") == "3", "each message counted once"
