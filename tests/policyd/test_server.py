@@ -412,3 +412,18 @@ def test_decision_line_is_built_only_when_info_is_logged(
     assert built == ["554 5.7.1 <friend@remote.example>: Relay access denied"]
     daemon_log.wait_for('action="554 5.7.1')
     c.close()
+
+
+def test_the_benchmark_load_generator_gets_an_answer_for_every_request(
+    start_daemon: Callable[..., RunningServer],
+) -> None:
+    from bench.bench_policyd import load
+
+    server = start_daemon('checks = ["relay"]')
+    requests = [format_request(request(recipient=OUT, instance=f"g{i}")) for i in range(200)]
+    for spec in PolicydConfig.of(server.app.config).listen:
+        for pinned in (False, True):
+            result = load(spec, requests, 4, pinned=pinned)
+            assert result["requests"] == 200
+            assert result["actions"] == {"554": 200}
+            assert 0 < result["p50_ms"] <= result["p99_ms"]
