@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from mailwarden.address import InvalidAddress, normalize_address, split_address
 from mailwarden.catalogue import Service
 from mailwarden.dnslookup import DnsRecords, resolve_sync
+from mailwarden.pbs import PopBeforeSmtp
 from mailwarden.policy import AddressKind, EffectivePolicy
 from mailwarden.store import Store, StoreCall, StoreWrapper
 from policyd.config import FailureAction
@@ -324,7 +325,7 @@ class CheckContext:
         ip = self.client_ip
         if ip is None or not self.services.policyd.relay.pop_before_smtp:
             return None
-        user: str | None = self.memo("pbs", lambda: self.services.pbs.lookup(str(ip)))
+        user: str | None = self.memo("pbs", lambda: PopBeforeSmtp(self.store).lookup(str(ip)))
         return user
 
     def is_trusted(self) -> bool:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from policyd.checks.base import TEMPFAIL_REPLY, NeedStore, Transaction
-from policyd.protocol import PolicyRequest
-from tests.policyd.conftest import World, request
+from policyd.checks.base import TEMPFAIL_REPLY
+from tests.policyd.conftest import World
 from tests.policyd.test_checks import DownStore
 
 OUT = "friend@remote.example"
@@ -155,19 +154,9 @@ def test_on_the_event_loop_each_store_operation_pauses_the_request_and_is_made_o
     made: list[str] = []
 
     def on_the_loop(**attrs: str) -> str:
-        """Evaluate as the event loop does: the store never called, each pause resumed."""
-        req = PolicyRequest(request(**attrs))
-        txn = w.txns.setdefault(req.instance, Transaction(req.instance))
-        try:
-            return w.app.engine.decide(req, txn, inline=True).action
-        except NeedStore as need:
-            paused = need
-        while True:
-            made.append(paused.call.name)
-            try:
-                return w.app.engine.resume(paused, w.services.store.call_many([paused.call])[0]).action
-            except NeedStore as again:
-                paused = again
+        action, calls = w.on_the_loop(**attrs)
+        made.extend(call.name for call in calls)
+        return action
 
     answers = []
     for i in range(4):
