@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from mailwarden.directory import Directory, Entry
-from mailwarden.store.base import Store, StoreWrapper
+from mailwarden.store.base import Store, StoreCall, StoreWrapper
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -490,6 +490,15 @@ class TimedStore(StoreWrapper):
             raise
         finally:
             self.seconds.observe(time.perf_counter() - started)
+
+    def call_many(self, calls: Sequence[StoreCall]) -> list[Any]:
+        """Timed :meth:`Store.call_many <mailwarden.store.base.Store.call_many>` (one round
+        trip, one observation); each operation that failed counts as an error."""
+        results = self._call(self.store.call_many, calls)
+        for result in results:
+            if isinstance(result, Exception):
+                self.errors.inc()
+        return results
 
 
 def dns_cache(resolver: object) -> tuple[Callable[[], int], Callable[[], int]] | None:

@@ -8,7 +8,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -26,7 +26,7 @@ from mailwarden.networks import Networks
 from mailwarden.pbs import PopBeforeSmtp
 from mailwarden.policy import AddressKind, PolicyResolver
 from mailwarden.reputation import OUTCOMES, Reputation, ReputationLists
-from mailwarden.store import Store, StoreUnavailable, StoreWrapper, store_of
+from mailwarden.store import Store, StoreCall, StoreUnavailable, StoreWrapper, store_of
 from policyd.checks import FACTORIES, build_checks
 from policyd.checks.base import (
     TEMPFAIL_REPLY,
@@ -34,8 +34,10 @@ from policyd.checks.base import (
     CheckContext,
     CheckVerdict,
     DnsUnavailable,
+    InlineStore,
     IPAddress,
     Kind,
+    NeedStore,
     Transaction,
     WouldBlock,
     defer,
@@ -214,17 +216,40 @@ class GuardedStore(StoreWrapper):
         self._down_until = 0.0
         self._last_error = ""
 
-    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _held_down(self) -> StoreUnavailable | None:
         if self._down_until and self.clock() < self._down_until:
-            raise StoreUnavailable(f"{self._last_error} (not retried for {self.hold_down:g} s)")
+            return StoreUnavailable(f"{self._last_error} (not retried for {self.hold_down:g} s)")
+        return None
+
+    def _failed(self, exc: StoreUnavailable) -> None:
+        self._last_error = str(exc)
+        self._down_until = self.clock() + self.hold_down
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        held = self._held_down()
+        if held is not None:
+            raise held
         try:
             result = fn(*args, **kwargs)
         except StoreUnavailable as exc:
-            self._last_error = str(exc)
-            self._down_until = self.clock() + self.hold_down
+            self._failed(exc)
             raise
         self._down_until = 0.0
         return result
+
+    def call_many(self, calls: Sequence[StoreCall]) -> list[Any]:
+        """See :meth:`Store.call_many <mailwarden.store.base.Store.call_many>`; one
+        StoreUnavailable among the results holds the backend down as a raised one does."""
+        held = self._held_down()
+        if held is not None:
+            return [held] * len(calls)
+        results = self.store.call_many(calls)
+        failed = next((r for r in results if isinstance(r, StoreUnavailable)), None)
+        if failed is not None:
+            self._failed(failed)
+        else:
+            self._down_until = 0.0
+        return results
 
 
 @dataclass
@@ -332,6 +357,23 @@ def request_tag(request: PolicyRequest) -> str:
     return f"queue_id={request['queue_id'] or 'NOQUEUE'} instance={request.instance or '-'}"
 
 
+@dataclass(slots=True)
+class Evaluation:
+    """One request's evaluation: where it is in its checks and what they answered so far
+    (kept while it waits for the store, see :class:`NeedStore`)."""
+
+    ctx: CheckContext
+    checks: list[Check]
+    seen: list[str] | None
+    """Check names and answers, for the tally (None: not counted)."""
+    spared: bool = False
+    """The checks that spare role addresses are skipped."""
+    next: int = 0
+    """The index of the check to run next (again, when it waits for the store)."""
+    permitted: tuple[CheckVerdict, str] | None = None
+    prepended: tuple[CheckVerdict, str] | None = None
+
+
 class Engine:
     """Runs the checks of a request's stage in order and combines their verdicts.
 
@@ -369,51 +411,83 @@ class Engine:
         return totals
 
     def decide(self, request: PolicyRequest, txn: Transaction, *, inline: bool) -> Decision:
-        """The decision for ``request``; raises WouldBlock only when ``inline``."""
-        tally = self.tally
-        if tally is None:
-            return self._decide(request, txn, inline, None)
-        seen: list[str] = []
-        decision = self._decide(request, txn, inline, seen)
-        answers = tuple(seen)
-        with self.lock:
-            tally[answers] = tally.get(answers, 0) + 1
-        return decision
+        """The decision for ``request``; raises WouldBlock only when ``inline``.
 
-    def _decide(self, request: PolicyRequest, txn: Transaction, inline: bool,
-                seen: list[str] | None) -> Decision:
+        :class:`NeedStore` carries the paused evaluation: make its operation, then
+        :meth:`resume`.
+        """
+        seen: list[str] | None = [] if self.tally is not None else None
         checks = self.by_stage.get(request.stage)
         if not checks:
+            self._count(seen)
             return DUNNO
         ctx = CheckContext(request, self.services, txn, inline=inline)
         bad = self._bad_envelope(ctx)
         if bad is not None:
+            self._count(seen)
             return bad
-        permitted: tuple[CheckVerdict, str] | None = None
-        prepended: tuple[CheckVerdict, str] | None = None
-        spared = self._to_role_addresses(ctx)
-        for check in checks:
-            if spared and check.spares_role_addresses:
-                continue
-            verdict = self._run(check, ctx, seen)
-            if seen is not None:
-                # The member's value attribute, not .value: a property call per check.
-                seen += (check.name, verdict.kind._value_ if verdict is not None else "DUNNO")
-            if verdict is None:
-                continue
-            if verdict.final:
-                if verdict.record_rejection:
-                    self._record_rejection(ctx)
-                return Decision(verdict.action, check.name, verdict.reason)
-            if verdict.kind is Kind.PERMIT and permitted is None:
-                permitted = (verdict, check.name)
-            elif verdict.kind is Kind.PREPEND and prepended is None and check.name not in txn.prepended:
-                prepended = (verdict, check.name)
-        if permitted is not None:
-            return Decision(permitted[0].action, permitted[1], permitted[0].reason)
-        if prepended is not None:
-            txn.prepended.add(prepended[1])
-            return Decision(prepended[0].action, prepended[1], prepended[0].reason)
+        evaluation = Evaluation(ctx, checks, seen)
+        evaluation.spared = self._to_role_addresses(ctx)
+        return self._go_on(evaluation)
+
+    def resume(self, need: NeedStore, result: Any) -> Decision:
+        """Go on with the evaluation ``need`` paused, now that its operation gave ``result``
+        (its return value or the exception it raised); may raise WouldBlock again."""
+        evaluation: Evaluation = need.evaluation
+        store = evaluation.ctx.store
+        assert isinstance(store, InlineStore)
+        store.record(need.call, result)
+        return self._go_on(evaluation)
+
+    def _go_on(self, evaluation: Evaluation) -> Decision:
+        """Run the checks from the one the evaluation is at; count the answers once decided."""
+        try:
+            decision = self._evaluate(evaluation)
+        except NeedStore as need:
+            need.evaluation = evaluation
+            raise
+        self._count(evaluation.seen)
+        return decision
+
+    def _count(self, seen: list[str] | None) -> None:
+        """One decided request's answers into the tally."""
+        tally = self.tally
+        if seen is not None and tally is not None:
+            answers = tuple(seen)
+            with self.lock:
+                tally[answers] = tally.get(answers, 0) + 1
+
+    def _evaluate(self, evaluation: Evaluation) -> Decision:
+        ctx, checks, seen = evaluation.ctx, evaluation.checks, evaluation.seen
+        txn = ctx.txn
+        inline_store = ctx.store if isinstance(ctx.store, InlineStore) else None
+        while evaluation.next < len(checks):
+            check = checks[evaluation.next]
+            if not (evaluation.spared and check.spares_role_addresses):
+                verdict = self._run(check, ctx, seen)
+                if seen is not None:
+                    # The member's value attribute, not .value: a property call per check.
+                    seen += (check.name, verdict.kind._value_ if verdict is not None else "DUNNO")
+                if verdict is not None:
+                    if verdict.final:
+                        if verdict.record_rejection:
+                            self._record_rejection(ctx)
+                        return Decision(verdict.action, check.name, verdict.reason)
+                    if verdict.kind is Kind.PERMIT and evaluation.permitted is None:
+                        evaluation.permitted = (verdict, check.name)
+                    elif (verdict.kind is Kind.PREPEND and evaluation.prepended is None
+                          and check.name not in txn.prepended):
+                        evaluation.prepended = (verdict, check.name)
+            evaluation.next += 1
+            if inline_store is not None and inline_store.made:
+                inline_store.forget()
+        if evaluation.permitted is not None:
+            verdict, name = evaluation.permitted
+            return Decision(verdict.action, name, verdict.reason)
+        if evaluation.prepended is not None:
+            verdict, name = evaluation.prepended
+            txn.prepended.add(name)
+            return Decision(verdict.action, name, verdict.reason)
         return DUNNO
 
     def _run(self, check: Check, ctx: CheckContext, seen: list[str] | None) -> CheckVerdict | None:

@@ -2,8 +2,11 @@
 
 Requests are answered on the event-loop thread when everything they need is
 cached; anything that could block (a directory miss, DNS) is evaluated again on a
-bounded thread pool, under the per-request deadline.  Requests on one connection
-are answered in order; connections are independent.
+bounded thread pool, under the per-request deadline.  A check's store operation
+pauses its request: the operations that requests of all connections wait for are
+made together once per event-loop turn (one pipelined round trip to Redis), then
+each request goes on where it paused.  Requests on one connection are answered in
+order; connections are independent.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from mailwarden.endpoint import Endpoint
 from mailwarden.linelog import DecisionLog
 from mailwarden.metrics import Backend
 from policyd.app import Decision, PolicyApp
-from policyd.checks.base import NeedDns, Transaction, WouldBlock
+from policyd.checks.base import NeedDns, NeedStore, Transaction, WouldBlock
 from policyd.config import PolicydConfig
 from policyd.dovecot import LoginReportServer
 from policyd.protocol import Malformed, PolicyRequest, RequestLimits, RequestReader, format_reply, validate
@@ -180,6 +183,10 @@ class PolicyConnection(asyncio.Protocol):
             txn = self.transaction(item)
             try:
                 decision = server.app.engine.decide(item, txn, inline=True)
+            except NeedStore as need:
+                self.busy = True
+                server.wait_for_store(self, item, txn, started, need)
+                return
             except NeedDns as need:
                 self.busy = True
                 server.spawn(self.answer_blocking(item, txn, started, need))
@@ -194,6 +201,27 @@ class PolicyConnection(asyncio.Protocol):
         if self.paused and len(self.queue) <= MAX_QUEUED // 2 and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
+
+    def resume(self, request: PolicyRequest, txn: Transaction, started: float, need: NeedStore,
+               result: Any) -> None:
+        """Go on with a request paused for the store; answer it unless it must wait again."""
+        server = self.server
+        try:
+            decision = server.app.engine.resume(need, result)
+        except NeedStore as again:
+            server.wait_for_store(self, request, txn, started, again)
+            return
+        except NeedDns as dns:
+            server.spawn(self.answer_blocking(request, txn, started, dns))
+            return
+        except WouldBlock:
+            server.spawn(self.answer_blocking(request, txn, started))
+            return
+        except Exception as exc:  # noqa: BLE001 - one bad request must not end the connection
+            decision = server.internal_error(exc)
+        self.busy = False
+        self.answer(request, decision, started)
+        self.drain()
 
     def transaction(self, request: PolicyRequest) -> Transaction:
         """The state of the request's mail transaction (fresh when Postfix sent no instance).
@@ -266,6 +294,8 @@ class PolicyServer:
         """Where blocking evaluation runs: the event loop's default executor unless given."""
         self.connections: set[PolicyConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.store_waiting: list[tuple[PolicyConnection, PolicyRequest, Transaction, float, NeedStore]] = []
+        """Requests paused for a store operation, made at the end of this event-loop turn."""
         self.servers: list[asyncio.AbstractServer] = []
         self.login_reports: LoginReportServer | None = None
         self.refused = 0
@@ -358,6 +388,25 @@ class PolicyServer:
     def forget(self, conn: PolicyConnection) -> None:
         """A connection has gone."""
         self.connections.discard(conn)
+
+    def wait_for_store(self, conn: PolicyConnection, request: PolicyRequest, txn: Transaction,
+                       started: float, need: NeedStore) -> None:
+        """Make ``need``'s operation with the others of this event-loop turn, then resume."""
+        if not self.store_waiting:
+            asyncio.get_running_loop().call_soon(self.make_store_calls)
+        self.store_waiting.append((conn, request, txn, started, need))
+
+    def make_store_calls(self) -> None:
+        """The operations paused requests wait for, in one :meth:`Store.call_many
+        <mailwarden.store.base.Store.call_many>` (bounded by the store's timeout); then
+        each request goes on."""
+        waiting, self.store_waiting = self.store_waiting, []
+        try:
+            results = self.app.services.store.call_many([entry[4].call for entry in waiting])
+        except Exception as exc:  # noqa: BLE001 - each check answers it as its own failure
+            results = [exc] * len(waiting)
+        for (conn, request, txn, started, need), result in zip(waiting, results, strict=True):
+            conn.resume(request, txn, started, need, result)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a connection's blocking evaluation as a task."""

@@ -12,7 +12,17 @@ import pytest
 
 from harness.fakes import FakeDirectory
 from harness.ports import free_port
-from mailwarden.metrics import NOTHING, Backend, Metrics, Poller, TimedDirectory, check_listen, parse_listen
+from mailwarden.metrics import (
+    NOTHING,
+    Backend,
+    Metrics,
+    Poller,
+    TimedDirectory,
+    TimedStore,
+    check_listen,
+    parse_listen,
+)
+from mailwarden.store import MemoryStore, StoreCall
 from mailwarden.top import Scrape, parse, quantile, render
 
 
@@ -52,6 +62,22 @@ def test_a_timed_directory_counts_calls_and_failures() -> None:
     assert m.registry is not None
     assert m.registry.get_sample_value("d_seconds_count", {"backend": "ldap"}) == 2
     assert m.registry.get_sample_value("d_errors_total", {"backend": "ldap"}) == 1
+
+
+def test_a_timed_store_times_operations_made_together_once_and_counts_each_failure() -> None:
+    m = Metrics()
+    seconds = m.histogram("s_seconds", "doc", ["backend"])
+    errors = m.counter("s_errors_total", "doc", ["backend"])
+    memory = MemoryStore()
+    memory.sadd("members", "m")
+    timed = TimedStore(memory, Backend(seconds.labels("store"), errors.labels("store")))
+    results = timed.call_many([StoreCall("set", ("k", "v")),
+                               StoreCall("incr_many", ([("members", 1, None)],)),
+                               StoreCall("get", ("members",))])
+    assert results[0] is None and isinstance(results[1], TypeError) and isinstance(results[2], TypeError)
+    assert m.registry is not None
+    assert m.registry.get_sample_value("s_seconds_count", {"backend": "store"}) == 1
+    assert m.registry.get_sample_value("s_errors_total", {"backend": "store"}) == 2
 
 
 def test_the_poller_moves_what_grew_once_per_interval() -> None:

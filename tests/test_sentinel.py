@@ -20,6 +20,7 @@ from mailwarden.store import (
     AsyncRedisStore,
     RedisStore,
     SentinelSettings,
+    StoreCall,
     StoreUnavailable,
     async_store_of,
     store_of,
@@ -102,6 +103,39 @@ def test_a_write_whose_reply_was_lost_is_not_sent_again(cluster: SentinelCluster
     cluster.wait_failover()
     assert _until(lambda: store.get("hits"), 5) == "1"
     assert store.incr("hits", ttl=60) == 2
+    store.close()
+
+
+@pytest.mark.redis
+@needs_servers
+def test_operations_made_together_follow_the_primary_and_a_lost_write_is_not_sent_again(
+    cluster: SentinelCluster,
+) -> None:
+    """As above, for a pipeline: the counter's script loses its reply, the read after it
+    is sent once more; after the failover the same operations reach the new primary."""
+    assert cluster.relay is not None
+    store = RedisStore.from_sentinel(SentinelSettings(tuple(cluster.addresses)), cluster.url,
+                                     key_prefix="pipe:", socket_timeout=1.0)
+    store.set("kept", "yes")
+    assert store.incr("warm-up") == 1
+    cluster.relay.cut_reply_of(b"pipe:hits")
+    results = store.call_many([StoreCall("incr_many", ([("hits", 1, 60.0)],)), StoreCall("get", ("kept",))])
+    assert isinstance(results[0], StoreUnavailable)
+    assert results[1] == "yes"
+    assert cluster.relay.cut.is_set()
+    _wait_replicated(cluster, "pipe:hits", "1")
+    cluster.kill_primary()
+    cluster.wait_failover()
+
+    def reads() -> list[object]:
+        answers = store.call_many([StoreCall("get", ("hits",)), StoreCall("get_many", (["kept"],))])
+        failed = [a for a in answers if isinstance(a, StoreUnavailable)]
+        if failed:
+            raise failed[0]
+        return answers
+
+    assert _until(reads, 5) == ["1", ["yes"]]
+    assert store.call_many([StoreCall("incr_many", ([("hits", 1, 60.0)],))]) == [[2]]
     store.close()
 
 

@@ -33,6 +33,7 @@ from mailwarden.store import (
     RedisStore,
     SQLiteStore,
     Store,
+    StoreCall,
     StoreUnavailable,
     StoreWrapper,
     open_store,
@@ -269,6 +270,29 @@ def test_get_many(backend: Backend) -> None:
     assert s.get_many([]) == []
     s.sadd("a-set", "m")
     assert s.get_many(["a", "a-set"]) == ["1", None], "a set reads as absent, like MGET"
+
+
+def test_call_many_makes_every_operation_in_order_and_returns_errors(backend: Backend) -> None:
+    s = backend.store
+    s.set("k", "v")
+    s.sadd("members", "m")
+    results = s.call_many([
+        StoreCall("get", ("k",)),
+        StoreCall("get_many", (["k", "absent"],)),
+        StoreCall("incr_many", ([("n", 2, 60.0), ("n", 1, None)],)),
+        StoreCall("ttl", ("n",)),
+        StoreCall("incr_many", ([("members", 1, None)],)),
+        StoreCall("incr_many", ([("k", 1, None)],)),
+        StoreCall("sadd", ("new", "a", "b"), {"ttl": 60.0}),
+        StoreCall("get_many", ([],)),
+        StoreCall("get", ("n",)),
+    ])
+    assert results[:3] == ["v", ["v", None], [2, 3]]
+    assert results[3] is not None
+    assert 59 < results[3] <= 60, "the ttl was read after the counters were made"
+    assert isinstance(results[4], TypeError)
+    assert isinstance(results[5], ValueError)
+    assert results[6:] == [2, [], "3"]
 
 
 def test_get_many_large_batch(backend: Backend) -> None:
@@ -1265,6 +1289,43 @@ def test_redis_arguments_are_packed_as_redis_py_packs_them(redis_server: RedisSe
     assert store.get("odd") == "a?b"
     assert store.incr_many([("n", -3, 30.0), ("n", 10, None)]) == [-3, 7]
     store.close()
+
+
+def test_redis_call_many_sends_its_commands_before_reading_a_reply() -> None:
+    fake = FakeRedis(lambda n: b"")  # silent: a client waiting for each reply sends one
+    store = RedisStore(fake.url, socket_timeout=0.3)
+    started = time.monotonic()
+    results = store.call_many([StoreCall("get_many", (["a", "b"],)), StoreCall("get", ("c",)),
+                               StoreCall("incr_many", ([("d", 1, None)],))])
+    assert time.monotonic() - started < 0.55, "one timeout for the whole pipeline"
+    assert [c[0].upper() for c in fake.commands] == ["MGET", "GET", "EVALSHA"]
+    assert all(isinstance(r, StoreUnavailable) for r in results), "a read that timed out is not sent again"
+    store.close()
+    fake.close()
+
+
+def test_redis_call_many_on_a_dropped_connection_resends_reads_once_and_writes_never() -> None:
+    fake = FakeRedis(lambda n: None)  # every command: the connection closes unanswered
+    store = RedisStore(fake.url, socket_timeout=1.0)
+    results = store.call_many([StoreCall("get_many", (["a", "b"],)),
+                               StoreCall("incr_many", ([("d", 1, None)],)), StoreCall("get", ("c",))])
+    assert all(isinstance(r, StoreUnavailable) for r in results)
+    assert [c[0].upper() for c in fake.commands] == ["MGET", "MGET", "GET"]
+    store.close()
+    fake.close()
+
+
+def test_redis_call_many_loads_the_script_on_noscript() -> None:
+    replies = {1: b"$1\r\nv\r\n", 2: b"-NOSCRIPT No matching script.\r\n", 3: b"$1\r\nw\r\n",
+               4: b"$40\r\n" + b"0" * 40 + b"\r\n", 5: b"*1\r\n:7\r\n"}
+    fake = FakeRedis(lambda n: replies.get(n, b"-ERR unexpected\r\n"))
+    store = RedisStore(fake.url, socket_timeout=1.0)
+    assert store.call_many([StoreCall("get", ("a",)), StoreCall("incr_many", ([("k", 7, None)],)),
+                            StoreCall("get", ("b",))]) == ["v", [7], "w"]
+    assert [c[0].upper() for c in fake.commands] == ["GET", "EVALSHA", "GET", "SCRIPT", "EVALSHA"]
+    # once every reply of the pipeline was read
+    store.close()
+    fake.close()
 
 
 def test_redis_script_sent_as_evalsha_then_loaded_on_noscript() -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mailwarden.store.base import AsyncStore, Increment, Store, StoreUnavailable, StoreWrapper
+from mailwarden.store.base import AsyncStore, Increment, Store, StoreCall, StoreUnavailable, StoreWrapper
 from mailwarden.store.memory import MemoryStore
 from mailwarden.store.redis import AsyncRedisStore, RedisStore, SentinelSettings
 from mailwarden.store.sqlite import SQLiteStore
@@ -44,6 +44,7 @@ __all__ = [
     "SQLiteStore",
     "SentinelSettings",
     "Store",
+    "StoreCall",
     "StoreUnavailable",
     "StoreWrapper",
     "ThreadedStore",

@@ -7,14 +7,17 @@ import builtins
 import math
 import re
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 __all__ = [
     "AsyncStore",
     "Increment",
     "Store",
+    "StoreCall",
     "StoreUnavailable",
     "StoreWrapper",
+    "call_each",
     "check_ttl",
     "checked_sum",
     "parse_int",
@@ -34,6 +37,15 @@ class StoreUnavailable(Exception):
 
 Increment = tuple[str, int, float | None]
 """One counter change for :meth:`Store.incr_many`: key, amount and ttl (as for ``incr``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCall:
+    """One :class:`Store` operation to make later: its method name and arguments."""
+
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -118,6 +130,15 @@ class Store(Protocol):
 
     def ping(self) -> None:
         """Check the backend is usable; raise StoreUnavailable if not."""
+        ...
+
+    def call_many(self, calls: Sequence[StoreCall]) -> list[Any]:
+        """Several operations, made in order, in as few round trips as the backend allows.
+
+        Each result is what the operation returns, or the exception it raised (returned,
+        not raised), so one failed operation does not hide the others' results. The
+        operations are not one atomic step.
+        """
         ...
 
     def close(self) -> None:
@@ -272,9 +293,24 @@ class StoreWrapper:
         """See :class:`Store`."""
         self._call(self.store.ping)
 
+    def call_many(self, calls: Sequence[StoreCall]) -> list[Any]:
+        """See :class:`Store` (one :meth:`_call` for all of them)."""
+        return self._call(self.store.call_many, calls)
+
     def close(self) -> None:
         """See :class:`Store` (closes the wrapped store directly)."""
         self.store.close()
+
+
+def call_each(store: Store, calls: Sequence[StoreCall]) -> list[Any]:
+    """:meth:`Store.call_many` one operation after the other (for backends without round trips)."""
+    results: list[Any] = []
+    for call in calls:
+        try:
+            results.append(getattr(store, call.name)(*call.args, **call.kwargs))
+        except (StoreUnavailable, TypeError, ValueError) as exc:
+            results.append(exc)
+    return results
 
 
 # ---------------------------------------------------------------------------

@@ -7,8 +7,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from mailwarden.store.base import Increment, StoreUnavailable, check_ttl, checked_sum, parse_int, wrong_type
+from mailwarden.store.base import (
+    Increment,
+    StoreCall,
+    StoreUnavailable,
+    call_each,
+    check_ttl,
+    checked_sum,
+    parse_int,
+    wrong_type,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -208,6 +218,10 @@ class MemoryStore:
     def ping(self) -> None:
         """Raise StoreUnavailable once closed."""
         self._now()
+
+    def call_many(self, calls: Sequence[StoreCall]) -> list[Any]:
+        """See :meth:`Store.call_many <mailwarden.store.base.Store.call_many>` (one after the other)."""
+        return call_each(self, calls)
 
     def close(self) -> None:
         """Drop all data; later calls raise StoreUnavailable."""

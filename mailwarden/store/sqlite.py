@@ -14,7 +14,16 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mailwarden.store.base import Increment, StoreUnavailable, check_ttl, checked_sum, parse_int, wrong_type
+from mailwarden.store.base import (
+    Increment,
+    StoreCall,
+    StoreUnavailable,
+    call_each,
+    check_ttl,
+    checked_sum,
+    parse_int,
+    wrong_type,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -565,6 +574,10 @@ class SQLiteStore:
     def ping(self) -> None:
         """Check the database can be opened and read."""
         self._query("SELECT 1 FROM kv LIMIT 1", ())
+
+    def call_many(self, calls: Sequence[StoreCall]) -> list[Any]:
+        """See :meth:`Store.call_many <mailwarden.store.base.Store.call_many>` (one after the other)."""
+        return call_each(self, calls)
 
     def close(self) -> None:
         """Close the pool (connections in use close when returned); later calls raise StoreUnavailable."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from mailwarden.address import InvalidAddress, normalize_address, split_address
 from mailwarden.catalogue import Service
 from mailwarden.dnslookup import DnsRecords, resolve_sync
+from mailwarden.pbs import PopBeforeSmtp
 from mailwarden.policy import AddressKind, EffectivePolicy
+from mailwarden.store import Store, StoreCall, StoreWrapper
 from policyd.config import FailureAction
 from policyd.protocol import PolicyRequest
 
@@ -44,6 +46,68 @@ class NeedDns(WouldBlock):
     def __init__(self, queries: list[tuple[str, str]]) -> None:
         super().__init__(queries)
         self.queries = queries
+
+
+class NeedStore(WouldBlock):
+    """Raised on the event-loop thread for a store operation the request has not made yet.
+
+    The server makes it, pipelined with the operations other connections' requests
+    wait for (one round trip for all), and resumes the evaluation at the check that
+    asked: that check runs again from its start, and its :class:`InlineStore` answers
+    the operations already made from their results, so none is made twice.
+    """
+
+    def __init__(self, call: StoreCall) -> None:
+        super().__init__(call)
+        self.call = call
+        self.evaluation: Any = None
+        """Where the engine resumes (set by the engine)."""
+
+
+class InlineStore(StoreWrapper):
+    """The store as a check sees it on the event-loop thread: an operation already made for
+    this run of the check answers its result (or raises its error) again, in order; a new
+    one raises :class:`NeedStore` instead of waiting for the backend.
+
+    A check using it must make the same operations, with the same arguments, when it
+    runs again with the same results (no clock or random value in them).
+    """
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.made: list[tuple[StoreCall, Any]] = []
+        self.next = 0
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        call = StoreCall(fn.__name__, args, kwargs)
+        if self.next < len(self.made):
+            made, result = self.made[self.next]
+            if made != call:
+                raise RuntimeError(f"store operation {call.name} differs from the one made when the check "
+                                   f"ran before ({made.name})")
+            self.next += 1
+            if isinstance(result, Exception):
+                raise result
+            return result
+        raise NeedStore(call)
+
+    def record(self, call: StoreCall, result: Any) -> None:
+        """``call`` was made: ``result`` is its return value or the exception it raised.
+        The check is about to run again from its start."""
+        self.made.append((call, result))
+        self.next = 0
+
+    def forget(self) -> None:
+        """The next check starts: the operations made so far are not its own."""
+        self.made.clear()
+        self.next = 0
+
+    def scan(self, prefix: str = "") -> Iterator[str]:
+        """Never on the event loop (raises WouldBlock: the request goes to the thread pool)."""
+        raise WouldBlock
+
+    def close(self) -> None:
+        """Nothing to release: the store is the daemon's."""
 
 
 class DnsUnavailable(Exception):
@@ -130,7 +194,7 @@ class CheckContext:
     then any lookup that could block raises :class:`WouldBlock`.
     """
 
-    __slots__ = ("_local", "_policies", "inline", "request", "services", "txn")
+    __slots__ = ("_local", "_policies", "inline", "request", "services", "store", "txn")
 
     def __init__(
         self, request: PolicyRequest, services: Services, txn: Transaction, *, inline: bool
@@ -139,6 +203,10 @@ class CheckContext:
         self.services = services
         self.txn = txn
         self.inline = inline
+        self.store: Store = InlineStore(services.store) if inline else services.store
+        """The shared store for checks whose operations do not depend on the clock: on the
+        event loop an :class:`InlineStore` (the operations are made without blocking it),
+        on a worker thread the store itself."""
         self._policies: dict[str, EffectivePolicy] = {}
         self._local: dict[str, Any] = {}
 
@@ -257,7 +325,7 @@ class CheckContext:
         ip = self.client_ip
         if ip is None or not self.services.policyd.relay.pop_before_smtp:
             return None
-        user: str | None = self.memo("pbs", lambda: self.services.pbs.lookup(str(ip)))
+        user: str | None = self.memo("pbs", lambda: PopBeforeSmtp(self.store).lookup(str(ip)))
         return user
 
     def is_trusted(self) -> bool:

@@ -96,7 +96,7 @@ class RateLimitCheck:
         scopes = self.scopes(ctx)
         if not scopes:
             return None
-        store = ctx.services.store
+        store = ctx.store
         if ctx.request.stage == "RCPT":
             # Counters change only at END-OF-MESSAGE: one read serves every RCPT of a message.
             verdict: CheckVerdict | None = ctx.memo("rate_limit", lambda: self._over(store, scopes))

@@ -22,9 +22,9 @@ from harness.ports import free_port
 from harness.redisserver import RedisServer
 from harness.slapd import SlapdServer
 from mailwarden.config import Config, parse_config
-from mailwarden.store import MemoryStore, Store
+from mailwarden.store import MemoryStore, Store, StoreCall
 from policyd.app import Decision, PolicyApp, Services, build_services
-from policyd.checks.base import Transaction
+from policyd.checks.base import NeedStore, Transaction
 from policyd.config import PolicydConfig
 from policyd.protocol import PolicyRequest, format_request
 from policyd.server import PolicyServer
@@ -115,6 +115,24 @@ class World:
     def action(self, **attrs: str) -> str:
         """Only the action."""
         return self.decide(**attrs).action
+
+    def on_the_loop(self, **attrs: str) -> tuple[str, list[StoreCall]]:
+        """Evaluate as the event loop does (the store never called directly; each pause for
+        it resumed): the action and the store operations made, in order."""
+        req = PolicyRequest(request(**attrs))
+        txn = self.txns.setdefault(req.instance, Transaction(req.instance))
+        made: list[StoreCall] = []
+        try:
+            return self.app.engine.decide(req, txn, inline=True).action, made
+        except NeedStore as need:
+            paused = need
+        while True:
+            made.append(paused.call)
+            try:
+                result = self.services.store.call_many([paused.call])[0]
+                return self.app.engine.resume(paused, result).action, made
+            except NeedStore as again:
+                paused = again
 
 
 def make_world(extra: str = "", *, dns_port: int | None = None, store: Store | None = None,

@@ -10,7 +10,7 @@ import pytest
 
 from mailwarden.config import parse_config
 from mailwarden.linelog import DecisionLog
-from mailwarden.store import MemoryStore, StoreUnavailable
+from mailwarden.store import MemoryStore, StoreCall, StoreUnavailable
 from policyd.app import GuardedStore, parse_listen, validate
 from policyd.config import PolicydConfig
 from tests.policyd.conftest import Clock
@@ -86,6 +86,16 @@ def test_store_guard_fails_fast_while_the_backend_is_down() -> None:
     backend.down = False
     clock.advance(1.01)
     assert guard.get("c") is None and calls == ["a", "c"]
+    # Operations made together (the event loop's) are held down the same way.
+    backend.down = True
+    clock.advance(1.01)
+    failed = guard.call_many([StoreCall("get", ("d",)), StoreCall("set", ("e", "v"))])
+    assert isinstance(failed[0], StoreUnavailable) and failed[1] is None
+    assert all(isinstance(r, StoreUnavailable) for r in guard.call_many([StoreCall("get", ("f",))]))
+    assert calls == ["a", "c", "d"]
+    backend.down = False
+    clock.advance(1.01)
+    assert guard.call_many([StoreCall("get", ("e",))]) == ["v"]
 
 
 def test_decision_lines_are_formatted_by_the_handler_and_written_once_per_loop_turn() -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from mailwarden.store import StoreUnavailable
+from mailwarden.store import StoreCall, StoreUnavailable
 from policyd.checks.base import TEMPFAIL_REPLY
 from tests.policyd.conftest import World
 
@@ -64,6 +64,16 @@ def test_pop_before_smtp_window_lets_the_ip_relay_until_it_expires(world: World)
     assert world.action(recipient=OUT, client_address="198.51.100.8", instance="b").startswith("554")
     world.clock.advance(601)
     assert world.action(recipient=OUT, client_address="198.51.100.7", instance="c").startswith("554")
+
+
+def test_pop_before_smtp_window_is_looked_up_on_the_event_loop_without_waiting(world: World) -> None:
+    world.services.pbs.open("198.51.100.7", "taro@example.jp", 600)
+    action, made = world.on_the_loop(recipient=OUT, client_address="198.51.100.7", instance="a")
+    assert action == "OK"
+    assert made[0] == StoreCall("get", ("pbs:198.51.100.7",))
+    action, made = world.on_the_loop(recipient="other@remote.example", client_address="198.51.100.7",
+                                     instance="a")
+    assert action == "OK" and made == [], "the window of the transaction is known"
 
 
 def test_pop_before_smtp_window_of_a_user_without_the_service_does_not_count(world: World) -> None:

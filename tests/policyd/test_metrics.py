@@ -15,9 +15,9 @@ from harness.scrape import total, wait_for
 from harness.slapd import SlapdServer
 from mailwarden.config import parse_config
 from mailwarden.metrics import Metrics
-from mailwarden.store import MemoryStore
+from mailwarden.store import MemoryStore, StoreCall
 from policyd.app import Engine, build_services
-from policyd.checks.base import Transaction, WouldBlock, permit
+from policyd.checks.base import NeedStore, Transaction, WouldBlock, permit, reject
 from policyd.metrics import PolicydMetrics
 from policyd.protocol import PolicyRequest
 from tests.policyd.conftest import PolicyClient, fake_directory, request
@@ -168,4 +168,43 @@ def test_a_check_redone_off_the_loop_counts_once() -> None:
     assert first.answers == [] and second.answers == []
     totals = engine.check_totals()
     assert totals[("first", "OK")] == 1 and totals[("second", "DUNNO")] == 1
+    assert sum(totals.values()) == 2
+
+
+class StoreReader:
+    """A check that reads ``k`` from the store: DUNNO when it holds ``v``."""
+
+    name = "reader"
+    stages = ("RCPT",)
+    spares_role_addresses = False
+    failure_action = "dunno"
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def evaluate(self, ctx: Any) -> Any:
+        self.runs += 1
+        return None if ctx.store.get("k") == "v" else reject("550 5.7.1 no", "k is not v")
+
+
+def test_a_request_paused_for_the_store_goes_on_at_the_check_that_asked_and_counts_once() -> None:
+    config = parse_config(f'[dns]\nnameservers = ["127.0.0.1"]\nport = {free_port()}\n', "t.toml")
+    metrics = PolicydMetrics(Metrics(directory=""))
+    store = MemoryStore()
+    store.set("k", "v")
+    services = build_services(config, directory=fake_directory(), store=store, metrics=metrics)
+    first = Stub("first", [permit("yes")])  # a second run would find no answer
+    reader = StoreReader()
+    engine = Engine([first, reader], services)  # type: ignore[list-item]
+    engine.count()
+    req = PolicyRequest(request(recipient=OUT))
+    services.resolver.effective_policy(OUT)  # the recipient's policy is cached
+    with pytest.raises(NeedStore) as paused:
+        engine.decide(req, Transaction(req.instance), inline=True)
+    assert paused.value.call == StoreCall("get", ("k",))
+    result = services.store.call_many([paused.value.call])[0]
+    assert engine.resume(paused.value, result).action == "OK"
+    assert first.answers == [] and reader.runs == 2
+    totals = engine.check_totals()
+    assert totals[("first", "OK")] == 1 and totals[("reader", "DUNNO")] == 1
     assert sum(totals.values()) == 2

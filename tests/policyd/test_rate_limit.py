@@ -145,3 +145,29 @@ def test_end_of_message_counts_every_scope_in_one_atomic_write(world_with: Calla
     assert {"rl:user:taro@example.jp:m": 1, "rl:user:taro@example.jp:r": 2, "rl:domain:example.jp:m": 1,
             "rl:domain:example.jp:b": 500}.items() <= counted.items()
     assert w.store.get_many(["rl:user:taro@example.jp:m", "rl:domain:example.jp:b"]) == ["1", "500"]
+
+
+def test_on_the_event_loop_each_store_operation_pauses_the_request_and_is_made_once(
+    world_with: Callable[..., World],
+) -> None:
+    w = world_with(CHECKS)
+    made: list[str] = []
+
+    def on_the_loop(**attrs: str) -> str:
+        action, calls = w.on_the_loop(**attrs)
+        made.extend(call.name for call in calls)
+        return action
+
+    answers = []
+    for i in range(4):
+        who = {**LOGIN, "instance": f"loop{i}"}
+        answers.append(on_the_loop(recipient=OUT, **who))
+        if answers[-1] == "OK":
+            answers.append(on_the_loop(protocol_state="END-OF-MESSAGE", recipient="", recipient_count="1",
+                                       size="100", **who))
+    assert answers == ["OK", "DUNNO", "OK", "DUNNO", "OK", "DUNNO",
+                       "450 4.7.1 Rate limit reached: 3 messages per 60 s for user taro@example.jp; "
+                       "try again later"]
+    # RCPT: one read; END-OF-MESSAGE: the counters, and at the limit their ttl and the flag
+    assert made == ["get_many", "incr_many"] * 2 + ["get_many", "incr_many", "ttl", "set", "get_many"]
+    assert w.store.get("rl:user:taro@example.jp:m") == "3", "each message counted once"

@@ -8,7 +8,7 @@ import resource
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from harness.fakes import FakeDirectory
 from harness.redisserver import RedisServer
 from harness.slapd import SlapdServer
 from mailwarden.ldapdir import LdapDirectory
+from mailwarden.store import StoreCall
 from policyd.app import Decision, PolicyApp, build_services
 from policyd.config import PolicydConfig
 from policyd.protocol import PolicyRequest, format_request
@@ -78,6 +79,45 @@ def test_rate_limit_counts_in_the_shared_redis_across_two_nodes(
         c.close()
     assert answers[:6] == ["OK", "DUNNO"] * 3
     assert answers[6].startswith("450 4.7.1 Rate limit reached: 3 messages per 3600 s for domain example.jp")
+
+
+def test_store_reads_of_many_connections_are_pipelined_on_the_event_loop(
+    start_daemon: Callable[..., RunningServer], redis_server: RedisServer
+) -> None:
+    server = start_daemon('checks = ["relay", "rate_limit"]', redis=redis_server)
+    store = server.app.services.store
+    loop_thread = server.thread.ident
+    batches: list[int] = []
+    alone: list[str] = []
+    real_call_many, real_get_many = store.call_many, store.get_many
+
+    def call_many(calls: Sequence[StoreCall]) -> list[object]:
+        batches.append(len(calls))
+        return real_call_many(calls)
+
+    def get_many(keys: Sequence[str]) -> list[str | None]:
+        if threading.get_ident() == loop_thread:
+            alone.append(keys[0])
+        return real_get_many(keys)
+
+    store.call_many = call_many  # type: ignore[method-assign]
+    store.get_many = get_many  # type: ignore[method-assign]
+    who = {"recipient": OUT, "sasl_username": "taro@example.jp", "sender": "taro@example.jp"}
+    clients = [client(server) for _ in range(8)]
+    for c in clients:  # the policy cache, filled on the thread pool
+        assert c.ask(**who) == "OK"
+    batches.clear()
+    for attempt in range(20):
+        for n, c in enumerate(clients):
+            c.send_raw(format_request(request(instance=f"{attempt}-{n}", **who)))
+        assert [c.read_action() for c in clients] == ["OK"] * 8
+        if max(batches) > 1:
+            break
+    assert alone == [], "the event loop waited for Redis alone"
+    assert sum(batches) == 8 * (attempt + 1), "one store read per request"
+    assert max(batches) > 1, "reads of several connections in one round trip"
+    for c in clients:
+        c.close()
 
 
 def test_cold_lookups_go_to_the_thread_pool_and_answer_the_same(
@@ -372,3 +412,18 @@ def test_decision_line_is_built_only_when_info_is_logged(
     assert built == ["554 5.7.1 <friend@remote.example>: Relay access denied"]
     daemon_log.wait_for('action="554 5.7.1')
     c.close()
+
+
+def test_the_benchmark_load_generator_gets_an_answer_for_every_request(
+    start_daemon: Callable[..., RunningServer],
+) -> None:
+    from bench.bench_policyd import load
+
+    server = start_daemon('checks = ["relay"]')
+    requests = [format_request(request(recipient=OUT, instance=f"g{i}")) for i in range(200)]
+    for spec in PolicydConfig.of(server.app.config).listen:
+        for pinned in (False, True):
+            result = load(spec, requests, 4, pinned=pinned)
+            assert result["requests"] == 200
+            assert result["actions"] == {"554": 200}
+            assert 0 < result["p50_ms"] <= result["p99_ms"]
