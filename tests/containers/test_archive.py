@@ -89,7 +89,7 @@ def test_inbound_mail_is_archived_once_with_every_envelope_recipient_and_found_b
     # milter logged in as the master user (from a front node: proxy_networks), in plain
     # text on the private network (a front node's connection counts as secured there).
     fronts = "|".join(re.escape(stack.ip(host)) for host in ("front", "front2"))
-    stack.wait_for_log("mbox1", rf"imap-login: Login: user=<archive@example\.com>.*rip=(?:{fronts}),",
+    stack.wait_for_log("mbox1", rf"imap-login: Info: Login: user=<archive@example\.com>.*rip=(?:{fronts}),",
                        name="dovecot")
 
     # The front node asks mbox1's doveadm HTTP API; the Bcc recipient finds it.
