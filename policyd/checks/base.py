@@ -70,7 +70,8 @@ class InlineStore(StoreWrapper):
     one raises :class:`NeedStore` instead of waiting for the backend.
 
     A check using it must make the same operations, with the same arguments, when it
-    runs again with the same results (no clock or random value in them).
+    runs again with the same results (no clock or random value in them); an operation
+    whose answer the request's context kept (:meth:`CheckContext.memo`) may be left out.
     """
 
     def __init__(self, store: Store) -> None:
@@ -80,15 +81,15 @@ class InlineStore(StoreWrapper):
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         call = StoreCall(fn.__name__, args, kwargs)
-        if self.next < len(self.made):
-            made, result = self.made[self.next]
-            if made != call:
-                raise RuntimeError(f"store operation {call.name} differs from the one made when the check "
-                                   f"ran before ({made.name})")
-            self.next += 1
-            if isinstance(result, Exception):
-                raise result
-            return result
+        # The same operation made before, in order.  One made before may not come again:
+        # its answer was memoized in the request's context (the POP-before-SMTP lookup).
+        for index in range(self.next, len(self.made)):
+            made, result = self.made[index]
+            if made == call:
+                self.next = index + 1
+                if isinstance(result, Exception):
+                    raise result
+                return result
         raise NeedStore(call)
 
     def record(self, call: StoreCall, result: Any) -> None:

@@ -75,9 +75,13 @@ def test_the_stack_configuration_is_valid_and_renders(role: str, tmp_path: Path)
     assert cfg.dns.nameservers == [f"{NET}.53"]
     # Both ask (front) or serve (mailbox) the doveadm HTTP API with the key mw-init makes.
     assert cfg.render.doveadm_http_port == containers.DOVEADM_PORT
-    key = tmp_path / "doveadm.key"
+    # Both save (front) or take (mailbox) archive copies over IMAP as the master user.
+    assert cfg.render.archive_imap_port == containers.ARCHIVE_IMAP_PORT
+    key, master = tmp_path / "doveadm.key", tmp_path / "archive-master.key"
     key.write_text("stack-test-key\n")
-    cfg = parse_config(stack_config(role).replace(cfg.render.doveadm_api_key_file, str(key)), f"{role}.toml")
+    master.write_text("stack-master-password\n")
+    text = stack_config(role).replace(cfg.render.doveadm_api_key_file, str(key))
+    cfg = parse_config(text.replace(cfg.render.archive_master_password_file, str(master)), f"{role}.toml")
     if role == "front":
         written = render_postfix(cfg, [], tmp_path)
         assert {w.name for w in written} == {f"postfix-{r}" for r in containers.FRONT_INSTANCES}
@@ -90,6 +94,8 @@ def test_the_stack_configuration_is_valid_and_renders(role: str, tmp_path: Path)
     if role == "mailbox":
         keyed = (written[0].directory / "conf.d" / "mailwarden-doveadm.conf.ext").read_text()
         assert "doveadm_api_key = stack-test-key" in keyed
+        passwd = (written[0].directory / "mailwarden-archive-master.passwd").read_text()
+        assert passwd.startswith("mailwarden-archive:{SSHA256}") and f"allow_nets={NET}.8/29," in passwd
 
 
 @pytest.fixture

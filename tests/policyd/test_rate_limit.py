@@ -171,3 +171,18 @@ def test_on_the_event_loop_each_store_operation_pauses_the_request_and_is_made_o
     # RCPT: one read; END-OF-MESSAGE: the counters, and at the limit their ttl and the flag
     assert made == ["get_many", "incr_many"] * 2 + ["get_many", "incr_many", "ttl", "set", "get_many"]
     assert w.store.get("rl:user:taro@example.jp:m") == "3", "each message counted once"
+
+
+def test_on_the_event_loop_an_anonymous_clients_messages_are_counted(
+    world_with: Callable[..., World],
+) -> None:
+    """The client's POP-before-SMTP window is looked up once (kept for the request) before
+    the counters change; the check that runs again after each pause still counts."""
+    w = world_with('[policyd]\nchecks = ["relay", "rate_limit"]\n[policyd.rate_limit.client]\nmessages = 2\n')
+    inbound = {"client_address": "192.0.2.1", "sender": "someone@outside.example"}
+    answers = [w.on_the_loop(protocol_state="END-OF-MESSAGE", recipient="", recipient_count="1", size="100",
+                             instance=f"anon{i}", **inbound)[0] for i in range(3)]
+    assert answers[:2] == ["DUNNO", "DUNNO"]
+    assert answers[2].startswith(
+        "450 4.7.1 Rate limit exceeded: messages limit 2 per 3600 s for client 192.0.2.1")
+    assert w.store.get("rl:client:192.0.2.1:m") == "2"
