@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 from collections.abc import Sequence
 
 from milters.lmtp import crlf
+from milters.streamsession import StreamSession
 
 __all__ = ["ImapClient", "ImapError"]
 
@@ -52,15 +52,13 @@ class ImapError(Exception):
         return self.reply is None
 
 
-class ImapClient:
+class ImapClient(StreamSession):
     """One logged-in IMAP session on the running loop; one command at a time."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  capabilities: set[str]) -> None:
-        self.reader = reader
-        self.writer = writer
+        super().__init__(reader, writer)
         self.capabilities = capabilities
-        self.loop = asyncio.get_running_loop()
         self._tag = 0
 
     @classmethod
@@ -108,15 +106,6 @@ class ImapClient:
         self.writer.write(token.encode() + b"\r\n")
         await self._tagged(tag, "login")
 
-    @property
-    def usable(self) -> bool:
-        """Open, and on the running loop."""
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        return running is self.loop and not self.writer.is_closing()
-
     async def append(self, messages: Sequence[bytes], timeout: float, mailbox: str = "INBOX") -> str:
         """Save ``messages`` in ``mailbox`` with one command; the tagged OK response.
 
@@ -138,17 +127,9 @@ class ImapClient:
             self.abort()
             raise ImapError("APPEND", None, f"no answer in {timeout:g} s") from None
 
-    def abort(self) -> None:
-        """Close without LOGOUT (after a failure, or for a session of an ended loop)."""
-        with contextlib.suppress(RuntimeError):
-            self.writer.transport.abort()
-
     def logout(self) -> None:
         """Say LOGOUT and close, not waiting for the answer."""
-        with contextlib.suppress(RuntimeError, OSError):
-            if not self.writer.is_closing():
-                self.writer.write(self._next_tag() + b" LOGOUT\r\n")
-            self.writer.close()
+        self.say_goodbye(self._next_tag() + b" LOGOUT\r\n")
 
     def _next_tag(self) -> bytes:
         self._tag += 1

@@ -18,8 +18,9 @@ the session takes the next one); QUIT.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
+
+from milters.streamsession import StreamSession
 
 __all__ = ["LmtpClient", "LmtpError", "LmtpReply"]
 
@@ -75,16 +76,14 @@ def dot_stuffed(data: bytes) -> bytes:
     return _DOT.sub(b"..", crlf(data)) + b".\r\n"
 
 
-class LmtpClient:
+class LmtpClient(StreamSession):
     """One LMTP session on the running loop; :meth:`deliver` may be called again after a
     transaction that ended with a reply (accepted or refused)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  capabilities: set[str]) -> None:
-        self.reader = reader
-        self.writer = writer
+        super().__init__(reader, writer)
         self.capabilities = capabilities
-        self.loop = asyncio.get_running_loop()
 
     @classmethod
     async def open(cls, host: str, port: int, timeout: float, name: str = "localhost") -> LmtpClient:
@@ -109,15 +108,6 @@ class LmtpClient:
             raise LmtpError("connect", None, f"{host}:{port}: {exc}") from None
         words = {line.split()[0].upper() for line in hello.text.split("\n")[1:] if line.split()}
         return cls(reader, writer, words)
-
-    @property
-    def usable(self) -> bool:
-        """Open, and on the running loop (a session opened on an ended loop is not)."""
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        return running is self.loop and not self.writer.is_closing()
 
     async def deliver(self, sender: str, recipients: list[str], data: bytes,
                       timeout: float) -> dict[str, LmtpReply]:
@@ -179,17 +169,9 @@ class LmtpClient:
         if not reset.ok:
             raise LmtpError("RSET", reset)
 
-    def abort(self) -> None:
-        """Close without QUIT (after a failure, or for a session of an ended loop)."""
-        with contextlib.suppress(RuntimeError):  # its loop has ended
-            self.writer.transport.abort()
-
     def quit(self) -> None:
         """Say QUIT and close, not waiting for the answer."""
-        with contextlib.suppress(RuntimeError, OSError):
-            if not self.writer.is_closing():
-                self.writer.write(b"QUIT\r\n")
-            self.writer.close()
+        self.say_goodbye(b"QUIT\r\n")
 
 
 async def _reply(reader: asyncio.StreamReader, stage: str) -> LmtpReply:
