@@ -818,25 +818,32 @@ def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
     }
 
 
+def _secret(r: RenderConfig, setting: str, what: str) -> str:
+    """The secret in the file ``[render] setting`` names; RenderError naming the setting."""
+    try:
+        return read_api_key(getattr(r, setting), what)
+    except DoveadmError as exc:
+        raise RenderError([f"render.{setting}: {exc}"]) from None
+
+
+def archive_master_password(r: RenderConfig) -> str:
+    """The archive master user's password (read by the milter and for the passwd file).
+    Raises RenderError."""
+    return _secret(r, "archive_master_password_file", "archive master password")
+
+
 def _archive_master_entry(r: RenderConfig) -> str:
     """The archive master user's passwd-file line: a salted SHA-256 of its password, and the
     networks it may log in from (the front nodes', and loopback)."""
-    try:
-        password = read_api_key(r.archive_master_password_file, "archive master password")
-    except DoveadmError as exc:
-        raise RenderError([f"render.archive_master_password_file: {exc}"]) from None
     salt = os.urandom(8)
-    digest = base64.b64encode(hashlib.sha256(password.encode() + salt).digest() + salt).decode()
+    digest = base64.b64encode(hashlib.sha256(archive_master_password(r).encode() + salt).digest() + salt)
     nets = ",".join([*r.proxy_networks, "127.0.0.0/8", "::1"])
-    return f"{r.archive_master_user}:{{SSHA256}}{digest}::::::allow_nets={nets}"
+    return f"{r.archive_master_user}:{{SSHA256}}{digest.decode()}::::::allow_nets={nets}"
 
 
 def _doveadm_key(r: RenderConfig) -> str:
     """The doveadm API key from its file (a rendered file must not depend on a newline)."""
-    try:
-        return read_api_key(r.doveadm_api_key_file)
-    except DoveadmError as exc:
-        raise RenderError([f"render.doveadm_api_key_file: {exc}"]) from None
+    return _secret(r, "doveadm_api_key_file", "doveadm API key")
 
 
 def render_dovecot(cfg: Config, roles: Sequence[str], out: Path) -> list[Rendered]:

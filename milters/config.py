@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 from mailwarden.config import Config, Section
 from mailwarden.configfields import setting
-from mailwarden.doveadm import DoveadmError, read_api_key
 
 if TYPE_CHECKING:
     from mailwarden.renderconfig import MilterWiring
@@ -263,10 +262,12 @@ def check_section(config: Config) -> list[str]:
     """Problems in the section, weighed against the rest of ``config``."""
     problems = check_milter_config(MilterConfig.of(config), config.ldap.worst_case)
     if config.render.archive_imap_port:
+        from mailwarden.render import RenderError, archive_master_password  # jinja2: only when needed
+
         try:
-            read_api_key(config.render.archive_master_password_file, "archive master password")
-        except DoveadmError as exc:
-            problems.append(f"render.archive_master_password_file: {exc} (archive_imap_port is set)")
+            archive_master_password(config.render)
+        except RenderError as exc:
+            problems += [f"{problem} (archive_imap_port is set)" for problem in exc.problems]
     return problems
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from mailwarden.config import Config, ConfigError
 from mailwarden.directory import Directory
 from mailwarden.dns import make_resolver
-from mailwarden.doveadm import DoveadmError, read_api_key
 from mailwarden.linelog import DecisionLog
 from mailwarden.logfields import NOQUEUE, new_mwid
 from mailwarden.metrics import TimedDirectory, TimedStore, dns_cache
@@ -24,7 +23,7 @@ from mailwarden.networks import Networks
 from mailwarden.notify import NOTICE_RESULTS, NoticeTemplates, Notifier
 from mailwarden.pbs import PopBeforeSmtp
 from mailwarden.policy import PolicyResolver
-from mailwarden.render import default_mailbox_host
+from mailwarden.render import RenderError, archive_master_password, default_mailbox_host
 from mailwarden.reputation import RecordingBatch, Reputation
 from mailwarden.store import Store, StoreUnavailable, async_store_of, store_of
 from milters.archive import Archiver
@@ -356,9 +355,9 @@ def archive_store(config: Config) -> CopyStore:
     if not r.archive_imap_port:
         return LmtpStore(r.mailbox_port, m.archive_timeout, config.general.node_name)
     try:
-        password = read_api_key(r.archive_master_password_file, "archive master password")
-    except DoveadmError as exc:
-        raise ConfigError([f"render.archive_master_password_file: {exc}"]) from None
+        password = archive_master_password(r)
+    except RenderError as exc:
+        raise ConfigError(exc.problems) from None
     return ImapStore(r.archive_imap_port, r.archive_master_user, password, m.archive_timeout,
                      lanes=m.archive_imap_sessions)
 
