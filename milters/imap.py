@@ -25,7 +25,7 @@ import base64
 from collections.abc import Sequence
 
 from milters.lmtp import crlf
-from milters.streamsession import StreamSession
+from milters.streamsession import SessionError, StreamSession, connected
 
 __all__ = ["ImapClient", "ImapError"]
 
@@ -34,17 +34,12 @@ MAX_LINE = 65536
 NEEDED = ("LITERAL+", "MULTIAPPEND")
 
 
-class ImapError(Exception):
+class ImapError(SessionError[str]):
     """A command the server refused or could not finish.
 
     ``reply`` is the tagged ``NO``/``BAD`` response (None: the connection broke, timed
     out, or the server said BYE), ``stage`` the command.
     """
-
-    def __init__(self, stage: str, reply: str | None, detail: str = "") -> None:
-        self.stage = stage
-        self.reply = reply
-        super().__init__(f"{stage}: {reply}" if reply is not None else f"{stage}: {detail}")
 
     @property
     def dropped(self) -> bool:
@@ -68,24 +63,17 @@ class ImapClient(StreamSession):
 
         Raises ImapError, also when the server lacks LITERAL+ or MULTIAPPEND.
         """
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port, limit=MAX_LINE)
-                try:
-                    client = cls(reader, writer, set())
-                    greeting = await client._line("connect")
-                    if not greeting.upper().startswith("* OK"):
-                        raise ImapError("connect", greeting)
-                    await client._authenticate(login, user, password)
-                    if not client.capabilities:
-                        await client._command(b"CAPABILITY", "CAPABILITY")
-                except BaseException:
-                    writer.close()
-                    raise
-        except TimeoutError:
-            raise ImapError("connect", None, f"no answer from {host}:{port} in {timeout:g} s") from None
-        except OSError as exc:
-            raise ImapError("connect", None, f"{host}:{port}: {exc}") from None
+        async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> ImapClient:
+            client = cls(reader, writer, set())
+            greeting = await client._line("connect")
+            if not greeting.upper().startswith("* OK"):
+                raise ImapError("connect", greeting)
+            await client._authenticate(login, user, password)
+            if not client.capabilities:
+                await client._command(b"CAPABILITY", "CAPABILITY")
+            return client
+
+        client = await connected(host, port, timeout, handshake, limit=MAX_LINE, error=ImapError)
         missing = [c for c in NEEDED if c not in client.capabilities]
         if missing:
             client.abort()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import re
 
-from milters.streamsession import StreamSession
+from milters.streamsession import SessionError, StreamSession, connected
 
 __all__ = ["LmtpClient", "LmtpError", "LmtpReply"]
 
@@ -47,17 +47,12 @@ class LmtpReply:
         return f"{self.code} {self.text}".replace("\n", " ")
 
 
-class LmtpError(Exception):
+class LmtpError(SessionError[LmtpReply]):
     """A transaction the server refused or could not finish.
 
     ``reply`` is the refusing reply (None: the connection broke or timed out), ``stage``
     the command (``connect``, ``LHLO``, ``MAIL``, ``RCPT``, ``DATA``, ``end of data``).
     """
-
-    def __init__(self, stage: str, reply: LmtpReply | None, detail: str = "") -> None:
-        self.stage = stage
-        self.reply = reply
-        super().__init__(f"{stage}: {reply}" if reply is not None else f"{stage}: {detail}")
 
     @property
     def dropped(self) -> bool:
@@ -88,26 +83,18 @@ class LmtpClient(StreamSession):
     @classmethod
     async def open(cls, host: str, port: int, timeout: float, name: str = "localhost") -> LmtpClient:
         """Connect, read the greeting and say LHLO.  Raises LmtpError."""
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port, limit=MAX_LINE)
-                try:
-                    greeting = await _reply(reader, "connect")
-                    if greeting.code != 220:
-                        raise LmtpError("connect", greeting)
-                    writer.write(f"LHLO {name}\r\n".encode())
-                    hello = await _reply(reader, "LHLO")
-                    if hello.code != 250:
-                        raise LmtpError("LHLO", hello)
-                except BaseException:
-                    writer.close()
-                    raise
-        except TimeoutError:
-            raise LmtpError("connect", None, f"no answer from {host}:{port} in {timeout:g} s") from None
-        except OSError as exc:
-            raise LmtpError("connect", None, f"{host}:{port}: {exc}") from None
-        words = {line.split()[0].upper() for line in hello.text.split("\n")[1:] if line.split()}
-        return cls(reader, writer, words)
+        async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> LmtpClient:
+            greeting = await _reply(reader, "connect")
+            if greeting.code != 220:
+                raise LmtpError("connect", greeting)
+            writer.write(f"LHLO {name}\r\n".encode())
+            hello = await _reply(reader, "LHLO")
+            if hello.code != 250:
+                raise LmtpError("LHLO", hello)
+            words = {line.split()[0].upper() for line in hello.text.split("\n")[1:] if line.split()}
+            return cls(reader, writer, words)
+
+        return await connected(host, port, timeout, handshake, limit=MAX_LINE, error=LmtpError)
 
     async def deliver(self, sender: str, recipients: list[str], data: bytes,
                       timeout: float) -> dict[str, LmtpReply]:
