@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -181,23 +182,10 @@ class PolicyConnection(asyncio.Protocol):
                 self.answer_malformed(problem, started)
                 continue
             txn = self.transaction(item)
-            try:
-                decision = server.app.engine.decide(item, txn, inline=True)
-            except NeedStore as need:
+            if not self.settle(item, txn, started, functools.partial(server.app.engine.decide, item, txn,
+                                                                     inline=True)):
                 self.busy = True
-                server.wait_for_store(self, item, txn, started, need)
                 return
-            except NeedDns as need:
-                self.busy = True
-                server.spawn(self.answer_blocking(item, txn, started, need))
-                return
-            except WouldBlock:
-                self.busy = True
-                server.spawn(self.answer_blocking(item, txn, started))
-                return
-            except Exception as exc:  # noqa: BLE001 - one bad request must not end the connection
-                decision = server.internal_error(exc)
-            self.answer(item, decision, started)
         if self.paused and len(self.queue) <= MAX_QUEUED // 2 and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
@@ -205,23 +193,30 @@ class PolicyConnection(asyncio.Protocol):
     def resume(self, request: PolicyRequest, txn: Transaction, started: float, need: NeedStore,
                result: Any) -> None:
         """Go on with a request paused for the store; answer it unless it must wait again."""
+        if self.settle(request, txn, started, functools.partial(self.server.app.engine.resume, need, result)):
+            self.busy = False
+            self.drain()
+
+    def settle(self, request: PolicyRequest, txn: Transaction, started: float,
+               attempt: Callable[[], Decision]) -> bool:
+        """Answer ``request`` with ``attempt``'s decision, or hand it on when it must wait (the
+        store's next round trip, DNS, the thread pool); whether it was answered."""
         server = self.server
         try:
-            decision = server.app.engine.resume(need, result)
-        except NeedStore as again:
-            server.wait_for_store(self, request, txn, started, again)
-            return
-        except NeedDns as dns:
-            server.spawn(self.answer_blocking(request, txn, started, dns))
-            return
+            decision = attempt()
+        except NeedStore as need:
+            server.wait_for_store(self, request, txn, started, need)
+            return False
+        except NeedDns as need:
+            server.spawn(self.answer_blocking(request, txn, started, need))
+            return False
         except WouldBlock:
             server.spawn(self.answer_blocking(request, txn, started))
-            return
+            return False
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the connection
             decision = server.internal_error(exc)
-        self.busy = False
         self.answer(request, decision, started)
-        self.drain()
+        return True
 
     def transaction(self, request: PolicyRequest) -> Transaction:
         """The state of the request's mail transaction (fresh when Postfix sent no instance).
