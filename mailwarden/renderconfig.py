@@ -171,7 +171,7 @@ class RenderConfig:
     )
     archive_imap_port: int = setting(
         0, "port of the mailbox hosts' IMAP listener for archive copies: the milter saves them "
-        "there with MULTIAPPEND, logged in as archive_master_user (about a sixth of Dovecot's CPU "
+        "there with MULTIAPPEND, logged in as archive_master_user (a fifth or less of Dovecot's CPU "
         "per copy over LMTP); 0: copies are delivered over LMTP (mailbox_port)"
     )
     archive_master_user: str = setting(

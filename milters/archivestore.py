@@ -4,10 +4,10 @@ Both stores take one copy at a time from the archiver (:mod:`milters.archive`) a
 return only once Dovecot has taken it, or raise ArchiveUnavailable; both keep their
 sessions open between copies, on the event loop.
 
-* :class:`ImapStore` (``[render] archive_imap_port`` set): one IMAP session per archive
-  mailbox, logged in by a Dovecot master user *as* that mailbox; copies that arrive while
-  one command is out go together in the next MULTIAPPEND (group commit).  About a sixth
-  of Dovecot's CPU per copy over LMTP (:mod:`milters.imap`).
+* :class:`ImapStore` (``[render] archive_imap_port`` set): IMAP sessions per archive
+  mailbox (``[milter] archive_imap_sessions``, one by default), logged in by a Dovecot master user *as* that mailbox; copies that arrive while
+  one command is out go together in the next MULTIAPPEND (group commit).  A fifth
+  or less of Dovecot's CPU per copy over LMTP (:mod:`milters.imap`, docs/benchmarks.md).
 * :class:`LmtpStore` (the default): a delivery to the archive mailbox over LMTP, one
   transaction per copy.
 """
