@@ -5,9 +5,10 @@ return only once Dovecot has taken it, or raise ArchiveUnavailable; both keep th
 sessions open between copies, on the event loop.
 
 * :class:`ImapStore` (``[render] archive_imap_port`` set): IMAP sessions per archive
-  mailbox (``[milter] archive_imap_sessions``, one by default), logged in by a Dovecot master user *as* that mailbox; copies that arrive while
-  one command is out go together in the next MULTIAPPEND (group commit).  A fifth
-  or less of Dovecot's CPU per copy over LMTP (:mod:`milters.imap`, docs/benchmarks.md).
+  mailbox (``[milter] archive_imap_sessions``, one by default), logged in by a Dovecot
+  master user *as* that mailbox; copies that arrive while a command is out go together
+  in the next MULTIAPPEND (group commit).  A fifth or less of Dovecot's CPU per copy
+  over LMTP (:mod:`milters.imap`, docs/benchmarks.md).
 * :class:`LmtpStore` (the default): a delivery to the archive mailbox over LMTP, one
   transaction per copy.
 """
