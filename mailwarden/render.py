@@ -729,12 +729,21 @@ def auth_chain(cfg: Config, role: str) -> list[AuthStep]:
         chain=(("result_success", "continue"), ("result_failure", "return-fail"), _STOP_ON_ERROR),
     ))
     archive = d.mapping.archive_status_value
+    status = a["account_status"]
+
+    def archive_or(archive_value: str, value: str) -> str:
+        # Dovecot's %{if} ends a value at ':', so each ':'-separated part is chosen apart.
+        return ":".join(
+            a if a == b else f"%{{if;%{{ldap:{status}}};eq;{archive};{a};{b}}}"
+            for a, b in zip(archive_value.split(":"), value.split(":"), strict=True)
+        )
+
+    for_archive = tuple(f"{status}={field}={archive_or(*values)}"
+                        for field, values in archive_account_settings(r).items())
     steps.append(AuthStep(
         "userdb", "user", "the subscriber: primary address, home, and their own settings",
         base=d.user_base, query_filter=d.dovecot_user_filter(),
-        fields=(f"=user=%{{ldap:{a['mail']}}}", *layered,
-                f"{a['account_status']}=mail_fsync=%{{if;%{{ldap:{a['account_status']}}};eq;{archive};"
-                "optimized;always}",
+        fields=(f"=user=%{{ldap:{a['mail']}}}", *layered, *for_archive,
                 env("forward", "forward_addresses"),
                 env("vacation", "vacation_active"), env("vacation_subject", "vacation_subject"),
                 env("vacation_text", "vacation_text")),
@@ -815,6 +824,8 @@ def dovecot_context(cfg: Config, role: str) -> dict[str, Any]:
         "recipient_delimiter": cfg.policy.recipient_delimiter,
         "doveadm_api_key": _doveadm_key(r) if role == "mailbox" and r.doveadm_http_port else "",
         "archive_master_entry": _archive_master_entry(r) if role == "mailbox" and r.archive_imap_port else "",
+        "mail_location": mail_location(r),
+        "maildir_quota": MAILDIR_QUOTA,
     }
 
 
@@ -824,6 +835,34 @@ def _secret(r: RenderConfig, setting: str, what: str) -> str:
         return read_api_key(getattr(r, setting), what)
     except DoveadmError as exc:
         raise RenderError([f"render.{setting}: {exc}"]) from None
+
+
+def mail_location(r: RenderConfig) -> str:
+    """Where a subscriber's mail is: a Maildir on NFS, its indexes on the host's disk."""
+    return f"maildir:~/Maildir:INDEX={r.index_root}/%d/%n"
+
+
+MAILDIR_QUOTA = "maildir:User quota"
+"""The subscribers' quota backend: Maildir++ (``maildirsize``, read by every host)."""
+
+
+def archive_account_settings(r: RenderConfig) -> dict[str, tuple[str, str]]:
+    """The userdb fields an archive mailbox sets differently: field -> (archive, others).
+
+    An archive mailbox only grows, is written by its mailbox host alone and is read only
+    by ``doveadm``.  As sdbox (the default), each copy is one file named by its UID and the
+    index sits beside the files on NFS (it is the mailbox's record of UIDs; ``doveadm
+    force-resync`` rebuilds it from the files), so a save costs the same however large the
+    archive is, where a Maildir rereads its ``dovecot-uidlist`` (one line per message) for
+    every save.  Its quota is counted in the index (``count``): Maildir++ works only on a
+    Maildir.  Either format syncs each copy before Dovecot answers but not its indexes
+    (``mail_fsync = optimized``)."""
+    fields = {"mail_fsync": ("optimized", "always")}
+    if r.archive_mailbox_format == "sdbox":
+        fields["mail"] = ("sdbox:~/sdbox:INDEX=~/sdbox", mail_location(r))
+        fields["quota"] = ("count:User quota", MAILDIR_QUOTA)
+        fields["quota_vsizes"] = ("yes", "no")
+    return fields
 
 
 def archive_master_password(r: RenderConfig) -> str:

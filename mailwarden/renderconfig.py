@@ -183,6 +183,11 @@ class RenderConfig:
         "file holding archive_master_user's password (read by the milter and by mailwarden render; "
         "a master user can open every mailbox: keep it as secret as the doveadm API key)",
     )
+    archive_mailbox_format: Literal["sdbox", "maildir"] = setting(
+        "sdbox", "mailbox format of the archive mailboxes (sdbox: a save costs the same however "
+        "large the archive grows; maildir: like the subscribers', each save rereads a list of "
+        "every message)"
+    )
     backend_imap_port: int = setting(143, "IMAP port of the mailbox hosts the proxy forwards to")
     backend_pop3_port: int = setting(110, "POP3 port of the mailbox hosts the proxy forwards to")
     legacy_imap_port: int = setting(

@@ -18,6 +18,7 @@ import functools
 import json
 import mailbox
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,26 +232,41 @@ def _texts(archive: Archive, rows: list[dict[str, Any]]) -> Iterator[tuple[int, 
 @filter_options
 @click.option("--format", "fmt", type=click.Choice(["mbox", "eml"]), default="mbox", show_default=True)
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
-              help="mbox: the file to write; eml: the directory (one UID.eml per message).")
+              help="mbox: the file to write ('-': standard output); eml: the directory "
+                   "(one DOMAIN-UID.eml per message).")
 @pass_app
 def archive_export(app: App, *, domain: str, address: str | None, filters: Filters, fmt: str,
                    out: Path) -> None:
     """Write the archived messages of DOMAIN that match, envelope fields included."""
+    to_stdout = str(out) == "-"
+    if to_stdout and fmt != "mbox":
+        raise click.UsageError("--out - writes an mbox only")
     archive = visible_archive(app, domain, address)
     rows = _found(archive, filters)
     if fmt == "eml":
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
         for uid, data in _texts(archive, rows):
             (out / f"{archive.domain}-{uid}.eml").write_bytes(data)
+    elif to_stdout:
+        # The mailbox module writes an mbox to a file only: through a private temporary one.
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_mbox(Path(tmp) / "export.mbox", _texts(archive, rows))
+            with (Path(tmp) / "export.mbox").open("rb") as written:
+                for chunk in iter(lambda: written.read(1 << 16), b""):
+                    click.echo(chunk, nl=False)
     else:
-        box = mailbox.mbox(out, create=True)
-        try:
-            for _uid, data in _texts(archive, rows):
-                box.add(data)
-            box.flush()
-        finally:
-            box.close()
+        _write_mbox(out, _texts(archive, rows))
     click.echo(f"{len(rows)} message(s) from {archive.address} written to {out}", err=True)
+
+
+def _write_mbox(path: Path, texts: Iterator[tuple[int, bytes]]) -> None:
+    box = mailbox.mbox(path, create=True)
+    try:
+        for _uid, data in texts:
+            box.add(data)
+        box.flush()
+    finally:
+        box.close()
 
 
 @archive_group.command("expire")

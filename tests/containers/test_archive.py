@@ -5,17 +5,22 @@ search`` on the front node finds it through the mailbox host's doveadm HTTP API.
 
 example.com archives both ways into archive@example.com (ldap/sample.ldif), an
 account with no mail_host, so on the default mailbox host (mbox1); example.jp does
-not archive.  The archive mailbox is a Maildir on the shared volume like any other.
+not archive.  The archive mailbox is an sdbox on the shared volume.
 """
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
+import mailbox
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from email.message import EmailMessage
+from pathlib import Path
 
 from harness.containers import (
     ARCHIVE_IMAP_PORT,
@@ -36,12 +41,37 @@ MAILBOX_CONF = "/etc/dovecot-mailbox/dovecot.conf"  # as mw-init renders it on a
 LMTP = 24  # [render] mailbox_port: postfix-mailbox's deliveries
 
 
+def archive_files(stack: MailStack, token: str) -> list[Path]:
+    """The archive mailbox's message files (an sdbox on the shared volume: one file per
+    copy) that hold ``token``."""
+    mails = stack.volume_path("mail") / "example.com" / "archive" / "sdbox" / "mailboxes" / "INBOX"
+    mails /= "dbox-Mails"
+    return [f for f in mails.glob("u.*") if token.encode() in f.read_bytes()] if mails.is_dir() else []
+
+
+def exported(stack: MailStack, token: str) -> list[EmailMessage]:
+    """The copies with ``token`` as ``mailwarden archive export --out -`` on the front
+    node writes them (an mbox on standard output, through the mailbox host's doveadm)."""
+    done = stack.mailwarden("archive", "export", "example.com", "--out", "-")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "export.mbox").write_text(done.stdout)
+        box = mailbox.mbox(Path(tmp) / "export.mbox", create=False)
+        messages = [email.message_from_bytes(m.as_bytes(), _class=EmailMessage, policy=email.policy.default)
+                    for m in box]
+        box.close()
+    return [m for m in messages if token in message_text(m)]
+
+
 def archived(stack: MailStack, token: str, count: int = 1) -> list[EmailMessage]:
     """The archive's copies of the messages with ``token``, once ``count`` are there and
     every queue of the stack is empty (so no further copy is on its way)."""
-    stack.wait_for_messages(stack.maildir(ARCHIVE), count, match=token)
+    deadline = time.monotonic() + 30
+    while len(archive_files(stack, token)) < count:
+        assert time.monotonic() < deadline, f"{len(archive_files(stack, token))} of {count} copies\n" + \
+            stack.log_tails("front", "mbox1", "mbox2", lines=25)
+        time.sleep(0.3)
     stack.wait_queues_empty()
-    return [m for m in read_maildir(stack.maildir(ARCHIVE)) if token in message_text(m)]
+    return exported(stack, token)
 
 
 def envelope(copy: EmailMessage, name: str) -> list[str]:
@@ -159,7 +189,7 @@ def test_with_the_archive_down_the_sender_is_deferred_and_its_retry_is_delivered
                            rf"{re.escape(ARCHIVE)} at mbox2\.example\.jp:{ARCHIVE_IMAP_PORT}", name="milter",
                            after=milter_log)
         assert not [m for m in read_maildir(stack.maildir(rcpt)) if token in message_text(m)]
-        assert not [m for m in read_maildir(stack.maildir(ARCHIVE)) if token in message_text(m)]
+        assert not archive_files(stack, token)
     stack.exec("internet", "postqueue", "-f")
     stack.wait_for_messages(stack.maildir(rcpt), match=token)
     [copy] = archived(stack, token)
@@ -176,6 +206,6 @@ def test_a_domain_without_the_archive_service_keeps_nothing(stack: MailStack, to
     assert "archive=" not in milter_line(stack, queued_as(sent.stdout), milter_log)
     stack.wait_for_messages(stack.maildir("taro@example.jp"), match=token)
     stack.wait_queues_empty()
-    assert not [m for m in read_maildir(stack.maildir(ARCHIVE)) if token in message_text(m)]
+    assert not exported(stack, token) and not archive_files(stack, token)
     refused = stack.mailwarden("archive", "search", "example.jp", check=False)
     assert refused.returncode == 1 and "example.jp has no archive_address" in refused.stderr

@@ -116,6 +116,26 @@ def test_archive_master_user_is_rendered_salted_and_private(tmp_path: Path) -> N
         render_dovecot(cfg(text.replace(str(secret), str(tmp_path / "missing"))), ["mailbox"], tmp_path / "x")
 
 
+def test_archive_mailboxes_are_sdbox_unless_maildir_is_chosen(tmp_path: Path) -> None:
+    """The archive account's userdb fields: sdbox, count quota and fewer syncs by default;
+    with ``archive_mailbox_format = "maildir"`` only the syncs differ from a subscriber's."""
+    one_dir = '[render]\ndovecot_config_dir = "/etc/dovecot-{role}"\n'
+
+    def user_attrs(text: str, out: str) -> str:
+        render_dovecot(cfg(text), ["mailbox"], tmp_path / out)
+        ext = (tmp_path / out / "dovecot-mailbox" / "mailwarden-userdb-user.conf.ext").read_text()
+        [line] = [x for x in ext.splitlines() if x.startswith("user_attrs")]
+        return line
+
+    sdbox = user_attrs(one_dir, "sdbox")
+    assert "mwAccountStatus=mail=%{if;%{ldap:mwAccountStatus};eq;archive;sdbox;maildir}:" in sdbox
+    assert "mwAccountStatus=quota=%{if;%{ldap:mwAccountStatus};eq;archive;count;maildir}:User quota" in sdbox
+    assert "mwAccountStatus=mail_fsync=%{if;%{ldap:mwAccountStatus};eq;archive;optimized;always}" in sdbox
+    maildir = user_attrs(one_dir + 'archive_mailbox_format = "maildir"\n', "maildir")
+    assert "mail_fsync=" in maildir and "=mail=" not in maildir and "quota=" not in maildir.replace(
+        "quota_rule", "")
+
+
 def test_alternative_mapping_shapes_every_lookup(tmp_path: Path) -> None:
     compat = cfg((DATA / "compat.toml").read_text() + '[render]\ndovecot_config_dir = "/d/{role}"\n')
     render_postfix(compat, ["route", "mailbox"], tmp_path)
