@@ -734,8 +734,8 @@ def auth_chain(cfg: Config, role: str) -> list[AuthStep]:
     def archive_or(archive_value: str, value: str) -> str:
         # Dovecot's %{if} ends a value at ':', so each ':'-separated part is chosen apart.
         return ":".join(
-            a if a == b else f"%{{if;%{{ldap:{status}}};eq;{archive};{a};{b}}}"
-            for a, b in zip(archive_value.split(":"), value.split(":"), strict=True)
+            mine if mine == other else f"%{{if;%{{ldap:{status}}};eq;{archive};{mine};{other}}}"
+            for mine, other in zip(archive_value.split(":"), value.split(":"), strict=True)
         )
 
     for_archive = tuple(f"{status}={field}={archive_or(*values)}"
