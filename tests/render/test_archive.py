@@ -14,6 +14,7 @@ import imaplib
 import json
 import logging
 import mailbox
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -413,6 +414,26 @@ def test_the_archive_mailbox_is_an_sdbox_with_its_own_quota_and_syncs(
     mails = site.root / "mail" / "example.com" / "archive" / "sdbox" / "mailboxes" / "INBOX" / "dbox-Mails"
     assert [f for f in mails.glob("u.*") if b"Subject: one file" in f.read_bytes()]
     assert not (site.root / "mail" / "example.com" / "archive" / "Maildir").exists()
+
+
+def test_an_archive_kept_in_a_maildir_is_imported_into_the_sdbox(
+        archive_host: tuple[Site, RenderedDovecot]) -> None:
+    """What docs/templates.md gives for moving an archive out of a Maildir (one kept with
+    ``archive_mailbox_format = "maildir"``): ``doveadm import`` into the sdbox."""
+    site, dovecot = archive_host
+    fields = dovecot.userdb("archive@example.com")
+    assert fields is not None
+    maildir = Path(fields["home"]) / "Maildir"
+    msg = make_message(sender="kept@outside.test", to="bob@example.com", subject="from the maildir")
+    mailbox.Maildir(maildir, create=True).add(b"X-Mailwarden-Archive-Sender: <kept@outside.test>\r\n"
+                                              + msg.as_bytes())
+    for path in [maildir, *maildir.rglob("*")]:  # as the mail user's own files are
+        os.chown(path, int(fields["uid"]), int(fields["gid"]))
+    assert found(site, "--from", "kept@outside.test") == []
+    imported = dovecot.doveadm("import", "-u", "archive@example.com", "maildir:~/Maildir", "", "all")
+    assert imported.returncode == 0, imported.stderr
+    [hit] = found(site, "--from", "kept@outside.test")
+    assert hit["subject"] == "from the maildir"
 
 
 # Last in the module: Dovecot delays logins from an address after failed ones (its auth
