@@ -51,6 +51,10 @@ class CopyStore(Protocol):
         """Save one copy in ``address``'s archive mailbox on mailbox host ``host`` (a
         ``mail_host`` value) before ``deadline`` (monotonic).  Raises ArchiveUnavailable."""
 
+    async def probe(self, host: str, address: str, timeout: float) -> str:
+        """Reach ``address``'s archive mailbox on ``host`` as a copy would, saving
+        nothing; what was reached.  Raises ArchiveUnavailable."""
+
     def close(self) -> None:
         """End every open session."""
 
@@ -152,6 +156,22 @@ class LmtpStore:
         if not reply.ok:
             raise ArchiveUnavailable(f"{said}: {reply}")
 
+    async def probe(self, host: str, address: str, timeout: float) -> str:
+        """LHLO, then MAIL and RCPT for the archive mailbox, then RSET."""
+        endpoint = mail_host_endpoint(host, self.port)
+        said = f"{address} at {endpoint.service}"
+        try:
+            session = await LmtpClient.open(endpoint.host, endpoint.port, timeout, self.name)
+            try:
+                reply = await session.accepts(address, timeout)
+            finally:
+                session.quit()
+        except LmtpError as exc:
+            raise ArchiveUnavailable(f"{said}: {exc}") from None
+        if not reply.ok:
+            raise ArchiveUnavailable(f"{said} refused: {reply}")
+        return f"LMTP: {said} accepts copies"
+
     def close(self) -> None:
         self.sessions.close()
 
@@ -186,6 +206,18 @@ class ImapStore:
                 box.close()
             box = self.mailboxes[key] = ArchiveMailbox(self, key[0], address)
         await box.save(data, deadline)
+
+    async def probe(self, host: str, address: str, timeout: float) -> str:
+        """A login as the master user for the archive mailbox, then LOGOUT."""
+        endpoint = mail_host_endpoint(host, self.port)
+        said = f"{address} at {endpoint.host}:{self.port}"
+        try:
+            session = await ImapClient.open(endpoint.host, self.port, timeout, login=address, user=self.user,
+                                            password=self.password)
+        except ImapError as exc:
+            raise ArchiveUnavailable(f"{said}: {exc}") from None
+        session.logout()
+        return f"IMAP: {self.user} logged in for {said}"
 
     def forget(self, box: ArchiveMailbox) -> None:
         """Drop a mailbox whose session was logged out for being idle."""

@@ -16,7 +16,9 @@ from mailwarden.address import InvalidAddress
 from mailwarden.cli.common import EX_CONFIG, EX_NOTFOUND, EX_TEMPFAIL, EX_USAGE, App, fail, pass_app
 from mailwarden.directory import DirectoryUnavailable
 from mailwarden.log import setup_logging
+from mailwarden.render import default_mailbox_host
 from mailwarden.store import StoreUnavailable
+from milters.archivestore import ArchiveUnavailable
 from milters.config import MilterConfig, check_section
 from milters.quarantine import Quarantine, QuarantineEntry
 
@@ -51,7 +53,8 @@ def milter_run(app: App, socket_: str | None) -> None:
 
 @milter_group.command("check")
 @click.option("--connect", is_flag=True,
-              help="Also reach clamd, the spam engine (spamd or rspamd), the store and the directory.")
+              help="Also reach clamd, the spam engine (spamd or rspamd), the store, the directory "
+                   "and every archive mailbox a domain names.")
 @pass_app
 def milter_check(app: App, connect: bool) -> None:
     """Check the [milter] section (and with --connect, its backends)."""
@@ -95,16 +98,48 @@ def milter_check(app: App, connect: bool) -> None:
         (m.spam_engine, rspamd_ok if m.spam_engine == "rspamd" else spamd_ok),
         ("store", store_ok),
         ("directory", directory_ok),
+        *_archive_probes(app, m.archive_timeout),
     ]
     failed = False
     for name, probe in probes:
         try:
             click.echo(f"{name}: {probe()}")
-        except (ScanError, StoreUnavailable, DirectoryUnavailable, OSError) as exc:
+        except (ScanError, StoreUnavailable, DirectoryUnavailable, ArchiveUnavailable, OSError) as exc:
             click.echo(f"{name}: FAILED {exc}", err=True)
             failed = True
     if failed:
         sys.exit(EX_TEMPFAIL)
+
+
+def _archive_probes(app: App, timeout: float) -> list[tuple[str, Callable[[], str]]]:
+    """One probe per archive mailbox a domain names (``archive_address``): reached on its
+    mailbox host as the milter saves a copy, nothing saved.  None when the directory does
+    not answer (its own probe says so)."""
+    from milters.archive import ArchiveCopy, Archiver
+    from milters.archivestore import LmtpStore
+    from milters.service import archive_store
+
+    try:
+        entries = app.directory.domains_with("archive_address")
+    except DirectoryUnavailable:
+        return []
+    addresses = sorted({a.lower() for e in entries for a in e.values.get("archive_address", [])})
+    store = archive_store(app.config)
+    archiver = Archiver(app.resolver, store, node="", default_host=default_mailbox_host(app.config))
+    # Dovecot's lmtp opens the mailbox, reading its whole index, for every delivery.
+    advice = "; each LMTP copy costs Dovecot more as the archive grows: set [render] archive_imap_port" \
+        if isinstance(store, LmtpStore) else ""
+
+    def probe(address: str) -> Callable[[], str]:
+        async def reach() -> str:
+            try:
+                return await store.probe(await archiver.host_of(ArchiveCopy(address)), address, timeout)
+            finally:
+                store.close()
+
+        return lambda: asyncio.run(reach()) + advice
+
+    return [(f"archive {address}", probe(address)) for address in addresses]
 
 
 @milter_group.command("scan")

@@ -150,6 +150,25 @@ class LmtpClient(StreamSession):
                 self.abort()
             raise
 
+    async def accepts(self, recipient: str, timeout: float) -> LmtpReply:
+        """The server's RCPT reply for ``recipient`` (MAIL FROM:<>), then RSET: nothing is
+        delivered.  Raises LmtpError when MAIL is refused or the session breaks."""
+        try:
+            async with asyncio.timeout(timeout):
+                self.writer.write(f"MAIL FROM:<>\r\nRCPT TO:<{recipient}>\r\n".encode())
+                mail = await _reply(self.reader, "MAIL")
+                rcpt = await _reply(self.reader, "RCPT")
+                await self._reset()
+        except TimeoutError:
+            self.abort()
+            raise LmtpError("timeout", None, f"no answer in {timeout:g} s") from None
+        except (OSError, EOFError) as exc:
+            self.abort()
+            raise LmtpError("connection", None, str(exc) or type(exc).__name__) from None
+        if not mail.ok:
+            raise LmtpError("MAIL", mail)
+        return rcpt
+
     async def _reset(self) -> None:
         self.writer.write(b"RSET\r\n")
         reset = await _reply(self.reader, "RSET")

@@ -19,6 +19,7 @@ from mailwarden.config import parse_config
 from mailwarden.store import SQLiteStore
 from milters.config import MilterConfig, check_milter_config
 from milters.quarantine import Quarantine
+from tests.milter.conftest import archive_section
 from tests.milter.helpers import make_message
 
 
@@ -90,17 +91,30 @@ def test_milter_check_wants_the_archive_master_password_when_archiving_over_imap
 
 def test_milter_check_connect_reaches_every_backend(tmp_path: Path, slapd: SlapdServer, clamd: ClamdServer,
                                                     spamd: SpamdServer) -> None:
-    cfg = write_config(tmp_path, f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.address}"]\n',
-                       ldap_uri=slapd.uri)
-    code, out = run(cfg, "milter", "check", "--connect")
-    assert code == 0, out
-    assert "clamd: " in out and "PONG" in out and "store: OK" in out and "directory: OK" in out
+    """The sample data's example.com archives into archive@example.com: its mailbox host
+    (here an LMTP sink) is asked whether it takes copies for it; nothing is delivered."""
+    with SmtpSink(lmtp=True) as lmtp:
+        cfg = write_config(tmp_path, f'clamd = ["{clamd.unix_address}"]\nspamd = ["{spamd.address}"]\n'
+                                     f'{archive_section(lmtp.port)}', ldap_uri=slapd.uri)
+        code, out = run(cfg, "milter", "check", "--connect")
+        assert code == 0, out
+        assert "clamd: " in out and "PONG" in out and "store: OK" in out and "directory: OK" in out
+        assert f"archive archive@example.com: LMTP: archive@example.com at 127.0.0.1:{lmtp.port} accepts " \
+               "copies; each LMTP copy costs Dovecot more as the archive grows" in out
+        assert lmtp.messages == []
+        # The archive mailbox refused (gone from the mailbox host): the check fails.
+        lmtp.reject_recipients = {"archive@example.com": "550 5.1.1 no such user"}
+        code, out = run(cfg, "milter", "check", "--connect")
+        assert code == 75 and "archive archive@example.com: FAILED archive@example.com at " in out
+        assert "refused: 550" in out
 
 
 def test_milter_check_connect_fails_with_75_when_clamd_is_down(tmp_path: Path, slapd: SlapdServer) -> None:
     cfg = write_config(tmp_path, f'clamd = ["unix:{tmp_path}/none.sock"]\n', ldap_uri=slapd.uri)
     code, out = run(cfg, "milter", "check", "--connect")
     assert code == 75 and "clamd: FAILED" in out
+    # No mailbox host for the sample data's archive mailbox: that is named too.
+    assert "archive archive@example.com: FAILED archive mailbox archive@example.com has no mail_host" in out
 
 
 def test_milter_scan_dry_runs_a_message(tmp_path: Path, slapd: SlapdServer, clamd: ClamdServer,

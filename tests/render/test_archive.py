@@ -416,6 +416,20 @@ def test_the_archive_mailbox_is_an_sdbox_with_its_own_quota_and_syncs(
     assert not (site.root / "mail" / "example.com" / "archive" / "Maildir").exists()
 
 
+def milter_check(config: Path) -> Result:
+    from mailwarden.cli import main
+
+    return CliRunner().invoke(main, ["--config", str(config), "milter", "check", "--connect"])
+
+
+def test_milter_check_logs_in_to_each_archive_mailbox(archive_host: tuple[Site, RenderedDovecot]) -> None:
+    site, _ = archive_host
+    checked = milter_check(site.write())
+    port = site.ports["archive_imap"]
+    assert f"archive archive@example.com: IMAP: mailwarden-archive logged in for archive@example.com at " \
+           f"127.0.0.1:{port}\n" in checked.output
+
+
 def test_an_archive_kept_in_a_maildir_is_imported_into_the_sdbox(
         archive_host: tuple[Site, RenderedDovecot]) -> None:
     """What docs/templates.md gives for moving an archive out of a Maildir (one kept with
@@ -454,6 +468,12 @@ def test_a_wrong_master_password_defers_and_the_master_user_cannot_log_in_as_its
     with imaplib.IMAP4("127.0.0.1", site.ports["archive_imap"]) as imap, \
             pytest.raises(imaplib.IMAP4.error):
         imap.login("mailwarden-archive", MASTER_PASSWORD)
+    # milter check --connect names the refusal.
+    wrong_config = tmp_path / "wrong.toml"
+    wrong_config.write_text(site.text.replace(str(site.root / "archive-master.key"), str(wrong)))
+    checked = milter_check(wrong_config)
+    assert checked.exit_code == 75 and "archive archive@example.com: FAILED archive@example.com at " \
+        in checked.output and "AUTHENTICATIONFAILED" in checked.output
     # An unreadable password file stops the milter from starting, with the setting named.
     with pytest.raises(ConfigError, match="archive_master_password_file"):
         service(with_render(site.config, archive_master_password_file=str(tmp_path / "missing")))
