@@ -122,6 +122,11 @@ def test_inbound_mail_is_archived_once_with_every_envelope_recipient_and_found_b
     stack.wait_for_log("mbox1", rf"imap-login: Info: Login: user=<archive@example\.com>.*rip=(?:{fronts}),",
                        name="dovecot")
 
+    # milter check --connect on the front node logs in for the archive mailbox the same way.
+    checked = stack.mailwarden("milter", "check", "--connect", check=False)
+    assert f"archive {ARCHIVE}: IMAP: mailwarden-archive logged in for {ARCHIVE} at " \
+           f"mbox1.example.jp:{ARCHIVE_IMAP_PORT}\n" in checked.stdout, checked.stdout + checked.stderr
+
     # The front node asks mbox1's doveadm HTTP API; the Bcc recipient finds it.
     [found] = [row for row in search(stack, "example.com", "--to", bcc) if token in str(row["subject"])]
     assert found["recipients"] == sorted([*named, bcc]) and found["sender"] == sender
