@@ -18,7 +18,9 @@ the session takes the next one); QUIT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
 
 from milters.streamsession import SessionError, StreamSession, connected
 
@@ -107,38 +109,57 @@ class LmtpClient(StreamSession):
             self.capabilities else ""
         envelope = f"MAIL FROM:<{sender}>{utf8}\r\n" + "".join(f"RCPT TO:<{r}>\r\n" for r in recipients)
         chunking = "CHUNKING" in self.capabilities
+        async with self._exchange(timeout):
+            if chunking:
+                # The envelope and the whole message in one write (BDAT ... LAST after
+                # the pipelined commands): one round trip per copy.
+                body = crlf(data)
+                self.writer.write(f"{envelope}BDAT {len(body)} LAST\r\n".encode() + body)
+            else:
+                # PIPELINING (RFC 2033 requires it): MAIL, RCPT and DATA in one write.
+                self.writer.write(f"{envelope}DATA\r\n".encode())
+            mail = await _reply(self.reader, "MAIL")
+            replies = {r: await _reply(self.reader, "RCPT") for r in recipients}
+            accepted = [r for r, reply in replies.items() if reply.ok]
+            taken = mail.ok and bool(accepted)
+            stage = "BDAT" if chunking else "DATA"
+            # DATA is answered before the message; BDAT LAST after it, with the
+            # recipients' replies, unless the transaction had already failed.
+            go = None if chunking and taken else await _reply(self.reader, stage)
+            if not taken or (go is not None and go.code != 354):
+                # Nothing was taken: end the transaction so the session can take the next.
+                await self._reset()
+                if not mail.ok:
+                    raise LmtpError("MAIL", mail)
+                if not accepted:
+                    # The server refused DATA (or the chunk); the RCPT replies say why.
+                    raise LmtpError("RCPT", next(iter(replies.values()), go))
+                raise LmtpError(stage, go)
+            if not chunking:
+                self.writer.write(dot_stuffed(data))
+            for r in accepted:
+                replies[r] = await _reply(self.reader, "end of data")
+            return replies
+
+    async def accepts(self, recipient: str, timeout: float) -> LmtpReply:
+        """The server's RCPT reply for ``recipient`` (MAIL FROM:<>), then RSET: nothing is
+        delivered.  Raises LmtpError when MAIL is refused or the session breaks."""
+        async with self._exchange(timeout):
+            self.writer.write(f"MAIL FROM:<>\r\nRCPT TO:<{recipient}>\r\n".encode())
+            mail = await _reply(self.reader, "MAIL")
+            rcpt = await _reply(self.reader, "RCPT")
+            await self._reset()
+        if not mail.ok:
+            raise LmtpError("MAIL", mail)
+        return rcpt
+
+    @contextlib.asynccontextmanager
+    async def _exchange(self, timeout: float) -> AsyncIterator[None]:
+        """Commands and replies within ``timeout``: a timeout or a broken session closes
+        it and is an LmtpError."""
         try:
             async with asyncio.timeout(timeout):
-                if chunking:
-                    # The envelope and the whole message in one write (BDAT ... LAST after
-                    # the pipelined commands): one round trip per copy.
-                    body = crlf(data)
-                    self.writer.write(f"{envelope}BDAT {len(body)} LAST\r\n".encode() + body)
-                else:
-                    # PIPELINING (RFC 2033 requires it): MAIL, RCPT and DATA in one write.
-                    self.writer.write(f"{envelope}DATA\r\n".encode())
-                mail = await _reply(self.reader, "MAIL")
-                replies = {r: await _reply(self.reader, "RCPT") for r in recipients}
-                accepted = [r for r, reply in replies.items() if reply.ok]
-                taken = mail.ok and bool(accepted)
-                stage = "BDAT" if chunking else "DATA"
-                # DATA is answered before the message; BDAT LAST after it, with the
-                # recipients' replies, unless the transaction had already failed.
-                go = None if chunking and taken else await _reply(self.reader, stage)
-                if not taken or (go is not None and go.code != 354):
-                    # Nothing was taken: end the transaction so the session can take the next.
-                    await self._reset()
-                    if not mail.ok:
-                        raise LmtpError("MAIL", mail)
-                    if not accepted:
-                        # The server refused DATA (or the chunk); the RCPT replies say why.
-                        raise LmtpError("RCPT", next(iter(replies.values()), go))
-                    raise LmtpError(stage, go)
-                if not chunking:
-                    self.writer.write(dot_stuffed(data))
-                for r in accepted:
-                    replies[r] = await _reply(self.reader, "end of data")
-                return replies
+                yield
         except TimeoutError:
             self.abort()
             raise LmtpError("timeout", None, f"no answer in {timeout:g} s") from None
@@ -149,25 +170,6 @@ class LmtpClient(StreamSession):
             if exc.dropped:
                 self.abort()
             raise
-
-    async def accepts(self, recipient: str, timeout: float) -> LmtpReply:
-        """The server's RCPT reply for ``recipient`` (MAIL FROM:<>), then RSET: nothing is
-        delivered.  Raises LmtpError when MAIL is refused or the session breaks."""
-        try:
-            async with asyncio.timeout(timeout):
-                self.writer.write(f"MAIL FROM:<>\r\nRCPT TO:<{recipient}>\r\n".encode())
-                mail = await _reply(self.reader, "MAIL")
-                rcpt = await _reply(self.reader, "RCPT")
-                await self._reset()
-        except TimeoutError:
-            self.abort()
-            raise LmtpError("timeout", None, f"no answer in {timeout:g} s") from None
-        except (OSError, EOFError) as exc:
-            self.abort()
-            raise LmtpError("connection", None, str(exc) or type(exc).__name__) from None
-        if not mail.ok:
-            raise LmtpError("MAIL", mail)
-        return rcpt
 
     async def _reset(self) -> None:
         self.writer.write(b"RSET\r\n")
