@@ -18,7 +18,7 @@ from mailwarden.directory import DirectoryUnavailable
 from mailwarden.log import setup_logging
 from mailwarden.render import default_mailbox_host
 from mailwarden.store import StoreUnavailable
-from milters.archivestore import ArchiveUnavailable
+from milters.archivestore import ArchiveUnavailable, LmtpStore
 from milters.config import MilterConfig, check_section
 from milters.quarantine import Quarantine, QuarantineEntry
 
@@ -116,7 +116,6 @@ def _archive_probes(app: App, timeout: float) -> list[tuple[str, Callable[[], st
     mailbox host as the milter saves a copy, nothing saved.  None when the directory does
     not answer (its own probe says so)."""
     from milters.archive import ArchiveCopy, Archiver
-    from milters.archivestore import LmtpStore
     from milters.service import archive_store
 
     try:
@@ -131,11 +130,8 @@ def _archive_probes(app: App, timeout: float) -> list[tuple[str, Callable[[], st
         if isinstance(store, LmtpStore) else ""
 
     def probe(address: str) -> Callable[[], str]:
-        async def reach() -> str:
-            try:
-                return await store.probe(await archiver.host_of(ArchiveCopy(address)), address, timeout)
-            finally:
-                store.close()
+        async def reach() -> str:  # a session of its own, closed before it returns
+            return await store.probe(await archiver.host_of(ArchiveCopy(address)), address, timeout)
 
         return lambda: asyncio.run(reach()) + advice
 
